@@ -1,0 +1,177 @@
+"""The one configuration object of cachebind.
+
+Every stage takes the section it needs as an argument; nothing reads the environment or a file
+after `load_config` has run. Values come, lowest priority first, from the defaults below, a TOML
+file (``--config`` or ``CACHEBIND_CONFIG``) and environment variables named
+``CACHEBIND_<SECTION>__<FIELD>`` (for example ``CACHEBIND_CACHE__ALPHA=0.3``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """Where weights, tables and indexes live unless configured otherwise."""
+    return Path(os.environ.get("CACHEBIND_HOME", Path.home() / ".cache" / "cachebind"))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightsConfig(Section):
+    """Where downloaded checkpoints are kept (``cachebind weights download``)."""
+
+    dir: Path = Field(default_factory=lambda: default_home() / "weights")
+
+
+class EncoderConfig(Section):
+    """The ImageBind encoder F_M = ImageBind_m(x)."""
+
+    preset: str = "huge"
+    """Architecture preset: ``huge`` (imagebind_huge) or a small test preset such as ``tiny``."""
+    checkpoint: Path | None = None
+    """A state-dict file; when unset, ``<weights.dir>/imagebind_huge.pth`` is used if present."""
+    device: str = "auto"
+    """``auto`` picks ``cuda`` when a GPU is present, else ``cpu``."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto`` is bf16 on GPU and fp32 on CPU."""
+    batch_size: int = 64
+    seed: int = 0
+    """Seed for random initialisation when no checkpoint is found."""
+
+
+class StoreConfig(Section):
+    """The LanceDB database holding the cache's rows."""
+
+    uri: str = Field(default_factory=lambda: str(default_home() / "lancedb"))
+    table: str = "images"
+    errors_table: str = "errors"
+    vector_dtype: Literal["float16", "float32"] = "float16"
+
+
+class EmbedConfig(Section):
+    """The Ray embedding job."""
+
+    ray_address: str | None = None
+    """``None`` starts a local Ray instance; ``auto`` or ``ray://host:port`` joins a cluster."""
+    batch_size: int | None = None
+    """Encoder batch size; ``None`` follows the resources present."""
+    num_encoders: int | None = None
+    """Encoder actors; ``None`` is one per GPU, or one on a CPU-only machine."""
+    num_readers: int | None = None
+    thumbnails: bool = True
+    thumbnail_size: int = 256
+    caption_embeddings: bool = False
+    max_image_pixels: int = 89_478_485
+    """Larger images are rejected as decompression bombs (Pillow's own default limit)."""
+    max_image_bytes: int = 64 * 1024 * 1024
+
+
+class IndexConfig(Section):
+    """Index selection, tuning and publishing."""
+
+    dir: Path = Field(default_factory=lambda: default_home() / "index")
+    memory_budget_gb: float = 16.0
+    recall_target: float = 0.95
+    recall_k: int = 10
+    latency_budget_ms: float | None = None
+    keep_versions: int = 3
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+
+class CacheConfig(Section):
+    """Retrieval and blend (ImageBind-LLM eq. 3-4); per-request values override these."""
+
+    k: int = 10
+    t: float = 20.0
+    alpha: float = 0.5
+
+
+class LLMConfig(Section):
+    """LLaMA with the ImageBind-LLM adapter."""
+
+    llama_dir: Path | None = None
+    """A Meta-format (consolidated.*.pth, params.json, tokenizer.model) or Hugging Face LLaMA."""
+    adapter_checkpoint: Path | None = None
+    """An ImageBind-LLM checkpoint as released ({"model": state_dict})."""
+    bind_variant: Literal["auto", "layernorm", "rmsnorm"] = "auto"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_new_tokens: int = 256
+    temperature: float = 0.1
+    top_p: float = 0.75
+
+
+class ServeConfig(Section):
+    """The HTTP service."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_file: Path | None = None
+    """A file of ``sha256:<hex>`` lines (one per user key); see ``cachebind serve --help``."""
+    admin_keys_file: Path | None = None
+    auth: bool = True
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_k: int = 1000
+    request_timeout_s: float = 60.0
+    batch_window_ms: float = 5.0
+    max_batch: int = 64
+    index_poll_s: float = 2.0
+
+
+class Settings(BaseSettings):
+    """All of cachebind's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CACHEBIND_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init values), which beats the defaults.
+        return (env_settings, init_settings)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (``path`` or ``$CACHEBIND_CONFIG``), then the environment.
+
+    ``overrides`` are section dictionaries (``encoder={"preset": "tiny"}``) applied over the
+    file and the environment, for callers such as the CLI whose flags beat everything.
+    """
+    path = path or os.environ.get("CACHEBIND_CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"configuration file not found: {p}")
+        file_values = tomllib.loads(p.read_text())
+    settings = Settings(**file_values)
+    for section, values in overrides.items():
+        current = getattr(settings, section)
+        values = {k: v for k, v in values.items() if v is not None}
+        setattr(settings, section, type(current).model_validate({**current.model_dump(), **values}))
+    return settings

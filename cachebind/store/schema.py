@@ -1,0 +1,74 @@
+"""Arrow schemas of the cache's LanceDB tables and the stable row id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+EMBED_DIM = 1024
+SCHEMA_VERSION = "1"
+METADATA_KEY = b"cachebind"
+
+
+def row_id(source_key: str) -> int:
+    """A stable, non-negative int64 id derived from the source key.
+
+    The same key always gives the same id, so a re-run of a job upserts instead of duplicating,
+    and FAISS (which stores int64 labels) can carry the id directly.
+    """
+    digest = hashlib.blake2b(source_key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def vector_type(dtype: str = "float16", dim: int = EMBED_DIM) -> pa.DataType:
+    value = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
+    return pa.list_(value, dim)
+
+
+def images_schema(
+    *,
+    dtype: str = "float16",
+    dim: int = EMBED_DIM,
+    text_vector: bool = False,
+    thumbnail: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> pa.Schema:
+    """The ``images`` table: one row per cached sample, ``vector`` is F_key = F_value."""
+    fields = [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("shard", pa.string()),
+        pa.field("vector", vector_type(dtype, dim), nullable=False),
+    ]
+    if text_vector:
+        fields.append(pa.field("text_vector", vector_type(dtype, dim)))
+    if thumbnail:
+        fields.append(pa.field("thumbnail", pa.binary()))
+    meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})})}
+    return pa.schema(fields, metadata=meta)
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+"""The ``errors`` table: one row per sample that could not be cached, and why."""
+
+
+def table_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """The cachebind metadata (encoder, checkpoint identity, preprocessing version …)."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
