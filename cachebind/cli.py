@@ -1,0 +1,408 @@
+"""`cachebind`: one subcommand per pipeline stage.
+
+Each subcommand turns its flags into overrides of the one Settings object and hands that object
+(or the section it needs) to the stage; the stage modules never see argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cachebind.config import Settings, load_config
+from cachebind.modalities import Modality
+
+EPILOG = (
+    "Configuration: --config FILE (TOML, sections as in `cachebind config`), or environment "
+    "variables CACHEBIND_<SECTION>__<FIELD>, e.g. CACHEBIND_STORE__URI=/data/lancedb. "
+    "Flags beat both."
+)
+
+MEDIA_SUFFIXES = {
+    Modality.IMAGE: {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"},
+    Modality.AUDIO: {".wav", ".flac", ".mp3", ".ogg", ".oga", ".m4a"},
+    Modality.VIDEO: {".mp4", ".webm", ".mkv", ".mov", ".avi"},
+    Modality.IMU: {".csv", ".npy"},
+}
+
+
+# --------------------------------------------------------------------------- query inputs
+
+
+def parse_input(spec: str) -> tuple[Modality, str, float]:
+    """``MODALITY:VALUE[@WEIGHT]`` or a file path (modality from its suffix).
+
+    ``text:a red circle@0.5``, ``audio:bark.wav``, ``photo.jpg@2``.
+    """
+    weight = 1.0
+    head, sep, tail = spec.rpartition("@")
+    if sep and _is_number(tail):
+        spec, weight = head, float(tail)
+    prefix, sep, value = spec.partition(":")
+    if sep and prefix in {m.value for m in Modality}:
+        return Modality(prefix), value, weight
+    suffix = Path(spec).suffix.lower()
+    for modality, suffixes in MEDIA_SUFFIXES.items():
+        if suffix in suffixes:
+            return modality, spec, weight
+    raise argparse.ArgumentTypeError(
+        f"cannot tell the modality of {spec!r}: write MODALITY:VALUE, e.g. text:'a dog' or "
+        f"audio:bark.wav (modalities: {', '.join(m.value for m in Modality)})"
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def query_items(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The API's input objects for --text/--input flags (media are read here, sent as bytes)."""
+    from cachebind.client import input_item
+
+    specs = [(Modality.TEXT, text, 1.0) for text in args.text or []]
+    specs += list(args.input or [])
+    if not specs:
+        raise SystemExit("error: give at least one --text or --input")
+    items = []
+    for modality, value, weight in specs:
+        if modality is Modality.TEXT:
+            items.append(input_item(modality, value, weight=weight))
+        else:
+            path = Path(value)
+            if not path.is_file():
+                raise SystemExit(f"error: {modality.value} input {value!r} is not a file")
+            items.append(input_item(modality, path.read_bytes(), weight=weight))
+    return items
+
+
+def _add_query_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", action="append", help="a text query (repeatable)")
+    p.add_argument(
+        "--input",
+        action="append",
+        type=parse_input,
+        metavar="[MODALITY:]VALUE[@WEIGHT]",
+        help="an input of any modality; several are mixed by weight "
+        "(e.g. --input photo.jpg@1 --input audio:rain.wav@0.5)",
+    )
+    p.add_argument("--url", help="query a running service instead of loading the cache here")
+    p.add_argument("--api-key", help="API key for --url (or CACHEBIND_API_KEY)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.encode import KNOWN_WEIGHTS, download_weights
+
+    dest = Path(args.dir) if args.dir else settings.weights.dir
+    if args.action == "list":
+        for name, info in KNOWN_WEIGHTS.items():
+            path = dest / Path(info["url"]).name
+            state = "present" if path.is_file() else "not downloaded"
+            print(f"{name}: {info['url']} ({info['size'] / 1e9:.2f} GB, {info['license']}) {state}")
+        return 0
+    if args.action == "path":
+        print(dest / Path(KNOWN_WEIGHTS[args.name]["url"]).name)
+        return 0
+    info = KNOWN_WEIGHTS[args.name]
+    print(f"{args.name} weights are licensed {info['license']}: non-commercial use only.")
+    path = download_weights(args.name, dest)
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
+    from jobs.embed import run_embed
+
+    report = run_embed(args.source, settings, limit=args.limit)
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
+    import indexing
+
+    if args.action == "list":
+        for version in indexing.list_versions(settings.index.dir):
+            print(version)
+        return 0
+    if args.action == "add":
+        manifest = indexing.add_rows(settings.store, settings.index)
+    else:
+        manifest = indexing.build_and_publish(settings.store, settings.index)
+    print(json.dumps(manifest, indent=2, default=str))
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.serve import serve_forever
+
+    serve_forever(settings)
+    return 0
+
+
+def _client(settings: Settings, args: argparse.Namespace) -> Any:
+    import os
+
+    from cachebind.client import CachebindClient
+
+    if args.url:
+        key = args.api_key or os.environ.get("CACHEBIND_API_KEY")
+        return CachebindClient(args.url, api_key=key)
+    return CachebindClient.in_process(settings)
+
+
+def cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    with _client(settings, args) as client:
+        result = client.search(query_items(args), k=args.k, filter=args.filter)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for rank, hit in enumerate(result["results"], 1):
+        print(f"{rank:3d}. {hit['score']:.4f}  {hit['key']}  {hit.get('caption') or ''}")
+    return 0
+
+
+def cmd_enhance(settings: Settings, args: argparse.Namespace) -> int:
+    with _client(settings, args) as client:
+        result = client.enhance(query_items(args), k=args.k, t=args.t, alpha=args.alpha)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"cosine(F_M, F~_M) = {result['cosine_to_query']:.4f}")
+    for n in result["neighbours"]:
+        caption = n.get("caption") or ""
+        print(f"  weight {n['weight']:.3f}  sim {n['similarity']:.4f}  {n['key']}  {caption}")
+    return 0
+
+
+def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    with _client(settings, args) as client:
+        for piece in client.generate(
+            args.prompt,
+            query_items(args) if (args.text or args.input) else [],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        ):
+            print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.demo.run import run_demo
+
+    return run_demo(settings, out=Path(args.out), checkpoint=args.checkpoint, images=args.images)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cachebind",
+        description="Build and serve ImageBind feature caches.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--config", help="TOML configuration file (or CACHEBIND_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[..., int], help: str, description: str) -> Any:
+        p = sub.add_parser(name, help=help, description=description, epilog=EPILOG)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(
+        "embed",
+        cmd_embed,
+        "embed images from a source into the cache table (Ray job)",
+        "Read a source (img2dataset webdataset shards or parquet, an image folder, a parquet "
+        "file, or a CC3M TSV joined to an image folder), decode on CPU workers, encode with "
+        "ImageBind on GPU actors (CPU when there is none), and write the LanceDB table. "
+        "Re-running with the same arguments resumes: each sample is written exactly once. "
+        "Bad samples go to the errors table; a JSON report is saved beside the table.",
+    )
+    p.add_argument(
+        "source",
+        help="e.g. /data/cc3m (webdataset dir), shards/{00000..00099}.tar, "
+        "images/, items.parquet, cc3m.tsv (with --images-dir)",
+    )
+    p.add_argument("--table-uri", dest="store__uri", help="LanceDB location (path or s3://…)")
+    p.add_argument("--table", dest="store__table", help="table name (default images)")
+    p.add_argument("--vector-dtype", dest="store__vector_dtype", choices=["float16", "float32"])
+    p.add_argument("--preset", dest="encoder__preset", help="ImageBind preset (default huge)")
+    p.add_argument("--checkpoint", dest="encoder__checkpoint", help="ImageBind state-dict file")
+    p.add_argument(
+        "--ray-address",
+        dest="embed__ray_address",
+        help="join an existing Ray cluster (auto or ray://host:10001)",
+    )
+    p.add_argument("--batch-size", dest="embed__batch_size", type=int)
+    p.add_argument("--num-encoders", dest="embed__num_encoders", type=int)
+    p.add_argument(
+        "--caption-embeddings",
+        dest="embed__caption_embeddings",
+        action="store_const",
+        const=True,
+        help="also store caption text embeddings",
+    )
+    p.add_argument("--no-thumbnails", dest="embed__thumbnails", action="store_const", const=False)
+    p.add_argument("--limit", type=int, help="embed at most this many samples")
+
+    p = command(
+        "index",
+        cmd_index,
+        "build, tune, verify and publish the FAISS index",
+        "Choose an index for the table under a memory budget, tune its search parameters to "
+        "the recall target on held-out queries, measure recall and latency, and publish it as "
+        "a new version (CURRENT switches atomically). `add` adds appended rows to the current "
+        "index without retraining; `list` shows the versions.",
+    )
+    p.add_argument("action", nargs="?", default="build", choices=["build", "add", "list"])
+    p.add_argument("--table-uri", dest="store__uri")
+    p.add_argument("--table", dest="store__table")
+    p.add_argument("--index-dir", dest="index__dir")
+    p.add_argument("--memory-budget-gb", dest="index__memory_budget_gb", type=float)
+    p.add_argument("--recall-target", dest="index__recall_target", type=float)
+    p.add_argument("--latency-budget-ms", dest="index__latency_budget_ms", type=float)
+    p.add_argument("--keep-versions", dest="index__keep_versions", type=int)
+
+    p = command(
+        "serve",
+        cmd_serve,
+        "run the HTTP service (embed, search, enhance, generate)",
+        "Serve the versioned HTTP API (/v1/embed, /v1/search, /v1/enhance, /v1/generate, "
+        "/v1/index, /healthz, /readyz, /metrics, OpenAPI at /docs) and the search page at /. "
+        "API keys are read hashed from --api-keys-file; new index versions are picked up live.",
+    )
+    p.add_argument("--host", dest="serve__host")
+    p.add_argument("--port", dest="serve__port", type=int)
+    p.add_argument("--api-keys-file", dest="serve__api_keys_file")
+    p.add_argument("--admin-keys-file", dest="serve__admin_keys_file")
+    p.add_argument(
+        "--no-auth",
+        dest="serve__auth",
+        action="store_const",
+        const=False,
+        help="serve without API keys (local experiments only)",
+    )
+    p.add_argument("--table-uri", dest="store__uri")
+    p.add_argument("--index-dir", dest="index__dir")
+    p.add_argument("--preset", dest="encoder__preset")
+    p.add_argument("--checkpoint", dest="encoder__checkpoint")
+
+    p = command(
+        "search",
+        cmd_search,
+        "cross-modal search of the cache",
+        "Encode a query of any modality (or a weighted mix) and print its nearest cached "
+        "images with captions and cosine scores.",
+    )
+    _add_query_flags(p)
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--filter", help='SQL-style filter on metadata, e.g. "width >= 200"')
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "enhance",
+        cmd_enhance,
+        "cache-enhanced embedding F~_M of a query",
+        "Blend the query embedding with its top-k cached neighbours "
+        "(F~_M = normalize((1-alpha) F_M + alpha F_cache)) and show which neighbours drove it.",
+    )
+    _add_query_flags(p)
+    p.add_argument("-k", type=int, default=None, help="neighbours (default 10)")
+    p.add_argument("-t", type=float, default=None, help="softmax temperature (default 20)")
+    p.add_argument("--alpha", type=float, default=None, help="blend weight (default 0.5)")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "generate",
+        cmd_generate,
+        "generate text with LLaMA conditioned on a cache-enhanced query",
+        "Encode the inputs, enhance them with the cache, inject the result into every LLaMA "
+        "layer through the zero-initialised gates, and stream the answer.",
+    )
+    p.add_argument("prompt")
+    _add_query_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--llama-dir", dest="llm__llama_dir")
+    p.add_argument("--adapter-checkpoint", dest="llm__adapter_checkpoint")
+
+    p = command(
+        "weights",
+        cmd_weights,
+        "download and locate model weights",
+        "Download official checkpoints (resumable, size and sha256 checked, atomic). "
+        "ImageBind weights are licensed CC BY-NC 4.0 (non-commercial).",
+    )
+    p.add_argument("action", choices=["download", "list", "path"])
+    p.add_argument("name", nargs="?", default="imagebind_huge")
+    p.add_argument("--dir", help="weights directory (default: weights.dir)")
+
+    p = command(
+        "demo",
+        cmd_demo,
+        "the whole pipeline end to end on generated data",
+        "Generate a sample collection, embed it with Ray into LanceDB, build and publish the "
+        "index, start the service on 127.0.0.1 and run text, audio and image+audio queries, an "
+        "enhancement and a generation through the API.",
+    )
+    p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
+    p.add_argument("--checkpoint", help="imagebind_huge.pth (default: the weights directory)")
+    p.add_argument("--images", type=int, default=240, help="generated images (default 240)")
+
+    command(
+        "config",
+        cmd_config,
+        "print the effective configuration",
+        "Print the configuration after the file, the environment and defaults are merged.",
+    )
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Flags named ``section__field`` become Settings overrides."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in vars(args).items():
+        if "__" in name and value is not None:
+            section, field = name.split("__", 1)
+            out.setdefault(section, {})[field] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_config(args.config, **overrides_from(args))
+        return args.func(settings, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI's last word: a message, not a traceback
+        from cachebind.errors import CachebindError
+
+        if not isinstance(exc, CachebindError | FileNotFoundError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

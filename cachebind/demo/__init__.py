@@ -1,0 +1,1 @@
+"""`cachebind demo`: the whole pipeline on a generated sample collection."""

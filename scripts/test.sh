@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh test
+.venv/bin/ruff check cachebind indexing jobs tests benchmarks
+.venv/bin/python -m pytest "$@"
