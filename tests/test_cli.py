@@ -1,0 +1,65 @@
+"""The command line: one subcommand per stage, each documented, flags mapped onto Settings."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from cachebind.cli import build_parser, overrides_from, parse_input
+from cachebind.modalities import Modality
+
+STAGES = ["embed", "index", "serve", "search", "enhance", "generate", "weights", "demo", "config"]
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_every_subcommand_explains_itself(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: cachebind {command}" in text
+    assert len(text.splitlines()) > 5
+
+
+def test_console_script_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cachebind.cli", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    for command in STAGES:
+        assert command in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("text:a red circle", (Modality.TEXT, "a red circle", 1.0)),
+        ("text:a dog@0.5", (Modality.TEXT, "a dog", 0.5)),
+        ("photo.JPG", (Modality.IMAGE, "photo.JPG", 1.0)),
+        ("rain.wav@2", (Modality.AUDIO, "rain.wav", 2.0)),
+        ("clip.webm", (Modality.VIDEO, "clip.webm", 1.0)),
+        ("depth:scan.png", (Modality.DEPTH, "scan.png", 1.0)),
+        ("imu:walk.csv@0.25", (Modality.IMU, "walk.csv", 0.25)),
+        ("text:me@example.com", (Modality.TEXT, "me@example.com", 1.0)),
+    ],
+)
+def test_query_inputs(spec: str, expected: tuple) -> None:
+    assert parse_input(spec) == expected
+
+
+def test_unknown_input_kind_is_explained() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="MODALITY:VALUE"):
+        parse_input("notes.docx")
+
+
+def test_flags_become_settings_overrides() -> None:
+    args = build_parser().parse_args(
+        ["embed", "/data/cc3m", "--table-uri", "/tmp/db", "--batch-size", "32", "--no-thumbnails"]
+    )
+    assert overrides_from(args) == {
+        "store": {"uri": "/tmp/db"},
+        "embed": {"batch_size": 32, "thumbnails": False},
+    }
