@@ -1,0 +1,137 @@
+"""The reader's data model: a source is split into partitions (shards), a partition yields samples.
+
+The partition is the unit of work and of resumption (as in clip-retrieval's reader -> mapper ->
+writer -> runner): its ``id`` is stable across runs for the same inputs, so a job that was killed
+can tell which shards it already finished. A sample's ``key`` is unique in the whole collection;
+the table's row id is ``row_id(key)``, which makes every write idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+"""File extensions read as images (lower case, no dot), in order of preference."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One shard of a source: a tar file, a parquet row group, a folder chunk, TSV rows.
+
+    ``kind`` names the reader, ``uri`` the file (local path or fsspec URI) and ``options`` the
+    reader's parameters (JSON-compatible, so that a partition travels to Ray workers and into the
+    progress table as plain data).
+    """
+
+    kind: str
+    id: str
+    uri: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A digest of what the partition covers (reader, file, options such as a folder chunk's
+        file list): a finished partition is only skipped on resume when this still matches."""
+        text = json.dumps([self.kind, self.uri, self.options], sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Partition:
+        return cls(kind=data["kind"], id=data["id"], uri=data["uri"], options=dict(data["options"]))
+
+
+@dataclass
+class Sample:
+    """One image of a source, not yet decoded.
+
+    ``image`` holds the encoded bytes; when the reader already knows the sample is unusable (a
+    file listed in a TSV that was never downloaded, a tar member without an image), ``image`` is
+    None and ``error`` is ``(reason, detail)`` so that the job can record it in the errors table.
+    """
+
+    key: str
+    image: bytes | None
+    caption: str | None = None
+    url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: tuple[str, str] | None = None
+
+
+def samples_error(key: str, reason: str, detail: str, **kwargs: Any) -> Sample:
+    """A sample that the reader could not produce (it goes to the errors table)."""
+    return Sample(key=key, image=None, error=(reason, detail), **kwargs)
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset-style braces: ``x/{00000..00009}.tar`` and ``x/{a,b}.tar``.
+
+    Zero padding follows the width of the range's first bound, as in webdataset/braceexpand.
+    """
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if range_match:
+        lo, hi = range_match.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [expanded for c in choices for expanded in expand_braces(head + c + tail)]
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of a local path or URI (``file://``, ``memory://``, ``s3://``)."""
+    return fsspec.core.url_to_fs(uri)
+
+
+def join_uri(base: str, name: str) -> str:
+    """``base`` (a directory URI) joined with a relative ``name``, keeping the protocol."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return base.rstrip("/") + "/" + name
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path from ``fs.ls``/``fs.glob`` turned back into a URI another process can open."""
+    return fs.unstrip_protocol(path) if not _is_local(fs) else path
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def split_ext(name: str) -> tuple[str, str]:
+    """``a/b/0001.jpg`` -> (``a/b/0001``, ``jpg``): the webdataset key is everything before the
+    first dot of the base name, the extension everything after it (lower-cased)."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def iter_limit(samples: Iterator[Sample], limit: int | None) -> Iterator[Sample]:
+    for i, sample in enumerate(samples):
+        if limit is not None and i >= limit:
+            return
+        yield sample

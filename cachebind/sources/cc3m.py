@@ -1,0 +1,155 @@
+"""The CC3M TSV (``caption<TAB>url`` per line, no header) joined to a folder of downloaded images.
+
+Two ways to find a row's image, chosen by ``join``:
+
+- ``join="key"`` (default): the folder is img2dataset's ``files`` output for this TSV. Row ``n``
+  (0-based) has img2dataset's key ``f"{n:0{shard_digits + sample_digits}d}"`` (shard ``n //
+  samples_per_shard``, img2dataset's defaults: 10,000 samples per shard, 4 sample digits, 5 shard
+  digits) and its image is ``<images>/<shard:05d>/<key>.jpg`` (or ``<images>/<key>.jpg`` in a flat
+  folder; any image extension).
+- ``join="mapping"``: ``mapping`` names a CSV/TSV (header ``url,path``) or parquet file (columns
+  ``url`` and ``path``) mapping each URL to an image path relative to ``images``.
+
+A row whose image is not in the folder (CC3M links rot; ~15% never download) is reported with
+reason ``missing`` in the errors table. One partition per ``samples_per_shard`` rows; the
+partition records the byte offset of its first row so that workers seek instead of re-reading.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from cachebind.sources.base import (
+    IMAGE_EXTENSIONS,
+    Partition,
+    Sample,
+    join_uri,
+    read_bytes,
+    samples_error,
+    url_to_fs,
+)
+
+KIND = "cc3m"
+
+
+def img2dataset_key(row: int, samples_per_shard: int, sample_digits: int, shard_digits: int) -> str:
+    """img2dataset's key of input row ``row``: shard id then position, zero padded."""
+    shard, position = divmod(row, samples_per_shard)
+    return f"{shard * 10**sample_digits + position:0{shard_digits + sample_digits}d}"
+
+
+def list_partitions(
+    tsv: str,
+    *,
+    images: str | None = None,
+    join: str = "key",
+    mapping: str | None = None,
+    samples_per_shard: int = 10_000,
+    sample_digits: int = 4,
+    shard_digits: int = 5,
+    **_: Any,
+) -> list[Partition]:
+    if not images:
+        raise ValueError("a CC3M TSV source needs the images folder: cc3m:FILE.tsv?images=DIR")
+    if join not in ("key", "mapping"):
+        raise ValueError(f"join must be 'key' or 'mapping', not {join!r}")
+    if join == "mapping" and not mapping:
+        raise ValueError("join=mapping needs mapping=FILE (columns url, path)")
+    samples_per_shard = int(samples_per_shard)
+    options: dict[str, Any] = {
+        "images": images.rstrip("/"),
+        "join": join,
+        "mapping": mapping,
+        "samples_per_shard": samples_per_shard,
+        "sample_digits": int(sample_digits),
+        "shard_digits": int(shard_digits),
+    }
+    # One pass over the file to find where every shard starts.
+    offsets: list[tuple[int, int]] = []  # (first row, byte offset)
+    with fsspec.open(tsv, "rb") as f:
+        offset = 0
+        for row, line in enumerate(f):
+            if row % samples_per_shard == 0:
+                offsets.append((row, offset))
+            offset += len(line)
+    name = posixpath.basename(tsv)
+    shard_width = int(shard_digits)
+    return [
+        Partition(
+            kind=KIND,
+            id=f"{name}#{first // samples_per_shard:0{shard_width}d}",
+            uri=tsv,
+            options={**options, "first_row": first, "offset": byte_offset},
+        )
+        for first, byte_offset in offsets
+    ]
+
+
+def read_partition(partition: Partition) -> Iterator[Sample]:
+    opts = partition.options
+    sps = opts["samples_per_shard"]
+    first = opts["first_row"]
+    shard = first // sps
+    with fsspec.open(partition.uri, "rb") as f:
+        f.seek(opts["offset"])
+        lines = [f.readline() for _ in range(sps)]
+    lookup = (
+        _shard_files(opts["images"], shard, opts["shard_digits"])
+        if opts["join"] == "key"
+        else _mapping(opts["mapping"])
+    )
+    for i, raw in enumerate(lines):
+        if not raw:
+            break
+        row = first + i
+        key = img2dataset_key(row, sps, opts["sample_digits"], opts["shard_digits"])
+        caption, _, url = raw.decode("utf-8", "replace").rstrip("\r\n").partition("\t")
+        url = url.strip() or None
+        name = lookup.get(key if opts["join"] == "key" else (url or ""))
+        meta = {"row": row}
+        if name is None:
+            detail = f"row {row}: no downloaded image for {url}"
+            yield samples_error(key, "missing", detail, caption=caption, url=url, extra=meta)
+            continue
+        try:
+            data = read_bytes(join_uri(opts["images"], name))
+        except OSError as exc:
+            yield samples_error(key, "missing", str(exc), caption=caption, url=url, extra=meta)
+            continue
+        yield Sample(key=key, image=data, caption=caption, url=url, extra=meta)
+
+
+@lru_cache(maxsize=4)
+def _shard_files(images: str, shard: int, shard_digits: int) -> dict[str, str]:
+    """key -> relative image path for one img2dataset shard (nested) or the whole flat folder."""
+    fs, root = url_to_fs(images)
+    root = root.rstrip("/")
+    nested = f"{root}/{shard:0{shard_digits}d}"
+    folder = nested if fs.isdir(nested) else root
+    found: dict[str, str] = {}
+    for path in sorted(fs.ls(folder, detail=False)):
+        base = posixpath.basename(path)
+        stem, _, ext = base.rpartition(".")
+        if ext.lower() in IMAGE_EXTENSIONS and stem not in found:
+            found[stem] = posixpath.relpath(path, root)
+    return found
+
+
+@lru_cache(maxsize=2)
+def _mapping(uri: str) -> dict[str, str]:
+    """url -> image path from a CSV/TSV (header url,path) or a parquet file."""
+    if uri.endswith(".parquet"):
+        with fsspec.open(uri, "rb") as f:
+            table = pq.read_table(f, columns=["url", "path"])
+        return dict(zip(table["url"].to_pylist(), table["path"].to_pylist(), strict=True))
+    text = read_bytes(uri).decode("utf-8")
+    dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
+    return {r["url"]: r["path"] for r in csv.DictReader(io.StringIO(text), dialect=dialect)}

@@ -1,0 +1,81 @@
+"""A folder of images, searched recursively, with optional sidecar captions (``x.jpg`` + ``x.txt``)
+and sidecar metadata (``x.json``, as img2dataset's ``files`` output writes it).
+
+Partitions: the sorted list of images cut into chunks of ``chunk_size`` files, named by the
+first file of the chunk's folder and the chunk number. The key of a sample is its path relative
+to the folder without extension (``sub/x``), unique within the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+from cachebind.sources.base import (
+    IMAGE_EXTENSIONS,
+    Partition,
+    Sample,
+    full_uri,
+    read_bytes,
+    samples_error,
+    url_to_fs,
+)
+
+KIND = "folder"
+DEFAULT_CHUNK = 1000
+
+
+def list_partitions(uri: str, *, chunk_size: int = DEFAULT_CHUNK, **_: Any) -> list[Partition]:
+    fs, root = url_to_fs(uri)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"not a folder: {uri}")
+    files = sorted(p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+    relative = [posixpath.relpath(p, root) for p in files]
+    base = full_uri(fs, root)
+    chunk_size = int(chunk_size)
+    return [
+        Partition(
+            kind=KIND,
+            id=f"part-{i // chunk_size:05d}",
+            uri=base,
+            options={"files": relative[i : i + chunk_size]},
+        )
+        for i in range(0, len(relative), chunk_size)
+    ]
+
+
+def read_partition(partition: Partition) -> Iterator[Sample]:
+    fs, root = url_to_fs(partition.uri)
+    for name in partition.options["files"]:
+        key = name.rsplit(".", 1)[0]
+        stem_path = f"{root.rstrip('/')}/{key}"
+        caption = _sidecar_text(fs, stem_path + ".txt")
+        meta = _sidecar_json(fs, stem_path + ".json")
+        url = meta.get("url")
+        try:
+            data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"))
+        except OSError as exc:
+            yield samples_error(key, "missing", f"cannot read {name}: {exc}", caption=caption)
+            continue
+        yield Sample(key=key, image=data, caption=caption, url=url, extra=meta)
+
+
+def _sidecar_text(fs: Any, path: str) -> str | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return f.read().decode("utf-8", "replace").strip()
+
+
+def _sidecar_json(fs: Any, path: str) -> dict[str, Any]:
+    if not fs.exists(path):
+        return {}
+    try:
+        with fs.open(path, "rb") as f:
+            value = json.loads(f.read())
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        return {}

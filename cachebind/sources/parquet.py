@@ -1,0 +1,166 @@
+"""Parquet sources: img2dataset's parquet output (image bytes in ``jpg``) and any parquet file of
+image bytes or image paths with captions (column names configurable).
+
+One partition per row group, so a 1 GB file of 10 row groups is ten units of work.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from cachebind.sources.base import (
+    Partition,
+    Sample,
+    expand_braces,
+    full_uri,
+    join_uri,
+    read_bytes,
+    samples_error,
+    url_to_fs,
+)
+
+KIND = "parquet"
+
+IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "bytes", "png", "webp")
+PATH_COLUMNS = ("path", "image_path", "filepath", "file", "filename")
+CAPTION_COLUMNS = ("caption", "txt", "text", "TEXT")
+URL_COLUMNS = ("url", "URL")
+KEY_COLUMNS = ("key", "id")
+META_COLUMNS = ("status", "error_message", "width", "height", "original_width", "sha256")
+
+
+def list_partitions(pattern: str, **options: Any) -> list[Partition]:
+    """One partition per row group of every parquet file the pattern names.
+
+    ``options``: ``image_column`` (bytes, or a struct with ``bytes``/``path`` as Hugging Face
+    writes it), ``path_column`` (image paths, relative to the parquet file's folder),
+    ``caption_column``, ``url_column``, ``key_column``; unset ones are detected by name.
+    """
+    uris: list[str] = []
+    for expanded in expand_braces(pattern):
+        fs, path = url_to_fs(expanded)
+        if fs.isdir(path):
+            uris += [full_uri(fs, p) for p in sorted(fs.glob(path.rstrip("/") + "/*.parquet"))]
+        elif any(c in path for c in "*?["):
+            uris += [full_uri(fs, p) for p in sorted(fs.glob(path))]
+        else:
+            uris.append(expanded)
+    partitions = []
+    for uri in uris:
+        with fsspec.open(uri, "rb") as f:
+            pfile = pq.ParquetFile(f)
+            columns = resolve_columns(pfile.schema_arrow.names, options)
+            n_groups = pfile.num_row_groups
+            offsets = [0]
+            for i in range(n_groups):
+                offsets.append(offsets[-1] + pfile.metadata.row_group(i).num_rows)
+        name = posixpath.basename(uri)
+        for i in range(n_groups):
+            partitions.append(
+                Partition(
+                    kind=KIND,
+                    id=f"{name}#rg{i}",
+                    uri=uri,
+                    options={**columns, "row_group": i, "first_row": offsets[i]},
+                )
+            )
+    return partitions
+
+
+def resolve_columns(names: list[str], options: dict[str, Any]) -> dict[str, str | None]:
+    """Pick the image/path/caption/url/key columns: explicit options first, then known names."""
+
+    def pick(option: str, candidates: tuple[str, ...]) -> str | None:
+        if options.get(option):
+            if options[option] not in names:
+                raise ValueError(f"{option}={options[option]!r} is not a column of {names}")
+            return options[option]
+        return next((c for c in candidates if c in names), None)
+
+    image = pick("image_column", IMAGE_COLUMNS)
+    path = None if options.get("image_column") else pick("path_column", PATH_COLUMNS)
+    if image is None and path is None:
+        raise ValueError(
+            f"no image column among {names}: pass image_column=… (bytes) or path_column=… (paths)"
+        )
+    if image is not None and path is not None and not options.get("path_column"):
+        path = None  # bytes win when both exist and nothing was asked for
+    return {
+        "image_column": image if path is None else None,
+        "path_column": path,
+        "caption_column": pick("caption_column", CAPTION_COLUMNS),
+        "url_column": pick("url_column", URL_COLUMNS),
+        "key_column": pick("key_column", KEY_COLUMNS),
+    }
+
+
+def read_partition(partition: Partition) -> Iterator[Sample]:
+    opts = partition.options
+    wanted = [
+        c
+        for c in (
+            opts["image_column"],
+            opts["path_column"],
+            opts["caption_column"],
+            opts["url_column"],
+            opts["key_column"],
+        )
+        if c
+    ]
+    with fsspec.open(partition.uri, "rb") as f:
+        pfile = pq.ParquetFile(f)
+        present = set(pfile.schema_arrow.names)
+        meta_columns = [c for c in META_COLUMNS if c in present and c not in wanted]
+        table = pfile.read_row_group(opts["row_group"], columns=wanted + meta_columns)
+    base_dir = posixpath.dirname(partition.uri)
+    stem = posixpath.basename(partition.uri).rsplit(".", 1)[0]
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        position = opts["first_row"] + i
+        key = _key(row, opts, stem, position)
+        caption = row.get(opts["caption_column"]) if opts["caption_column"] else None
+        url = row.get(opts["url_column"]) if opts["url_column"] else None
+        extra = {c: row[c] for c in meta_columns if row.get(c) is not None}
+        common: dict[str, Any] = {"caption": caption, "url": url, "extra": extra}
+        status = row.get("status")
+        if status is not None and status != "success":
+            # img2dataset keeps failed downloads in its parquet output, without image bytes.
+            yield samples_error(key, "not_downloaded", str(row.get("error_message")), **common)
+            continue
+        if opts["path_column"]:
+            path = row.get(opts["path_column"])
+            if not path:
+                yield samples_error(key, "empty", "no image path", **common)
+                continue
+            try:
+                data = read_bytes(join_uri(base_dir, str(path)))
+            except FileNotFoundError:
+                yield samples_error(key, "missing", f"image file not found: {path}", **common)
+                continue
+        else:
+            data = row.get(opts["image_column"])
+            if isinstance(data, dict):  # Hugging Face Image feature: {"bytes": …, "path": …}
+                data = data.get("bytes") or (
+                    read_bytes(join_uri(base_dir, data["path"])) if data.get("path") else None
+                )
+            if data is None:
+                yield samples_error(key, "empty", "image column is null", **common)
+                continue
+            if not isinstance(data, bytes | bytearray):
+                detail = f"image column holds {type(data).__name__}, not bytes"
+                yield samples_error(key, "wrong_type", detail, **common)
+                continue
+        yield Sample(key=key, image=data, **common)
+
+
+def _key(row: dict[str, Any], opts: dict[str, Any], stem: str, position: int) -> str:
+    if opts["key_column"] and row.get(opts["key_column"]) is not None:
+        return str(row[opts["key_column"]])
+    if opts["path_column"] and row.get(opts["path_column"]):
+        return str(row[opts["path_column"]])
+    return f"{stem}/{position}"

@@ -1,0 +1,97 @@
+"""img2dataset webdataset shards: ``.tar`` files whose members ``<key>.jpg``, ``<key>.txt`` and
+``<key>.json`` (url, width, height, key, status …) make up one sample each."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+from cachebind.sources.base import (
+    IMAGE_EXTENSIONS,
+    Partition,
+    Sample,
+    expand_braces,
+    full_uri,
+    samples_error,
+    split_ext,
+    url_to_fs,
+)
+
+KIND = "webdataset"
+
+
+def list_partitions(pattern: str) -> list[Partition]:
+    """One partition per tar: ``pattern`` is a brace pattern, a single tar, a glob or a folder."""
+    uris: list[str] = []
+    for expanded in expand_braces(pattern):
+        fs, path = url_to_fs(expanded)
+        if fs.isdir(path):
+            uris += [full_uri(fs, p) for p in sorted(fs.glob(path.rstrip("/") + "/*.tar"))]
+        elif any(c in path for c in "*?["):
+            uris += [full_uri(fs, p) for p in sorted(fs.glob(path))]
+        else:
+            uris.append(expanded)
+    return [Partition(kind=KIND, id=posixpath.basename(u.rstrip("/")), uri=u) for u in uris]
+
+
+def read_partition(partition: Partition) -> Iterator[Sample]:
+    """Stream the tar once, grouping consecutive members that share a key into one sample.
+
+    A tar cut short (an interrupted download) keeps the samples before the cut and reports the
+    rest as one ``truncated`` error for the shard, rather than failing the whole job.
+    """
+    current_key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with fsspec.open(partition.uri, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_ext(member.name)
+                if key.startswith("__") or not ext:  # webdataset's __index__ and the like
+                    continue
+                if key != current_key and current_key is not None:
+                    yield _sample(current_key, members, partition)
+                    members = {}
+                current_key = key
+                handle = tar.extractfile(member)
+                members[ext] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        # The pending sample may be incomplete: report it together with the cut.
+        yield samples_error(
+            f"{partition.id}#{current_key or 'start'}",
+            "truncated",
+            f"tar shard {partition.uri} is unreadable after {current_key!r}: {exc}",
+        )
+        return
+    if current_key is not None:
+        yield _sample(current_key, members, partition)
+
+
+def _sample(key: str, members: dict[str, bytes], partition: Partition) -> Sample:
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+    # img2dataset keys are unique across shards; the member's base name is that key.
+    sample_key = str(meta.get("key") or posixpath.basename(key))
+    caption = members["txt"].decode("utf-8", "replace") if "txt" in members else meta.get("caption")
+    url = meta.get("url")
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if image_ext is None:
+        return samples_error(
+            sample_key,
+            "empty",
+            f"no image member for {key!r} in {partition.uri} (members: {sorted(members)})",
+            caption=caption,
+            url=url,
+            extra=meta,
+        )
+    return Sample(key=sample_key, image=members[image_ext], caption=caption, url=url, extra=meta)
