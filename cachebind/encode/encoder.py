@@ -1,0 +1,166 @@
+"""The Encoder: an ImageBind model on a device, in a dtype, batched; F_M = ImageBind_m(x)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cachebind.config import EncoderConfig, WeightsConfig
+from cachebind.encode.imagebind import ImageBindModel, build_model
+from cachebind.encode.weights import KNOWN_WEIGHTS, file_sha256, load_checkpoint
+from cachebind.errors import WeightsError
+from cachebind.modalities import Modality
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is ``cuda`` when a GPU is present, else ``cpu``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def _preprocess_version() -> str | None:
+    try:
+        from cachebind.preprocess import PREPROCESS_VERSION
+    except ImportError:
+        return None
+    return str(PREPROCESS_VERSION)
+
+
+class Encoder:
+    """Batched ImageBind inference.
+
+    ``encode`` gives the reference's postprocessed outputs (what ImageBind's own zero-shot code
+    compares); ``embed`` gives F_M, the unit vectors the cache and the API use.
+    """
+
+    def __init__(
+        self,
+        model: ImageBindModel,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        identity: dict[str, Any] | None = None,
+        *,
+        batch_size: int = 64,
+        pretrained: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # Weights stay fp32; reduced precision runs under autocast, which keeps LayerNorm,
+        # softmax statistics and the postprocessing in fp32.
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.batch_size = max(1, int(batch_size))
+        self.pretrained = pretrained
+        self.identity: dict[str, Any] = dict(identity or {})
+        self.identity.setdefault("out_dim", self.out_dim)
+
+    @property
+    def out_dim(self) -> int:
+        return self.model.out_embed_dim
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, weights: WeightsConfig) -> Encoder:
+        """Build the preset of ``cfg`` and load its checkpoint.
+
+        The checkpoint is ``cfg.checkpoint`` when set (it must exist), else
+        ``<weights.dir>/imagebind_huge.pth`` for the ``huge`` preset when that file is present;
+        otherwise the model is randomly initialised from ``cfg.seed`` and ``pretrained`` is False.
+        """
+        path: Path | None = None
+        if cfg.checkpoint is not None:
+            path = Path(cfg.checkpoint)
+            if not path.is_file():
+                raise WeightsError(f"encoder checkpoint not found: {path}")
+        elif cfg.preset == "huge":
+            default = Path(weights.dir) / KNOWN_WEIGHTS["imagebind_huge"].filename
+            path = default if default.is_file() else None
+
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        identity: dict[str, Any] = {"model": "imagebind", "preset": cfg.preset}
+        if path is not None:
+            # Build without allocating, then take the checkpoint's tensors as the weights.
+            with torch.device("meta"):
+                model = build_model(cfg.preset)
+            load_checkpoint(model, path)
+            identity.update(
+                checkpoint=str(path.resolve()),
+                sha256=file_sha256(path),
+                weights=f"sha256:{file_sha256(path)}",
+            )
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model = build_model(cfg.preset)
+            identity.update(checkpoint=None, sha256=None, weights=f"random-init:seed={cfg.seed}")
+        identity["preprocess_version"] = _preprocess_version()
+        return cls(
+            model,
+            device,
+            dtype,
+            identity,
+            batch_size=cfg.batch_size,
+            pretrained=path is not None,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _chunks(self, batch: Tensor) -> Iterator[Tensor]:
+        # A sample with a clip axis (audio: 3 clips, video: 15) costs that many forward passes,
+        # so batch_size counts clips, not samples.
+        clips = batch.shape[1] if batch.ndim >= 5 else 1
+        step = max(1, self.batch_size // clips)
+        yield from batch.split(step)
+
+    @torch.inference_mode()
+    def encode(self, modality: Modality | str, batch: Tensor) -> Tensor:
+        """ImageBind_m(batch), postprocessed as the reference: ``[B, out_dim]`` float32 on CPU."""
+        trunk = Modality(modality).trunk
+        if batch.shape[0] == 0:
+            return torch.empty(0, self.out_dim)
+        outs = []
+        for chunk in self._chunks(batch):
+            if chunk.is_floating_point():
+                chunk = chunk.float()
+            chunk = chunk.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model.encode(trunk, chunk)
+            outs.append(out.float().cpu())
+        return torch.cat(outs)
+
+    def embed(
+        self, modality: Modality | str, inputs: Sequence[Any], sources: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """F_M for raw inputs (bytes, paths, text, arrays …): preprocess each with
+        ``cachebind.preprocess.preprocess``, encode, L2-normalise. ``[B, out_dim]`` float32."""
+        from cachebind.preprocess import preprocess  # lazy: preprocessing is another stage
+
+        modality = Modality(modality)
+        if not len(inputs):
+            return np.zeros((0, self.out_dim), dtype=np.float32)
+        names = (
+            list(sources) if sources is not None else [f"<input {i}>" for i in range(len(inputs))]
+        )
+        batch = torch.stack(
+            [preprocess(modality, x, source=src) for x, src in zip(inputs, names, strict=True)]
+        )
+        return F.normalize(self.encode(modality, batch), dim=-1).numpy().astype(np.float32)
