@@ -1,0 +1,84 @@
+"""Query inputs -> F_M: decode each input, embed it, and mix several with their weights.
+
+F_M = Σ (w_i / (Σw + 1e-6)) · normalize(F_i) (DESIGN.md §2), so a single input of any weight is
+its own (unit-norm) embedding scaled by w/(w + 1e-6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cachebind.modalities import Modality
+from cachebind.serve.errors import unprocessable
+from cachebind.serve.schemas import InputItem
+
+EmbedOne = Callable[[Modality, Any, str], Awaitable[np.ndarray]]
+
+
+def decode_item(item: InputItem, where: str) -> tuple[Modality, Any]:
+    """(modality, raw input) of a text or data item; raw media are bytes, never a path."""
+    assert item.modality is not None
+    if item.text is not None:
+        if not item.text.strip():
+            raise unprocessable("empty_input", f"{where}.text is empty")
+        return item.modality, item.text
+    assert item.data is not None
+    try:
+        raw = base64.b64decode(item.data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise unprocessable("bad_base64", f"{where}.data is not valid base64: {exc}") from exc
+    if not raw:
+        raise unprocessable("empty_input", f"{where}.data decodes to zero bytes")
+    return item.modality, raw
+
+
+def raw_embedding(item: InputItem, where: str, dim: int) -> np.ndarray:
+    """A client's raw embedding, checked for dimension and finiteness, L2-normalised."""
+    assert item.embedding is not None
+    vec = np.asarray(item.embedding, dtype=np.float32)
+    if vec.shape != (dim,):
+        raise unprocessable(
+            "wrong_dimension", f"{where}.embedding has {vec.size} values, the encoder's is {dim}"
+        )
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise unprocessable("bad_embedding", f"{where}.embedding must be finite and non-zero")
+    return vec / norm
+
+
+async def embed_items(
+    items: Sequence[InputItem], embed_one: EmbedOne, dim: int, field: str = "inputs"
+) -> list[np.ndarray]:
+    """Each item's unit-norm embedding, in order (media through the encoder batchers).
+
+    Every item is decoded and checked before any is encoded, so a bad third input fails the
+    request at once; the encodings of a mix then run concurrently.
+    """
+    decoded: list[np.ndarray | tuple[Modality, Any, str]] = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]"
+        if item.embedding is not None:
+            decoded.append(raw_embedding(item, where, dim))
+        else:
+            decoded.append((*decode_item(item, where), where))
+    coros = [embed_one(*d) for d in decoded if not isinstance(d, np.ndarray)]
+    done = iter(await asyncio.gather(*coros))
+    return [d if isinstance(d, np.ndarray) else next(done) for d in decoded]
+
+
+async def query_embedding(
+    items: Sequence[InputItem], embed_one: EmbedOne, dim: int, field: str = "inputs"
+) -> np.ndarray:
+    """F_M [d] for one input or the weighted mix of several."""
+    from cachebind.cache import mix
+
+    if not items:
+        raise unprocessable("empty_mix", f"{field} must hold at least one input")
+    vectors = await embed_items(items, embed_one, dim, field)
+    return mix(vectors, [item.weight for item in items]).astype(np.float32)

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one app: requests by route and status, latency, batch sizes, index."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """One registry per app, so that several apps (tests, Ray replicas) never share counters."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cachebind_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cachebind_request_latency_seconds",
+            "Time from request to the end of the response, by route template.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "cachebind_batch_size",
+            "Items per micro-batch, by batcher (encoder:<modality>, index).",
+            ["batcher"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.index_version = Gauge(
+            "cachebind_index_info",
+            "The index version being served (value 1 on its label).",
+            ["version"],
+            registry=self.registry,
+        )
+        self.index_reloads = Counter(
+            "cachebind_index_reloads_total",
+            "Index reload attempts by outcome (ok, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def set_index_version(self, version: str | None) -> None:
+        self.index_version.clear()
+        if version is not None:
+            self.index_version.labels(version=version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,227 @@
+"""The models and data a server answers from: encoder, table, index, cache model, generator.
+
+Everything here is synchronous and thread-safe; the HTTP layer calls it from worker threads
+through the micro-batchers. The index part is an immutable ``IndexSnapshot`` that is swapped as a
+whole when a new version is published, so a request that took the old snapshot finishes on it
+(its index, its table version and its cache model agree with each other).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cachebind.config import CacheConfig, Settings, StoreConfig
+from cachebind.modalities import Modality
+
+log = logging.getLogger("cachebind.serve")
+
+
+class SearchIndex(Protocol):
+    """What serving needs of an index (``indexing.LoadedIndex`` has this shape)."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class IndexLoader(Protocol):
+    """Where index versions come from: a cheap version probe and a (slow) load."""
+
+    def current_version(self) -> str | None: ...
+
+    def load(self) -> IndexSnapshot: ...
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """One published index with the table version it was built from and its cache model."""
+
+    version: str | None
+    index: SearchIndex
+    table: Any  # cachebind.store.CacheTable
+    cache: Any  # cachebind.cache.CacheModel
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, index: SearchIndex, table: Any, version: str | None, manifest: dict[str, Any]
+    ) -> IndexSnapshot:
+        from cachebind.cache import CacheModel
+
+        return cls(version, index, table, CacheModel(index, table), dict(manifest))
+
+
+class PublishedIndexLoader:
+    """Index versions published by ``indexing`` under ``index_dir`` (CURRENT pointer).
+
+    Each load reopens the table at its newest version: a new index is usually built after rows
+    were added, and ``indexing.load_current`` refuses (IndexMismatchError) a table that differs
+    from the one in the manifest, which the reload loop then reports and retries later.
+    """
+
+    def __init__(self, index_dir: Path, store: StoreConfig) -> None:
+        self.index_dir = Path(index_dir)
+        self.store = store
+
+    def current_version(self) -> str | None:
+        import indexing
+
+        return indexing.current_version(self.index_dir)
+
+    def load(self) -> IndexSnapshot:
+        import indexing
+        from cachebind.store import CacheTable
+
+        table = CacheTable.open(self.store)
+        loaded = indexing.load_current(self.index_dir, table)
+        return IndexSnapshot.of(loaded, table, loaded.version, loaded.manifest)
+
+
+class Runtime:
+    """Holds the encoder (F_M), the current index snapshot and the optional generator.
+
+    Each backing part is a constructor argument, so that a test or a notebook can serve what it
+    has built in memory; ``Runtime.from_settings`` loads them all from configuration.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        *,
+        snapshot: IndexSnapshot | None = None,
+        loader: IndexLoader | None = None,
+        generator: Any | None = None,
+        cache_config: CacheConfig | None = None,
+        generation_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.loader = loader
+        self.generator = generator
+        self.cache_config = cache_config or CacheConfig()
+        self.generation_defaults = generation_defaults or {
+            "max_new_tokens": 256,
+            "temperature": 0.1,
+            "top_p": 0.75,
+        }
+        self._snapshot = snapshot
+        self._swap_lock = threading.Lock()
+        # One generation at a time: a generator holds a KV cache and is not re-entrant.
+        self._generate_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, with_generator: bool = True) -> Runtime:
+        """Load the encoder, the published index (if any) and the LLM (if configured)."""
+        from cachebind.encode import Encoder
+
+        encoder = Encoder.from_config(settings.encoder, settings.weights)
+        loader = PublishedIndexLoader(settings.index.dir, settings.store)
+        snapshot = None
+        if loader.current_version() is not None:
+            snapshot = loader.load()
+        else:
+            log.warning("no index published under %s yet; polling for one", settings.index.dir)
+        generator = None
+        if with_generator and settings.llm.llama_dir is not None:
+            from cachebind.inject import load_generator
+
+            generator = load_generator(settings.llm)
+        return cls(
+            encoder,
+            snapshot=snapshot,
+            loader=loader,
+            generator=generator,
+            cache_config=settings.cache,
+            generation_defaults={
+                "max_new_tokens": settings.llm.max_new_tokens,
+                "temperature": settings.llm.temperature,
+                "top_p": settings.llm.top_p,
+            },
+        )
+
+    # ------------------------------------------------------------------ encoder
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.out_dim)
+
+    @property
+    def encoder_identity(self) -> dict[str, Any]:
+        return dict(self.encoder.identity)
+
+    def preprocess(self, modality: Modality, data: Any, source: str) -> Any:
+        """One input's model tensor; raises ``InputError`` naming ``source`` on bad input."""
+        from cachebind.preprocess import preprocess
+
+        return preprocess(modality, data, source=source)
+
+    def encode_batch(self, modality: Modality, tensors: Sequence[Any]) -> np.ndarray:
+        """F_M for a batch of preprocessed inputs of one modality: float32 [B, d], unit norm.
+
+        This is ``Encoder.embed`` split in two, so that preprocessing (and its InputError) stays
+        with each request while the model call is shared by the whole micro-batch.
+        """
+        import torch
+
+        batch = torch.stack(list(tensors))
+        with torch.inference_mode():
+            out = self.encoder.encode(modality, batch)
+        f_m = out.detach().to("cpu", torch.float32).numpy()
+        norm = np.linalg.norm(f_m, axis=1, keepdims=True)
+        return (f_m / np.maximum(norm, 1e-12)).astype(np.float32)
+
+    # ------------------------------------------------------------------ index
+
+    @property
+    def snapshot(self) -> IndexSnapshot | None:
+        """The index snapshot new requests use (a plain attribute read: atomic)."""
+        return self._snapshot
+
+    @property
+    def ready(self) -> bool:
+        return self.encoder is not None and self._snapshot is not None
+
+    def swap(self, snapshot: IndexSnapshot) -> IndexSnapshot | None:
+        """Make ``snapshot`` the one new requests get; returns the previous one."""
+        with self._swap_lock:
+            old, self._snapshot = self._snapshot, snapshot
+        log.info("serving index version %s", snapshot.version)
+        return old
+
+    def poll_index(self, force: bool = False) -> bool:
+        """Load and swap in the published version if it differs (or ``force``).
+
+        Returns True when a new snapshot was swapped in. Errors (a half-written version, an
+        IndexMismatchError) propagate to the caller, which keeps serving the old snapshot.
+        """
+        if self.loader is None:
+            return False
+        published = self.loader.current_version()
+        current = self._snapshot.version if self._snapshot else None
+        if published is None or (published == current and not force):
+            return False
+        snapshot = self.loader.load()
+        self.swap(snapshot)
+        return True
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_stream(self, prompt: str, visual: np.ndarray, **options: Any) -> Iterator[str]:
+        """Text pieces from the LLM conditioned on ``visual`` (F~_M, [1, d])."""
+        if self.generator is None:
+            raise RuntimeError("no LLM configured (set llm.llama_dir)")
+        opts = {**self.generation_defaults, **{k: v for k, v in options.items() if v is not None}}
+        with self._generate_lock:
+            yield from self.generator.stream(
+                [prompt],
+                visual,
+                max_new_tokens=opts["max_new_tokens"],
+                temperature=opts["temperature"],
+                top_p=opts["top_p"],
+            )

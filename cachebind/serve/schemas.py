@@ -1,0 +1,167 @@
+"""Request and response models of the HTTP API (``/v1``), which FastAPI turns into OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cachebind.modalities import Modality
+
+
+class Strict(BaseModel):
+    # Unknown fields are an error: a misspelt "filtre" must not silently search everything.
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputItem(Strict):
+    """One query input: text, a medium as base64 bytes, or a raw embedding; with a mix weight.
+
+    Media travel as bytes only: the service never reads a path or fetches a URL a client names.
+    """
+
+    modality: Modality | None = Field(
+        None, description="Required for text and data; ignored for a raw embedding."
+    )
+    text: str | None = Field(None, description="The text of a text input.")
+    data: str | None = Field(
+        None, description="Base64 of the file's bytes (image, audio, video, depth, thermal, imu)."
+    )
+    embedding: list[float] | None = Field(
+        None, description="A raw query embedding of the encoder's dimension (L2-normalised here)."
+    )
+    weight: float = Field(1.0, gt=0, description="Mix weight w_i (> 0).")
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> InputItem:
+        given = [n for n in ("text", "data", "embedding") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, data or embedding")
+        if self.embedding is None and self.modality is None:
+            raise ValueError("modality is required for text and data inputs")
+        if self.text is not None and self.modality is not Modality.TEXT:
+            raise ValueError(f"'text' is for modality 'text'; send {self.modality} as 'data'")
+        if self.data is not None and self.modality is Modality.TEXT:
+            raise ValueError("send text as 'text', not 'data'")
+        return self
+
+
+class EmbedRequest(Strict):
+    inputs: list[InputItem] = Field(..., min_length=1, description="Inputs to embed (no mixing).")
+
+
+class Embedding(BaseModel):
+    modality: str
+    embedding: list[float]
+
+
+class EmbedResponse(BaseModel):
+    dim: int
+    encoder: dict[str, Any] = Field(description="The encoder's identity (preset, checkpoint …).")
+    items: list[Embedding]
+
+
+class SearchRequest(Strict):
+    """Nearest cached rows to F_M, the (weighted mix of the) inputs' embedding."""
+
+    inputs: list[InputItem] = Field(..., min_length=1, description="One input, or a weighted mix.")
+    k: int = Field(10, ge=1, description="Results per page (at most the server's max_k).")
+    offset: int = Field(0, ge=0, description="Results to skip (pagination).")
+    cursor: str | None = Field(None, description="next_cursor of a previous page (beats offset).")
+    filter: str | None = Field(
+        None,
+        description="SQL-style filter on id, key, caption, url, width, height, shard, e.g. "
+        "\"width > 100 AND caption LIKE '%dog%'\".",
+    )
+    dedup: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Drop a result whose cosine to an already kept one exceeds this threshold.",
+    )
+
+
+class SearchHit(BaseModel):
+    id: int
+    score: float
+    key: str | None = None
+    caption: str | None = None
+    url: str | None = None
+    width: int | None = None
+    height: int | None = None
+    image_url: str = Field(description="Thumbnail served by this service (404 when none).")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    offset: int
+    next_offset: int | None
+    next_cursor: str | None
+    index_version: str | None
+    exhausted: bool = Field(description="True when the table has no further matching rows.")
+
+
+class EnhanceRequest(Strict):
+    """F~_M = normalize((1 - alpha) F_M + alpha F_cache) with the top-k cached neighbours."""
+
+    inputs: list[InputItem] = Field(..., min_length=1)
+    k: int | None = Field(None, ge=1, description="Neighbours (default from CacheConfig).")
+    t: float | None = Field(None, gt=0, description="Softmax temperature (default CacheConfig).")
+    alpha: float | None = Field(None, ge=0, le=1, description="Blend (default CacheConfig).")
+
+
+class Neighbour(BaseModel):
+    id: int
+    similarity: float = Field(description="S_topk entry: cosine of F_M and the cached vector")
+    weight: float = Field(description="softmax(t * S_topk) entry")
+    key: str | None = None
+    caption: str | None = None
+
+
+class EnhanceResponse(BaseModel):
+    query_embedding: list[float] = Field(description="F_M")
+    embedding: list[float] = Field(description="F~_M")
+    cosine_to_query: float = Field(description="cosine(F_M, F~_M)")
+    neighbours: list[Neighbour]
+    k: int
+    t: float
+    alpha: float
+    index_version: str | None
+
+
+class GenerateRequest(Strict):
+    prompt: str = Field(..., min_length=1, max_length=20_000)
+    inputs: list[InputItem] = Field(
+        default_factory=list, description="Visual context (a mix); none for text only."
+    )
+    k: int | None = Field(None, ge=1)
+    t: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, ge=0, le=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = Field(True, description="Server-sent events when true, one JSON otherwise.")
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    neighbours: list[Neighbour]
+
+
+class IndexInfo(BaseModel):
+    version: str | None
+    manifest: dict[str, Any] | None
+    table_version: int | None
+    rows: int | None
+    dim: int | None
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool
+    version: str | None
+    detail: str = ""
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: Any = None
