@@ -154,7 +154,8 @@ def _append(
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=name)
     try:
         with open(part, mode) as fh:
-            for chunk in resp.iter_bytes(_CHUNK):
+            # No chunk size: write bytes as they arrive, so an interruption loses none of them.
+            for chunk in resp.iter_bytes():
                 fh.write(chunk)
                 digest.update(chunk)
                 if bar is not None:
