@@ -1,0 +1,147 @@
+"""Audio (WAV, FLAC, MP3, OGG, … anything FFmpeg decodes) -> the audio trunk's [3, 1, 128, 204].
+
+As ImageBind's ``load_and_transform_audio_data``:
+1. decode to float in [-1, 1] (PyAV; integer PCM divided by 2^(bits-1), as ``torchaudio.load``),
+   every channel kept: shape [C, N];
+2. resample to 16 kHz with torchaudio's Hann-windowed sinc filter (``resample.py``);
+3. 3 clips of 2 s at starts ``i * max(D - 2, 0) / 3`` (``clips.py``), sliced as
+   ``waveform[:, int(start * 16000) : int(end * 16000)]``;
+4. per clip: subtract the clip's mean (over all channels, as the reference's ``waveform.mean()``),
+   Kaldi fbank of the **first channel** (``kaldi.fbank`` reads channel 0; the reference does not
+   downmix), 128 mel bins -> [128, frames]; zero-pad or cut to 204 frames;
+5. normalise ``(x - (-4.268)) / 9.138`` (after padding, so padded frames become 0.467).
+
+Audio shorter than 2 s gives three identical clips of the whole input, padded with zero frames;
+audio shorter than one 25 ms analysis frame has no frame at all and is refused as ``empty``
+(the reference divides by zero there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+
+from cachebind.errors import InputError
+from cachebind.preprocess.clips import clip_timepoints
+from cachebind.preprocess.common import DEFAULT_MAX_BYTES, RawInput, as_stream, read_bytes
+from cachebind.preprocess.fbank import fbank, num_frames
+from cachebind.preprocess.resample import resample
+
+SAMPLE_RATE = 16000
+NUM_MEL_BINS = 128
+TARGET_LENGTH = 204
+CLIP_DURATION = 2
+CLIPS_PER_VIDEO = 3
+MEAN = -4.268
+STD = 9.138
+FRAME_SAMPLES = 400  # 25 ms at 16 kHz: the shortest input that yields one fbank frame
+
+MAX_DURATION_S = 3600.0
+"""Longer inputs are refused as ``too_large`` (decoding is cheap, holding hours in RAM is not)."""
+
+
+@dataclass(frozen=True)
+class Waveform:
+    """Decoded audio: ``samples`` [channels, time] float32 in [-1, 1] at ``sample_rate`` Hz."""
+
+    samples: torch.Tensor
+    sample_rate: int
+
+    @property
+    def duration(self) -> float:
+        return self.samples.shape[-1] / self.sample_rate
+
+
+def decode_audio(
+    data: RawInput,
+    source: str = "<input>",
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_duration_s: float = MAX_DURATION_S,
+) -> Waveform:
+    """Decode the first audio stream of ``data`` at its own rate and channel count."""
+    raw = read_bytes(data, source, max_bytes)
+    try:
+        container = av.open(as_stream(raw), mode="r")
+    except av.error.FFmpegError as e:
+        raise InputError(source, "undecodable", f"not a media file FFmpeg can open: {e}") from e
+    with container:
+        if not container.streams.audio:
+            raise InputError(source, "unsupported_format", "no audio stream")
+        stream = container.streams.audio[0]
+        # Planar float keeps each channel's samples contiguous; no change of rate or layout.
+        to_float = av.AudioResampler(format="fltp")
+        chunks: list[np.ndarray] = []
+        rate = stream.rate or stream.codec_context.sample_rate
+        total = 0
+        try:
+            for frame in container.decode(stream):
+                rate = frame.sample_rate
+                for out in to_float.resample(frame):
+                    chunk = out.to_ndarray()
+                    chunks.append(chunk)
+                    total += chunk.shape[-1]
+                if rate and total / rate > max_duration_s:
+                    raise InputError(source, "too_large", f"longer than {max_duration_s} s")
+            for out in to_float.resample(None):
+                chunks.append(out.to_ndarray())
+        except av.error.FFmpegError as e:
+            raise InputError(source, "undecodable", f"audio decoding failed: {e}") from e
+    if not chunks or not rate:
+        raise InputError(source, "empty", "no audio samples decoded")
+    samples = torch.from_numpy(np.concatenate(chunks, axis=-1).astype(np.float32, copy=False))
+    if samples.shape[-1] == 0:
+        raise InputError(source, "empty", "no audio samples decoded")
+    if not torch.isfinite(samples).all():
+        raise InputError(source, "undecodable", "non-finite samples")
+    return Waveform(samples, int(rate))
+
+
+def load_audio(
+    data: RawInput | Waveform,
+    source: str = "<input>",
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Waveform:
+    """The decode stage: ``data`` -> [C, N] float32 at 16 kHz (resampled if needed)."""
+    wav = data if isinstance(data, Waveform) else decode_audio(data, source, max_bytes=max_bytes)
+    samples = resample(wav.samples, wav.sample_rate, SAMPLE_RATE)
+    if samples.shape[-1] < FRAME_SAMPLES:
+        raise InputError(
+            source, "empty", f"{samples.shape[-1]} samples at 16 kHz: shorter than one 25 ms frame"
+        )
+    return Waveform(samples, SAMPLE_RATE)
+
+
+def melspec(clip: torch.Tensor, target_length: int = TARGET_LENGTH) -> torch.Tensor:
+    """One [C, n] clip at 16 kHz -> [1, 128, target_length] log mel (not yet normalised)."""
+    clip = clip - clip.mean()
+    spec = fbank(clip[0], SAMPLE_RATE, NUM_MEL_BINS).T  # [128, frames]
+    frames = spec.shape[1]
+    if frames < target_length:
+        spec = torch.nn.functional.pad(spec, (0, target_length - frames))
+    else:
+        spec = spec[:, :target_length]
+    return spec.unsqueeze(0)
+
+
+def audio_tensor(wav: Waveform) -> torch.Tensor:
+    """The transform stage: 16 kHz waveform -> [3, 1, 128, 204] normalised clips."""
+    if wav.sample_rate != SAMPLE_RATE:
+        raise ValueError(f"audio_tensor expects {SAMPLE_RATE} Hz, got {wav.sample_rate}")
+    samples = wav.samples if wav.samples.dim() == 2 else wav.samples.reshape(1, -1)
+    clips = []
+    for start, end in clip_timepoints(wav.duration, CLIP_DURATION, CLIPS_PER_VIDEO):
+        clip = samples[:, int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+        if num_frames(clip.shape[-1], FRAME_SAMPLES, SAMPLE_RATE // 100) == 0:
+            raise ValueError("clip shorter than one fbank frame")  # excluded by load_audio
+        clips.append((melspec(clip) - MEAN) / STD)
+    return torch.stack(clips)
+
+
+def preprocess_audio(data: RawInput | Waveform, source: str = "<input>") -> torch.Tensor:
+    """``load_audio`` then ``audio_tensor``: one input -> [3, 1, 128, 204] float32."""
+    return audio_tensor(load_audio(data, source))
