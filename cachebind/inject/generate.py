@@ -1,0 +1,281 @@
+"""Text generation with the visual adapter: batched, KV-cached, streaming.
+
+Follows the released ``LLaMA_adapter.generate``: Alpaca prompt (``format_prompt``), BOS then the
+prompt, temperature 0.1 with top-p 0.75 nucleus sampling (``sample_top_p`` as released),
+temperature 0 = greedy, stop at EOS, at most ``max_seq_len`` (512) tokens in all. Unlike the
+released loop (batch size 1, right padding), prompts of different lengths run together here:
+left padding, an attention mask, and position ids that start at 0 on each prompt's BOS, so every
+row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache
+
+from cachebind.config import LLMConfig
+from cachebind.errors import InputError, WeightsError
+from cachebind.inject.load import LoadReport, load_adapter_llama
+from cachebind.inject.model import AdapterLlama
+from cachebind.inject.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(instruction: str, input: str | None = None) -> str:  # noqa: A002
+    """The Alpaca template of the released demo (``llama.format_prompt``)."""
+    if not input:
+        return PROMPT_NO_INPUT.format_map({"instruction": instruction})
+    return PROMPT_INPUT.format_map({"instruction": instruction, "input": input})
+
+
+def sample_top_p(
+    probs: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Nucleus sampling as released: keep the smallest prefix of the sorted distribution whose
+    mass *before* a token is at most p, renormalise, draw. [B, V] -> [B]."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``auto``: CUDA when present; fp16 on GPU (the released inference precision), fp32 on CPU."""
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
+    if dtype == "auto":
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
+class Generator:
+    """Generates text conditioned on cache-enhanced features F~_M.
+
+    ``visual`` arguments are F~_M [n, bind_in_dim] (one row per prompt; a single row is shared
+    by all prompts), or None for plain LLaMA without the visual adapter.
+    """
+
+    def __init__(
+        self,
+        model: AdapterLlama,
+        tokenizer: Tokenizer,
+        *,
+        max_seq_len: int | None = None,
+        seed: int | None = None,
+        load_report: LoadReport | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len or model.cfg.max_seq_len
+        self.seed = seed
+        self.load_report = load_report
+        self.visual_dim = model.cfg.bind_in_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def generate(
+        self,
+        prompts: list[str],
+        visual: torch.Tensor | np.ndarray | None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.1,
+        top_p: float = 0.75,
+        *,
+        template: bool = True,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Generated text for each prompt (EOS and everything after it cut off)."""
+        texts = [""] * len(prompts)
+        for pieces in self.stream(
+            prompts, visual, max_new_tokens, temperature, top_p, template=template, seed=seed
+        ):
+            for i, piece in enumerate(pieces):
+                texts[i] += piece
+        return texts
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: list[str],
+        visual: torch.Tensor | np.ndarray | None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.1,
+        top_p: float = 0.75,
+        *,
+        template: bool = True,
+        seed: int | None = None,
+    ) -> Iterator[list[str]]:
+        """Yield, after each decoding step, the new text of every prompt (``""`` when none).
+
+        ``template``: wrap each prompt in the Alpaca template (``format_prompt``); pass False for
+        prompts that are already formatted. Concatenating the pieces gives ``generate``'s output.
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise InputError("prompts", "wrong_type", "a non-empty list of strings is required")
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise InputError(
+                "generation",
+                "out_of_range",
+                f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; got "
+                f"{temperature}, {top_p}, {max_new_tokens}",
+            )
+        n = len(prompts)
+        t_i = self._visual_query(visual, n)
+        texts = [format_prompt(p) if template else p for p in prompts]
+        ids = [self.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+        longest = max(len(x) for x in ids)
+        if longest >= self.max_seq_len:
+            raise InputError(
+                "prompt", "too_long", f"{longest} tokens; the limit is {self.max_seq_len - 1}"
+            )
+        budget = min(max_new_tokens, self.max_seq_len - longest)
+
+        device = self.device
+        pad = self.tokenizer.eos_id  # any real id: padded positions are masked out
+        input_ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((n, longest), dtype=torch.long, device=device)
+        for row, x in enumerate(ids):
+            input_ids[row, longest - len(x) :] = torch.tensor(x, device=device)
+            mask[row, longest - len(x) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generator = None
+        if seed is not None or self.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(
+                seed if seed is not None else self.seed
+            )
+
+        cache = DynamicCache(config=self.model.llm.config)
+        out = self.model(
+            input_ids,
+            visual=t_i,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        generated: list[list[int]] = [[] for _ in range(n)]
+        emitted = [""] * n
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        for step in range(budget):
+            logits = out.logits[:, -1, :].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_token = sample_top_p(probs, top_p, generator)
+            else:
+                next_token = torch.argmax(logits, dim=-1)
+            next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
+            finished_before = done.tolist()
+            done |= next_token == self.tokenizer.eos_id
+            for row, token in enumerate(next_token.tolist()):
+                if not finished_before[row] and token != self.tokenizer.eos_id:
+                    generated[row].append(token)
+            last = step == budget - 1 or bool(done.all())
+            yield self._increments(generated, emitted, final=last)
+            if last:
+                return
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                next_token[:, None],
+                visual=t_i,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+
+    def _increments(self, generated: list[list[int]], emitted: list[str], final: bool) -> list[str]:
+        """New decoded text per row since the last call. A trailing U+FFFD (half of a multi-byte
+        character in byte-fallback pieces) waits for the next token unless this is the end."""
+        pieces = []
+        for row, ids in enumerate(generated):
+            text = self.tokenizer.decode(ids)
+            if not final and text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")
+            if text.startswith(emitted[row]):
+                piece = text[len(emitted[row]) :]
+                emitted[row] = text
+            else:  # decoding is prefix-stable for sentencepiece; keep output consistent anyway
+                piece = ""
+            pieces.append(piece)
+        return pieces
+
+    def _visual_query(
+        self, visual: torch.Tensor | np.ndarray | None, n: int
+    ) -> torch.Tensor | None:
+        if visual is None:
+            return None
+        f = torch.as_tensor(
+            np.asarray(visual, dtype=np.float32) if isinstance(visual, np.ndarray) else visual
+        ).float()
+        if f.ndim == 1:
+            f = f[None]
+        if f.ndim != 2 or f.shape[1] != self.visual_dim or f.shape[0] not in (1, n):
+            raise InputError(
+                "visual",
+                "wrong_shape",
+                f"expected [{n}, {self.visual_dim}] (or one row), got {tuple(f.shape)}",
+            )
+        if not torch.isfinite(f).all():
+            raise InputError("visual", "not_finite", "visual features contain NaN or inf")
+        return self.model.visual_query(f.expand(n, -1).to(self.device))
+
+    @classmethod
+    def random(cls, workdir: Path, seed: int = 0, **dims: int) -> Generator:
+        """A small random LLaMA + adapter written to ``workdir`` and loaded through the real
+        loading path (see ``cachebind.inject.tiny.build_tiny_llm``)."""
+        from cachebind.inject.tiny import build_tiny_llm
+
+        return build_tiny_llm(workdir, seed=seed, **dims)
+
+
+def load_generator(llm_cfg: LLMConfig, *, seed: int | None = None) -> Generator:
+    """The Generator that ``llm_cfg`` describes (base LLaMA + ImageBind-LLM checkpoint)."""
+    if llm_cfg.llama_dir is None or llm_cfg.adapter_checkpoint is None:
+        raise WeightsError(
+            "generation needs llm.llama_dir (Meta or transformers LLaMA) and "
+            "llm.adapter_checkpoint (ImageBind-LLM 7B / 7B-beta / 7B-pretrained .pth)"
+        )
+    device, dtype = resolve_device_dtype(llm_cfg.device, llm_cfg.dtype)
+    start = time.perf_counter()
+    model, tok, report = load_adapter_llama(
+        llm_cfg.llama_dir,
+        llm_cfg.adapter_checkpoint,
+        bind_variant=llm_cfg.bind_variant,
+        device=device,
+        dtype=dtype,
+    )
+    log.info(
+        "loaded LLaMA + adapter in %.1f s (%s, %s)", time.perf_counter() - start, device, dtype
+    )
+    return Generator(model, tok, seed=seed, load_report=report)
+
+
+load_llm = load_generator  # the name docs/ARCHITECTURE.md uses

@@ -1,0 +1,254 @@
+"""LLaMA with the ImageBind-LLM adapter, built on transformers' ``LlamaForCausalLM``.
+
+What the released ``llama.py`` / ``llama_adapter.py`` do, and how it maps here:
+
+* The bind network turns F~_M into one visual token T_I [B, dim].
+* Each of the last ``query_layer`` layers (all 32 in the 7B release) gets one adapter token
+  adapter_i = T_I + prefix_query_i.
+* Inside that layer's attention, adapter_v = W_v(adapter_i) with the *base* W_v (no LoRA), and
+  tanh(gate_i) · adapter_v is added to every position's per-head attention output before W_o.
+  gate_i is [1, n_heads, 1, 1] and zero-initialised, so an untrained adapter is plain LLaMA.
+* Fine-tuned checkpoints add biases on wq, wo, w1, w2, w3 and rank-r LoRA (no scaling) on wq,
+  wk, wv, wo, w1, w2, w3: y = W x + b + L2 (L1 x).
+
+The HF decoder layers keep their norms, rotary embedding, masks and KV cache; only each layer's
+``self_attn`` and ``mlp`` are replaced by the subclasses below. The adapter tokens travel to the
+attention modules as the ``adapters`` keyword, which HF passes through its layers unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from cachebind.bind import BindNetwork, Variant
+
+
+@dataclass(frozen=True)
+class AdapterLlamaConfig:
+    """Shape of a LLaMA + ImageBind-LLM adapter (defaults: LLaMA-7B with the released 7B)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = 32000
+    ffn_hidden: int = 11008
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512  # the released inference setting
+    w_bias: bool = True
+    lora_rank: int = 16  # 0: no LoRA (the "7B-pretrained" checkpoint)
+    query_layer: int = 32  # rows of prefix_query = adapted (last) layers
+    bind_variant: Variant = "layernorm"
+    bind_in_dim: int = 1024
+    bind_hidden: int = 16384
+    bos_id: int = 1
+    eos_id: int = 2
+    attn_implementation: str = "sdpa"
+
+    def llama_config(self) -> LlamaConfig:
+        config = LlamaConfig(
+            hidden_size=self.dim,
+            intermediate_size=self.ffn_hidden,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_heads,
+            vocab_size=self.vocab_size,
+            rms_norm_eps=self.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            max_position_embeddings=self.max_seq_len,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            pad_token_id=None,
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+        )
+        config._attn_implementation = self.attn_implementation
+        return config
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """LLaMA's SwiGLU width: 2/3 of 4·dim (times the optional multiplier), rounded up."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class LoRALinear(nn.Linear):
+    """y = W x + b + L2(L1 x): the released bias + LoRA tuning (no LoRA scaling).
+
+    ``lora_l1`` is [r, in] and ``lora_l2`` [out, r] (the released ``lora_*_l1/_l2`` weights).
+    ``base`` applies W x + b alone, which the adapter's W_v uses.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_l1 = nn.Linear(in_features, rank, bias=False) if rank else None
+        self.lora_l2 = nn.Linear(rank, out_features, bias=False) if rank else None
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora_l1 is not None:
+            out = out + self.lora_l2(self.lora_l1(x))
+        return out
+
+
+class AdapterAttention(LlamaAttention):
+    """LlamaAttention + the gated visual adapter (released ``Attention`` with ``adapter_len == 1``).
+
+    ``adapter_index`` is this layer's row in ``adapters`` (None: a layer without adapter).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        layer_idx: int,
+        w_bias: bool,
+        lora_rank: int,
+        adapter_index: int | None,
+    ) -> None:
+        super().__init__(config, layer_idx)
+        dim, heads = config.hidden_size, config.num_attention_heads
+        # Released layout: wq and wo carry a bias, wk and wv never do.
+        self.q_proj = LoRALinear(dim, heads * self.head_dim, w_bias, lora_rank)
+        self.k_proj = LoRALinear(dim, heads * self.head_dim, False, lora_rank)
+        self.v_proj = LoRALinear(dim, heads * self.head_dim, False, lora_rank)
+        self.o_proj = LoRALinear(heads * self.head_dim, dim, w_bias, lora_rank)
+        self.adapter_index = adapter_index
+        self.gate = nn.Parameter(torch.zeros(1, heads, 1, 1))  # zero-init: starts as LLaMA
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        adapters: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # out: [B, S, H, head_dim]
+
+        if adapters is not None and self.adapter_index is not None:
+            adapter = adapters[self.adapter_index]  # [B, dim] = T_I + prefix_query_i
+            batch, heads = adapter.shape[0], self.gate.shape[1]
+            adapter_v = self.v_proj.base(adapter).view(batch, 1, heads, self.head_dim)
+            gate = self.gate.tanh().view(1, 1, heads, 1).to(out.dtype)
+            out = out + gate * adapter_v.to(out.dtype)  # broadcast over every position
+
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), weights
+
+
+class AdapterMLP(LlamaMLP):
+    """SwiGLU with the released bias + LoRA on w1 (gate_proj), w3 (up_proj), w2 (down_proj)."""
+
+    def __init__(self, config: LlamaConfig, w_bias: bool, lora_rank: int) -> None:
+        super().__init__(config)
+        dim, hidden = config.hidden_size, config.intermediate_size
+        self.gate_proj = LoRALinear(dim, hidden, w_bias, lora_rank)
+        self.up_proj = LoRALinear(dim, hidden, w_bias, lora_rank)
+        self.down_proj = LoRALinear(hidden, dim, w_bias, lora_rank)
+
+
+class AdapterLlama(nn.Module):
+    """LLaMA + bind network + prefix_query + gated injection.
+
+    ``llm`` is a transformers ``LlamaForCausalLM`` whose layers hold ``AdapterAttention`` /
+    ``AdapterMLP``; ``bind`` maps F~_M to T_I; ``prefix_query`` is [query_layer, dim].
+    """
+
+    def __init__(self, cfg: AdapterLlamaConfig) -> None:
+        super().__init__()
+        if not 1 <= cfg.query_layer <= cfg.n_layers:
+            raise ValueError(f"query_layer {cfg.query_layer} not in [1, {cfg.n_layers}]")
+        self.cfg = cfg
+        hf_config = cfg.llama_config()
+        self.llm = LlamaForCausalLM(hf_config)
+        first_adapted = cfg.n_layers - cfg.query_layer  # released: layers[-query_layer:]
+        for i, layer in enumerate(self.llm.model.layers):
+            index = i - first_adapted if i >= first_adapted else None
+            layer.self_attn = AdapterAttention(hf_config, i, cfg.w_bias, cfg.lora_rank, index)
+            layer.mlp = AdapterMLP(hf_config, cfg.w_bias, cfg.lora_rank)
+        self.bind = BindNetwork(cfg.bind_variant, cfg.bind_in_dim, cfg.dim, cfg.bind_hidden)
+        self.prefix_query = nn.Embedding(cfg.query_layer, cfg.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prefix_query.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_query.weight.device
+
+    def visual_query(self, f_m: torch.Tensor) -> torch.Tensor:
+        """T_I = bind(F~_M): [B, bind_in_dim] -> [B, dim]."""
+        return self.bind(f_m.to(device=self.device, dtype=self.dtype))
+
+    def adapters(self, t_i: torch.Tensor) -> torch.Tensor:
+        """adapter_i = T_I + prefix_query_i for every adapted layer: [query_layer, B, dim]."""
+        return t_i[None, :, :] + self.prefix_query.weight[:, None, :]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        visual: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        """Logits for ``input_ids`` [B, S]; ``visual`` is T_I [B, dim] (None: plain LLaMA)."""
+        adapters = self.adapters(visual) if visual is not None else None
+        return self.llm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            adapters=adapters,
+        )
