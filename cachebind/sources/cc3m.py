@@ -75,11 +75,12 @@ def list_partitions(
     # One pass over the file to find where every shard starts.
     offsets: list[tuple[int, int]] = []  # (first row, byte offset)
     with fsspec.open(tsv, "rb") as f:
-        offset = 0
+        offset, rows = 0, 0
         for row, line in enumerate(f):
             if row % samples_per_shard == 0:
                 offsets.append((row, offset))
             offset += len(line)
+            rows = row + 1
     name = posixpath.basename(tsv)
     shard_width = int(shard_digits)
     return [
@@ -87,7 +88,12 @@ def list_partitions(
             kind=KIND,
             id=f"{name}#{first // samples_per_shard:0{shard_width}d}",
             uri=tsv,
-            options={**options, "first_row": first, "offset": byte_offset},
+            options={
+                **options,
+                "first_row": first,
+                "offset": byte_offset,
+                "num_samples": min(samples_per_shard, rows - first),
+            },
         )
         for first, byte_offset in offsets
     ]

@@ -41,7 +41,10 @@ def list_partitions(uri: str, *, chunk_size: int = DEFAULT_CHUNK, **_: Any) -> l
             kind=KIND,
             id=f"part-{i // chunk_size:05d}",
             uri=base,
-            options={"files": relative[i : i + chunk_size]},
+            options={
+                "files": relative[i : i + chunk_size],
+                "num_samples": len(relative[i : i + chunk_size]),
+            },
         )
         for i in range(0, len(relative), chunk_size)
     ]

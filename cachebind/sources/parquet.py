@@ -66,7 +66,12 @@ def list_partitions(pattern: str, **options: Any) -> list[Partition]:
                     kind=KIND,
                     id=f"{name}#rg{i}",
                     uri=uri,
-                    options={**columns, "row_group": i, "first_row": offsets[i]},
+                    options={
+                        **columns,
+                        "row_group": i,
+                        "first_row": offsets[i],
+                        "num_samples": offsets[i + 1] - offsets[i],
+                    },
                 )
             )
     return partitions

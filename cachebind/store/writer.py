@@ -130,6 +130,20 @@ class CacheWriter:
             found.update(ids.to_pylist())
         return found
 
+    def committed_by_shard(self, shards: set[str]) -> dict[str, set[int]]:
+        """Ids of rows and errors already committed for each of ``shards`` (one scan of the
+        ``id`` and ``shard`` columns): an unfinished partition's resume point."""
+        found: dict[str, set[int]] = {}
+        if not shards:
+            return found
+        for table in (self.images, self.errors):
+            wanted = pc.field("shard").isin(pa.array(sorted(shards), pa.string()))
+            data = table.to_lance().to_table(columns=["id", "shard"], filter=wanted)
+            for sid, shard in zip(data["id"].to_pylist(), data["shard"].to_pylist(), strict=True):
+                if shard in shards:
+                    found.setdefault(shard, set()).add(sid)
+        return found
+
     # -- writing -------------------------------------------------------------------------------
 
     def write_rows(self, rows: pa.Table) -> WriteResult:

@@ -1,0 +1,1 @@
+"""Ray job entry points: ``jobs.embed`` (sources -> preprocess -> encode -> store)."""
