@@ -576,7 +576,9 @@ def create_app(
         if runtime.generator is None:
             raise ApiError(503, "no_llm", "this server has no LLM configured (llm.llama_dir)")
 
-        async def prepare() -> tuple[np.ndarray, list[s.Neighbour]]:
+        async def prepare() -> tuple[np.ndarray | None, list[s.Neighbour]]:
+            if not body.inputs:
+                return None, []  # text only: plain LLaMA, the adapter's visual query is off
             _, snap, _, enhanced, _ = await enhanced_of(body.inputs, body.k, body.t, body.alpha)
             visual = np.asarray(enhanced.embedding, dtype=np.float32)[None, :]
             return visual, await neighbours_of(snap, enhanced)
@@ -727,7 +729,7 @@ def _sse(payload: dict[str, Any], event: str | None = None) -> str:
 
 
 async def _stream_in_thread(
-    runtime: Runtime, prompt: str, visual: np.ndarray, options: dict[str, Any]
+    runtime: Runtime, prompt: str, visual: np.ndarray | None, options: dict[str, Any]
 ) -> AsyncIterator[str]:
     """The generator's text pieces, produced in a worker thread, consumed here as they come."""
     loop = asyncio.get_running_loop()

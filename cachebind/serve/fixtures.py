@@ -142,3 +142,48 @@ class TableFlatLoader:
         table = CacheTable.open(self.store)
         index = FlatIndex(table)
         return IndexSnapshot.of(index, table, index.version, index.manifest)
+
+
+@dataclass
+class ServiceSettings:
+    """Settings with fresh user/admin keys, for a server over a fixture cache."""
+
+    settings: Any  # cachebind.config.Settings
+    user_key: str
+    admin_key: str
+
+
+def service_settings(root: Path, cache: DemoCache, **serve: Any) -> ServiceSettings:
+    """Settings pointing at ``cache`` with a tiny encoder and key files under ``root``."""
+    from cachebind.config import Settings
+    from cachebind.serve.auth import generate_key, write_key_file
+
+    user, admin = generate_key(), generate_key()
+    keys = Path(root) / "keys"
+    settings = Settings(
+        weights={"dir": str(Path(root) / "weights")},
+        encoder={"preset": "tiny", "device": "cpu", "dtype": "float32"},
+        store=cache.store.model_dump(),
+        index={"dir": str(Path(root) / "index")},
+        serve={
+            "api_keys_file": str(write_key_file(keys / "users.txt", [user])),
+            "admin_keys_file": str(write_key_file(keys / "admins.txt", [admin])),
+            **serve,
+        },
+    )
+    return ServiceSettings(settings, user, admin)
+
+
+def tiny_runtime(settings: Any, loader: Any, generator: Any = None) -> Any:
+    """A Runtime with the tiny random-init encoder over the loader's current snapshot."""
+    from cachebind.encode import Encoder
+    from cachebind.serve.runtime import Runtime
+
+    encoder = Encoder.from_config(settings.encoder, settings.weights)
+    return Runtime(
+        encoder,
+        snapshot=loader.load(),
+        loader=loader,
+        generator=generator,
+        cache_config=settings.cache,
+    )

@@ -212,16 +212,21 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
 
-    def generate_stream(self, prompt: str, visual: np.ndarray, **options: Any) -> Iterator[str]:
-        """Text pieces from the LLM conditioned on ``visual`` (F~_M, [1, d])."""
+    def generate_stream(
+        self, prompt: str, visual: np.ndarray | None, **options: Any
+    ) -> Iterator[str]:
+        """Text pieces from the LLM conditioned on ``visual`` (F~_M, [1, d]; None: plain LLaMA)."""
         if self.generator is None:
             raise RuntimeError("no LLM configured (set llm.llama_dir)")
         opts = {**self.generation_defaults, **{k: v for k, v in options.items() if v is not None}}
         with self._generate_lock:
-            yield from self.generator.stream(
+            for pieces in self.generator.stream(
                 [prompt],
                 visual,
                 max_new_tokens=opts["max_new_tokens"],
                 temperature=opts["temperature"],
                 top_p=opts["top_p"],
-            )
+            ):
+                # The generator yields one piece per prompt per decoding step ("" when none).
+                if pieces[0]:
+                    yield pieces[0]
