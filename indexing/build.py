@@ -1,0 +1,390 @@
+"""Build a version: select -> train -> add -> tune -> measure -> write (staged), then publish.
+
+Every path (a single build, a sharded Ray build, an incremental add) runs the same steps:
+
+* held-out queries: ``N_QUERIES`` table rows sampled with a fixed seed and kept out of the
+  training sample; their exact top-100 (leave-one-out, see :mod:`indexing.recall`) is computed
+  while the rows stream into the index, so the table is read once;
+* tuning toward recall@k >= target (:mod:`indexing.tune`), then recall@1/10/100 and latency at
+  batch 1 and 64 measured with the chosen parameters;
+* the files and the manifest are written into a staging directory that only
+  :func:`indexing.versions.publish` moves into ``versions/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import autofaiss
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from cachebind.config import IndexConfig, StoreConfig
+from cachebind.errors import IndexMismatchError
+from cachebind.store import CacheTable
+from cachebind.store.table import vectors_to_numpy
+from indexing.faiss_ops import new_index
+from indexing.gpu import gpu_memory_bytes, gpu_wanted, to_gpu
+from indexing.manifest import MANIFEST_FORMAT, ids_checksum, table_identity
+from indexing.params import apply_search_params, search_grid
+from indexing.recall import ExactTopK, drop_self
+from indexing.select import Selection, select_index
+from indexing.tune import leave_one_out_recall, measure_latency, tune
+from indexing.versions import (
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    current_version,
+    new_staging_dir,
+    publish,
+    read_manifest,
+    versions_dir,
+)
+
+log = logging.getLogger(__name__)
+
+N_QUERIES = 1000
+"""Held-out queries for tuning and recall: enough for +-1% on recall@10."""
+RECALL_KS = (1, 10, 100)
+READ_BATCH = 32_768
+SEED = 0
+
+StageHook = Callable[[str], None]
+"""Called with a stage name ("trained", "added", "tuned", "index_written") as a build passes it."""
+
+
+@dataclass
+class Work:
+    """What a build carries from step to step."""
+
+    table: CacheTable
+    config: IndexConfig
+    n: int
+    dim: int
+    query_positions: np.ndarray
+    queries: np.ndarray
+    exact: ExactTopK
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def dataset_of(table: CacheTable) -> Any:
+    return table.dataset
+
+
+def read_positions(dataset: Any, positions: np.ndarray) -> np.ndarray:
+    """Vectors (float32) of the rows at ``positions`` (sorted), in that order."""
+    out = []
+    for s in range(0, len(positions), READ_BATCH):
+        chunk = dataset.take(positions[s : s + READ_BATCH].tolist(), columns=["vector"])
+        out.append(vectors_to_numpy(chunk.column("vector")))
+    if not out:
+        return np.zeros((0, dataset.schema.field("vector").type.list_size), np.float32)
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def add_range(
+    index: faiss.Index | None,
+    dataset: Any,
+    start: int,
+    stop: int,
+    exact: ExactTopK | None,
+    *,
+    add_from: int = 0,
+    progress: bool = False,
+    desc: str = "adding",
+) -> np.ndarray:
+    """Stream rows [start, stop) in table order: add those at ``>= add_from`` to ``index``,
+    feed all to the exact ground truth; return the ids of the rows read."""
+    ids = []
+    bar = tqdm(total=stop - start, desc=desc, unit="row", disable=not progress, leave=False)
+    position = start
+    for batch in dataset.to_batches(
+        columns=["id", "vector"], offset=start, limit=stop - start, batch_size=READ_BATCH
+    ):
+        if batch.num_rows == 0:
+            continue
+        x = np.ascontiguousarray(vectors_to_numpy(batch.column("vector")))
+        if index is not None and position + len(x) > add_from:
+            index.add(x[max(0, add_from - position) :])
+        if exact is not None:
+            exact.add(x, position)
+        ids.append(batch.column("id").to_numpy())
+        position += len(x)
+        bar.update(len(x))
+    bar.close()
+    if position != stop:
+        raise RuntimeError(f"read {position - start} rows of [{start}, {stop}): table changed?")
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+def _prepare(table: CacheTable, config: IndexConfig, queries: np.ndarray | None) -> Work:
+    n, dim = table.count(), table.dim
+    if n == 0:
+        raise ValueError("the table is empty: nothing to index")
+    rng = np.random.default_rng(SEED)
+    if queries is not None:  # the caller's own held-out queries (e.g. text embeddings)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        positions = np.full(len(q), -1, np.int64)
+    else:
+        nq = min(N_QUERIES, n) if n > 1 else 0
+        positions = np.sort(rng.choice(n, nq, replace=False)).astype(np.int64)
+        q = read_positions(table.dataset, positions)
+    k_truth = min(max(RECALL_KS), n - 1) + 1  # +1: room for the query's own row
+    return Work(table, config, n, dim, positions, q, ExactTopK(q, k_truth))
+
+
+def _train(work: Work, selection: Selection, progress: bool) -> faiss.Index:
+    index = new_index(work.dim, selection.key)
+    if selection.train_size and not index.is_trained:
+        rng = np.random.default_rng(SEED + 1)
+        pool = np.setdiff1d(np.arange(work.n), work.query_positions, assume_unique=True)
+        size = min(selection.train_size, len(pool))
+        positions = np.sort(rng.choice(pool, size, replace=False))
+        t0 = time.perf_counter()
+        xt = read_positions(work.table.dataset, positions)
+        log.info("training %s on %d vectors", selection.key, len(xt))
+        with tqdm(total=1, desc=f"training {selection.key}", disable=not progress, leave=False):
+            index.verbose = False
+            index.train(xt)
+        work.timings["train_s"] = time.perf_counter() - t0
+    return index
+
+
+def _search_fn(index: faiss.Index) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    def search(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    return search
+
+
+def _finish(
+    work: Work,
+    index: faiss.Index,
+    ids: np.ndarray,
+    selection: dict[str, Any],
+    *,
+    progress: bool,
+    on_stage: StageHook | None,
+    extra: dict[str, Any],
+) -> Path:
+    """Tune, measure, and write the staged version; returns the staging directory."""
+    cfg = work.config
+    if index.ntotal != work.n or len(ids) != work.n:
+        raise RuntimeError(f"index holds {index.ntotal} rows, the table {work.n}")
+    self_pos = work.query_positions
+    truth = drop_self(work.exact.positions, self_pos, work.exact.k - 1)
+    search = _search_fn(index)
+    k = min(cfg.recall_k, work.n - 1)
+    t0 = time.perf_counter()
+    on_gpu = selection.get("device") == "gpu"
+    if len(work.queries) and k >= 1:
+        result = tune(
+            search,
+            lambda p: apply_search_params(index, p),
+            search_grid(index, gpu=on_gpu),
+            work.queries,
+            self_pos,
+            truth,
+            k=k,
+            target=cfg.recall_target,
+            latency_budget_ms=cfg.latency_budget_ms,
+            progress=progress,
+        )
+        params, target_met, latency_met = result.params, result.target_met, result.latency_met
+        trials = [t.__dict__ for t in result.trials]
+    else:
+        params, target_met, latency_met, trials = {}, None, None, []
+    work.timings["tune_s"] = time.perf_counter() - t0
+    if on_stage:
+        on_stage("tuned")
+
+    t0 = time.perf_counter()
+    recall = {}
+    for kk in RECALL_KS:
+        if len(work.queries) and kk <= work.n - 1:
+            recall[str(kk)], _ = leave_one_out_recall(search, work.queries, self_pos, truth, kk)
+    # Latency is measured with what serving will use: the GPU searcher when there is one.
+    gpu_searcher = to_gpu(index, selection["key"]) if on_gpu else None
+    timed = gpu_searcher.search if gpu_searcher is not None else search
+    probes = work.queries if len(work.queries) else _probe(work)
+    latency = measure_latency(timed, probes, cfg.recall_k, progress=progress)
+    work.timings["measure_s"] = time.perf_counter() - t0
+
+    staged = new_staging_dir(cfg.dir)
+    try:
+        faiss.write_index(index, str(staged / INDEX_FILE))
+        np.save(staged / IDS_FILE, ids.astype(np.int64))
+        if on_stage:
+            on_stage("index_written")
+        memory = (staged / INDEX_FILE).stat().st_size + (staged / IDS_FILE).stat().st_size
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": None,  # given by publish()
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "index_key": selection["key"],
+            "metric": "inner_product",
+            "dim": work.dim,
+            "ntotal": int(index.ntotal),
+            "search_params": params,
+            "selection": selection,
+            "target": {
+                "recall_k": cfg.recall_k,
+                "recall": cfg.recall_target,
+                "met": target_met,
+                "latency_budget_ms": cfg.latency_budget_ms,
+                "latency_met": latency_met,
+            },
+            "recall": recall,
+            "recall_queries": {
+                "count": len(work.queries),
+                "kind": "held-out table rows, leave-one-out"
+                if (self_pos >= 0).any()
+                else "caller-supplied queries",
+            },
+            "latency_ms": latency,
+            "memory_bytes": int(memory),
+            "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
+            | {"total_s": round(sum(work.timings.values()), 3)},
+            "table": table_identity(work.table, ids),
+            "software": {"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
+            "tuning_trials": trials,
+        } | extra
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def _probe(work: Work) -> np.ndarray:
+    """Latency probes for a table too small for held-out queries (one row)."""
+    return read_positions(work.table.dataset, np.arange(min(work.n, 64)))
+
+
+def build_index(
+    table: CacheTable,
+    config: IndexConfig,
+    progress: bool = True,
+    *,
+    queries: np.ndarray | None = None,
+    shards: int | None = None,
+    ray_address: str | None = None,
+    on_stage: StageHook | None = None,
+) -> Path:
+    """Build, tune and verify a new index of ``table``; returns its complete staging directory.
+
+    Nothing is published (see :func:`publish`). ``queries``: held-out queries to tune on instead
+    of sampled table rows. ``shards`` > 1 adds the rows in parallel Ray tasks
+    (:mod:`indexing.shards`) after training once on the driver. ``on_stage`` is called as the
+    build passes each stage (progress reporting; tests use it to crash a build mid-way).
+    """
+    t0 = time.perf_counter()
+    work = _prepare(table, config, queries)
+    work.timings["prepare_s"] = time.perf_counter() - t0
+    gpu = gpu_wanted(config.use_gpu)
+    gpu_bytes = gpu_memory_bytes() if gpu else None
+    selection = select_index(work.n, work.dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
+    log.info("index for %d x %d: %s (%s)", work.n, work.dim, selection.key, selection.reason)
+    index = _train(work, selection, progress)
+    if on_stage:
+        on_stage("trained")
+
+    t0 = time.perf_counter()
+    if shards and shards > 1:
+        from indexing.shards import add_sharded
+
+        index, ids = add_sharded(
+            index, table, work, shards, ray_address=ray_address, progress=progress
+        )
+    else:
+        ids = add_range(index, table.dataset, 0, work.n, work.exact, progress=progress)
+    work.timings["add_s"] = time.perf_counter() - t0
+    if on_stage:
+        on_stage("added")
+    return _finish(
+        work,
+        index,
+        ids,
+        selection.to_dict(),
+        progress=progress,
+        on_stage=on_stage,
+        extra={"parent_version": None, "shards": int(shards or 1)},
+    )
+
+
+def build_and_publish(
+    store_cfg: StoreConfig,
+    index_cfg: IndexConfig,
+    *,
+    progress: bool = True,
+    table_version: int | None = None,
+    shards: int | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """``cachebind index``: build a new version of the table's index and make it CURRENT.
+
+    Returns the published manifest.
+    """
+    table = CacheTable.open(store_cfg, version=table_version)
+    staged = build_index(table, index_cfg, progress, shards=shards, ray_address=ray_address)
+    version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
+    return read_manifest(index_cfg.dir, version)
+
+
+def add_rows(
+    index_dir: Path,
+    table: CacheTable,
+    config: IndexConfig,
+    progress: bool = True,
+    *,
+    on_stage: StageHook | None = None,
+) -> dict[str, Any]:
+    """Add the rows appended to ``table`` since the current version, without retraining.
+
+    The current version's rows must be a prefix of the table (same ids in the same order, by
+    checksum); otherwise the table was rewritten, not appended to, and IndexMismatchError says
+    to rebuild. The result is published as a new version whose manifest names its parent;
+    search parameters are re-tuned and recall re-measured on the grown index.
+    """
+    index_dir = Path(index_dir)
+    parent = current_version(index_dir)
+    if parent is None:
+        raise FileNotFoundError(f"no published index in {index_dir}: build one first")
+    old = read_manifest(index_dir, parent)
+    folder = versions_dir(index_dir) / parent
+    n_old = int(old["table"]["row_count"])
+    table_ids = table.ids()
+    if len(table_ids) < n_old or ids_checksum(table_ids[:n_old]) != old["table"]["ids_sha256"]:
+        raise IndexMismatchError(
+            f"the table (version {table.version}, {len(table_ids)} rows) does not extend the rows "
+            f"index {parent} was built from ({n_old} rows, table version "
+            f"{old['table']['version']}): rows were changed or removed, rebuild the index"
+        )
+    config = config.model_copy(update={"dir": index_dir})
+    work = _prepare(table, config, None)
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    t0 = time.perf_counter()
+    ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
+    work.timings["add_s"] = time.perf_counter() - t0
+    if on_stage:
+        on_stage("added")
+    staged = _finish(
+        work,
+        index,
+        ids,
+        old["selection"],
+        progress=progress,
+        on_stage=on_stage,
+        extra={"parent_version": parent, "added_rows": int(work.n - n_old), "shards": 1},
+    )
+    version = publish(index_dir, staged, config.keep_versions)
+    return read_manifest(index_dir, version)

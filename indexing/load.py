@@ -1,0 +1,144 @@
+"""Load a published version for serving, refusing one built from another table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from cachebind.errors import IndexMismatchError
+from cachebind.store import CacheTable
+from indexing.faiss_ops import has_exact_storage
+from indexing.gpu import gpu_k_ok, gpu_wanted, to_gpu
+from indexing.manifest import check_alignment, ids_checksum
+from indexing.params import apply_search_params
+from indexing.versions import (
+    IDS_FILE,
+    INDEX_FILE,
+    current_version,
+    read_manifest,
+    versions_dir,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LoadedIndex:
+    """A published version in memory: top-k search S_topk over the cache and exact F_value.
+
+    Thread-safe for concurrent searches (FAISS CPU search only reads the index).
+    """
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        ids: np.ndarray,
+        manifest: dict[str, Any],
+        table: CacheTable,
+        *,
+        use_gpu: str = "no",
+    ) -> None:
+        self.index = index
+        self.ids = ids
+        self.manifest = manifest
+        self.version: str = manifest["version"]
+        self.table = table
+        self.dim: int = int(manifest["dim"])
+        apply_search_params(index, manifest.get("search_params", {}))
+        self._exact = has_exact_storage(index)
+        self._sorter: np.ndarray | None = None
+        self._gpu = to_gpu(index, manifest["index_key"]) if gpu_wanted(use_gpu) else None
+        if self._gpu is not None:
+            apply_search_params(self._gpu, manifest.get("search_params", {}))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu is not None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product (cosine on unit vectors).
+
+        ``queries`` float32 [n, d] -> (scores float32 [n, k], table ids int64 [n, k]), best
+        first; when the cache has fewer than ``k`` rows the tail is padded with id -1 and score
+        -inf.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be float32 [n, {self.dim}], got {tuple(q.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        kk = min(k, self.ntotal)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out = np.full((len(q), k), -1, dtype=np.int64)
+        if kk == 0 or len(q) == 0:
+            return scores, out
+        searcher = self._gpu if self._gpu is not None and gpu_k_ok(kk) else self.index
+        top_scores, positions = searcher.search(q, kk)
+        found = positions >= 0
+        out[:, :kk] = np.where(found, self.ids[np.clip(positions, 0, None)], -1)
+        scores[:, :kk] = np.where(found, top_scores, -np.inf)
+        return scores, out
+
+    def positions(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Index positions of table ``ids``; KeyError names ids that are not in this version."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._sorter is None:
+            self._sorter = np.argsort(self.ids, kind="stable")
+        at = np.searchsorted(self.ids, ids, sorter=self._sorter)
+        at = np.clip(at, 0, max(len(self.ids) - 1, 0))
+        pos = self._sorter[at] if len(self.ids) else at
+        bad = (self.ids[pos] != ids) if len(self.ids) else np.ones(len(ids), bool)
+        if bad.any():
+            raise KeyError(f"ids not in index {self.version}: {ids[bad][:10].tolist()}")
+        return pos
+
+    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """The exact cached vectors F_value of ``ids`` (float32 [len(ids), d]).
+
+        From the index's own float32 store when it has one (Flat, or RFlat's re-rank store),
+        else from the table; never decoded from lossy PQ codes.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self._exact is None:
+            return self.table.vectors(ids.tolist())
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self._exact.reconstruct_batch(self.positions(ids))
+
+
+def load_version(
+    index_dir: Path,
+    version: str,
+    table: CacheTable,
+    *,
+    use_gpu: str = "auto",
+) -> LoadedIndex:
+    """Load ``version``, after checking it was built from ``table`` (IndexMismatchError if not).
+
+    The check runs before the (possibly large) index file is read.
+    """
+    folder = versions_dir(index_dir) / version
+    manifest = read_manifest(index_dir, version)
+    check_alignment(manifest, table, table.ids())
+    ids = np.load(folder / IDS_FILE)
+    if ids_checksum(ids) != manifest["table"]["ids_sha256"]:
+        raise IndexMismatchError(f"{folder / IDS_FILE} does not match its manifest (corrupt?)")
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    if index.ntotal != len(ids):
+        raise IndexMismatchError(f"{folder}: index holds {index.ntotal} rows, ids.npy {len(ids)}")
+    return LoadedIndex(index, ids, manifest, table, use_gpu=use_gpu)
+
+
+def load_current(index_dir: Path, table: CacheTable, *, use_gpu: str = "auto") -> LoadedIndex:
+    """Load the CURRENT version for ``table`` (see :func:`load_version`)."""
+    version = current_version(index_dir)
+    if version is None:
+        raise FileNotFoundError(f"no published index in {index_dir}: run `cachebind index`")
+    return load_version(index_dir, version, table, use_gpu=use_gpu)

@@ -1,0 +1,167 @@
+"""Tune search parameters toward a recall target, and measure latency.
+
+autofaiss tunes to *use up* a latency budget (DESIGN.md §4); here the goal is the cheapest
+setting whose measured recall@k on held-out queries reaches the target. A latency budget, when
+given, is a constraint on that choice, never something to fill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from indexing.recall import drop_self, recall_at_k
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""(queries [n, d], k) -> (scores [n, k], positions [n, k])."""
+
+
+@dataclass
+class Trial:
+    params: dict[str, int]
+    recall: float
+    ms_per_query: float
+    """Wall time of searching all tuning queries in one batch, per query."""
+
+
+@dataclass
+class TuneResult:
+    params: dict[str, int]
+    recall: float
+    target_met: bool
+    latency_met: bool | None = None
+    trials: list[Trial] = field(default_factory=list)
+
+
+def leave_one_out_recall(
+    search: SearchFn,
+    queries: np.ndarray,
+    self_positions: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+) -> tuple[float, float]:
+    """(recall@k, ms per query) of ``search`` against exact ``truth`` (self already dropped)."""
+    t0 = time.perf_counter()
+    _, found = search(queries, k + 1)
+    ms = (time.perf_counter() - t0) * 1e3 / max(len(queries), 1)
+    return recall_at_k(drop_self(found, self_positions, k), truth, k), ms
+
+
+def tune(
+    search: SearchFn,
+    set_params: Callable[[dict[str, int]], None],
+    grid: tuple[str | None, list[int], list[int]],
+    queries: np.ndarray,
+    self_positions: np.ndarray,
+    truth: np.ndarray,
+    *,
+    k: int,
+    target: float,
+    latency_budget_ms: float | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """The fastest parameters reaching recall@``k`` >= ``target`` on the held-out queries.
+
+    For each re-rank size ``k_factor`` (ascending) a binary search finds the smallest ``nprobe``
+    (or ``efSearch``) meeting the target; recall grows with both knobs, so a larger ``k_factor``
+    never needs a larger ``nprobe`` and the search range shrinks as it goes. Among the settings
+    that meet the target the fastest measured one wins. If none does, the highest recall wins
+    and ``target_met`` is False (recorded in the manifest).
+    """
+    knob, values, kfs = grid
+    trials: list[Trial] = []
+    bar = tqdm(desc="tuning", unit="trial", disable=not progress, leave=False)
+
+    def run(params: dict[str, int]) -> Trial:
+        set_params(params)
+        r, ms = leave_one_out_recall(search, queries, self_positions, truth, k)
+        trial = Trial(dict(params), r, ms)
+        trials.append(trial)
+        bar.update(1)
+        bar.set_postfix(recall=f"{r:.3f}", **{key: v for key, v in params.items()})
+        return trial
+
+    if knob is None:
+        run({})
+    else:
+        upper = len(values) - 1
+        for kf in kfs or [None]:
+            lo, hi, found = 0, upper, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                params = {knob: values[mid]} | ({"k_factor": kf} if kf is not None else {})
+                if run(params).recall >= target:
+                    found, hi = mid, mid - 1
+                else:
+                    lo = mid + 1
+            if found is not None:
+                upper = found
+    bar.close()
+
+    ok = [t for t in trials if t.recall >= target]
+    latency_met = None
+    if ok:
+        best = min(ok, key=lambda t: t.ms_per_query)
+    else:
+        best = max(trials, key=lambda t: (t.recall, -t.ms_per_query))
+    if latency_budget_ms is not None:
+        # The budget is per single query: check the choice at batch 1, and if it is too slow,
+        # take the best recall among settings that fit.
+        by_preference = sorted(ok, key=lambda t: t.ms_per_query) + sorted(
+            [t for t in trials if t.recall < target], key=lambda t: -t.recall
+        )
+        latency_met = False
+        for t in by_preference:
+            set_params(t.params)
+            if batch1_p50_ms(search, queries, k) <= latency_budget_ms:
+                best, latency_met = t, True
+                break
+    set_params(best.params)
+    return TuneResult(best.params, best.recall, best.recall >= target, latency_met, trials)
+
+
+def batch1_p50_ms(search: SearchFn, queries: np.ndarray, k: int, n: int = 50) -> float:
+    times = []
+    for q in queries[:n]:
+        t0 = time.perf_counter()
+        search(q[None, :], k)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def measure_latency(
+    search: SearchFn,
+    queries: np.ndarray,
+    k: int,
+    *,
+    max_seconds: float = 5.0,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """p50/p99 latency at batch 1 and batch 64 (and QPS at batch 64), in milliseconds."""
+    out: dict[str, dict[str, float]] = {}
+    for batch in (1, 64):
+        starts = list(range(0, max(len(queries) - batch + 1, 1), batch))
+        reps = starts * max(1, 20 // max(len(starts), 1))  # at least ~20 batches of 64
+        times: list[float] = []
+        deadline = time.perf_counter() + max_seconds
+        search(queries[:batch], k)  # warm-up (page faults, thread pool)
+        for s in tqdm(reps, desc=f"latency b{batch}", disable=not progress, leave=False):
+            q = queries[s : s + batch]
+            t0 = time.perf_counter()
+            search(q, k)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline and len(times) >= 5:
+                break
+        a = np.asarray(times)
+        rows = len(queries[:batch])
+        out[f"batch_{batch}"] = {
+            "p50": float(np.percentile(a, 50)),
+            "p99": float(np.percentile(a, 99)),
+            "qps": float(rows * len(a) / (a.sum() / 1e3)),
+            "batches": len(a),
+        }
+    return out

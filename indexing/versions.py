@@ -1,0 +1,135 @@
+"""The version directory: ``<index_dir>/versions/<version>/{index.faiss, ids.npy, manifest.json}``.
+
+Publishing is crash-safe in two steps, each atomic on a POSIX file system:
+
+1. a build writes everything into ``<index_dir>/staging/<random>/`` and only a complete staging
+   directory is renamed into ``versions/`` (``os.rename`` of a directory);
+2. ``CURRENT`` is switched by writing ``CURRENT.tmp`` and ``os.replace``-ing it over ``CURRENT``.
+
+So a reader (the serving runtime polling :func:`current_version`) sees either the old or the new
+version, never a half-written one, and a build that dies at any point leaves ``CURRENT`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+MANIFEST_FILE = "manifest.json"
+CURRENT_FILE = "CURRENT"
+VERSION_RE = re.compile(r"^v(\d{6})$")
+STALE_STAGING_S = 24 * 3600
+"""Staging directories older than this are left-overs of killed builds and are removed."""
+
+
+def versions_dir(index_dir: Path) -> Path:
+    return Path(index_dir) / "versions"
+
+
+def new_staging_dir(index_dir: Path) -> Path:
+    """A fresh, private directory to build into (same file system as ``versions/``)."""
+    path = Path(index_dir) / "staging" / uuid.uuid4().hex
+    path.mkdir(parents=True)
+    return path
+
+
+def current_version(index_dir: Path) -> str | None:
+    """The published version name, or None. Cheap: one small file read (polled by serving)."""
+    try:
+        name = (Path(index_dir) / CURRENT_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def list_versions(index_dir: Path) -> list[str]:
+    """Complete versions, oldest first."""
+    root = versions_dir(index_dir)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+    return sorted(names, key=lambda s: int(VERSION_RE.match(s).group(1)))  # type: ignore[union-attr]
+
+
+def read_manifest(index_dir: Path, version: str) -> dict[str, Any]:
+    return json.loads((versions_dir(index_dir) / version / MANIFEST_FILE).read_text())
+
+
+def _switch_current(index_dir: Path, version: str) -> None:
+    tmp = Path(index_dir) / f"{CURRENT_FILE}.tmp.{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(index_dir) / CURRENT_FILE)
+
+
+def publish(index_dir: Path, staged: Path, keep_versions: int = 3) -> str:
+    """Move a complete staged build into ``versions/``, make it CURRENT, prune old versions.
+
+    The version name (``v000001``, ``v000002`` …) is given here, so concurrent builds never clash:
+    the rename fails if another build took the number first, and the next one is tried.
+    """
+    index_dir = Path(index_dir)
+    staged = Path(staged)
+    for name in (INDEX_FILE, IDS_FILE, MANIFEST_FILE):
+        if not (staged / name).is_file():
+            raise FileNotFoundError(f"incomplete build in {staged}: {name} is missing")
+    root = versions_dir(index_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = staged / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    existing = list_versions(index_dir)
+    number = int(VERSION_RE.match(existing[-1]).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+    while True:
+        version = f"v{number:06d}"
+        manifest["version"] = version
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(staged, root / version)
+            break
+        except OSError:
+            if not (root / version).exists():
+                raise
+            number += 1
+    _switch_current(index_dir, version)
+    prune(index_dir, keep_versions)
+    return version
+
+
+def set_current(index_dir: Path, version: str) -> None:
+    """Point CURRENT at an existing version (a rollback)."""
+    if version not in list_versions(index_dir):
+        raise FileNotFoundError(f"no version {version!r} in {versions_dir(index_dir)}")
+    _switch_current(index_dir, version)
+
+
+def prune(index_dir: Path, keep_versions: int) -> list[str]:
+    """Remove all but the newest ``keep_versions`` versions (never the current one).
+
+    Also removes staging directories left by builds killed more than a day ago.
+    Returns the removed version names.
+    """
+    keep_versions = max(1, keep_versions)
+    current = current_version(index_dir)
+    versions = list_versions(index_dir)
+    keep = set(versions[-keep_versions:]) | ({current} if current else set())
+    removed = []
+    for name in versions:
+        if name not in keep:
+            shutil.rmtree(versions_dir(index_dir) / name, ignore_errors=True)
+            removed.append(name)
+    staging = Path(index_dir) / "staging"
+    if staging.is_dir():
+        for p in staging.iterdir():
+            if time.time() - p.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(p, ignore_errors=True)
+    return removed
