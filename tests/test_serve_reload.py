@@ -1,0 +1,130 @@
+"""Live index reloads under load, request timeouts and internal failures, on a real server."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from cachebind.serve import start_server
+from cachebind.serve.fixtures import (
+    TableFlatLoader,
+    append_rows,
+    build_demo_cache,
+    service_settings,
+    tiny_runtime,
+)
+
+
+def test_new_index_versions_are_picked_up_under_load_without_a_failed_request(tmp_path):
+    cache = build_demo_cache(tmp_path, rows=200, dim=64)
+    svc = service_settings(tmp_path, cache, index_poll_s=0.2, batch_window_ms=3)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store))
+    probe = runtime.snapshot.table.vectors(runtime.snapshot.table.ids()[:4].tolist())
+    server = start_server(svc.settings, runtime, port=0)
+    headers = {"Authorization": f"Bearer {svc.user_key}"}
+    results: list[tuple[int, str | None]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 3.0
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+            n = 0
+            while time.monotonic() < stop_at and n < 400:
+                n += 1
+                if n % 2:
+                    query = {"modality": "text", "text": f"query {worker} {n}"}
+                else:
+                    query = {"embedding": probe[n % 4].tolist()}
+                try:
+                    r = http.post("/v1/search", json={"inputs": [query], "k": 5})
+                    with lock:
+                        if r.status_code != 200:
+                            errors.append(f"{r.status_code} {r.text[:200]}")
+                        else:
+                            results.append((r.status_code, r.json()["index_version"]))
+                except httpx.HTTPError as exc:
+                    with lock:
+                        errors.append(repr(exc))
+
+    try:
+        threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.8)
+        append_rows(cache, 50, seed=1)  # table v2 -> a new index version is published
+        time.sleep(1.0)
+        append_rows(cache, 50, seed=2)  # v3
+        for t in threads:
+            t.join()
+        deadline = time.monotonic() + 5
+        while runtime.snapshot.version != "flat-v3" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with httpx.Client(base_url=server.url, headers=headers) as http:
+            info = http.get("/v1/index").json()
+            metrics = http.get("/metrics").text
+    finally:
+        server.stop()
+
+    assert errors == []
+    versions = Counter(v for _, v in results)
+    assert len(results) >= 50
+    # Requests were answered by the first and by a later version, none failed in between.
+    assert versions["flat-v1"] > 0 and set(versions) - {"flat-v1"}
+    assert info["version"] == "flat-v3" and info["rows"] == 300
+    assert 'cachebind_index_reloads_total{outcome="ok"} 2.0' in metrics
+    # Concurrent requests shared encoder calls: more items than batches.
+    count = float(re.search(r'batch_size_count\{batcher="encoder:text"\} (\S+)', metrics)[1])
+    total = float(re.search(r'batch_size_sum\{batcher="encoder:text"\} (\S+)', metrics)[1])
+    assert total > count
+
+
+def test_slow_requests_get_504(tmp_path):
+    cache = build_demo_cache(tmp_path, rows=50, dim=64)
+    svc = service_settings(tmp_path, cache, request_timeout_s=1e-4, index_poll_s=0)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store))
+    with start_server(svc.settings, runtime, port=0) as server:
+        r = httpx.post(
+            f"{server.url}/v1/search",
+            json={"inputs": [{"modality": "text", "text": "a dog"}]},
+            headers={"X-API-Key": svc.user_key},
+        )
+    assert r.status_code == 504
+    assert r.json()["error"] == "timeout"
+
+
+def test_an_internal_failure_is_a_500_json_without_traceback_and_the_server_lives_on(
+    tmp_path, caplog
+):
+    cache = build_demo_cache(tmp_path, rows=50, dim=64)
+    svc = service_settings(tmp_path, cache, index_poll_s=0)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store))
+    query = {"inputs": [{"embedding": np.ones(64).tolist()}], "k": 3}
+    headers = {"X-API-Key": svc.user_key}
+    with start_server(svc.settings, runtime, port=0) as server:
+        assert httpx.post(f"{server.url}/v1/search", json=query, headers=headers).is_success
+        # The table's files vanish under the running server (a disk failure, an operator's rm).
+        shutil.rmtree(Path(cache.store.uri) / "images.lance")
+        r = httpx.post(f"{server.url}/v1/search", json=query, headers=headers)
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal_error", "detail": "the server failed; see its log"}
+        assert "Traceback" not in r.text
+        assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert any("unhandled error on POST /v1/search" in m for m in caplog.messages)
+
+
+def test_auth_on_without_keys_refuses_to_start(tmp_path):
+    cache = build_demo_cache(tmp_path, rows=10, dim=64)
+    svc = service_settings(tmp_path, cache)
+    svc.settings.serve.api_keys_file = None
+    svc.settings.serve.admin_keys_file = None
+    with pytest.raises(ValueError, match="no keys are configured"):
+        start_server(svc.settings, tiny_runtime(svc.settings, TableFlatLoader(cache.store)))
