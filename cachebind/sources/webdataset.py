@@ -45,30 +45,71 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
     A tar cut short (an interrupted download) keeps the samples before the cut and reports the
     rest as one ``truncated`` error for the shard, rather than failing the whole job.
     """
+    try:
+        with fsspec.open(partition.uri, "rb") as raw:
+            tail = _TailReader(raw)
+            with tarfile.open(fileobj=tail, mode="r|*") as tar:
+                yield from _members(tar, partition, tail)
+    except _Truncated as cut:
+        yield samples_error(
+            f"{partition.id}#{cut.key or 'start'}",
+            "truncated",
+            f"tar shard {partition.uri} ends after {cut.key!r} without its end marker",
+        )
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        yield samples_error(
+            f"{partition.id}#unreadable",
+            "truncated",
+            f"tar shard {partition.uri} is unreadable: {exc}",
+        )
+
+
+class _Truncated(Exception):
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+
+
+class _TailReader:
+    """A file wrapper that remembers the last bytes read: a complete tar ends with zero blocks
+    (at least 1024 zero bytes), one cut at a member boundary does not, and tarfile's own
+    iteration stops silently in both cases."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data:
+            self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def ended_cleanly(self) -> bool:
+        self.read(1024)  # tarfile may stop right after the first zero block
+        return len(self.tail) == 1024 and not self.tail.strip(b"\0")
+
+
+def _members(tar: tarfile.TarFile, partition: Partition, tail: _TailReader) -> Iterator[Sample]:
     current_key: str | None = None
     members: dict[str, bytes] = {}
     try:
-        with fsspec.open(partition.uri, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_ext(member.name)
-                if key.startswith("__") or not ext:  # webdataset's __index__ and the like
-                    continue
-                if key != current_key and current_key is not None:
-                    yield _sample(current_key, members, partition)
-                    members = {}
-                current_key = key
-                handle = tar.extractfile(member)
-                members[ext] = handle.read() if handle is not None else b""
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_ext(member.name)
+            if key.startswith("__") or not ext:  # webdataset's __index__ and the like
+                continue
+            if key != current_key and current_key is not None:
+                yield _sample(current_key, members, partition)
+                members = {}
+            current_key = key
+            handle = tar.extractfile(member)
+            members[ext] = handle.read() if handle is not None else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
-        # The pending sample may be incomplete: report it together with the cut.
-        yield samples_error(
-            f"{partition.id}#{current_key or 'start'}",
-            "truncated",
-            f"tar shard {partition.uri} is unreadable after {current_key!r}: {exc}",
-        )
-        return
+        # A cut inside a member: the pending sample is incomplete, report it with the cut.
+        raise _Truncated(current_key) from exc
+    if not tail.ended_cleanly():
+        raise _Truncated(current_key)  # the pending sample may have lost members
     if current_key is not None:
         yield _sample(current_key, members, partition)
 
