@@ -229,8 +229,12 @@ def video_bytes(
     duration_s: float = 3.0,
     fps: int = 10,
     size: tuple[int, int] = (64, 48),
+    bframes: int = 0,
 ) -> bytes:
-    """A ``duration_s`` video of ``video_frame(i)`` frames at ``fps``, size (width, height)."""
+    """A ``duration_s`` video of ``video_frame(i)`` frames at ``fps``, size (width, height).
+
+    ``bframes`` > 0 lets H.264 reorder frames (decode order differs from display order).
+    """
     container, codec, pix_fmt = VIDEO_FORMATS[fmt]
     width, height = size
     buf = io.BytesIO()
@@ -239,7 +243,7 @@ def video_bytes(
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "ultrafast", "bf": "0"}
+            stream.options = {"crf": "10", "preset": "ultrafast", "bf": str(bframes)}
         elif codec.startswith("libvpx"):
             stream.options = {"crf": "4", "b": "0", "deadline": "realtime", "cpu-used": "8"}
         else:

@@ -33,9 +33,12 @@ def test_frame_indices_of_a_12s_video_and_of_short_videos():
     assert clip_frame_indices(1, 10.0) == [[0, 0]] * 5  # one frame, repeated
 
 
-@pytest.mark.parametrize("fmt", ["mp4", "mp4v", "webm", "webm-vp9"])
-def test_decoded_frames_are_the_sampled_ones(fmt):
-    clips = load_video(fm.video_bytes(fmt, duration_s=3.0, fps=10, size=(64, 48)), fmt)
+@pytest.mark.parametrize(
+    ("fmt", "bframes"), [("mp4", 0), ("mp4", 3), ("mp4v", 0), ("webm", 0), ("webm-vp9", 0)]
+)
+def test_decoded_frames_are_the_sampled_ones(fmt, bframes):
+    raw = fm.video_bytes(fmt, duration_s=3.0, fps=10, size=(64, 48), bframes=bframes)
+    clips = load_video(raw, fmt)
     assert clips.num_frames == 30 and clips.fps == pytest.approx(10.0)
     assert clips.frames.shape == (5, 2, 48, 64, 3) and clips.frames.dtype == np.uint8
     for clip_frames, idx in zip(clips.frames, clips.indices, strict=True):
