@@ -99,11 +99,8 @@ class Encoder:
             with torch.device("meta"):
                 model = build_model(cfg.preset)
             load_checkpoint(model, path)
-            identity.update(
-                checkpoint=str(path.resolve()),
-                sha256=file_sha256(path),
-                weights=f"sha256:{file_sha256(path)}",
-            )
+            sha = file_sha256(path)
+            identity.update(checkpoint=str(path.resolve()), sha256=sha, weights=f"sha256:{sha}")
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
