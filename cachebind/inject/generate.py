@@ -108,11 +108,19 @@ class Generator:
         *,
         template: bool = True,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> list[str]:
         """Generated text for each prompt (EOS and everything after it cut off)."""
         texts = [""] * len(prompts)
         for pieces in self.stream(
-            prompts, visual, max_new_tokens, temperature, top_p, template=template, seed=seed
+            prompts,
+            visual,
+            max_new_tokens,
+            temperature,
+            top_p,
+            template=template,
+            seed=seed,
+            ignore_eos=ignore_eos,
         ):
             for i, piece in enumerate(pieces):
                 texts[i] += piece
@@ -129,11 +137,13 @@ class Generator:
         *,
         template: bool = True,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[list[str]]:
         """Yield, after each decoding step, the new text of every prompt (``""`` when none).
 
         ``template``: wrap each prompt in the Alpaca template (``format_prompt``); pass False for
-        prompts that are already formatted. Concatenating the pieces gives ``generate``'s output.
+        prompts that are already formatted. ``ignore_eos`` decodes exactly ``max_new_tokens``
+        (for benchmarks). Concatenating the pieces gives ``generate``'s output.
         """
         if isinstance(prompts, str) or not prompts:
             raise InputError("prompts", "wrong_type", "a non-empty list of strings is required")
@@ -184,6 +194,8 @@ class Generator:
         done = torch.zeros(n, dtype=torch.bool, device=device)
         for step in range(budget):
             logits = out.logits[:, -1, :].float()
+            if ignore_eos:
+                logits[:, self.tokenizer.eos_id] = -float("inf")
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 next_token = sample_top_p(probs, top_p, generator)
