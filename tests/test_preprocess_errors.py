@@ -144,3 +144,39 @@ def test_truncated_pillow_files_are_never_patched_up():
 def test_pil_image_input_is_accepted_as_is():
     img = Image.open(io.BytesIO(fm.image_bytes("PNG", "RGBA")))
     assert preprocess("image", img).shape == (3, 224, 224)
+
+
+def test_overlong_audio_is_too_large():
+    from cachebind.preprocess.audio import decode_audio
+
+    with pytest.raises(InputError) as err:
+        decode_audio(fm.audio_bytes("wav", 16000, 1, 3.0), SOURCE, max_duration_s=1.0)
+    assert err.value.reason == "too_large" and SOURCE in str(err.value)
+
+
+FUZZ_INPUTS = {
+    "image": [fm.image_bytes(f, "RGB", size=(96, 64)) for f in ("JPEG", "PNG", "WEBP", "GIF")],
+    "audio": [fm.audio_bytes(f, 22050, 1 if f != "ogg" else 2, 1.0) for f in fm.AUDIO_FORMATS],
+    "video": [fm.video_bytes(f, 1.0, 8, (48, 32)) for f in fm.VIDEO_FORMATS],
+    "depth": [fm.depth_png16_bytes((96, 64))],
+    "imu": [fm.npy_bytes(fm.imu_array(50)), fm.imu_csv_bytes(fm.imu_array(50))],
+}
+
+
+@pytest.mark.parametrize("modality", list(FUZZ_INPUTS))
+def test_cut_or_corrupted_files_give_a_tensor_or_an_input_error_never_a_crash(modality):
+    rng = np.random.default_rng(0)
+    for raw in FUZZ_INPUTS[modality]:
+        variants = [fm.truncated(raw, k) for k in (0.05, 0.3, 0.6, 0.9, 0.99)]
+        for _ in range(3):
+            flipped = np.frombuffer(raw, np.uint8).copy()
+            flipped[rng.integers(0, len(raw), size=8)] = rng.integers(0, 256, 8, dtype=np.uint8)
+            variants.append(flipped.tobytes())
+        for data in variants:
+            try:
+                x = preprocess(modality, data, source=SOURCE)
+            except InputError as e:
+                assert SOURCE in str(e) and e.reason
+            else:
+                assert tuple(x.shape) == INPUT_SHAPES[Modality(modality)]
+                assert torch.isfinite(x).all()

@@ -43,6 +43,9 @@ MAX_DURATION_S = 3600.0
 """Longer inputs are refused as ``too_large`` (decoding is cheap, holding hours in RAM is not)."""
 
 
+_AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
+
+
 @dataclass(frozen=True)
 class Waveform:
     """Decoded audio: ``samples`` [channels, time] float32 in [-1, 1] at ``sample_rate`` Hz."""
@@ -66,7 +69,7 @@ def decode_audio(
     raw = read_bytes(data, source, max_bytes)
     try:
         container = av.open(as_stream(raw), mode="r")
-    except av.error.FFmpegError as e:
+    except _AV_ERRORS as e:
         raise InputError(source, "undecodable", f"not a media file FFmpeg can open: {e}") from e
     with container:
         if not container.streams.audio:
@@ -88,7 +91,9 @@ def decode_audio(
                     raise InputError(source, "too_large", f"longer than {max_duration_s} s")
             for out in to_float.resample(None):
                 chunks.append(out.to_ndarray())
-        except av.error.FFmpegError as e:
+        except InputError:
+            raise  # our own refusals (InputError is a ValueError) pass through
+        except _AV_ERRORS as e:
             raise InputError(source, "undecodable", f"audio decoding failed: {e}") from e
     if not chunks or not rate:
         raise InputError(source, "empty", "no audio samples decoded")

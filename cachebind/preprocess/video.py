@@ -44,6 +44,7 @@ NUM_CROPS = 3
 MAX_FRAMES = 216_000
 """Refuse videos with more frames than this (2 h at 30 fps) as ``too_large``."""
 MAX_PIXELS_PER_FRAME = 4096 * 4096
+_AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def clip_frame_indices(
 def _open(raw: bytes, source: str):
     try:
         container = av.open(as_stream(raw), mode="r")
-    except av.error.FFmpegError as e:
+    except _AV_ERRORS as e:
         raise InputError(source, "undecodable", f"not a media file FFmpeg can open: {e}") from e
     if not container.streams.video:
         container.close()
@@ -89,7 +90,12 @@ def _count_packets(raw: bytes, source: str) -> int:
     """Frames in the first video stream, counted from its packets (no decoding)."""
     with _open(raw, source) as container:
         stream = container.streams.video[0]
-        return sum(1 for p in container.demux(stream) if p.size > 0)
+        try:
+            return sum(1 for p in container.demux(stream) if p.size > 0)
+        except InputError:
+            raise  # our own refusals (InputError is a ValueError) pass through
+        except _AV_ERRORS as e:
+            raise InputError(source, "undecodable", f"video demuxing failed: {e}") from e
 
 
 def _decode(raw: bytes, source: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int, float]:
@@ -112,7 +118,9 @@ def _decode(raw: bytes, source: str, wanted: set[int]) -> tuple[dict[int, np.nda
                 count += 1
                 if count > MAX_FRAMES:
                     raise InputError(source, "too_large", f"more than {MAX_FRAMES} frames")
-        except av.error.FFmpegError as e:
+        except InputError:
+            raise  # our own refusals (InputError is a ValueError) pass through
+        except _AV_ERRORS as e:
             raise InputError(source, "undecodable", f"video decoding failed: {e}") from e
     return kept, count, fps
 
