@@ -167,3 +167,26 @@ def test_load_generator_needs_both_paths_and_checks_variant(tiny):
     )
     gen = load_generator(LLMConfig(llama_dir=workdir, adapter_checkpoint=rms, device="cpu"))
     assert gen.model.bind.variant == "rmsnorm" and gen.model.dtype == torch.float32
+
+
+def test_bfloat16_on_cpu_and_device_dtype_resolution(tiny):
+    from cachebind.inject.generate import resolve_device_dtype
+    from cachebind.inject.load import load_adapter_llama
+
+    _, workdir = tiny
+    assert resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype("cpu", "bfloat16")[1] == torch.bfloat16
+    model, tok, _ = load_adapter_llama(
+        workdir, workdir / "imagebind_llm_tiny.pth", dtype=torch.bfloat16
+    )
+    assert model.dtype == torch.bfloat16 and model.llm.lm_head.weight.dtype == torch.bfloat16
+    (text,) = Generator(model, tok).generate(["Describe."], unit(1, 1024, 5), 5, temperature=0)
+    assert isinstance(text, str)
+
+
+def test_unreadable_checkpoint_is_a_weights_error(tiny, tmp_path):
+    _, workdir = tiny
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+        load_generator(LLMConfig(llama_dir=workdir, adapter_checkpoint=bad, device="cpu"))

@@ -60,11 +60,14 @@ class LlamaSource:
 
 
 def _torch_load(path: Path) -> dict:
+    """Tensors only (``weights_only``: a checkpoint cannot run code), memory-mapped when the
+    file's format allows it so that 7B shards are not read twice."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # old zip/pickle layouts that cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report which file is unreadable
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the unreadable file
         raise WeightsError(f"cannot read checkpoint {path}: {e}") from e
 
 
