@@ -159,3 +159,27 @@ def test_bf16_on_cpu_stays_close_to_fp32(tiny_checkpoint: Path, tmp_path: Path) 
     assert out.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(full.encode(Modality.IMAGE, x), out)
     assert cos.min() > 0.99
+
+
+def test_a_file_of_the_official_huge_layout_loads_from_the_weights_dir(tmp_path: Path) -> None:
+    """Every one of the 1311 names and shapes of imagebind_huge.pth, stored as stride-0 views of
+    one number each (a few hundred KB instead of 4.8 GB), loads strictly through from_config."""
+    with torch.device("meta"):
+        layout = {k: v.shape for k, v in build_model("huge").state_dict().items()}
+    state = {k: torch.full((1,) * len(s), 0.5).expand(s) for k, s in layout.items()}
+    path = tmp_path / "imagebind_huge.pth"
+    torch.save(state, path)
+    assert path.stat().st_size < 2_000_000
+
+    encoder = Encoder.from_config(
+        EncoderConfig(preset="huge", device="cpu"), WeightsConfig(dir=tmp_path)
+    )
+    assert encoder.pretrained and encoder.out_dim == 1024
+    assert encoder.identity["preset"] == "huge"
+    assert encoder.identity["checkpoint"] == str(path.resolve())
+    loaded = encoder.model.state_dict()
+    assert len(loaded) == 1311
+    assert {k: v.shape for k, v in loaded.items()} == layout
+    # The model holds the file's tensors (one number each), not random or meta ones.
+    assert all(not t.is_meta and t[(0,) * t.ndim].item() == 0.5 for t in loaded.values())
+    assert all(t.untyped_storage().nbytes() == 4 for t in loaded.values())
