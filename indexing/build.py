@@ -37,7 +37,7 @@ from indexing.gpu import gpu_memory_bytes, gpu_wanted, to_gpu
 from indexing.manifest import MANIFEST_FORMAT, ids_checksum, table_identity
 from indexing.params import apply_search_params, search_grid
 from indexing.recall import ExactTopK, drop_self
-from indexing.select import Selection, select_index
+from indexing.select import Selection, select_index, train_size_for
 from indexing.tune import leave_one_out_recall, measure_latency, tune
 from indexing.versions import (
     IDS_FILE,
@@ -278,13 +278,15 @@ def build_index(
     queries: np.ndarray | None = None,
     shards: int | None = None,
     ray_address: str | None = None,
+    index_key: str | None = None,
     on_stage: StageHook | None = None,
 ) -> Path:
     """Build, tune and verify a new index of ``table``; returns its complete staging directory.
 
     Nothing is published (see :func:`publish`). ``queries``: held-out queries to tune on instead
     of sampled table rows. ``shards`` > 1 adds the rows in parallel Ray tasks
-    (:mod:`indexing.shards`) after training once on the driver. ``on_stage`` is called as the
+    (:mod:`indexing.shards`) after training once on the driver. ``index_key`` forces a FAISS
+    factory key instead of the selection (it is still tuned). ``on_stage`` is called as the
     build passes each stage (progress reporting; tests use it to crash a build mid-way).
     """
     t0 = time.perf_counter()
@@ -293,6 +295,14 @@ def build_index(
     gpu = gpu_wanted(config.use_gpu)
     gpu_bytes = gpu_memory_bytes() if gpu else None
     selection = select_index(work.n, work.dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
+    if index_key is not None:
+        budget = config.memory_budget_gb * 2**30
+        selection = Selection(
+            index_key,
+            "forced by the caller",
+            train_size_for(index_key, work.n, work.dim, budget),
+            selection.autofaiss_keys,
+        )
     log.info("index for %d x %d: %s (%s)", work.n, work.dim, selection.key, selection.reason)
     index = _train(work, selection, progress)
     if on_stage:
@@ -329,13 +339,16 @@ def build_and_publish(
     table_version: int | None = None,
     shards: int | None = None,
     ray_address: str | None = None,
+    index_key: str | None = None,
 ) -> dict[str, Any]:
     """``cachebind index``: build a new version of the table's index and make it CURRENT.
 
     Returns the published manifest.
     """
     table = CacheTable.open(store_cfg, version=table_version)
-    staged = build_index(table, index_cfg, progress, shards=shards, ray_address=ray_address)
+    staged = build_index(
+        table, index_cfg, progress, shards=shards, ray_address=ray_address, index_key=index_key
+    )
     version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
     return read_manifest(index_cfg.dir, version)
 

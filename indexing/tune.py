@@ -88,7 +88,7 @@ def tune(
     if knob is None:
         run({})
     else:
-        upper = len(values) - 1
+        upper, stalled = len(values) - 1, 0
         for kf in kfs or [None]:
             lo, hi, found = 0, upper, None
             while lo <= hi:
@@ -99,10 +99,21 @@ def tune(
                 else:
                     lo = mid + 1
             if found is not None:
+                # A larger re-rank only pays if it lets nprobe shrink; stop when it stops doing so.
+                stalled = stalled + 1 if found == upper else 0
                 upper = found
+                if stalled >= 2:
+                    break
     bar.close()
 
     ok = [t for t in trials if t.recall >= target]
+    for t in ok:  # re-time the candidates: one timing of a fast search is mostly noise
+        set_params(t.params)
+        for _ in range(2):
+            t.ms_per_query = min(
+                t.ms_per_query,
+                leave_one_out_recall(search, queries, self_positions, truth, k)[1],
+            )
     latency_met = None
     if ok:
         best = min(ok, key=lambda t: t.ms_per_query)
@@ -138,16 +149,19 @@ def measure_latency(
     queries: np.ndarray,
     k: int,
     *,
-    max_seconds: float = 5.0,
+    max_seconds: float = 2.0,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """p50/p99 latency at batch 1 and batch 64 (and QPS at batch 64), in milliseconds."""
+    """p50/p99 latency at batch 1 and batch 64 (and QPS), in milliseconds.
+
+    Up to 1000 single queries and 20+ batches of 64, within ~``max_seconds`` in all.
+    """
     out: dict[str, dict[str, float]] = {}
     for batch in (1, 64):
         starts = list(range(0, max(len(queries) - batch + 1, 1), batch))
         reps = starts * max(1, 20 // max(len(starts), 1))  # at least ~20 batches of 64
         times: list[float] = []
-        deadline = time.perf_counter() + max_seconds
+        deadline = time.perf_counter() + max_seconds / 2
         search(queries[:batch], k)  # warm-up (page faults, thread pool)
         for s in tqdm(reps, desc=f"latency b{batch}", disable=not progress, leave=False):
             q = queries[s : s + batch]
