@@ -1,0 +1,136 @@
+"""The analyst search page in a real headless Chromium against a real server.
+
+Needs the Debian ``chromium`` package at /usr/bin/chromium and the ``playwright`` Python package
+(never ``playwright install``: the system browser is used). Skipped when either is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import httpx
+import pytest
+from PIL import Image
+
+from cachebind.serve import start_server
+from cachebind.serve.fixtures import (
+    TableFlatLoader,
+    build_demo_cache,
+    service_settings,
+    tiny_runtime,
+)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api")
+if not shutil.which(CHROMIUM):
+    pytest.skip("no chromium binary (apt-get install -y chromium)", allow_module_level=True)
+
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    cache = build_demo_cache(root, rows=120, dim=64)
+    svc = service_settings(root, cache, index_poll_s=0)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store))
+    handle = start_server(svc.settings, runtime, port=0)
+    yield handle, svc
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server[0].url + "/")
+    yield page
+    context.close()
+
+
+def test_text_search_renders_results_with_thumbnails(page, server):
+    handle, svc = server
+    page.fill("#api-key", svc.user_key)
+    page.fill(".input-row .input-text", "a red dog")
+    page.fill("#k", "8")
+    page.click("#search")
+    page.wait_for_selector("#results .result >> nth=7")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .result')]"
+        ".every(c => c.querySelector('img') === null || c.querySelector('img').complete"
+        " && c.querySelector('img').naturalWidth > 0)"
+    )
+    cards = page.query_selector_all("#results .result")
+    assert len(cards) == 8
+    # The page shows what the API answers for the same query, in the same order.
+    api = httpx.post(
+        f"{handle.url}/v1/search",
+        json={"inputs": [{"modality": "text", "text": "a red dog", "weight": 1}], "k": 8},
+        headers={"X-API-Key": svc.user_key},
+    ).json()["results"]
+    assert [c.get_attribute("data-id") for c in cards] == [str(h["id"]) for h in api]
+    assert [c.query_selector(".caption").inner_text() for c in cards] == [h["caption"] for h in api]
+    assert cards[0].query_selector(".score").inner_text() == f"{api[0]['score']:.4f}"
+    # Thumbnails are fetched with the key and shown (the fixture's JPEGs are 64x64); rows
+    # stored without one say so instead of showing a broken image.
+    sizes = page.eval_on_selector_all(
+        "#results .result img", "imgs => imgs.map(i => [i.naturalWidth, i.src.slice(0, 5)])"
+    )
+    assert sizes and all(s == [64, "blob:"] for s in sizes)
+    missing = sum(1 for h in api if h["key"].endswith("9"))
+    assert len(sizes) == len(api) - missing
+    assert "8 results" in page.inner_text("#status")
+    # The key is remembered for the next visit.
+    page.reload()
+    assert page.input_value("#api-key") == svc.user_key
+
+
+def test_weighted_mix_with_an_uploaded_image_and_a_filter(page, server, tmp_path):
+    _, svc = server
+    buf = io.BytesIO()
+    Image.new("RGB", (120, 90), (40, 70, 220)).save(buf, format="PNG")
+    picture = tmp_path / "query.png"
+    picture.write_bytes(buf.getvalue())
+    page.fill("#api-key", svc.user_key)
+    page.fill(".input-row .input-text", "a blue boat")
+    page.click("#add-input")
+    rows = page.query_selector_all(".input-row")
+    assert len(rows) == 2
+    assert rows[1].query_selector(".input-modality").input_value() == "image"
+    rows[1].query_selector(".input-file").set_input_files(str(picture))
+    rows[1].query_selector(".input-weight").fill("0.5")
+    page.fill("#filter", "caption LIKE '%blue%'")
+    page.fill("#k", "5")
+    page.click("#search")
+    page.wait_for_selector("#results .result >> nth=4")
+    captions = [c.inner_text() for c in page.query_selector_all("#results .caption")]
+    assert len(captions) == 5 and all("blue" in c for c in captions)
+
+
+def test_errors_from_the_service_are_shown(page, server):
+    _, svc = server
+    page.fill(".input-row .input-text", "a cat")
+    page.click("#search")  # no key yet
+    page.wait_for_selector("#status.error")
+    assert "401 unauthorized" in page.inner_text("#status")
+    page.fill("#api-key", svc.user_key)
+    page.fill("#filter", "vector > 0")
+    page.click("#search")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('bad_filter')")
+    assert "unknown column 'vector'" in page.inner_text("#status")
