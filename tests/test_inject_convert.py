@@ -169,8 +169,33 @@ def test_missing_tensors_are_named(tmp_path, tokenizer_path):
     torch.save(ckpt, adapter)
     with pytest.raises(WeightsError) as err:
         load_adapter_llama(tmp_path, adapter)
-    assert "llm.model.layers.1.self_attn.gate" in str(err.value)
-    assert "llm.model.layers.0.mlp.down_proj.lora_l1.weight" in str(err.value)
+    # Named as the released files spell them.
+    assert (
+        "'llama.layers.0.feed_forward.lora_w2_l1.weight', 'llama.layers.1.attention.gate'"
+        in str(err.value)
+    )
+    assert str(err.value).startswith("2 tensors missing")
+
+
+def test_model_names_map_back_to_released_file_names():
+    from cachebind.inject.convert import meta_to_model_key, model_to_file_key
+
+    for key in [
+        "tok_embeddings.weight",
+        "output.weight",
+        "layers.3.attention.wq.weight",
+        "layers.3.feed_forward.w2.weight",
+        "layers.3.ffn_norm.weight",
+    ]:
+        assert model_to_file_key(meta_to_model_key(key)) == key
+    for key in [
+        "llama.layers.3.attention.gate",
+        "llama.layers.3.attention.wo.bias",
+        "llama.layers.3.attention.lora_wk_l2.weight",
+        "llama.layers.3.feed_forward.lora_w3_l1.weight",
+    ]:
+        assert model_to_file_key(meta_to_model_key(key[len("llama.") :])) == key
+    assert model_to_file_key("bind.image_bind_f2_3.bias") == "image_bind_f2_3.bias"
 
 
 def test_unused_tensors_are_reported(tmp_path, tokenizer_path):

@@ -175,3 +175,28 @@ def hf_to_meta(hf: dict[str, torch.Tensor], n_heads: int) -> tuple[dict, list[st
             value = unpermute_rotary(value, n_heads)
         meta[f"layers.{m.group(1)}.{module}.{m.group(3)}"] = value
     return meta, unused
+
+
+_MODEL_LAYER = re.compile(r"llm\.model\.layers\.(\d+)\.(.+?)\.(lora_l[12]\.weight|weight|bias)")
+
+
+def model_to_file_key(key: str) -> str:
+    """The released file name of an ``AdapterLlama`` tensor, for error messages: Meta names
+    for the base, ``llama.``-prefixed names for the adapter's gate / bias / LoRA tensors."""
+    if key.startswith("bind."):
+        return key[len("bind.") :]
+    inverse_top = {v: k for k, v in TOP_LEVEL.items()}
+    if key in inverse_top:
+        return inverse_top[key]
+    gate = re.fullmatch(r"llm\.model\.layers\.(\d+)\.self_attn\.gate", key)
+    if gate:
+        return f"llama.layers.{gate.group(1)}.attention.gate"
+    m = _MODEL_LAYER.fullmatch(key)
+    if not m or m.group(2) not in _HF_TO_META:
+        return key
+    layer, module, leaf = m.group(1), _HF_TO_META[m.group(2)], m.group(3)
+    if leaf.startswith("lora"):
+        block, name = module.split(".")
+        return f"llama.layers.{layer}.{block}.lora_{name}_{leaf[len('lora_') :]}"
+    prefix = "llama." if leaf == "bias" else ""
+    return f"{prefix}layers.{layer}.{module}.{leaf}"

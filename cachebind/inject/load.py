@@ -30,6 +30,7 @@ from cachebind.inject.convert import (
     convert_llama,
     hf_to_meta,
     merge_meta_shards,
+    model_to_file_key,
 )
 from cachebind.inject.model import AdapterLlama, AdapterLlamaConfig
 from cachebind.inject.tokenizer import Tokenizer
@@ -228,14 +229,14 @@ def load_adapter_llama(
     with torch.device("meta"):
         model = AdapterLlama(cfg)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(model_to_file_key(k) for k in set(expected) - set(state))
     if missing:
         raise WeightsError(
             f"{len(missing)} tensors missing from {src.weights[0].parent} + {adapter_checkpoint}: "
             f"{missing[:20]}{' ...' if len(missing) > 20 else ''}"
         )
     extra = sorted(set(state) - set(expected))  # e.g. LoRA on a layer the structure lacks
-    unused = sorted(set(unused) | set(extra))
+    unused = sorted(set(unused) | {model_to_file_key(k) for k in extra})
     for key in extra:
         del state[key]
     bad = [
