@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cachebind.config import CacheConfig, Settings, StoreConfig
+from cachebind.config import CacheConfig, IndexConfig, Settings, StoreConfig
 from cachebind.modalities import Modality
 
 log = logging.getLogger("cachebind.serve")
@@ -57,15 +57,17 @@ class IndexSnapshot:
 
 
 class PublishedIndexLoader:
-    """Index versions published by ``indexing`` under ``index_dir`` (CURRENT pointer).
+    """Index versions published by ``indexing`` under ``index.dir`` (the CURRENT pointer).
 
-    Each load reopens the table at its newest version: a new index is usually built after rows
-    were added, and ``indexing.load_current`` refuses (IndexMismatchError) a table that differs
-    from the one in the manifest, which the reload loop then reports and retries later.
+    A load opens the table at the version named in the index's manifest: the embedding job may
+    have appended rows since the index was built, and the rows an index's ids point at are those
+    of the version it was built from. ``indexing.load_version`` still checks row count and ids
+    (IndexMismatchError), which the reload loop reports while it keeps the old snapshot.
     """
 
-    def __init__(self, index_dir: Path, store: StoreConfig) -> None:
-        self.index_dir = Path(index_dir)
+    def __init__(self, index: IndexConfig, store: StoreConfig) -> None:
+        self.index_dir = Path(index.dir)
+        self.use_gpu = index.use_gpu
         self.store = store
 
     def current_version(self) -> str | None:
@@ -76,9 +78,14 @@ class PublishedIndexLoader:
     def load(self) -> IndexSnapshot:
         import indexing
         from cachebind.store import CacheTable
+        from indexing.versions import read_manifest
 
-        table = CacheTable.open(self.store)
-        loaded = indexing.load_current(self.index_dir, table)
+        version = indexing.current_version(self.index_dir)
+        if version is None:
+            raise FileNotFoundError(f"no index published in {self.index_dir}")
+        manifest = read_manifest(self.index_dir, version)
+        table = CacheTable.open(self.store, version=int(manifest["table"]["version"]))
+        loaded = indexing.load_version(self.index_dir, version, table, use_gpu=self.use_gpu)
         return IndexSnapshot.of(loaded, table, loaded.version, loaded.manifest)
 
 
@@ -121,7 +128,7 @@ class Runtime:
         from cachebind.encode import Encoder
 
         encoder = Encoder.from_config(settings.encoder, settings.weights)
-        loader = PublishedIndexLoader(settings.index.dir, settings.store)
+        loader = PublishedIndexLoader(settings.index, settings.store)
         snapshot = None
         if loader.current_version() is not None:
             snapshot = loader.load()
