@@ -110,33 +110,39 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     }
 
 
-def bench_gpu(args: argparse.Namespace) -> dict:
-    """7B-shaped decode at batch 1 on random fp16 weights (no files: the cost is the reads)."""
+def bench_gpu(args: argparse.Namespace, cfg=None, device: str = "cuda") -> dict:
+    """7B-shaped decode at batch 1 on random fp16 weights (no files: the cost is the reads).
+
+    ``cfg`` / ``device`` exist so the same code can be smoke-run small on a CPU."""
     from transformers.cache_utils import DynamicCache
 
     from cachebind.inject.model import AdapterLlama, AdapterLlamaConfig
 
-    cfg = AdapterLlamaConfig()  # LLaMA-7B + released 7B adapter shapes
-    torch.set_default_dtype(torch.float16)
-    with torch.device("cuda"):
-        model = AdapterLlama(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    cfg = cfg or AdapterLlamaConfig()  # LLaMA-7B + released 7B adapter shapes
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AdapterLlama(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for layer in model.llm.model.layers:
             layer.self_attn.gate.fill_(0.1)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.llm.parameters())
-    t_i = model.visual_query(torch.randn(1, 1024, device="cuda"))
-    ids = torch.randint(3, cfg.vocab_size, (1, 64), device="cuda")
+    t_i = model.visual_query(torch.randn(1, cfg.bind_in_dim, device=device))
+    ids = torch.randint(3, cfg.vocab_size, (1, 64), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {}
     with torch.inference_mode():
         for _ in range(2):
             kv = DynamicCache(config=model.llm.config)
             model(ids, visual=t_i, past_key_values=kv, use_cache=True, logits_to_keep=1)
             token = ids[:, -1:]
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             for step in range(args.tokens):
-                pos = torch.tensor([[64 + step]], device="cuda")
+                pos = torch.tensor([[64 + step]], device=device)
                 out = model(
                     token,
                     visual=t_i,
@@ -146,12 +152,11 @@ def bench_gpu(args: argparse.Namespace) -> dict:
                     logits_to_keep=1,
                 )
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
+            sync()
             elapsed = time.perf_counter() - start
-        props = torch.cuda.get_device_properties(0)
         results = {
             "mode": "gpu",
-            "device": props.name,
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
             "weights_gb": round(weight_bytes / 1e9, 2),
             "ms_per_token": round(1000 * elapsed / args.tokens, 2),
             "decode_tokens_per_s": round(args.tokens / elapsed, 1),
