@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"| {dev} | {args.preset} | {args.dtype} | {args.batch_size} | {flops / 1e9:.1f} "
-        f"| {ours_ips:.2f} | {ref_col} | {ratio} | {achieved / 1e12:.3f} "
-        f"| {100 * achieved / peak:.1f}% |"
+        f"| {ours_ips:.2f} | {ref_col} | {ratio} | {achieved / 1e12:.3g} "
+        f"| {100 * achieved / peak:.3g}% |"
     )
 
 
