@@ -1,0 +1,139 @@
+"""cachebind.client.CachebindClient against a real server (and the in-process mode the CLI uses)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import indexing
+from cachebind.client import CachebindAPIError, CachebindClient, input_item
+from cachebind.inject.tiny import build_tiny_llm
+from cachebind.serve import start_server
+from cachebind.serve.fixtures import (
+    TableFlatLoader,
+    build_demo_cache,
+    service_settings,
+    tiny_runtime,
+)
+from cachebind.store import row_id
+
+
+def png(colour=(10, 120, 200)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client")
+    cache = build_demo_cache(root, rows=150, dim=64)
+    svc = service_settings(root, cache, index_poll_s=0)
+    generator = build_tiny_llm(root / "llm", visual_dim=64)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store), generator)
+    server = start_server(svc.settings, runtime, port=0)
+    yield server, svc, runtime
+    server.stop()
+
+
+@pytest.fixture
+def client(served):
+    server, svc, _ = served
+    with CachebindClient(server.url, api_key=svc.user_key, timeout=30) as c:
+        yield c
+
+
+def test_input_item_shapes():
+    assert input_item("text", "a dog") == {"modality": "text", "text": "a dog", "weight": 1.0}
+    item = input_item("image", b"\x89PNG", weight=0.5)
+    assert item == {
+        "modality": "image",
+        "data": base64.b64encode(b"\x89PNG").decode(),
+        "weight": 0.5,
+    }
+    assert input_item(None, np.ones(3))["embedding"] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="modality"):
+        input_item(None, b"bytes")
+
+
+def test_embed_and_embed_files_agree(client, served):
+    runtime = served[2]
+    picture = png()
+    by_json = client.embed([input_item("image", picture), input_item("text", "a boat")])
+    by_upload = client.embed_files("image", [picture])
+    assert by_json["dim"] == 64 and by_json["encoder"]["preset"] == "tiny"
+    np.testing.assert_allclose(
+        by_json["items"][0]["embedding"], by_upload["items"][0]["embedding"], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        by_json["items"][1]["embedding"], runtime.encoder.embed("text", ["a boat"])[0], atol=1e-5
+    )
+
+
+def test_search_pages_through_cursor(client, served):
+    table = served[2].snapshot.table
+    query = [input_item(None, table.vectors([row_id("sample-000011")])[0])]
+    first = client.search(query, k=5)
+    assert first["results"][0]["key"] == "sample-000011"
+    second = client.search(query, k=5, cursor=first["next_cursor"])
+    both = client.search(query, k=10)
+    assert [h["id"] for h in first["results"] + second["results"]] == [
+        h["id"] for h in both["results"]
+    ]
+    filtered = client.search(query, k=5, filter="caption LIKE '%cat%'", dedup=0.5)
+    assert all("cat" in h["caption"] for h in filtered["results"])
+    assert client.image(first["results"][0]["id"])[:2] == b"\xff\xd8"  # JPEG
+
+
+def test_enhance_and_generate(client):
+    items = [input_item("image", png()), input_item("text", "a red car", weight=0.5)]
+    enhanced = client.enhance(items, k=4, t=20.0, alpha=0.5)
+    assert len(enhanced["neighbours"]) == 4
+    assert -1.0 <= enhanced["cosine_to_query"] <= 1.0
+    streamed = list(client.generate("What is it?", items, max_new_tokens=10, temperature=0.0))
+    assert streamed and all(isinstance(p, str) for p in streamed)
+    whole = client.generate_text("What is it?", items, max_new_tokens=10, temperature=0.0)
+    assert whole["text"] == "".join(streamed)
+
+
+def test_errors_raise_with_status_and_tag(client, served):
+    server, svc, _ = served
+    with pytest.raises(CachebindAPIError) as err:
+        client.search([input_item("text", "x")], k=5000)
+    assert err.value.status == 422 and err.value.error == "k_out_of_range"
+    with pytest.raises(CachebindAPIError) as err:
+        client.reload()
+    assert err.value.status == 403
+    with pytest.raises(CachebindAPIError) as err:
+        list(client.generate("hi", [input_item("image", b"not an image")]))
+    assert err.value.status == 422 and err.value.error == "undecodable"
+    with CachebindClient(server.url, api_key=svc.admin_key) as admin:
+        assert admin.reload(force=True)["reloaded"] is True
+    with CachebindClient(server.url) as anonymous:
+        assert anonymous.health() == {"status": "ok"}
+        with pytest.raises(CachebindAPIError) as err:
+            anonymous.index_info()
+        assert err.value.status == 401
+
+
+def test_index_info_and_ready(client):
+    info = client.index_info()
+    assert info["version"] == "flat-v1" and info["rows"] == 150 and info["dim"] == 64
+    assert client.ready()["ready"] is True
+
+
+def test_in_process_client_serves_the_published_index(tmp_path):
+    cache = build_demo_cache(tmp_path, rows=60, dim=64)
+    settings = service_settings(tmp_path, cache).settings
+    settings.index.use_gpu = "no"
+    indexing.build_and_publish(cache.store, settings.index, progress=False)
+    with CachebindClient.in_process(settings) as client:
+        hits = client.search([input_item("text", "a green tree")], k=3)
+        assert len(hits["results"]) == 3
+        assert client.index_info()["rows"] == 60
+        url = client.base_url
+    assert url.startswith("http://127.0.0.1:")
