@@ -271,6 +271,7 @@ class EncodeActor:
         ok = np.flatnonzero(status == "ok")
         vectors = np.zeros((n, dim), dtype=np.float32)
         text_vectors = np.zeros((n, dim), dtype=np.float32)
+        has_text = np.zeros(n, dtype=bool)
         encode_s = np.zeros(n, dtype=np.float64)
         if len(ok):
             start = time.perf_counter()
@@ -279,18 +280,42 @@ class EncodeActor:
             feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x.copy()))
             vectors[ok] = F.normalize(feats.float(), dim=-1).numpy()
             if self.captions:
-                captions = batch["caption"].take(pa.array(ok)).to_pylist()
-                text_vectors[ok] = self.encoder.embed(Modality.TEXT, [c or "" for c in captions])
+                has_text = self._embed_captions(batch, ok, text_vectors)
             encode_s[ok] = (time.perf_counter() - start) / len(ok)
         out = batch.drop_columns(["pixels"])
         out = out.append_column("vector", _fixed_list(vectors))
         if self.captions:
-            out = out.append_column("text_vector", _fixed_list(text_vectors))
+            out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
         return out.append_column("encode_s", pa.array(encode_s))
 
+    def _embed_captions(self, batch: pa.Table, ok: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Caption embeddings (text encoder) into ``out``; returns which rows have one. A row
+        without a usable caption gets a null ``text_vector``, never a failed batch."""
+        from cachebind.modalities import Modality
 
-def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        has_text = np.zeros(len(out), dtype=bool)
+        captions = batch["caption"].to_pylist()
+        rows = [int(i) for i in ok if captions[i] and captions[i].strip()]
+        if not rows:
+            return has_text
+        try:
+            out[rows] = self.encoder.embed(Modality.TEXT, [captions[i] for i in rows])
+            has_text[rows] = True
+        except InputError:  # one bad caption: embed one by one, skipping the bad ones
+            for i in rows:
+                try:
+                    out[i] = self.encoder.embed(Modality.TEXT, [captions[i]])[0]
+                    has_text[i] = True
+                except InputError:
+                    continue
+        return has_text
+
+
+def _fixed_list(values: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    mask = pa.array(~valid) if valid is not None else None
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(values.reshape(-1)), values.shape[1], mask=mask
+    )
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -717,10 +742,15 @@ def pc_sum(column: pa.ChunkedArray) -> float:
 
 
 def _as_dtype(column: pa.ChunkedArray, dtype: np.dtype) -> pa.FixedSizeListArray:
+    """A vector column in the table's dtype, null entries (rows without a caption) kept."""
     column = column.combine_chunks()
     dim = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values), dim)
+    # .values keeps the slots of null entries (flatten would drop them).
+    start = column.offset * dim
+    values = column.values.slice(start, len(column) * dim)
+    values = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    mask = column.is_null() if column.null_count else None
+    return pa.FixedSizeListArray.from_arrays(pa.array(values), dim, mask=mask)
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""The embedding job end to end on a shared local Ray: every source kind, bad inputs recorded and
+skipped, vectors equal to a single-process encoder, metadata, thumbnails, resume and re-run,
+and a Ray worker killed mid-job."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
+from cachebind.encode import Encoder
+from cachebind.modalities import Modality
+from cachebind.preprocess import PREPROCESS_VERSION
+from cachebind.preprocess.image import image_tensor, load_image
+from cachebind.sources import synthetic as syn
+from cachebind.store import CacheTable, EncoderMismatchError, row_id
+from cachebind.store.table import vectors_to_numpy
+from jobs.embed import plan_resources, run_embed
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    """One local Ray for the module (start-up costs seconds); the job reuses it."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def settings(db: Path, table: str = "images", **embed) -> Settings:
+    return Settings(
+        encoder=EncoderConfig(preset="tiny"),
+        store=StoreConfig(uri=str(db), table=table),
+        embed=EmbedConfig(**{"batch_size": 8, **embed}),
+    )
+
+
+def table_rows(s: Settings) -> dict:
+    return CacheTable.open(s.store).table.to_arrow().to_pydict()
+
+
+def errors_rows(s: Settings) -> dict:
+    import lancedb
+
+    return lancedb.connect(s.store.uri).open_table(s.store.errors_table).to_arrow().to_pydict()
+
+
+def reference_vectors(images: list[bytes]) -> np.ndarray:
+    """The same work in one process: decode, preprocess, encode, normalise."""
+    encoder = Encoder.from_config(EncoderConfig(preset="tiny"), Settings().weights)
+    batch = torch.stack([image_tensor(load_image(b)) for b in images])
+    return F.normalize(encoder.encode(Modality.IMAGE, batch), dim=-1).numpy()
+
+
+def test_webdataset_job_records_bad_inputs_and_resumes_exactly_once(tmp_path: Path) -> None:
+    bad = syn.bad_samples()
+    keys = syn.write_webdataset(tmp_path / "wds", 24, per_shard=8, bad=bad)
+    s = settings(tmp_path / "db")
+
+    # A first run stopped early (as a killed job would be), then the same command again.
+    partial = run_embed(str(tmp_path / "wds"), s, limit=10, progress=False, flush_rows=4)
+    assert partial.stopped_by_limit and 0 < partial.rows_written < 24
+    report = run_embed(str(tmp_path / "wds"), s, progress=False)
+    assert partial.rows_written + report.rows_written == 24
+
+    rows = table_rows(s)
+    assert sorted(rows["key"]) == sorted(keys)
+    assert rows["id"] == [row_id(k) for k in rows["key"]] and len(set(rows["id"])) == 24
+    assert rows["shard"][rows["key"].index("000010003")] == "00001.tar"
+
+    errors = errors_rows(s)
+    assert sorted(errors["reason"]) == sorted(bad)  # one of each class, with its reason
+    assert sorted(errors["key"]) == sorted(f"bad_{r}" for r in bad)
+    reasons = {**partial.errors_by_reason}
+    for reason, n in report.errors_by_reason.items():
+        reasons[reason] = reasons.get(reason, 0) + n
+    assert reasons == {r: 1 for r in bad}
+
+    # F_M in the table equals the single-process computation (fp16 storage).
+    table = CacheTable.open(s.store)
+    order = [row_id(k) for k in keys]
+    got = table.vectors(order)
+    want = reference_vectors([syn.image_bytes(i) for i in range(24)])
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=2e-3)
+    assert table.dim == 64
+
+    meta = table.metadata
+    assert meta["encoder"]["preset"] == "tiny"
+    assert meta["encoder"]["weights"] == "random-init:seed=0"
+    assert meta["preprocess_version"] == str(PREPROCESS_VERSION)
+
+    thumb = Image.open(io.BytesIO(rows["thumbnail"][0]))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 256
+
+    saved = json.loads(Path(report.report_path).read_text())
+    assert saved["rows_written"] == report.rows_written
+    assert set(saved["stages"]) == {"decode", "encode", "write"}
+    assert saved["stages"]["encode"]["samples"] == report.rows_written
+
+    # Idempotent: a third run finds every partition finished and writes nothing.
+    again = run_embed(str(tmp_path / "wds"), s, progress=False)
+    assert (again.rows_written, again.errors_written) == (0, 0)
+    assert again.partitions_skipped == again.partitions_total == 3
+    assert CacheTable.open(s.store).count() == 24
+
+    # The table belongs to this encoder: another one is refused before any work.
+    other = s.model_copy(update={"encoder": EncoderConfig(preset="tiny", seed=1)})
+    with pytest.raises(EncoderMismatchError, match="seed=1"):
+        run_embed(str(tmp_path / "wds"), other, progress=False)
+
+
+def test_folder_parquet_and_cc3m_sources(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    folder_keys = syn.write_folder(tmp_path / "folder", 5)
+    (tmp_path / "folder" / "wide.png").write_bytes(syn.image_bytes(7, (600, 300), "PNG"))
+    s = settings(db, "folder", caption_embeddings=True)
+    s.store.vector_dtype = "float32"
+    report = run_embed(str(tmp_path / "folder"), s, progress=False)
+    assert report.rows_written == 6
+    rows = table_rows(s)
+    assert sorted(rows["key"]) == sorted([*folder_keys, "wide"])
+    wide = rows["key"].index("wide")
+    assert (rows["width"][wide], rows["height"][wide]) == (600, 300)
+    assert Image.open(io.BytesIO(rows["thumbnail"][wide])).size == (256, 128)
+    assert rows["caption"][rows["key"].index("img0002")] == "caption 2"
+    text_column = CacheTable.open(s.store).table.to_arrow()["text_vector"]
+    assert text_column.null_count == 1  # "wide" has no caption: no text vector, no failure
+    text = vectors_to_numpy(text_column.drop_null())
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)
+
+    parquet_keys = syn.write_parquet(tmp_path / "pq" / "00000.parquet", 7, row_group_size=4)
+    s = settings(db, "parquet", thumbnails=False)
+    assert run_embed(str(tmp_path / "pq"), s, progress=False).rows_written == 7
+    assert sorted(table_rows(s)["key"]) == parquet_keys
+
+    cc3m_keys = syn.write_cc3m(tmp_path / "cc3m.tsv", tmp_path / "cc3m", 8, missing=(2,))
+    s = settings(db, "cc3m")
+    spec = f"cc3m:{tmp_path}/cc3m.tsv?images={tmp_path}/cc3m&samples_per_shard=10"
+    report = run_embed(spec, s, progress=False)
+    assert (report.rows_written, report.errors_by_reason) == (7, {"missing": 1})
+    rows = table_rows(s)
+    assert sorted(rows["key"]) == cc3m_keys
+    assert rows["url"][rows["key"].index("000000005")] == "http://example.com/cc3m/5.jpg"
+
+
+def test_plan_follows_resources_and_overrides() -> None:
+    cpu = plan_resources({"CPU": 16.0}, EmbedConfig())
+    assert (cpu.num_encoders, cpu.encoder_gpus, cpu.pixel_dtype) == (1, 0.0, "float32")
+    assert cpu.encoder_cpus == 8 and cpu.num_readers == 8
+    gpu = plan_resources({"CPU": 64.0, "GPU": 8.0}, EmbedConfig())
+    assert (gpu.num_encoders, gpu.encoder_gpus, gpu.pixel_dtype) == (8, 1.0, "float16")
+    assert gpu.batch_size == 256
+    custom = plan_resources({"CPU": 8.0, "GPU": 2.0}, EmbedConfig(batch_size=64, num_encoders=1))
+    assert (custom.num_encoders, custom.batch_size) == (1, 64)
+
+
+def _children(pid: int) -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def our_ray_workers(prefix: str) -> list[int]:
+    """Processes of *this* test's Ray (descendants of this process) whose title starts with
+    ``prefix``: other Ray instances on the machine are left alone."""
+    tree, found, todo = _children(os.getpid()), [], [os.getpid()]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                title = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                found.append(child)
+    return found
+
+
+def test_killed_ray_workers_lose_nothing(tmp_path: Path) -> None:
+    keys = syn.write_webdataset(tmp_path / "wds", 48, per_shard=4)
+    s = settings(tmp_path / "db", batch_size=2)
+    versions = tmp_path / "db" / "images.lance" / "_versions"
+    killed: list[tuple[str, int]] = []
+    committed_at_kill: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            # Wait for the first committed batch: the encoder actor is working by then.
+            if versions.is_dir() and len(list(versions.glob("*.manifest"))) >= 2:
+                for prefix in ("ray::MapWorker(MapBatches(EncodeActor))", "ray::MapBatches("):
+                    for pid in our_ray_workers(prefix):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append((prefix, pid))
+                committed_at_kill.append(CacheTable.open(s.store).count())
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    report = run_embed(str(tmp_path / "wds"), s, progress=False, flush_rows=2)
+    thread.join()
+    assert any("EncodeActor" in prefix for prefix, _ in killed), killed
+    assert committed_at_kill[0] < 48  # the kill landed mid-job
+    rows = table_rows(s)
+    assert sorted(rows["key"]) == sorted(keys)  # complete ...
+    assert len(set(rows["id"])) == len(rows["id"])  # ... and no duplicates
+    assert report.rows_written == 48 and report.partitions_finished == 12
