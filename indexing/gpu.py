@@ -76,8 +76,8 @@ class TorchExactSearch:
         with torch.inference_mode():
             for s in range(0, n, step):
                 q = torch.from_numpy(queries[s : s + step]).to(self.device, self.dtype)
-                scores = q @ self.matrix.T
-                top = torch.topk(scores.float(), kk, dim=1)
+                sims = q @ self.matrix.T
+                top = torch.topk(sims.float(), kk, dim=1)
                 scores[s : s + step, :kk] = top.values.cpu().numpy()
                 positions[s : s + step, :kk] = top.indices.cpu().numpy()
         return scores, positions
