@@ -771,13 +771,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", help="LanceDB database (overrides store.uri)")
     parser.add_argument("--table", help="table name (overrides store.table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--flush-rows", type=int, default=1024, help="commit every N rows (default 1024)"
+    )
     args = parser.parse_args(argv)
     settings = load_config(
         args.config,
         embed={"ray_address": args.address},
         store={"uri": args.uri, "table": args.table},
     )
-    report = run_embed(args.source, settings, limit=args.limit, progress=not args.no_progress)
+    report = run_embed(
+        args.source,
+        settings,
+        limit=args.limit,
+        progress=not args.no_progress,
+        flush_rows=args.flush_rows,
+    )
     print(json.dumps({"report": report.report_path, "rows_written": report.rows_written}))
     return 0
 
