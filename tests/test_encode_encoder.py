@@ -183,3 +183,16 @@ def test_a_file_of_the_official_huge_layout_loads_from_the_weights_dir(tmp_path:
     # The model holds the file's tensors (one number each), not random or meta ones.
     assert all(not t.is_meta and t[(0,) * t.ndim].item() == 0.5 for t in loaded.values())
     assert all(t.untyped_storage().nbytes() == 4 for t in loaded.values())
+
+
+def test_a_half_precision_checkpoint_is_loaded_as_fp32(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    half = tmp_path / "half.pth"
+    torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, half)
+    cfg = EncoderConfig(preset="tiny", checkpoint=half, device="cpu")
+    encoder = Encoder.from_config(cfg, WeightsConfig(dir=tmp_path))
+    assert all(t.dtype == torch.float32 for t in encoder.model.state_dict().values())
+    out = encoder.encode(Modality.DEPTH, torch.rand(2, 1, 224, 224))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

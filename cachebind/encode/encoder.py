@@ -98,7 +98,8 @@ class Encoder:
             # Build without allocating, then take the checkpoint's tensors as the weights.
             with torch.device("meta"):
                 model = build_model(cfg.preset)
-            load_checkpoint(model, path)
+            # assign keeps the file's dtype: a half-precision copy of the weights becomes fp32.
+            model = load_checkpoint(model, path).float()
             sha = file_sha256(path)
             identity.update(checkpoint=str(path.resolve()), sha256=sha, weights=f"sha256:{sha}")
         else:
