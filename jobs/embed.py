@@ -356,6 +356,9 @@ class EmbedReport:
     plan: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
     samples_per_s: float = 0.0
+    steady_samples_per_s: float = 0.0
+    """Throughput once the pipeline is flowing (first block to last): excludes Ray start-up,
+    actor and model initialisation, which a long job amortises."""
     stopped_by_limit: bool = False
     started_at: str = ""
     finished_at: str = ""
@@ -378,7 +381,8 @@ class EmbedReport:
             f"  partitions {self.partitions_finished} finished, {self.partitions_skipped} "
             f"skipped as done, of {self.partitions_total}\n"
             f"{stage_lines}\n"
-            f"  wall {self.wall_s:.1f} s, {self.samples_per_s:.1f} samples/s"
+            f"  wall {self.wall_s:.1f} s, {self.samples_per_s:.1f} samples/s "
+            f"({self.steady_samples_per_s:.1f}/s once flowing)"
             + (" (stopped at --limit)" if self.stopped_by_limit else "")
         )
 
@@ -584,10 +588,13 @@ def _run_pipeline(
     sink = _Sink(writer, settings, report, states, by_id)
     last_flush = time.monotonic()
     processed = 0
+    first_block: tuple[float, int] | None = None
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
     try:
         for block in batches:
             processed += sink.take(block)
+            if first_block is None and processed:
+                first_block = (time.monotonic(), processed)
             bar.update(sink.last_samples)
             if sink.pending_rows >= flush_rows or time.monotonic() - last_flush >= flush_s:
                 sink.flush()
@@ -605,6 +612,9 @@ def _run_pipeline(
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+    if first_block is not None and processed > first_block[1]:
+        elapsed = time.monotonic() - first_block[0]
+        report.steady_samples_per_s = round((processed - first_block[1]) / elapsed, 2)
     stages = {
         "decode": sink.decode,
         "encode": sink.encode,
