@@ -33,6 +33,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         audio_drop_path=0.1,
         imu_drop_path=0.7,
     ),
+    # The huge output size (1024-d, so caches and the LLaMA bind network fit) with a fraction
+    # of the width and depth: for the demo on random weights and CPU benchmarks.
+    "small": dict(
+        out_embed_dim=1024,
+        vision_embed_dim=256,
+        vision_num_blocks=4,
+        vision_num_heads=4,
+        audio_embed_dim=192,
+        audio_num_blocks=2,
+        audio_num_heads=4,
+        text_embed_dim=256,
+        text_num_blocks=4,
+        text_num_heads=4,
+        depth_embed_dim=128,
+        depth_num_blocks=2,
+        depth_num_heads=4,
+        thermal_embed_dim=128,
+        thermal_num_blocks=2,
+        thermal_num_heads=4,
+        imu_embed_dim=128,
+        imu_num_blocks=2,
+        imu_num_heads=4,
+    ),
     # Real input sizes and layout, tiny widths and depths: for tests and CPU smoke runs.
     "tiny": dict(
         out_embed_dim=64,
