@@ -204,3 +204,15 @@ def test_the_model_runs_off_the_event_loop():
 
     asyncio.run(main())
     assert model_thread and model_thread[0] != loop_thread[0]
+
+
+def test_a_lone_request_to_an_idle_model_does_not_wait_for_the_window():
+    async def main() -> float:
+        batcher = MicroBatcher(lambda items: items, window_ms=2000, max_batch=8)
+        t0 = time.perf_counter()
+        await batcher.submit(1)
+        elapsed = time.perf_counter() - t0
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(main()) < 1.0

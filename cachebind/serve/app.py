@@ -115,7 +115,11 @@ class ServeState:
     async def embed_one(self, modality: Modality, raw: Any, source: str) -> np.ndarray:
         """F_M of one raw input: preprocess here (its own InputError), encode micro-batched."""
         runtime = self.require_runtime()
-        tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
+        if modality is Modality.TEXT and len(raw) < 10_000:
+            # Tokenising a short text costs less than a hop to a worker thread.
+            tensor = runtime.preprocess(modality, raw, source)
+        else:
+            tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
         batcher = self.encoders.get(modality)
         if batcher is None:
             batcher = self.encoders[modality] = MicroBatcher(
@@ -623,7 +627,7 @@ def create_app(
         snap = runtime.snapshot
         if snap is None:
             return s.IndexInfo(version=None, manifest=None, table_version=None, rows=None, dim=None)
-        rows = await asyncio.to_thread(snap.table.count)
+        rows = await asyncio.to_thread(lambda: snap.rows)
         return s.IndexInfo(
             version=snap.version,
             manifest=json.loads(json.dumps(snap.manifest, default=str)),

@@ -36,6 +36,9 @@ class _Pending(Generic[Item]):
 class MicroBatcher(Generic[Item, Result]):
     """Collects items for ``window_ms`` or until ``max_batch``, then runs ``fn(items)`` once.
 
+    When nothing is running and nothing else waits, the first item goes at once (no window):
+    batching then comes from the requests that arrive while a batch runs.
+
     ``fn`` returns one result per item, in order; a result that is an ``ItemError`` fails only
     that item's caller. An exception raised by ``fn`` itself fails the whole batch.
     ``on_batch(size)`` is called for every batch (metrics).
@@ -62,6 +65,7 @@ class MicroBatcher(Generic[Item, Result]):
         self.name = name
         self.max_inflight = max_inflight
         self._slots: asyncio.Semaphore | None = None
+        self._inflight = 0
         self._queue: asyncio.Queue[_Pending[Item]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,7 +99,10 @@ class MicroBatcher(Generic[Item, Result]):
         while True:
             first = await queue.get()
             batch = [first]
-            deadline = loop.time() + self.window_s
+            # An idle model takes a lone request at once: at low load the window would only add
+            # latency. While a batch runs, requests queue up and the window lets them gather.
+            idle = self._inflight == 0 and queue.empty()
+            deadline = loop.time() + (0.0 if idle else self.window_s)
             while True:
                 while len(batch) < self.max_batch and not queue.empty():
                     batch.append(queue.get_nowait())
@@ -117,6 +124,7 @@ class MicroBatcher(Generic[Item, Result]):
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
+            self._inflight += 1
             # Run the batch without blocking the collection of the next one.
             loop.create_task(self._execute(batch))
 
@@ -125,6 +133,7 @@ class MicroBatcher(Generic[Item, Result]):
         try:
             await self._call(batch)
         finally:
+            self._inflight -= 1
             self._slots.release()
 
     async def _call(self, batch: list[_Pending[Item]]) -> None:

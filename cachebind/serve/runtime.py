@@ -8,6 +8,7 @@ whole when a new version is published, so a request that took the old snapshot f
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,11 @@ class IndexSnapshot:
     table: Any  # cachebind.store.CacheTable
     cache: Any  # cachebind.cache.CacheModel
     manifest: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def rows(self) -> int:
+        """Row count of the pinned table version (constant, so counted once)."""
+        return int(self.table.count())
 
     @classmethod
     def of(

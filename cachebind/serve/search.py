@@ -55,7 +55,8 @@ async def search(
     ``search_fn(query, n)`` ranks n candidates (through the index micro-batcher); ``run(fn,
     *args)`` runs blocking table reads off the event loop.
     """
-    total = await run(snapshot.table.count)
+    # The row count is cached on the snapshot; only its first read touches the table.
+    total = snapshot.rows if "rows" in vars(snapshot) else await run(lambda: snapshot.rows)
     fetch = min(max(need * (OVERFETCH if (where is not None or dedup) else 1), need), total)
     fetch = max(fetch, 1)
     while True:
