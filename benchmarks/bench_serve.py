@@ -149,8 +149,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="intra-op threads of torch in the server and the in-process baseline alike "
+        "(on a small shared machine, more threads than free cores make torch spin-wait)",
+    )
     parser.add_argument("--serve-only", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Before torch is imported (lazily, below); the server subprocess inherits it.
+    os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     if args.serve_only:
         serve_only(Path(args.serve_only).read_text())
         return
@@ -230,6 +239,7 @@ def main() -> None:
             "k": args.k,
             "seconds_per_run": args.seconds,
             "server": "uvicorn, 1 process, auth on, batch_window_ms=5",
+            "torch_threads": args.torch_threads,
         },
         "http": http_runs,
         "in_process": local.summary(),
