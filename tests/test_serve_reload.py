@@ -128,3 +128,26 @@ def test_auth_on_without_keys_refuses_to_start(tmp_path):
     svc.settings.serve.admin_keys_file = None
     with pytest.raises(ValueError, match="no keys are configured"):
         start_server(svc.settings, tiny_runtime(svc.settings, TableFlatLoader(cache.store)))
+
+
+def test_admin_reload_rereads_the_key_files(tmp_path):
+    from cachebind.serve.auth import create_key, write_key_file
+
+    cache = build_demo_cache(tmp_path, rows=10, dim=64)
+    svc = service_settings(tmp_path, cache, index_poll_s=0)
+    admin = {"X-API-Key": svc.admin_key}
+    with start_server(svc.settings, tiny_runtime(svc.settings, TableFlatLoader(cache.store))) as s:
+        new_key = create_key(svc.settings.serve.api_keys_file)
+        assert httpx.get(f"{s.url}/v1/index", headers={"X-API-Key": new_key}).status_code == 401
+        assert httpx.post(f"{s.url}/v1/admin/reload", headers=admin).status_code == 200
+        assert httpx.get(f"{s.url}/v1/index", headers={"X-API-Key": new_key}).status_code == 200
+        # Revoking: the old user key is dropped from the file.
+        write_key_file(svc.settings.serve.api_keys_file, [new_key])
+        assert httpx.post(f"{s.url}/v1/admin/reload", headers=admin).status_code == 200
+        r = httpx.get(f"{s.url}/v1/index", headers={"X-API-Key": svc.user_key})
+        assert r.status_code == 401
+        # A broken file is refused and the keys in force stay.
+        svc.settings.serve.api_keys_file.write_text("not a hash\n")
+        r = httpx.post(f"{s.url}/v1/admin/reload", headers=admin)
+        assert r.status_code == 409 and r.json()["error"] == "bad_key_file"
+        assert httpx.get(f"{s.url}/v1/index", headers={"X-API-Key": new_key}).status_code == 200

@@ -60,18 +60,19 @@ class ServeState:
         self.config = settings.serve
         self.runtime = runtime
         self.load_error: str | None = None
-        if keys is None and self.config.auth:
-            keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
-            if not keys.user and not keys.admin:
-                raise ValueError(
-                    "serve.auth is on but no keys are configured: set serve.api_keys_file "
-                    "(lines 'sha256:<hex>', see cachebind.serve.auth.create_key) or --no-auth"
-                )
+        from_files = keys is None and self.config.auth
+        if from_files:
+            keys = self.read_keys()
         self.keys = keys
+        # Key files are re-read on an admin reload (a new key needs no restart), unless the
+        # caller handed keys in.
+        self.keys_from_files = from_files
         self.metrics = Metrics()
         # One thread for the model: torch already uses every core inside one call, and a
         # single worker lets the batcher grow batches while the model is busy.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
+        # Generations wait for each other here, not in the default pool that table reads use.
+        self.generate_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-llm")
         self.encoders: dict[Modality, MicroBatcher[Any, np.ndarray]] = {}
         self.index_batcher = MicroBatcher(
             self._search_batch,
@@ -91,6 +92,15 @@ class ServeState:
         )
         self.reload_lock = asyncio.Lock()
         self.tasks: list[asyncio.Task[Any]] = []
+
+    def read_keys(self) -> KeyStore:
+        keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
+        if not keys.user and not keys.admin:
+            raise ValueError(
+                "serve.auth is on but no keys are configured: set serve.api_keys_file "
+                "(lines 'sha256:<hex>', see cachebind.serve.auth.create_key) or --no-auth"
+            )
+        return keys
 
     # ---------------------------------------------------------------- runtime access
 
@@ -218,6 +228,7 @@ class ServeState:
         for batcher in [*self.encoders.values(), self.index_batcher, self.enhance_batcher]:
             await batcher.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
+        self.generate_executor.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- middleware
@@ -593,7 +604,7 @@ def create_app(
             "temperature": body.temperature,
             "top_p": body.top_p,
         }
-        pieces = _stream_in_thread(runtime, body.prompt, visual, options)
+        pieces = _stream_in_thread(runtime, body.prompt, visual, options, state.generate_executor)
         if not body.stream:
             text = "".join([p async for p in pieces])
             return s.GenerateResponse(text=text, neighbours=neighbours)
@@ -643,7 +654,13 @@ def create_app(
         tags=["admin"],
     )
     async def admin_reload(force: bool = False) -> s.ReloadResponse:
-        """Load the published index version now (``force`` reloads even the same version)."""
+        """Load the published index version now (``force`` reloads even the same version),
+        and re-read the key files."""
+        if state.keys_from_files:
+            try:
+                state.keys = await asyncio.to_thread(state.read_keys)
+            except (OSError, ValueError) as exc:  # keep the keys in force
+                raise ApiError(409, "bad_key_file", str(exc)) from exc
         try:
             swapped = await state.reload(force=force)
         except IndexMismatchError as exc:
@@ -733,7 +750,11 @@ def _sse(payload: dict[str, Any], event: str | None = None) -> str:
 
 
 async def _stream_in_thread(
-    runtime: Runtime, prompt: str, visual: np.ndarray | None, options: dict[str, Any]
+    runtime: Runtime,
+    prompt: str,
+    visual: np.ndarray | None,
+    options: dict[str, Any],
+    executor: ThreadPoolExecutor,
 ) -> AsyncIterator[str]:
     """The generator's text pieces, produced in a worker thread, consumed here as they come."""
     loop = asyncio.get_running_loop()
@@ -754,7 +775,7 @@ async def _stream_in_thread(
         finally:
             stream.close()
 
-    worker = loop.run_in_executor(None, produce)
+    worker = loop.run_in_executor(executor, produce)
     try:
         while True:
             kind, value = await queue.get()
