@@ -1,8 +1,9 @@
 """The FastAPI app: ``create_app(settings, runtime)``.
 
 Handlers here only translate HTTP to the runtime and back. Model loading lives in
-``runtime.py``, storage access in ``search.py``, request models in ``schemas.py``, keys in
-``auth.py``, micro-batching in ``batching.py`` and the Prometheus metrics in ``metrics.py``.
+``runtime.py``, per-app state and batchers in ``state.py``, storage access in ``search.py``,
+request models in ``schemas.py``, keys in ``auth.py``, the size guard and error handlers in
+``middleware.py``, server-sent events in ``streaming.py`` and the metrics in ``metrics.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import binascii
 import contextlib
 import json
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,265 +26,22 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from cachebind.config import Settings
-from cachebind.errors import IndexMismatchError, InputError
+from cachebind.errors import IndexMismatchError
 from cachebind.modalities import Modality
 from cachebind.serve import schemas as s
 from cachebind.serve.auth import KeyStore, Role, presented_key
-from cachebind.serve.batching import ItemError, MicroBatcher
-from cachebind.serve.errors import ApiError, unavailable, unprocessable
+from cachebind.serve.errors import ApiError, unprocessable
 from cachebind.serve.filters import FilterError, parse_filter
 from cachebind.serve.inputs import embed_items, query_embedding
-from cachebind.serve.metrics import Metrics
+from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 from cachebind.serve.search import search as run_search
+from cachebind.serve.state import ServeState
+from cachebind.serve.streaming import sse, stream_in_thread
 
 log = logging.getLogger("cachebind.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 T = TypeVar("T")
-
-
-class BodyTooLarge(Exception):
-    """The request body went past ``ServeConfig.max_request_bytes`` while being read."""
-
-
-# --------------------------------------------------------------------------- state
-
-
-class ServeState:
-    """Everything one app instance owns: runtime, keys, metrics, batchers, background tasks."""
-
-    def __init__(self, settings: Settings, runtime: Runtime | None, keys: KeyStore | None) -> None:
-        self.settings = settings
-        self.config = settings.serve
-        self.runtime = runtime
-        self.load_error: str | None = None
-        from_files = keys is None and self.config.auth
-        if from_files:
-            keys = self.read_keys()
-        self.keys = keys
-        # Key files are re-read on an admin reload (a new key needs no restart), unless the
-        # caller handed keys in.
-        self.keys_from_files = from_files
-        self.metrics = Metrics()
-        # One thread for the model: torch already uses every core inside one call, and a
-        # single worker lets the batcher grow batches while the model is busy.
-        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
-        # Generations wait for each other here, not in the default pool that table reads use.
-        self.generate_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-llm")
-        self.encoders: dict[Modality, MicroBatcher[Any, np.ndarray]] = {}
-        self.index_batcher = MicroBatcher(
-            self._search_batch,
-            window_ms=self.config.batch_window_ms,
-            max_batch=self.config.max_batch,
-            max_inflight=2,
-            on_batch=lambda n: self.metrics.batch_size.labels(batcher="index").observe(n),
-            name="index",
-        )
-        self.enhance_batcher = MicroBatcher(
-            self._enhance_batch,
-            window_ms=self.config.batch_window_ms,
-            max_batch=self.config.max_batch,
-            max_inflight=2,
-            on_batch=lambda n: self.metrics.batch_size.labels(batcher="enhance").observe(n),
-            name="enhance",
-        )
-        self.reload_lock = asyncio.Lock()
-        self.tasks: list[asyncio.Task[Any]] = []
-
-    def read_keys(self) -> KeyStore:
-        keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
-        if not keys.user and not keys.admin:
-            raise ValueError(
-                "serve.auth is on but no keys are configured: set serve.api_keys_file "
-                "(lines 'sha256:<hex>', see cachebind.serve.auth.create_key) or --no-auth"
-            )
-        return keys
-
-    # ---------------------------------------------------------------- runtime access
-
-    def require_runtime(self) -> Runtime:
-        if self.runtime is None:
-            raise unavailable(
-                f"the models failed to load: {self.load_error}"
-                if self.load_error
-                else "the models are still loading; retry shortly (see /readyz)"
-            )
-        return self.runtime
-
-    def require_snapshot(self) -> tuple[Runtime, IndexSnapshot]:
-        runtime = self.require_runtime()
-        snapshot = runtime.snapshot  # taken once: the whole request uses this version
-        if snapshot is None:
-            raise unavailable("no index has been published yet (run `cachebind index`)")
-        return runtime, snapshot
-
-    # ---------------------------------------------------------------- batched work
-
-    async def embed_one(self, modality: Modality, raw: Any, source: str) -> np.ndarray:
-        """F_M of one raw input: preprocess here (its own InputError), encode micro-batched."""
-        runtime = self.require_runtime()
-        if modality is Modality.TEXT and len(raw) < 10_000:
-            # Tokenising a short text costs less than a hop to a worker thread.
-            tensor = runtime.preprocess(modality, raw, source)
-        else:
-            tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
-        batcher = self.encoders.get(modality)
-        if batcher is None:
-            batcher = self.encoders[modality] = MicroBatcher(
-                lambda tensors, m=modality: list(runtime.encode_batch(m, tensors)),
-                window_ms=self.config.batch_window_ms,
-                max_batch=self.config.max_batch,
-                executor=self.model_executor,
-                on_batch=lambda n, m=modality: self.metrics.batch_size.labels(
-                    batcher=f"encoder:{m.value}"
-                ).observe(n),
-                name=f"encoder-{modality.value}",
-            )
-        return await batcher.submit(tensor)
-
-    @staticmethod
-    def _search_batch(
-        items: list[tuple[IndexSnapshot, np.ndarray, int]],
-    ) -> list[tuple[np.ndarray, np.ndarray] | ItemError]:
-        # Queries of one batch may straddle an index swap: group them by snapshot.
-        out: list[Any] = [None] * len(items)
-        groups: dict[int, list[int]] = {}
-        for i, (snap, _, _) in enumerate(items):
-            groups.setdefault(id(snap), []).append(i)
-        for members in groups.values():
-            snap = items[members[0]][0]
-            k = max(items[i][2] for i in members)
-            queries = np.stack([items[i][1] for i in members]).astype(np.float32)
-            scores, ids = snap.index.search(queries, k)
-            for row, i in enumerate(members):
-                kk = items[i][2]
-                out[i] = (np.asarray(scores[row, :kk]), np.asarray(ids[row, :kk]))
-        return out
-
-    @staticmethod
-    def _enhance_batch(
-        items: list[tuple[IndexSnapshot, np.ndarray, int, float, float]],
-    ) -> list[Any]:
-        out: list[Any] = [None] * len(items)
-        groups: dict[tuple[int, int, float, float], list[int]] = {}
-        for i, (snap, _, k, t, alpha) in enumerate(items):
-            groups.setdefault((id(snap), k, t, alpha), []).append(i)
-        for (_, k, t, alpha), members in groups.items():
-            snap = items[members[0]][0]
-            f_m = np.stack([items[i][1] for i in members]).astype(np.float32)
-            for i, enhanced in zip(members, snap.cache.enhance(f_m, k, t, alpha), strict=True):
-                out[i] = enhanced
-        return out
-
-    # ---------------------------------------------------------------- index reload
-
-    async def reload(self, force: bool = False) -> bool:
-        """Load a newly published version in the background of requests, then swap."""
-        runtime = self.require_runtime()
-        async with self.reload_lock:
-            try:
-                swapped = await asyncio.to_thread(runtime.poll_index, force)
-            except Exception:
-                self.metrics.index_reloads.labels(outcome="failed").inc()
-                raise
-            if swapped:
-                self.metrics.index_reloads.labels(outcome="ok").inc()
-                snap = runtime.snapshot
-                self.metrics.set_index_version(snap.version if snap else None)
-            return swapped
-
-    async def poll_forever(self) -> None:
-        last_error = ""
-        while True:
-            await asyncio.sleep(self.config.index_poll_s)
-            if self.runtime is None:
-                continue
-            try:
-                await self.reload()
-                last_error = ""
-            except Exception as exc:  # keep serving the old version; say why once
-                if str(exc) != last_error:
-                    log.warning("index reload failed, still serving the old version: %s", exc)
-                    last_error = str(exc)
-
-    async def load_runtime(self) -> None:
-        try:
-            self.runtime = await asyncio.to_thread(Runtime.from_settings, self.settings)
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading the runtime failed")
-            return
-        snap = self.runtime.snapshot
-        self.metrics.set_index_version(snap.version if snap else None)
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for batcher in [*self.encoders.values(), self.index_batcher, self.enhance_batcher]:
-            await batcher.close()
-        self.model_executor.shutdown(wait=False, cancel_futures=True)
-        self.generate_executor.shutdown(wait=False, cancel_futures=True)
-
-
-# --------------------------------------------------------------------------- middleware
-
-
-class GuardMiddleware:
-    """Request size limit (413) and per-route metrics, as plain ASGI (streaming-safe)."""
-
-    def __init__(self, app: Any, state: ServeState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.state.config.max_request_bytes
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        try:
-            if length is not None and int(length) > limit:
-                response = JSONResponse(
-                    {"error": "request_too_large", "detail": f"body over {limit} bytes"}, 413
-                )
-                await response(scope, receive, send_wrapper)
-                return
-        except ValueError:
-            pass
-
-        seen = {"bytes": 0}
-
-        async def receive_limited() -> dict[str, Any]:
-            message = await receive()
-            if message["type"] == "http.request":
-                seen["bytes"] += len(message.get("body", b""))
-                if seen["bytes"] > limit:
-                    raise BodyTooLarge(f"body over {limit} bytes")
-            return message
-
-        try:
-            await self.app(scope, receive_limited, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            elapsed = time.perf_counter() - started
-            metrics = self.state.metrics
-            metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
-            metrics.latency.labels(path).observe(elapsed)
-
-
-# --------------------------------------------------------------------------- app
 
 
 def create_app(
@@ -321,7 +76,7 @@ def create_app(
     )
     app.state.serve = state
     app.add_middleware(GuardMiddleware, state=state)
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     async def timed(awaitable: Awaitable[T]) -> T:
         try:
@@ -604,24 +359,24 @@ def create_app(
             "temperature": body.temperature,
             "top_p": body.top_p,
         }
-        pieces = _stream_in_thread(runtime, body.prompt, visual, options, state.generate_executor)
+        pieces = stream_in_thread(runtime, body.prompt, visual, options, state.generate_executor)
         if not body.stream:
             text = "".join([p async for p in pieces])
             return s.GenerateResponse(text=text, neighbours=neighbours)
 
         async def events() -> AsyncIterator[str]:
             neighbours_json = [n.model_dump() for n in neighbours]
-            yield _sse({"neighbours": neighbours_json}, event="neighbours")
+            yield sse({"neighbours": neighbours_json}, event="neighbours")
             text = []
             try:
                 async for piece in pieces:
                     text.append(piece)
-                    yield _sse({"text": piece})
+                    yield sse({"text": piece})
             except Exception as exc:
                 log.exception("generation failed")
-                yield _sse({"error": "generation_failed", "detail": type(exc).__name__}, "error")
+                yield sse({"error": "generation_failed", "detail": type(exc).__name__}, "error")
                 return
-            yield _sse({"text": "".join(text)}, event="done")
+            yield sse({"text": "".join(text)}, event="done")
 
         return StreamingResponse(
             events(),
@@ -742,86 +497,3 @@ def _decode_cursor(cursor: str) -> int:
         return offset
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise unprocessable("bad_cursor", "cursor is not one this service returned") from exc
-
-
-def _sse(payload: dict[str, Any], event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(payload)}\n\n"
-
-
-async def _stream_in_thread(
-    runtime: Runtime,
-    prompt: str,
-    visual: np.ndarray | None,
-    options: dict[str, Any],
-    executor: ThreadPoolExecutor,
-) -> AsyncIterator[str]:
-    """The generator's text pieces, produced in a worker thread, consumed here as they come."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def produce() -> None:
-        stream = runtime.generate_stream(prompt, visual, **options)
-        try:
-            for piece in stream:
-                if stop.is_set():  # the client went away: stop spending tokens on it
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-        else:
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-        finally:
-            stream.close()
-
-    worker = loop.run_in_executor(executor, produce)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "piece":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                break
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await worker
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every failure becomes JSON ``{"error", "detail"}``; no traceback ever leaves the server."""
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {"error": exc.error, "detail": exc.detail}, exc.status, headers=exc.headers
-        )
-
-    @app.exception_handler(InputError)
-    async def input_error(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse(
-            {"error": exc.reason, "detail": str(exc), "source": exc.source}, status_code=422
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Keep location and message; never echo the input back (it can be megabytes of base64).
-        detail = [
-            {"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg", "")}
-            for err in exc.errors()
-        ]
-        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse({"error": "request_too_large", "detail": str(exc)}, status_code=413)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(
-            {"error": "internal_error", "detail": "the server failed; see its log"}, 500
-        )

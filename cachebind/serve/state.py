@@ -1,0 +1,200 @@
+"""What one app instance owns: the runtime, keys, metrics, micro-batchers and reload loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from cachebind.config import Settings
+from cachebind.modalities import Modality
+from cachebind.serve.auth import KeyStore
+from cachebind.serve.batching import ItemError, MicroBatcher
+from cachebind.serve.errors import unavailable
+from cachebind.serve.metrics import Metrics
+from cachebind.serve.runtime import IndexSnapshot, Runtime
+
+log = logging.getLogger("cachebind.serve")
+
+
+class ServeState:
+    """Everything one app instance owns: runtime, keys, metrics, batchers, background tasks."""
+
+    def __init__(self, settings: Settings, runtime: Runtime | None, keys: KeyStore | None) -> None:
+        self.settings = settings
+        self.config = settings.serve
+        self.runtime = runtime
+        self.load_error: str | None = None
+        from_files = keys is None and self.config.auth
+        if from_files:
+            keys = self.read_keys()
+        self.keys = keys
+        # Key files are re-read on an admin reload (a new key needs no restart), unless the
+        # caller handed keys in.
+        self.keys_from_files = from_files
+        self.metrics = Metrics()
+        # One thread for the model: torch already uses every core inside one call, and a
+        # single worker lets the batcher grow batches while the model is busy.
+        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
+        # Generations wait for each other here, not in the default pool that table reads use.
+        self.generate_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-llm")
+        self.encoders: dict[Modality, MicroBatcher[Any, np.ndarray]] = {}
+        self.index_batcher = MicroBatcher(
+            self._search_batch,
+            window_ms=self.config.batch_window_ms,
+            max_batch=self.config.max_batch,
+            max_inflight=2,
+            on_batch=lambda n: self.metrics.batch_size.labels(batcher="index").observe(n),
+            name="index",
+        )
+        self.enhance_batcher = MicroBatcher(
+            self._enhance_batch,
+            window_ms=self.config.batch_window_ms,
+            max_batch=self.config.max_batch,
+            max_inflight=2,
+            on_batch=lambda n: self.metrics.batch_size.labels(batcher="enhance").observe(n),
+            name="enhance",
+        )
+        self.reload_lock = asyncio.Lock()
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def read_keys(self) -> KeyStore:
+        keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
+        if not keys.user and not keys.admin:
+            raise ValueError(
+                "serve.auth is on but no keys are configured: set serve.api_keys_file "
+                "(lines 'sha256:<hex>', see cachebind.serve.auth.create_key) or --no-auth"
+            )
+        return keys
+
+    # ---------------------------------------------------------------- runtime access
+
+    def require_runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise unavailable(
+                f"the models failed to load: {self.load_error}"
+                if self.load_error
+                else "the models are still loading; retry shortly (see /readyz)"
+            )
+        return self.runtime
+
+    def require_snapshot(self) -> tuple[Runtime, IndexSnapshot]:
+        runtime = self.require_runtime()
+        snapshot = runtime.snapshot  # taken once: the whole request uses this version
+        if snapshot is None:
+            raise unavailable("no index has been published yet (run `cachebind index`)")
+        return runtime, snapshot
+
+    # ---------------------------------------------------------------- batched work
+
+    async def embed_one(self, modality: Modality, raw: Any, source: str) -> np.ndarray:
+        """F_M of one raw input: preprocess here (its own InputError), encode micro-batched."""
+        runtime = self.require_runtime()
+        if modality is Modality.TEXT and len(raw) < 10_000:
+            # Tokenising a short text costs less than a hop to a worker thread.
+            tensor = runtime.preprocess(modality, raw, source)
+        else:
+            tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
+        batcher = self.encoders.get(modality)
+        if batcher is None:
+            batcher = self.encoders[modality] = MicroBatcher(
+                lambda tensors, m=modality: list(runtime.encode_batch(m, tensors)),
+                window_ms=self.config.batch_window_ms,
+                max_batch=self.config.max_batch,
+                executor=self.model_executor,
+                on_batch=lambda n, m=modality: self.metrics.batch_size.labels(
+                    batcher=f"encoder:{m.value}"
+                ).observe(n),
+                name=f"encoder-{modality.value}",
+            )
+        return await batcher.submit(tensor)
+
+    @staticmethod
+    def _search_batch(
+        items: list[tuple[IndexSnapshot, np.ndarray, int]],
+    ) -> list[tuple[np.ndarray, np.ndarray] | ItemError]:
+        # Queries of one batch may straddle an index swap: group them by snapshot.
+        out: list[Any] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (snap, _, _) in enumerate(items):
+            groups.setdefault(id(snap), []).append(i)
+        for members in groups.values():
+            snap = items[members[0]][0]
+            k = max(items[i][2] for i in members)
+            queries = np.stack([items[i][1] for i in members]).astype(np.float32)
+            scores, ids = snap.index.search(queries, k)
+            for row, i in enumerate(members):
+                kk = items[i][2]
+                out[i] = (np.asarray(scores[row, :kk]), np.asarray(ids[row, :kk]))
+        return out
+
+    @staticmethod
+    def _enhance_batch(
+        items: list[tuple[IndexSnapshot, np.ndarray, int, float, float]],
+    ) -> list[Any]:
+        out: list[Any] = [None] * len(items)
+        groups: dict[tuple[int, int, float, float], list[int]] = {}
+        for i, (snap, _, k, t, alpha) in enumerate(items):
+            groups.setdefault((id(snap), k, t, alpha), []).append(i)
+        for (_, k, t, alpha), members in groups.items():
+            snap = items[members[0]][0]
+            f_m = np.stack([items[i][1] for i in members]).astype(np.float32)
+            for i, enhanced in zip(members, snap.cache.enhance(f_m, k, t, alpha), strict=True):
+                out[i] = enhanced
+        return out
+
+    # ---------------------------------------------------------------- index reload
+
+    async def reload(self, force: bool = False) -> bool:
+        """Load a newly published version in the background of requests, then swap."""
+        runtime = self.require_runtime()
+        async with self.reload_lock:
+            try:
+                swapped = await asyncio.to_thread(runtime.poll_index, force)
+            except Exception:
+                self.metrics.index_reloads.labels(outcome="failed").inc()
+                raise
+            if swapped:
+                self.metrics.index_reloads.labels(outcome="ok").inc()
+                snap = runtime.snapshot
+                self.metrics.set_index_version(snap.version if snap else None)
+            return swapped
+
+    async def poll_forever(self) -> None:
+        last_error = ""
+        while True:
+            await asyncio.sleep(self.config.index_poll_s)
+            if self.runtime is None:
+                continue
+            try:
+                await self.reload()
+                last_error = ""
+            except Exception as exc:  # keep serving the old version; say why once
+                if str(exc) != last_error:
+                    log.warning("index reload failed, still serving the old version: %s", exc)
+                    last_error = str(exc)
+
+    async def load_runtime(self) -> None:
+        try:
+            self.runtime = await asyncio.to_thread(Runtime.from_settings, self.settings)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading the runtime failed")
+            return
+        snap = self.runtime.snapshot
+        self.metrics.set_index_version(snap.version if snap else None)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for batcher in [*self.encoders.values(), self.index_batcher, self.enhance_batcher]:
+            await batcher.close()
+        self.model_executor.shutdown(wait=False, cancel_futures=True)
+        self.generate_executor.shutdown(wait=False, cancel_futures=True)
