@@ -112,14 +112,24 @@ def bench_cpu(n: int, work: Path) -> dict[str, Any]:
             embed=EmbedConfig(batch_size=batch),
         )
 
-    loop_rows, loop_s = plain_loop(source, settings("loop"), batch)
+    # The baseline gets its best thread count (one thread wins on a busy machine, where torch's
+    # OpenMP threads wait on each other), so the ratio is not flattered by a weak baseline.
+    cores = torch.get_num_threads()
+    loop_runs = {}
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        loop_runs[threads] = plain_loop(source, settings(f"loop{threads}"), batch)
+    torch.set_num_threads(cores)
+    best = min(loop_runs, key=lambda t: loop_runs[t][1])
+    loop_rows, loop_s = loop_runs[best]
     report = run_embed(source, settings("job"), progress=False)
     assert report.rows_written == loop_rows == n
     job_rate, loop_rate = n / report.wall_s, n / loop_s
     return {
         "mode": "cpu",
         "images": n,
-        "cores": torch.get_num_threads(),
+        "cores": cores,
+        "loop_s_by_threads": {t: round(r[1], 2) for t, r in loop_runs.items()},
         "loop_s": round(loop_s, 2),
         "loop_images_per_s": round(loop_rate, 1),
         "job_s": report.wall_s,

@@ -802,4 +802,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script (``ray job submit -- python jobs/embed.py``): use the importable module's
+    # functions so that Ray ships references to ``jobs.embed``, not copies of ``__main__``.
+    from jobs.embed import main as _main
+
+    sys.exit(_main())

@@ -122,14 +122,6 @@ class CacheWriter:
             zip(table["partition"].to_pylist(), table["fingerprint"].to_pylist(), strict=True)
         )
 
-    def committed_keys(self, shard: str) -> set[int]:
-        """Ids of rows and errors already committed for one partition (its resume point)."""
-        found: set[int] = set()
-        for table in (self.images, self.errors):
-            ids = table.to_lance().to_table(columns=["id"], filter=_eq("shard", shard))["id"]
-            found.update(ids.to_pylist())
-        return found
-
     def committed_by_shard(self, shards: set[str]) -> dict[str, set[int]]:
         """Ids of rows and errors already committed for each of ``shards`` (one scan of the
         ``id`` and ``shard`` columns): an unfinished partition's resume point."""
