@@ -271,6 +271,8 @@ def test_images_are_served_from_the_table_and_404_when_absent(http, table):
     assert r.status_code == 404 and error_of(r) == "not_found"
     assert http.get("/v1/images/12345").status_code == 404
     assert http.get("/v1/images/not-a-number").status_code == 422
+    assert http.get(f"/v1/images/{2**64}").status_code == 422
+    assert http.get("/v1/images/-1").status_code == 422
 
 
 # --------------------------------------------------------------------------- enhance

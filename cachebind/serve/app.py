@@ -14,12 +14,12 @@ import binascii
 import contextlib
 import json
 import logging
+import pathlib
 from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -40,7 +40,8 @@ from cachebind.serve.state import ServeState
 from cachebind.serve.streaming import sse, stream_in_thread
 
 log = logging.getLogger("cachebind.serve")
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = pathlib.Path(__file__).parent / "static"
+INT64_MAX = 2**63 - 1  # row ids are int64 (cachebind.store.row_id)
 T = TypeVar("T")
 
 
@@ -259,13 +260,12 @@ def create_app(
         tags=["v1"],
         responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": s.ErrorResponse}},
     )
-    async def image(row_id: int) -> Response:
+    async def image(row_id: Annotated[int, Path(ge=0, le=INT64_MAX)]) -> Response:
         """The thumbnail JPEG stored with a row (404 when the row or its thumbnail is absent)."""
         _, snap = state.require_snapshot()
-        table = snap.table
-        if "thumbnail" not in table.table.schema.names:
+        if "thumbnail" not in snap.lookup.dataset.schema.names:
             raise ApiError(404, "not_found", "this cache stores no thumbnails")
-        rows = await asyncio.to_thread(table.rows, [row_id], ["id", "thumbnail"])
+        rows = await asyncio.to_thread(snap.lookup.rows, [row_id], ["id", "thumbnail"])
         data = rows.column("thumbnail")[0].as_py() if rows.num_rows else None
         if not data:
             raise ApiError(404, "not_found", f"no thumbnail for id {row_id}")
@@ -291,7 +291,7 @@ def create_app(
 
     async def neighbours_of(snap: IndexSnapshot, enhanced: Any) -> list[s.Neighbour]:
         ids = [int(i) for i in enhanced.ids]
-        rows = await asyncio.to_thread(snap.table.rows, ids, ["id", "key", "caption"])
+        rows = await asyncio.to_thread(snap.lookup.rows, ids, ["id", "key", "caption"])
         meta = {r["id"]: r for r in rows.to_pylist()}
         return [
             s.Neighbour(
@@ -393,7 +393,7 @@ def create_app(
         snap = runtime.snapshot
         if snap is None:
             return s.IndexInfo(version=None, manifest=None, table_version=None, rows=None, dim=None)
-        rows = await asyncio.to_thread(lambda: snap.rows)
+        rows = snap.rows
         return s.IndexInfo(
             version=snap.version,
             manifest=json.loads(json.dumps(snap.manifest, default=str)),

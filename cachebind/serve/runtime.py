@@ -8,7 +8,6 @@ whole when a new version is published, so a request that took the old snapshot f
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -40,26 +39,33 @@ class IndexLoader(Protocol):
 
 @dataclass(frozen=True)
 class IndexSnapshot:
-    """One published index with the table version it was built from and its cache model."""
+    """One published index with the table version it was built from and its cache model.
+
+    ``lookup`` maps ids to rows of that table version (built once, at load time, off the
+    request path); the cache model takes its exact F_value vectors from it.
+    """
 
     version: str | None
     index: SearchIndex
     table: Any  # cachebind.store.CacheTable
     cache: Any  # cachebind.cache.CacheModel
+    lookup: Any  # cachebind.serve.rows.RowLookup
     manifest: dict[str, Any] = field(default_factory=dict)
 
-    @functools.cached_property
+    @property
     def rows(self) -> int:
-        """Row count of the pinned table version (constant, so counted once)."""
-        return int(self.table.count())
+        """Row count of the pinned table version."""
+        return len(self.lookup)
 
     @classmethod
     def of(
         cls, index: SearchIndex, table: Any, version: str | None, manifest: dict[str, Any]
     ) -> IndexSnapshot:
         from cachebind.cache import CacheModel
+        from cachebind.serve.rows import RowLookup
 
-        return cls(version, index, table, CacheModel(index, table), dict(manifest))
+        lookup = RowLookup(table)
+        return cls(version, index, table, CacheModel(index, lookup), lookup, dict(manifest))
 
 
 class PublishedIndexLoader:
