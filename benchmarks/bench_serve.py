@@ -104,7 +104,8 @@ def summarise(concurrency: int, latencies: list[float], elapsed: float, errors: 
 
 
 class InProcess:
-    """The same search without HTTP: F_M = embed(text), top-k from the index, rows' metadata."""
+    """The same search without HTTP: F_M = embed(text), top-k from the index, rows' metadata
+    (through the same per-version row lookup the server uses)."""
 
     def __init__(self, settings: Any) -> None:
         from cachebind.serve.runtime import Runtime
@@ -121,7 +122,7 @@ class InProcess:
             t0 = time.perf_counter()
             f_m = self.runtime.encoder.embed("text", [QUERIES[self.i % len(QUERIES)]])
             _, ids = snap.index.search(f_m, k)
-            snap.table.rows(ids[0][ids[0] >= 0].tolist(), columns).to_pylist()
+            snap.lookup.rows(ids[0][ids[0] >= 0], columns).to_pylist()
             if record:
                 self.latencies.append(time.perf_counter() - t0)
             self.i += 1
