@@ -141,7 +141,10 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             print(version)
         return 0
     if args.action == "add":
-        manifest = indexing.add_rows(settings.store, settings.index)
+        from cachebind.store import CacheTable
+
+        table = CacheTable.open(settings.store)
+        manifest = indexing.add_rows(settings.index.dir, table, settings.index)
     else:
         manifest = indexing.build_and_publish(settings.store, settings.index)
     print(json.dumps(manifest, indent=2, default=str))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -447,10 +448,17 @@ def init_ray(cfg: EmbedConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    # Keep the operator's terminal for the progress bar and the report: Ray Data's INFO lines
+    # go to its log files, and the accelerator-env opt-in silences a FutureWarning.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Workers of a local instance inherit this; see the fork-safety note below.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:lance is not fork-safe")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     with warnings.catch_warnings():
-        # Ray starts its processes with fork+exec: lancedb's warning about forking a process
-        # that has used it concerns children that keep running Python, not these.
+        # Ray starts its processes with fork+exec: lance's warnings about forking a process
+        # that has used it concern children that keep running Python, not these.
         warnings.filterwarnings("ignore", message="lancedb fork support")
+        warnings.filterwarnings("ignore", message="lance is not fork-safe")
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, **kwargs)
         else:

@@ -94,23 +94,25 @@ def run_demo(
     )
 
     _banner("2/6 embedding job (local Ray -> ImageBind vision encoder -> LanceDB)")
-    report = run_embed(collection.webdataset_spec, settings)
-    summary = report.to_dict()
-    print(f"rows written: {summary.get('rows_written')}, errors: {summary.get('errors_total', 0)}")
+    run_embed(collection.webdataset_spec, settings)  # prints its own report
 
     _banner("3/6 building, verifying and publishing the index")
     manifest = build_and_publish(settings.store, settings.index)
-    recall = manifest.get("recall", {})
+    recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest.get("recall", {}).items())
     print(
-        f"published version {manifest['version']}: {manifest['index_key']}, "
-        f"recall {recall}, {manifest['rows']} rows"
+        f"published version {manifest['version']}: {manifest['index_key']} over "
+        f"{manifest['table']['row_count']} rows (table version {manifest['table']['version']}); "
+        f"measured {recall}"
     )
 
     _banner("4/6 a small LLaMA with ImageBind-LLM's gated injection")
-    llm_files = build_tiny_llm(out / "llm", in_dim=_encoder_dim(settings), write_only=True)
-    settings.llm.llama_dir = llm_files.llama_dir
-    settings.llm.adapter_checkpoint = llm_files.adapter_checkpoint
-    print(f"written in Meta layout + released adapter layout under {out / 'llm'}")
+    # Written in Meta's layout and the released ImageBind-LLM layout, then loaded by the service
+    # through the same conversion code as the real 7B checkpoints.
+    llm_dir = out / "llm"
+    build_tiny_llm(llm_dir, visual_dim=_encoder_dim(settings))
+    settings.llm.llama_dir = llm_dir
+    settings.llm.adapter_checkpoint = llm_dir / "imagebind_llm_tiny.pth"
+    print(f"tiny LLaMA (Meta layout) + adapter checkpoint (released layout) in {llm_dir}")
 
     _banner("5/6 starting the HTTP service on 127.0.0.1")
     user_key, admin_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
