@@ -28,12 +28,12 @@ class CacheTable:
 
     @classmethod
     def open(cls, config: StoreConfig, version: int | None = None) -> CacheTable:
-        db = lancedb.connect(config.uri)
-        if config.table not in db.table_names():
+        try:
+            table = lancedb.connect(config.uri).open_table(config.table)
+        except ValueError as exc:  # lancedb's "Table 'x' was not found"
             raise FileNotFoundError(
                 f"no table {config.table!r} in {config.uri}: run `cachebind embed` first"
-            )
-        table = db.open_table(config.table)
+            ) from exc
         if version is not None:
             table.checkout(version)
         return cls(table=table, version=table.version)
