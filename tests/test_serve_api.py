@@ -419,6 +419,20 @@ def test_each_malformed_search_gets_a_422_that_says_what_is_wrong(http, body, er
     assert "Traceback" not in r.text
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"inputs": [{"modality": "text", "text": "x", "weight": Infinity}]}',
+        '{"inputs": [{"embedding": [NaN' + ", 0.1" * 63 + "]}]}",
+        '{"inputs": [{"modality": "text", "text": "x"}], "dedup": NaN}',
+    ],
+)
+def test_non_finite_numbers_are_refused(http, raw):
+    r = http.post("/v1/search", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and error_of(r) == "invalid_request"
+    assert "finite" in r.text
+
+
 def test_media_are_never_read_from_a_server_path(http):
     r = http.post(
         "/v1/embed", json={"inputs": [{"modality": "image", "data": None, "text": "/etc/passwd"}]}

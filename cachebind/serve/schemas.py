@@ -11,7 +11,8 @@ from cachebind.modalities import Modality
 
 class Strict(BaseModel):
     # Unknown fields are an error: a misspelt "filtre" must not silently search everything.
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity (which Python's JSON parser accepts) are refused in every number.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InputItem(Strict):
