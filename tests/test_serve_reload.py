@@ -159,3 +159,13 @@ def test_admin_reload_rereads_the_key_files(tmp_path):
         r = httpx.post(f"{s.url}/v1/admin/reload", headers=admin)
         assert r.status_code == 409 and r.json()["error"] == "bad_key_file"
         assert httpx.get(f"{s.url}/v1/index", headers={"X-API-Key": new_key}).status_code == 200
+
+
+def test_an_llm_whose_bind_network_does_not_fit_the_encoder_is_refused_at_start(tmp_path):
+    from cachebind.inject.tiny import build_tiny_llm
+
+    cache = build_demo_cache(tmp_path, rows=10, dim=64)
+    svc = service_settings(tmp_path, cache)
+    generator = build_tiny_llm(tmp_path / "llm", visual_dim=1024)
+    with pytest.raises(ValueError, match="takes 1024-d features but the encoder gives 64-d"):
+        tiny_runtime(svc.settings, TableFlatLoader(cache.store), generator)

@@ -118,6 +118,14 @@ class Runtime:
         cache_config: CacheConfig | None = None,
         generation_defaults: dict[str, Any] | None = None,
     ) -> None:
+        visual_dim = getattr(generator, "visual_dim", None)
+        if generator is not None and visual_dim is not None and visual_dim != encoder.out_dim:
+            # F~_M goes into the bind network as is: the two must agree, or every generation
+            # would fail. Say so at start-up rather than blame each request.
+            raise ValueError(
+                f"the LLM's bind network takes {visual_dim}-d features but the encoder gives "
+                f"{encoder.out_dim}-d (encoder preset {encoder.identity.get('preset')!r})"
+            )
         self.encoder = encoder
         self.loader = loader
         self.generator = generator
