@@ -158,6 +158,18 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.serve.auth import create_key
+
+    key = create_key(Path(args.file))
+    print(key)
+    print(
+        f"(its sha256 was appended to {args.file}; the key itself is not stored anywhere)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _client(settings: Settings, args: argparse.Namespace) -> Any:
     import os
 
@@ -308,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-dir", dest="index__dir")
     p.add_argument("--preset", dest="encoder__preset")
     p.add_argument("--checkpoint", dest="encoder__checkpoint")
+
+    p = command(
+        "keys",
+        cmd_keys,
+        "create an API key for the service",
+        "Generate a random API key, print it once, and append its sha256 to FILE (use the "
+        "file as --api-keys-file, or as --admin-keys-file for admin keys).",
+    )
+    p.add_argument("action", choices=["create"])
+    p.add_argument("file", help="keys file to append the hash to")
 
     p = command(
         "search",

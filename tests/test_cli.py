@@ -11,7 +11,18 @@ import pytest
 from cachebind.cli import build_parser, overrides_from, parse_input
 from cachebind.modalities import Modality
 
-STAGES = ["embed", "index", "serve", "search", "enhance", "generate", "weights", "demo", "config"]
+STAGES = [
+    "embed",
+    "index",
+    "serve",
+    "search",
+    "enhance",
+    "generate",
+    "weights",
+    "demo",
+    "config",
+    "keys",
+]
 
 
 @pytest.mark.parametrize("command", STAGES)
@@ -63,3 +74,15 @@ def test_flags_become_settings_overrides() -> None:
         "store": {"uri": "/tmp/db"},
         "embed": {"batch_size": 32, "thumbnails": False},
     }
+
+
+def test_keys_create_stores_only_the_hash(tmp_path, capsys) -> None:
+    from cachebind.cli import main
+    from cachebind.serve.auth import KeyStore, Role
+
+    keys_file = tmp_path / "users.keys"
+    assert main(["keys", "create", str(keys_file)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key and key not in keys_file.read_text()
+    assert keys_file.read_text().startswith("sha256:")
+    assert KeyStore.from_files(keys_file, None).role(key) == Role.USER

@@ -31,7 +31,7 @@ def generate_key() -> str:
 def create_key(keys_file: Path) -> str:
     """Generate a key, append its hash to ``keys_file`` (created with mode 0600) and return it.
 
-    This is what ``cachebind serve keygen --file PATH`` calls; the plaintext is shown once.
+    This is what ``cachebind keys create FILE`` calls; the plaintext is shown once.
     """
     key = generate_key()
     keys_file = Path(keys_file)
