@@ -53,14 +53,16 @@ def drop_self(found: np.ndarray, self_positions: np.ndarray, k: int) -> np.ndarr
     return np.where(kept, out, -1)
 
 
+def per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """|found[i, :k] ∩ truth[i, :k]| / |truth[i, :k]| for each query (-1 pads in truth ignored)."""
+    f, t = found[:, :k], truth[:, :k]
+    valid = t >= 0
+    hits = ((f[:, :, None] == t[:, None, :]) & valid[:, None, :] & (f >= 0)[:, :, None]).any(1)
+    return hits.sum(1) / np.maximum(valid.sum(1), 1)
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean |found[:, :k] ∩ truth[:, :k]| / k (the usual k-recall@k), ignoring -1 pads in truth."""
+    """Mean k-recall@k over the queries: |found ∩ truth| / k, the usual ANN recall."""
     if len(truth) == 0:
         return float("nan")
-    hits = 0
-    total = 0
-    for f, t in zip(found[:, :k], truth[:, :k], strict=True):
-        t = t[t >= 0]
-        hits += len(np.intersect1d(f[f >= 0], t, assume_unique=False))
-        total += len(t)
-    return hits / total if total else float("nan")
+    return float(per_query_recall(found, truth, k).mean())

@@ -65,12 +65,12 @@ def ivf_nlist(key: str) -> int | None:
 
 
 def train_size_for(key: str, n: int, dim: int, budget_bytes: float) -> int:
-    """Training rows: ~50 per centroid (faiss warns below 39), capped by the budget and 1M."""
+    """Training rows: 40 per centroid (faiss warns below 39), capped by the budget and 1M."""
     nlist = ivf_nlist(key)
     if nlist is None:
         return 0
     by_budget = int(budget_bytes / 4 / (dim * 4))  # a quarter of the budget for the sample
-    return int(max(min(n, 50 * nlist, MAX_TRAIN_ROWS, max(by_budget, 256)), min(n, 256)))
+    return int(max(min(n, 40 * nlist, MAX_TRAIN_ROWS, max(by_budget, 256)), min(n, 256)))
 
 
 def _full_vectors_key(n: int, dim: int) -> tuple[str, int]:

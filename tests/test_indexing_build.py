@@ -46,7 +46,8 @@ def test_tuning_reaches_the_recall_target_and_records_it(ivf) -> None:
     params = manifest["search_params"]
     assert 1 <= params["nprobe"] <= 64 and params["k_factor"] >= 1
     trials = manifest["tuning_trials"]
-    meeting = [t for t in trials if t["recall"] >= 0.95]
+    # "Meets" = reaches the target with ~90% confidence over the 1000 held-out queries.
+    meeting = [t for t in trials if t["recall"] - 1.28 * t["stderr"] >= 0.95]
     assert min(meeting, key=lambda t: t["ms_per_query"])["params"] == params
 
 
@@ -54,7 +55,7 @@ def test_recall_holds_on_new_queries_against_brute_force(ivf) -> None:
     table, cfg, _ = ivf
     loaded = indexing.load_current(cfg.dir, table, use_gpu="no")
     # New vectors from the same distribution, never in the table nor in tuning.
-    queries = clustered_vectors(12_300, DIM, seed=1)[12_000:]
+    queries = clustered_vectors(12_300, DIM, seed=1, n_clusters=int(np.sqrt(12_000)))[12_000:]
     truth = exact_topk(table, queries, 10)
     _, found = loaded.search(queries, 10)
     recall = np.mean([len(np.intersect1d(f, t)) / 10 for f, t in zip(found, truth, strict=True)])

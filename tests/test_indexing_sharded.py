@@ -34,7 +34,7 @@ def test_shard_ranges_cover_the_table_in_order() -> None:
 
 
 def test_sharded_build_equals_single_build(tmp_path: Path, local_ray) -> None:
-    store = make_images_table(tmp_path / "db", 6_000, DIM, seed=0)
+    store = make_images_table(tmp_path / "db", 4_000, DIM, seed=0)
     table = CacheTable.open(store)
     single_cfg = IndexConfig(dir=tmp_path / "single", use_gpu="no")
     sharded_cfg = IndexConfig(dir=tmp_path / "sharded", use_gpu="no")
@@ -42,13 +42,14 @@ def test_sharded_build_equals_single_build(tmp_path: Path, local_ray) -> None:
     sharded = indexing.build_and_publish(
         store, sharded_cfg, progress=False, index_key=KEY, shards=3
     )
-    assert sharded["shards"] == 3 and sharded["ntotal"] == 6_000
+    assert sharded["shards"] == 3 and sharded["ntotal"] == 4_000
     assert sharded["table"] == single["table"]  # same ids in the same order
     # Tuning saw the same recall at every step (timings may differ, recalls may not).
     assert [t["recall"] for t in sharded["tuning_trials"]] == [
         t["recall"] for t in single["tuning_trials"]
     ]
-    assert sharded["recall"] == single["recall"]
+    if sharded["search_params"] == single["search_params"]:  # (chosen by measured speed)
+        assert sharded["recall"] == single["recall"]
 
     a = indexing.load_current(single_cfg.dir, table, use_gpu="no")
     b = indexing.load_current(sharded_cfg.dir, table, use_gpu="no")
