@@ -128,8 +128,8 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
     from jobs.embed import run_embed
 
-    report = run_embed(args.source, settings, limit=args.limit)
-    print(json.dumps(report.to_dict(), indent=2))
+    report = run_embed(args.source, settings, limit=args.limit)  # prints its summary
+    print(f"report: {report.report_path}")
     return 0
 
 
@@ -147,7 +147,21 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         manifest = indexing.add_rows(settings.index.dir, table, settings.index)
     else:
         manifest = indexing.build_and_publish(settings.store, settings.index)
-    print(json.dumps(manifest, indent=2, default=str))
+    if args.json:
+        print(json.dumps(manifest, indent=2, default=str))
+        return 0
+    recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest["recall"].items())
+    latency = ", ".join(
+        f"{name.replace('_', ' ')} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms"
+        for name, v in manifest.get("latency_ms", {}).items()
+    )
+    print(
+        f"published {manifest['version']} (CURRENT) in {settings.index.dir}\n"
+        f"  index {manifest['index_key']} {manifest['search_params']} over "
+        f"{manifest['table']['row_count']} rows of table version {manifest['table']['version']}\n"
+        f"  {recall}\n  latency: {latency}\n"
+        f"  manifest: {Path(settings.index.dir) / 'versions' / manifest['version']}/manifest.json"
+    )
     return 0
 
 
@@ -296,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-target", dest="index__recall_target", type=float)
     p.add_argument("--latency-budget-ms", dest="index__latency_budget_ms", type=float)
     p.add_argument("--keep-versions", dest="index__keep_versions", type=int)
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
     p = command(
         "serve",

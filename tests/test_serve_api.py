@@ -72,11 +72,13 @@ def error_of(response: httpx.Response) -> str:
 # --------------------------------------------------------------------------- auth
 
 
-def test_healthz_needs_no_key_and_everything_else_does(service):
+def test_health_probes_need_no_key_and_everything_else_does(service):
     svc, server, _ = service
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert "error" not in ready.json()  # load errors may name server paths: keys only
     for method, path in [
-        ("GET", "/readyz"),
         ("GET", "/metrics"),
         ("GET", "/v1/index"),
         ("POST", "/v1/search"),

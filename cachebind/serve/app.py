@@ -131,9 +131,11 @@ def create_app(
         """Liveness: the process answers (no auth)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], dependencies=user)
-    async def readyz() -> JSONResponse:
-        """Readiness: the encoder and an index are loaded."""
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: the encoder and an index are loaded (no auth, so that load balancers and
+        orchestrators can probe it; the load error, which may name server paths, is shown only
+        to callers with a key)."""
         runtime = state.runtime
         snap = runtime.snapshot if runtime else None
         body = {
@@ -141,8 +143,10 @@ def create_app(
             "encoder": runtime is not None,
             "index_version": snap.version if snap else None,
             "generator": bool(runtime and runtime.generator is not None),
-            "error": state.load_error,
         }
+        key = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if key is not None and state.keys.role(key) is not Role.NONE:
+            body["error"] = state.load_error
         return JSONResponse(body, 200 if body["ready"] else 503)
 
     @app.get("/metrics", tags=["ops"], dependencies=user)
