@@ -111,16 +111,17 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
     dest = Path(args.dir) if args.dir else settings.weights.dir
     if args.action == "list":
         for name, info in KNOWN_WEIGHTS.items():
-            path = dest / Path(info["url"]).name
-            state = "present" if path.is_file() else "not downloaded"
-            print(f"{name}: {info['url']} ({info['size'] / 1e9:.2f} GB, {info['license']}) {state}")
+            state = "present" if (dest / info.filename).is_file() else "not downloaded"
+            print(f"{name}: {info.url} ({info.size / 1e9:.2f} GB, {info.license}) - {state}")
         return 0
-    if args.action == "path":
-        print(dest / Path(KNOWN_WEIGHTS[args.name]["url"]).name)
-        return 0
+    if args.name not in KNOWN_WEIGHTS:
+        raise SystemExit(f"error: unknown weights {args.name!r}; known: {sorted(KNOWN_WEIGHTS)}")
     info = KNOWN_WEIGHTS[args.name]
-    print(f"{args.name} weights are licensed {info['license']}: non-commercial use only.")
-    path = download_weights(args.name, dest)
+    if args.action == "path":
+        print(dest / info.filename)
+        return 0
+    print(f"{args.name} weights are licensed {info.license}: non-commercial use only.")
+    path = download_weights(args.name, dest_dir=dest)
     print(f"saved {path}")
     return 0
 
@@ -436,9 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's last word: a message, not a traceback
+        import httpx
+
+        from cachebind.client import CachebindAPIError
         from cachebind.errors import CachebindError
 
-        if not isinstance(exc, CachebindError | FileNotFoundError):
+        if isinstance(exc, httpx.TransportError):
+            print(f"error: cannot reach the service: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(exc, CachebindError | CachebindAPIError | OSError):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -86,3 +86,21 @@ def test_keys_create_stores_only_the_hash(tmp_path, capsys) -> None:
     assert key and key not in keys_file.read_text()
     assert keys_file.read_text().startswith("sha256:")
     assert KeyStore.from_files(keys_file, None).role(key) == Role.USER
+
+
+def test_weights_list_and_path_name_the_license_and_location(tmp_path, capsys) -> None:
+    from cachebind.cli import main
+
+    assert main(["weights", "list", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "imagebind_huge" in out and "CC BY-NC 4.0" in out and "not downloaded" in out
+    assert main(["weights", "path", "imagebind_huge", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "imagebind_huge.pth")
+
+
+def test_an_unreachable_service_is_a_message_not_a_traceback(capsys) -> None:
+    from cachebind.cli import main
+
+    code = main(["search", "--text", "a dog", "--url", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "cannot reach the service" in capsys.readouterr().err
