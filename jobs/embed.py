@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -453,7 +453,9 @@ def init_ray(cfg: EmbedConfig) -> bool:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Workers of a local instance inherit this; see the fork-safety note below.
     os.environ.setdefault("PYTHONWARNINGS", "ignore:lance is not fork-safe")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    os.environ.setdefault(
+        "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))
+    )
     with warnings.catch_warnings():
         # Ray starts its processes with fork+exec: lance's warnings about forking a process
         # that has used it concern children that keep running Python, not these.
