@@ -216,32 +216,3 @@ def test_a_lone_request_to_an_idle_model_does_not_wait_for_the_window():
         return elapsed
 
     assert asyncio.run(main()) < 1.0
-
-
-# --------------------------------------------------------------------------- row lookup
-
-
-def test_row_lookup_agrees_with_the_table_and_keeps_the_order_asked(tmp_path):
-    import numpy as np
-
-    from cachebind.serve.fixtures import append_rows, build_demo_cache
-    from cachebind.serve.rows import RowLookup
-    from cachebind.store import CacheTable, row_id
-
-    cache = build_demo_cache(tmp_path, rows=300, dim=16)
-    table = CacheTable.open(cache.store)
-    append_rows(cache, 20)  # a later version: the lookup stays on the version it was given
-    lookup = RowLookup(table)
-    assert len(lookup) == 300
-    ids = [row_id(f"sample-{i:06d}") for i in (250, 3, 77, 310, 3)]  # 310 is only in v2
-    rows = lookup.rows(ids, ["id", "key"])
-    assert rows.column("key").to_pylist() == [
-        "sample-000250",
-        "sample-000003",
-        "sample-000077",
-        "sample-000003",
-    ]
-    np.testing.assert_array_equal(lookup.vectors(ids[:3]), table.vectors(ids[:3]))
-    with pytest.raises(KeyError, match=str(ids[3])):
-        lookup.vectors(ids)
-    assert lookup.rows([], ["id"]).num_rows == 0

@@ -268,9 +268,9 @@ def create_app(
     async def image(row_id: Annotated[int, Path(ge=0, le=INT64_MAX)]) -> Response:
         """The thumbnail JPEG stored with a row (404 when the row or its thumbnail is absent)."""
         _, snap = state.require_snapshot()
-        if "thumbnail" not in snap.lookup.dataset.schema.names:
+        if "thumbnail" not in snap.table.dataset.schema.names:
             raise ApiError(404, "not_found", "this cache stores no thumbnails")
-        rows = await asyncio.to_thread(snap.lookup.rows, [row_id], ["id", "thumbnail"])
+        rows = await asyncio.to_thread(snap.table.rows, [row_id], ["id", "thumbnail"])
         data = rows.column("thumbnail")[0].as_py() if rows.num_rows else None
         if not data:
             raise ApiError(404, "not_found", f"no thumbnail for id {row_id}")
@@ -296,7 +296,7 @@ def create_app(
 
     async def neighbours_of(snap: IndexSnapshot, enhanced: Any) -> list[s.Neighbour]:
         ids = [int(i) for i in enhanced.ids]
-        rows = await asyncio.to_thread(snap.lookup.rows, ids, ["id", "key", "caption"])
+        rows = await asyncio.to_thread(snap.table.rows, ids, ["id", "key", "caption"])
         meta = {r["id"]: r for r in rows.to_pylist()}
         return [
             s.Neighbour(

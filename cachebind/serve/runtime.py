@@ -41,31 +41,26 @@ class IndexLoader(Protocol):
 class IndexSnapshot:
     """One published index with the table version it was built from and its cache model.
 
-    ``lookup`` maps ids to rows of that table version (built once, at load time, off the
-    request path); the cache model takes its exact F_value vectors from it.
+    ``table`` is pinned at that version, with its id lookup built at load time (off the request
+    path); the cache model takes its exact F_value vectors from it.
     """
 
     version: str | None
     index: SearchIndex
     table: Any  # cachebind.store.CacheTable
     cache: Any  # cachebind.cache.CacheModel
-    lookup: Any  # cachebind.serve.rows.RowLookup
+    rows: int
+    """Row count of the pinned table version."""
     manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rows(self) -> int:
-        """Row count of the pinned table version."""
-        return len(self.lookup)
 
     @classmethod
     def of(
         cls, index: SearchIndex, table: Any, version: str | None, manifest: dict[str, Any]
     ) -> IndexSnapshot:
         from cachebind.cache import CacheModel
-        from cachebind.serve.rows import RowLookup
 
-        lookup = RowLookup(table)
-        return cls(version, index, table, CacheModel(index, lookup), lookup, dict(manifest))
+        table.build_id_lookup()
+        return cls(version, index, table, CacheModel(index, table), table.count(), dict(manifest))
 
 
 class PublishedIndexLoader:

@@ -81,14 +81,14 @@ def _select(
     if len(ids) == 0:
         return []
     columns = sorted(set(META_COLUMNS) | (set(filter_columns()) if where is not None else set()))
-    rows: pa.Table = snapshot.lookup.rows(ids, columns)
+    rows: pa.Table = snapshot.table.rows(ids, columns)
     # rows() keeps the order asked and leaves out ids missing from the table; re-align scores.
     score_of = {int(i): float(s) for i, s in zip(ids.tolist(), scores.tolist(), strict=True)}
     if where is not None:
         rows = rows.filter(where)
     kept_ids = rows.column("id").to_pylist()
     if dedup is not None and kept_ids:
-        keep = _dedup(snapshot.lookup.vectors(kept_ids), dedup, need)
+        keep = _dedup(snapshot.table.vectors(kept_ids), dedup, need)
         rows = rows.take(pa.array(keep, pa.int64()))
     return [Hit(id=int(r["id"]), score=score_of[int(r["id"])], row=r) for r in rows.to_pylist()]
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lancedb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cachebind.config import StoreConfig
 from cachebind.store.schema import table_metadata
@@ -21,10 +21,15 @@ class CacheTable:
 
     ``version`` is pinned at open time so that everything read through this handle (row count,
     ids, vectors) comes from the same snapshot, whatever a running job appends meanwhile.
+    Lookups by id go through a sorted id array built once per handle (16 bytes a row) and
+    lance's ``take``, so fetching the k rows of a query costs O(k), not a scan of the table.
     """
 
     table: Any  # lancedb.table.LanceTable
     version: int
+    _dataset: Any = field(default=None, repr=False)
+    _by_id: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, config: StoreConfig, version: int | None = None) -> CacheTable:
@@ -40,7 +45,10 @@ class CacheTable:
 
     @property
     def dataset(self) -> Any:  # lance.LanceDataset at the pinned version
-        return self.table.to_lance()
+        # One dataset object per handle: row offsets are only meaningful within its version.
+        if self._dataset is None:
+            self._dataset = self.table.to_lance()
+        return self._dataset
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -61,35 +69,48 @@ class CacheTable:
     def ids(self) -> np.ndarray:
         return self.dataset.to_table(columns=["id"]).column("id").to_numpy()
 
-    def rows(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> pa.Table:
-        """Rows for ``ids``, in the order asked (missing ids are left out)."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            return self.dataset.schema.empty_table().select(list(columns or []))
-        found = self.dataset.to_table(
-            columns=list(columns) if columns else None,
-            filter=pc.field("id").isin(pa.array(ids, pa.int64())),
-        )
-        if columns and "id" not in columns:
-            order_ids = self.dataset.to_table(
-                columns=["id"], filter=pc.field("id").isin(pa.array(ids, pa.int64()))
-            ).column("id")
-        else:
-            order_ids = found.column("id")
-        position = {int(v): i for i, v in enumerate(order_ids.to_pylist())}
-        take = [position[i] for i in ids if i in position]
-        return found.take(pa.array(take, pa.int64()))
+    def build_id_lookup(self) -> None:
+        """Map ids to row offsets now (otherwise done by the first lookup)."""
+        with self._lock:
+            if self._by_id is None:
+                ids = self.ids()
+                order = np.argsort(ids, kind="stable")
+                self._by_id = (ids[order], order)
 
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+    def offsets(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask over ``ids``, row offsets of the found ones, in the order asked)."""
+        if self._by_id is None:
+            self.build_id_lookup()
+        assert self._by_id is not None
+        sorted_ids, order = self._by_id
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        pos = np.searchsorted(sorted_ids, ids)
+        clipped = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+        found = (pos < len(sorted_ids)) & (sorted_ids[clipped] == ids)
+        return found, order[clipped[found]]
+
+    def rows(
+        self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """Rows for ``ids``, in the order asked (ids not in this version are left out)."""
+        columns = list(columns) if columns else self.dataset.schema.names
+        _, offsets = self.offsets(ids)
+        if len(offsets) == 0:
+            return self.dataset.schema.empty_table().select(columns)
+        return self.dataset.take(offsets.tolist(), columns=columns)
+
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The exact cached vectors F_value for ``ids`` (float32 [len(ids), d]).
 
-        Raises KeyError naming the ids that are not in the table.
+        Raises KeyError naming the ids that are not in this table version.
         """
-        table = self.rows(ids, columns=["id", "vector"])
-        if table.num_rows != len(ids):
-            missing = sorted(set(int(i) for i in ids) - set(table.column("id").to_pylist()))
-            raise KeyError(f"ids not in table version {self.version}: {missing[:10]}")
-        return vectors_to_numpy(table.column("vector"))
+        found, offsets = self.offsets(ids)
+        if not found.all():
+            missing = np.asarray(ids, dtype=np.int64).ravel()[~found][:10].tolist()
+            raise KeyError(f"ids not in table version {self.version}: {missing}")
+        if len(offsets) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return vectors_to_numpy(self.dataset.take(offsets.tolist(), columns=["vector"])["vector"])
 
 
 def vectors_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
