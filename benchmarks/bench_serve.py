@@ -122,7 +122,7 @@ class InProcess:
             t0 = time.perf_counter()
             f_m = self.runtime.encoder.embed("text", [QUERIES[self.i % len(QUERIES)]])
             _, ids = snap.index.search(f_m, k)
-            snap.lookup.rows(ids[0][ids[0] >= 0], columns).to_pylist()
+            snap.table.rows(ids[0][ids[0] >= 0], columns).to_pylist()
             if record:
                 self.latencies.append(time.perf_counter() - t0)
             self.i += 1
