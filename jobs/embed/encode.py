@@ -1,0 +1,92 @@
+"""Stage 2, the mapper on GPU (or CPU) actors: pixels -> F_M = ImageBind vision embedding."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from cachebind.config import EncoderConfig, WeightsConfig
+from cachebind.errors import InputError
+from jobs.embed.decode import PIXELS
+
+
+class EncodeActor:
+    """Holds one Encoder (one GPU, or CPU threads) and turns pixels into F_M = vector."""
+
+    def __init__(
+        self,
+        encoder_cfg: EncoderConfig,
+        weights_cfg: WeightsConfig,
+        pixel_dtype: str,
+        captions: bool,
+        threads: int,
+    ) -> None:
+        import torch
+
+        from cachebind.encode import Encoder
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, threads))
+        self.encoder = Encoder.from_config(encoder_cfg, weights_cfg)
+        self.pixel_dtype = pixel_dtype
+        self.captions = captions
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+        import torch.nn.functional as F
+
+        from cachebind.modalities import Modality
+
+        dim = self.encoder.out_dim
+        n = batch.num_rows
+        status = batch["status"].to_numpy(zero_copy_only=False)
+        ok = np.flatnonzero(status == "ok")
+        vectors = np.zeros((n, dim), dtype=np.float32)
+        text_vectors = np.zeros((n, dim), dtype=np.float32)
+        has_text = np.zeros(n, dtype=bool)
+        encode_s = np.zeros(n, dtype=np.float64)
+        if len(ok):
+            start = time.perf_counter()
+            pixels = batch["pixels"].take(pa.array(ok)).to_pylist()
+            x = np.frombuffer(b"".join(pixels), dtype=self.pixel_dtype).reshape(-1, *PIXELS)
+            feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x.copy()))
+            vectors[ok] = F.normalize(feats.float(), dim=-1).numpy()
+            if self.captions:
+                has_text = self._embed_captions(batch, ok, text_vectors)
+            encode_s[ok] = (time.perf_counter() - start) / len(ok)
+        out = batch.drop_columns(["pixels"])
+        out = out.append_column("vector", _fixed_list(vectors))
+        if self.captions:
+            out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
+        return out.append_column("encode_s", pa.array(encode_s))
+
+    def _embed_captions(self, batch: pa.Table, ok: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Caption embeddings (text encoder) into ``out``; returns which rows have one. A row
+        without a usable caption gets a null ``text_vector``, never a failed batch."""
+        from cachebind.modalities import Modality
+
+        has_text = np.zeros(len(out), dtype=bool)
+        captions = batch["caption"].to_pylist()
+        rows = [int(i) for i in ok if captions[i] and captions[i].strip()]
+        if not rows:
+            return has_text
+        try:
+            out[rows] = self.encoder.embed(Modality.TEXT, [captions[i] for i in rows])
+            has_text[rows] = True
+        except InputError:  # one bad caption: embed one by one, skipping the bad ones
+            for i in rows:
+                try:
+                    out[i] = self.encoder.embed(Modality.TEXT, [captions[i]])[0]
+                    has_text[i] = True
+                except InputError:
+                    continue
+        return has_text
+
+
+def _fixed_list(values: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    mask = pa.array(~valid) if valid is not None else None
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(values.reshape(-1)), values.shape[1], mask=mask
+    )

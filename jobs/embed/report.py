@@ -1,0 +1,89 @@
+"""What a run did: per-stage throughput, rows, errors by reason; printed and saved as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+
+
+@dataclass
+class StageStats:
+    samples: int = 0
+    busy_s: float = 0.0
+    """Seconds that workers of this stage spent on these samples (summed over workers)."""
+
+    def as_dict(self, wall_s: float) -> dict[str, float]:
+        return {
+            "samples": self.samples,
+            "busy_s": round(self.busy_s, 3),
+            "samples_per_busy_s": round(self.samples / self.busy_s, 2) if self.busy_s else 0.0,
+            "samples_per_wall_s": round(self.samples / wall_s, 2) if wall_s else 0.0,
+        }
+
+
+@dataclass
+class EmbedReport:
+    """What a run did; printed at the end and saved as JSON beside the table."""
+
+    source: str
+    uri: str
+    table: str
+    encoder: dict[str, Any]
+    rows_written: int = 0
+    rows_skipped: int = 0
+    """Samples already in the table or errors table (earlier runs, repeated keys)."""
+    errors_written: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    partitions_total: int = 0
+    partitions_skipped: int = 0
+    partitions_finished: int = 0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    samples_per_s: float = 0.0
+    steady_samples_per_s: float = 0.0
+    """Throughput once the pipeline is flowing (first block to last): excludes Ray start-up,
+    actor and model initialisation, which a long job amortises."""
+    stopped_by_limit: bool = False
+    started_at: str = ""
+    finished_at: str = ""
+    report_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_reason.items())) or "-"
+        stage_lines = "\n".join(
+            f"  {name:<7} {s['samples']:>9} samples  {s['samples_per_busy_s']:>9.1f}/s per "
+            f"worker  {s['samples_per_wall_s']:>9.1f}/s overall"
+            for name, s in self.stages.items()
+        )
+        return (
+            f"embed {self.source} -> {self.uri}/{self.table}\n"
+            f"  rows written {self.rows_written}, skipped (already present) {self.rows_skipped}, "
+            f"errors {self.errors_written} ({errors})\n"
+            f"  partitions {self.partitions_finished} finished, {self.partitions_skipped} "
+            f"skipped as done, of {self.partitions_total}\n"
+            f"{stage_lines}\n"
+            f"  wall {self.wall_s:.1f} s, {self.samples_per_s:.1f} samples/s "
+            f"({self.steady_samples_per_s:.1f}/s once flowing)"
+            + (" (stopped at --limit)" if self.stopped_by_limit else "")
+        )
+
+
+def save_report(report: EmbedReport, uri: str, table: str) -> str:
+    """Write ``<uri>/<table>.report.json`` (latest) and ``<uri>/_reports/<table>-<time>.json``."""
+    text = json.dumps(report.to_dict(), indent=2, default=str)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    latest = f"{uri.rstrip('/')}/{table}.report.json"
+    fs, _ = fsspec.core.url_to_fs(latest)
+    fs.makedirs(f"{uri.rstrip('/')}/_reports", exist_ok=True)
+    for path in (f"{uri.rstrip('/')}/_reports/{table}-{stamp}.json", latest):
+        with fsspec.open(path, "w") as f:
+            f.write(text)
+    return latest

@@ -1,0 +1,234 @@
+"""The embedding job: sources -> decode + preprocess (CPU tasks) -> ImageBind vision encoder
+(actors, one per GPU) -> the cache's LanceDB table.
+
+    python -m jobs.embed SOURCE [--config FILE] [--address auto] [--limit N]
+    ray job submit --working-dir . -- python -m jobs.embed SOURCE --config FILE
+
+Dataflow (Ray Data, streaming)::
+
+    partitions (one item each) --map_batches(decode_partition, tasks)--> rows with pixels
+      --map_batches(EncodeActor, ActorPoolStrategy, num_gpus=1)--> rows with F_M = vector
+      --iter_batches on the driver--> CacheWriter (rows, errors, progress)
+
+Why the driver writes: each LanceDB ``add`` is one atomic commit and the writer drops ids it has
+already committed, so a driver killed at any moment and started again with the same arguments
+ends with every good sample exactly once. A partition is recorded as finished only after all of
+its rows and errors are committed; an unfinished one is read again and its committed ids skipped
+before decoding. Ray Data retries decode tasks whose worker died and restarts encoder actors
+(``max_restarts=-1``, ``max_task_retries=-1``), so killing a worker process loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from cachebind.config import EncoderConfig, Settings, WeightsConfig
+from cachebind.sources import Partition, list_partitions, parse_source
+from cachebind.store import CacheWriter, images_schema
+from jobs.embed.decode import DecodeOptions, decode_partition
+from jobs.embed.encode import EncodeActor
+from jobs.embed.plan import init_ray, plan_resources
+from jobs.embed.report import EmbedReport, save_report
+from jobs.embed.sink import PartitionState, Sink
+
+
+def probe_encoder(encoder_cfg: EncoderConfig, weights_cfg: WeightsConfig) -> Any:
+    """The encoder's identity and out_dim without allocating its weights (meta device)."""
+    from cachebind.encode import Encoder
+
+    return Encoder.from_config(encoder_cfg.model_copy(update={"device": "meta"}), weights_cfg)
+
+
+def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
+    """``images_schema`` with the encoder identity and preprocessing version as metadata."""
+    try:
+        from cachebind.preprocess import PREPROCESS_VERSION
+    except ImportError:  # pragma: no cover - preprocess always ships it
+        PREPROCESS_VERSION = encoder.identity.get("preprocess_version")
+    return images_schema(
+        dtype=settings.store.vector_dtype,
+        dim=encoder.out_dim,
+        text_vector=settings.embed.caption_embeddings,
+        thumbnail=settings.embed.thumbnails,
+        metadata={
+            "encoder": encoder.identity,
+            "checkpoint": encoder.identity.get("weights"),
+            "preprocess_version": str(PREPROCESS_VERSION),
+            "pretrained": bool(encoder.pretrained),
+            "source": source,
+            "created_at": datetime.now(UTC).isoformat(),
+        },
+    )
+
+
+def run_embed(
+    source: str,
+    settings: Settings,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    flush_rows: int = 1024,
+    flush_s: float = 10.0,
+) -> EmbedReport:
+    """Embed every sample of ``source`` into ``settings.store``'s table; resumable, idempotent.
+
+    ``limit`` stops after that many samples (rows + errors) were committed; a later run with the
+    same arguments carries on. Rows are committed every ``flush_rows`` rows or ``flush_s``
+    seconds, whichever comes first. Raises ``EncoderMismatchError`` when the table was built by
+    another encoder.
+    """
+    import ray
+
+    started = time.time()
+    spec = parse_source(source)
+    encoder = probe_encoder(settings.encoder, settings.weights)
+    schema = table_schema(settings, encoder, str(spec))
+    writer = CacheWriter(settings.store, schema)  # refuses another encoder's table
+    partitions = list_partitions(spec)
+    finished = writer.finished_partitions()
+    todo = [p for p in partitions if finished.get(p.id) != p.fingerprint()]
+    report = EmbedReport(
+        source=str(spec),
+        uri=settings.store.uri,
+        table=settings.store.table,
+        encoder=encoder.identity,
+        partitions_total=len(partitions),
+        partitions_skipped=len(partitions) - len(todo),
+        started_at=datetime.fromtimestamp(started, UTC).isoformat(),
+    )
+    started_ray = init_ray(settings.embed)
+    try:
+        if todo:
+            _run_pipeline(todo, settings, writer, report, limit, progress, flush_rows, flush_s)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if writer.commits > 64:
+        writer.compact()
+    report.wall_s = round(time.time() - started, 3)
+    processed = report.rows_written + report.errors_written
+    report.samples_per_s = round(processed / report.wall_s, 2) if report.wall_s else 0.0
+    report.finished_at = datetime.now(UTC).isoformat()
+    report.report_path = save_report(report, settings.store.uri, settings.store.table)
+    if progress:
+        print(report.summary(), file=sys.stderr)
+    return report
+
+
+def _run_pipeline(
+    todo: list[Partition],
+    settings: Settings,
+    writer: CacheWriter,
+    report: EmbedReport,
+    limit: int | None,
+    progress: bool,
+    flush_rows: int,
+    flush_s: float,
+) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    cfg = settings.embed
+    plan = plan_resources(ray.cluster_resources(), cfg)
+    report.plan = asdict(plan)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours below shows samples/s, ETA and errors
+    ctx.execution_options.preserve_order = False
+
+    # Partitions an earlier run started but did not finish: skip what it committed.
+    committed = writer.committed_by_shard({p.id for p in todo})
+    items = [
+        {
+            "partition": json.dumps(p.to_dict()),
+            "skip": json.dumps(sorted(committed.get(p.id, ()))),
+        }
+        for p in todo
+    ]
+    decode_options = DecodeOptions(
+        max_pixels=cfg.max_image_pixels,
+        max_bytes=cfg.max_image_bytes,
+        thumbnails=cfg.thumbnails,
+        thumbnail_size=cfg.thumbnail_size,
+        pixel_dtype=plan.pixel_dtype,
+        chunk_rows=plan.chunk_rows,
+    )
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        decode_partition,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"options": decode_options},
+        compute=TaskPoolStrategy(size=plan.num_readers),
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        EncodeActor,
+        batch_size=plan.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "encoder_cfg": settings.encoder,
+            "weights_cfg": settings.weights,
+            "pixel_dtype": plan.pixel_dtype,
+            "captions": cfg.caption_embeddings,
+            "threads": int(plan.encoder_cpus),
+        },
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.num_encoders)
+        if not plan.gpus
+        else ActorPoolStrategy(min_size=plan.num_encoders, max_size=plan.num_encoders),
+        num_cpus=plan.encoder_cpus,
+        num_gpus=plan.encoder_gpus or None,
+        # A killed actor is restarted and its batch retried (Ray Data's defaults, made explicit).
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+
+    sizes = [p.options.get("num_samples") for p in todo]
+    total = sum(sizes) if all(s is not None for s in sizes) else None
+    bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    states: dict[str, PartitionState] = {p.id: PartitionState() for p in todo}
+    by_id = {p.id: p for p in todo}
+    sink = Sink(writer, settings, report, states, by_id)
+    last_flush = time.monotonic()
+    processed = 0
+    first_block: tuple[float, int] | None = None
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+    try:
+        for block in batches:
+            processed += sink.take(block)
+            if first_block is None and processed:
+                first_block = (time.monotonic(), processed)
+            bar.update(sink.last_samples)
+            if sink.pending_rows >= flush_rows or time.monotonic() - last_flush >= flush_s:
+                sink.flush()
+                last_flush = time.monotonic()
+                bar.set_postfix(
+                    errors=report.errors_written,
+                    parts=f"{report.partitions_finished}/{len(todo)}",
+                )
+            if limit is not None and processed >= limit:
+                report.stopped_by_limit = True
+                break
+        sink.flush()
+    finally:
+        bar.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if first_block is not None and processed > first_block[1]:
+        elapsed = time.monotonic() - first_block[0]
+        report.steady_samples_per_s = round((processed - first_block[1]) / elapsed, 2)
+    stages = {
+        "decode": sink.decode,
+        "encode": sink.encode,
+        "write": sink.write,
+    }
+    wall = time.time() - datetime.fromisoformat(report.started_at).timestamp()
+    report.stages = {name: s.as_dict(wall) for name, s in stages.items()}
