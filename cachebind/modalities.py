@@ -13,6 +13,8 @@ class Modality(StrEnum):
     DEPTH = "depth"
     THERMAL = "thermal"
     IMU = "imu"
+    # Point-Bind's 3D point clouds (imagebind_w3D.pth); not one of ImageBind's own six.
+    POINT = "point"
 
     @property
     def trunk(self) -> str:
@@ -28,4 +30,5 @@ _TRUNK = {
     Modality.DEPTH: "depth",
     Modality.THERMAL: "thermal",
     Modality.IMU: "imu",
+    Modality.POINT: "point",
 }

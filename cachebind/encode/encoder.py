@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cachebind.config import EncoderConfig, WeightsConfig
+from cachebind.encode import pointbind
 from cachebind.encode.imagebind import ImageBindModel, build_model
-from cachebind.encode.weights import KNOWN_WEIGHTS, file_sha256, load_checkpoint
-from cachebind.errors import WeightsError
+from cachebind.encode.pointbind import PointBindModel
+from cachebind.encode.weights import KNOWN_WEIGHTS, file_sha256
+from cachebind.errors import InputError, WeightsError
 from cachebind.modalities import Modality
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +50,9 @@ class Encoder:
 
     ``encode`` gives the reference's postprocessed outputs (what ImageBind's own zero-shot code
     compares); ``embed`` gives F_M, the unit vectors the cache and the API use.
+
+    ``point_model`` (Point-Bind's point branch, from ``imagebind_w3D.pth``) serves
+    ``Modality.POINT``; without it a point input is refused.
     """
 
     def __init__(
@@ -59,12 +64,21 @@ class Encoder:
         *,
         batch_size: int = 64,
         pretrained: bool = False,
+        point_model: PointBindModel | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         # Weights stay fp32; reduced precision runs under autocast, which keeps LayerNorm,
         # softmax statistics and the postprocessing in fp32.
         self.model = model.to(self.device).eval().requires_grad_(False)
+        if point_model is not None and point_model.out_embed_dim != model.out_embed_dim:
+            raise ValueError(
+                f"point branch outputs {point_model.out_embed_dim}-d, "
+                f"ImageBind {model.out_embed_dim}-d"
+            )
+        self.point_model = (
+            point_model.to(self.device).eval().requires_grad_(False) if point_model else None
+        )
         self.batch_size = max(1, int(batch_size))
         self.pretrained = pretrained
         self.identity: dict[str, Any] = dict(identity or {})
@@ -95,18 +109,21 @@ class Encoder:
         dtype = resolve_dtype(cfg.dtype, device)
         identity: dict[str, Any] = {"model": "imagebind", "preset": cfg.preset}
         if path is not None:
-            # Build without allocating, then take the checkpoint's tensors as the weights.
-            with torch.device("meta"):
-                model = build_model(cfg.preset)
-            # assign keeps the file's dtype: a half-precision copy of the weights becomes fp32.
-            model = load_checkpoint(model, path).float()
+            # Built without allocating, the models take the checkpoint's tensors (as float32);
+            # an imagebind_w3D.pth also yields Point-Bind's point branch.
+            model, point_model = pointbind.load_encoder_checkpoint(path, cfg.preset)
             sha = file_sha256(path)
             identity.update(checkpoint=str(path.resolve()), sha256=sha, weights=f"sha256:{sha}")
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 model = build_model(cfg.preset)
+                point_model = None
+                if cfg.preset in pointbind.PRESETS:
+                    point_model = pointbind.build_pointbind(cfg.preset)
             identity.update(checkpoint=None, sha256=None, weights=f"random-init:seed={cfg.seed}")
+        # No identity entry for the point branch: it does not change any cached (image) vector,
+        # and tables compare identities to refuse mixing encoders.
         identity["preprocess_version"] = _preprocess_version()
         return cls(
             model,
@@ -115,6 +132,7 @@ class Encoder:
             identity,
             batch_size=cfg.batch_size,
             pretrained=path is not None,
+            point_model=point_model,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -133,6 +151,12 @@ class Encoder:
     def encode(self, modality: Modality | str, batch: Tensor) -> Tensor:
         """ImageBind_m(batch), postprocessed as the reference: ``[B, out_dim]`` float32 on CPU."""
         trunk = Modality(modality).trunk
+        if trunk == "point" and self.point_model is None:
+            raise InputError(
+                "<point batch>",
+                "unsupported_modality",
+                "this encoder has no point branch: load Point-Bind's imagebind_w3D.pth",
+            )
         if batch.shape[0] == 0:
             return torch.empty(0, self.out_dim)
         outs = []
@@ -141,7 +165,10 @@ class Encoder:
                 chunk = chunk.float()
             chunk = chunk.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model.encode(trunk, chunk)
+                if trunk == "point":
+                    out = self.point_model.encode(chunk)  # type: ignore[union-attr]
+                else:
+                    out = self.model.encode(trunk, chunk)
             outs.append(out.float().cpu())
         return torch.cat(outs)
 

@@ -12,6 +12,7 @@ video      [15, 3, 2, 224, 224] f32    video.load_video -> video.video_tensor
 depth      [1, 224, 224] float32       depth.load_depth -> depth_to_disparity -> depth_tensor
 thermal    [1, 224, 224] float32       thermal.load_thermal -> thermal.thermal_tensor
 imu        [6, 2000] float32           imu.load_imu -> imu.imu_tensor
+point      [8192, 3] float32           pointcloud.load_point_cloud -> point_cloud_tensor
 =========  ==========================  =====================================================
 
 Each decode stage raises ``InputError(source, reason, detail)`` for unusable input (reasons:
@@ -37,6 +38,7 @@ from cachebind.preprocess.common import DEFAULT_MAX_BYTES
 from cachebind.preprocess.depth import depth_tensor, depth_to_disparity, load_depth
 from cachebind.preprocess.image import DEFAULT_MAX_PIXELS, image_tensor, load_image
 from cachebind.preprocess.imu import imu_tensor, load_imu
+from cachebind.preprocess.pointcloud import NUM_POINTS, load_point_cloud, point_cloud_tensor
 from cachebind.preprocess.text import load_text, text_tensor
 from cachebind.preprocess.thermal import load_thermal, thermal_tensor
 from cachebind.preprocess.video import load_video, video_tensor
@@ -52,6 +54,7 @@ INPUT_SHAPES: dict[Modality, tuple[int, ...]] = {
     Modality.DEPTH: (1, 224, 224),
     Modality.THERMAL: (1, 224, 224),
     Modality.IMU: (6, 2000),
+    Modality.POINT: (NUM_POINTS, 3),  # Point-Bind (imagebind_w3D.pth)
 }
 """The per-sample model input shape of each modality (a batch stacks these on axis 0)."""
 
@@ -64,6 +67,7 @@ _ACCEPTS: dict[Modality, tuple[type, ...]] = {
     Modality.DEPTH: (*_FILE_TYPES, Image.Image, np.ndarray),
     Modality.THERMAL: (*_FILE_TYPES, Image.Image, np.ndarray),
     Modality.IMU: (*_FILE_TYPES, np.ndarray),
+    Modality.POINT: (*_FILE_TYPES, np.ndarray),
 }
 
 
@@ -78,9 +82,9 @@ def preprocess(
     """One raw input -> its model input tensor (shapes in ``INPUT_SHAPES``).
 
     ``data``: bytes or a file path (str/Path; for text, a str is the text itself), a PIL image
-    (image, depth, thermal) or a NumPy array (depth in metres, thermal, IMU). ``source`` names
-    the input in errors. ``max_pixels`` / ``max_bytes`` bound what is decoded (EmbedConfig's
-    ``max_image_pixels`` / ``max_image_bytes``).
+    (image, depth, thermal) or a NumPy array (depth in metres, thermal, IMU, point ``[N, 3+]``).
+    ``source`` names the input in errors. ``max_pixels`` / ``max_bytes`` bound what is decoded
+    (EmbedConfig's ``max_image_pixels`` / ``max_image_bytes``).
     """
     try:
         modality = Modality(modality)
@@ -105,6 +109,8 @@ def preprocess(
     if modality is Modality.THERMAL:
         img = load_thermal(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
         return thermal_tensor(img)
+    if modality is Modality.POINT:
+        return point_cloud_tensor(load_point_cloud(data, source, max_bytes=max_bytes))
     return imu_tensor(load_imu(data, source, max_bytes=max_bytes))
 
 
@@ -120,9 +126,11 @@ __all__ = [
     "load_depth",
     "load_image",
     "load_imu",
+    "load_point_cloud",
     "load_text",
     "load_thermal",
     "load_video",
+    "point_cloud_tensor",
     "preprocess",
     "text_tensor",
     "thermal_tensor",
