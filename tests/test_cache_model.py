@@ -181,3 +181,30 @@ def test_enhance_validates_parameters(kwargs, message):
     cache = CacheModel(faiss_cache(keys, np.arange(10)))
     with pytest.raises(ValueError, match=message):
         cache.enhance(keys[:1], **kwargs)
+
+
+def test_similarities_come_from_exact_values_even_over_a_compressed_index():
+    """A PQ index scores approximately; S_topk (and so the softmax weights) must not."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(2000, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    pq = faiss.index_factory(32, "IVF16,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    pq.train(base)
+    pq.add(base)
+    pq.nprobe = 16
+    exact = faiss.IndexFlatIP(32)
+    exact.add(base)
+
+    class PQWithExactValues:
+        def search(self, q, k):
+            return pq.search(q, k)
+
+        def vectors(self, ids):
+            return base[np.asarray(ids)]
+
+    query = base[:3] + 0.05 * rng.normal(size=(3, 32)).astype(np.float32)
+    approx_scores, _ = pq.search(query, 5)
+    out = CacheModel(PQWithExactValues()).enhance(query, k=5)
+    for i, e in enumerate(out):
+        np.testing.assert_allclose(e.similarities, base[e.ids] @ query[i], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(approx_scores[0], out[0].similarities, atol=1e-3)

@@ -178,7 +178,8 @@ class CacheModel:
 
     def neighbours(self, f_m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Retrieval (eq. 3) for a batch: (S_topk [n, k] with -inf padding, ids [n, k] with -1
-        padding, F_value [n, k, d] with zero rows at padding). One search, one vector fetch."""
+        padding, F_value [n, k, d] with zero rows at padding). One search, one vector fetch;
+        S_topk = F_M · F_value is computed from the exact values."""
         scores, ids = self.index.search(np.ascontiguousarray(f_m, dtype=np.float32), k)
         scores = np.asarray(scores, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
@@ -195,6 +196,9 @@ class CacheModel:
                     f"{f_m.shape[1]}"
                 )
             values[valid] = fetched[inverse]
+            # S_topk from the exact values, not the index's scores: a compressed index (PQ)
+            # ranks well but scores approximately, and the softmax weights are sensitive to it.
+            scores = np.einsum("nkd,nd->nk", values, np.asarray(f_m, dtype=np.float32))
         return np.where(valid, scores, -np.inf).astype(np.float32), ids, values
 
     def enhance(
