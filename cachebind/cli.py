@@ -27,6 +27,7 @@ MEDIA_SUFFIXES = {
     Modality.AUDIO: {".wav", ".flac", ".mp3", ".ogg", ".oga", ".m4a"},
     Modality.VIDEO: {".mp4", ".webm", ".mkv", ".mov", ".avi"},
     Modality.IMU: {".csv", ".npy"},
+    Modality.POINT: {".ply", ".pcd", ".xyz", ".pts"},
 }
 
 

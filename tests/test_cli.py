@@ -54,6 +54,8 @@ def test_console_script_runs() -> None:
         ("clip.webm", (Modality.VIDEO, "clip.webm", 1.0)),
         ("depth:scan.png", (Modality.DEPTH, "scan.png", 1.0)),
         ("imu:walk.csv@0.25", (Modality.IMU, "walk.csv", 0.25)),
+        ("chair.ply", (Modality.POINT, "chair.ply", 1.0)),
+        ("point:scan.npy", (Modality.POINT, "scan.npy", 1.0)),
         ("text:me@example.com", (Modality.TEXT, "me@example.com", 1.0)),
     ],
 )

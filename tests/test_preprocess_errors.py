@@ -27,6 +27,7 @@ def sample_input(modality: Modality):
         Modality.DEPTH: fm.depth_png16_bytes(),
         Modality.THERMAL: fm.thermal_bytes(8),
         Modality.IMU: fm.npy_bytes(fm.imu_array(500)),
+        Modality.POINT: fm.npy_bytes(np.random.default_rng(0).normal(size=(500, 3))),
     }[modality]
 
 
