@@ -29,11 +29,12 @@ def test_demo_runs_every_stage_and_says_it_has_no_real_weights(tmp_path: Path) -
     text = done.stdout
     assert "RANDOMLY INITIALISED" in text and "cachebind weights download imagebind_huge" in text
     assert "CC BY-NC 4.0" in text
-    for heading in ("text query", "audio query", "weighted mix", "cosine(F_M, F~_M)", "generation"):
+    headings = ("text query", "audio query", "weighted mix", "video query", "point-cloud query")
+    for heading in (*headings, "cosine(F_M, F~_M)", "generation"):
         assert heading in text
     assert "stopped cleanly" in text
     # Five neighbours per query, with captions from the generated collection.
-    assert text.count("  5. score") >= 3
+    assert text.count("  5. score") == 5
     table = CacheTable.open(StoreConfig(uri=str(out / "lancedb")))
     assert table.count() == 40
     assert (out / "index" / "CURRENT").read_text().strip() == "v000001"

@@ -44,6 +44,7 @@ class Collection:
     audio: dict[str, Path]
     video: Path
     query_image: Path
+    point_cloud: Path
 
     @property
     def webdataset_spec(self) -> str:
@@ -186,6 +187,20 @@ def write_video(path: Path, seconds: float = 4.0, fps: int = 10, size: int = 240
     return path
 
 
+def write_point_cloud(path: Path, points: int = 4096, seed: int = 0) -> Path:
+    """A sphere of points as an ASCII PLY file (what scanners and Point-Bind's users have)."""
+    rng = np.random.default_rng(seed)
+    xyz = rng.normal(size=(points, 3))
+    xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
+    header = (
+        f"ply\nformat ascii 1.0\nelement vertex {points}\n"
+        "property float x\nproperty float y\nproperty float z\nend_header\n"
+    )
+    body = "\n".join(f"{x:.5f} {y:.5f} {z:.5f}" for x, y, z in xyz)
+    path.write_text(header + body + "\n")
+    return path
+
+
 def write_collection(root: Path, count: int = 240, seed: int = 0) -> Collection:
     """Write the whole demo collection under ``root`` (deterministic for a given seed)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -194,4 +209,7 @@ def write_collection(root: Path, count: int = 240, seed: int = 0) -> Collection:
     video = write_video(root / "video.mp4")
     query = root / "query_green_circle.png"
     draw("circle", "green", "white", 224, np.random.default_rng(seed + 99)).save(query)
-    return Collection(root=root, shards=shards, audio=audio, video=video, query_image=query)
+    cloud = write_point_cloud(root / "sphere.ply", seed=seed)
+    return Collection(
+        root=root, shards=shards, audio=audio, video=video, query_image=query, point_cloud=cloud
+    )

@@ -169,6 +169,11 @@ def _queries(client: Any, collection: Any, input_item: Any) -> None:
     video = [input_item(Modality.VIDEO, collection.video.read_bytes())]
     print_hits(f"video query: {collection.video.name}", client.search(video, k=5))
 
+    cloud = [input_item(Modality.POINT, collection.point_cloud.read_bytes())]
+    print_hits(
+        f"point-cloud query (Point-Bind): {collection.point_cloud.name}", client.search(cloud, k=5)
+    )
+
     enhanced = client.enhance([input_item(Modality.TEXT, text)], k=10, t=20.0, alpha=0.5)
     print(f"\ncache-enhanced embedding of {text!r} (k=10, t=20, alpha=0.5):")
     print(
