@@ -110,7 +110,8 @@ def write_images(out: Path, count: int = 240, per_shard: int = 100, seed: int = 
                 background = colours[(i // len(SHAPES) + 1 + i % 3) % len(colours)]
                 size = int(rng.choice([160, 224, 256, 320]))
                 img = draw(shape, colour, background, size, rng)
-                caption = f"a {colour} {shape} on a {background} background"
+                article = "an" if colour[0] in "aeiou" else "a"
+                caption = f"{article} {colour} {shape} on a {background} background"
                 url = f"https://example.invalid/demo/{key}.jpg"
                 meta = {
                     "url": url,
