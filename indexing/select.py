@@ -3,7 +3,8 @@
 The rules, measured on 2 CPU cores with clustered 1024-d vectors (benchmarks/bench_index.py):
 
 * small tables (< ``FLAT_MAX_ROWS``) get exact ``Flat`` inner-product search: nothing to train,
-  recall 1.0, and a brute-force scan of 50k x 1024 float32 is a few milliseconds per query;
+  recall 1.0, and a single query scans 50k x 1024 float32 (200 MB) in ~10 ms (186 ms measured
+  at 1M rows), while an IVF build of that size costs ~15 s of k-means and tuning;
 * a GPU that holds the whole cache as fp16 gets exact ``Flat`` too (moved to the GPU at load);
 * when the float32 vectors fit the budget, an IVF fast-scan PQ shortlist re-ranked exactly
   (``IVF<n>,PQ<d/4>x4fs,RFlat``).  autofaiss proposes HNSW here; we do not take it because HNSW
