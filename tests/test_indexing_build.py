@@ -146,3 +146,32 @@ def test_natural_selection_above_the_flat_threshold_builds_ivf(tmp_path: Path) -
     assert manifest["index_key"].startswith("IVF") and manifest["index_key"].endswith("RFlat")
     assert manifest["selection"]["autofaiss_keys"]
     assert manifest["recall"]["10"] >= 0.9
+
+
+def test_a_latency_budget_constrains_the_choice_and_is_recorded(tmp_path: Path) -> None:
+    store = make_images_table(tmp_path / "db", 4_000, DIM, seed=5)
+    table = CacheTable.open(store)
+    roomy = IndexConfig(dir=tmp_path / "a", use_gpu="no", latency_budget_ms=1_000.0)
+    m = indexing.publish(
+        roomy.dir, indexing.build_index(table, roomy, False, index_key="IVF32,PQ32x4fs,RFlat"), 3
+    )
+    manifest = indexing.versions.read_manifest(roomy.dir, m)
+    assert manifest["target"]["latency_met"] is True and manifest["target"]["met"] is True
+    # Tighter than any search can be: recorded as missed, never silently "filled".
+    tight = IndexConfig(dir=tmp_path / "b", use_gpu="no", latency_budget_ms=1e-6)
+    staged = indexing.build_index(table, tight, False, index_key="IVF32,PQ32x4fs,RFlat")
+    manifest = indexing.versions.read_manifest(tight.dir, indexing.publish(tight.dir, staged, 3))
+    assert manifest["target"]["latency_met"] is False
+    assert manifest["target"]["latency_budget_ms"] == 1e-6
+
+
+def test_caller_supplied_queries_are_used_for_tuning(tmp_path: Path) -> None:
+    store = make_images_table(tmp_path / "db", 3_000, DIM, seed=6)
+    queries = clustered_vectors(3_200, DIM, seed=6, n_clusters=int(np.sqrt(3_000)))[3_000:]
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
+    staged = indexing.build_index(
+        CacheTable.open(store), cfg, False, queries=queries, index_key="IVF16,PQ32x4fs,RFlat"
+    )
+    manifest = json.loads((staged / "manifest.json").read_text())
+    assert manifest["recall_queries"] == {"count": 200, "kind": "caller-supplied queries"}
+    assert manifest["target"]["met"] is True
