@@ -33,3 +33,25 @@ def test_no_gpu_means_cpu_unless_required() -> None:
     if faiss.get_num_gpus() == 0:
         assert gpu_wanted("auto") in (False, True)  # True only with CUDA torch
         assert gpu_wanted("no") is False
+
+
+def test_loaded_flat_index_batches_through_the_matrix_product(tmp_path) -> None:
+    """Batched exact search (torch matmul on the CPU) returns what FAISS's scan returns."""
+    from tables import make_images_table
+
+    import indexing
+    from cachebind.config import IndexConfig
+    from cachebind.store import CacheTable
+
+    store = make_images_table(tmp_path / "db", 2_000, 32, seed=0)
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
+    indexing.build_and_publish(store, cfg, progress=False)
+    loaded = indexing.load_current(cfg.dir, CacheTable.open(store), use_gpu="no")
+    assert loaded._cpu_matmul is not None
+    queries = clustered_vectors(2_050, 32, seed=0)[2_000:]
+    scores, ids = loaded.search(queries, 10)
+    expected_scores, positions = loaded.index.search(queries, 10)
+    np.testing.assert_array_equal(ids, loaded.ids[positions])
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    single_scores, single = loaded.search(queries[:1], 10)  # the FAISS path
+    np.testing.assert_array_equal(single, ids[:1])
