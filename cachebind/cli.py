@@ -148,7 +148,13 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         table = CacheTable.open(settings.store)
         manifest = indexing.add_rows(settings.index.dir, table, settings.index)
     else:
-        manifest = indexing.build_and_publish(settings.store, settings.index)
+        manifest = indexing.build_and_publish(
+            settings.store,
+            settings.index,
+            shards=args.shards,
+            ray_address=args.ray_address,
+            index_key=args.index_key,
+        )
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
         return 0
@@ -312,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-target", dest="index__recall_target", type=float)
     p.add_argument("--latency-budget-ms", dest="index__latency_budget_ms", type=float)
     p.add_argument("--keep-versions", dest="index__keep_versions", type=int)
+    p.add_argument("--shards", type=int, help="sharded build: add this many shards in Ray tasks")
+    p.add_argument("--ray-address", help="Ray cluster for a sharded build (default: local Ray)")
+    p.add_argument("--index-key", help="force a FAISS index key instead of choosing one")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
     p = command(

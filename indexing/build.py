@@ -148,6 +148,10 @@ def _train(work: Work, selection: Selection, progress: bool) -> faiss.Index:
     if selection.train_size and not index.is_trained:
         rng = np.random.default_rng(SEED + 1)
         pool = np.setdiff1d(np.arange(work.n), work.query_positions, assume_unique=True)
+        if len(pool) < selection.train_size:
+            # A small table is mostly held-out queries: train on every row rather than on too
+            # few (k-means needs at least one point per list).
+            pool = np.arange(work.n)
         size = min(selection.train_size, len(pool))
         positions = np.sort(rng.choice(pool, size, replace=False))
         t0 = time.perf_counter()

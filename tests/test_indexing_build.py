@@ -139,6 +139,16 @@ def test_small_table_is_exact_and_pads_with_minus_one(tmp_path: Path) -> None:
     assert sorted(found[0, :5].tolist()) == sorted(table.ids().tolist())
 
 
+def test_a_forced_ivf_key_trains_on_a_table_smaller_than_the_held_out_queries(
+    tmp_path: Path,
+) -> None:
+    store = make_images_table(tmp_path / "db", 180, DIM, seed=4)
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
+    manifest = indexing.build_and_publish(store, cfg, progress=False, index_key="IVF4,Flat")
+    assert manifest["index_key"] == "IVF4,Flat"
+    assert manifest["recall"]["10"] >= 0.95
+
+
 def test_natural_selection_above_the_flat_threshold_builds_ivf(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 52_000, 32, seed=4)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", recall_target=0.9)
