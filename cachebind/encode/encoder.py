@@ -13,28 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cachebind.config import EncoderConfig, WeightsConfig
+from cachebind.device import resolve_device, resolve_dtype
 from cachebind.encode import pointbind
 from cachebind.encode.imagebind import ImageBindModel, build_model
 from cachebind.encode.pointbind import PointBindModel
 from cachebind.encode.weights import KNOWN_WEIGHTS, file_sha256
 from cachebind.errors import InputError, WeightsError
 from cachebind.modalities import Modality
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is ``cuda`` when a GPU is present, else ``cpu``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on GPU and fp32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
 
 
 def _preprocess_version() -> str | None:

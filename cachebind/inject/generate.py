@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from cachebind.config import LLMConfig
+from cachebind.device import resolve_device, resolve_dtype
 from cachebind.errors import InputError, WeightsError
 from cachebind.inject.load import LoadReport, load_adapter_llama
 from cachebind.inject.model import AdapterLlama
@@ -61,14 +62,8 @@ def sample_top_p(
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """``auto``: CUDA when present; fp16 on GPU (the released inference precision), fp32 on CPU."""
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else ("cpu" if device == "auto" else device)
-    )
-    if dtype == "auto":
-        return dev, torch.float16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev, gpu_default=torch.float16)
 
 
 class Generator:
