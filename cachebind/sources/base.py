@@ -111,6 +111,21 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not _is_local(fs) else path
 
 
+def expand_uris(pattern: str, suffix: str) -> list[str]:
+    """The files a source pattern names: brace patterns, globs, single files, or every
+    ``*<suffix>`` file of a folder (sorted, so partitions come in a stable order)."""
+    uris: list[str] = []
+    for expanded in expand_braces(pattern):
+        fs, path = url_to_fs(expanded)
+        if fs.isdir(path):
+            uris += [full_uri(fs, p) for p in sorted(fs.glob(f"{path.rstrip('/')}/*{suffix}"))]
+        elif any(c in path for c in "*?["):
+            uris += [full_uri(fs, p) for p in sorted(fs.glob(path))]
+        else:
+            uris.append(expanded)
+    return uris
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

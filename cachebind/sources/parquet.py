@@ -16,12 +16,10 @@ import pyarrow.parquet as pq
 from cachebind.sources.base import (
     Partition,
     Sample,
-    expand_braces,
-    full_uri,
+    expand_uris,
     join_uri,
     read_bytes,
     samples_error,
-    url_to_fs,
 )
 
 KIND = "parquet"
@@ -41,15 +39,7 @@ def list_partitions(pattern: str, **options: Any) -> list[Partition]:
     writes it), ``path_column`` (image paths, relative to the parquet file's folder),
     ``caption_column``, ``url_column``, ``key_column``; unset ones are detected by name.
     """
-    uris: list[str] = []
-    for expanded in expand_braces(pattern):
-        fs, path = url_to_fs(expanded)
-        if fs.isdir(path):
-            uris += [full_uri(fs, p) for p in sorted(fs.glob(path.rstrip("/") + "/*.parquet"))]
-        elif any(c in path for c in "*?["):
-            uris += [full_uri(fs, p) for p in sorted(fs.glob(path))]
-        else:
-            uris.append(expanded)
+    uris = expand_uris(pattern, ".parquet")
     partitions = []
     for uri in uris:
         with fsspec.open(uri, "rb") as f:

@@ -15,11 +15,9 @@ from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     Partition,
     Sample,
-    expand_braces,
-    full_uri,
+    expand_uris,
     samples_error,
     split_ext,
-    url_to_fs,
 )
 
 KIND = "webdataset"
@@ -27,15 +25,7 @@ KIND = "webdataset"
 
 def list_partitions(pattern: str) -> list[Partition]:
     """One partition per tar: ``pattern`` is a brace pattern, a single tar, a glob or a folder."""
-    uris: list[str] = []
-    for expanded in expand_braces(pattern):
-        fs, path = url_to_fs(expanded)
-        if fs.isdir(path):
-            uris += [full_uri(fs, p) for p in sorted(fs.glob(path.rstrip("/") + "/*.tar"))]
-        elif any(c in path for c in "*?["):
-            uris += [full_uri(fs, p) for p in sorted(fs.glob(path))]
-        else:
-            uris.append(expanded)
+    uris = expand_uris(pattern, ".tar")
     return [Partition(kind=KIND, id=posixpath.basename(u.rstrip("/")), uri=u) for u in uris]
 
 
