@@ -163,6 +163,9 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         f"{name.replace('_', ' ')} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms"
         for name, v in manifest.get("latency_ms", {}).items()
     )
+    update = manifest.get("update")
+    if update:
+        print(f"{update['mode']} (from {manifest['parent_version']}): {update['reason']}")
     print(
         f"published {manifest['version']} (CURRENT) in {settings.index.dir}\n"
         f"  index {manifest['index_key']} {manifest['search_params']} over "
@@ -321,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, help="sharded build: add this many shards in Ray tasks")
     p.add_argument("--ray-address", help="Ray cluster for a sharded build (default: local Ray)")
     p.add_argument("--index-key", help="force a FAISS index key instead of choosing one")
+    p.add_argument(
+        "--no-rebuild",
+        dest="index__rebuild_when_outgrown",
+        action="store_const",
+        const=False,
+        help="add: add the rows even when the grown table has outgrown the current index",
+    )
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
     p = command(

@@ -85,6 +85,8 @@ class IndexConfig(Section):
     latency_budget_ms: float | None = None
     keep_versions: int = 3
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    rebuild_when_outgrown: bool = True
+    """`index add` rebuilds, rather than adds to, an index the grown table has outgrown."""
 
 
 class CacheConfig(Section):

@@ -37,7 +37,7 @@ from indexing.gpu import gpu_memory_bytes, gpu_wanted, to_gpu
 from indexing.manifest import MANIFEST_FORMAT, ids_checksum, table_identity
 from indexing.params import apply_search_params, search_grid
 from indexing.recall import ExactTopK, drop_self
-from indexing.select import Selection, select_index, train_size_for
+from indexing.select import Selection, outgrown, select_index, train_size_for
 from indexing.tune import leave_one_out_recall, measure_latency, tune
 from indexing.versions import (
     IDS_FILE,
@@ -141,6 +141,11 @@ def _prepare(table: CacheTable, config: IndexConfig, queries: np.ndarray | None)
         q = read_positions(table.dataset, positions)
     k_truth = min(max(RECALL_KS), n - 1) + 1  # +1: room for the query's own row
     return Work(table, config, n, dim, positions, q, ExactTopK(q, k_truth))
+
+
+def _select(n: int, dim: int, config: IndexConfig) -> Selection:
+    gpu_bytes = gpu_memory_bytes() if gpu_wanted(config.use_gpu) else None
+    return select_index(n, dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
 
 
 def _train(work: Work, selection: Selection, progress: bool) -> faiss.Index:
@@ -289,6 +294,7 @@ def build_index(
     ray_address: str | None = None,
     index_key: str | None = None,
     on_stage: StageHook | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> Path:
     """Build, tune and verify a new index of ``table``; returns its complete staging directory.
 
@@ -297,13 +303,12 @@ def build_index(
     (:mod:`indexing.shards`) after training once on the driver. ``index_key`` forces a FAISS
     factory key instead of the selection (it is still tuned). ``on_stage`` is called as the
     build passes each stage (progress reporting; tests use it to crash a build mid-way).
+    ``lineage``: manifest fields saying where this build came from (a rebuild by ``add_rows``).
     """
     t0 = time.perf_counter()
     work = _prepare(table, config, queries)
     work.timings["prepare_s"] = time.perf_counter() - t0
-    gpu = gpu_wanted(config.use_gpu)
-    gpu_bytes = gpu_memory_bytes() if gpu else None
-    selection = select_index(work.n, work.dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
+    selection = _select(work.n, work.dim, config)
     if index_key is not None:
         budget = config.memory_budget_gb * 2**30
         selection = Selection(
@@ -336,7 +341,7 @@ def build_index(
         selection.to_dict(),
         progress=progress,
         on_stage=on_stage,
-        extra={"parent_version": None, "shards": int(shards or 1)},
+        extra={"parent_version": None, "shards": int(shards or 1)} | (lineage or {}),
     )
 
 
@@ -376,6 +381,12 @@ def add_rows(
     checksum); otherwise the table was rewritten, not appended to, and IndexMismatchError says
     to rebuild. The result is published as a new version whose manifest names its parent;
     search parameters are re-tuned and recall re-measured on the grown index.
+
+    When the grown table has outgrown the current index (:func:`indexing.select.outgrown`: a
+    Flat index past the exact-search size, an IVF sized for a sixteenth of the rows, a key
+    that no longer fits the memory budget), a full build replaces it instead, unless
+    ``config.rebuild_when_outgrown`` is off; the manifest's ``update`` says which happened and
+    why (``{"mode": "added" | "rebuilt", "reason": ...}``).
     """
     index_dir = Path(index_dir)
     parent = current_version(index_dir)
@@ -392,6 +403,24 @@ def add_rows(
             f"{old['table']['version']}): rows were changed or removed, rebuild the index"
         )
     config = config.model_copy(update={"dir": index_dir})
+    lineage: dict[str, Any] = {"parent_version": parent, "added_rows": int(len(table_ids) - n_old)}
+    gpu_seen = gpu_wanted(config.use_gpu) and gpu_memory_bytes() is not None
+    reason = outgrown(
+        old["selection"], _select(len(table_ids), table.dim, config), gpu_seen=gpu_seen
+    )
+    if reason is not None and config.rebuild_when_outgrown:
+        log.info("rebuilding instead of adding: %s", reason)
+        staged = build_index(
+            table,
+            config,
+            progress,
+            on_stage=on_stage,
+            lineage=lineage | {"update": {"mode": "rebuilt", "reason": reason}},
+        )
+        version = publish(index_dir, staged, config.keep_versions)
+        return read_manifest(index_dir, version)
+    if reason is not None:
+        log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
     work = _prepare(table, config, None)
     index = faiss.read_index(str(folder / INDEX_FILE))
     t0 = time.perf_counter()
@@ -399,6 +428,12 @@ def add_rows(
     work.timings["add_s"] = time.perf_counter() - t0
     if on_stage:
         on_stage("added")
+    update = {
+        "mode": "added",
+        "reason": f"added although outgrown (rebuild_when_outgrown is off): {reason}"
+        if reason
+        else "the index still suits the grown table",
+    }
     staged = _finish(
         work,
         index,
@@ -406,7 +441,7 @@ def add_rows(
         old["selection"],
         progress=progress,
         on_stage=on_stage,
-        extra={"parent_version": parent, "added_rows": int(work.n - n_old), "shards": 1},
+        extra=lineage | {"shards": 1, "update": update},
     )
     version = publish(index_dir, staged, config.keep_versions)
     return read_manifest(index_dir, version)

@@ -28,6 +28,10 @@ MAX_TRAIN_ROWS = 1_000_000
 """k-means on more points than this improves nothing measurable and costs minutes."""
 GPU_FLAT_FRACTION = 0.8
 """Share of GPU memory the fp16 matrix may take (the rest: query batches, top-k buffers)."""
+NLIST_GROWTH_REBUILD = 4
+"""Rebuild an IVF whose table now wants this many times its lists (16x the rows it was sized
+for): its lists are then ~16x longer than planned, so every probe scans ~16x more codes, and its
+centroids were trained on a sample of a small fraction of today's rows."""
 
 
 @dataclass(frozen=True)
@@ -141,3 +145,38 @@ def select_index(
         train_size_for(key, n, dim, budget),
         proposed,
     )
+
+
+def family(key: str) -> str:
+    """What a key builds: ``flat``, ``refine`` (IVF + exact re-rank) or ``quantized``."""
+    if key == "Flat":
+        return "flat"
+    if key.endswith(",RFlat") or key.endswith(",Flat"):
+        return "refine"
+    return "quantized"
+
+
+def outgrown(parent: dict, fresh: Selection, *, gpu_seen: bool) -> str | None:
+    """Why an index selected as ``parent`` (a manifest's ``selection``) no longer suits the
+    table that ``fresh`` was selected for; ``None`` when adding rows to it is still right.
+
+    A key the caller forced is kept: the caller chose it knowing the table. An index chosen
+    for a GPU is judged only where a GPU is seen (``gpu_seen``): rows are often appended on a
+    CPU machine for an index that a GPU box serves.
+    """
+    key = str(parent["key"])
+    if parent.get("reason") == "forced by the caller":
+        return None
+    if parent.get("device", "cpu") == "gpu" and not gpu_seen:
+        return None
+    if parent.get("device", "cpu") != fresh.device:
+        return f"{key} was chosen for the {parent.get('device', 'cpu')}; now: {fresh.reason}"
+    if family(key) != family(fresh.key):
+        return f"{key} no longer fits the table: {fresh.reason} ({fresh.key})"
+    old_lists, new_lists = ivf_nlist(key), ivf_nlist(fresh.key)
+    if old_lists and new_lists and new_lists >= NLIST_GROWTH_REBUILD * old_lists:
+        return (
+            f"{key} has {old_lists} lists; the grown table wants {new_lists} ({fresh.key}), "
+            "so its lists are too long to probe quickly"
+        )
+    return None

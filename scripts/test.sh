@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
 .venv/bin/ruff check cachebind indexing jobs tests benchmarks
+.venv/bin/ruff format --check cachebind indexing jobs tests benchmarks
 .venv/bin/python -m pytest "$@"

@@ -14,6 +14,7 @@ import indexing
 from cachebind.config import IndexConfig
 from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
+from indexing.select import FLAT_MAX_ROWS, outgrown, select_index
 
 faiss.omp_set_num_threads(1)
 
@@ -61,3 +62,63 @@ def test_a_rewritten_table_needs_a_rebuild(tmp_path: Path) -> None:
     with pytest.raises(IndexMismatchError, match="rebuild"):
         indexing.add_rows(cfg.dir, CacheTable.open(store), cfg, progress=False)
     assert indexing.list_versions(cfg.dir) == ["v000001"]
+
+
+def test_a_flat_index_outgrown_by_the_table_is_rebuilt_as_ivf(tmp_path: Path) -> None:
+    store = make_images_table(tmp_path / "db", FLAT_MAX_ROWS - 2_000, DIM, seed=0)
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", recall_target=0.9)
+    first = indexing.build_and_publish(store, cfg, progress=False)
+    assert first["index_key"] == "Flat"
+
+    append_rows(store, 4_000, DIM, seed=5, start=FLAT_MAX_ROWS - 2_000)
+    table = CacheTable.open(store)
+    second = indexing.add_rows(cfg.dir, table, cfg, progress=False)
+
+    assert second["update"]["mode"] == "rebuilt"
+    assert "Flat" in second["update"]["reason"] and "IVF" in second["update"]["reason"]
+    assert second["index_key"].startswith("IVF") and second["ntotal"] == FLAT_MAX_ROWS + 2_000
+    assert second["parent_version"] == first["version"] and second["added_rows"] == 4_000
+    assert second["recall"]["10"] >= 0.9
+    loaded = indexing.load_current(cfg.dir, table, use_gpu="no")
+    np.testing.assert_array_equal(loaded.ids, table.ids())
+
+
+def test_with_rebuild_off_an_outgrown_index_is_added_to_and_says_so(tmp_path: Path) -> None:
+    store = make_images_table(tmp_path / "db", 3_000, DIM, seed=0)
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", rebuild_when_outgrown=False)
+    indexing.build_and_publish(store, cfg, progress=False)
+    # A budget the grown table's float32 vectors no longer fit asks for a quantized key.
+    append_rows(store, 1_000, DIM, seed=5, start=3_000)
+    tight = cfg.model_copy(update={"memory_budget_gb": 3_500 * DIM * 4 / 2**30})
+    second = indexing.add_rows(cfg.dir, CacheTable.open(store), tight, progress=False)
+
+    assert second["index_key"] == "Flat" and second["update"]["mode"] == "added"
+    assert "rebuild_when_outgrown is off" in second["update"]["reason"]
+
+
+def test_an_index_that_still_suits_the_table_is_added_to() -> None:
+    fresh = select_index(60_000, 1024, 16.0)
+    assert outgrown(select_index(55_000, 1024, 16.0).to_dict(), fresh, gpu_seen=False) is None
+
+
+@pytest.mark.parametrize(
+    ("old_rows", "new_rows", "why"),
+    [
+        (10_000, 60_000, "no longer fits"),  # Flat -> IVF
+        (60_000, 2_000_000, "lists are too long"),  # IVF256 -> IVF4096: 16x the rows
+    ],
+)
+def test_growth_that_changes_the_selection_calls_for_a_rebuild(
+    old_rows: int, new_rows: int, why: str
+) -> None:
+    parent = select_index(old_rows, 1024, 64.0).to_dict()
+    assert why in str(outgrown(parent, select_index(new_rows, 1024, 64.0), gpu_seen=False))
+
+
+def test_a_forced_key_or_a_gpu_index_seen_from_a_cpu_machine_is_kept() -> None:
+    fresh = select_index(5_000_000, 1024, 64.0)
+    forced = {"key": "IVF64,Flat", "reason": "forced by the caller", "device": "cpu"}
+    gpu_flat = {"key": "Flat", "reason": "fits the GPU", "device": "gpu"}
+    assert outgrown(forced, fresh, gpu_seen=False) is None
+    assert outgrown(gpu_flat, fresh, gpu_seen=False) is None
+    assert outgrown(gpu_flat, fresh, gpu_seen=True) is not None
