@@ -47,7 +47,8 @@ class EmbedReport:
     samples_per_s: float = 0.0
     steady_samples_per_s: float = 0.0
     """Throughput once the pipeline is flowing (first block to last): excludes Ray start-up,
-    actor and model initialisation, which a long job amortises."""
+    actor and model initialisation, which a long job amortises. 0 when the job was too short
+    to measure it."""
     stopped_by_limit: bool = False
     started_at: str = ""
     finished_at: str = ""
@@ -70,8 +71,12 @@ class EmbedReport:
             f"  partitions {self.partitions_finished} finished, {self.partitions_skipped} "
             f"skipped as done, of {self.partitions_total}\n"
             f"{stage_lines}\n"
-            f"  wall {self.wall_s:.1f} s, {self.samples_per_s:.1f} samples/s "
-            f"({self.steady_samples_per_s:.1f}/s once flowing)"
+            f"  wall {self.wall_s:.1f} s, {self.samples_per_s:.1f} samples/s"
+            + (
+                f" ({self.steady_samples_per_s:.1f}/s once flowing)"
+                if self.steady_samples_per_s
+                else " (too short to measure a steady rate)"
+            )
             + (" (stopped at --limit)" if self.stopped_by_limit else "")
         )
 

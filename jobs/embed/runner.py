@@ -39,6 +39,10 @@ from jobs.embed.plan import init_ray, plan_resources
 from jobs.embed.report import EmbedReport, save_report
 from jobs.embed.sink import PartitionState, Sink
 
+STEADY_MIN_BLOCKS = 4
+STEADY_MIN_SECONDS = 1.0
+"""A steady rate needs this many blocks after the first, over at least this long."""
+
 
 def probe_encoder(encoder_cfg: EncoderConfig, weights_cfg: WeightsConfig) -> Any:
     """The encoder's identity and out_dim without allocating its weights (meta device)."""
@@ -199,10 +203,12 @@ def _run_pipeline(
     last_flush = time.monotonic()
     processed = 0
     first_block: tuple[float, int] | None = None
+    blocks = 0
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
     try:
         for block in batches:
             processed += sink.take(block)
+            blocks += 1
             if first_block is None and processed:
                 first_block = (time.monotonic(), processed)
             bar.update(sink.last_samples)
@@ -224,7 +230,10 @@ def _run_pipeline(
             close()
     if first_block is not None and processed > first_block[1]:
         elapsed = time.monotonic() - first_block[0]
-        report.steady_samples_per_s = round((processed - first_block[1]) / elapsed, 2)
+        # A short job's later blocks are often already prefetched when the first one lands, so
+        # a rate over a few blocks or under a second measures the buffer, not the pipeline.
+        if blocks > STEADY_MIN_BLOCKS and elapsed >= STEADY_MIN_SECONDS:
+            report.steady_samples_per_s = round((processed - first_block[1]) / elapsed, 2)
     stages = {
         "decode": sink.decode,
         "encode": sink.encode,
