@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import httpx
 import numpy as np
@@ -451,6 +452,9 @@ def test_not_json_and_too_large_bodies(http):
     assert r.status_code == 422 and error_of(r) == "bad_json"
     r = http.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+    not_utf8 = b"\xff\x00{"
+    r = http.post("/v1/generate", content=not_utf8, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and error_of(r) == "bad_json"
     big = {"inputs": [{"modality": "image", "data": "A" * (300 * 1024)}]}
     r = http.post("/v1/search", json=big)
     assert r.status_code == 413 and error_of(r) == "request_too_large"
@@ -480,3 +484,30 @@ def test_openapi_describes_the_v1_routes(service):
         assert path in spec["paths"]
     assert "multipart/form-data" in spec["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
     assert "SearchRequest" in spec["components"]["schemas"]
+
+
+def test_openapi_refs_resolve_and_every_keyed_route_documents_the_error_body(service):
+    spec = httpx.get(f"{service[1].url}/openapi.json").json()
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs <= set(spec["components"]["schemas"]), refs - set(spec["components"]["schemas"])
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if path in ("/healthz", "/readyz"):
+                continue  # open to probes: no key, no error body
+            for status in ("401", "413", "422", "500"):
+                body = op["responses"][status]["content"]["application/json"]["schema"]
+                assert body == error_ref, (method, path, status)
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_errors_raised_by_the_framework_have_the_same_shape(service, http):
+    r = httpx.get(f"{service[1].url}/v1/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "detail": "Not Found"}
+    r = http.delete("/v1/search")
+    assert r.status_code == 405 and error_of(r) == "method_not_allowed"
+
+
+def test_booleans_must_be_booleans(http):
+    r = http.post("/v1/generate", json={"prompt": "hi", "inputs": [], "stream": 0})
+    assert r.status_code == 422 and "stream" in json.dumps(r.json()["detail"])

@@ -19,9 +19,14 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
@@ -118,7 +123,10 @@ def create_app(
             raise ApiError(403, "forbidden", "this route needs an admin key")
         return role
 
-    user = [Depends(require_user)]
+    # Every route that needs a key. Its error responses are documented so that generated
+    # clients know the one error shape; this also replaces FastAPI's default 422 schema,
+    # which is not what the handlers send.
+    api = APIRouter(dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
 
     def check_k(k: int, name: str = "k") -> None:
         if k > config.max_k:
@@ -131,7 +139,11 @@ def create_app(
         """Liveness: the process answers (no auth)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={503: {"description": "not ready yet: the same body with ready false"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: the encoder and an index are loaded (no auth, so that load balancers and
         orchestrators can probe it; the load error, which may name server paths, is shown only
@@ -149,7 +161,12 @@ def create_app(
             body["error"] = state.load_error
         return JSONResponse(body, 200 if body["ready"] else 503)
 
-    @app.get("/metrics", tags=["ops"], dependencies=user)
+    @api.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,  # no JSON 200 in the docs; errors stay JSON
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
@@ -160,7 +177,7 @@ def create_app(
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": s.EmbedRequest.model_json_schema()},
+                "application/json": {"schema": {"$ref": "#/components/schemas/EmbedRequest"}},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -178,10 +195,9 @@ def create_app(
         }
     }
 
-    @app.post(
+    @api.post(
         "/v1/embed",
         response_model=s.EmbedResponse,
-        dependencies=user,
         openapi_extra=embed_body,
         tags=["v1"],
     )
@@ -202,7 +218,7 @@ def create_app(
 
     # ---------------------------------------------------------------- search
 
-    @app.post("/v1/search", response_model=s.SearchResponse, dependencies=user, tags=["v1"])
+    @api.post("/v1/search", response_model=s.SearchResponse, tags=["v1"])
     async def search(body: s.SearchRequest) -> s.SearchResponse:
         """Nearest cached rows to the query (any modality, a raw embedding, or a mix)."""
         check_k(body.k)
@@ -259,11 +275,11 @@ def create_app(
 
         return await timed(work())
 
-    @app.get(
+    @api.get(
         "/v1/images/{row_id}",
-        dependencies=user,
         tags=["v1"],
-        responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": s.ErrorResponse}},
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}} | s.ROW_ERRORS,
     )
     async def image(row_id: Annotated[int, Path(ge=0, le=INT64_MAX)]) -> Response:
         """The thumbnail JPEG stored with a row (404 when the row or its thumbnail is absent)."""
@@ -309,7 +325,7 @@ def create_app(
             for i, sim, w in zip(ids, enhanced.similarities, enhanced.weights, strict=True)
         ]
 
-    @app.post("/v1/enhance", response_model=s.EnhanceResponse, dependencies=user, tags=["v1"])
+    @api.post("/v1/enhance", response_model=s.EnhanceResponse, tags=["v1"])
     async def enhance(body: s.EnhanceRequest) -> s.EnhanceResponse:
         """F~_M = normalize((1 - alpha) F_M + alpha normalize(softmax(t S_topk) F_value))."""
 
@@ -334,9 +350,8 @@ def create_app(
 
     # ---------------------------------------------------------------- generate
 
-    @app.post(
+    @api.post(
         "/v1/generate",
-        dependencies=user,
         tags=["v1"],
         response_model=s.GenerateResponse,
         responses={200: {"content": {"text/event-stream": {}}}},
@@ -391,7 +406,7 @@ def create_app(
 
     # ---------------------------------------------------------------- index + admin
 
-    @app.get("/v1/index", response_model=s.IndexInfo, dependencies=user, tags=["v1"])
+    @api.get("/v1/index", response_model=s.IndexInfo, tags=["v1"])
     async def index_info() -> s.IndexInfo:
         """The index version being served and its manifest."""
         runtime = state.require_runtime()
@@ -412,6 +427,7 @@ def create_app(
         response_model=s.ReloadResponse,
         dependencies=[Depends(require_admin)],
         tags=["admin"],
+        responses=s.COMMON_ERRORS | s.ADMIN_ERRORS,
     )
     async def admin_reload(force: bool = False) -> s.ReloadResponse:
         """Load the published index version now (``force`` reloads even the same version),
@@ -433,6 +449,9 @@ def create_app(
             version=snap.version if snap else None,
             detail="" if swapped else "already serving the published version",
         )
+
+    app.include_router(api)
+    _document_embed_request(app)
 
     # ---------------------------------------------------------------- web page
 
@@ -502,3 +521,24 @@ def _decode_cursor(cursor: str) -> int:
         return offset
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise unprocessable("bad_cursor", "cursor is not one this service returned") from exc
+
+
+def _document_embed_request(app: FastAPI) -> None:
+    """Put ``EmbedRequest`` into the OpenAPI components.
+
+    /v1/embed reads its body by hand (JSON or multipart), so FastAPI never sees the model and
+    the route's ``$ref`` to it would dangle.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            body = s.EmbedRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in body.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components["EmbedRequest"] = body
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

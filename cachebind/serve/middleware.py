@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from cachebind.errors import InputError
 from cachebind.serve.errors import ApiError
@@ -73,6 +74,13 @@ class GuardMiddleware:
             metrics.latency.labels(path).observe(elapsed)
 
 
+HTTP_ERROR_TAGS = {
+    404: "not_found",
+    405: "method_not_allowed",
+    415: "unsupported_media_type",
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure becomes JSON ``{"error", "detail"}``; no traceback ever leaves the server."""
 
@@ -96,6 +104,20 @@ def install_error_handlers(app: FastAPI) -> None:
             for err in exc.errors()
         ]
         return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Raised by the framework itself: an unknown route, a wrong method, a body it could
+        # not parse. Same shape as ours. A body that is not UTF-8 JSON is the same mistake as
+        # one that is not JSON at all, which the handlers answer with 422 bad_json.
+        if exc.status_code == 400:
+            return JSONResponse(
+                {"error": "bad_json", "detail": f"the body is not JSON: {exc.detail}"}, 422
+            )
+        error = HTTP_ERROR_TAGS.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": error, "detail": exc.detail}, exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from cachebind.modalities import Modality
 
@@ -141,7 +141,10 @@ class GenerateRequest(Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    stream: bool = Field(True, description="Server-sent events when true, one JSON otherwise.")
+    # Strict: a lax bool would read 0, "no" or "off" as a choice the client may not have meant.
+    stream: StrictBool = Field(
+        True, description="Server-sent events when true, one JSON otherwise."
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -164,5 +167,30 @@ class ReloadResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: a short machine tag and what is wrong (and, for a bad input, which)."""
+
     error: str
     detail: Any = None
+    source: str | None = None
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    why = {
+        401: "missing or invalid API key",
+        403: "the route needs an admin key",
+        404: "no such row",
+        409: "the reload was refused (bad key file, index not matching the table)",
+        413: "request body over the configured limit",
+        422: "a body that is not JSON, an invalid request or an undecodable input; `detail` "
+        "says which field and why",
+        500: "the server failed (details only in its log)",
+        503: "not ready (no index or encoder loaded yet), or no LLM configured",
+        504: "the request took longer than the configured timeout",
+    }
+    return {code: {"model": ErrorResponse, "description": why[code]} for code in codes}
+
+
+COMMON_ERRORS = _errors(401, 413, 422, 500, 503, 504)
+"""What any authenticated route may answer besides 200."""
+ROW_ERRORS = _errors(404)
+ADMIN_ERRORS = _errors(403, 409)
