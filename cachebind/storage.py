@@ -43,7 +43,10 @@ class StorageOptions:
     def from_s3(cls, s3: S3Config | None) -> StorageOptions:
         if s3 is None:
             return cls()
-        kwargs: dict[str, Any] = {}
+        # s3fs caches listings per filesystem instance, and fsspec keeps instances for the life
+        # of the process: a second job in the same process (a notebook, a scheduler) must see
+        # the shards uploaded since the first, not the first job's listing.
+        kwargs: dict[str, Any] = {"use_listings_cache": False}
         if s3.endpoint_url:
             kwargs["endpoint_url"] = s3.endpoint_url
         if s3.region:
@@ -57,7 +60,7 @@ class StorageOptions:
                 kwargs["secret"] = s3.secret_access_key.get_secret_value()
             if s3.session_token:
                 kwargs["token"] = s3.session_token.get_secret_value()
-        return cls({p: kwargs for p in S3_PROTOCOLS} if kwargs else {})
+        return cls({p: kwargs for p in S3_PROTOCOLS})
 
     def for_uri(self, uri: str) -> dict[str, Any]:
         """The keyword arguments for the filesystem of ``uri`` (none for a local path)."""

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,6 +57,7 @@ def test_one_s3_section_becomes_fsspec_and_lance_options() -> None:
         allow_http=None,
     )
     fs_kwargs = {
+        "use_listings_cache": False,  # a later job in the same process sees new objects
         "endpoint_url": "http://minio:9000",
         "client_kwargs": {"region_name": "eu-west-1"},
         "key": "AK",
@@ -81,7 +83,10 @@ def test_one_s3_section_becomes_fsspec_and_lance_options() -> None:
         session_token=None,
         allow_http=None,
     )
-    assert StorageOptions.from_s3(public).for_uri("s3://b/k") == {"anon": True}
+    assert StorageOptions.from_s3(public).for_uri("s3://b/k") == {
+        "use_listings_cache": False,
+        "anon": True,
+    }
     assert lance_options("s3://b/cache", public) == {"aws_skip_signature": "true"}
 
 
@@ -190,6 +195,16 @@ def test_s3_partitions_name_the_objects_for_the_workers(data: Path, s3: S3Config
     assert [p.uri for p in parts] == [f"{REMOTE}/wds/0000{i}.tar" for i in range(3)]
     # Credentials travel beside a partition, never in it (partitions are fingerprinted).
     assert "secret" not in json.dumps([p.to_dict() for p in parts])
+
+
+def test_a_later_listing_sees_objects_uploaded_since(data: Path, s3: S3Config) -> None:
+    storage = StorageOptions.from_s3(s3)
+    # Another client, as another process uploading new shards would be.
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **storage.for_uri("s3://"))
+    fs.put(str(data / "wds" / "00000.tar"), f"{BUCKET}/growing/00000.tar")
+    assert [p.id for p in list_partitions(f"s3://{BUCKET}/growing", storage)] == ["00000.tar"]
+    fs.put(str(data / "wds" / "00001.tar"), f"{BUCKET}/growing/00001.tar")
+    assert len(list_partitions(f"s3://{BUCKET}/growing", storage)) == 2
 
 
 @pytest.fixture(scope="module")
