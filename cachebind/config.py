@@ -9,11 +9,12 @@ file (``--config`` or ``CACHEBIND_CONFIG``) and environment variables named
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -48,13 +49,72 @@ class EncoderConfig(Section):
     """Seed for random initialisation when no checkpoint is found."""
 
 
+def _aws_env(*names: str) -> str | None:
+    """The first of the standard AWS variables that is set (read once, by ``load_config``)."""
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def _aws_env_secret(name: str) -> SecretStr | None:
+    value = _aws_env(name)
+    return SecretStr(value) if value else None
+
+
+def _aws_env_flag(name: str) -> bool | None:
+    value = _aws_env(name)
+    return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+class S3Config(Section):
+    """How to reach S3 or an S3-compatible store (MinIO, Ceph, R2 …): used for ``s3://``
+    table locations (``store.uri``) and ``s3://`` sources alike.
+
+    A field left unset falls back to the standard AWS environment variable named beside it. The
+    values are resolved when the configuration is loaded, so that Ray workers on other machines
+    get the driver's settings rather than whatever their own environment holds. With nothing set
+    at all, botocore's and Lance's own credential chains (profiles, instance roles) apply.
+    """
+
+    endpoint_url: str | None = Field(
+        default_factory=lambda: _aws_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    """``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``: a non-AWS endpoint such as
+    ``http://minio:9000`` (requests use path-style addressing)."""
+    region: str | None = Field(default_factory=lambda: _aws_env("AWS_REGION", "AWS_DEFAULT_REGION"))
+    """``AWS_REGION`` / ``AWS_DEFAULT_REGION``."""
+    access_key_id: str | None = Field(default_factory=lambda: _aws_env("AWS_ACCESS_KEY_ID"))
+    """``AWS_ACCESS_KEY_ID``."""
+    secret_access_key: SecretStr | None = Field(
+        default_factory=lambda: _aws_env_secret("AWS_SECRET_ACCESS_KEY")
+    )
+    """``AWS_SECRET_ACCESS_KEY`` (never printed by ``cachebind config``)."""
+    session_token: SecretStr | None = Field(
+        default_factory=lambda: _aws_env_secret("AWS_SESSION_TOKEN")
+    )
+    """``AWS_SESSION_TOKEN``, for temporary credentials."""
+    anonymous: bool = False
+    """Unsigned requests, for public buckets."""
+    allow_http: bool | None = Field(default_factory=lambda: _aws_env_flag("AWS_ALLOW_HTTP"))
+    """``AWS_ALLOW_HTTP``: plain-HTTP endpoints; when unset, allowed exactly when
+    ``endpoint_url`` is an ``http://`` URL."""
+
+    @property
+    def http_allowed(self) -> bool:
+        if self.allow_http is not None:
+            return self.allow_http
+        return bool(self.endpoint_url and self.endpoint_url.startswith("http://"))
+
+
 class StoreConfig(Section):
     """The LanceDB database holding the cache's rows."""
 
     uri: str = Field(default_factory=lambda: str(default_home() / "lancedb"))
+    """A local directory or an object-store URI such as ``s3://bucket/cachebind``."""
     table: str = "images"
     errors_table: str = "errors"
     vector_dtype: Literal["float16", "float32"] = "float16"
+    s3: S3Config = Field(default_factory=S3Config)
+    """Connection options for ``s3://`` locations, of the table and of sources
+    (``[store.s3]``, ``CACHEBIND_STORE__S3__<FIELD>``)."""
 
 
 class EmbedConfig(Section):
@@ -75,10 +135,15 @@ class EmbedConfig(Section):
     max_image_bytes: int = 64 * 1024 * 1024
 
 
+# "s3://b/x" as a Path collapses to "s3:/b/x"; one letter before the colon is a drive.
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
 class IndexConfig(Section):
     """Index selection, tuning and publishing."""
 
     dir: Path = Field(default_factory=lambda: default_home() / "index")
+    """A local directory (or a mounted network file system), never an object-store URI."""
     memory_budget_gb: float = 16.0
     recall_target: float = 0.95
     recall_k: int = 10
@@ -87,6 +152,18 @@ class IndexConfig(Section):
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     rebuild_when_outgrown: bool = True
     """`index add` rebuilds, rather than adds to, an index the grown table has outgrown."""
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _local_dir(cls, value: Any) -> Any:
+        if _URI_SCHEME.match(str(value)):
+            raise ValueError(
+                f"index.dir must be a local directory, not {value!r}: versions are published by "
+                "atomic directory renames and read by FAISS from files, which object stores do "
+                "not offer. The table (store.uri) may live on an object store; keep the index on "
+                "local disk or a mounted file system"
+            )
+        return value
 
 
 class CacheConfig(Section):

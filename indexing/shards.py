@@ -26,10 +26,10 @@ if TYPE_CHECKING:
     from indexing.build import Work
 
 
-def _open_dataset(uri: str, version: int) -> Any:
+def _open_dataset(uri: str, version: int, storage_options: dict[str, str] | None) -> Any:
     import lance
 
-    return lance.dataset(uri, version=version)
+    return lance.dataset(uri, version=version, storage_options=storage_options)
 
 
 @ray.remote(num_cpus=1)
@@ -37,6 +37,7 @@ def add_shard(
     trained: np.ndarray,
     uri: str,
     version: int,
+    storage_options: dict[str, str] | None,
     start: int,
     stop: int,
     queries: np.ndarray,
@@ -48,7 +49,7 @@ def add_shard(
     faiss.omp_set_num_threads(1)  # one CPU per task, as Ray scheduled it
     index = from_bytes(trained)
     exact = ExactTopK(queries, k_truth)
-    ids = add_range(index, _open_dataset(uri, version), start, stop, exact)
+    ids = add_range(index, _open_dataset(uri, version, storage_options), start, stop, exact)
     return to_bytes(index), ids, exact.scores, exact.positions
 
 
@@ -74,8 +75,11 @@ def add_sharded(
     trained = ray.put(to_bytes(index))
     queries = ray.put(work.queries)
     ranges = shard_ranges(work.n, shards)
+    # The tasks reach an object-store table with the driver's options (their own environment
+    # may lack the credentials); the options travel as task arguments, once per shard.
+    options = table.storage_options
     refs = [
-        add_shard.remote(trained, uri, int(table.version), a, b, queries, work.exact.k)
+        add_shard.remote(trained, uri, int(table.version), options, a, b, queries, work.exact.k)
         for a, b in ranges
     ]
     results: dict[int, tuple] = {}

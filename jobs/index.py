@@ -24,7 +24,7 @@ from cachebind.store import CacheTable
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=None, help="cachebind TOML configuration")
-    p.add_argument("--index-dir", type=Path, default=None, help="overrides [index] dir")
+    p.add_argument("--index-dir", default=None, help="overrides [index] dir (a local directory)")
     p.add_argument("--table-version", type=int, default=None, help="pin the table version")
     p.add_argument(
         "--shards",

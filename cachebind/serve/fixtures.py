@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import faiss
-import lancedb
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from cachebind.config import StoreConfig
 from cachebind.serve.runtime import IndexSnapshot
-from cachebind.store import CacheTable, images_schema, row_id
+from cachebind.store import CacheTable, connect, images_schema, row_id
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -92,14 +91,14 @@ def demo_rows(start: int, count: int, dim: int, seed: int) -> pa.Table:
 def build_demo_cache(root: Path, rows: int = 200, dim: int = 64, seed: int = 0) -> DemoCache:
     """Create the LanceDB ``images`` table under ``root`` with ``rows`` generated rows."""
     store = StoreConfig(uri=str(Path(root) / "lancedb"), table="images")
-    db = lancedb.connect(store.uri)
+    db = connect(store)
     db.create_table(store.table, demo_rows(0, rows, dim, seed), mode="overwrite")
     return DemoCache(store=store, dim=dim, rows=rows)
 
 
 def append_rows(cache: DemoCache, count: int, seed: int = 0) -> int:
     """Append ``count`` new rows (a new table version, as an embedding job run makes)."""
-    table = lancedb.connect(cache.store.uri).open_table(cache.store.table)
+    table = connect(cache.store).open_table(cache.store.table)
     table.add(demo_rows(cache.rows, count, cache.dim, seed))
     cache.rows += count
     return int(table.version)

@@ -12,7 +12,8 @@ any parquet of image bytes/paths; options ``image_column``, ``path_column``, ``c
 ``chunk_size``) or ``cc3m`` (caption<TAB>url TSV; options ``images``, ``join``, ``mapping``, see
 ``cachebind.sources.cc3m``). Without KIND it is detected: ``.tar`` -> webdataset, ``.parquet``
 -> parquet, ``.tsv`` -> cc3m, a folder of tars / parquets -> webdataset / parquet, any other
-folder -> folder. URIs are local paths or anything fsspec opens (``file://``, ``s3://`` …).
+folder -> folder. URIs are local paths or anything fsspec opens (``file://``, ``s3://`` …); the
+``storage`` argument carries the object-store options (``StorageOptions.from_s3(store.s3)``).
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from urllib.parse import parse_qsl
 
 from cachebind.sources import cc3m, folder, parquet, webdataset
 from cachebind.sources.base import Partition, Sample, expand_braces, url_to_fs
+from cachebind.storage import StorageOptions
 
 KINDS = ("webdataset", "parquet", "folder", "cc3m")
 ALIASES = {"wds": "webdataset", "tar": "webdataset", "dir": "folder", "tsv": "cc3m"}
 
 _LISTERS: dict[str, Callable[..., list[Partition]]] = {
-    "webdataset": lambda uri, **opts: webdataset.list_partitions(uri),
+    "webdataset": lambda uri, storage, **opts: webdataset.list_partitions(uri, storage),
     "parquet": parquet.list_partitions,
     "folder": folder.list_partitions,
     "cc3m": cc3m.list_partitions,
 }
-_READERS: dict[str, Callable[[Partition], Iterator[Sample]]] = {
+_READERS: dict[str, Callable[[Partition, StorageOptions | None], Iterator[Sample]]] = {
     "webdataset": webdataset.read_partition,
     "parquet": parquet.read_partition,
     "folder": folder.read_partition,
@@ -55,7 +57,7 @@ class SourceSpec:
         return f"{self.kind}:{self.uri}" + (f"?{query}" if query else "")
 
 
-def parse_source(spec: str) -> SourceSpec:
+def parse_source(spec: str, storage: StorageOptions | None = None) -> SourceSpec:
     """Parse ``[KIND:]URI[?opts]``, detecting KIND from the URI when it is left out."""
     uri, _, query = spec.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
@@ -66,17 +68,17 @@ def parse_source(spec: str) -> SourceSpec:
     if kind is not None:
         uri = rest
     else:
-        kind = _detect(uri)
+        kind = _detect(uri, storage)
     return SourceSpec(kind=kind, uri=uri, options=options)
 
 
-def _detect(uri: str) -> str:
+def _detect(uri: str, storage: StorageOptions | None) -> str:
     first = expand_braces(uri)[0]
     lowered = first.lower()
     for suffix, kind in ((".tar", "webdataset"), (".parquet", "parquet"), (".tsv", "cc3m")):
         if lowered.endswith(suffix):
             return kind
-    fs, path = url_to_fs(first)
+    fs, path = url_to_fs(first, storage)
     if not fs.isdir(path):
         raise ValueError(
             f"cannot tell the kind of source {uri!r}: name it, e.g. webdataset:{uri}, "
@@ -90,20 +92,22 @@ def _detect(uri: str) -> str:
     return "folder"
 
 
-def list_partitions(spec: SourceSpec | str) -> list[Partition]:
+def list_partitions(
+    spec: SourceSpec | str, storage: StorageOptions | None = None
+) -> list[Partition]:
     """The source's partitions in a stable order (ids unique within the source)."""
     if isinstance(spec, str):
-        spec = parse_source(spec)
-    partitions = _LISTERS[spec.kind](spec.uri, **spec.options)
+        spec = parse_source(spec, storage)
+    partitions = _LISTERS[spec.kind](spec.uri, storage, **spec.options)
     ids = [p.id for p in partitions]
     if len(set(ids)) != len(ids):
         raise ValueError(f"source {spec} has partitions with the same name; rename the files")
     return partitions
 
 
-def read_partition(partition: Partition) -> Iterator[Sample]:
+def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
     """The samples of one partition, in storage order."""
-    return _READERS[partition.kind](partition)
+    return _READERS[partition.kind](partition, storage)
 
 
 __all__ = [
@@ -111,6 +115,7 @@ __all__ = [
     "Partition",
     "Sample",
     "SourceSpec",
+    "StorageOptions",
     "list_partitions",
     "parse_source",
     "read_partition",

@@ -17,6 +17,8 @@ from typing import Any
 
 import fsspec
 
+from cachebind.storage import StorageOptions
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 """File extensions read as images (lower case, no dot), in order of preference."""
 
@@ -94,9 +96,16 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for c in choices for expanded in expand_braces(head + c + tail)]
 
 
-def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(
+    uri: str, storage: StorageOptions | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and path of a local path or URI (``file://``, ``memory://``, ``s3://``)."""
-    return fsspec.core.url_to_fs(uri)
+    return (storage or StorageOptions()).url_to_fs(uri)
+
+
+def open_uri(uri: str, storage: StorageOptions | None = None, mode: str = "rb") -> Any:
+    """``fsspec.open`` with the store's options (a context manager yielding the file)."""
+    return (storage or StorageOptions()).open(uri, mode)
 
 
 def join_uri(base: str, name: str) -> str:
@@ -111,12 +120,12 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not _is_local(fs) else path
 
 
-def expand_uris(pattern: str, suffix: str) -> list[str]:
+def expand_uris(pattern: str, suffix: str, storage: StorageOptions | None = None) -> list[str]:
     """The files a source pattern names: brace patterns, globs, single files, or every
     ``*<suffix>`` file of a folder (sorted, so partitions come in a stable order)."""
     uris: list[str] = []
     for expanded in expand_braces(pattern):
-        fs, path = url_to_fs(expanded)
+        fs, path = url_to_fs(expanded, storage)
         if fs.isdir(path):
             uris += [full_uri(fs, p) for p in sorted(fs.glob(f"{path.rstrip('/')}/*{suffix}"))]
         elif any(c in path for c in "*?["):
@@ -140,8 +149,8 @@ def split_ext(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
+def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
+    with open_uri(uri, storage) as f:
         return f.read()
 
 

@@ -24,14 +24,15 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
 
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     Partition,
     Sample,
+    StorageOptions,
     join_uri,
+    open_uri,
     read_bytes,
     samples_error,
     url_to_fs,
@@ -48,6 +49,7 @@ def img2dataset_key(row: int, samples_per_shard: int, sample_digits: int, shard_
 
 def list_partitions(
     tsv: str,
+    storage: StorageOptions | None = None,
     *,
     images: str | None = None,
     join: str = "key",
@@ -74,7 +76,7 @@ def list_partitions(
     }
     # One pass over the file to find where every shard starts.
     offsets: list[tuple[int, int]] = []  # (first row, byte offset)
-    with fsspec.open(tsv, "rb") as f:
+    with open_uri(tsv, storage) as f:
         offset, rows = 0, 0
         for row, line in enumerate(f):
             if row % samples_per_shard == 0:
@@ -99,18 +101,18 @@ def list_partitions(
     ]
 
 
-def read_partition(partition: Partition) -> Iterator[Sample]:
+def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
     opts = partition.options
     sps = opts["samples_per_shard"]
     first = opts["first_row"]
     shard = first // sps
-    with fsspec.open(partition.uri, "rb") as f:
+    with open_uri(partition.uri, storage) as f:
         f.seek(opts["offset"])
         lines = [f.readline() for _ in range(sps)]
     lookup = (
-        _shard_files(opts["images"], shard, opts["shard_digits"])
+        _shard_files(opts["images"], shard, opts["shard_digits"], storage or StorageOptions())
         if opts["join"] == "key"
-        else _mapping(opts["mapping"])
+        else _mapping(opts["mapping"], storage or StorageOptions())
     )
     for i, raw in enumerate(lines):
         if not raw:
@@ -126,7 +128,7 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
             yield samples_error(key, "missing", detail, caption=caption, url=url, extra=meta)
             continue
         try:
-            data = read_bytes(join_uri(opts["images"], name))
+            data = read_bytes(join_uri(opts["images"], name), storage)
         except OSError as exc:
             yield samples_error(key, "missing", str(exc), caption=caption, url=url, extra=meta)
             continue
@@ -134,9 +136,11 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
 
 
 @lru_cache(maxsize=4)
-def _shard_files(images: str, shard: int, shard_digits: int) -> dict[str, str]:
+def _shard_files(
+    images: str, shard: int, shard_digits: int, storage: StorageOptions
+) -> dict[str, str]:
     """key -> relative image path for one img2dataset shard (nested) or the whole flat folder."""
-    fs, root = url_to_fs(images)
+    fs, root = url_to_fs(images, storage)
     root = root.rstrip("/")
     nested = f"{root}/{shard:0{shard_digits}d}"
     folder = nested if fs.isdir(nested) else root
@@ -150,12 +154,12 @@ def _shard_files(images: str, shard: int, shard_digits: int) -> dict[str, str]:
 
 
 @lru_cache(maxsize=2)
-def _mapping(uri: str) -> dict[str, str]:
+def _mapping(uri: str, storage: StorageOptions) -> dict[str, str]:
     """url -> image path from a CSV/TSV (header url,path) or a parquet file."""
     if uri.endswith(".parquet"):
-        with fsspec.open(uri, "rb") as f:
+        with open_uri(uri, storage) as f:
             table = pq.read_table(f, columns=["url", "path"])
         return dict(zip(table["url"].to_pylist(), table["path"].to_pylist(), strict=True))
-    text = read_bytes(uri).decode("utf-8")
+    text = read_bytes(uri, storage).decode("utf-8")
     dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
     return {r["url"]: r["path"] for r in csv.DictReader(io.StringIO(text), dialect=dialect)}

@@ -17,6 +17,7 @@ from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     Partition,
     Sample,
+    StorageOptions,
     full_uri,
     read_bytes,
     samples_error,
@@ -27,8 +28,14 @@ KIND = "folder"
 DEFAULT_CHUNK = 1000
 
 
-def list_partitions(uri: str, *, chunk_size: int = DEFAULT_CHUNK, **_: Any) -> list[Partition]:
-    fs, root = url_to_fs(uri)
+def list_partitions(
+    uri: str,
+    storage: StorageOptions | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    **_: Any,
+) -> list[Partition]:
+    fs, root = url_to_fs(uri, storage)
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise FileNotFoundError(f"not a folder: {uri}")
@@ -50,8 +57,8 @@ def list_partitions(uri: str, *, chunk_size: int = DEFAULT_CHUNK, **_: Any) -> l
     ]
 
 
-def read_partition(partition: Partition) -> Iterator[Sample]:
-    fs, root = url_to_fs(partition.uri)
+def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
+    fs, root = url_to_fs(partition.uri, storage)
     for name in partition.options["files"]:
         key = name.rsplit(".", 1)[0]
         stem_path = f"{root.rstrip('/')}/{key}"
@@ -59,7 +66,7 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
         meta = _sidecar_json(fs, stem_path + ".json")
         url = meta.get("url")
         try:
-            data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"))
+            data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"), storage)
         except OSError as exc:
             yield samples_error(key, "missing", f"cannot read {name}: {exc}", caption=caption)
             continue

@@ -10,14 +10,15 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
 
 from cachebind.sources.base import (
     Partition,
     Sample,
+    StorageOptions,
     expand_uris,
     join_uri,
+    open_uri,
     read_bytes,
     samples_error,
 )
@@ -32,17 +33,19 @@ KEY_COLUMNS = ("key", "id")
 META_COLUMNS = ("status", "error_message", "width", "height", "original_width", "sha256")
 
 
-def list_partitions(pattern: str, **options: Any) -> list[Partition]:
+def list_partitions(
+    pattern: str, storage: StorageOptions | None = None, **options: Any
+) -> list[Partition]:
     """One partition per row group of every parquet file the pattern names.
 
     ``options``: ``image_column`` (bytes, or a struct with ``bytes``/``path`` as Hugging Face
     writes it), ``path_column`` (image paths, relative to the parquet file's folder),
     ``caption_column``, ``url_column``, ``key_column``; unset ones are detected by name.
     """
-    uris = expand_uris(pattern, ".parquet")
+    uris = expand_uris(pattern, ".parquet", storage)
     partitions = []
     for uri in uris:
-        with fsspec.open(uri, "rb") as f:
+        with open_uri(uri, storage) as f:
             pfile = pq.ParquetFile(f)
             columns = resolve_columns(pfile.schema_arrow.names, options)
             n_groups = pfile.num_row_groups
@@ -94,7 +97,7 @@ def resolve_columns(names: list[str], options: dict[str, Any]) -> dict[str, str 
     }
 
 
-def read_partition(partition: Partition) -> Iterator[Sample]:
+def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
     opts = partition.options
     wanted = [
         c
@@ -107,7 +110,7 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
         )
         if c
     ]
-    with fsspec.open(partition.uri, "rb") as f:
+    with open_uri(partition.uri, storage) as f:
         pfile = pq.ParquetFile(f)
         present = set(pfile.schema_arrow.names)
         meta_columns = [c for c in META_COLUMNS if c in present and c not in wanted]
@@ -133,7 +136,7 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
                 yield samples_error(key, "empty", "no image path", **common)
                 continue
             try:
-                data = read_bytes(join_uri(base_dir, str(path)))
+                data = read_bytes(join_uri(base_dir, str(path)), storage)
             except FileNotFoundError:
                 yield samples_error(key, "missing", f"image file not found: {path}", **common)
                 continue
@@ -141,7 +144,9 @@ def read_partition(partition: Partition) -> Iterator[Sample]:
             data = row.get(opts["image_column"])
             if isinstance(data, dict):  # Hugging Face Image feature: {"bytes": …, "path": …}
                 data = data.get("bytes") or (
-                    read_bytes(join_uri(base_dir, data["path"])) if data.get("path") else None
+                    read_bytes(join_uri(base_dir, data["path"]), storage)
+                    if data.get("path")
+                    else None
                 )
             if data is None:
                 yield samples_error(key, "empty", "image column is null", **common)

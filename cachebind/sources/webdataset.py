@@ -9,13 +9,13 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
-
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     Partition,
     Sample,
+    StorageOptions,
     expand_uris,
+    open_uri,
     samples_error,
     split_ext,
 )
@@ -23,20 +23,20 @@ from cachebind.sources.base import (
 KIND = "webdataset"
 
 
-def list_partitions(pattern: str) -> list[Partition]:
+def list_partitions(pattern: str, storage: StorageOptions | None = None) -> list[Partition]:
     """One partition per tar: ``pattern`` is a brace pattern, a single tar, a glob or a folder."""
-    uris = expand_uris(pattern, ".tar")
+    uris = expand_uris(pattern, ".tar", storage)
     return [Partition(kind=KIND, id=posixpath.basename(u.rstrip("/")), uri=u) for u in uris]
 
 
-def read_partition(partition: Partition) -> Iterator[Sample]:
+def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
     """Stream the tar once, grouping consecutive members that share a key into one sample.
 
     A tar cut short (an interrupted download) keeps the samples before the cut and reports the
     rest as one ``truncated`` error for the shard, rather than failing the whole job.
     """
     try:
-        with fsspec.open(partition.uri, "rb") as raw:
+        with open_uri(partition.uri, storage) as raw:
             tail = _TailReader(raw)
             with tarfile.open(fileobj=tail, mode="r|*") as tar:
                 yield from _members(tar, partition, tail)

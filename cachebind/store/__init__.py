@@ -8,7 +8,7 @@ from cachebind.store.schema import (
     row_id,
     table_metadata,
 )
-from cachebind.store.table import CacheTable
+from cachebind.store.table import CacheTable, connect
 from cachebind.store.writer import PROGRESS_SCHEMA, CacheWriter, check_compatible
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "EncoderMismatchError",
     "TableMismatchError",
     "check_compatible",
+    "connect",
     "images_schema",
     "row_id",
     "table_metadata",

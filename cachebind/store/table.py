@@ -12,7 +12,13 @@ import numpy as np
 import pyarrow as pa
 
 from cachebind.config import StoreConfig
+from cachebind.storage import lance_options
 from cachebind.store.schema import table_metadata
+
+
+def connect(config: StoreConfig) -> Any:
+    """The LanceDB database at ``config.uri``, with the object-store options it needs."""
+    return lancedb.connect(config.uri, storage_options=lance_options(config.uri, config.s3))
 
 
 @dataclass
@@ -27,6 +33,9 @@ class CacheTable:
 
     table: Any  # lancedb.table.LanceTable
     version: int
+    storage_options: dict[str, str] | None = field(default=None, repr=False)
+    """Lance's options for the table's object store (credentials: never shown), for processes
+    that open the dataset again by its URI (the sharded index build)."""
     _dataset: Any = field(default=None, repr=False)
     _by_id: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -34,14 +43,15 @@ class CacheTable:
     @classmethod
     def open(cls, config: StoreConfig, version: int | None = None) -> CacheTable:
         try:
-            table = lancedb.connect(config.uri).open_table(config.table)
+            table = connect(config).open_table(config.table)
         except ValueError as exc:  # lancedb's "Table 'x' was not found"
             raise FileNotFoundError(
                 f"no table {config.table!r} in {config.uri}: run `cachebind embed` first"
             ) from exc
         if version is not None:
             table.checkout(version)
-        return cls(table=table, version=table.version)
+        options = lance_options(config.uri, config.s3)
+        return cls(table=table, version=table.version, storage_options=options)
 
     @property
     def dataset(self) -> Any:  # lance.LanceDataset at the pinned version

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 from cachebind.config import StoreConfig
 from cachebind.store.errors import EncoderMismatchError, TableMismatchError
 from cachebind.store.schema import ERRORS_SCHEMA, table_metadata
+from cachebind.store.table import connect
 
 PROGRESS_SCHEMA = pa.schema(
     [
@@ -96,7 +96,7 @@ class CacheWriter:
 
     def __init__(self, config: StoreConfig, schema: pa.Schema) -> None:
         self.config = config
-        self.db = lancedb.connect(config.uri)
+        self.db = connect(config)
         self.images = self._open_or_create(config.table, schema)
         check_compatible(self.images.schema, schema, f"{config.uri}/{config.table}")
         self.schema = self.images.schema

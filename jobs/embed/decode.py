@@ -8,13 +8,13 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from cachebind.errors import InputError
-from cachebind.sources import Partition, read_partition
+from cachebind.sources import Partition, StorageOptions, read_partition
 from cachebind.store import row_id
 
 PIXELS = (3, 224, 224)
@@ -50,6 +50,8 @@ class DecodeOptions:
     thumbnail_size: int
     pixel_dtype: str
     chunk_rows: int
+    storage: StorageOptions = field(default_factory=StorageOptions, repr=False)
+    """How workers reach object-store sources (travels with the task, not in the partition)."""
 
 
 def decode_partition(batch: pa.Table, *, options: DecodeOptions) -> Iterator[pa.Table]:
@@ -65,7 +67,7 @@ def decode_partition(batch: pa.Table, *, options: DecodeOptions) -> Iterator[pa.
         rows: list[dict[str, Any]] = []
         emitted: set[int] = set()
         try:
-            for sample in read_partition(partition):
+            for sample in read_partition(partition, options.storage):
                 sid = row_id(sample.key)
                 if sid in skip or sid in emitted:
                     continue

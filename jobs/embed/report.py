@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import fsspec
+from cachebind.config import StoreConfig
+from cachebind.storage import StorageOptions
 
 
 @dataclass
@@ -81,14 +82,17 @@ class EmbedReport:
         )
 
 
-def save_report(report: EmbedReport, uri: str, table: str) -> str:
-    """Write ``<uri>/<table>.report.json`` (latest) and ``<uri>/_reports/<table>-<time>.json``."""
+def save_report(report: EmbedReport, store: StoreConfig) -> str:
+    """Write ``<uri>/<table>.report.json`` (latest) and ``<uri>/_reports/<table>-<time>.json``
+    beside the table, wherever it lives (a local folder or an object store)."""
     text = json.dumps(report.to_dict(), indent=2, default=str)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    latest = f"{uri.rstrip('/')}/{table}.report.json"
-    fs, _ = fsspec.core.url_to_fs(latest)
-    fs.makedirs(f"{uri.rstrip('/')}/_reports", exist_ok=True)
-    for path in (f"{uri.rstrip('/')}/_reports/{table}-{stamp}.json", latest):
-        with fsspec.open(path, "w") as f:
+    root = store.uri.rstrip("/")
+    latest = f"{root}/{store.table}.report.json"
+    storage = StorageOptions.from_s3(store.s3)
+    fs, reports = storage.url_to_fs(f"{root}/_reports")
+    fs.makedirs(reports, exist_ok=True)
+    for path in (f"{root}/_reports/{store.table}-{stamp}.json", latest):
+        with storage.open(path, "w") as f:
             f.write(text)
     return latest

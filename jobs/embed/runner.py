@@ -31,7 +31,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from cachebind.config import EncoderConfig, Settings, WeightsConfig
-from cachebind.sources import Partition, list_partitions, parse_source
+from cachebind.sources import Partition, StorageOptions, list_partitions, parse_source
 from cachebind.store import CacheWriter, images_schema
 from jobs.embed.decode import DecodeOptions, decode_partition
 from jobs.embed.encode import EncodeActor
@@ -92,11 +92,13 @@ def run_embed(
     import ray
 
     started = time.time()
-    spec = parse_source(source)
+    # One set of S3 options (store.s3) serves the sources and the table.
+    storage = StorageOptions.from_s3(settings.store.s3)
+    spec = parse_source(source, storage)
     encoder = probe_encoder(settings.encoder, settings.weights)
     schema = table_schema(settings, encoder, str(spec))
     writer = CacheWriter(settings.store, schema)  # refuses another encoder's table
-    partitions = list_partitions(spec)
+    partitions = list_partitions(spec, storage)
     finished = writer.finished_partitions()
     todo = [p for p in partitions if finished.get(p.id) != p.fingerprint()]
     report = EmbedReport(
@@ -111,7 +113,9 @@ def run_embed(
     started_ray = init_ray(settings.embed)
     try:
         if todo:
-            _run_pipeline(todo, settings, writer, report, limit, progress, flush_rows, flush_s)
+            _run_pipeline(
+                todo, settings, storage, writer, report, limit, progress, flush_rows, flush_s
+            )
     finally:
         if started_ray:
             ray.shutdown()
@@ -121,7 +125,7 @@ def run_embed(
     processed = report.rows_written + report.errors_written
     report.samples_per_s = round(processed / report.wall_s, 2) if report.wall_s else 0.0
     report.finished_at = datetime.now(UTC).isoformat()
-    report.report_path = save_report(report, settings.store.uri, settings.store.table)
+    report.report_path = save_report(report, settings.store)
     if progress:
         print(report.summary(), file=sys.stderr)
     return report
@@ -130,6 +134,7 @@ def run_embed(
 def _run_pipeline(
     todo: list[Partition],
     settings: Settings,
+    storage: StorageOptions,
     writer: CacheWriter,
     report: EmbedReport,
     limit: int | None,
@@ -163,6 +168,7 @@ def _run_pipeline(
         thumbnail_size=cfg.thumbnail_size,
         pixel_dtype=plan.pixel_dtype,
         chunk_rows=plan.chunk_rows,
+        storage=storage,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
