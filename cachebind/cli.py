@@ -323,6 +323,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-versions", dest="index__keep_versions", type=int)
     p.add_argument("--shards", type=int, help="sharded build: add this many shards in Ray tasks")
     p.add_argument("--ray-address", help="Ray cluster for a sharded build (default: local Ray)")
+    p.add_argument(
+        "--merge-on-disk",
+        dest="index__merge_on_disk",
+        choices=["auto", "yes", "no"],
+        help="sharded IVF build: merge the shards into a memory-mapped index.ivfdata instead of "
+        "the driver's RAM (auto: when an in-memory merge would exceed --merge-memory-gb)",
+    )
+    p.add_argument(
+        "--merge-memory-gb",
+        dest="index__merge_memory_gb",
+        type=float,
+        metavar="GB",
+        help="driver RAM an in-memory merge may take (default 4)",
+    )
+    p.add_argument(
+        "--shard-dir",
+        dest="index__shard_dir",
+        metavar="DIR",
+        help="on-disk merge: a directory every Ray node sees (shared file system) for the "
+        "shards' files (default: through the object store into the index directory)",
+    )
     p.add_argument("--index-key", help="force a FAISS index key instead of choosing one")
     p.add_argument(
         "--no-rebuild",

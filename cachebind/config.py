@@ -152,6 +152,19 @@ class IndexConfig(Section):
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     rebuild_when_outgrown: bool = True
     """`index add` rebuilds, rather than adds to, an index the grown table has outgrown."""
+    merge_on_disk: Literal["auto", "yes", "no"] = "auto"
+    """Sharded builds of IVF indexes: merge the shards' inverted lists into one memory-mapped
+    ``index.ivfdata`` in the version folder instead of in the driver's RAM. ``auto`` does so when
+    the in-memory merge would need more than ``merge_memory_gb``; ``yes`` refuses keys that
+    cannot be merged on disk (``…,RFlat``, fast-scan ``x4fs``, Flat)."""
+    merge_memory_gb: float = 4.0
+    """Driver RAM an in-memory merge may take. It peaks near twice the index (every shard's
+    serialised index plus the merged one)."""
+    shard_dir: Path | None = None
+    """Where shard tasks of an on-disk merge write their inverted lists: a directory that every
+    Ray node and the driver see (a shared file system, not an object-store URI). Unset, the
+    lists travel through Ray's object store and the driver spools them, one at a time, into the
+    build's staging folder."""
 
     @field_validator("dir", mode="before")
     @classmethod
@@ -162,6 +175,16 @@ class IndexConfig(Section):
                 "atomic directory renames and read by FAISS from files, which object stores do "
                 "not offer. The table (store.uri) may live on an object store; keep the index on "
                 "local disk or a mounted file system"
+            )
+        return value
+
+    @field_validator("shard_dir", mode="before")
+    @classmethod
+    def _mounted_shard_dir(cls, value: Any) -> Any:
+        if value is not None and _URI_SCHEME.match(str(value)):
+            raise ValueError(
+                f"index.shard_dir must be a mounted directory, not {value!r}: FAISS maps the "
+                "shards' files; leave it unset to pass them through Ray's object store"
             )
         return value
 

@@ -35,6 +35,8 @@ from cachebind.store.table import vectors_to_numpy
 from indexing.faiss_ops import new_index
 from indexing.gpu import gpu_memory_bytes, gpu_wanted, to_gpu
 from indexing.manifest import MANIFEST_FORMAT, ids_checksum, table_identity
+from indexing.ondisk import IVFDATA_FILE, CopyOnWriteAdd, is_ondisk, plan_merge, storage_of
+from indexing.ondisk import write_index as write_version_index
 from indexing.params import apply_search_params, search_grid
 from indexing.recall import ExactTopK, drop_self
 from indexing.select import Selection, outgrown, select_index, train_size_for
@@ -60,7 +62,8 @@ KMEANS_ITERATIONS = 10
 SEED = 0
 
 StageHook = Callable[[str], None]
-"""Called with a stage name ("trained", "added", "tuned", "index_written") as a build passes it."""
+"""Called with a stage name ("trained", "added", "tuned", "index_written"; a sharded on-disk
+merge also "shards_written") as a build passes it."""
 
 
 @dataclass
@@ -189,8 +192,41 @@ def _finish(
     progress: bool,
     on_stage: StageHook | None,
     extra: dict[str, Any],
+    staged: Path | None = None,
 ) -> Path:
-    """Tune, measure, and write the staged version; returns the staging directory."""
+    """Tune, measure, and write the staged version; returns the staging directory.
+
+    ``staged``: the staging directory when the build already wrote into it (an on-disk index's
+    ivfdata); like one created here, it is removed if anything fails.
+    """
+    try:
+        return _tune_and_write(
+            work,
+            index,
+            ids,
+            selection,
+            progress=progress,
+            on_stage=on_stage,
+            extra=extra,
+            staged=staged,
+        )
+    except BaseException:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def _tune_and_write(
+    work: Work,
+    index: faiss.Index,
+    ids: np.ndarray,
+    selection: dict[str, Any],
+    *,
+    progress: bool,
+    on_stage: StageHook | None,
+    extra: dict[str, Any],
+    staged: Path | None,
+) -> Path:
     cfg = work.config
     if index.ntotal != work.n or len(ids) != work.n:
         raise RuntimeError(f"index holds {index.ntotal} rows, the table {work.n}")
@@ -233,45 +269,52 @@ def _finish(
     latency = measure_latency(timed, probes, cfg.recall_k, progress=progress)
     work.timings["measure_s"] = time.perf_counter() - t0
 
-    staged = new_staging_dir(cfg.dir)
+    staged = staged if staged is not None else new_staging_dir(cfg.dir)
     try:
-        faiss.write_index(index, str(staged / INDEX_FILE))
+        write_version_index(index, staged / INDEX_FILE)
         np.save(staged / IDS_FILE, ids.astype(np.int64))
         if on_stage:
             on_stage("index_written")
+        # What loading puts in RAM; an on-disk index's codes (storage.ivfdata_bytes) are paged
+        # in from its memory-mapped file as searches touch them.
         memory = (staged / INDEX_FILE).stat().st_size + (staged / IDS_FILE).stat().st_size
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": None,  # given by publish()
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "index_key": selection["key"],
-            "metric": "inner_product",
-            "dim": work.dim,
-            "ntotal": int(index.ntotal),
-            "search_params": params,
-            "selection": selection,
-            "target": {
-                "recall_k": cfg.recall_k,
-                "recall": cfg.recall_target,
-                "met": target_met,
-                "latency_budget_ms": cfg.latency_budget_ms,
-                "latency_met": latency_met,
-            },
-            "recall": recall,
-            "recall_queries": {
-                "count": len(work.queries),
-                "kind": "held-out table rows, leave-one-out"
-                if (self_pos >= 0).any()
-                else "caller-supplied queries",
-            },
-            "latency_ms": latency,
-            "memory_bytes": int(memory),
-            "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
-            | {"total_s": round(sum(work.timings.values()), 3)},
-            "table": table_identity(work.table, ids),
-            "software": {"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
-            "tuning_trials": trials,
-        } | extra
+        storage = storage_of(index, staged) | extra.get("storage", {})
+        manifest = (
+            {
+                "format": MANIFEST_FORMAT,
+                "version": None,  # given by publish()
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "index_key": selection["key"],
+                "metric": "inner_product",
+                "dim": work.dim,
+                "ntotal": int(index.ntotal),
+                "search_params": params,
+                "selection": selection,
+                "target": {
+                    "recall_k": cfg.recall_k,
+                    "recall": cfg.recall_target,
+                    "met": target_met,
+                    "latency_budget_ms": cfg.latency_budget_ms,
+                    "latency_met": latency_met,
+                },
+                "recall": recall,
+                "recall_queries": {
+                    "count": len(work.queries),
+                    "kind": "held-out table rows, leave-one-out"
+                    if (self_pos >= 0).any()
+                    else "caller-supplied queries",
+                },
+                "latency_ms": latency,
+                "memory_bytes": int(memory),
+                "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
+                | {"total_s": round(sum(work.timings.values()), 3)},
+                "table": table_identity(work.table, ids),
+                "software": {"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
+                "tuning_trials": trials,
+            }
+            | extra
+            | {"storage": storage}
+        )
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -318,22 +361,40 @@ def build_index(
             selection.autofaiss_keys,
         )
     log.info("index for %d x %d: %s (%s)", work.n, work.dim, selection.key, selection.reason)
+    # Decided before training, so a key that cannot be merged as asked fails fast.
+    merge = plan_merge(selection.key, work.n, work.dim, config, int(shards or 1))
+    log.info("shards merge %s: %s", "on disk" if merge.on_disk else "in memory", merge.reason)
     index = _train(work, selection, progress)
     if on_stage:
         on_stage("trained")
 
-    t0 = time.perf_counter()
-    if shards and shards > 1:
-        from indexing.shards import add_sharded
+    # An on-disk merge writes the version's ivfdata straight into its staging directory.
+    staged = new_staging_dir(config.dir) if merge.on_disk else None
+    try:
+        t0 = time.perf_counter()
+        if shards and shards > 1:
+            from indexing.shards import add_sharded
 
-        index, ids = add_sharded(
-            index, table, work, shards, ray_address=ray_address, progress=progress
-        )
-    else:
-        ids = add_range(index, table.dataset, 0, work.n, work.exact, progress=progress)
-    work.timings["add_s"] = time.perf_counter() - t0
-    if on_stage:
-        on_stage("added")
+            index, ids = add_sharded(
+                index,
+                table,
+                work,
+                shards,
+                ray_address=ray_address,
+                progress=progress,
+                ivfdata=staged / IVFDATA_FILE if staged is not None else None,
+                shard_dir=config.shard_dir,
+                on_stage=on_stage,
+            )
+        else:
+            ids = add_range(index, table.dataset, 0, work.n, work.exact, progress=progress)
+        work.timings["add_s"] = time.perf_counter() - t0
+        if on_stage:
+            on_stage("added")
+    except BaseException:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
     return _finish(
         work,
         index,
@@ -341,7 +402,13 @@ def build_index(
         selection.to_dict(),
         progress=progress,
         on_stage=on_stage,
-        extra={"parent_version": None, "shards": int(shards or 1)} | (lineage or {}),
+        extra={
+            "parent_version": None,
+            "shards": int(shards or 1),
+            "storage": {"reason": merge.reason},
+        }
+        | (lineage or {}),
+        staged=staged,
     )
 
 
@@ -422,12 +489,18 @@ def add_rows(
     if reason is not None:
         log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
     work = _prepare(table, config, None)
-    index = faiss.read_index(str(folder / INDEX_FILE))
+    # An on-disk version grows copy-on-write: new rows in memory, then merged with the parent's
+    # lists into the new version's own ivfdata (indexing/ondisk.py).
+    grow = CopyOnWriteAdd(folder, old, index_dir, n_old) if is_ondisk(old) else None
+    index = grow.adder if grow else faiss.read_index(str(folder / INDEX_FILE))
     t0 = time.perf_counter()
     ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
     work.timings["add_s"] = time.perf_counter() - t0
     if on_stage:
         on_stage("added")
+    into = None
+    if grow is not None:
+        index, into = grow.merge()
     update = {
         "mode": "added",
         "reason": f"added although outgrown (rebuild_when_outgrown is off): {reason}"
@@ -442,6 +515,7 @@ def add_rows(
         progress=progress,
         on_stage=on_stage,
         extra=lineage | {"shards": 1, "update": update},
+        staged=into,
     )
     version = publish(index_dir, staged, config.keep_versions)
     return read_manifest(index_dir, version)

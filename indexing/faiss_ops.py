@@ -50,6 +50,15 @@ def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
         raise RuntimeError(f"merge lost vectors: {dst.ntotal} != {expected}")
 
 
+def ondisk_invlists(index: faiss.Index) -> faiss.OnDiskInvertedLists | None:
+    """The on-disk (memory-mapped ``.ivfdata``) inverted lists of an IVF ``index``, if any."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or ivf.invlists is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
 def has_exact_storage(index: faiss.Index) -> faiss.Index | None:
     """The flat float32 store inside ``index`` (Flat itself, or RFlat's re-rank store), if any.
 

@@ -15,6 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexing.faiss_ops import ondisk_invlists
 from indexing.params import GPU_MAX_K
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,13 @@ def to_gpu(index: faiss.Index, key: str) -> Any | None:
 
     faiss-gpu: ``index_cpu_to_gpu`` with fp16 storage (Flat, IVF-Flat, IVF-PQ up to 96 bytes per
     code); fast-scan and re-rank indexes stay on the CPU. No faiss-gpu but CUDA torch: exact
-    search for Flat only.
+    search for Flat only. An index with on-disk inverted lists stays on the CPU
+    (:func:`gpu_refusal`).
     """
+    refusal = gpu_refusal(index)
+    if refusal is not None:
+        log.warning("index %s stays on the CPU: %s", key, refusal)
+        return None
     if faiss.get_num_gpus() > 0:
         try:
             options = faiss.GpuClonerOptions()
@@ -105,6 +111,21 @@ def to_gpu(index: faiss.Index, key: str) -> Any | None:
         flat = faiss.downcast_index(index)
         vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(-1, flat.d)
         return TorchExactSearch(vectors, "cuda")
+    return None
+
+
+def gpu_refusal(index: faiss.Index) -> str | None:
+    """Why ``index`` is searched on the CPU even when a GPU is present (None: it may move).
+
+    Its inverted lists are a memory-mapped file: a GPU copy would load every code into GPU
+    memory (and first into RAM), which is what the on-disk layout exists to avoid; it was
+    chosen because the codes exceed the memory the build was given.
+    """
+    if ondisk_invlists(index) is not None:
+        return (
+            "its inverted lists are on disk (memory-mapped index.ivfdata); a GPU copy would "
+            "need all its codes in memory. Rebuild with merge_on_disk = 'no' to search it on a GPU"
+        )
     return None
 
 

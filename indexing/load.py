@@ -14,10 +14,10 @@ from cachebind.store import CacheTable
 from indexing.faiss_ops import has_exact_storage
 from indexing.gpu import TorchExactSearch, gpu_k_ok, gpu_wanted, to_gpu
 from indexing.manifest import check_alignment, ids_checksum
+from indexing.ondisk import read_index
 from indexing.params import apply_search_params
 from indexing.versions import (
     IDS_FILE,
-    INDEX_FILE,
     current_version,
     read_manifest,
     versions_dir,
@@ -138,7 +138,9 @@ def load_version(
 ) -> LoadedIndex:
     """Load ``version``, after checking it was built from ``table`` (IndexMismatchError if not).
 
-    The check runs before the (possibly large) index file is read.
+    The check runs before the (possibly large) index file is read. An on-disk version
+    (``manifest["storage"]["invlists"] == "ondisk"``) maps its ``index.ivfdata`` read-only from
+    the version's folder: its codes are paged in by searches, not loaded.
     """
     folder = versions_dir(index_dir) / version
     manifest = read_manifest(index_dir, version)
@@ -146,7 +148,7 @@ def load_version(
     ids = np.load(folder / IDS_FILE)
     if ids_checksum(ids) != manifest["table"]["ids_sha256"]:
         raise IndexMismatchError(f"{folder / IDS_FILE} does not match its manifest (corrupt?)")
-    index = faiss.read_index(str(folder / INDEX_FILE))
+    index = read_index(folder, manifest)
     if index.ntotal != len(ids):
         raise IndexMismatchError(f"{folder}: index holds {index.ntotal} rows, ids.npy {len(ids)}")
     return LoadedIndex(index, ids, manifest, table, use_gpu=use_gpu)

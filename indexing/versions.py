@@ -1,4 +1,5 @@
-"""The version directory: ``<index_dir>/versions/<version>/{index.faiss, ids.npy, manifest.json}``.
+"""The version directory: ``<index_dir>/versions/<version>/{index.faiss, ids.npy, manifest.json}``
+(and ``index.ivfdata`` for an index whose inverted lists are on disk, :mod:`indexing.ondisk`).
 
 Publishing is crash-safe in two steps, each atomic on a POSIX file system:
 
@@ -72,6 +73,13 @@ def _switch_current(index_dir: Path, version: str) -> None:
     os.replace(tmp, Path(index_dir) / CURRENT_FILE)
 
 
+def version_files(manifest: dict[str, Any]) -> list[str]:
+    """A version's files beyond index, ids and manifest: an on-disk index's ivfdata. They live
+    in the version's folder, so publishing moves them and pruning removes them with it."""
+    storage = manifest.get("storage") or {}
+    return [storage["ivfdata"]] if storage.get("invlists") == "ondisk" else []
+
+
 def publish(index_dir: Path, staged: Path, keep_versions: int = 3) -> str:
     """Move a complete staged build into ``versions/``, make it CURRENT, prune old versions.
 
@@ -87,6 +95,9 @@ def publish(index_dir: Path, staged: Path, keep_versions: int = 3) -> str:
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = staged / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
+    for name in version_files(manifest):
+        if not (staged / name).is_file():
+            raise FileNotFoundError(f"incomplete build in {staged}: {name} is missing")
     existing = list_versions(index_dir)
     number = int(VERSION_RE.match(existing[-1]).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
     while True:

@@ -5,7 +5,9 @@
 
 Inside ``ray job submit`` Ray is already reachable (``ray.init()`` joins the cluster); run
 directly, it starts a local Ray instance. The driver trains once on a sample, the rows are added
-in ``--shards`` parallel tasks, and the merged index is tuned, verified and published atomically.
+in ``--shards`` parallel tasks (IVF shards large enough are merged on disk, into the version's
+memory-mapped ``index.ivfdata``: ``--merge-on-disk``, ``--shard-dir`` on a shared file system),
+and the merged index is tuned, verified and published atomically.
 Prints the published manifest (JSON) on stdout.
 """
 
@@ -34,6 +36,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ray-address", default=None, help="'auto', ray://host:port, or unset")
     p.add_argument("--index-key", default=None, help="force a FAISS factory key")
+    p.add_argument(
+        "--merge-on-disk",
+        choices=["auto", "yes", "no"],
+        default=None,
+        help="merge IVF shards into a memory-mapped index.ivfdata (overrides [index])",
+    )
+    p.add_argument(
+        "--shard-dir",
+        type=Path,
+        default=None,
+        help="shared directory for the shards' files (overrides [index] shard_dir)",
+    )
     p.add_argument("--add", action="store_true", help="add appended rows to the current index")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -55,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    overrides = {"index": {"dir": args.index_dir}} if args.index_dir else {}
+    # (load_config ignores the flags left unset)
+    overrides = {
+        "index": {
+            "dir": args.index_dir,
+            "merge_on_disk": args.merge_on_disk,
+            "shard_dir": args.shard_dir,
+        }
+    }
     settings = load_config(args.config, **overrides)
     progress = not args.no_progress
     if args.add:
