@@ -77,6 +77,7 @@ def test_on_disk_merge_gives_the_single_builds_results(builds, store) -> None:
     table = CacheTable.open(store)
     manifests = {name: indexing.versions.read_manifest(d, "v000001") for name, d in builds.items()}
     disk = manifests["disk"]
+    # (written from the driver's own index object: it was tuned with its lists on disk)
     assert disk["storage"]["invlists"] == "ondisk" and disk["storage"]["ivfdata"] == IVFDATA_FILE
     assert manifests["memory"]["storage"]["invlists"] == "memory"
     assert disk["table"] == manifests["single"]["table"]  # same ids in the same order
