@@ -146,7 +146,13 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         from cachebind.store import CacheTable
 
         table = CacheTable.open(settings.store)
-        manifest = indexing.add_rows(settings.index.dir, table, settings.index)
+        manifest = indexing.add_rows(
+            settings.index.dir,
+            table,
+            settings.index,
+            shards=args.shards,
+            ray_address=args.ray_address,
+        )
     else:
         manifest = indexing.build_and_publish(
             settings.store,
@@ -321,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-target", dest="index__recall_target", type=float)
     p.add_argument("--latency-budget-ms", dest="index__latency_budget_ms", type=float)
     p.add_argument("--keep-versions", dest="index__keep_versions", type=int)
-    p.add_argument("--shards", type=int, help="sharded build: add this many shards in Ray tasks")
+    p.add_argument(
+        "--shards",
+        type=int,
+        help="sharded build (and an `add` that has to rebuild): this many shards in Ray tasks",
+    )
     p.add_argument("--ray-address", help="Ray cluster for a sharded build (default: local Ray)")
     p.add_argument(
         "--merge-on-disk",

@@ -441,6 +441,8 @@ def add_rows(
     progress: bool = True,
     *,
     on_stage: StageHook | None = None,
+    shards: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Add the rows appended to ``table`` since the current version, without retraining.
 
@@ -453,7 +455,8 @@ def add_rows(
     Flat index past the exact-search size, an IVF sized for a sixteenth of the rows, a key
     that no longer fits the memory budget), a full build replaces it instead, unless
     ``config.rebuild_when_outgrown`` is off; the manifest's ``update`` says which happened and
-    why (``{"mode": "added" | "rebuilt", "reason": ...}``).
+    why (``{"mode": "added" | "rebuilt", "reason": ...}``). ``shards``/``ray_address`` are
+    used by such a rebuild (a sharded Ray build, as ``build_and_publish``).
     """
     index_dir = Path(index_dir)
     parent = current_version(index_dir)
@@ -481,6 +484,8 @@ def add_rows(
             table,
             config,
             progress,
+            shards=shards,
+            ray_address=ray_address,
             on_stage=on_stage,
             lineage=lineage | {"update": {"mode": "rebuilt", "reason": reason}},
         )

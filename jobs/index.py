@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     if args.add:
         table = CacheTable.open(settings.store, version=args.table_version)
-        manifest = indexing.add_rows(settings.index.dir, table, settings.index, progress)
+        manifest = indexing.add_rows(
+            settings.index.dir,
+            table,
+            settings.index,
+            progress,
+            shards=args.shards,
+            ray_address=args.ray_address,
+        )
     else:
         shards = args.shards
         if shards is None:
