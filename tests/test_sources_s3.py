@@ -3,7 +3,8 @@
 The same generated data is written to local files and uploaded to a bucket. Every reader yields
 from ``s3://`` exactly the samples it yields from the local files; the embedding job reads its
 source from S3 and writes its table, errors, progress and report to ``s3://``; the index is built
-from that table (in Ray tasks, with the index directory on local disk) and finds its rows.
+from that table (in Ray tasks, with the index directory on local disk) and finds its rows, and
+the service answers searches and thumbnails from it.
 
 Only the configuration (``store.s3``) says how to reach the server: the AWS variables are
 cleared for the whole module, Ray workers included, so nothing works by accident of the
@@ -30,6 +31,7 @@ from moto.server import ThreadedMotoServer
 
 import indexing
 from cachebind.cli import main as cli_main
+from cachebind.client import CachebindClient, input_item
 from cachebind.config import S3Config, load_config
 from cachebind.sources import StorageOptions, list_partitions, read_partition
 from cachebind.sources import synthetic as syn
@@ -267,3 +269,12 @@ def test_embed_from_s3_into_a_table_on_s3_then_index_it(
     ids = table.ids()[[0, 11, 23]]
     _, found = loaded.search(table.vectors(ids.tolist()), 3)
     np.testing.assert_array_equal(found[:, 0], ids)  # each row finds itself first
+
+    # The service over the S3 table: search by a cached row's vector, and its thumbnail.
+    with CachebindClient.in_process(settings) as client:
+        assert client.index_info()["rows"] == 24
+        query = input_item(None, table.vectors([int(ids[1])])[0])
+        hits = client.search([query], k=3)["results"]
+        assert hits[0]["id"] == int(ids[1])
+        thumbnail = client.image(int(ids[1]))
+        assert thumbnail[:3] == b"\xff\xd8\xff"  # a JPEG, read from the table on S3
