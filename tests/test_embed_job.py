@@ -226,3 +226,25 @@ def test_killed_ray_workers_lose_nothing(tmp_path: Path) -> None:
     assert sorted(rows["key"]) == sorted(keys)  # complete ...
     assert len(set(rows["id"])) == len(rows["id"])  # ... and no duplicates
     assert report.rows_written == 48 and report.partitions_finished == 12
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_pixel_batches_are_read_from_arrow_without_a_python_round_trip(dtype: str) -> None:
+    import pyarrow as pa
+
+    from jobs.embed.decode import PIXELS
+    from jobs.embed.encode import pixel_batch
+
+    tensors = np.random.default_rng(0).standard_normal((5, *PIXELS)).astype(dtype)
+    rows = [t.tobytes() for t in tensors]
+    chunked = pa.chunked_array([pa.array(rows[:2], pa.binary()), pa.array(rows[2:], pa.binary())])
+
+    whole = pixel_batch(pa.array(rows, pa.binary()), np.arange(5), dtype)
+    np.testing.assert_array_equal(whole, tensors)
+    assert not whole.flags.owndata  # a view of Arrow's buffer, not a copy
+    np.testing.assert_array_equal(pixel_batch(chunked, np.arange(5), dtype), tensors)
+    np.testing.assert_array_equal(
+        pixel_batch(chunked, np.array([0, 3, 4]), dtype), tensors[[0, 3, 4]]
+    )
+    sliced = pa.array(rows, pa.large_binary()).slice(1, 3)  # a non-zero array offset
+    np.testing.assert_array_equal(pixel_batch(sliced, np.arange(3), dtype), tensors[1:4])

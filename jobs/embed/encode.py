@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +50,11 @@ class EncodeActor:
         encode_s = np.zeros(n, dtype=np.float64)
         if len(ok):
             start = time.perf_counter()
-            pixels = batch["pixels"].take(pa.array(ok)).to_pylist()
-            x = np.frombuffer(b"".join(pixels), dtype=self.pixel_dtype).reshape(-1, *PIXELS)
-            feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x.copy()))
+            x = pixel_batch(batch["pixels"], ok, self.pixel_dtype)
+            with warnings.catch_warnings():
+                # The array views Arrow's read-only buffer; the model only reads its input.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x))
             vectors[ok] = F.normalize(feats.float(), dim=-1).numpy()
             if self.captions:
                 has_text = self._embed_captions(batch, ok, text_vectors)
@@ -83,6 +86,23 @@ class EncodeActor:
                 except InputError:
                     continue
         return has_text
+
+
+def pixel_batch(column: pa.ChunkedArray | pa.Array, rows: np.ndarray, dtype: str) -> np.ndarray:
+    """The ``rows`` of a binary column of pixel tensors as one ``[len(rows), *PIXELS]`` array.
+
+    A view of Arrow's buffer when every row is taken (the usual batch), else one copy by
+    ``take``: going through Python ``bytes`` would copy each batch three times, ~0.15 ms an
+    image at 256 images a batch, a sixth of what a GPU spends encoding one.
+    """
+    column = column if len(rows) == len(column) else column.take(pa.array(rows))
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(column.buffers()[1], dtype=width)
+    first, last = int(offsets[column.offset]), int(offsets[column.offset + len(column)])
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[first:last]
+    return data.view(dtype).reshape(len(column), *PIXELS)
 
 
 def _fixed_list(values: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
