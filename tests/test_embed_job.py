@@ -228,6 +228,17 @@ def test_killed_ray_workers_lose_nothing(tmp_path: Path) -> None:
     assert report.rows_written == 48 and report.partitions_finished == 12
 
 
+def test_a_resumed_job_reads_again_a_shard_replaced_since_it_finished(tmp_path: Path) -> None:
+    syn.write_webdataset(tmp_path / "wds", 12, per_shard=6)
+    s = settings(tmp_path / "db")
+    assert run_embed(str(tmp_path / "wds"), s, progress=False).rows_written == 12
+    # The collection is re-exported: the same shard names now hold 8 samples each.
+    keys = syn.write_webdataset(tmp_path / "wds", 16, per_shard=8)
+    report = run_embed(str(tmp_path / "wds"), s, progress=False)
+    assert report.partitions_skipped == 0 and report.rows_written == 4
+    assert sorted(table_rows(s)["key"]) == sorted(keys)  # every sample once, none twice
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_pixel_batches_are_read_from_arrow_without_a_python_round_trip(dtype: str) -> None:
     import pyarrow as pa

@@ -61,6 +61,19 @@ def test_webdataset_shards_group_members_into_samples(tmp_path: Path) -> None:
     assert Image.open(io.BytesIO(first.image)).size == (64, 48)
 
 
+def test_a_shard_file_replaced_since_listing_gets_a_new_fingerprint(tmp_path: Path) -> None:
+    syn.write_webdataset(tmp_path / "wds", 20, per_shard=10)
+    before = list_partitions(str(tmp_path / "wds"))
+    assert [p.fingerprint() for p in list_partitions(str(tmp_path / "wds"))] == [
+        p.fingerprint() for p in before
+    ]
+    syn.write_webdataset(tmp_path / "wds", 25, per_shard=15)  # same names, new contents
+    after = list_partitions(str(tmp_path / "wds"))
+    assert [p.id for p in after] == [p.id for p in before]
+    assert all(a.fingerprint() != b.fingerprint() for a, b in zip(after, before, strict=True))
+    assert after[0].stamp.startswith(f"{(tmp_path / 'wds' / '00000.tar').stat().st_size}:")
+
+
 def test_webdataset_cut_short_keeps_earlier_samples_and_reports_the_cut(tmp_path: Path) -> None:
     syn.write_webdataset(tmp_path, 6)
     tar = tmp_path / "00000.tar"

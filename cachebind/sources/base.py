@@ -36,19 +36,32 @@ class Partition:
     id: str
     uri: str
     options: dict[str, Any] = field(default_factory=dict)
+    stamp: str = ""
+    """The file as it was listed: size and modification time (ETag on S3); empty for a folder,
+    whose chunk's file list is in ``options``."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """A digest of what the partition covers (reader, file, options such as a folder chunk's
-        file list): a finished partition is only skipped on resume when this still matches."""
-        text = json.dumps([self.kind, self.uri, self.options], sort_keys=True, default=str)
+        """A digest of what the partition covers (reader, file and its stamp, options such as a
+        folder chunk's file list): a finished partition is skipped on resume only while this
+        still matches, so a shard file replaced since is read again (rows already in the table
+        are skipped by id)."""
+        text = json.dumps(
+            [self.kind, self.uri, self.options, self.stamp], sort_keys=True, default=str
+        )
         return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:
-        return cls(kind=data["kind"], id=data["id"], uri=data["uri"], options=dict(data["options"]))
+        return cls(
+            kind=data["kind"],
+            id=data["id"],
+            uri=data["uri"],
+            options=dict(data["options"]),
+            stamp=data.get("stamp", ""),
+        )
 
 
 @dataclass
@@ -147,6 +160,17 @@ def split_ext(name: str) -> tuple[str, str]:
     stem, dot, ext = base.partition(".")
     key = f"{directory}/{stem}" if directory else stem
     return key, ext.lower() if dot else ""
+
+
+def file_stamp(uri: str, storage: StorageOptions | None = None) -> str:
+    """``size:changed`` of a file (``changed``: the ETag where the store has one, else the
+    modification time); empty for a folder."""
+    fs, path = url_to_fs(uri, storage)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        return ""
+    changed = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{changed}"
 
 
 def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
