@@ -236,6 +236,7 @@ def test_a_resumed_job_reads_again_a_shard_replaced_since_it_finished(tmp_path: 
     keys = syn.write_webdataset(tmp_path / "wds", 16, per_shard=8)
     report = run_embed(str(tmp_path / "wds"), s, progress=False)
     assert report.partitions_skipped == 0 and report.rows_written == 4
+    assert report.rows_skipped == 12  # already in the table: neither decoded nor written again
     assert sorted(table_rows(s)["key"]) == sorted(keys)  # every sample once, none twice
 
 

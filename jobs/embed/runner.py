@@ -154,6 +154,8 @@ def _run_pipeline(
 
     # Partitions an earlier run started but did not finish: skip what it committed.
     committed = writer.committed_by_shard({p.id for p in todo})
+    # Never decoded again, so the sink never sees them: count them here for the report.
+    report.rows_skipped += sum(len(committed.get(p.id, ())) for p in todo)
     items = [
         {
             "partition": json.dumps(p.to_dict()),
