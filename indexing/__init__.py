@@ -3,13 +3,40 @@
 select (autofaiss key under a memory budget) -> tune (recall target on held-out queries) ->
 build (single, or sharded on Ray) -> manifest -> publish (versions + atomic CURRENT) ->
 load (alignment check against the table).
+
+The names below are imported on first use, so that a leaf module (``indexing.gpu`` on a bare
+GPU machine, say) imports without the whole stack (autofaiss, LanceDB, Ray).
 """
 
-from indexing.build import add_rows, build_and_publish, build_index
-from indexing.load import LoadedIndex, load_current, load_version
-from indexing.manifest import check_alignment, ids_checksum
-from indexing.select import Selection, select_index
-from indexing.versions import current_version, list_versions, prune, publish, set_current
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from indexing.build import add_rows, build_and_publish, build_index
+    from indexing.load import LoadedIndex, load_current, load_version
+    from indexing.manifest import check_alignment, ids_checksum
+    from indexing.select import Selection, select_index
+    from indexing.versions import current_version, list_versions, prune, publish, set_current
+
+_HOME = {
+    "add_rows": "build",
+    "build_and_publish": "build",
+    "build_index": "build",
+    "LoadedIndex": "load",
+    "load_current": "load",
+    "load_version": "load",
+    "check_alignment": "manifest",
+    "ids_checksum": "manifest",
+    "Selection": "select",
+    "select_index": "select",
+    "current_version": "versions",
+    "list_versions": "versions",
+    "prune": "versions",
+    "publish": "versions",
+    "set_current": "versions",
+}
 
 __all__ = [
     "LoadedIndex",
@@ -28,3 +55,11 @@ __all__ = [
     "select_index",
     "set_current",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'indexing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"indexing.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value

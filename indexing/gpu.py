@@ -51,37 +51,60 @@ def gpu_memory_bytes() -> int | None:
 class TorchExactSearch:
     """Exact inner-product search as ``queries @ vectors.T`` + top-k, in fp16 on a GPU.
 
-    Positions are returned (the caller maps them to table ids). Query batches are cut so the
-    score matrix stays within ``max_scores`` elements.
+    Positions are returned (the caller maps them to table ids). The matrix is streamed in row
+    chunks, each chunk's top-k merged into a running top-k, so a batch of queries reads the
+    matrix once (the ~2 ms bandwidth floor of 3.3M x 1024 fp16 on an H100) while the score
+    block stays within ``max_scores`` elements. Cutting the queries instead would read the
+    whole matrix again for every query chunk: 13 times at batch 1024.
     """
 
-    def __init__(self, vectors: np.ndarray, device: str = "cuda", dtype: str = "float16") -> None:
+    QUERY_BLOCK = 4096
+    """Queries per pass over the matrix (bounds the running top-k and the score block)."""
+
+    def __init__(self, vectors: Any, device: str = "cuda", dtype: str = "float16") -> None:
+        """``vectors``: [n, d] as a numpy array or a torch tensor (already on the device, say)."""
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.matrix = torch.from_numpy(np.ascontiguousarray(vectors)).to(self.device, self.dtype)
+        matrix = vectors if isinstance(vectors, torch.Tensor) else torch.from_numpy(vectors)
+        self.matrix = matrix.to(self.device, self.dtype).contiguous()
         self.ntotal = len(vectors)
         self.max_scores = 1 << 28
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
         n = len(queries)
         kk = min(k, self.ntotal)
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         positions = np.full((n, k), -1, dtype=np.int64)
         if kk == 0 or n == 0:
             return scores, positions
-        step = max(1, self.max_scores // max(self.ntotal, 1))
-        with torch.inference_mode():
-            for s in range(0, n, step):
-                q = torch.from_numpy(queries[s : s + step]).to(self.device, self.dtype)
-                sims = q @ self.matrix.T
-                top = torch.topk(sims.float(), kk, dim=1)
-                scores[s : s + step, :kk] = top.values.cpu().numpy()
-                positions[s : s + step, :kk] = top.indices.cpu().numpy()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        with self.torch.inference_mode():
+            for s in range(0, n, self.QUERY_BLOCK):
+                q = self.torch.from_numpy(queries[s : s + self.QUERY_BLOCK])
+                values, indices = self._top_k(q.to(self.device, self.dtype), kk)
+                scores[s : s + len(q), :kk] = values.float().cpu().numpy()
+                positions[s : s + len(q), :kk] = indices.cpu().numpy()
         return scores, positions
+
+    def _top_k(self, q: Any, k: int) -> tuple[Any, Any]:
+        """The top-``k`` (values, row positions) of ``q @ matrix.T``, one pass over the rows."""
+        torch = self.torch
+        rows = max(k, self.max_scores // len(q))
+        best_values = best_indices = None
+        for start in range(0, self.ntotal, rows):
+            sims = q @ self.matrix[start : start + rows].T
+            values, indices = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+            indices += start
+            if best_values is not None:
+                values = torch.cat([best_values, values], dim=1)
+                indices = torch.cat([best_indices, indices], dim=1)
+                values, order = torch.topk(values, k, dim=1)
+                indices = torch.gather(indices, 1, order)
+            best_values, best_indices = values, indices
+        return best_values, best_indices
 
 
 def to_gpu(index: faiss.Index, key: str) -> Any | None:

@@ -16,10 +16,15 @@ def test_torch_exact_search_matches_faiss_flat() -> None:
     flat.add(x)
     expected_scores, expected = flat.search(q, 10)
     torch_search = TorchExactSearch(x, device="cpu", dtype="float32")
-    torch_search.max_scores = 3_000 * 7  # several query chunks
     scores, found = torch_search.search(q, 10)
     np.testing.assert_array_equal(found, expected)
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    # Small score blocks: the query block is cut in two and the rows stream in chunks of 70.
+    torch_search.QUERY_BLOCK = 20
+    torch_search.max_scores = 20 * 70
+    chunked_scores, chunked = torch_search.search(q, 10)
+    np.testing.assert_array_equal(chunked, expected)
+    np.testing.assert_allclose(chunked_scores, expected_scores, atol=1e-5)
 
 
 def test_torch_exact_search_pads_when_k_exceeds_rows() -> None:
@@ -55,3 +60,19 @@ def test_loaded_flat_index_batches_through_the_matrix_product(tmp_path) -> None:
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
     single_scores, single = loaded.search(queries[:1], 10)  # the FAISS path
     np.testing.assert_array_equal(single, ids[:1])
+
+
+def test_the_gpu_search_imports_without_the_build_stack() -> None:
+    """A bare GPU machine (torch and faiss, no LanceDB, autofaiss or Ray) can run it."""
+    import subprocess
+    import sys
+
+    import indexing
+
+    code = (
+        "import sys, indexing.gpu; "
+        "print([m for m in ('lancedb', 'autofaiss', 'ray', 'indexing.build') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert sorted(indexing.__all__) == sorted(indexing._HOME)  # every export has a home
