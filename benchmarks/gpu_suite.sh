@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call on the lent GPU machine (its device time is short: ~15 min
 # of the session's 30 are needed). On the development machine first:
-#     bash scripts/device_wheels.sh            # .whl/: what the GPU machine lacks (~23 MB)
+#     bash scripts/device_wheels.sh            # .whl/: what the GPU machine lacks (~35 MB)
 # then one device `run` with carry [".whl"] and the command `bash benchmarks/gpu_suite.sh`.
 # Figures land in $OUT (*.txt, *.json); copy them into BENCHMARKS.md with the machine's name.
 # The embedding job's GPU mode (bench_embed.py) needs Ray and LanceDB, whose wheels are over
