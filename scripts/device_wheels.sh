@@ -2,8 +2,8 @@
 # Download, here, the wheels the lent GPU machine lacks for the GPU benchmarks, into .whl/
 # (git-ignored; carried with the device call, 64 MiB at most). That machine has Python 3.12 with
 # its own torch, numpy, sentencepiece, timm, einops, pillow and regex (transformers too, but an
-# older 5.x than ours: ours travels), and reaches
-# no registry. Versions come from requirements.lock. Run benchmarks/gpu_suite.sh there.
+# older 5.x than ours: ours travels), and reaches no registry. Versions come from
+# requirements.lock. Then run benchmarks/gpu_suite.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pin() { grep -ihE "^${1//-/[-_]}==" requirements.lock requirements-test.lock | head -1; }
