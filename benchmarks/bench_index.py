@@ -253,26 +253,33 @@ def cpu_mode(args: argparse.Namespace) -> dict:
 def gpu_mode(args: argparse.Namespace) -> dict:
     """Exact fp16 search at batch ``--batch`` through the serving path (``TorchExactSearch``:
     queries from and results to the host) vs one read of the matrix at ``--bandwidth-tbs``, and
-    vs the matrix product's own FLOP floor."""
+    vs the matrix product's own FLOP floor. ``--device cpu`` runs the same code in float32 (a
+    smoke test; its floors mean nothing there)."""
     import torch
 
     from indexing.gpu import TorchExactSearch
 
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise SystemExit("--gpu: no CUDA device visible")
+    dtype = torch.float16 if cuda else torch.float32
     n, batch = args.rows, args.batch
-    gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    matrix = torch.randn(n, DIM, device="cuda", dtype=torch.float16, generator=gen)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    matrix = torch.randn(n, DIM, device=args.device, dtype=dtype, generator=gen)
     matrix /= matrix.norm(dim=1, keepdim=True)
-    searcher = TorchExactSearch(matrix, device="cuda", dtype="float16")
+    searcher = TorchExactSearch(matrix, device=args.device, dtype=str(dtype).split(".")[-1])
     queries = matrix[:batch].float().cpu().numpy()  # rows of the cache: each finds itself
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     for _ in range(3):
         _, found = searcher.search(queries, K)
     self_found = float((found[:, 0] == np.arange(batch)).mean())
     times = []
-    for _ in range(20):
-        torch.cuda.synchronize()
+    for _ in range(args.repeats):
+        sync()
         start = time.perf_counter()
         searcher.search(queries, K)  # returns host arrays: synchronised
         times.append((time.perf_counter() - start) * 1e3)
@@ -280,7 +287,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     flop_ms = 2 * batch * n * DIM / (args.peak_tflops * 1e12) * 1e3
     p50 = float(np.median(times))
     return {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "rows": n,
         "batch": batch,
         "p50_ms": p50,
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1024, help="GPU mode query batch")
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="GPU memory bandwidth")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense fp16 peak")
+    p.add_argument("--device", default="cuda", help="GPU mode's device (cpu: a smoke test)")
+    p.add_argument("--repeats", type=int, default=20, help="GPU mode's timed searches")
     p.add_argument("--skip-lancedb", action="store_true")
     p.add_argument("--lancedb-iterations", type=int, default=10, help="its k-means iterations")
     p.add_argument("--lancedb-sample-rate", type=int, default=40, help="its points per list")

@@ -1,0 +1,37 @@
+"""The GPU modes of the benchmarks, run on the CPU: the code a GPU session will run works.
+
+A lent GPU's time is short (DESIGN.md; benchmarks/gpu_suite.sh runs them all in one call), so a
+mode that fails there costs the session its figure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_index  # noqa: E402
+
+
+def test_exact_search_mode_finds_every_query_row_first(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--gpu", "--device", "cpu", "--rows", "5000", "--batch", "32", "--repeats", "2"]
+    bench_index.main(args)
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"] == "cpu" and result["rows"] == 5000 and result["batch"] == 32
+    assert result["self_found_at_rank_1"] == 1.0
+    assert result["p50_ms"] > 0 and result["qps"] > 0
+
+
+def test_the_gpu_suite_is_a_valid_script_naming_existing_benchmarks() -> None:
+    import subprocess
+
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    subprocess.run(["bash", "-n", str(suite)], check=True)  # parses
+    text = suite.read_text()
+    for script in ("bench_encoder.py", "bench_index.py", "bench_generate.py"):
+        assert f"benchmarks/{script}" in text
+        assert (suite.parent / script).exists()
