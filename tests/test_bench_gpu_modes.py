@@ -35,3 +35,20 @@ def test_the_gpu_suite_is_a_valid_script_naming_existing_benchmarks() -> None:
     for script in ("bench_encoder.py", "bench_index.py", "bench_generate.py"):
         assert f"benchmarks/{script}" in text
         assert (suite.parent / script).exists()
+
+
+def test_decode_mode_runs_a_small_llama_on_the_cpu() -> None:
+    import argparse
+
+    import bench_generate
+
+    from cachebind.inject.model import AdapterLlamaConfig
+
+    cfg = AdapterLlamaConfig(
+        dim=64, n_layers=2, n_heads=4, vocab_size=300, ffn_hidden=128, lora_rank=4,
+        query_layer=2, bind_in_dim=32, bind_hidden=64,
+    )  # fmt: skip
+    result = bench_generate.bench_gpu(argparse.Namespace(tokens=4), cfg=cfg, device="cpu")
+    assert result["device"] == "cpu" and result["decode_tokens_per_s"] > 0
+    assert result["ms_per_token"] > 0
+    assert {"weights_gb", "bandwidth_bound_ms_per_token_h100"} <= set(result)  # 0.0 GB: tiny
