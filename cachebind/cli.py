@@ -142,6 +142,17 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         for version in indexing.list_versions(settings.index.dir):
             print(version)
         return 0
+    if args.action == "verify":
+        version = args.index_version or indexing.current_version(settings.index.dir)
+        if version is None:
+            print(f"no published index in {settings.index.dir}", file=sys.stderr)
+            return 1
+        problems = indexing.verify_version(settings.index.dir, version)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print(f"{version}: every file matches the manifest's sha256")
+        return 1 if problems else 0
     if args.action == "add":
         from cachebind.store import CacheTable
 
@@ -317,9 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Choose an index for the table under a memory budget, tune its search parameters to "
         "the recall target on held-out queries, measure recall and latency, and publish it as "
         "a new version (CURRENT switches atomically). `add` adds appended rows to the current "
-        "index without retraining; `list` shows the versions.",
+        "index without retraining; `list` shows the versions; `verify` checks a version's files "
+        "against the sha256 sums in its manifest.",
     )
-    p.add_argument("action", nargs="?", default="build", choices=["build", "add", "list"])
+    p.add_argument("action", nargs="?", default="build", choices=["build", "add", "list", "verify"])
+    p.add_argument("--index-version", help="verify: this version instead of CURRENT")
     p.add_argument("--table-uri", dest="store__uri")
     p.add_argument("--table", dest="store__table")
     p.add_argument("--index-dir", dest="index__dir")

@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from indexing.load import LoadedIndex, load_current, load_version
     from indexing.manifest import check_alignment, ids_checksum
     from indexing.select import Selection, select_index
-    from indexing.versions import current_version, list_versions, prune, publish, set_current
+    from indexing.versions import (
+        current_version,
+        list_versions,
+        prune,
+        publish,
+        set_current,
+        verify_version,
+    )
 
 _HOME = {
     "add_rows": "build",
@@ -36,6 +43,7 @@ _HOME = {
     "prune": "versions",
     "publish": "versions",
     "set_current": "versions",
+    "verify_version": "versions",
 }
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "publish",
     "select_index",
     "set_current",
+    "verify_version",
 ]
 
 

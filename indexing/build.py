@@ -46,9 +46,11 @@ from indexing.versions import (
     INDEX_FILE,
     MANIFEST_FILE,
     current_version,
+    file_digests,
     new_staging_dir,
     publish,
     read_manifest,
+    version_files,
     versions_dir,
 )
 
@@ -315,6 +317,10 @@ def _tune_and_write(
             | extra
             | {"storage": storage}
         )
+        # Checksums of what the version is made of, for `cachebind index verify` (an index
+        # that loads but has a flipped bit returns wrong neighbours without any error).
+        files = [INDEX_FILE, IDS_FILE, *version_files(manifest)]
+        manifest["files"] = file_digests(staged, files)
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

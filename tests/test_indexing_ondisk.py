@@ -80,6 +80,8 @@ def test_on_disk_merge_gives_the_single_builds_results(builds, store) -> None:
     # (written from the driver's own index object: it was tuned with its lists on disk)
     assert disk["storage"]["invlists"] == "ondisk" and disk["storage"]["ivfdata"] == IVFDATA_FILE
     assert manifests["memory"]["storage"]["invlists"] == "memory"
+    assert set(disk["files"]) == {"index.faiss", "ids.npy", IVFDATA_FILE}  # all checksummed
+    assert indexing.verify_version(builds["disk"], "v000001") == []
     assert disk["table"] == manifests["single"]["table"]  # same ids in the same order
     # Tuning saw the same recall at every step in all three (timings may differ).
     recalls = {name: [t["recall"] for t in m["tuning_trials"]] for name, m in manifests.items()}

@@ -147,3 +147,28 @@ def test_a_killed_build_process_leaves_current_alone(tmp_path: Path, store) -> N
     assert indexing.list_versions(cfg.dir) == [first["version"]]
     # The dead build's files stay in staging/, invisible to readers, until pruned.
     assert len(list((cfg.dir / "staging").iterdir())) == 1
+
+
+def test_a_version_records_its_files_checksums_and_verify_finds_a_flipped_byte(
+    tmp_path: Path, store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachebind.cli import main as cli_main
+
+    cfg = config(tmp_path)
+    m = indexing.build_and_publish(store, cfg, progress=False)
+    folder = cfg.dir / "versions" / m["version"]
+    assert set(m["files"]) == {"index.faiss", "ids.npy"}
+    assert m["files"]["ids.npy"]["bytes"] == (folder / "ids.npy").stat().st_size
+    assert indexing.verify_version(cfg.dir, m["version"]) == []
+    args = ["index", "verify", "--index-dir", str(cfg.dir)]
+    assert cli_main(args) == 0 and "every file matches" in capsys.readouterr().out
+
+    # A flipped byte keeps the size (loading still works) but not the checksum.
+    data = bytearray((folder / "index.faiss").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "index.faiss").write_bytes(bytes(data))
+    problems = indexing.verify_version(cfg.dir, m["version"])
+    assert problems == [f"{m['version']}/index.faiss: sha256 differs from the manifest's (corrupt)"]
+    assert cli_main(args) == 1 and "index.faiss" in capsys.readouterr().err
+    (folder / "ids.npy").unlink()
+    assert f"{m['version']}/ids.npy: missing" in indexing.verify_version(cfg.dir, m["version"])
