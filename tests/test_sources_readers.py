@@ -74,6 +74,18 @@ def test_a_shard_file_replaced_since_listing_gets_a_new_fingerprint(tmp_path: Pa
     assert after[0].stamp.startswith(f"{(tmp_path / 'wds' / '00000.tar').stat().st_size}:")
 
 
+def test_stamps_from_one_listing_equal_each_files_own_info(tmp_path: Path) -> None:
+    from cachebind.sources.base import _stamp, file_stamps, url_to_fs
+
+    syn.write_webdataset(tmp_path / "wds", 30, per_shard=10)
+    uris = [str(tmp_path / "wds" / f"0000{i}.tar") for i in range(3)] + [str(tmp_path / "wds")]
+    stamps = file_stamps(uris)
+    for uri in uris:
+        fs, path = url_to_fs(uri)
+        assert stamps[uri] == _stamp(fs.info(path))
+    assert stamps[str(tmp_path / "wds")] == ""  # a folder: its chunks list their files
+
+
 def test_webdataset_cut_short_keeps_earlier_samples_and_reports_the_cut(tmp_path: Path) -> None:
     syn.write_webdataset(tmp_path, 6)
     tar = tmp_path / "00000.tar"

@@ -209,6 +209,17 @@ def test_a_later_listing_sees_objects_uploaded_since(data: Path, s3: S3Config) -
     assert len(list_partitions(f"s3://{BUCKET}/growing", storage)) == 2
 
 
+def test_s3_stamps_from_one_listing_equal_each_objects_own_info(data: Path, s3: S3Config) -> None:
+    from cachebind.sources.base import _stamp, file_stamps, url_to_fs
+
+    storage = StorageOptions.from_s3(s3)
+    uris = [p.uri for p in list_partitions(f"{REMOTE}/wds", storage)]
+    stamps = file_stamps(uris, storage)
+    for uri in uris:
+        fs, path = url_to_fs(uri, storage)
+        assert stamps[uri] == _stamp(fs.info(path)) and stamps[uri].split(":")[1]  # the ETag
+
+
 @pytest.fixture(scope="module")
 def local_ray(s3: S3Config) -> Iterator[None]:
     """Started after the AWS variables were cleared, so its workers never see any."""

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from cachebind.sources import cc3m, folder, parquet, webdataset
-from cachebind.sources.base import Partition, Sample, expand_braces, file_stamp, url_to_fs
+from cachebind.sources.base import Partition, Sample, expand_braces, file_stamps, url_to_fs
 from cachebind.storage import StorageOptions
 
 KINDS = ("webdataset", "parquet", "folder", "cc3m")
@@ -102,10 +102,7 @@ def list_partitions(
     ids = [p.id for p in partitions]
     if len(set(ids)) != len(ids):
         raise ValueError(f"source {spec} has partitions with the same name; rename the files")
-    stamps: dict[str, str] = {}  # parquet row groups and TSV chunks share their file
-    for p in partitions:
-        if p.uri not in stamps:
-            stamps[p.uri] = file_stamp(p.uri, storage)
+    stamps = file_stamps([p.uri for p in partitions], storage)
     return [replace(p, stamp=stamps[p.uri]) for p in partitions]
 
 
