@@ -202,16 +202,7 @@ def _finish(
     ivfdata); like one created here, it is removed if anything fails.
     """
     try:
-        return _tune_and_write(
-            work,
-            index,
-            ids,
-            selection,
-            progress=progress,
-            on_stage=on_stage,
-            extra=extra,
-            staged=staged,
-        )
+        return _tune_and_write(work, index, ids, selection, progress, on_stage, extra, staged)
     except BaseException:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
@@ -223,7 +214,6 @@ def _tune_and_write(
     index: faiss.Index,
     ids: np.ndarray,
     selection: dict[str, Any],
-    *,
     progress: bool,
     on_stage: StageHook | None,
     extra: dict[str, Any],
