@@ -75,9 +75,7 @@ async def neighbours_of(snap: IndexSnapshot, enhanced: Enhanced) -> list[s.Neigh
 
 
 @router.post("/v1/enhance", response_model=s.EnhanceResponse, tags=["v1"])
-async def enhance(
-    body: s.EnhanceRequest, state: State, limits: RequestLimits
-) -> s.EnhanceResponse:
+async def enhance(body: s.EnhanceRequest, state: State, limits: RequestLimits) -> s.EnhanceResponse:
     """F~_M = normalize((1 - alpha) F_M + alpha normalize(softmax(t S_topk) F_value))."""
 
     async def work() -> s.EnhanceResponse:

@@ -32,9 +32,7 @@ class VisualPrompt:
     neighbours: list[s.Neighbour] = field(default_factory=list)
 
 
-async def visual_prompt(
-    state: ServeState, limits: Limits, body: s.GenerateRequest
-) -> VisualPrompt:
+async def visual_prompt(state: ServeState, limits: Limits, body: s.GenerateRequest) -> VisualPrompt:
     if not body.inputs:
         return VisualPrompt()  # text only: plain LLaMA, the adapter's visual query is off
     q = await enhanced_of(state, limits, body.inputs, body.k, body.t, body.alpha)
@@ -65,9 +63,7 @@ async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits)
         "temperature": body.temperature,
         "top_p": body.top_p,
     }
-    pieces = stream_in_thread(
-        runtime, body.prompt, prompt.visual, options, state.generate_executor
-    )
+    pieces = stream_in_thread(runtime, body.prompt, prompt.visual, options, state.generate_executor)
     if not body.stream:
         text = "".join([p async for p in pieces])
         return s.GenerateResponse(text=text, neighbours=neighbours)
