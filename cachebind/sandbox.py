@@ -5,8 +5,9 @@ crashes, eats memory or spins costs one task its answer and nothing else.
         pixels = sandbox.run(decode_fn, data, source="upload.png")       # sync
         pixels = await sandbox.run_async(decode_fn, data, source="x")    # from an event loop
 
-Each worker is a fresh interpreter (``forkserver`` where the platform has it, else ``spawn``:
-never a plain fork of a parent that holds threads, locks or CUDA state) with
+Each worker is a freshly spawned interpreter (``sys.executable``, never a fork of a parent that
+holds threads, locks or CUDA state; nor ``multiprocessing``'s spawn, which would re-run the
+parent's main script in it), joined to the parent by a socket pair, with
 - ``RLIMIT_AS`` = its idle footprint + ``memory_mb`` (an allocation past it raises
   ``MemoryError`` in the worker, or the kernel kills it),
 - ``RLIMIT_CPU`` = the CPU time it has used + ``cpu_seconds``, renewed per task (the kernel
@@ -44,13 +45,15 @@ import concurrent.futures
 import contextlib
 import importlib
 import io
+import json
 import math
-import multiprocessing
 import os
 import pickle
 import queue
 import resource
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -88,10 +91,18 @@ class SandboxClosed(CachebindError):
 # -- the worker process ------------------------------------------------------------------------
 
 
+def _worker_entry(spec: str) -> None:
+    """``python -c`` of a new worker: ``spec`` is JSON (socket fd, caps, preload, sys.path)."""
+    args = json.loads(spec)
+    sys.path[:0] = [p for p in args["path"] if p not in sys.path]
+    conn = Connection(args["fd"])
+    _worker_main(conn, args["memory"], args["cpu"], args["preload"])
+
+
 def _worker_main(
     conn: Connection, memory_bytes: int | None, cpu_seconds: int, preload: Sequence[str]
 ) -> None:
-    """A worker's life: apply the caps, then run tasks until the parent closes the pipe."""
+    """A worker's life: apply the caps, then run tasks until the parent closes the socket."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -253,16 +264,34 @@ class _Task:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, memory_bytes: int | None, cpu_s: int, preload: Sequence[str]):
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(
-            target=_worker_main,
-            args=(child, memory_bytes, cpu_s, tuple(preload)),
-            name="cachebind-sandbox",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()  # the worker's end: its death must show here as EOF
+    """One worker: a fresh interpreter (``sys.executable -c``) joined by a socket pair.
+
+    Not ``multiprocessing``'s spawn or forkserver: both re-run the parent's main script in the
+    child (a Ray worker's, a user's script), which a library cannot vouch for.
+    """
+
+    def __init__(self, memory_bytes: int | None, cpu_s: int, preload: Sequence[str]) -> None:
+        ours, theirs = socket.socketpair()
+        spec = {
+            "fd": theirs.fileno(),
+            "memory": memory_bytes,
+            "cpu": cpu_s,
+            "preload": list(preload),
+            "path": [p for p in sys.path if p],
+        }
+        env = {**os.environ, **_ONE_THREAD}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _ENTRY, json.dumps(spec)],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # stderr stays: a dying decoder's last words
+                env=env,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()  # the worker's end: its death must show here as EOF
+        self.conn = Connection(ours.detach())
         try:
             if not self.conn.poll(_START_TIMEOUT_S) or self.conn.recv_bytes() != b"ready":
                 raise OSError("no ready message")
@@ -271,19 +300,31 @@ class _Worker:
             raise RuntimeError(f"a sandbox worker did not start: {exc}") from exc
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return self.process.poll() is None
+
+    def exitcode(self) -> int | None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self.process.wait(5)
+        return None
 
     def kill(self) -> None:
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
-        self.process.join(5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
         self.conn.close()
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.send_bytes(b"")
-        self.process.join(2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(2)
         self.kill()
+
+
+_ENTRY = "import sys; from cachebind.sandbox import _worker_entry; _worker_entry(sys.argv[1])"
+_ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+"""A worker runs one task at a time: the pool is the parallelism, not BLAS threads."""
 
 
 class Sandbox:
@@ -297,15 +338,7 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig, *, preload: Sequence[str] = ()) -> None:
         self.config = config
-        self._preload = ("cachebind.errors", *preload)
-        methods = multiprocessing.get_all_start_methods()
-        self._ctx = multiprocessing.get_context(
-            "forkserver" if "forkserver" in methods else "spawn"
-        )
-        if self._ctx.get_start_method() == "forkserver":
-            # Imported once in the server, inherited by every fork of it; also makes the
-            # server take the parent's sys.path.
-            self._ctx.set_forkserver_preload(list(self._preload))
+        self._preload = tuple(preload)
         self._memory = config.memory_mb * MiB if sys.platform.startswith("linux") else None
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -422,7 +455,7 @@ class Sandbox:
         return float(max(1, math.ceil(self._in_flight * self._mean_s / self.config.workers)))
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._memory, self.config.cpu_seconds, self._preload)
+        return _Worker(self._memory, self.config.cpu_seconds, self._preload)
 
     def _dispatch(self, slot: int) -> None:
         with contextlib.suppress(Exception):  # a worker that cannot start is retried per task
@@ -484,7 +517,7 @@ class Sandbox:
                 detail = f"decoding took longer than {task.timeout:g} s"
                 task.future.set_exception(InputError(task.source, "too_slow", detail))
                 return
-            ready = wait([worker.conn, worker.process.sentinel], timeout=min(remaining, _POLL_S))
+            ready = wait([worker.conn], timeout=min(remaining, _POLL_S))
             if task.abandoned.is_set() or self._closed:
                 self._replace(slot)
                 task.future.set_exception(SandboxClosed("the task was abandoned"))
@@ -494,8 +527,7 @@ class Sandbox:
             try:
                 data = worker.conn.recv_bytes()
             except (EOFError, OSError):
-                worker.process.join(5)
-                exitcode = worker.process.exitcode
+                exitcode = worker.exitcode()
                 self._replace(slot)
                 task.future.set_exception(self._crash_error(task.source, exitcode))
                 return

@@ -152,7 +152,7 @@ def test_close_fails_what_waits_and_stops_the_workers() -> None:
     for task in (running, queued):
         with pytest.raises((SandboxClosed, concurrent.futures.CancelledError)):
             task.future.result(5)
-    assert processes and not any(p.is_alive() for p in processes)
+    assert processes and all(p.poll() is not None for p in processes)
     with pytest.raises(SandboxClosed):
         sandbox.submit(tasks.echo, 3, source="c")
 
