@@ -20,8 +20,9 @@ import sentencepiece as spm
 import torch
 
 from cachebind.config import LLMConfig
-from cachebind.inject.generate import PROMPT_INPUT, PROMPT_NO_INPUT, Generator, load_generator
+from cachebind.inject.generate import Generator, load_generator
 from cachebind.inject.model import ffn_hidden_dim
+from cachebind.inject.prompts import PROMPT_INPUT, PROMPT_NO_INPUT
 
 _WORDS = [
     "a",
