@@ -72,5 +72,5 @@ def test_find_cycle_reports_the_cycle_it_finds():
 def test_package_has_no_import_cycle(package):
     files = module_files(package)
     graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
-    assert len(graph) > 10  # the walk found the package
+    assert len(graph) > 5  # the walk found the package
     assert find_cycle(graph) is None
