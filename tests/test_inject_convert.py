@@ -124,8 +124,8 @@ def test_permutation_maps_meta_pairs_to_hf_halves():
 @pytest.mark.parametrize(
     "kw",
     [
-        {},  # 7B / 7B-beta: legacy (LayerNorm) bridge, biases, LoRA, open gates
-        {"bind_variant": "rmsnorm"},  # later code: RMSNorm bridge without biases
+        {},  # 7B-beta: legacy (LayerNorm) bridge, biases, LoRA, open gates
+        {"bind_variant": "rmsnorm"},  # today's 7B: RMSNorm bridge without biases
         {"w_bias": False, "w_lora": False},  # 7B-pretrained: gates, bridge, prefix only
         {"n_layers": 3, "query_layer": 2},  # only the last query_layer layers adapted
     ],

@@ -42,7 +42,8 @@ adapter_tokens: ContextVar[torch.Tensor | None] = ContextVar("adapter_tokens", d
 
 @dataclass(frozen=True)
 class AdapterLlamaConfig:
-    """Shape of a LLaMA + ImageBind-LLM adapter (defaults: LLaMA-7B with the released 7B)."""
+    """Shape of a LLaMA + ImageBind-LLM adapter (defaults: LLaMA-7B with today's released 7B,
+    whose bridge is the RMSNorm one; the loader reads every field from the files)."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -56,7 +57,7 @@ class AdapterLlamaConfig:
     w_bias: bool = True
     lora_rank: int = 16  # 0: no LoRA (the "7B-pretrained" checkpoint)
     query_layer: int = 32  # rows of prefix_query = adapted (last) layers
-    bind_variant: Variant = "layernorm"
+    bind_variant: Variant = "rmsnorm"
     bind_in_dim: int = 1024
     bind_hidden: int = 16384
     bos_id: int = 1
