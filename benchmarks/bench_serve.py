@@ -255,7 +255,7 @@ def main() -> None:
         "clip_retrieval": (
             "not run: clip-retrieval's query server encodes text with a CLIP model whose weights "
             "cannot be downloaded on this machine, and needs its own virtual environment "
-            "(DESIGN.md section 5); its published anchor is ~50 ms/query, ~20 queries/s with "
+            "(docs/DEPENDENCIES.md); its published anchor is ~50 ms/query, ~20 queries/s with "
             "CPU FAISS"
         ),
     }

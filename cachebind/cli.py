@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +83,6 @@ def query_items(args: argparse.Namespace) -> list[dict[str, Any]]:
                 raise SystemExit(f"error: {modality.value} input {value!r} is not a file")
             items.append(input_item(modality, path.read_bytes(), weight=weight))
     return items
-
-
-def _add_query_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", action="append", help="a text query (repeatable)")
-    p.add_argument(
-        "--input",
-        action="append",
-        type=parse_input,
-        metavar="[MODALITY:]VALUE[@WEIGHT]",
-        help="an input of any modality; several are mixed by weight "
-        "(e.g. --input photo.jpg@1 --input audio:rain.wav@0.5)",
-    )
-    p.add_argument("--url", help="query a running service instead of loading the cache here")
-    p.add_argument("--api-key", help="API key for --url (or CACHEBIND_API_KEY)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -270,21 +257,85 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cachebind",
-        description="Build and serve ImageBind feature caches.",
-        epilog=EPILOG,
+@dataclass(frozen=True)
+class CommonOptions:
+    """Parent parsers (argparse ``parents=``) for the options several subcommands share."""
+
+    table: argparse.ArgumentParser  # --table-uri, --table
+    encoder: argparse.ArgumentParser  # --preset, --checkpoint
+    index_dir: argparse.ArgumentParser  # --index-dir
+    query: argparse.ArgumentParser  # --text, --input, --url, --api-key
+
+
+def _parent(title: str) -> tuple[argparse.ArgumentParser, Any]:
+    parser = argparse.ArgumentParser(add_help=False)
+    return parser, parser.add_argument_group(title)
+
+
+def common_options() -> CommonOptions:
+    table, g = _parent("cache table")
+    g.add_argument(
+        "--table-uri", dest="store__uri", metavar="URI", help="LanceDB location (path or s3://…)"
     )
-    parser.add_argument("--config", help="TOML configuration file (or CACHEBIND_CONFIG)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g.add_argument(
+        "--table", dest="store__table", metavar="NAME", help="table name (default images)"
+    )
 
-    def command(name: str, func: Callable[..., int], help: str, description: str) -> Any:
-        p = sub.add_parser(name, help=help, description=description, epilog=EPILOG)
-        p.set_defaults(func=func)
-        return p
+    encoder, g = _parent("encoder")
+    g.add_argument(
+        "--preset", dest="encoder__preset", metavar="NAME", help="ImageBind preset (default huge)"
+    )
+    g.add_argument(
+        "--checkpoint",
+        dest="encoder__checkpoint",
+        metavar="FILE",
+        help="ImageBind state-dict file",
+    )
 
+    index_dir, g = _parent("index")
+    g.add_argument(
+        "--index-dir",
+        dest="index__dir",
+        metavar="DIR",
+        help="directory of the published index versions",
+    )
+
+    query, g = _parent("query")
+    g.add_argument("--text", action="append", help="a text query (repeatable)")
+    g.add_argument(
+        "--input",
+        action="append",
+        type=parse_input,
+        metavar="[MODALITY:]VALUE[@WEIGHT]",
+        help="an input of any modality; several are mixed by weight "
+        "(e.g. --input photo.jpg@1 --input audio:rain.wav@0.5)",
+    )
+    g.add_argument("--url", help="query a running service instead of loading the cache here")
+    g.add_argument("--api-key", help="API key for --url (or CACHEBIND_API_KEY)")
+    return CommonOptions(table, encoder, index_dir, query)
+
+
+Subcommands = Any  # argparse's private _SubParsersAction
+
+
+def command(
+    sub: Subcommands,
+    name: str,
+    func: Callable[..., int],
+    help: str,  # noqa: A002 - argparse's own word
+    description: str,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help=help, description=description, epilog=EPILOG, parents=list(parents)
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def add_embed(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
+        sub,
         "embed",
         cmd_embed,
         "embed images from a source into the cache table (Ray job)",
@@ -293,17 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ImageBind on GPU actors (CPU when there is none), and write the LanceDB table. "
         "Re-running with the same arguments resumes: each sample is written exactly once. "
         "Bad samples go to the errors table; a JSON report is saved beside the table.",
+        parents=[common.table, common.encoder],
     )
     p.add_argument(
         "source",
         help="e.g. /data/cc3m (webdataset dir), shards/{00000..00099}.tar, "
         "images/, items.parquet, cc3m.tsv (with --images-dir)",
     )
-    p.add_argument("--table-uri", dest="store__uri", help="LanceDB location (path or s3://…)")
-    p.add_argument("--table", dest="store__table", help="table name (default images)")
     p.add_argument("--vector-dtype", dest="store__vector_dtype", choices=["float16", "float32"])
-    p.add_argument("--preset", dest="encoder__preset", help="ImageBind preset (default huge)")
-    p.add_argument("--checkpoint", dest="encoder__checkpoint", help="ImageBind state-dict file")
     p.add_argument(
         "--ray-address",
         dest="embed__ray_address",
@@ -321,7 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-thumbnails", dest="embed__thumbnails", action="store_const", const=False)
     p.add_argument("--limit", type=int, help="embed at most this many samples")
 
+
+INDEX_ACTIONS = ["build", "add", "list", "verify"]
+
+
+def add_index(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
+        sub,
         "index",
         cmd_index,
         "build, tune, verify and publish the FAISS index",
@@ -330,16 +384,33 @@ def build_parser() -> argparse.ArgumentParser:
         "a new version (CURRENT switches atomically). `add` adds appended rows to the current "
         "index without retraining; `list` shows the versions; `verify` checks a version's files "
         "against the sha256 sums in its manifest.",
+        parents=[common.table, common.index_dir],
     )
-    p.add_argument("action", nargs="?", default="build", choices=["build", "add", "list", "verify"])
+    p.add_argument("action", nargs="?", default="build", choices=INDEX_ACTIONS)
+    _add_index_build_flags(p)
+    _add_index_shard_flags(p)
+    p.add_argument(
+        "--no-rebuild",
+        dest="index__rebuild_when_outgrown",
+        action="store_const",
+        const=False,
+        help="add: add the rows even when the grown table has outgrown the current index",
+    )
     p.add_argument("--index-version", help="verify: this version instead of CURRENT")
-    p.add_argument("--table-uri", dest="store__uri")
-    p.add_argument("--table", dest="store__table")
-    p.add_argument("--index-dir", dest="index__dir")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+
+def _add_index_build_flags(p: argparse.ArgumentParser) -> None:
+    """build (and an `add` that has to rebuild): what to build and the targets it is tuned to."""
     p.add_argument("--memory-budget-gb", dest="index__memory_budget_gb", type=float)
     p.add_argument("--recall-target", dest="index__recall_target", type=float)
     p.add_argument("--latency-budget-ms", dest="index__latency_budget_ms", type=float)
     p.add_argument("--keep-versions", dest="index__keep_versions", type=int)
+    p.add_argument("--index-key", help="force a FAISS index key instead of choosing one")
+
+
+def _add_index_shard_flags(p: argparse.ArgumentParser) -> None:
+    """Sharded builds in Ray tasks and where their shards are merged."""
     p.add_argument(
         "--shards",
         type=int,
@@ -367,23 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="on-disk merge: a directory every Ray node sees (shared file system) for the "
         "shards' files (default: through the object store into the index directory)",
     )
-    p.add_argument("--index-key", help="force a FAISS index key instead of choosing one")
-    p.add_argument(
-        "--no-rebuild",
-        dest="index__rebuild_when_outgrown",
-        action="store_const",
-        const=False,
-        help="add: add the rows even when the grown table has outgrown the current index",
-    )
-    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
+
+def add_serve(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
+        sub,
         "serve",
         cmd_serve,
         "run the HTTP service (embed, search, enhance, generate)",
         "Serve the versioned HTTP API (/v1/embed, /v1/search, /v1/enhance, /v1/generate, "
         "/v1/index, /healthz, /readyz, /metrics, OpenAPI at /docs) and the search page at /. "
         "API keys are read hashed from --api-keys-file; new index versions are picked up live.",
+        parents=[common.table, common.index_dir, common.encoder],
     )
     p.add_argument("--host", dest="serve__host")
     p.add_argument("--port", dest="serve__port", type=int)
@@ -396,12 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="serve without API keys (local experiments only)",
     )
-    p.add_argument("--table-uri", dest="store__uri")
-    p.add_argument("--index-dir", dest="index__dir")
-    p.add_argument("--preset", dest="encoder__preset")
-    p.add_argument("--checkpoint", dest="encoder__checkpoint")
 
+
+def add_keys(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
+        sub,
         "keys",
         cmd_keys,
         "create an API key for the service",
@@ -411,47 +476,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create"])
     p.add_argument("file", help="keys file to append the hash to")
 
+
+def add_queries(sub: Subcommands, common: CommonOptions) -> None:
+    """search, enhance, generate: a query of any modality, here or against --url."""
     p = command(
+        sub,
         "search",
         cmd_search,
         "cross-modal search of the cache",
         "Encode a query of any modality (or a weighted mix) and print its nearest cached "
         "images with captions and cosine scores.",
+        parents=[common.query],
     )
-    _add_query_flags(p)
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--filter", help='SQL-style filter on metadata, e.g. "width >= 200"')
     p.add_argument("--json", action="store_true")
 
     p = command(
+        sub,
         "enhance",
         cmd_enhance,
         "cache-enhanced embedding F~_M of a query",
         "Blend the query embedding with its top-k cached neighbours "
         "(F~_M = normalize((1-alpha) F_M + alpha F_cache)) and show which neighbours drove it.",
+        parents=[common.query],
     )
-    _add_query_flags(p)
     p.add_argument("-k", type=int, default=None, help="neighbours (default 10)")
     p.add_argument("-t", type=float, default=None, help="softmax temperature (default 20)")
     p.add_argument("--alpha", type=float, default=None, help="blend weight (default 0.5)")
     p.add_argument("--json", action="store_true")
 
     p = command(
+        sub,
         "generate",
         cmd_generate,
         "generate text with LLaMA conditioned on a cache-enhanced query",
         "Encode the inputs, enhance them with the cache, inject the result into every LLaMA "
         "layer through the zero-initialised gates, and stream the answer.",
+        parents=[common.query],
     )
     p.add_argument("prompt")
-    _add_query_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--llama-dir", dest="llm__llama_dir")
     p.add_argument("--adapter-checkpoint", dest="llm__adapter_checkpoint")
 
+
+def add_weights(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
+        sub,
         "weights",
         cmd_weights,
         "download and locate model weights",
@@ -462,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="imagebind_huge")
     p.add_argument("--dir", help="weights directory (default: weights.dir)")
 
+
+def add_demo(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
+        sub,
         "demo",
         cmd_demo,
         "the whole pipeline end to end on generated data",
@@ -471,15 +548,45 @@ def build_parser() -> argparse.ArgumentParser:
         "enhancement and a generation through the API.",
     )
     p.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
+    # Not the encoder's --checkpoint: the demo resolves its weights file itself.
     p.add_argument("--checkpoint", help="imagebind_huge.pth (default: the weights directory)")
     p.add_argument("--images", type=int, default=240, help="generated images (default 240)")
 
+
+def add_config(sub: Subcommands, common: CommonOptions) -> None:
     command(
+        sub,
         "config",
         cmd_config,
         "print the effective configuration",
         "Print the configuration after the file, the environment and defaults are merged.",
     )
+
+
+# In `cachebind --help` order.
+SUBCOMMANDS = (
+    add_embed,
+    add_index,
+    add_serve,
+    add_keys,
+    add_queries,
+    add_weights,
+    add_demo,
+    add_config,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cachebind",
+        description="Build and serve ImageBind feature caches.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--config", help="TOML configuration file (or CACHEBIND_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = common_options()
+    for add in SUBCOMMANDS:
+        add(sub, common)
     return parser
 
 

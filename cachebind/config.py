@@ -225,6 +225,9 @@ class LLMConfig(Section):
     adapter_checkpoint: Path | None = None
     """An ImageBind-LLM checkpoint as released ({"model": state_dict})."""
     bind_variant: Literal["auto", "layernorm", "rmsnorm"] = "auto"
+    """Bind network variant: ``auto`` detects it from the checkpoint's keys; ``rmsnorm`` is
+    today's released ``7B.pth``, ``layernorm`` 7B-beta's "legacy bridge". A fixed value is a
+    check: a checkpoint of the other variant is refused."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_new_tokens: int = 256

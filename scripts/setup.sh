@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   if [ "$want" = test ]; then
     # The reference ImageBind model files serve as a test oracle; the package's own imports are
-    # broken in a current environment (DESIGN.md §4), so it is installed without dependencies
+    # broken in a current environment (docs/DEPENDENCIES.md), so it is installed without dependencies
     # and its model files are loaded directly by tests/oracle.py.
     .venv/bin/python -m pip install -q --no-deps -r requirements-test.lock
   fi

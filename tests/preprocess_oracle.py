@@ -1,7 +1,7 @@
 """Reference implementations used as test oracles for ``cachebind.preprocess``.
 
 Three reference files, each run as published and loaded without its package's ``__init__``
-(neither package imports in this environment, see DESIGN.md section 4):
+(neither package imports in this environment, see docs/DEPENDENCIES.md):
 
 - ImageBind's ``imagebind/models/multimodal_preprocessors.py`` (``SimpleTokenizer``), from the
   ``imagebind-unofficial==0.1.1`` wheel (installed, or downloaded with pip);

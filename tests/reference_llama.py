@@ -4,7 +4,9 @@ Written from the semantics of OpenGVLab/LLaMA-Adapter ``imagebind_LLM/llama/llam
 ``llama_adapter.py``: Meta's parameter layout and names, interleaved (complex) rotary embeddings
 via ``torch.polar``, the bridge ("bind network"), one adapter token per layer
 (T_I + prefix_query_i) whose W_v projection, scaled by tanh(gate), is added to every position's
-per-head attention output before W_o. No KV cache: every call recomputes the whole sequence,
+per-head attention output before W_o. Grouped-query attention as Meta's LLaMA-2 ``repeat_kv``:
+each of the ``n_kv_heads`` key/value heads (and adapter_v heads) serves ``n_heads / n_kv_heads``
+consecutive query heads. No KV cache: every call recomputes the whole sequence,
 so it also checks the cached decoding of the model under test.
 
 ``RefAdapter.state_dict()`` has exactly the released key names and shapes, so
@@ -26,6 +28,7 @@ class RefArgs:
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention (LLaMA-2 70B style); None: n_heads
     vocab_size: int = 300
     multiple_of: int = 32
     norm_eps: float = 1e-6
@@ -45,7 +48,7 @@ class RefArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def params_json(self) -> dict:
-        return {
+        params = {
             "dim": self.dim,
             "multiple_of": self.multiple_of,
             "n_heads": self.n_heads,
@@ -53,6 +56,9 @@ class RefArgs:
             "norm_eps": self.norm_eps,
             "vocab_size": -1,
         }
+        if self.n_kv_heads is not None:
+            params["n_kv_heads"] = self.n_kv_heads
+        return params
 
 
 class RefRMSNorm(nn.Module):
@@ -80,19 +86,27 @@ def rotate(x: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * fc[None, :, None, :]).flatten(3).type_as(x)
 
 
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, S, n_kv, hd] -> [B, S, n_kv * n_rep, hd], each KV head repeated n_rep times."""
+    b, s, n_kv, hd = x.shape
+    return x[:, :, :, None, :].expand(b, s, n_kv, n_rep, hd).reshape(b, s, n_kv * n_rep, hd)
+
+
 class RefAttention(nn.Module):
     def __init__(self, a: RefArgs) -> None:
         super().__init__()
         self.h, self.hd = a.n_heads, a.dim // a.n_heads
+        self.kv = a.n_kv_heads or a.n_heads
+        kv_dim = self.kv * self.hd
         self.wq = nn.Linear(a.dim, a.dim, bias=a.w_bias)
-        self.wk = nn.Linear(a.dim, a.dim, bias=False)
-        self.wv = nn.Linear(a.dim, a.dim, bias=False)
+        self.wk = nn.Linear(a.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(a.dim, kv_dim, bias=False)
         self.wo = nn.Linear(a.dim, a.dim, bias=a.w_bias)
         self.w_lora = a.w_lora
         if a.w_lora:
-            for n in ("wq", "wk", "wv", "wo"):
+            for n, out in (("wq", a.dim), ("wk", kv_dim), ("wv", kv_dim), ("wo", a.dim)):
                 setattr(self, f"lora_{n}_l1", nn.Linear(a.dim, a.lora_rank, bias=False))
-                setattr(self, f"lora_{n}_l2", nn.Linear(a.lora_rank, a.dim, bias=False))
+                setattr(self, f"lora_{n}_l2", nn.Linear(a.lora_rank, out, bias=False))
         self.gate = nn.Parameter(torch.zeros(1, a.n_heads, 1, 1))
 
     def _proj(self, name, x):
@@ -104,14 +118,16 @@ class RefAttention(nn.Module):
     def forward(self, x, fc, mask, adapter):
         b, s, _ = x.shape
         q = self._proj("wq", x).view(b, s, self.h, self.hd)
-        k = self._proj("wk", x).view(b, s, self.h, self.hd)
-        v = self._proj("wv", x).view(b, s, self.h, self.hd)
+        k = self._proj("wk", x).view(b, s, self.kv, self.hd)
+        v = self._proj("wv", x).view(b, s, self.kv, self.hd)
         q, k = rotate(q, fc), rotate(k, fc)
+        k, v = repeat_kv(k, self.h // self.kv), repeat_kv(v, self.h // self.kv)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scores = q @ k.transpose(2, 3) / math.sqrt(self.hd) + mask
         out = F.softmax(scores.float(), dim=-1).type_as(q) @ v  # [B, H, S, hd]
         if adapter is not None:  # adapter [B, 1, dim]: one token, base W_v (no LoRA)
-            adapter_v = self.wv(adapter).view(b, 1, self.h, self.hd).transpose(1, 2)
+            adapter_v = self.wv(adapter).view(b, 1, self.kv, self.hd)
+            adapter_v = repeat_kv(adapter_v, self.h // self.kv).transpose(1, 2)
             out = out + self.gate.tanh() * adapter_v
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self._proj("wo", out)

@@ -1,7 +1,7 @@
 """The GPU modes of the benchmarks, run on the CPU: the code a GPU session will run works.
 
-A lent GPU's time is short (DESIGN.md; benchmarks/gpu_suite.sh runs them all in one call), so a
-mode that fails there costs the session its figure.
+Time on a borrowed GPU is short (benchmarks/gpu_suite.sh runs them all in one call), so a mode
+that fails there costs the session its figure.
 """
 
 from __future__ import annotations

@@ -57,3 +57,14 @@ def test_from_state_dict_names_missing_keys_and_variant_conflicts():
         BindNetwork.from_state_dict(broken)
     with pytest.raises(WeightsError, match="'layernorm' variant, configured 'rmsnorm'"):
         BindNetwork.from_state_dict(state, variant="rmsnorm")
+
+
+def test_default_variant_is_the_rmsnorm_bridge_of_todays_7b():
+    # The released load() builds legacy_bridge=False strictly: 7B.pth holds the RMSNorm bridge;
+    # LayerNorm is 7B-beta's legacy bridge.
+    from cachebind.inject.model import AdapterLlamaConfig
+
+    with torch.device("meta"):
+        net = BindNetwork()
+    assert net.variant == "rmsnorm" and "image_bind_norm_1.bias" not in net.state_dict()
+    assert AdapterLlamaConfig().bind_variant == "rmsnorm"

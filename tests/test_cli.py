@@ -78,6 +78,34 @@ def test_flags_become_settings_overrides() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["embed", "src"], {"store", "encoder"}),
+        (["index"], {"store", "index"}),
+        (["index", "add"], {"store", "index"}),
+        (["serve"], {"store", "index", "encoder"}),
+    ],
+)
+def test_shared_options_set_the_same_settings_in_every_subcommand(argv, expected) -> None:
+    shared = {
+        "store": ["--table-uri", "s3://bucket/db", "--table", "cc3m"],
+        "index": ["--index-dir", "/srv/index"],
+        "encoder": ["--preset", "tiny", "--checkpoint", "/w/imagebind_huge.pth"],
+    }
+    flags = [flag for section in sorted(expected) for flag in shared[section]]
+    overrides = overrides_from(build_parser().parse_args([*argv, *flags]))
+    want = {
+        "store": {"uri": "s3://bucket/db", "table": "cc3m"},
+        "index": {"dir": "/srv/index"},
+        "encoder": {"preset": "tiny", "checkpoint": "/w/imagebind_huge.pth"},
+    }
+    assert overrides == {section: want[section] for section in expected}
+    for section in set(shared) - expected:  # and only where they mean something
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, *shared[section]])
+
+
 def test_keys_create_stores_only_the_hash(tmp_path, capsys) -> None:
     from cachebind.cli import main
     from cachebind.serve.auth import KeyStore, Role

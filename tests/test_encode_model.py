@@ -206,7 +206,7 @@ def test_huge_preset_has_the_official_checkpoint_layout() -> None:
     assert count_parameters(huge) == 1_200_786_990
     assert sum(p.numel() for p in huge.parameters()) == 1_200_781_057
     assert huge.out_embed_dim == 1024
-    # ViT-H/14 at 224: ~334 GFLOP per image (DESIGN.md §5).
+    # ViT-H/14 at 224: ~334 GFLOP per image (docs/REFERENCE.md, anchors).
     assert 330e9 < huge.vision_flops() < 340e9
 
 

@@ -53,7 +53,7 @@ from cachebind.encode.pointcloud_ops import Group, farthest_point_sample, knn_in
 from cachebind.errors import InputError, WeightsError
 from cachebind.modalities import Modality
 
-IMAGEBIND_HUGE_KEYS = 1311  # DESIGN.md section 3
+IMAGEBIND_HUGE_KEYS = 1311  # docs/REFERENCE.md, ImageBind facts
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:

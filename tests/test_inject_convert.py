@@ -124,8 +124,8 @@ def test_permutation_maps_meta_pairs_to_hf_halves():
 @pytest.mark.parametrize(
     "kw",
     [
-        {},  # 7B / 7B-beta: legacy (LayerNorm) bridge, biases, LoRA, open gates
-        {"bind_variant": "rmsnorm"},  # later code: RMSNorm bridge without biases
+        {},  # 7B-beta: legacy (LayerNorm) bridge, biases, LoRA, open gates
+        {"bind_variant": "rmsnorm"},  # today's 7B: RMSNorm bridge without biases
         {"w_bias": False, "w_lora": False},  # 7B-pretrained: gates, bridge, prefix only
         {"n_layers": 3, "query_layer": 2},  # only the last query_layer layers adapted
     ],
@@ -227,4 +227,47 @@ def test_bad_inputs_raise_weights_errors(tmp_path, tokenizer_path):
     other_tok = train_tokenizer(tmp_path / "t2" / "tokenizer.model", vocab_size=360)
     shutil.copy(other_tok, tmp_path / "tokenizer.model")
     with pytest.raises(WeightsError, match="tokenizer has 360 words"):
+        load_adapter_llama(tmp_path, adapter)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_grouped_query_meta_llama_matches_reference(tmp_path, tokenizer_path, n_kv_heads):
+    # Each KV head's adapter_v serves the query heads of its group, like its values.
+    ref = make_ref(n_heads=8, n_kv_heads=n_kv_heads)
+    adapter = write_meta(tmp_path, ref, tokenizer_path, shards=2)
+    model, _, report = load_adapter_llama(tmp_path, adapter)
+    assert (report.config.n_heads, report.config.n_kv_heads) == (8, n_kv_heads)
+    assert model.llm.model.layers[0].self_attn.v_proj.weight.shape == (n_kv_heads * 8, 64)
+    assert_matches_reference(model, ref)
+
+
+def test_grouped_query_key_rows_round_trip_through_hf_order():
+    from cachebind.inject.convert import convert_llama, hf_to_meta
+
+    n_heads, n_kv, hd = 8, 2, 8
+    meta = {
+        "layers.0.attention.wq.weight": torch.randn(n_heads * hd, 64),
+        "layers.0.attention.wk.weight": torch.randn(n_kv * hd, 64),
+    }
+    state, unused = convert_llama(meta, n_heads, n_kv)
+    assert unused == []
+    k_hf = state["llm.model.layers.0.self_attn.k_proj.weight"]
+    torch.testing.assert_close(k_hf, hf_permute(meta["layers.0.attention.wk.weight"], n_kv))
+    hf = {
+        "model.layers.0.self_attn.q_proj.weight": state[
+            "llm.model.layers.0.self_attn.q_proj.weight"
+        ],
+        "model.layers.0.self_attn.k_proj.weight": k_hf,
+    }
+    back, _ = hf_to_meta(hf, n_heads, n_kv)
+    for key, value in meta.items():
+        assert torch.equal(back[key], value)
+
+
+def test_n_heads_not_a_multiple_of_n_kv_heads_is_a_weights_error(tmp_path, tokenizer_path):
+    ref = make_ref()
+    adapter = write_meta(tmp_path, ref, tokenizer_path)
+    params = json.loads((tmp_path / "7B" / "params.json").read_text())
+    (tmp_path / "7B" / "params.json").write_text(json.dumps({**params, "n_kv_heads": 3}))
+    with pytest.raises(WeightsError, match="not a multiple of n_kv_heads 3"):
         load_adapter_llama(tmp_path, adapter)

@@ -90,3 +90,68 @@ def test_lora_linear_is_base_plus_unscaled_low_rank_update():
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.base(x), x @ layer.weight.T + layer.bias)
     assert layer.lora_l1.weight.shape == (3, 8) and layer.lora_l2.weight.shape == (6, 3)
+
+
+def test_the_library_attention_forward_runs_unchanged():
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from cachebind.inject.model import AdapterAttention
+
+    assert AdapterAttention.forward is LlamaAttention.forward
+
+
+def test_grouped_query_zero_gates_give_exactly_plain_llama_logits():
+    adapted, plain = model_pair(n_heads=8, n_kv_heads=2, w_bias=False, lora_rank=0)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(
+            adapted(ids, visual=torch.randn(2, 64) * 5).logits, plain(ids, use_cache=False).logits
+        )
+
+
+def test_grouped_query_adapter_v_is_repeated_per_kv_group():
+    cfg = AdapterLlamaConfig(**{**SMALL, "n_heads": 8, "n_kv_heads": 2})
+    attn = AdapterLlama(cfg).llm.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.gate.normal_()
+    adapter = torch.randn(3, 64)
+    term = attn.adapter_term(adapter).view(3, 8, 8)  # [B, heads, head_dim]
+    v = (adapter @ attn.v_proj.weight.T).view(3, 2, 8)  # two KV heads
+    for head in range(8):  # query heads 0-3 share KV head 0, heads 4-7 KV head 1
+        torch.testing.assert_close(term[:, head], attn.gate[0, head, 0, 0].tanh() * v[:, head // 4])
+
+
+def test_eager_and_sdpa_attention_inject_the_same_adapter():
+    eager, _ = model_pair(n_heads=8, n_kv_heads=2)
+    sdpa = AdapterLlama(
+        AdapterLlamaConfig(
+            **{**SMALL, "n_heads": 8, "n_kv_heads": 2, "attn_implementation": "sdpa"}
+        )
+    ).eval()
+    with torch.no_grad():
+        for layer in eager.llm.model.layers:
+            layer.self_attn.gate.normal_()
+        eager.prefix_query.weight.normal_()
+    sdpa.load_state_dict(eager.state_dict())
+    ids, t_i = torch.randint(0, 97, (2, 8)), torch.randn(2, 64)
+    with torch.no_grad():
+        want = eager(ids, visual=t_i).logits
+        torch.testing.assert_close(sdpa(ids, visual=t_i).logits, want, atol=1e-5, rtol=1e-5)
+        assert (want - eager(ids).logits).abs().max() > 1e-2  # the adapter is in play
+
+
+def test_concurrent_calls_see_only_their_own_visual_query():
+    from concurrent.futures import ThreadPoolExecutor
+
+    adapted, _ = model_pair()
+    with torch.no_grad():
+        for layer in adapted.llm.model.layers:
+            layer.self_attn.gate.fill_(0.8)
+    ids = torch.randint(0, 97, (1, 6))
+    queries = [torch.randn(1, 64) for _ in range(4)]
+    with torch.no_grad():
+        alone = [adapted(ids, visual=q).logits for q in queries]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda q: adapted(ids, visual=q).logits, queries * 5))
+    for i, logits in enumerate(together):
+        assert torch.equal(logits, alone[i % 4])

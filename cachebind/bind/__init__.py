@@ -1,4 +1,4 @@
-"""Bind network (eq. 1): layernorm (released 7B, "legacy bridge") and rmsnorm variants."""
+"""Bind network (eq. 1): rmsnorm (today's released 7B) and layernorm (7B-beta, "legacy bridge")."""
 
 from cachebind.bind.network import BindNetwork, RMSNorm, Variant, detect_variant
 

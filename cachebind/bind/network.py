@@ -5,8 +5,11 @@
 
 Module names follow the released ``LLaMA_adapter`` (``image_bind_proj``, ``image_bind_norm_j``,
 ``image_bind_f{1,2,3}_j``) so a released checkpoint's ``image_bind_*`` tensors load as they are.
-Two variants exist: ``layernorm`` with biased linears (the released 7B checkpoints, the
-"legacy bridge") and ``rmsnorm`` (eps 1e-6) whose block linears have no bias.
+Two variants exist: ``rmsnorm`` (eps 1e-6) whose block linears have no bias — the released
+code's ``LLaMA_adapter.load()`` builds it (``legacy_bridge=False``) and asserts no unexpected
+keys, so today's ``7B.pth`` holds it — and ``layernorm`` with biased linears, the "legacy
+bridge" of the June 2023 ``7B-beta.pth`` (code up to commit 688b713). Loading detects the
+variant from the keys (``detect_variant``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class BindNetwork(nn.Module):
 
     def __init__(
         self,
-        variant: Variant = "layernorm",
+        variant: Variant = "rmsnorm",
         in_dim: int = 1024,
         dim: int = 4096,
         hidden: int = 16384,

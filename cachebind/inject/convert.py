@@ -4,7 +4,8 @@ Meta's LLaMA rotates consecutive pairs (2i, 2i+1) of each head; transformers' LL
 two halves of the head. Moving a q/k projection from one to the other permutes its output rows:
 reshape [out, ...] -> [n_heads, out/n_heads/2, 2, ...], swap axes 1 and 2, reshape back. The
 permutation must follow everything that produces q or k rows: wq/wk weights, wq's bias, and the
-output rows of ``lora_wq_l2`` / ``lora_wk_l2``.
+output rows of ``lora_wq_l2`` / ``lora_wk_l2``. With grouped-query attention k has
+``n_kv_heads`` heads, so k rows are permuted per KV head.
 """
 
 from __future__ import annotations
@@ -37,11 +38,9 @@ IGNORED_META_KEYS = {"rope.freqs"}
 
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _LORA = re.compile(r"(attention|feed_forward)\.lora_(w\w+?)_l([12])\.weight")
-# Meta keys whose rows are q/k output channels (permuted for HF's rotary).
-_ROTARY_ROWS = re.compile(
-    r"layers\.\d+\.attention\.(wq\.weight|wq\.bias|wk\.weight|wk\.bias|lora_wq_l2\.weight|"
-    r"lora_wk_l2\.weight)"
-)
+# Meta keys whose rows are q / k output channels (permuted for HF's rotary).
+_Q_ROWS = re.compile(r"layers\.\d+\.attention\.(wq\.weight|wq\.bias|lora_wq_l2\.weight)")
+_K_ROWS = re.compile(r"layers\.\d+\.attention\.(wk\.weight|wk\.bias|lora_wk_l2\.weight)")
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -86,7 +85,9 @@ def meta_to_model_key(key: str) -> str | None:
     return None
 
 
-def convert_llama(meta: dict[str, torch.Tensor], n_heads: int) -> tuple[dict, list[str]]:
+def convert_llama(
+    meta: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int | None = None
+) -> tuple[dict, list[str]]:
     """Meta-named LLaMA tensors (base + the adapter's ``llama.*`` overrides, prefix stripped)
     -> (``AdapterLlama`` state entries, keys that map to nothing)."""
     state: dict[str, torch.Tensor] = {}
@@ -98,8 +99,10 @@ def convert_llama(meta: dict[str, torch.Tensor], n_heads: int) -> tuple[dict, li
         if target is None:
             unused.append(key)
             continue
-        if _ROTARY_ROWS.fullmatch(key):
+        if _Q_ROWS.fullmatch(key):
             value = permute_rotary(value, n_heads)
+        elif _K_ROWS.fullmatch(key):
+            value = permute_rotary(value, n_kv_heads or n_heads)
         state[target] = value
     return state, unused
 
@@ -156,7 +159,9 @@ _HF_TOP = {
 }
 
 
-def hf_to_meta(hf: dict[str, torch.Tensor], n_heads: int) -> tuple[dict, list[str]]:
+def hf_to_meta(
+    hf: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int | None = None
+) -> tuple[dict, list[str]]:
     """A transformers LLaMA state dict in Meta names and rotary order (q/k rows un-permuted),
     so base weights from either source go through one conversion. Returns (meta, unused)."""
     meta: dict[str, torch.Tensor] = {}
@@ -171,8 +176,10 @@ def hf_to_meta(hf: dict[str, torch.Tensor], n_heads: int) -> tuple[dict, list[st
             if not key.endswith("rotary_emb.inv_freq"):
                 unused.append(key)
             continue
-        if module in ("attention.wq", "attention.wk"):
+        if module == "attention.wq":
             value = unpermute_rotary(value, n_heads)
+        elif module == "attention.wk":
+            value = unpermute_rotary(value, n_kv_heads or n_heads)
         meta[f"layers.{m.group(1)}.{module}.{m.group(3)}"] = value
     return meta, unused
 

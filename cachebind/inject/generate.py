@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,27 +23,10 @@ from cachebind.device import resolve_device, resolve_dtype
 from cachebind.errors import InputError, WeightsError
 from cachebind.inject.load import LoadReport, load_adapter_llama
 from cachebind.inject.model import AdapterLlama
+from cachebind.inject.prompts import format_prompt
 from cachebind.inject.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def format_prompt(instruction: str, input: str | None = None) -> str:  # noqa: A002
-    """The Alpaca template of the released demo (``llama.format_prompt``)."""
-    if not input:
-        return PROMPT_NO_INPUT.format_map({"instruction": instruction})
-    return PROMPT_INPUT.format_map({"instruction": instruction, "input": input})
 
 
 def sample_top_p(
@@ -253,14 +235,6 @@ class Generator:
         if not torch.isfinite(f).all():
             raise InputError("visual", "not_finite", "visual features contain NaN or inf")
         return self.model.visual_query(f.expand(n, -1).to(self.device))
-
-    @classmethod
-    def random(cls, workdir: Path, seed: int = 0, **dims: int) -> Generator:
-        """A small random LLaMA + adapter written to ``workdir`` and loaded through the real
-        loading path (see ``cachebind.inject.tiny.build_tiny_llm``)."""
-        from cachebind.inject.tiny import build_tiny_llm
-
-        return build_tiny_llm(workdir, seed=seed, **dims)
 
 
 def load_generator(llm_cfg: LLMConfig, *, seed: int | None = None) -> Generator:

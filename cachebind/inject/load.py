@@ -106,18 +106,34 @@ def find_llama(llama_dir: Path) -> LlamaSource:
     )
 
 
-def _read_base(src: LlamaSource) -> tuple[dict, int, float, float, int | None]:
-    """(Meta-named state, n_heads, norm_eps, rope_theta, unused keys)."""
+@dataclass(frozen=True)
+class BaseShape:
+    """What a base LLaMA's params.json / config.json say beyond its tensors."""
+
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    rope_theta: float
+
+
+def _heads(n_heads: int, n_kv_heads: int) -> tuple[int, int]:
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise WeightsError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    return n_heads, n_kv_heads
+
+
+def _read_base(src: LlamaSource) -> tuple[dict, BaseShape, list[str]]:
+    """(Meta-named state, its shape, unused keys)."""
     p = src.params
     if src.format == "meta":
-        n_heads = int(p["n_heads"])
-        if p.get("n_kv_heads", n_heads) != n_heads:
-            raise WeightsError("grouped-query LLaMA (n_kv_heads) is not supported by the adapter")
+        heads = _heads(int(p["n_heads"]), int(p.get("n_kv_heads") or p["n_heads"]))
         base = merge_meta_shards([_torch_load(f) for f in src.weights])
-        return base, n_heads, float(p.get("norm_eps", 1e-5)), float(p.get("rope_theta", 1e4)), []
-    n_heads = int(p["num_attention_heads"])
-    if p.get("num_key_value_heads", n_heads) != n_heads:
-        raise WeightsError("grouped-query LLaMA (num_key_value_heads) is not supported")
+        shape = BaseShape(*heads, float(p.get("norm_eps", 1e-5)), float(p.get("rope_theta", 1e4)))
+        return base, shape, []
+    heads = _heads(
+        int(p["num_attention_heads"]),
+        int(p.get("num_key_value_heads") or p["num_attention_heads"]),
+    )
     hf: dict[str, torch.Tensor] = {}
     for f in src.weights:
         if f.suffix == ".safetensors":
@@ -126,9 +142,9 @@ def _read_base(src: LlamaSource) -> tuple[dict, int, float, float, int | None]:
             hf.update(load_file(str(f)))
         else:
             hf.update(_torch_load(f))
-    base, unused = hf_to_meta(hf, n_heads)
+    base, unused = hf_to_meta(hf, *heads)
     theta = (p.get("rope_parameters") or {}).get("rope_theta", p.get("rope_theta", 10000.0))
-    return base, n_heads, float(p.get("rms_norm_eps", 1e-6)), float(theta), unused
+    return base, BaseShape(*heads, float(p.get("rms_norm_eps", 1e-6)), float(theta)), unused
 
 
 def read_adapter_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -146,9 +162,7 @@ def read_adapter_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def infer_config(
     base: dict,
     adapter: dict,
-    n_heads: int,
-    norm_eps: float,
-    rope_theta: float,
+    shape: BaseShape,
     tok: Tokenizer,
     bind_variant: str,
     max_seq_len: int,
@@ -178,11 +192,12 @@ def infer_config(
     return AdapterLlamaConfig(
         dim=dim,
         n_layers=n_layers,
-        n_heads=n_heads,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
         vocab_size=vocab,
         ffn_hidden=ffn_hidden,
-        norm_eps=norm_eps,
-        rope_theta=rope_theta,
+        norm_eps=shape.norm_eps,
+        rope_theta=shape.rope_theta,
         max_seq_len=max_seq_len,
         w_bias=any(k.endswith("attention.wq.bias") for k in adapter),
         lora_rank=0 if lora is None else int(lora.shape[0]),
@@ -207,9 +222,9 @@ def load_adapter_llama(
     """Read, convert and load; returns (model in eval mode, tokenizer, report)."""
     src = find_llama(Path(llama_dir))
     tok = Tokenizer(src.tokenizer)
-    base, n_heads, norm_eps, rope_theta, unused = _read_base(src)
+    base, shape, unused = _read_base(src)
     adapter = read_adapter_checkpoint(Path(adapter_checkpoint))
-    cfg = infer_config(base, adapter, n_heads, norm_eps, rope_theta, tok, bind_variant, max_seq_len)
+    cfg = infer_config(base, adapter, shape, tok, bind_variant, max_seq_len)
 
     # The adapter's llama.* tensors go over the base's (fine-tuned norms replace frozen ones).
     meta = dict(base)
@@ -220,7 +235,7 @@ def load_adapter_llama(
             if inner in meta:
                 overridden.append(inner)
             meta[inner] = value
-    state, unused_llama = convert_llama(meta, n_heads)
+    state, unused_llama = convert_llama(meta, shape.n_heads, shape.n_kv_heads)
     top, unused_top = convert_adapter_top_level(adapter)
     state.update(top)
     # Name each unused tensor as it is spelled in its own file.

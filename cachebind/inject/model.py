@@ -11,16 +11,20 @@ What the released ``llama.py`` / ``llama_adapter.py`` do, and how it maps here:
 * Fine-tuned checkpoints add biases on wq, wo, w1, w2, w3 and rank-r LoRA (no scaling) on wq,
   wk, wv, wo, w1, w2, w3: y = W x + b + L2 (L1 x).
 
-The HF decoder layers keep their norms, rotary embedding, masks and KV cache; only each layer's
-``self_attn`` and ``mlp`` are replaced by the subclasses below. The adapter tokens travel to the
-attention modules as the ``adapters`` keyword, which HF passes through its layers unchanged.
+The HF model runs as the library wrote it: norms, rotary embedding, masks, KV cache and the
+attention kernels (eager / SDPA / flash) are untouched. Each layer's projections become
+``LoRALinear``; the adapter term enters through a forward pre-hook on ``o_proj``, whose input is
+the per-head attention output ``attn_output.reshape(*input_shape, -1)`` in transformers 5.23's
+``LlamaAttention.forward`` (a changed shape is an error, not a silent miscomputation). The
+adapter tokens of the current call travel in the ``adapter_tokens`` context variable, set by
+``AdapterLlama.forward`` for the duration of the call: per thread and per asyncio task, so
+concurrent calls cannot see each other's tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,24 +32,23 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaMLP,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from cachebind.bind import BindNetwork, Variant
+
+# [query_layer, B, dim] adapter tokens of the forward call in progress (None: plain LLaMA).
+adapter_tokens: ContextVar[torch.Tensor | None] = ContextVar("adapter_tokens", default=None)
 
 
 @dataclass(frozen=True)
 class AdapterLlamaConfig:
-    """Shape of a LLaMA + ImageBind-LLM adapter (defaults: LLaMA-7B with the released 7B)."""
+    """Shape of a LLaMA + ImageBind-LLM adapter (defaults: LLaMA-7B with today's released 7B,
+    whose bridge is the RMSNorm one; the loader reads every field from the files)."""
 
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
+    n_kv_heads: int | None = None  # grouped-query attention; None: n_heads (LLaMA-1 7B)
     vocab_size: int = 32000
     ffn_hidden: int = 11008
     norm_eps: float = 1e-6
@@ -54,7 +57,7 @@ class AdapterLlamaConfig:
     w_bias: bool = True
     lora_rank: int = 16  # 0: no LoRA (the "7B-pretrained" checkpoint)
     query_layer: int = 32  # rows of prefix_query = adapted (last) layers
-    bind_variant: Variant = "layernorm"
+    bind_variant: Variant = "rmsnorm"
     bind_in_dim: int = 1024
     bind_hidden: int = 16384
     bos_id: int = 1
@@ -67,7 +70,7 @@ class AdapterLlamaConfig:
             intermediate_size=self.ffn_hidden,
             num_hidden_layers=self.n_layers,
             num_attention_heads=self.n_heads,
-            num_key_value_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads or self.n_heads,
             vocab_size=self.vocab_size,
             rms_norm_eps=self.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
@@ -116,7 +119,14 @@ class LoRALinear(nn.Linear):
 class AdapterAttention(LlamaAttention):
     """LlamaAttention + the gated visual adapter (released ``Attention`` with ``adapter_len == 1``).
 
-    ``adapter_index`` is this layer's row in ``adapters`` (None: a layer without adapter).
+    The library's ``forward`` runs unchanged (eager, SDPA or flash); only the projections are
+    swapped for ``LoRALinear`` and a forward pre-hook on ``o_proj`` adds
+    tanh(gate) · adapter_v to its input, the per-head attention output [B, S, n_heads · head_dim].
+    With grouped-query attention (n_kv_heads < n_heads) W_v yields n_kv_heads heads, and each
+    is repeated for the query heads of its group, as the attention repeats its values.
+
+    ``adapter_index`` is this layer's row in the adapter tokens (None: a layer without adapter).
+    The tokens of the current forward call come from ``adapter_tokens`` (see ``AdapterLlama``).
     """
 
     def __init__(
@@ -129,57 +139,39 @@ class AdapterAttention(LlamaAttention):
     ) -> None:
         super().__init__(config, layer_idx)
         dim, heads = config.hidden_size, config.num_attention_heads
+        kv_heads = config.num_key_value_heads
         # Released layout: wq and wo carry a bias, wk and wv never do.
         self.q_proj = LoRALinear(dim, heads * self.head_dim, w_bias, lora_rank)
-        self.k_proj = LoRALinear(dim, heads * self.head_dim, False, lora_rank)
-        self.v_proj = LoRALinear(dim, heads * self.head_dim, False, lora_rank)
+        self.k_proj = LoRALinear(dim, kv_heads * self.head_dim, False, lora_rank)
+        self.v_proj = LoRALinear(dim, kv_heads * self.head_dim, False, lora_rank)
         self.o_proj = LoRALinear(heads * self.head_dim, dim, w_bias, lora_rank)
         self.adapter_index = adapter_index
         self.gate = nn.Parameter(torch.zeros(1, heads, 1, 1))  # zero-init: starts as LLaMA
+        if adapter_index is not None:
+            self.o_proj.register_forward_pre_hook(self._inject)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        adapters: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    def adapter_term(self, adapter: torch.Tensor) -> torch.Tensor:
+        """tanh(gate) · W_v(adapter_i) per head, flattened: [B, dim] -> [B, 1, n_heads · head_dim].
 
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        Base W_v (no LoRA, no norm); KV head j serves query heads j·n_rep ... (j+1)·n_rep - 1.
+        """
+        batch, heads = adapter.shape[0], self.gate.shape[1]
+        adapter_v = self.v_proj.base(adapter).view(batch, -1, self.head_dim)
+        adapter_v = adapter_v.repeat_interleave(self.num_key_value_groups, dim=1)
+        return (self.gate.tanh().view(1, heads, 1) * adapter_v).view(batch, 1, -1)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )  # out: [B, S, H, head_dim]
-
-        if adapters is not None and self.adapter_index is not None:
-            adapter = adapters[self.adapter_index]  # [B, dim] = T_I + prefix_query_i
-            batch, heads = adapter.shape[0], self.gate.shape[1]
-            adapter_v = self.v_proj.base(adapter).view(batch, 1, heads, self.head_dim)
-            gate = self.gate.tanh().view(1, 1, heads, 1).to(out.dtype)
-            out = out + gate * adapter_v.to(out.dtype)  # broadcast over every position
-
-        out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), weights
+    def _inject(self, o_proj: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
+        adapters = adapter_tokens.get()
+        if adapters is None:
+            return None
+        (out,) = args  # [B, S, n_heads * head_dim]: the attention output before W_o
+        if out.shape[-1] != self.gate.shape[1] * self.head_dim:
+            raise RuntimeError(
+                f"o_proj input {tuple(out.shape)} is not [B, S, n_heads * head_dim]: "
+                "the installed transformers changed LlamaAttention"
+            )
+        term = self.adapter_term(adapters[self.adapter_index])
+        return (out + term.to(out.dtype),)  # broadcast over every position
 
 
 class AdapterMLP(LlamaMLP):
@@ -204,6 +196,9 @@ class AdapterLlama(nn.Module):
         super().__init__()
         if not 1 <= cfg.query_layer <= cfg.n_layers:
             raise ValueError(f"query_layer {cfg.query_layer} not in [1, {cfg.n_layers}]")
+        kv_heads = cfg.n_kv_heads or cfg.n_heads
+        if cfg.n_heads % kv_heads:
+            raise ValueError(f"n_heads {cfg.n_heads} is not a multiple of n_kv_heads {kv_heads}")
         self.cfg = cfg
         hf_config = cfg.llama_config()
         self.llm = LlamaForCausalLM(hf_config)
@@ -242,13 +237,15 @@ class AdapterLlama(nn.Module):
         logits_to_keep: int = 0,
     ) -> CausalLMOutputWithPast:
         """Logits for ``input_ids`` [B, S]; ``visual`` is T_I [B, dim] (None: plain LLaMA)."""
-        adapters = self.adapters(visual) if visual is not None else None
-        return self.llm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            adapters=adapters,
-        )
+        token = adapter_tokens.set(self.adapters(visual) if visual is not None else None)
+        try:
+            return self.llm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            adapter_tokens.reset(token)

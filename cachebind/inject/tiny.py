@@ -19,9 +19,11 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from cachebind.bind import Variant
 from cachebind.config import LLMConfig
-from cachebind.inject.generate import PROMPT_INPUT, PROMPT_NO_INPUT, Generator, load_generator
+from cachebind.inject.generate import Generator, load_generator
 from cachebind.inject.model import ffn_hidden_dim
+from cachebind.inject.prompts import PROMPT_INPUT, PROMPT_NO_INPUT
 
 _WORDS = [
     "a",
@@ -195,12 +197,13 @@ def write_adapter_checkpoint(
     n_heads: int,
     multiple_of: int = 32,
     visual_dim: int = 1024,
-    variant: str = "layernorm",
+    variant: Variant = "rmsnorm",
     lora_rank: int = 16,
     w_bias: bool = True,
     seed: int = 1,
 ) -> Path:
-    """A released-layout ImageBind-LLM checkpoint ``{"model": state_dict}``."""
+    """A released-layout ImageBind-LLM checkpoint ``{"model": state_dict}``; ``variant``
+    ``rmsnorm`` is today's ``7B.pth`` bridge, ``layernorm`` 7B-beta's."""
     g = torch.Generator().manual_seed(seed)
     hidden, bind_hidden = ffn_hidden_dim(dim, multiple_of), 4 * dim
     legacy = variant == "layernorm"
@@ -257,8 +260,12 @@ def build_tiny_llm(
     n_heads: int = 4,
     visual_dim: int = 1024,
     vocab_size: int = 512,
+    bind_variant: Variant = "layernorm",
 ) -> Generator:
     """Write a tiny LLaMA + ImageBind-LLM checkpoint under ``workdir`` and load it (CPU, fp32).
+
+    The bridge defaults to 7B-beta's LayerNorm one, the variant with the most tensors (block
+    biases), which the generation tests' independent reference is built with.
 
     Layout written: ``workdir/tokenizer.model``, ``workdir/7B/{params.json,consolidated.00.pth}``
     (the released ``llama_dir``) and ``workdir/imagebind_llm_tiny.pth``.
@@ -275,6 +282,7 @@ def build_tiny_llm(
         n_layers=n_layers,
         n_heads=n_heads,
         visual_dim=visual_dim,
+        variant=bind_variant,
         seed=seed + 1,
     )
     cfg = LLMConfig(llama_dir=workdir, adapter_checkpoint=adapter, device="cpu", dtype="float32")
