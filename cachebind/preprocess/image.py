@@ -110,7 +110,7 @@ def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image
         arr = np.asarray(img)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise InputError(source, "unsupported_format", f"{mode} values outside 16 bits")
-        grey = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        grey = (arr >> 8).astype(np.uint8)  # in range: no wider copy needed
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "F":
         raise InputError(source, "unsupported_format", "floating-point images have no colour scale")
@@ -118,14 +118,33 @@ def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image
         mode in ("P", "L", "RGB") and "transparency" in img.info
     )
     if has_alpha:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
+        return _composite(img, background)
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
         raise InputError(source, "unsupported_format", f"mode {mode}: {e}") from e
+
+
+_STRIP_PIXELS = 1 << 20
+"""Compositing works on strips of about this many pixels (a few MB of RGBA at a time)."""
+
+
+def _composite(img: Image.Image, background) -> Image.Image:
+    """``img`` over an opaque ``background`` as RGB, one strip of rows at a time.
+
+    The same per-pixel operations as converting the whole image to RGBA and calling
+    ``alpha_composite`` on a full canvas, but the only full-size buffer is the RGB result (a
+    49 MP RGBA image would otherwise hold three more full copies)."""
+    width, height = img.size
+    out = Image.new("RGB", img.size)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        strip = img.crop(box).convert("RGBA")
+        canvas = Image.new("RGBA", strip.size, (*background, 255))
+        canvas.alpha_composite(strip)
+        out.paste(canvas.convert("RGB"), box[:2])
+    return out
 
 
 def load_image(
