@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cachebind.config import EncoderConfig, WeightsConfig
+from cachebind.config import EncoderConfig, InputLimits, WeightsConfig
 from cachebind.device import resolve_device, resolve_dtype
 from cachebind.encode import pointbind
 from cachebind.encode.imagebind import ImageBindModel, build_model
@@ -162,7 +162,7 @@ class Encoder:
         modality: Modality | str,
         inputs: Sequence[Any],
         sources: Sequence[str] | None = None,
-        limits: Any = None,
+        limits: InputLimits | None = None,
     ) -> np.ndarray:
         """F_M for raw inputs (bytes, paths, text, arrays …): preprocess each with
         ``cachebind.preprocess.preprocess`` within ``limits`` (``Settings.input``; its defaults
