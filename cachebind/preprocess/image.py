@@ -45,6 +45,7 @@ DEFAULT_MAX_PIXELS = DEFAULT_LIMITS.max_image_pixels
 _PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def open_image(
@@ -100,9 +101,11 @@ def open_image(
 
 def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image.Image:
     """Any Pillow mode -> RGB: alpha composited over ``background``, 16-bit grey scaled down."""
-    # A broken EXIF block must not lose an otherwise good image.
+    # A broken EXIF block must not lose an otherwise good image. exif_transpose copies the
+    # whole image even when there is nothing to turn: only call it when there is.
     with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(_ORIENTATION, 1) in range(2, 9):
+            img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode == "RGB":
         return img
