@@ -91,7 +91,8 @@ class SandboxClosed(CachebindError):
 
 @dataclass(frozen=True)
 class SandboxStats:
-    """A moment of the pool, for gauges: ``busy`` workers running a task, ``queued`` tasks
+    """A moment of the pool, for gauges: ``busy`` workers running a task (or being replaced
+    after one: the task's answer does not wait for its successor to start), ``queued`` tasks
     waiting for one, and ``restarts`` of workers since the start, by reason (``crashed``,
     ``memory_cap``, ``cpu_cap``, ``deadline``, ``abandoned``, ``bad_answer``, ``died_idle``)."""
 
@@ -542,14 +543,14 @@ class Sandbox:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._replace(slot, "deadline")
                 detail = f"decoding took longer than {task.timeout:g} s"
                 task.future.set_exception(InputError(task.source, "too_slow", detail))
+                self._replace(slot, "deadline")
                 return
             ready = wait([worker.conn], timeout=min(remaining, _POLL_S))
             if task.abandoned.is_set() or self._closed:
-                self._replace(slot, "abandoned" if not self._closed else None)
                 task.future.set_exception(SandboxClosed("the task was abandoned"))
+                self._replace(slot, "abandoned" if not self._closed else None)
                 return
             if not ready:
                 continue
@@ -557,8 +558,8 @@ class Sandbox:
                 data = worker.conn.recv_bytes()
             except (EOFError, OSError):
                 exitcode = worker.exitcode()
-                self._replace(slot, _death_reason(exitcode))
                 task.future.set_exception(self._crash_error(task.source, exitcode))
+                self._replace(slot, _death_reason(exitcode))
                 return
             self._answer(slot, task, data)
             return
@@ -567,10 +568,10 @@ class Sandbox:
         try:
             kind, value = _loads(data)
         except Exception as exc:
-            # A worker that sends what it should not is not trusted again.
-            self._replace(slot, "bad_answer")
             detail = f"the decoder's answer was refused: {exc}"
             task.future.set_exception(InputError(task.source, "undecodable", detail))
+            # A worker that sends what it should not is not trusted again.
+            self._replace(slot, "bad_answer")
             return
         if kind == "ok":
             task.future.set_result(_from_wire(value))
@@ -578,9 +579,9 @@ class Sandbox:
             reason, detail = value
             task.future.set_exception(InputError(task.source, reason, detail))
         elif kind == "memory":
-            self._replace(slot, "memory_cap")
             detail = f"decoding needs more than the {self.config.memory_mb} MiB allowed"
             task.future.set_exception(InputError(task.source, "too_large", detail))
+            self._replace(slot, "memory_cap")
         else:
             task.future.set_exception(InputError(task.source, "undecodable", str(value)))
 
