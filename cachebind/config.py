@@ -155,6 +155,47 @@ class SandboxConfig(Section):
     """Tasks that may wait for a worker; one more is refused (``SandboxBusy``, HTTP 429)."""
 
 
+class InputLimits(Section):
+    """Budgets every preprocessing entry point checks before (and while) decoding untrusted
+    input (``[input]``, ``CACHEBIND_INPUT__<FIELD>``). Limits come from headers where a format
+    declares them, and are enforced again on what is actually decoded, since headers lie.
+    Each refusal is an ``InputError`` whose detail names the limit (``input.<field>``)."""
+
+    max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Raw bytes of one input (any modality); larger is ``too_large`` before any decoding."""
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    """Width x height of one image, depth or thermal map, from its header: above is
+    ``decompression_bomb`` (a decoded RGBA pixel costs ~4-16 bytes on the way to 224²)."""
+    max_image_aspect_ratio: float = Field(default=50.0, ge=1.0)
+    """Long side / short side of an image, depth or thermal map; above is ``too_large``. The
+    resize works on the centre crop only, so this guards nonsense, not memory."""
+    max_audio_seconds: float = Field(default=600.0, gt=0)
+    """Duration of an audio input (declared, then decoded); above is ``too_large``."""
+    max_audio_values: int = Field(default=64_000_000, gt=0)
+    """Samples x channels of an audio input at its own rate (4 bytes each once decoded, so
+    256 MB at the default: 11 min of 48 kHz stereo); above is ``too_large``."""
+    max_audio_channels: int = Field(default=32, gt=0)
+    """Channels of an audio stream; above is ``unsupported_format``."""
+    max_audio_sample_rate: int = Field(default=384_000, gt=0)
+    """Sample rate of an audio stream in Hz; above is ``unsupported_format``."""
+    max_video_frames: int = Field(default=36_000, gt=0)
+    """Frames of a video (20 min at 30 fps); every frame is decoded, so this bounds CPU time."""
+    max_video_frame_pixels: int = Field(default=3840 * 2160, gt=0)
+    """Width x height of a video frame (4K UHD); above is ``too_large`` from the header."""
+    max_video_pixels: int = Field(default=40_000_000_000, gt=0)
+    """Frames x width x height decoded from one video (~20 min of 1080p at 30 fps)."""
+    max_decompressed_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    """Total uncompressed size of the members of a zip container (``.pt``, ``.npz``), by its
+    directory and again while inflating; above is ``decompression_bomb``."""
+    max_points: int = Field(default=5_000_000, gt=0)
+    """Points of a point cloud (declared by a header, or rows of a table); above is
+    ``too_large``. Kept as float32 x, y, z: 60 MB at the default."""
+    max_array_values: int = Field(default=64_000_000, gt=0)
+    """Elements of an array an ``.npy`` header declares (IMU, point clouds)."""
+    max_text_bytes: int = Field(default=1024 * 1024, gt=0)
+    """UTF-8 bytes of one text input (only the first 75 tokens count)."""
+
+
 # "s3://b/x" as a Path collapses to "s3:/b/x"; one letter before the colon is a drive.
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
@@ -268,6 +309,8 @@ class Settings(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    input: InputLimits = Field(default_factory=InputLimits)
+    """Budgets for untrusted input, shared by the service and the embedding job."""
 
     @classmethod
     def settings_customise_sources(

@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -86,6 +87,19 @@ class SandboxBusy(CachebindError):
 
 class SandboxClosed(CachebindError):
     """The sandbox was closed before the task could finish."""
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    """A moment of the pool, for gauges: ``busy`` workers running a task (or being replaced
+    after one: the task's answer does not wait for its successor to start), ``queued`` tasks
+    waiting for one, and ``restarts`` of workers since the start, by reason (``crashed``,
+    ``memory_cap``, ``cpu_cap``, ``deadline``, ``abandoned``, ``bad_answer``, ``died_idle``)."""
+
+    workers: int
+    busy: int
+    queued: int
+    restarts: dict[str, int]
 
 
 # -- the worker process ------------------------------------------------------------------------
@@ -343,6 +357,8 @@ class Sandbox:
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._busy = 0
+        self._restarts: Counter[str] = Counter()
         self._mean_s = 0.1  # running mean of task seconds, for the busy answer's retry hint
         self._closed = False
         self._workers: list[_Worker | None] = [None] * config.workers
@@ -419,6 +435,11 @@ class Sandbox:
         """Tasks queued or running."""
         return self._in_flight
 
+    def stats(self) -> SandboxStats:
+        with self._lock:
+            busy, in_flight, restarts = self._busy, self._in_flight, dict(self._restarts)
+        return SandboxStats(self.config.workers, busy, max(0, in_flight - busy), restarts)
+
     def close(self) -> None:
         """Refuse new tasks, fail queued and running ones with ``SandboxClosed``, stop the
         workers and their dispatchers."""
@@ -469,24 +490,33 @@ class Sandbox:
             if not task.future.set_running_or_notify_cancel():
                 continue  # abandoned while it waited
             started = time.monotonic()
+            with self._lock:
+                self._busy += 1
             try:
                 self._execute(slot, task)
             except BaseException as exc:  # never leave a caller waiting forever
                 if not task.future.done():
                     task.future.set_exception(exc)
                 with contextlib.suppress(Exception):
-                    self._replace(slot)
+                    self._replace(slot, "crashed")
+            finally:
+                with self._lock:
+                    self._busy -= 1
             self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
         worker, self._workers[slot] = self._workers[slot], None
         if worker is not None:
             worker.stop()
 
-    def _replace(self, slot: int) -> _Worker | None:
+    def _replace(self, slot: int, reason: str | None = None) -> _Worker | None:
         """Kill the slot's worker and start its successor now, while the slot is idle anyway,
-        so that the next task does not wait for an interpreter to start."""
+        so that the next task does not wait for an interpreter to start. ``reason`` is counted
+        in ``stats().restarts`` when a worker was there to replace."""
         worker, self._workers[slot] = self._workers[slot], None
         if worker is not None:
             worker.kill()
+            if reason is not None:
+                with self._lock:
+                    self._restarts[reason] += 1
         if not self._closed:
             self._workers[slot] = self._spawn()
         return self._workers[slot]
@@ -494,7 +524,7 @@ class Sandbox:
     def _ready_worker(self, slot: int) -> _Worker:
         worker = self._workers[slot]
         if worker is None or not worker.alive():
-            worker = self._replace(slot)
+            worker = self._replace(slot, "died_idle")
         if worker is None:
             raise SandboxClosed("the sandbox was closed")
         return worker
@@ -505,7 +535,7 @@ class Sandbox:
         try:
             worker.conn.send_bytes(message)
         except OSError:  # it died while idle: not this task's doing, give it a fresh one
-            worker = self._replace(slot)
+            worker = self._replace(slot, "died_idle")
             if worker is None:
                 raise SandboxClosed("the sandbox was closed") from None
             worker.conn.send_bytes(message)
@@ -513,14 +543,14 @@ class Sandbox:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._replace(slot)
                 detail = f"decoding took longer than {task.timeout:g} s"
                 task.future.set_exception(InputError(task.source, "too_slow", detail))
+                self._replace(slot, "deadline")
                 return
             ready = wait([worker.conn], timeout=min(remaining, _POLL_S))
             if task.abandoned.is_set() or self._closed:
-                self._replace(slot)
                 task.future.set_exception(SandboxClosed("the task was abandoned"))
+                self._replace(slot, "abandoned" if not self._closed else None)
                 return
             if not ready:
                 continue
@@ -528,8 +558,8 @@ class Sandbox:
                 data = worker.conn.recv_bytes()
             except (EOFError, OSError):
                 exitcode = worker.exitcode()
-                self._replace(slot)
                 task.future.set_exception(self._crash_error(task.source, exitcode))
+                self._replace(slot, _death_reason(exitcode))
                 return
             self._answer(slot, task, data)
             return
@@ -538,9 +568,10 @@ class Sandbox:
         try:
             kind, value = _loads(data)
         except Exception as exc:
-            self._replace(slot)  # a worker that sends what it should not is not trusted again
             detail = f"the decoder's answer was refused: {exc}"
             task.future.set_exception(InputError(task.source, "undecodable", detail))
+            # A worker that sends what it should not is not trusted again.
+            self._replace(slot, "bad_answer")
             return
         if kind == "ok":
             task.future.set_result(_from_wire(value))
@@ -548,9 +579,9 @@ class Sandbox:
             reason, detail = value
             task.future.set_exception(InputError(task.source, reason, detail))
         elif kind == "memory":
-            self._replace(slot)
             detail = f"decoding needs more than the {self.config.memory_mb} MiB allowed"
             task.future.set_exception(InputError(task.source, "too_large", detail))
+            self._replace(slot, "memory_cap")
         else:
             task.future.set_exception(InputError(task.source, "undecodable", str(value)))
 
@@ -568,6 +599,14 @@ class Sandbox:
                 return InputError(source, "too_large", detail)
             return InputError(source, "undecodable", f"the decoder crashed with signal {sig.name}")
         return InputError(source, "undecodable", f"the decoder exited with status {exitcode}")
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode == -signal.SIGXCPU:
+        return "cpu_cap"
+    if exitcode == -signal.SIGKILL:
+        return "memory_cap"  # the kernel's OOM killer; nobody else sends a worker SIGKILL
+    return "crashed"
 
 
 def _kill_all(workers: list[_Worker | None]) -> None:

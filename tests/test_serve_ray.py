@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 
 import httpx
 import pytest
 from builders import build_demo_cache, service_settings
+from fixtures_media import image_bytes
 
 import indexing
 from cachebind.store import CacheTable, row_id
@@ -55,6 +57,10 @@ def test_ray_serve_deployment_serves_search(tmp_path):
             assert r.json()["results"][0]["key"] == "sample-000033"
             r = http.post("/v1/search", json={"inputs": [{"modality": "text", "text": "a cat"}]})
             assert r.status_code == 200 and len(r.json()["results"]) == 10
+            # Media are decoded in the replica's own sandbox pool (started by the app's lifespan).
+            image = base64.b64encode(image_bytes(size=(96, 80))).decode()
+            r = http.post("/v1/search", json={"inputs": [{"modality": "image", "data": image}]})
+            assert r.status_code == 200, r.text
             assert http.get("/v1/index", headers={"X-API-Key": "wrong"}).status_code == 401
     finally:
         serve.shutdown()

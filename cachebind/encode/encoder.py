@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cachebind.config import EncoderConfig, WeightsConfig
+from cachebind.config import EncoderConfig, InputLimits, WeightsConfig
 from cachebind.device import resolve_device, resolve_dtype
 from cachebind.encode import pointbind
 from cachebind.encode.imagebind import ImageBindModel, build_model
@@ -158,10 +158,15 @@ class Encoder:
         return torch.cat(outs)
 
     def embed(
-        self, modality: Modality | str, inputs: Sequence[Any], sources: Sequence[str] | None = None
+        self,
+        modality: Modality | str,
+        inputs: Sequence[Any],
+        sources: Sequence[str] | None = None,
+        limits: InputLimits | None = None,
     ) -> np.ndarray:
         """F_M for raw inputs (bytes, paths, text, arrays …): preprocess each with
-        ``cachebind.preprocess.preprocess``, encode, L2-normalise. ``[B, out_dim]`` float32."""
+        ``cachebind.preprocess.preprocess`` within ``limits`` (``Settings.input``; its defaults
+        when None), encode, L2-normalise. ``[B, out_dim]`` float32."""
         from cachebind.preprocess import preprocess  # lazy: preprocessing is another stage
 
         modality = Modality(modality)
@@ -171,6 +176,9 @@ class Encoder:
             list(sources) if sources is not None else [f"<input {i}>" for i in range(len(inputs))]
         )
         batch = torch.stack(
-            [preprocess(modality, x, source=src) for x, src in zip(inputs, names, strict=True)]
+            [
+                preprocess(modality, x, source=src, limits=limits)
+                for x, src in zip(inputs, names, strict=True)
+            ]
         )
         return F.normalize(self.encode(modality, batch), dim=-1).numpy().astype(np.float32)

@@ -15,6 +15,10 @@ imu        [6, 2000] float32           imu.load_imu -> imu.imu_tensor
 point      [8192, 3] float32           pointcloud.load_point_cloud -> point_cloud_tensor
 =========  ==========================  =====================================================
 
+Every decode stage takes ``limits: InputLimits`` (``Settings.input``: byte, pixel, aspect ratio,
+duration, channel, frame, decompressed-size and point budgets) and checks them from headers
+before decoding where a format declares sizes, and again on what is decoded.
+
 Each decode stage raises ``InputError(source, reason, detail)`` for unusable input (reasons:
 ``undecodable``, ``truncated``, ``empty``, ``too_large``, ``decompression_bomb``,
 ``unsupported_format``, ``wrong_type``, ``wrong_shape``, ``not_found``, ``unreadable``); a
@@ -31,12 +35,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
 from cachebind.modalities import Modality
 from cachebind.preprocess.audio import audio_tensor, load_audio
-from cachebind.preprocess.common import DEFAULT_MAX_BYTES
+from cachebind.preprocess.common import resolve_limits
 from cachebind.preprocess.depth import depth_tensor, depth_to_disparity, load_depth
-from cachebind.preprocess.image import DEFAULT_MAX_PIXELS, image_tensor, load_image
+from cachebind.preprocess.image import image_tensor, load_image
 from cachebind.preprocess.imu import imu_tensor, load_imu
 from cachebind.preprocess.pointcloud import NUM_POINTS, load_point_cloud, point_cloud_tensor
 from cachebind.preprocess.text import load_text, text_tensor
@@ -76,16 +81,19 @@ def preprocess(
     data: Any,
     *,
     source: str = "<input>",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    limits: InputLimits | None = None,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> torch.Tensor:
     """One raw input -> its model input tensor (shapes in ``INPUT_SHAPES``).
 
     ``data``: bytes or a file path (str/Path; for text, a str is the text itself), a PIL image
     (image, depth, thermal) or a NumPy array (depth in metres, thermal, IMU, point ``[N, 3+]``).
-    ``source`` names the input in errors. ``max_pixels`` / ``max_bytes`` bound what is decoded
-    (EmbedConfig's ``max_image_pixels`` / ``max_image_bytes``).
+    ``source`` names the input in errors. ``limits`` (``Settings.input``) bounds what is
+    decoded; ``max_pixels`` / ``max_bytes``, when given, override its ``max_image_pixels`` /
+    ``max_bytes`` (the embedding job's ``embed.max_image_pixels`` / ``embed.max_image_bytes``).
     """
+    limits = resolve_limits(limits, max_pixels=max_pixels, max_bytes=max_bytes)
     try:
         modality = Modality(modality)
     except ValueError as e:
@@ -95,27 +103,25 @@ def preprocess(
             source, "wrong_type", f"{modality.value} input cannot be a {type(data).__name__}"
         )
     if modality is Modality.IMAGE:
-        img = load_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
-        return image_tensor(img)
+        return image_tensor(load_image(data, source, limits=limits))
     if modality is Modality.TEXT:
-        return text_tensor(load_text(data, source))
+        return text_tensor(load_text(data, source, limits=limits))
     if modality is Modality.AUDIO:
-        return audio_tensor(load_audio(data, source, max_bytes=max_bytes))
+        return audio_tensor(load_audio(data, source, limits=limits))
     if modality is Modality.VIDEO:
-        return video_tensor(load_video(data, source, max_bytes=max_bytes))
+        return video_tensor(load_video(data, source, limits=limits))
     if modality is Modality.DEPTH:
-        depth = load_depth(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
-        return depth_tensor(depth_to_disparity(depth))
+        return depth_tensor(depth_to_disparity(load_depth(data, source, limits=limits)))
     if modality is Modality.THERMAL:
-        img = load_thermal(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
-        return thermal_tensor(img)
+        return thermal_tensor(load_thermal(data, source, limits=limits))
     if modality is Modality.POINT:
-        return point_cloud_tensor(load_point_cloud(data, source, max_bytes=max_bytes))
-    return imu_tensor(load_imu(data, source, max_bytes=max_bytes))
+        return point_cloud_tensor(load_point_cloud(data, source, limits=limits))
+    return imu_tensor(load_imu(data, source, limits=limits))
 
 
 __all__ = [
     "INPUT_SHAPES",
+    "InputLimits",
     "PREPROCESS_VERSION",
     "audio_tensor",
     "depth_tensor",

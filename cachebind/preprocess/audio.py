@@ -2,7 +2,7 @@
 
 As ImageBind's ``load_and_transform_audio_data``:
 1. decode to float in [-1, 1] (PyAV; integer PCM divided by 2^(bits-1), as ``torchaudio.load``),
-   every channel kept: shape [C, N];
+   every channel kept: shape [C, N]; within ``InputLimits``' channel, rate and duration budgets;
 2. resample to 16 kHz with torchaudio's Hann-windowed sinc filter (``resample.py``);
 3. 3 clips of 2 s at starts ``i * max(D - 2, 0) / 3`` (``clips.py``), sliced as
    ``waveform[:, int(start * 16000) : int(end * 16000)]``;
@@ -24,9 +24,17 @@ import av
 import numpy as np
 import torch
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
 from cachebind.preprocess.clips import clip_timepoints
-from cachebind.preprocess.common import DEFAULT_MAX_BYTES, RawInput, as_stream, read_bytes
+from cachebind.preprocess.common import (
+    DEFAULT_LIMITS,
+    RawInput,
+    as_stream,
+    over_limit,
+    read_bytes,
+    resolve_limits,
+)
 from cachebind.preprocess.fbank import fbank, num_frames
 from cachebind.preprocess.resample import resample
 
@@ -39,8 +47,8 @@ MEAN = -4.268
 STD = 9.138
 FRAME_SAMPLES = 400  # 25 ms at 16 kHz: the shortest input that yields one fbank frame
 
-MAX_DURATION_S = 3600.0
-"""Longer inputs are refused as ``too_large`` (decoding is cheap, holding hours in RAM is not)."""
+MAX_DURATION_S = DEFAULT_LIMITS.max_audio_seconds
+"""``input.max_audio_seconds``: longer inputs are refused as ``too_large``."""
 
 
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
@@ -62,11 +70,17 @@ def decode_audio(
     data: RawInput,
     source: str = "<input>",
     *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_duration_s: float = MAX_DURATION_S,
+    max_bytes: int | None = None,
+    max_duration_s: float | None = None,
+    limits: InputLimits | None = None,
 ) -> Waveform:
-    """Decode the first audio stream of ``data`` at its own rate and channel count."""
-    raw = read_bytes(data, source, max_bytes)
+    """Decode the first audio stream of ``data`` at its own rate and channel count.
+
+    Budgets (``input.max_audio_*``) are checked on the stream's header before decoding and on
+    the decoded samples as they arrive, since a header may lie.
+    """
+    limits = resolve_limits(limits, max_bytes=max_bytes, max_audio_seconds=max_duration_s)
+    raw = read_bytes(data, source, limits.max_bytes)
     try:
         container = av.open(as_stream(raw), mode="r")
     except _AV_ERRORS as e:
@@ -75,29 +89,33 @@ def decode_audio(
         if not container.streams.audio:
             raise InputError(source, "unsupported_format", "no audio stream")
         stream = container.streams.audio[0]
-        # Planar float keeps each channel's samples contiguous; no change of rate or layout.
-        to_float = av.AudioResampler(format="fltp")
-        chunks: list[np.ndarray] = []
+        if stream.codec_context is None:
+            raise InputError(source, "unsupported_format", "no decoder for the audio codec")
         rate = stream.rate or stream.codec_context.sample_rate
-        total = 0
+        _check_header(stream, container, source, limits)
+        # Packed (interleaved) float: one data plane whatever the channel count. PyAV's
+        # to_ndarray on a planar frame of 8 or more channels reads past the frame's 8 inline
+        # data pointers and segfaults; a packed frame never has more than one plane.
+        to_float = av.AudioResampler(format="flt")
+        chunks: list[np.ndarray] = []
+        budget = _Budget(source, limits)
         try:
             for frame in container.decode(stream):
                 rate = frame.sample_rate
                 for out in to_float.resample(frame):
-                    chunk = out.to_ndarray()
-                    chunks.append(chunk)
-                    total += chunk.shape[-1]
-                if rate and total / rate > max_duration_s:
-                    raise InputError(source, "too_large", f"longer than {max_duration_s} s")
+                    chunks.append(budget.take(_packed_samples(out), rate))
             for out in to_float.resample(None):
-                chunks.append(out.to_ndarray())
+                chunks.append(budget.take(_packed_samples(out), rate))
         except InputError:
             raise  # our own refusals (InputError is a ValueError) pass through
         except _AV_ERRORS as e:
             raise InputError(source, "undecodable", f"audio decoding failed: {e}") from e
     if not chunks or not rate:
         raise InputError(source, "empty", "no audio samples decoded")
-    samples = torch.from_numpy(np.concatenate(chunks, axis=-1).astype(np.float32, copy=False))
+    if len({c.shape[1] for c in chunks}) > 1:
+        raise InputError(source, "unsupported_format", "channel count changes within the stream")
+    samples = torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks, axis=0).T))
+    del chunks
     if samples.shape[-1] == 0:
         raise InputError(source, "empty", "no audio samples decoded")
     if not torch.isfinite(samples).all():
@@ -105,14 +123,94 @@ def decode_audio(
     return Waveform(samples, int(rate))
 
 
+def _check_header(stream, container, source: str, limits: InputLimits) -> None:
+    """Refuse from the stream's declared channels, rate and duration, before decoding."""
+    ctx = stream.codec_context
+    channels = ctx.channels or 0
+    rate = stream.rate or ctx.sample_rate or 0
+    if channels > limits.max_audio_channels:
+        raise over_limit(
+            source,
+            "unsupported_format",
+            "channels",
+            channels,
+            "max_audio_channels",
+            limits.max_audio_channels,
+        )
+    if rate > limits.max_audio_sample_rate:
+        raise over_limit(
+            source,
+            "unsupported_format",
+            "sample rate (Hz)",
+            rate,
+            "max_audio_sample_rate",
+            limits.max_audio_sample_rate,
+        )
+    seconds = 0.0
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / av.time_base
+    _check_duration(source, seconds, rate, max(channels, 1), limits, "declared ")
+
+
+def _check_duration(
+    source: str, seconds: float, rate: int, channels: int, limits: InputLimits, how: str = ""
+) -> None:
+    if seconds > limits.max_audio_seconds:
+        raise over_limit(
+            source,
+            "too_large",
+            f"{how}seconds",
+            round(seconds, 1),
+            "max_audio_seconds",
+            limits.max_audio_seconds,
+        )
+    # Values at the input's rate and after resampling to 16 kHz (upsampling multiplies them).
+    values = int(seconds * max(rate, SAMPLE_RATE) * channels)
+    if values > limits.max_audio_values:
+        raise over_limit(
+            source,
+            "too_large",
+            f"{how}samples x channels",
+            values,
+            "max_audio_values",
+            limits.max_audio_values,
+        )
+
+
+class _Budget:
+    """Counts decoded samples against the budgets as they arrive (headers may lie)."""
+
+    def __init__(self, source: str, limits: InputLimits) -> None:
+        self.source, self.limits, self.samples = source, limits, 0
+
+    def take(self, chunk: np.ndarray, rate: int) -> np.ndarray:
+        self.samples += chunk.shape[0]
+        if rate:
+            seconds = self.samples / rate
+            _check_duration(self.source, seconds, rate, chunk.shape[1], self.limits, "decoded ")
+        return chunk
+
+
+def _packed_samples(frame) -> np.ndarray:
+    """[samples, channels] float32 of a packed ``flt`` frame (one plane, interleaved)."""
+    channels = len(frame.layout.channels)
+    return frame.to_ndarray().reshape(-1, channels)
+
+
 def load_audio(
     data: RawInput | Waveform,
     source: str = "<input>",
     *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> Waveform:
     """The decode stage: ``data`` -> [C, N] float32 at 16 kHz (resampled if needed)."""
-    wav = data if isinstance(data, Waveform) else decode_audio(data, source, max_bytes=max_bytes)
+    if isinstance(data, Waveform):
+        wav = data
+    else:
+        wav = decode_audio(data, source, max_bytes=max_bytes, limits=limits)
     samples = resample(wav.samples, wav.sample_rate, SAMPLE_RATE)
     if samples.shape[-1] < FRAME_SAMPLES:
         raise InputError(
@@ -147,6 +245,8 @@ def audio_tensor(wav: Waveform) -> torch.Tensor:
     return torch.stack(clips)
 
 
-def preprocess_audio(data: RawInput | Waveform, source: str = "<input>") -> torch.Tensor:
+def preprocess_audio(
+    data: RawInput | Waveform, source: str = "<input>", *, limits: InputLimits | None = None
+) -> torch.Tensor:
     """``load_audio`` then ``audio_tensor``: one input -> [3, 1, 128, 204] float32."""
-    return audio_tensor(load_audio(data, source))
+    return audio_tensor(load_audio(data, source, limits=limits))

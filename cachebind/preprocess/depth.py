@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
-from cachebind.preprocess.common import DEFAULT_MAX_BYTES, RawInput, resize_center_crop
-from cachebind.preprocess.image import DEFAULT_MAX_PIXELS, open_image
+from cachebind.preprocess.common import RawInput, resize_center_crop, resolve_limits
+from cachebind.preprocess.image import check_image_size, open_image
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,16 @@ def load_depth(
     source: str = "<input>",
     *,
     camera: DepthCamera = DEFAULT_CAMERA,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> np.ndarray:
     """The decode stage: ``data`` -> [H, W] float32 depth in metres."""
+    limits = resolve_limits(limits, max_pixels=max_pixels, max_bytes=max_bytes)
     if isinstance(data, np.ndarray):
         arr = data
     else:
-        img = open_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
+        img = open_image(data, source, limits=limits)
         if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
             arr = np.asarray(img)
         else:
@@ -74,8 +77,7 @@ def load_depth(
         arr = arr[..., 0]
     if arr.ndim != 2 or min(arr.shape) == 0:
         raise InputError(source, "wrong_shape", f"depth must be [H, W], got {list(arr.shape)}")
-    if arr.shape[0] * arr.shape[1] > max_pixels:
-        raise InputError(source, "decompression_bomb", f"{arr.shape} depth map")
+    check_image_size((arr.shape[1], arr.shape[0]), source, limits)
     if np.issubdtype(arr.dtype, np.floating):
         metres = arr.astype(np.float32)
     elif np.issubdtype(arr.dtype, np.integer):

@@ -17,68 +17,79 @@ EXIF orientation is applied (``exif_transpose``) so photos are encoded upright.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
 from cachebind.preprocess.common import (
-    DEFAULT_MAX_BYTES,
+    DEFAULT_LIMITS,
     RawInput,
     as_stream,
+    over_limit,
     read_bytes,
     resize_center_crop,
+    resolve_limits,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-DEFAULT_MAX_PIXELS = 89_478_485
-"""Pillow's own ``Image.MAX_IMAGE_PIXELS``: larger images are refused as decompression bombs."""
+DEFAULT_MAX_PIXELS = DEFAULT_LIMITS.max_image_pixels
+"""``input.max_image_pixels``: larger images are refused as decompression bombs."""
+
+_PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def open_image(
     data: RawInput | Image.Image,
     source: str,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> Image.Image:
     """Decode ``data`` into a fully loaded PIL image in its own mode (first frame of a GIF).
 
-    Raises InputError: ``decompression_bomb`` over ``max_pixels``, ``truncated`` for a cut-off
-    file, ``undecodable`` for anything Pillow cannot read, plus ``read_bytes``'s reasons.
+    Raises InputError: ``decompression_bomb`` over ``input.max_image_pixels``, ``too_large``
+    over ``input.max_image_aspect_ratio`` (both from the header, before any pixel is decoded),
+    ``truncated`` for a cut-off file, ``undecodable`` for anything Pillow cannot read, plus
+    ``read_bytes``'s reasons. ``max_pixels`` / ``max_bytes`` override ``limits``' values.
     Truncated files are never patched up (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False).
     """
+    limits = resolve_limits(limits, max_pixels=max_pixels, max_bytes=max_bytes)
     if isinstance(data, Image.Image):
-        _check_pixels(data.size, source, max_pixels)
+        check_image_size(data.size, source, limits)
         return data
-    raw = read_bytes(data, source, max_bytes)
+    raw = read_bytes(data, source, limits.max_bytes)
     if _riff_truncated(raw):
         # libwebp only says "could not create decoder object": the RIFF header knows better.
         raise InputError(source, "truncated", "WebP file shorter than its RIFF header says")
     with warnings.catch_warnings():
-        # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we enforce our own
-        # limit from the header, so its warning only matters when our limit is not looser.
-        if max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels):
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-        else:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # We enforce our own limit from the header; Pillow's warning is noise, and its hard
+        # error (above twice its MAX_IMAGE_PIXELS) is reported with our limit, not Pillow's.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(as_stream(raw))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(source, "decompression_bomb", str(e)) from e
+        except Image.DecompressionBombError as e:
+            found = _PILLOW_BOMB_SIZE.search(str(e))
+            size = f"{int(found.group(1)):,} px" if found else "more pixels than Pillow allows"
+            detail = f"{size} > input.max_image_pixels = {limits.max_image_pixels:,}"
+            raise InputError(source, "decompression_bomb", detail) from e
         except UnidentifiedImageError as e:
             raise InputError(source, "undecodable", "not an image Pillow can identify") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             reason = "truncated" if _looks_truncated(str(e)) else "undecodable"
             raise InputError(source, reason, str(e)) from e
         # The header alone gives the size: refuse before any pixel is decoded.
-        _check_pixels(img.size, source, max_pixels)
+        check_image_size(img.size, source, limits)
         try:
             img.load()
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -90,9 +101,11 @@ def open_image(
 
 def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image.Image:
     """Any Pillow mode -> RGB: alpha composited over ``background``, 16-bit grey scaled down."""
-    # A broken EXIF block must not lose an otherwise good image.
+    # A broken EXIF block must not lose an otherwise good image. exif_transpose copies the
+    # whole image even when there is nothing to turn: only call it when there is.
     with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(_ORIENTATION, 1) in range(2, 9):
+            img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode == "RGB":
         return img
@@ -100,7 +113,7 @@ def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image
         arr = np.asarray(img)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise InputError(source, "unsupported_format", f"{mode} values outside 16 bits")
-        grey = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        grey = (arr >> 8).astype(np.uint8)  # in range: no wider copy needed
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "F":
         raise InputError(source, "unsupported_format", "floating-point images have no colour scale")
@@ -108,25 +121,45 @@ def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image
         mode in ("P", "L", "RGB") and "transparency" in img.info
     )
     if has_alpha:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
+        return _composite(img, background)
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
         raise InputError(source, "unsupported_format", f"mode {mode}: {e}") from e
 
 
+_STRIP_PIXELS = 1 << 20
+"""Compositing works on strips of about this many pixels (a few MB of RGBA at a time)."""
+
+
+def _composite(img: Image.Image, background) -> Image.Image:
+    """``img`` over an opaque ``background`` as RGB, one strip of rows at a time.
+
+    The same per-pixel operations as converting the whole image to RGBA and calling
+    ``alpha_composite`` on a full canvas, but the only full-size buffer is the RGB result (a
+    49 MP RGBA image would otherwise hold three more full copies)."""
+    width, height = img.size
+    out = Image.new("RGB", img.size)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        strip = img.crop(box).convert("RGBA")
+        canvas = Image.new("RGBA", strip.size, (*background, 255))
+        canvas.alpha_composite(strip)
+        out.paste(canvas.convert("RGB"), box[:2])
+    return out
+
+
 def load_image(
     data: RawInput | Image.Image,
     source: str = "<input>",
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> Image.Image:
     """The decode stage: ``data`` -> an RGB PIL image (see module docstring for mode handling)."""
-    img = open_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
+    img = open_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes, limits=limits)
     return to_rgb(img, source)
 
 
@@ -149,20 +182,37 @@ def preprocess_image(
     data: RawInput | Image.Image,
     source: str = "<input>",
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> torch.Tensor:
     """``load_image`` then ``image_tensor``: one image -> [3, 224, 224] float32."""
-    return image_tensor(load_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes))
+    img = load_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes, limits=limits)
+    return image_tensor(img)
 
 
-def _check_pixels(size: tuple[int, int], source: str, max_pixels: int) -> None:
+def check_image_size(size: tuple[int, int], source: str, limits: InputLimits) -> None:
+    """Refuse a width x height (of an image, depth or thermal map) over the pixel or aspect
+    ratio budget; shared by every loader that ends in ``resize_center_crop``."""
     width, height = size
     if width <= 0 or height <= 0:
         raise InputError(source, "empty", f"image of size {width}x{height}")
-    if width * height > max_pixels:
+    if width * height > limits.max_image_pixels:
         raise InputError(
-            source, "decompression_bomb", f"{width}x{height} = {width * height} px > {max_pixels}"
+            source,
+            "decompression_bomb",
+            f"{width}x{height} = {width * height:,} px > input.max_image_pixels"
+            f" = {limits.max_image_pixels:,}",
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_image_aspect_ratio:
+        raise over_limit(
+            source,
+            "too_large",
+            f"{width}x{height}: aspect ratio",
+            round(ratio, 1),
+            "max_image_aspect_ratio",
+            limits.max_image_aspect_ratio,
         )
 
 

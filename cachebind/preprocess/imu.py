@@ -18,8 +18,10 @@ import io
 import numpy as np
 import torch
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
-from cachebind.preprocess.common import DEFAULT_MAX_BYTES, RawInput, read_bytes
+from cachebind.preprocess.arrays import load_npy
+from cachebind.preprocess.common import RawInput, read_bytes, resolve_limits
 
 CHANNELS = 6
 TIMESTEPS = 2000
@@ -38,7 +40,7 @@ def _parse_csv(raw: bytes, source: str) -> np.ndarray:
     if not lines:
         raise InputError(source, "empty", "no numeric rows in CSV")
     try:
-        return np.loadtxt(io.StringIO("\n".join(lines)), delimiter=",", dtype=np.float64, ndmin=2)
+        return np.loadtxt(io.StringIO("\n".join(lines)), delimiter=",", dtype=np.float32, ndmin=2)
     except ValueError as e:
         raise InputError(source, "undecodable", f"CSV is not a numeric table: {e}") from e
 
@@ -52,19 +54,20 @@ def _is_numeric_row(line: str) -> bool:
 
 
 def load_imu(
-    data: RawInput | np.ndarray, source: str = "<input>", *, max_bytes: int = DEFAULT_MAX_BYTES
+    data: RawInput | np.ndarray,
+    source: str = "<input>",
+    *,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> np.ndarray:
     """The decode stage: ``data`` -> [6, T] float32, T >= 2, all finite."""
+    limits = resolve_limits(limits, max_bytes=max_bytes)
     if isinstance(data, np.ndarray):
         arr = data
     else:
-        raw = read_bytes(data, source, max_bytes)
+        raw = read_bytes(data, source, limits.max_bytes)
         if raw.startswith(_NPY_MAGIC):
-            try:
-                arr = np.load(io.BytesIO(raw), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                reason = "truncated" if "size" in str(e) or "EOF" in str(e) else "undecodable"
-                raise InputError(source, reason, f"bad .npy file: {e}") from e
+            arr = load_npy(raw, source, limits.max_array_values)
         else:
             arr = _parse_csv(raw, source)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -91,6 +94,8 @@ def imu_tensor(arr: np.ndarray, timesteps: int = TIMESTEPS) -> torch.Tensor:
     return torch.from_numpy(out.astype(np.float32))
 
 
-def preprocess_imu(data: RawInput | np.ndarray, source: str = "<input>") -> torch.Tensor:
+def preprocess_imu(
+    data: RawInput | np.ndarray, source: str = "<input>", *, limits: InputLimits | None = None
+) -> torch.Tensor:
     """``load_imu`` then ``imu_tensor``."""
-    return imu_tensor(load_imu(data, source))
+    return imu_tensor(load_imu(data, source, limits=limits))

@@ -34,8 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
-from cachebind.preprocess.common import DEFAULT_MAX_BYTES, RawInput, read_bytes
+from cachebind.preprocess.arrays import load_npy, read_zip, stored_zip
+from cachebind.preprocess.common import RawInput, over_limit, read_bytes, resolve_limits
 
 NUM_POINTS = 8192
 """Points per cloud (Point-Bind's ``npoints``)."""
@@ -49,7 +51,9 @@ SEED = 0
 SUFFIXES = frozenset({".npy", ".pt", ".pth", ".ply", ".pcd", ".xyz", ".txt", ".pts", ".csv"})
 
 _NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format, and .npz
+_MAX_FIELD_COUNT = 1024
+"""A PCD field with a larger COUNT (values per point) is refused: real ones hold a few."""
 _PLY_TYPES = {
     "char": "i1",
     "int8": "i1",
@@ -76,9 +80,19 @@ _PCD_TYPES |= {("I", 8): "i8", ("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", (
 
 
 def load_point_cloud(
-    data: RawInput | np.ndarray, source: str = "<input>", *, max_bytes: int = DEFAULT_MAX_BYTES
+    data: RawInput | np.ndarray,
+    source: str = "<input>",
+    *,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> np.ndarray:
-    """The decode stage: ``data`` -> ``[N, 3]`` float32, all finite, not all coincident."""
+    """The decode stage: ``data`` -> ``[N, 3]`` float32, all finite, not all coincident.
+
+    At most ``input.max_points`` points, checked on every header that declares a count (PLY,
+    PCD, ``.npy``, a torch tensor's shape) before reading its body; zip containers within
+    ``input.max_decompressed_bytes``. Coordinates are converted to float32 once (no float64
+    copy of the cloud)."""
+    limits = resolve_limits(limits, max_bytes=max_bytes)
     if isinstance(data, np.ndarray):
         arr = data
     else:
@@ -88,36 +102,43 @@ def load_point_cloud(
                 raise InputError(
                     source, "unsupported_format", f"{suffix} files; expected {sorted(SUFFIXES)}"
                 )
-        arr = _decode(read_bytes(data, source, max_bytes), source)
-    return _validate(arr, source)
+        arr = _decode(read_bytes(data, source, limits.max_bytes), source, limits)
+    return _validate(arr, source, limits.max_points)
 
 
-def _decode(raw: bytes, source: str) -> np.ndarray:
+def _decode(raw: bytes, source: str, limits: InputLimits) -> np.ndarray:
     if raw.startswith(_NPY_MAGIC):
-        return _load_npy(raw, source)
+        return load_npy(raw, source, limits.max_array_values)
     if raw.startswith(_ZIP_MAGIC):
-        return _load_torch(raw, source)
+        return _load_zip(raw, source, limits)
     if raw[:3] == b"ply" and raw[3:4] in (b"\n", b"\r"):
-        return _load_ply(raw, source)
+        return _load_ply(raw, source, limits.max_points)
     if _looks_like_pcd(raw):
-        return _load_pcd(raw, source)
+        return _load_pcd(raw, source, limits.max_points)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InputError(
             source, "unsupported_format", "not NPY, torch, PLY, PCD or text coordinates"
         ) from e
-    return _parse_columns(text, source)
+    return _parse_columns(text, source, limits.max_points)
 
 
-def _validate(arr: np.ndarray, source: str) -> np.ndarray:
+def _check_points(count: int, source: str, max_points: int) -> None:
+    if count > max_points:
+        raise over_limit(source, "too_large", "points", count, "max_points", max_points)
+
+
+def _validate(arr: np.ndarray, source: str, max_points: int) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(source, "wrong_type", f"point array of dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise InputError(
             source, "wrong_shape", f"points must be [N, 3] or [N, C>3], got {arr.shape}"
         )
-    xyz = np.asarray(arr[:, :3], dtype=np.float64)
+    _check_points(arr.shape[0], source, max_points)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, dropped below
+        xyz = np.asarray(arr[:, :3], dtype=np.float32)
     xyz = xyz[np.isfinite(xyz).all(axis=1)]
     if len(xyz) == 0:
         raise InputError(source, "empty", "no points with finite coordinates")
@@ -126,15 +147,24 @@ def _validate(arr: np.ndarray, source: str) -> np.ndarray:
     return np.ascontiguousarray(xyz, dtype=np.float32)
 
 
-def _load_npy(raw: bytes, source: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        reason = "truncated" if "size" in str(e) or "EOF" in str(e) else "undecodable"
-        raise InputError(source, reason, f"bad .npy file: {e}") from e
+def _load_zip(raw: bytes, source: str, limits: InputLimits) -> np.ndarray:
+    """A ``torch.save`` file (its ``data.pkl``) or an ``.npz`` (its only array, or the one
+    named ``points`` / ``xyz``), inflated within the decompressed-size budget."""
+    members = read_zip(raw, source, limits.max_decompressed_bytes)
+    if any(name == "data.pkl" or name.endswith("/data.pkl") for name in members):
+        return _load_torch(stored_zip(members), source, limits)
+    arrays = {n.removesuffix(".npy"): b for n, b in members.items() if n.endswith(".npy")}
+    if not arrays:
+        raise InputError(source, "undecodable", "zip archive is neither a torch file nor .npz")
+    name = next((n for n in ("points", "xyz") if n in arrays), None)
+    if name is None and len(arrays) != 1:
+        raise InputError(
+            source, "wrong_shape", f".npz of {sorted(arrays)}: name the cloud 'points' or 'xyz'"
+        )
+    return load_npy(arrays[name or next(iter(arrays))], source, limits.max_array_values)
 
 
-def _load_torch(raw: bytes, source: str) -> np.ndarray:
+def _load_torch(raw: bytes, source: str, limits: InputLimits) -> np.ndarray:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
@@ -143,10 +173,25 @@ def _load_torch(raw: bytes, source: str) -> np.ndarray:
         raise InputError(source, "wrong_type", f"torch file holds a {type(obj).__name__}")
     if obj.ndim == 3 and obj.shape[0] == 1:
         obj = obj[0]  # a saved batch of one
-    return obj.detach().float().numpy()
+    # A tensor may be a strided view claiming far more elements than its storage holds.
+    if obj.numel() > limits.max_array_values:
+        raise over_limit(
+            source,
+            "too_large",
+            "tensor values",
+            obj.numel(),
+            "max_array_values",
+            limits.max_array_values,
+        )
+    if obj.ndim == 2:
+        _check_points(obj.shape[0], source, limits.max_points)
+        obj = obj[:, :3]
+    if obj.is_complex() or obj.dtype == torch.bool:
+        raise InputError(source, "wrong_type", f"point tensor of dtype {obj.dtype}")
+    return obj.detach().to(torch.float32).numpy()
 
 
-def _parse_columns(text: str, source: str) -> np.ndarray:
+def _parse_columns(text: str, source: str, max_points: int) -> np.ndarray:
     lines = [
         ln.replace(",", " ")
         for ln in text.splitlines()
@@ -156,8 +201,9 @@ def _parse_columns(text: str, source: str) -> np.ndarray:
         lines = lines[1:]  # a header line ("x y z", "X,Y,Z,R,G,B" ...)
     if not lines:
         raise InputError(source, "empty", "no numeric rows")
+    _check_points(len(lines), source, max_points)
     try:
-        return np.loadtxt(io.StringIO("\n".join(lines)), dtype=np.float64, ndmin=2)
+        return np.loadtxt(io.StringIO("\n".join(lines)), dtype=np.float32, ndmin=2)
     except ValueError as e:
         raise InputError(source, "undecodable", f"not a numeric table: {e}") from e
 
@@ -190,7 +236,7 @@ def _split_header(raw: bytes, end: bytes, source: str, fmt: str) -> tuple[list[s
 # --- PLY
 
 
-def _load_ply(raw: bytes, source: str) -> np.ndarray:
+def _load_ply(raw: bytes, source: str, max_points: int) -> np.ndarray:
     header, body = _split_header(raw, b"end_header", source, "PLY")
     fmt = None
     elements: list[tuple[str, int, list[tuple[str, str | None]]]] = []
@@ -223,8 +269,11 @@ def _load_ply(raw: bytes, source: str) -> np.ndarray:
     prop_names = [p[0] for p in props]
     if not {"x", "y", "z"} <= set(prop_names):
         raise InputError(source, "wrong_shape", f"PLY vertices have {prop_names}, not x, y, z")
-    if count == 0:
-        raise InputError(source, "empty", "PLY file has 0 vertices")
+    if count <= 0:
+        raise InputError(source, "empty", f"PLY file has {count} vertices")
+    _check_points(count, source, max_points)
+    if any(e[1] < 0 for e in elements):
+        raise InputError(source, "undecodable", "PLY element with a negative count")
     if any(t is None for _, t in props) or any(t is None for e in elements[:v] for _, t in e[2]):
         raise InputError(
             source, "unsupported_format", "PLY list properties in or before the vertex element"
@@ -242,7 +291,13 @@ def _load_ply(raw: bytes, source: str) -> np.ndarray:
             source, "truncated", f"{len(body)} body bytes < {offset + count * dtype.itemsize}"
         )
     rec = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-    return np.stack([rec["x"], rec["y"], rec["z"]], axis=1).astype(np.float64)
+    return _xyz32(rec)
+
+
+def _xyz32(rec: np.ndarray) -> np.ndarray:
+    """[N, 3] float32 of a record array's x, y, z fields (beyond float32: inf, dropped later)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.stack([rec[c].astype(np.float32) for c in ("x", "y", "z")], axis=1)
 
 
 def _ply_ascii(body: bytes, skip: int, count: int, cols: list[int], source: str) -> np.ndarray:
@@ -250,7 +305,7 @@ def _ply_ascii(body: bytes, skip: int, count: int, cols: list[int], source: str)
     if len(rows) < count:
         raise InputError(source, "truncated", f"{len(rows)} of {count} vertex lines")
     try:
-        table = np.loadtxt(io.StringIO("\n".join(rows)), dtype=np.float64, ndmin=2)
+        table = np.loadtxt(io.StringIO("\n".join(rows)), dtype=np.float32, ndmin=2)
     except ValueError as e:
         raise InputError(source, "undecodable", f"PLY vertex lines: {e}") from e
     if table.shape[1] <= max(cols):
@@ -266,7 +321,7 @@ def _looks_like_pcd(raw: bytes) -> bool:
     return head.startswith((b"# .PCD", b"VERSION", b"FIELDS"))
 
 
-def _load_pcd(raw: bytes, source: str) -> np.ndarray:
+def _load_pcd(raw: bytes, source: str, max_points: int) -> np.ndarray:
     header, body = _split_header(raw, b"DATA", source, "PCD")
     fields: dict[str, list[str]] = {}
     for line in header:
@@ -282,10 +337,13 @@ def _load_pcd(raw: bytes, source: str) -> np.ndarray:
         points = int(fields.get("POINTS", ["-1"])[0])
     except ValueError as e:
         raise InputError(source, "undecodable", f"PCD header: {e}") from e
+    if any(not 1 <= c <= _MAX_FIELD_COUNT for c in counts):
+        raise InputError(source, "undecodable", f"PCD COUNT {counts}: each must be 1..1024")
+    _check_points(points, source, max_points)
     data = (fields.get("DATA") or [""])[0].lower()
     if data == "ascii":
         text = body.decode("latin-1")
-        table = _parse_columns(text, source)
+        table = _parse_columns(text, source, max_points)
         starts = np.cumsum([0, *counts])
         cols = [int(starts[names.index(c)]) for c in ("x", "y", "z")]
         if table.shape[1] <= max(cols):
@@ -310,7 +368,7 @@ def _load_pcd(raw: bytes, source: str) -> np.ndarray:
     if points == 0:
         raise InputError(source, "empty", "PCD file has 0 points")
     rec = np.frombuffer(body, dtype=dtype, count=points)
-    return np.stack([rec["x"], rec["y"], rec["z"]], axis=1).astype(np.float64)
+    return _xyz32(rec)
 
 
 # --------------------------------------------------------------------------- transform stage
@@ -366,6 +424,8 @@ def point_cloud_tensor(
     return torch.from_numpy(normalize_unit_sphere(picked).astype(np.float32))
 
 
-def preprocess_point_cloud(data: RawInput | np.ndarray, source: str = "<input>") -> torch.Tensor:
+def preprocess_point_cloud(
+    data: RawInput | np.ndarray, source: str = "<input>", *, limits: InputLimits | None = None
+) -> torch.Tensor:
     """``load_point_cloud`` then ``point_cloud_tensor``."""
-    return point_cloud_tensor(load_point_cloud(data, source))
+    return point_cloud_tensor(load_point_cloud(data, source, limits=limits))

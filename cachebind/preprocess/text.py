@@ -19,6 +19,7 @@ import ftfy
 import regex
 import torch
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
 
 CONTEXT_LENGTH = 77
@@ -27,8 +28,9 @@ SOT_TOKEN = 49406
 EOT_TOKEN = 49407
 BPE_ASSET = "bpe_simple_vocab_16e6.txt.gz"
 
-MAX_TEXT_CHARS = 1_000_000
-"""Longer inputs are refused: only the first 75 tokens count, and cleaning costs O(length)."""
+MAX_TEXT_BYTES = InputLimits().max_text_bytes
+"""``input.max_text_bytes``: longer inputs are refused (only the first 75 tokens count, and
+cleaning costs O(length))."""
 
 _SPLIT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
@@ -142,21 +144,39 @@ def default_tokenizer() -> BPETokenizer:
     return BPETokenizer(merges)
 
 
-def load_text(data: str | bytes, source: str = "<input>") -> str:
-    """The decode stage: a str, or UTF-8 bytes -> a non-empty str."""
+def load_text(
+    data: str | bytes, source: str = "<input>", *, limits: InputLimits | None = None
+) -> str:
+    """The decode stage: a str, or UTF-8 bytes -> a non-empty str of at most
+    ``input.max_text_bytes`` UTF-8 bytes."""
+    max_bytes = limits.max_text_bytes if limits is not None else MAX_TEXT_BYTES
     if isinstance(data, bytes | bytearray | memoryview):
+        if len(data) > max_bytes:
+            raise _too_long(source, len(data), max_bytes)
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as e:
             raise InputError(source, "undecodable", f"text is not UTF-8: {e}") from e
     if not isinstance(data, str):
         raise InputError(source, "wrong_type", f"text must be str or bytes, not {type(data)}")
-    if len(data) > MAX_TEXT_CHARS:
-        raise InputError(source, "too_large", f"{len(data)} characters > {MAX_TEXT_CHARS}")
+    # A character is 1-4 UTF-8 bytes: only texts near the limit need encoding to measure.
+    if len(data) > max_bytes:
+        raise _too_long(source, len(data), max_bytes, "characters")
+    if 4 * len(data) > max_bytes and (size := _utf8_len(data)) > max_bytes:
+        raise _too_long(source, size, max_bytes)
     if not data.strip():
         # An empty query would embed as a bare [SOT, EOT]: almost surely a caller's mistake.
         raise InputError(source, "empty", "text is empty or only whitespace")
     return data
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _too_long(source: str, size: int, limit: int, unit: str = "bytes") -> InputError:
+    detail = f"text of {size:,} {unit} > input.max_text_bytes = {limit:,}"
+    return InputError(source, "too_large", detail)
 
 
 def text_tensor(text: str) -> torch.Tensor:

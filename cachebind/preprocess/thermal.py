@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
-from cachebind.preprocess.common import DEFAULT_MAX_BYTES, RawInput, resize_center_crop
-from cachebind.preprocess.image import DEFAULT_MAX_PIXELS, open_image
+from cachebind.preprocess.common import RawInput, resize_center_crop, resolve_limits
+from cachebind.preprocess.image import check_image_size, open_image
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -26,15 +27,18 @@ def load_thermal(
     data: RawInput | Image.Image | np.ndarray,
     source: str = "<input>",
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> Image.Image:
     """The decode stage: ``data`` -> a single-channel PIL image, mode ``L`` (8-bit) or ``F``
     (16-bit input scaled to [0, 1])."""
+    limits = resolve_limits(limits, max_pixels=max_pixels, max_bytes=max_bytes)
     if isinstance(data, np.ndarray):
         arr = data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data
         if arr.ndim != 2 or min(arr.shape) == 0:
             raise InputError(source, "wrong_shape", f"thermal must be [H, W], got {data.shape}")
+        check_image_size((arr.shape[1], arr.shape[0]), source, limits)
         if arr.dtype == np.uint8:
             return Image.fromarray(arr, "L")
         if arr.dtype == np.uint16:
@@ -44,7 +48,7 @@ def load_thermal(
                 raise InputError(source, "unsupported_format", "float thermal must be in [0, 1]")
             return Image.fromarray(arr.astype(np.float32), "F")
         raise InputError(source, "wrong_type", f"thermal array of dtype {arr.dtype}")
-    img = open_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes)
+    img = open_image(data, source, limits=limits)
     if img.mode == "L":
         return img
     if img.mode in _SIXTEEN_BIT:

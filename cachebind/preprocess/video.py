@@ -26,14 +26,17 @@ import av
 import numpy as np
 import torch
 
+from cachebind.config import InputLimits
 from cachebind.errors import InputError
 from cachebind.preprocess.clips import clip_timepoints
 from cachebind.preprocess.common import (
-    DEFAULT_MAX_BYTES,
+    DEFAULT_LIMITS,
     IMAGE_SIZE,
     RawInput,
     as_stream,
+    over_limit,
     read_bytes,
+    resolve_limits,
 )
 from cachebind.preprocess.image import CLIP_MEAN, CLIP_STD
 
@@ -41,9 +44,13 @@ CLIP_DURATION = 2
 CLIPS_PER_VIDEO = 5
 FRAMES_PER_CLIP = 2
 NUM_CROPS = 3
-MAX_FRAMES = 216_000
-"""Refuse videos with more frames than this (2 h at 30 fps) as ``too_large``."""
-MAX_PIXELS_PER_FRAME = 4096 * 4096
+MAX_FRAMES = DEFAULT_LIMITS.max_video_frames
+"""``input.max_video_frames``: videos with more frames are refused as ``too_large``."""
+MAX_PIXELS_PER_FRAME = DEFAULT_LIMITS.max_video_frame_pixels
+"""``input.max_video_frame_pixels``: larger frames are refused from the stream's header."""
+DECODE_THREADS = 2
+"""Codec threads per decode: each frame thread holds frames in flight (memory), and the service
+runs several decodes at once."""
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 
@@ -75,49 +82,112 @@ def clip_frame_indices(
     return out
 
 
-def _open(raw: bytes, source: str):
+def _open(raw: bytes, source: str, limits: InputLimits):
+    """The container, its first video stream's header checked against the budgets."""
     try:
         container = av.open(as_stream(raw), mode="r")
     except _AV_ERRORS as e:
         raise InputError(source, "undecodable", f"not a media file FFmpeg can open: {e}") from e
-    if not container.streams.video:
+    try:
+        if not container.streams.video:
+            raise InputError(source, "unsupported_format", "no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None:
+            raise InputError(source, "unsupported_format", "no decoder for the video codec")
+        width, height = ctx.width or 0, ctx.height or 0
+        _check_frame_size(width, height, source, limits)
+        _check_frame_count(stream.frames or 0, width * height, source, limits, "declared ")
+    except BaseException:
         container.close()
-        raise InputError(source, "unsupported_format", "no video stream")
+        raise
     return container
 
 
-def _count_packets(raw: bytes, source: str) -> int:
+def _check_frame_size(width: int, height: int, source: str, limits: InputLimits) -> None:
+    if width * height > limits.max_video_frame_pixels:
+        raise over_limit(
+            source,
+            "too_large",
+            f"{width}x{height} frames: pixels",
+            width * height,
+            "max_video_frame_pixels",
+            limits.max_video_frame_pixels,
+        )
+
+
+def _check_frame_count(
+    frames: int, pixels: int, source: str, limits: InputLimits, how: str = ""
+) -> None:
+    if frames > limits.max_video_frames:
+        raise over_limit(
+            source, "too_large", f"{how}frames", frames, "max_video_frames", limits.max_video_frames
+        )
+    if frames * pixels > limits.max_video_pixels:
+        raise over_limit(
+            source,
+            "too_large",
+            f"{how}frames x width x height",
+            frames * pixels,
+            "max_video_pixels",
+            limits.max_video_pixels,
+        )
+
+
+def _count_packets(raw: bytes, source: str, limits: InputLimits) -> int:
     """Frames in the first video stream, counted from its packets (no decoding)."""
-    with _open(raw, source) as container:
+    with _open(raw, source, limits) as container:
         stream = container.streams.video[0]
+        pixels = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
+        count = 0
         try:
-            return sum(1 for p in container.demux(stream) if p.size > 0)
+            for packet in container.demux(stream):
+                if packet.size > 0:
+                    count += 1
+                    if count > limits.max_video_frames:
+                        _check_frame_count(count, pixels, source, limits)
+            _check_frame_count(count, pixels, source, limits)
+            return count
         except InputError:
             raise  # our own refusals (InputError is a ValueError) pass through
         except _AV_ERRORS as e:
             raise InputError(source, "undecodable", f"video demuxing failed: {e}") from e
 
 
-def _decode(raw: bytes, source: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int, float]:
-    """Decode every frame, keeping RGB arrays only for ``wanted`` indices; (kept, count, fps)."""
+def _decode(
+    raw: bytes, source: str, wanted: set[int], limits: InputLimits
+) -> tuple[dict[int, np.ndarray], int, float]:
+    """Decode every frame, keeping RGB arrays only for ``wanted`` indices; (kept, count, fps).
+
+    Frame by frame: only the wanted frames are converted (at most 10), and each decoded frame's
+    size and the running frames x pixels total are checked against the budgets (a stream may
+    change size mid-way, whatever its header said)."""
     kept: dict[int, np.ndarray] = {}
     count = 0
-    with _open(raw, source) as container:
+    decoded_pixels = 0
+    with _open(raw, source, limits) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = DECODE_THREADS
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         try:
             for frame in container.decode(stream):
-                if frame.width * frame.height > MAX_PIXELS_PER_FRAME:
-                    raise InputError(
-                        source, "too_large", f"{frame.width}x{frame.height} frames are too big"
-                    )
+                _check_frame_size(frame.width, frame.height, source, limits)
                 if count in wanted:
                     kept[count] = frame.to_ndarray(format="rgb24")
                 count += 1
-                if count > MAX_FRAMES:
-                    raise InputError(source, "too_large", f"more than {MAX_FRAMES} frames")
+                decoded_pixels += frame.width * frame.height
+                if count > limits.max_video_frames or decoded_pixels > limits.max_video_pixels:
+                    _check_frame_count(count, frame.width * frame.height, source, limits)
+                    raise over_limit(
+                        source,
+                        "too_large",
+                        "decoded pixels",
+                        decoded_pixels,
+                        "max_video_pixels",
+                        limits.max_video_pixels,
+                    )
         except InputError:
             raise  # our own refusals (InputError is a ValueError) pass through
         except _AV_ERRORS as e:
@@ -126,24 +196,32 @@ def _decode(raw: bytes, source: str, wanted: set[int]) -> tuple[dict[int, np.nda
 
 
 def load_video(
-    data: RawInput, source: str = "<input>", *, max_bytes: int = DEFAULT_MAX_BYTES
+    data: RawInput,
+    source: str = "<input>",
+    *,
+    max_bytes: int | None = None,
+    limits: InputLimits | None = None,
 ) -> VideoClips:
-    """The decode stage: ``data`` -> the 5 x 2 sampled RGB frames (uint8, native size)."""
-    raw = read_bytes(data, source, max_bytes)
+    """The decode stage: ``data`` -> the 5 x 2 sampled RGB frames (uint8, native size).
+
+    Within ``input.max_video_*``: frame size and declared frame count from the header, packet
+    count from demuxing (no decoding), then every decoded frame again."""
+    limits = resolve_limits(limits, max_bytes=max_bytes)
+    raw = read_bytes(data, source, limits.max_bytes)
     # Packet count = frame count for ordinary streams; if decoding disagrees, select again
     # with the decoded count (what decord's frame index would say).
-    estimate = _count_packets(raw, source)
+    estimate = _count_packets(raw, source, limits)
     kept: dict[int, np.ndarray] = {}
     count, fps = estimate, 0.0
     for _attempt in range(2):
         if count <= 0:
             break
-        probe_fps = fps or _stream_fps(raw, source)
+        probe_fps = fps or _stream_fps(raw, source, limits)
         if probe_fps <= 0:
             raise InputError(source, "undecodable", "video stream has no frame rate")
         indices = clip_frame_indices(count, probe_fps)
         wanted = {i for clip in indices for i in clip}
-        kept, decoded, fps = _decode(raw, source, wanted)
+        kept, decoded, fps = _decode(raw, source, wanted, limits)
         if decoded == count and wanted <= kept.keys():
             frames = np.stack([np.stack([kept[i] for i in clip]) for clip in indices])
             return VideoClips(frames, indices, count, fps)
@@ -151,8 +229,8 @@ def load_video(
     raise InputError(source, "empty", "no decodable video frames")
 
 
-def _stream_fps(raw: bytes, source: str) -> float:
-    with _open(raw, source) as container:
+def _stream_fps(raw: bytes, source: str, limits: InputLimits) -> float:
+    with _open(raw, source, limits) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         return float(rate) if rate else 0.0
@@ -188,13 +266,20 @@ def video_tensor(clips: VideoClips) -> torch.Tensor:
     std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None, None]
     out = []
     for clip in clips.frames:  # [T, H, W, 3] uint8
-        x = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).to(torch.float32)
-        x = short_side_scale(x / 255.0)
+        # One frame at a time: bilinear scaling treats each frame and channel on its own, so
+        # this is the same as scaling the [C, T, H, W] clip, with one native frame in float.
+        scaled = []
+        for frame in clip:
+            x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[:, None]
+            scaled.append(short_side_scale(x.to(torch.float32) / 255.0))
+        x = torch.cat(scaled, dim=1)
         x = (x - mean) / std
         out.extend(uniform_crop(x, IMAGE_SIZE, i) for i in range(NUM_CROPS))
     return torch.stack(out)
 
 
-def preprocess_video(data: RawInput, source: str = "<input>") -> torch.Tensor:
+def preprocess_video(
+    data: RawInput, source: str = "<input>", *, limits: InputLimits | None = None
+) -> torch.Tensor:
     """``load_video`` then ``video_tensor``."""
-    return video_tensor(load_video(data, source))
+    return video_tensor(load_video(data, source, limits=limits))

@@ -43,6 +43,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.media.start()
         if state.runtime is None:
             state.tasks.append(asyncio.create_task(state.load_runtime()))
         else:

@@ -67,8 +67,15 @@ async def embed_items(
             decoded.append(raw_embedding(item, where, dim))
         else:
             decoded.append((*decode_item(item, where), where))
-    coros = [embed_one(*d) for d in decoded if not isinstance(d, np.ndarray)]
-    done = iter(await asyncio.gather(*coros))
+    tasks = [asyncio.ensure_future(embed_one(*d)) for d in decoded if not isinstance(d, np.ndarray)]
+    try:
+        done = iter(await asyncio.gather(*tasks))
+    except BaseException:
+        # One input failed (or the request was cancelled): the others' decodes are wasted
+        # work in the pool, stop them too.
+        for task in tasks:
+            task.cancel()
+        raise
     return [d if isinstance(d, np.ndarray) else next(done) for d in decoded]
 
 

@@ -1,6 +1,9 @@
-"""Prometheus metrics of one app: requests by route and status, latency, batch sizes, index."""
+"""Prometheus metrics of one app: requests by route and status, latency, batch sizes, index,
+and the decode pool (busy workers, queue depth, worker restarts by reason)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -10,6 +13,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from cachebind.sandbox import SandboxStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -55,6 +61,10 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_decoders(self, stats: Callable[[], SandboxStats | None]) -> None:
+        """Export the decode pool's ``stats()`` at each scrape."""
+        self.registry.register(_DecodePoolCollector(stats))
+
     def set_index_version(self, version: str | None) -> None:
         self.index_version.clear()
         if version is not None:
@@ -62,3 +72,33 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DecodePoolCollector:
+    """Reads the pool when scraped: its gauges are never stale, and no thread updates them."""
+
+    def __init__(self, stats: Callable[[], SandboxStats | None]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        if stats is None:
+            return
+        yield GaugeMetricFamily(
+            "cachebind_decode_workers", "Decode worker processes configured.", stats.workers
+        )
+        yield GaugeMetricFamily(
+            "cachebind_decode_workers_busy", "Decode workers running an input now.", stats.busy
+        )
+        yield GaugeMetricFamily(
+            "cachebind_decode_queue_depth", "Inputs waiting for a decode worker.", stats.queued
+        )
+        restarts = CounterMetricFamily(
+            "cachebind_decode_worker_restarts",
+            "Decode workers killed and replaced, by reason (crashed, memory_cap, cpu_cap, "
+            "deadline, abandoned, bad_answer, died_idle).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.restarts.items()):
+            restarts.add_metric([reason], count)
+        yield restarts

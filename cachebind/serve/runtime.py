@@ -177,12 +177,6 @@ class Runtime:
     def encoder_identity(self) -> dict[str, Any]:
         return dict(self.encoder.identity)
 
-    def preprocess(self, modality: Modality, data: Any, source: str) -> Any:
-        """One input's model tensor; raises ``InputError`` naming ``source`` on bad input."""
-        from cachebind.preprocess import preprocess
-
-        return preprocess(modality, data, source=source)
-
     def encode_batch(self, modality: Modality, tensors: Sequence[Any]) -> np.ndarray:
         """F_M for a batch of preprocessed inputs of one modality: float32 [B, d], unit norm.
 

@@ -183,6 +183,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "request body over the configured limit",
         422: "a body that is not JSON, an invalid request or an undecodable input; `detail` "
         "says which field and why",
+        429: "too many inputs are being decoded; retry after the `Retry-After` seconds",
         500: "the server failed (details only in its log)",
         503: "not ready (no index or encoder loaded yet), or no LLM configured",
         504: "the request took longer than the configured timeout",
@@ -190,7 +191,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": why[code]} for code in codes}
 
 
-COMMON_ERRORS = _errors(401, 413, 422, 500, 503, 504)
+COMMON_ERRORS = _errors(401, 413, 422, 429, 500, 503, 504)
 """What any authenticated route may answer besides 200."""
 ROW_ERRORS = _errors(404)
 ADMIN_ERRORS = _errors(403, 409)

@@ -71,7 +71,8 @@ def start_server(
 
     ``port`` defaults to ``settings.serve.port``; 0 picks a free port (``handle.url`` tells
     which). With ``wait_ready`` it also waits until the runtime has loaded (when it is loaded
-    from ``settings``), raising RuntimeError with the load error if loading fails.
+    from ``settings``) and the decode pool answers, raising RuntimeError with the error if
+    either fails.
     """
     app = create_app(settings, runtime, keys=keys)
     port = settings.serve.port if port is None else port
@@ -102,10 +103,13 @@ def start_server(
             raise TimeoutError(f"server did not start within {ready_timeout_s} s")
         time.sleep(0.01)
     state = app.state.serve
-    while wait_ready and state.runtime is None:
+    while wait_ready and (state.runtime is None or not state.media.ready):
         if state.load_error:
             handle.stop()
             raise RuntimeError(f"the serving runtime failed to load: {state.load_error}")
+        if state.media.error:
+            handle.stop()
+            raise RuntimeError(state.media.error)
         if time.monotonic() > deadline:
             handle.stop()
             raise TimeoutError(f"runtime did not load within {ready_timeout_s} s")

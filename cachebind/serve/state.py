@@ -14,6 +14,7 @@ from cachebind.config import Settings
 from cachebind.modalities import Modality
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.batching import ItemError, MicroBatcher
+from cachebind.serve.decoding import MediaDecoder
 from cachebind.serve.errors import unavailable
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.runtime import IndexSnapshot, Runtime
@@ -37,6 +38,9 @@ class ServeState:
         # caller handed keys in.
         self.keys_from_files = from_files
         self.metrics = Metrics()
+        # Decoding of untrusted media: isolated worker processes (started by the lifespan).
+        self.media = MediaDecoder(settings.sandbox, settings.input)
+        self.metrics.watch_decoders(self.media.stats)
         # One thread for the model: torch already uses every core inside one call, and a
         # single worker lets the batcher grow batches while the model is busy.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
@@ -92,13 +96,10 @@ class ServeState:
     # ---------------------------------------------------------------- batched work
 
     async def embed_one(self, modality: Modality, raw: Any, source: str) -> np.ndarray:
-        """F_M of one raw input: preprocess here (its own InputError), encode micro-batched."""
+        """F_M of one raw input: decoded off the event loop (media in the sandbox, its own
+        InputError), encoded micro-batched."""
         runtime = self.require_runtime()
-        if modality is Modality.TEXT and len(raw) < 10_000:
-            # Tokenising a short text costs less than a hop to a worker thread.
-            tensor = runtime.preprocess(modality, raw, source)
-        else:
-            tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
+        tensor = await self.media.decode(modality, raw, source)
         batcher = self.encoders.get(modality)
         if batcher is None:
             batcher = self.encoders[modality] = MicroBatcher(
@@ -196,5 +197,6 @@ class ServeState:
                 await task
         for batcher in [*self.encoders.values(), self.index_batcher, self.enhance_batcher]:
             await batcher.close()
+        await self.media.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.generate_executor.shutdown(wait=False, cancel_futures=True)

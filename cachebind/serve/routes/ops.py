@@ -26,20 +26,21 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "not ready yet: the same body with ready false"}},
 )
 async def readyz(request: Request, state: State) -> JSONResponse:
-    """Readiness: the encoder and an index are loaded (no auth, so that load balancers and
-    orchestrators can probe it; the load error, which may name server paths, is shown only
-    to callers with a key)."""
+    """Readiness: the encoder and an index are loaded and the decode pool answers (no auth, so
+    that load balancers and orchestrators can probe it; the load error, which may name server
+    paths, is shown only to callers with a key)."""
     runtime = state.runtime
     snap = runtime.snapshot if runtime else None
     body = {
-        "ready": bool(runtime and snap),
+        "ready": bool(runtime and snap and state.media.ready),
         "encoder": runtime is not None,
+        "decoder": state.media.ready,
         "index_version": snap.version if snap else None,
         "generator": bool(runtime and runtime.generator is not None),
     }
     key = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if key is not None and state.keys.role(key) is not Role.NONE:
-        body["error"] = state.load_error
+        body["error"] = state.load_error or state.media.error
     return JSONResponse(body, 200 if body["ready"] else 503)
 
 
