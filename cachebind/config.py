@@ -165,6 +165,22 @@ class IndexConfig(Section):
     Ray node and the driver see (a shared file system, not an object-store URI). Unset, the
     lists travel through Ray's object store and the driver spools them, one at a time, into the
     build's staging folder."""
+    caption_queries: bool = True
+    """Tune and verify on the table's caption embeddings (``text_vector``, written by ``embed
+    --caption-embeddings``) as the ``text:captions`` query set, when the table has them."""
+    query_log: bool = True
+    """Tune and verify on the service's query log (``<dir>/query_log.npz``): one query set per
+    modality it has served."""
+    min_queries_per_set: int = Field(200, ge=1)
+    """A query set with fewer queries is reported as untrusted and does not steer tuning: the
+    sampling error of its recall (~+-0.03 at 200) is too wide to stand behind."""
+    max_queries_per_set: int = Field(1000, ge=1)
+    """Each query set is a seeded sample of at most this many queries (tuning time grows with
+    the total)."""
+    escalate: bool = True
+    """When no setting of the selected key reaches ``recall_target`` on every trusted query set
+    (within ``latency_budget_ms``), build a stronger key (re-ranked IVF, HNSW32, exact Flat)
+    within ``memory_budget_gb`` and record why in the manifest's ``selection_reason``."""
 
     @field_validator("dir", mode="before")
     @classmethod
