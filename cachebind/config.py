@@ -228,6 +228,21 @@ class LLMConfig(Section):
     top_p: float = 0.75
 
 
+class QueryLogConfig(Section):
+    """The service's sample of the query embeddings F_M it answered (issue 11), which ``cachebind
+    index build | add | tune`` tune and verify on: one bounded reservoir per modality, embeddings
+    only (never the text or media sent), in ``<index.dir>/query_log.npz``."""
+
+    enabled: bool = True
+    """Off: nothing is sampled or written (an existing file is left as it is)."""
+    capacity_per_modality: int = Field(5000, ge=1)
+    """Vectors kept per modality (a uniform sample of all it served): 5000 1024-d vectors are
+    20 MB in memory and on disk; a build samples ``index.max_queries_per_set`` of them."""
+    flush_interval_s: float = Field(60.0, gt=0)
+    """How often a changed sample is written (atomically, off the event loop); it is also
+    written on shutdown."""
+
+
 class ServeConfig(Section):
     """The HTTP service."""
 
@@ -243,6 +258,7 @@ class ServeConfig(Section):
     batch_window_ms: float = 5.0
     max_batch: int = 64
     index_poll_s: float = 2.0
+    query_log: QueryLogConfig = Field(default_factory=QueryLogConfig)
 
 
 class Settings(BaseSettings):

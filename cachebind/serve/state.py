@@ -16,6 +16,7 @@ from cachebind.serve.auth import KeyStore
 from cachebind.serve.batching import ItemError, MicroBatcher
 from cachebind.serve.errors import unavailable
 from cachebind.serve.metrics import Metrics
+from cachebind.serve.querylog import ServedQueryLog
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 
 log = logging.getLogger("cachebind.serve")
@@ -61,6 +62,8 @@ class ServeState:
         )
         self.reload_lock = asyncio.Lock()
         self.tasks: list[asyncio.Task[Any]] = []
+        # Beside the index versions, not in a snapshot: a reload never resets it.
+        self.query_log = ServedQueryLog(self.config.query_log, settings.index.dir)
 
     def read_keys(self) -> KeyStore:
         keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
@@ -198,3 +201,5 @@ class ServeState:
             await batcher.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.generate_executor.shutdown(wait=False, cancel_futures=True)
+        # After the batchers: every answered query is in the sample by now.
+        await asyncio.to_thread(self.query_log.flush)
