@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -153,3 +154,59 @@ def recall_for(manifest: dict[str, Any], modalities: list[str]) -> dict[str, Any
         "verified": bool(parts) and all(p["verified"] for p in parts.values()),
         "parts": parts,
     }
+
+
+def build_manifest(
+    *,
+    key: str,
+    dim: int,
+    ntotal: int,
+    search_params: dict[str, Any],
+    selection: dict[str, Any],
+    target: dict[str, Any],
+    query_sets: list[dict[str, Any]],
+    headline: dict[str, Any] | None,
+    latency: dict[str, Any],
+    memory_bytes: int,
+    timings: dict[str, float],
+    table: dict[str, Any],
+    software: dict[str, str],
+    trials: list[dict[str, Any]],
+    selection_reason: str | None = None,
+) -> dict[str, Any]:
+    """A version's manifest (``version`` is given by publish; ``files`` added by the writer).
+
+    ``headline``: the query-set report the top-level ``recall`` / ``recall_queries`` describe
+    (the worst trusted set), kept for readers from before query sets.
+    """
+    from indexing.measure import KIND
+
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "version": None,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "index_key": key,
+        "metric": "inner_product",
+        "dim": dim,
+        "ntotal": ntotal,
+        "search_params": search_params,
+        "selection": selection,
+        "target": target,
+        "recall": dict(headline["recall"]) if headline else {},
+        "recall_queries": {
+            "count": headline["n"] if headline else 0,
+            "kind": KIND.get(headline["source"], headline["source"]) if headline else "none",
+        },
+        "query_sets": query_sets,
+        "recall_by_modality": recall_by_modality(query_sets),
+        "latency_ms": latency,
+        "memory_bytes": int(memory_bytes),
+        "build_time_s": {k: round(v, 3) for k, v in timings.items()}
+        | {"total_s": round(sum(timings.values()), 3)},
+        "table": table,
+        "software": software,
+        "tuning_trials": trials,
+    }
+    if selection_reason:
+        manifest["selection_reason"] = selection_reason
+    return manifest
