@@ -63,6 +63,11 @@ class Service:
         )
         self.log_path = query_log_path(self.svc.settings.index.dir)
 
+    def first_row(self) -> np.ndarray:
+        """The cached vector of the table's first row (an image embedding)."""
+        table = self.runtime.snapshot.table
+        return table.vectors(table.ids()[:1].tolist())[0]
+
     def search(self, *inputs: dict[str, Any], k: int = 3) -> dict[str, Any]:
         r = self.http.post("/v1/search", json={"inputs": list(inputs), "k": k})
         assert r.status_code == 200, r.text
@@ -105,7 +110,7 @@ def test_the_log_keeps_each_modality_bounded_and_survives_a_restart(tmp_path, ca
             first.search(text_input(f"a photo of thing number {i}"))
         for i in range(3):
             first.enhance(image_input(png_bytes((30 * i, 90, 200))))
-        row = first.runtime.snapshot.table.vectors(first.runtime.snapshot.table.ids()[:1].tolist())[0]
+        row = first.first_row()
         # A raw embedding counts only when the client says what it embeds.
         first.search({"embedding": row.tolist()})
         first.search({"embedding": row.tolist(), "modality": "image"})
@@ -241,12 +246,10 @@ SETS = [
 ]
 
 
-def test_a_response_reports_the_recall_of_its_modality_and_the_worst_part_of_a_mix(
-    tmp_path, cache
-):
+def test_a_response_reports_the_recall_of_its_modality_and_the_worst_part_of_a_mix(tmp_path, cache):
     service = Service(tmp_path, cache, ManifestLoader(cache.store, SETS))
     try:
-        row = service.runtime.snapshot.table.vectors(service.runtime.snapshot.table.ids()[:1].tolist())[0]
+        row = service.first_row()
         image = service.search({"embedding": row.tolist(), "modality": "image"})["recall"]
         assert image["set"] == "image:held_out" and image["recall_at_10"] == 0.97
         assert image["verified"] and image["trusted"]
