@@ -376,7 +376,7 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
         runtime = server.app.state.serve.runtime
         table = runtime.snapshot.table
         probe = table.vectors(table.ids()[:4].tolist())
-        seen: list[tuple[str | None, dict[str, Any]]] = []
+        seen: list[tuple[str, str | None, dict[str, Any]]] = []
         errors: list[str] = []
         lock = threading.Lock()
         stop = threading.Event()
@@ -387,8 +387,9 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
                     if stop.is_set():
                         return
                     if n % 2:
-                        query = text_input(f"load {worker} {n}")
+                        kind, query = "text", text_input(f"load {worker} {n}")
                     else:
+                        kind = "image"
                         query = {"embedding": probe[n % 4].tolist(), "modality": "image"}
                     try:
                         r = c.post("/v1/search", json={"inputs": [query], "k": 5})
@@ -397,7 +398,7 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
                                 errors.append(f"{r.status_code} {r.text[:200]}")
                             else:
                                 body = r.json()
-                                seen.append((body["index_version"], body["recall"]))
+                                seen.append((kind, body["index_version"], body["recall"]))
                     except httpx.HTTPError as exc:
                         with lock:
                             errors.append(repr(exc))
@@ -417,7 +418,7 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with lock:
-                after = sum(1 for v, _ in seen if v == tuned["version"])
+                after = sum(1 for _, v, _ in seen if v == tuned["version"])
             if after >= 20:
                 break
             time.sleep(0.05)
@@ -427,7 +428,7 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
         assert not any(t.is_alive() for t in threads)
 
         assert errors == []
-        versions = [v for v, _ in seen]
+        versions = [v for _, v, _ in seen]
         assert first["version"] in versions and tuned["version"] in versions
         # Once moved, no request goes back to the old version.
         assert first["version"] not in versions[versions.index(tuned["version"]) + 40 :]
@@ -436,6 +437,10 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
         assert sets["text:query_log"]["n"] >= 50 and sets["text:query_log"]["trusted"]
         info = http.get("/v1/index").json()
         assert info["version"] == tuned["version"]
+        # The reload swapped the index, not the log: every answered query is counted.
+        logged = info["query_log"]["modalities"]
+        assert logged["text"]["seen"] == 50 + sum(1 for k, _, _ in seen if k == "text")
+        assert logged["image"]["seen"] == sum(1 for k, _, _ in seen if k == "image")
         shown = {s["name"]: s for s in info["query_sets"]}
         assert set(shown) == set(sets)
         for name, measured in sets.items():
