@@ -241,6 +241,10 @@ class QueryLogConfig(Section):
     flush_interval_s: float = Field(60.0, gt=0)
     """How often a changed sample is written (atomically, off the event loop); it is also
     written on shutdown."""
+    raw_embeddings: bool = True
+    """Also log a client's raw embedding when the request labels its ``modality`` (an
+    unlabelled one never is). Off: only embeddings this service encoded are logged, so no key
+    holder can steer tuning with vectors of their own choosing."""
 
 
 class ServeConfig(Section):

@@ -185,6 +185,19 @@ def test_the_log_is_written_periodically_while_serving(tmp_path, cache):
         service.stop()
 
 
+def test_raw_embeddings_can_be_kept_out_of_the_log(tmp_path, cache):
+    service = Service(tmp_path, cache, query_log={"raw_embeddings": False})
+    try:
+        row = service.first_row()
+        service.search({"embedding": row.tolist(), "modality": "image"})
+        service.search({"embedding": row.tolist(), "modality": "text"}, text_input("a cat"))
+        assert service.index()["query_log"]["modalities"] == {
+            "text": {"seen": 1, "kept": 1, "dim": DIM}
+        }
+    finally:
+        service.stop()
+
+
 def test_the_log_is_off_when_disabled(tmp_path, cache):
     service = Service(tmp_path, cache, query_log={"enabled": False, "flush_interval_s": 0.1})
     try:

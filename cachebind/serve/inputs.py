@@ -85,16 +85,18 @@ class QueryParts:
     """F_M of a query and what it is made of: each input's modality label and unit F_i.
 
     ``label`` is the input's modality, or None for a raw embedding sent without one (its kind
-    is unknown: the query log skips it and its recall is reported as unverified).
+    is unknown: the query log skips it and its recall is reported as unverified); ``raw`` says
+    which F_i a client sent rather than this service encoded.
     """
 
     f_m: np.ndarray
     labels: list[str | None]
     vectors: list[np.ndarray]
+    raw: list[bool]
 
     @property
-    def parts(self) -> list[tuple[str | None, np.ndarray]]:
-        return list(zip(self.labels, self.vectors, strict=True))
+    def parts(self) -> list[tuple[str | None, np.ndarray, bool]]:
+        return list(zip(self.labels, self.vectors, self.raw, strict=True))
 
 
 async def embed_query(
@@ -108,4 +110,5 @@ async def embed_query(
     vectors = await embed_items(items, embed_one, dim, field)
     f_m = mix(vectors, [item.weight for item in items]).astype(np.float32)
     labels = [item.modality.value if item.modality is not None else None for item in items]
-    return QueryParts(f_m, labels, [np.asarray(v, dtype=np.float32) for v in vectors])
+    raw = [item.embedding is not None for item in items]
+    return QueryParts(f_m, labels, [np.asarray(v, dtype=np.float32) for v in vectors], raw)

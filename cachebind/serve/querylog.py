@@ -5,8 +5,9 @@ embedding the encoder made of the text or medium a client sent. A weighted mix i
 parts, each under its own modality, not as the blended F_M: a query set has to be one
 distribution for its measured recall to mean anything, and a mix's recall is bounded by its
 weakest part (which is what its response reports). A client's raw embedding is logged only when
-the client says which modality it embeds (``modality`` on the input); an unlabelled one is of no
-known distribution and is never logged. The raw input itself (text, bytes) is never kept.
+the client says which modality it embeds (``modality`` on the input) and
+``serve.query_log.raw_embeddings`` is on; an unlabelled one is of no known distribution and is
+never logged. The raw input itself (text, bytes) is never kept.
 
 The sample lives in memory (``indexing.querylog.QueryLog``, thread-safe, bounded) and is written
 atomically to ``query_log_path(index.dir)`` every ``flush_interval_s`` when it changed, and on
@@ -52,12 +53,13 @@ class ServedQueryLog:
     def enabled(self) -> bool:
         return self.sample is not None
 
-    def record(self, parts: Iterable[tuple[str | None, np.ndarray]]) -> None:
-        """Offer a served query's parts (modality or None for unlabelled, unit F_i [d])."""
+    def record(self, parts: Iterable[tuple[str | None, np.ndarray, bool]]) -> None:
+        """Offer a served query's parts: (modality or None for unlabelled, unit F_i [d],
+        whether F_i is a client's raw embedding)."""
         if self.sample is None:
             return
-        for modality, vector in parts:
-            if modality is None:
+        for modality, vector, raw in parts:
+            if modality is None or (raw and not self.config.raw_embeddings):
                 continue
             try:
                 self.sample.add(modality, vector)
