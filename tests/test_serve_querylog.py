@@ -3,7 +3,8 @@
 The log keeps each answered input's embedding F_i per modality (bounded, on disk beside the
 index, across restarts, never the input itself); ``/v1/index`` reports recall and latency per
 query set; a search or enhance response says which set's recall applies to its query; and a
-``tune`` on the logged traffic reaches a running server without a failed request.
+``cachebind index tune`` (the CLI, in its own process) on the logged traffic reaches a running
+server without a failed request.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -27,11 +32,10 @@ import indexing
 from cachebind.config import load_config
 from cachebind.serve import start_server
 from cachebind.serve.runtime import IndexSnapshot
-from cachebind.store import CacheTable
 from indexing.querylog import query_log_path, read_log_file
-from indexing.retune import tune_current
 
 DIM = 64
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (96, 72)) -> bytes:
@@ -358,6 +362,28 @@ def test_a_manifest_from_before_query_sets_reports_its_held_out_image_recall(tmp
 # ------------------------------------------------------------------ end to end
 
 
+def run_index_tune(settings: Any) -> dict[str, Any]:
+    """``cachebind index tune --json`` in its own process, as an operator would run it."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "CACHEBIND_STORE__URI": settings.store.uri,
+        "CACHEBIND_STORE__TABLE": settings.store.table,
+        "CACHEBIND_INDEX__DIR": str(settings.index.dir),
+        "CACHEBIND_INDEX__USE_GPU": settings.index.use_gpu,
+        "CACHEBIND_INDEX__MIN_QUERIES_PER_SET": str(settings.index.min_queries_per_set),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "cachebind.cli", "index", "tune", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
 def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(tmp_path):
     cache = build_demo_cache(tmp_path, rows=300, dim=DIM)
     svc = service_settings(
@@ -420,12 +446,7 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
         for t in threads:
             t.start()
         time.sleep(0.3)
-        tuned = tune_current(
-            Path(svc.settings.index.dir),
-            CacheTable.open(cache.store),
-            svc.settings.index,
-            progress=False,
-        )
+        tuned = run_index_tune(svc.settings)
         assert tuned["version"] != first["version"]
         assert tuned["update"]["mode"] == "retuned"
         deadline = time.monotonic() + 20
