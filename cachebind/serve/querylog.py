@@ -102,7 +102,7 @@ class ServedQueryLog:
             await asyncio.to_thread(self.flush)
 
     def describe(self) -> dict[str, Any]:
-        """What ``GET /v1/index`` says of the log: on or off, where, and per-modality counts."""
+        """What ``GET /v1/index`` says of the log: on or off, its capacity, per-modality counts."""
         return {
             "enabled": self.enabled,
             "capacity_per_modality": self.config.capacity_per_modality,
