@@ -315,7 +315,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the table and index")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--crossmodal",
+        action="store_true",
+        help="cross-modal query sets: recall per set and QPS of cachebind, HNSW32, autofaiss "
+        "(benchmarks/bench_crossmodal.py; --rows default 300k)",
+    )
+    p.add_argument("--skip-autofaiss", action="store_true", help="--crossmodal without autofaiss")
     args = p.parse_args(argv)
+    if args.crossmodal:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_crossmodal import run
+
+        result = run(args.rows or 300_000, args.seed, args.workdir, args.keep, args.skip_autofaiss)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     args.rows = args.rows or (3_300_000 if args.gpu else 1_000_000)
     result = gpu_mode(args) if args.gpu else cpu_mode(args)
     print(json.dumps(result, indent=2))

@@ -126,9 +126,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     import indexing
 
     if args.action == "list":
-        for version in indexing.list_versions(settings.index.dir):
-            print(version)
-        return 0
+        return _index_list(settings, args)
     if args.action == "verify":
         version = args.index_version or indexing.current_version(settings.index.dir)
         if version is None:
@@ -140,17 +138,26 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         if not problems:
             print(f"{version}: every file matches the manifest's sha256")
         return 1 if problems else 0
-    if args.action == "add":
+    from indexing.querysets import parse_query_spec
+
+    query_files = [parse_query_spec(spec) for spec in args.queries or []]
+    if args.action in ("add", "tune"):
         from cachebind.store import CacheTable
 
         table = CacheTable.open(settings.store)
-        manifest = indexing.add_rows(
-            settings.index.dir,
-            table,
-            settings.index,
-            shards=args.shards,
-            ray_address=args.ray_address,
-        )
+        if args.action == "tune":
+            manifest = indexing.tune_current(
+                settings.index.dir, table, settings.index, query_files=query_files
+            )
+        else:
+            manifest = indexing.add_rows(
+                settings.index.dir,
+                table,
+                settings.index,
+                shards=args.shards,
+                ray_address=args.ray_address,
+                query_files=query_files,
+            )
     else:
         manifest = indexing.build_and_publish(
             settings.store,
@@ -158,6 +165,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             shards=args.shards,
             ray_address=args.ray_address,
             index_key=args.index_key,
+            query_files=query_files,
         )
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
@@ -170,13 +178,54 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     update = manifest.get("update")
     if update:
         print(f"{update['mode']} (from {manifest['parent_version']}): {update['reason']}")
+    if manifest.get("selection_reason"):
+        print(f"escalated: {manifest['selection_reason']}")
     print(
         f"published {manifest['version']} (CURRENT) in {settings.index.dir}\n"
         f"  index {manifest['index_key']} {manifest['search_params']} over "
         f"{manifest['table']['row_count']} rows of table version {manifest['table']['version']}\n"
-        f"  {recall}\n  latency: {latency}\n"
-        f"  manifest: {Path(settings.index.dir) / 'versions' / manifest['version']}/manifest.json"
+        f"  {recall} (worst trusted query set)\n  latency: {latency}\n"
+        + "".join(f"  {line}\n" for line in _query_set_lines(manifest))
+        + f"  manifest: {Path(settings.index.dir) / 'versions' / manifest['version']}/manifest.json"
     )
+    return 0
+
+
+def _query_set_lines(manifest: dict) -> list[str]:
+    """One line per query set: recall@1/10/100, latency, and whether it is trusted."""
+    from indexing.manifest import query_sets_of
+
+    lines = []
+    for s in query_sets_of(manifest):
+        recall = " ".join(f"@{k} {v:.3f}" for k, v in (s.get("recall") or {}).items())
+        b1 = (s.get("latency_ms") or {}).get("batch1_p50")
+        lines.append(
+            f"{s['name']:<28} n={s['n']:<5} recall {recall}"
+            + (f"  b1 p50 {b1:.2f} ms" if isinstance(b1, float) else "")
+            + ("" if s.get("trusted") else "  (untrusted: too few queries)")
+        )
+    return lines
+
+
+def _index_list(settings: Settings, args: argparse.Namespace) -> int:
+    import indexing
+    from indexing.versions import read_manifest
+
+    current = indexing.current_version(settings.index.dir)
+    for version in indexing.list_versions(settings.index.dir):
+        try:
+            manifest = read_manifest(settings.index.dir, version)
+        except (OSError, ValueError) as e:
+            print(f"{version}  (manifest unreadable: {e})")
+            continue
+        mark = "*" if version == current else " "
+        update = (manifest.get("update") or {}).get("mode", "built")
+        print(
+            f"{mark} {version}  {manifest.get('index_key')} {manifest.get('search_params')}  "
+            f"{update}  {manifest.get('created_at', '')}"
+        )
+        for line in _query_set_lines(manifest):
+            print(f"    {line}")
     return 0
 
 
@@ -370,7 +419,7 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
     p.add_argument("--limit", type=int, help="embed at most this many samples")
 
 
-INDEX_ACTIONS = ["build", "add", "list", "verify"]
+INDEX_ACTIONS = ["build", "add", "tune", "list", "verify"]
 
 
 def add_index(sub: Subcommands, common: CommonOptions) -> None:
@@ -382,8 +431,10 @@ def add_index(sub: Subcommands, common: CommonOptions) -> None:
         "Choose an index for the table under a memory budget, tune its search parameters to "
         "the recall target on held-out queries, measure recall and latency, and publish it as "
         "a new version (CURRENT switches atomically). `add` adds appended rows to the current "
-        "index without retraining; `list` shows the versions; `verify` checks a version's files "
-        "against the sha256 sums in its manifest.",
+        "index without retraining; `tune` re-tunes the current version's search parameters on the "
+        "latest query log (and captions, --queries files) without rebuilding; `list` shows the "
+        "versions with recall per query set; `verify` checks a version's files against the "
+        "sha256 sums in its manifest.",
         parents=[common.table, common.index_dir],
     )
     p.add_argument("action", nargs="?", default="build", choices=INDEX_ACTIONS)
@@ -395,6 +446,13 @@ def add_index(sub: Subcommands, common: CommonOptions) -> None:
         action="store_const",
         const=False,
         help="add: add the rows even when the grown table has outgrown the current index",
+    )
+    p.add_argument(
+        "--queries",
+        action="append",
+        metavar="MODALITY=PATH",
+        help="build/add/tune: also tune and verify on these query embeddings (.npy, parquet or "
+        "Lance with a 'vector' or 'embedding' column); repeatable",
     )
     p.add_argument("--index-version", help="verify: this version instead of CURRENT")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")

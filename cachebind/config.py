@@ -226,6 +226,22 @@ class IndexConfig(Section):
     Ray node and the driver see (a shared file system, not an object-store URI). Unset, the
     lists travel through Ray's object store and the driver spools them, one at a time, into the
     build's staging folder."""
+    caption_queries: bool = True
+    """Tune and verify on the table's caption embeddings (``text_vector``, written by ``embed
+    --caption-embeddings``) as the ``text:captions`` query set, when the table has them."""
+    query_log: bool = True
+    """Tune and verify on the service's query log (``<dir>/query_log.npz``): one query set per
+    modality it has served."""
+    min_queries_per_set: int = Field(200, ge=1)
+    """A query set with fewer queries is reported as untrusted and does not steer tuning: the
+    sampling error of its recall (~+-0.03 at 200) is too wide to stand behind."""
+    max_queries_per_set: int = Field(1000, ge=1)
+    """Each query set is a seeded sample of at most this many queries (tuning time grows with
+    the total)."""
+    escalate: bool = True
+    """When no setting of the selected key reaches ``recall_target`` on every trusted query set
+    (within ``latency_budget_ms``), build a stronger key (re-ranked IVF, HNSW32, exact Flat)
+    within ``memory_budget_gb`` and record why in the manifest's ``selection_reason``."""
 
     @field_validator("dir", mode="before")
     @classmethod
@@ -276,6 +292,25 @@ class LLMConfig(Section):
     top_p: float = 0.75
 
 
+class QueryLogConfig(Section):
+    """The service's sample of the query embeddings F_M it answered (issue 11), which ``cachebind
+    index build | add | tune`` tune and verify on: one bounded reservoir per modality, embeddings
+    only (never the text or media sent), in ``<index.dir>/query_log.npz``."""
+
+    enabled: bool = True
+    """Off: nothing is sampled or written (an existing file is left as it is)."""
+    capacity_per_modality: int = Field(5000, ge=1)
+    """Vectors kept per modality (a uniform sample of all it served): 5000 1024-d vectors are
+    20 MB in memory and on disk; a build samples ``index.max_queries_per_set`` of them."""
+    flush_interval_s: float = Field(60.0, gt=0)
+    """How often a changed sample is written (atomically, off the event loop); it is also
+    written on shutdown."""
+    raw_embeddings: bool = True
+    """Also log a client's raw embedding when the request labels its ``modality`` (an
+    unlabelled one never is). Off: only embeddings this service encoded are logged, so no key
+    holder can steer tuning with vectors of their own choosing."""
+
+
 class ServeConfig(Section):
     """The HTTP service."""
 
@@ -291,6 +326,7 @@ class ServeConfig(Section):
     batch_window_ms: float = 5.0
     max_batch: int = 64
     index_poll_s: float = 2.0
+    query_log: QueryLogConfig = Field(default_factory=QueryLogConfig)
 
 
 class Settings(BaseSettings):

@@ -14,9 +14,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from indexing.build import add_rows, build_and_publish, build_index
+    from indexing.add import add_rows
+    from indexing.build import build_and_publish, build_index
     from indexing.load import LoadedIndex, load_current, load_version
-    from indexing.manifest import check_alignment, ids_checksum
+    from indexing.manifest import check_alignment, ids_checksum, recall_for
+    from indexing.querylog import QueryLog
+    from indexing.retune import tune_current
     from indexing.select import Selection, select_index
     from indexing.versions import (
         current_version,
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
-    "add_rows": "build",
+    "add_rows": "add",
     "build_and_publish": "build",
     "build_index": "build",
     "LoadedIndex": "load",
@@ -36,6 +39,9 @@ _HOME = {
     "load_version": "load",
     "check_alignment": "manifest",
     "ids_checksum": "manifest",
+    "recall_for": "manifest",
+    "QueryLog": "querylog",
+    "tune_current": "retune",
     "Selection": "select",
     "select_index": "select",
     "current_version": "versions",
@@ -48,6 +54,7 @@ _HOME = {
 
 __all__ = [
     "LoadedIndex",
+    "QueryLog",
     "Selection",
     "add_rows",
     "build_and_publish",
@@ -60,8 +67,10 @@ __all__ = [
     "load_version",
     "prune",
     "publish",
+    "recall_for",
     "select_index",
     "set_current",
+    "tune_current",
     "verify_version",
 ]
 

@@ -1,12 +1,17 @@
 """Build a version: select -> train -> add -> tune -> measure -> write (staged), then publish.
 
-Every path (a single build, a sharded Ray build, an incremental add) runs the same steps:
+Every path (a single build, a sharded Ray build, an incremental add, :mod:`indexing.add`) runs
+the same steps:
 
-* held-out queries: ``N_QUERIES`` table rows sampled with a fixed seed and kept out of the
-  training sample; their exact top-100 (leave-one-out, see :mod:`indexing.recall`) is computed
-  while the rows stream into the index, so the table is read once;
-* tuning toward recall@k >= target (:mod:`indexing.tune`), then recall@1/10/100 and latency at
-  batch 1 and 64 measured with the chosen parameters;
+* query sets (:mod:`indexing.querysets`): ``N_QUERIES`` table rows sampled with a fixed seed
+  and kept out of the training sample, the table's caption embeddings, the service's query log
+  and the caller's query files; their exact top-100 (leave-one-out for queries that are, or are
+  paired with, a row: :mod:`indexing.recall`) is computed while the rows stream into the index,
+  so the table is read once;
+* tuning toward recall@k >= target on every trusted set (:mod:`indexing.tune`: the worst set
+  decides), escalating to a stronger key when the chosen one cannot get there
+  (:func:`indexing.select.stronger_keys`), then recall@1/10/100 and latency per set measured
+  with the chosen parameters (:mod:`indexing.measure`);
 * the files and the manifest are written into a staging directory that only
   :func:`indexing.versions.publish` moves into ``versions/``.
 """
@@ -18,8 +23,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +33,39 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cachebind.config import IndexConfig, StoreConfig
-from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
-from cachebind.store.table import vectors_to_numpy
 from indexing.faiss_ops import new_index
 from indexing.gpu import gpu_memory_bytes, gpu_wanted, to_gpu
-from indexing.manifest import MANIFEST_FORMAT, ids_checksum, table_identity
-from indexing.ondisk import IVFDATA_FILE, CopyOnWriteAdd, is_ondisk, plan_merge, storage_of
+from indexing.manifest import build_manifest, table_identity
+from indexing.measure import groups_of, measure_sets, worst_trusted
+from indexing.ondisk import IVFDATA_FILE, plan_merge, storage_of
 from indexing.ondisk import write_index as write_version_index
 from indexing.params import apply_search_params, search_grid
+from indexing.querysets import (
+    FILE,
+    HELD_OUT,
+    QuerySet,
+    caption_set,
+    deciding,
+    file_set,
+    held_out_positions,
+    log_sets,
+    mark_trust,
+    unique_names,
+)
 from indexing.recall import ExactTopK, drop_self
-from indexing.select import Selection, outgrown, select_index, train_size_for
-from indexing.tune import leave_one_out_recall, measure_latency, tune
+from indexing.rows import Work, add_range, read_positions
+from indexing.select import Selection, select_index, stronger_keys, train_size_for
+from indexing.tune import Groups, TuneResult, measure_latency, tune
 from indexing.versions import (
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
-    current_version,
     file_digests,
     new_staging_dir,
     publish,
     read_manifest,
     version_files,
-    versions_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +73,6 @@ log = logging.getLogger(__name__)
 N_QUERIES = 1000
 """Held-out queries for tuning and recall: enough for +-1% on recall@10."""
 RECALL_KS = (1, 10, 100)
-READ_BATCH = 32_768
 KMEANS_ITERATIONS = 10
 SEED = 0
 
@@ -67,85 +80,64 @@ StageHook = Callable[[str], None]
 """Called with a stage name ("trained", "added", "tuned", "index_written"; a sharded on-disk
 merge also "shards_written") as a build passes it."""
 
-
-@dataclass
-class Work:
-    """What a build carries from step to step."""
-
-    table: CacheTable
-    config: IndexConfig
-    n: int
-    dim: int
-    query_positions: np.ndarray
-    queries: np.ndarray
-    exact: ExactTopK
-    timings: dict[str, float] = field(default_factory=dict)
+QueryFiles = list[tuple[str, Path]]
+"""``[(modality, path)]``: the caller's query files (``--queries text=q.npy``)."""
 
 
-def dataset_of(table: CacheTable) -> Any:
-    return table.dataset
+def gather_sets(
+    table: CacheTable,
+    config: IndexConfig,
+    queries: np.ndarray | None = None,
+    query_files: QueryFiles | None = None,
+) -> tuple[list[QuerySet], np.ndarray]:
+    """(query sets, held-out positions) for a build of ``table`` (see :mod:`indexing.querysets`).
+
+    ``queries``: the caller's own held-out queries, instead of sampled table rows.
+    """
+    n, dim = table.count(), table.dim
+    size = config.max_queries_per_set
+    sets: list[QuerySet] = []
+    held = np.zeros(0, np.int64)
+    if queries is not None:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        sets.append(
+            QuerySet("image:file:caller-supplied", "image", FILE, q, np.full(len(q), -1, np.int64))
+        )
+    else:
+        held = held_out_positions(n, min(N_QUERIES, size), SEED)
+        if len(held):
+            rows = read_positions(table.dataset, held)
+            sets.append(QuerySet("image:held_out", "image", HELD_OUT, rows, held))
+    if config.caption_queries:
+        captions = caption_set(table.dataset, size, SEED + 2)
+        if captions is not None:
+            sets.append(captions)
+    if config.query_log:
+        sets.extend(log_sets(config.dir, dim, size, SEED + 3))
+    for modality, path in query_files or []:
+        sets.append(file_set(modality, path, dim, size, SEED + 4))
+    return unique_names(mark_trust(sets, config.min_queries_per_set)), held
 
 
-def read_positions(dataset: Any, positions: np.ndarray) -> np.ndarray:
-    """Vectors (float32) of the rows at ``positions`` (sorted), in that order."""
-    out = []
-    for s in range(0, len(positions), READ_BATCH):
-        chunk = dataset.take(positions[s : s + READ_BATCH].tolist(), columns=["vector"])
-        out.append(vectors_to_numpy(chunk.column("vector")))
-    if not out:
-        return np.zeros((0, dataset.schema.field("vector").type.list_size), np.float32)
-    return np.ascontiguousarray(np.concatenate(out))
-
-
-def add_range(
-    index: faiss.Index | None,
-    dataset: Any,
-    start: int,
-    stop: int,
-    exact: ExactTopK | None,
-    *,
-    add_from: int = 0,
-    progress: bool = False,
-    desc: str = "adding",
-) -> np.ndarray:
-    """Stream rows [start, stop) in table order: add those at ``>= add_from`` to ``index``,
-    feed all to the exact ground truth; return the ids of the rows read."""
-    ids = []
-    bar = tqdm(total=stop - start, desc=desc, unit="row", disable=not progress, leave=False)
-    position = start
-    for batch in dataset.to_batches(
-        columns=["id", "vector"], offset=start, limit=stop - start, batch_size=READ_BATCH
-    ):
-        if batch.num_rows == 0:
-            continue
-        x = np.ascontiguousarray(vectors_to_numpy(batch.column("vector")))
-        if index is not None and position + len(x) > add_from:
-            index.add(x[max(0, add_from - position) :])
-        if exact is not None:
-            exact.add(x, position)
-        ids.append(batch.column("id").to_numpy())
-        position += len(x)
-        bar.update(len(x))
-    bar.close()
-    if position != stop:
-        raise RuntimeError(f"read {position - start} rows of [{start}, {stop}): table changed?")
-    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
-
-
-def _prepare(table: CacheTable, config: IndexConfig, queries: np.ndarray | None) -> Work:
+def _prepare(
+    table: CacheTable,
+    config: IndexConfig,
+    queries: np.ndarray | None,
+    query_files: QueryFiles | None = None,
+) -> Work:
     n, dim = table.count(), table.dim
     if n == 0:
         raise ValueError("the table is empty: nothing to index")
-    rng = np.random.default_rng(SEED)
-    if queries is not None:  # the caller's own held-out queries (e.g. text embeddings)
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        positions = np.full(len(q), -1, np.int64)
-    else:
-        nq = min(N_QUERIES, n) if n > 1 else 0
-        positions = np.sort(rng.choice(n, nq, replace=False)).astype(np.int64)
-        q = read_positions(table.dataset, positions)
+    sets, held = gather_sets(table, config, queries, query_files)
+    stacked = (
+        np.ascontiguousarray(np.concatenate([s.queries for s in sets]))
+        if sets
+        else np.zeros((0, dim), np.float32)
+    )
     k_truth = min(max(RECALL_KS), n - 1) + 1  # +1: room for the query's own row
-    return Work(table, config, n, dim, positions, q, ExactTopK(q, k_truth))
+    for s in sets:
+        log.info("query set %s: %d queries%s", s.name, len(s), "" if s.trusted else " (untrusted)")
+    return Work(table, config, n, dim, sets, held, ExactTopK(stacked, k_truth))
 
 
 def _select(n: int, dim: int, config: IndexConfig) -> Selection:
@@ -157,7 +149,7 @@ def _train(work: Work, selection: Selection, progress: bool) -> faiss.Index:
     index = new_index(work.dim, selection.key)
     if selection.train_size and not index.is_trained:
         rng = np.random.default_rng(SEED + 1)
-        pool = np.setdiff1d(np.arange(work.n), work.query_positions, assume_unique=True)
+        pool = np.setdiff1d(np.arange(work.n), work.held_out, assume_unique=True)
         if len(pool) < selection.train_size:
             # A small table is mostly held-out queries: train on every row rather than on too
             # few (k-means needs at least one point per list).
@@ -174,7 +166,7 @@ def _train(work: Work, selection: Selection, progress: bool) -> faiss.Index:
             ivf.cp.niter = KMEANS_ITERATIONS
         with tqdm(total=1, desc=f"training {selection.key}", disable=not progress, leave=False):
             index.train(xt)
-        work.timings["train_s"] = time.perf_counter() - t0
+        work.timings["train_s"] = work.timings.get("train_s", 0.0) + time.perf_counter() - t0
     return index
 
 
@@ -183,6 +175,110 @@ def _search_fn(index: faiss.Index) -> Callable[[np.ndarray, int], tuple[np.ndarr
         return index.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
     return search
+
+
+@dataclass
+class Tuned:
+    """An index with its tuning result (None: nothing to tune on)."""
+
+    index: faiss.Index
+    selection: dict[str, Any]
+    result: TuneResult | None
+
+    def reached(self, target: float) -> bool:
+        """Some setting meets the target on every deciding set, within any latency budget."""
+        if self.result is None:
+            return True
+        met = any(t.meets(target) for t in self.result.trials)
+        return met and self.result.latency_met is not False
+
+
+def tune_index(
+    work: Work,
+    index: faiss.Index,
+    selection: dict[str, Any],
+    truth: np.ndarray,
+    groups: Groups,
+    progress: bool,
+) -> Tuned:
+    """Tune ``index``'s search parameters on every query set (the worst deciding set decides)."""
+    cfg = work.config
+    k = min(cfg.recall_k, work.n - 1)
+    if not len(work.queries) or k < 1:
+        return Tuned(index, selection, None)
+    result = tune(
+        _search_fn(index),
+        lambda p: apply_search_params(index, p),
+        search_grid(index, gpu=selection.get("device") == "gpu"),
+        work.queries,
+        work.query_positions,
+        truth,
+        k=k,
+        target=cfg.recall_target,
+        latency_budget_ms=cfg.latency_budget_ms,
+        progress=progress,
+        groups=groups,
+    )
+    return Tuned(index, selection, result)
+
+
+def _worst_name(tuned: Tuned) -> str:
+    result = tuned.result
+    if result is None or not result.trials:
+        return "?"
+    best = next((t for t in result.trials if t.params == result.params), result.trials[-1])
+    return min(best.by_set, key=best.by_set.get) if best.by_set else "?"
+
+
+def escalate(
+    work: Work, first: Tuned, truth: np.ndarray, groups: Groups, progress: bool
+) -> tuple[Tuned, str | None]:
+    """``first`` if it reaches the target, else the first stronger key that does (or, if none
+    does, whichever got closest), and why the key changed (None: it did not)."""
+    cfg = work.config
+    if first.reached(cfg.recall_target) or not cfg.escalate:
+        return first, None
+    key = first.selection["key"]
+    shortfall = (
+        f"{key} reaches recall@{cfg.recall_k} {first.result.recall:.3f} on {_worst_name(first)}"
+        if first.result
+        else key
+    )
+    if first.result is not None and first.result.latency_met is False:
+        shortfall += f" not within {cfg.latency_budget_ms} ms"
+    best, tried = first, []
+    for candidate, why in stronger_keys(key, work.n, work.dim, cfg.memory_budget_gb):
+        budget = cfg.memory_budget_gb * 2**30
+        selection = Selection(
+            candidate,
+            f"escalated from {key}: {why}",
+            train_size_for(candidate, work.n, work.dim, budget),
+            tuple(first.selection.get("autofaiss_keys", ())),
+        )
+        log.info("escalating %s -> %s: %s", key, candidate, shortfall)
+        t0 = time.perf_counter()
+        index = _train(work, selection, progress)
+        add_range(index, work.table.dataset, 0, work.n, None, progress=progress)
+        work.timings["escalate_s"] = work.timings.get("escalate_s", 0.0) + time.perf_counter() - t0
+        tuned = tune_index(work, index, selection.to_dict(), truth, groups, progress)
+        tried.append(candidate)
+        if tuned.reached(cfg.recall_target):
+            reason = (
+                f"{shortfall} (target {cfg.recall_target} with the confidence margin, on every "
+                f"trusted query set); escalated to {candidate}: {why}"
+            )
+            return tuned, reason
+        if tuned.result and best.result and tuned.result.recall > best.result.recall:
+            best = tuned
+    reason = (
+        f"{shortfall}; no key within the {cfg.memory_budget_gb} GiB budget reached the target"
+        + (
+            f" (tried {', '.join(tried)}; kept {best.selection['key']}, the closest)"
+            if tried
+            else ""
+        )
+    )
+    return best, reason
 
 
 def _finish(
@@ -195,6 +291,7 @@ def _finish(
     on_stage: StageHook | None,
     extra: dict[str, Any],
     staged: Path | None = None,
+    may_escalate: bool = True,
 ) -> Path:
     """Tune, measure, and write the staged version; returns the staging directory.
 
@@ -202,7 +299,9 @@ def _finish(
     ivfdata); like one created here, it is removed if anything fails.
     """
     try:
-        return _tune_and_write(work, index, ids, selection, progress, on_stage, extra, staged)
+        return _tune_and_write(
+            work, index, ids, selection, progress, on_stage, extra, staged, may_escalate
+        )
     except BaseException:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
@@ -218,49 +317,84 @@ def _tune_and_write(
     on_stage: StageHook | None,
     extra: dict[str, Any],
     staged: Path | None,
+    may_escalate: bool,
 ) -> Path:
     cfg = work.config
     if index.ntotal != work.n or len(ids) != work.n:
         raise RuntimeError(f"index holds {index.ntotal} rows, the table {work.n}")
     self_pos = work.query_positions
     truth = drop_self(work.exact.positions, self_pos, work.exact.k - 1)
-    search = _search_fn(index)
-    k = min(cfg.recall_k, work.n - 1)
+    groups = groups_of(work.sets, deciding(work.sets))
     t0 = time.perf_counter()
-    on_gpu = selection.get("device") == "gpu"
-    if len(work.queries) and k >= 1:
-        result = tune(
-            search,
-            lambda p: apply_search_params(index, p),
-            search_grid(index, gpu=on_gpu),
-            work.queries,
-            self_pos,
-            truth,
-            k=k,
-            target=cfg.recall_target,
-            latency_budget_ms=cfg.latency_budget_ms,
-            progress=progress,
-        )
-        params, target_met, latency_met = result.params, result.target_met, result.latency_met
-        trials = [t.__dict__ for t in result.trials]
-    else:
-        params, target_met, latency_met, trials = {}, None, None, []
+    tuned = tune_index(work, index, selection, truth, groups, progress)
     work.timings["tune_s"] = time.perf_counter() - t0
+    reason = None
+    if may_escalate:
+        tuned, reason = escalate(work, tuned, truth, groups, progress)
+    if tuned.index is not index and staged is not None:
+        (staged / IVFDATA_FILE).unlink(missing_ok=True)  # the escalated key is in memory
+    index, selection = tuned.index, tuned.selection
     if on_stage:
         on_stage("tuned")
-
+    result = tuned.result
+    if result is not None:
+        apply_search_params(index, result.params)
     t0 = time.perf_counter()
-    recall = {}
-    for kk in RECALL_KS:
-        if len(work.queries) and kk <= work.n - 1:
-            recall[str(kk)], _, _ = leave_one_out_recall(search, work.queries, self_pos, truth, kk)
+    search = _search_fn(index)
+    on_gpu = selection.get("device") == "gpu"
     # Latency is measured with what serving will use: the GPU searcher when there is one.
     gpu_searcher = to_gpu(index, selection["key"]) if on_gpu else None
     timed = gpu_searcher.search if gpu_searcher is not None else search
+    sets = measure_sets(
+        search, timed, work.sets, groups, self_pos, truth, n_rows=work.n, recall_k=cfg.recall_k
+    )
     probes = work.queries if len(work.queries) else _probe(work)
     latency = measure_latency(timed, probes, cfg.recall_k, progress=progress)
     work.timings["measure_s"] = time.perf_counter() - t0
+    return write_staged(
+        work.table,
+        index,
+        ids,
+        staged,
+        cfg,
+        selection=selection,
+        result=result,
+        sets=sets,
+        latency=latency,
+        timings=work.timings,
+        extra=extra,
+        selection_reason=reason,
+        on_stage=on_stage,
+    )
 
+
+def target_of(config: IndexConfig, result: TuneResult | None) -> dict[str, Any]:
+    return {
+        "recall_k": config.recall_k,
+        "recall": config.recall_target,
+        "met": result.target_met if result else None,
+        "latency_budget_ms": config.latency_budget_ms,
+        "latency_met": result.latency_met if result else None,
+    }
+
+
+def write_staged(
+    table: CacheTable,
+    index: faiss.Index,
+    ids: np.ndarray,
+    staged: Path | None,
+    cfg: IndexConfig,
+    *,
+    selection: dict[str, Any],
+    result: TuneResult | None,
+    sets: list[dict[str, Any]],
+    latency: dict[str, Any],
+    timings: dict[str, float],
+    extra: dict[str, Any],
+    selection_reason: str | None,
+    on_stage: StageHook | None = None,
+) -> Path:
+    """Write index, ids and manifest into ``staged`` (a new staging directory if None)."""
     staged = staged if staged is not None else new_staging_dir(cfg.dir)
     try:
         write_version_index(index, staged / INDEX_FILE)
@@ -272,50 +406,40 @@ def _tune_and_write(
         memory = (staged / INDEX_FILE).stat().st_size + (staged / IDS_FILE).stat().st_size
         storage = storage_of(index, staged) | extra.get("storage", {})
         manifest = (
-            {
-                "format": MANIFEST_FORMAT,
-                "version": None,  # given by publish()
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "index_key": selection["key"],
-                "metric": "inner_product",
-                "dim": work.dim,
-                "ntotal": int(index.ntotal),
-                "search_params": params,
-                "selection": selection,
-                "target": {
-                    "recall_k": cfg.recall_k,
-                    "recall": cfg.recall_target,
-                    "met": target_met,
-                    "latency_budget_ms": cfg.latency_budget_ms,
-                    "latency_met": latency_met,
-                },
-                "recall": recall,
-                "recall_queries": {
-                    "count": len(work.queries),
-                    "kind": "held-out table rows, leave-one-out"
-                    if (self_pos >= 0).any()
-                    else "caller-supplied queries",
-                },
-                "latency_ms": latency,
-                "memory_bytes": int(memory),
-                "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
-                | {"total_s": round(sum(work.timings.values()), 3)},
-                "table": table_identity(work.table, ids),
-                "software": {"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
-                "tuning_trials": trials,
-            }
+            build_manifest(
+                key=selection["key"],
+                dim=int(index.d),
+                ntotal=int(index.ntotal),
+                search_params=result.params if result else {},
+                selection=selection,
+                target=target_of(cfg, result),
+                query_sets=sets,
+                headline=worst_trusted(sets, cfg.recall_k),
+                latency=latency,
+                memory_bytes=memory,
+                timings=timings,
+                table=table_identity(table, ids),
+                software={"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
+                trials=[t.__dict__ for t in result.trials] if result else [],
+                selection_reason=selection_reason,
+            )
             | extra
             | {"storage": storage}
         )
-        # Checksums of what the version is made of, for `cachebind index verify` (an index
-        # that loads but has a flipped bit returns wrong neighbours without any error).
-        files = [INDEX_FILE, IDS_FILE, *version_files(manifest)]
-        manifest["files"] = file_digests(staged, files)
-        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        write_manifest_files(staged, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return staged
+
+
+def write_manifest_files(staged: Path, manifest: dict[str, Any]) -> None:
+    """Record the checksums of the version's files and write its manifest."""
+    # (`cachebind index verify`: an index that loads but has a flipped bit returns wrong
+    # neighbours without any error.)
+    files = [INDEX_FILE, IDS_FILE, *version_files(manifest)]
+    manifest["files"] = file_digests(staged, files)
+    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
 def _probe(work: Work) -> np.ndarray:
@@ -329,23 +453,26 @@ def build_index(
     progress: bool = True,
     *,
     queries: np.ndarray | None = None,
+    query_files: QueryFiles | None = None,
     shards: int | None = None,
     ray_address: str | None = None,
     index_key: str | None = None,
     on_stage: StageHook | None = None,
     lineage: dict[str, Any] | None = None,
+    escalate_forced: bool = False,
 ) -> Path:
     """Build, tune and verify a new index of ``table``; returns its complete staging directory.
 
     Nothing is published (see :func:`publish`). ``queries``: held-out queries to tune on instead
-    of sampled table rows. ``shards`` > 1 adds the rows in parallel Ray tasks
-    (:mod:`indexing.shards`) after training once on the driver. ``index_key`` forces a FAISS
-    factory key instead of the selection (it is still tuned). ``on_stage`` is called as the
-    build passes each stage (progress reporting; tests use it to crash a build mid-way).
+    of sampled table rows. ``query_files``: more query sets, ``[(modality, path)]``. ``shards``
+    > 1 adds the rows in parallel Ray tasks (:mod:`indexing.shards`) after training once on the
+    driver. ``index_key`` forces a FAISS factory key instead of the selection (it is still
+    tuned, and only escalated with ``escalate_forced``). ``on_stage`` is called as the build
+    passes each stage (progress reporting; tests use it to crash a build mid-way).
     ``lineage``: manifest fields saying where this build came from (a rebuild by ``add_rows``).
     """
     t0 = time.perf_counter()
-    work = _prepare(table, config, queries)
+    work = _prepare(table, config, queries, query_files)
     work.timings["prepare_s"] = time.perf_counter() - t0
     selection = _select(work.n, work.dim, config)
     if index_key is not None:
@@ -405,6 +532,7 @@ def build_index(
         }
         | (lineage or {}),
         staged=staged,
+        may_escalate=index_key is None or escalate_forced,
     )
 
 
@@ -417,6 +545,7 @@ def build_and_publish(
     shards: int | None = None,
     ray_address: str | None = None,
     index_key: str | None = None,
+    query_files: QueryFiles | None = None,
 ) -> dict[str, Any]:
     """``cachebind index``: build a new version of the table's index and make it CURRENT.
 
@@ -424,99 +553,13 @@ def build_and_publish(
     """
     table = CacheTable.open(store_cfg, version=table_version)
     staged = build_index(
-        table, index_cfg, progress, shards=shards, ray_address=ray_address, index_key=index_key
+        table,
+        index_cfg,
+        progress,
+        shards=shards,
+        ray_address=ray_address,
+        index_key=index_key,
+        query_files=query_files,
     )
     version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
     return read_manifest(index_cfg.dir, version)
-
-
-def add_rows(
-    index_dir: Path,
-    table: CacheTable,
-    config: IndexConfig,
-    progress: bool = True,
-    *,
-    on_stage: StageHook | None = None,
-    shards: int | None = None,
-    ray_address: str | None = None,
-) -> dict[str, Any]:
-    """Add the rows appended to ``table`` since the current version, without retraining.
-
-    The current version's rows must be a prefix of the table (same ids in the same order, by
-    checksum); otherwise the table was rewritten, not appended to, and IndexMismatchError says
-    to rebuild. The result is published as a new version whose manifest names its parent;
-    search parameters are re-tuned and recall re-measured on the grown index.
-
-    When the grown table has outgrown the current index (:func:`indexing.select.outgrown`: a
-    Flat index past the exact-search size, an IVF sized for a sixteenth of the rows, a key
-    that no longer fits the memory budget), a full build replaces it instead, unless
-    ``config.rebuild_when_outgrown`` is off; the manifest's ``update`` says which happened and
-    why (``{"mode": "added" | "rebuilt", "reason": ...}``). ``shards``/``ray_address`` are
-    used by such a rebuild (a sharded Ray build, as ``build_and_publish``).
-    """
-    index_dir = Path(index_dir)
-    parent = current_version(index_dir)
-    if parent is None:
-        raise FileNotFoundError(f"no published index in {index_dir}: build one first")
-    old = read_manifest(index_dir, parent)
-    folder = versions_dir(index_dir) / parent
-    n_old = int(old["table"]["row_count"])
-    table_ids = table.ids()
-    if len(table_ids) < n_old or ids_checksum(table_ids[:n_old]) != old["table"]["ids_sha256"]:
-        raise IndexMismatchError(
-            f"the table (version {table.version}, {len(table_ids)} rows) does not extend the rows "
-            f"index {parent} was built from ({n_old} rows, table version "
-            f"{old['table']['version']}): rows were changed or removed, rebuild the index"
-        )
-    config = config.model_copy(update={"dir": index_dir})
-    lineage: dict[str, Any] = {"parent_version": parent, "added_rows": int(len(table_ids) - n_old)}
-    gpu_seen = gpu_wanted(config.use_gpu) and gpu_memory_bytes() is not None
-    reason = outgrown(
-        old["selection"], _select(len(table_ids), table.dim, config), gpu_seen=gpu_seen
-    )
-    if reason is not None and config.rebuild_when_outgrown:
-        log.info("rebuilding instead of adding: %s", reason)
-        staged = build_index(
-            table,
-            config,
-            progress,
-            shards=shards,
-            ray_address=ray_address,
-            on_stage=on_stage,
-            lineage=lineage | {"update": {"mode": "rebuilt", "reason": reason}},
-        )
-        version = publish(index_dir, staged, config.keep_versions)
-        return read_manifest(index_dir, version)
-    if reason is not None:
-        log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
-    work = _prepare(table, config, None)
-    # An on-disk version grows copy-on-write: new rows in memory, then merged with the parent's
-    # lists into the new version's own ivfdata (indexing/ondisk.py).
-    grow = CopyOnWriteAdd(folder, old, index_dir, n_old) if is_ondisk(old) else None
-    index = grow.adder if grow else faiss.read_index(str(folder / INDEX_FILE))
-    t0 = time.perf_counter()
-    ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
-    work.timings["add_s"] = time.perf_counter() - t0
-    if on_stage:
-        on_stage("added")
-    into = None
-    if grow is not None:
-        index, into = grow.merge()
-    update = {
-        "mode": "added",
-        "reason": f"added although outgrown (rebuild_when_outgrown is off): {reason}"
-        if reason
-        else "the index still suits the grown table",
-    }
-    staged = _finish(
-        work,
-        index,
-        ids,
-        old["selection"],
-        progress=progress,
-        on_stage=on_stage,
-        extra=lineage | {"shards": 1, "update": update},
-        staged=into,
-    )
-    version = publish(index_dir, staged, config.keep_versions)
-    return read_manifest(index_dir, version)

@@ -180,3 +180,43 @@ def outgrown(parent: dict, fresh: Selection, *, gpu_seen: bool) -> str | None:
             "so its lists are too long to probe quickly"
         )
     return None
+
+
+def index_bytes_estimate(key: str, n: int, dim: int) -> float:
+    """Rough RAM of ``key`` over ``n`` rows (for ranking escalation candidates by budget)."""
+    if key == "Flat":
+        return n * dim * 4
+    if key.startswith("HNSW"):
+        m = int(re.match(r"HNSW(\d+)", key).group(1))  # type: ignore[union-attr]
+        return n * (dim * 4 + 2 * m * 4 + 8)
+    if family(key) == "refine":
+        nlist = ivf_nlist(key) or nb_lists(n)
+        return n * (4 * dim + dim // 4 + 8) + nlist * dim * 4
+    return n * (dim // 4 + 8)
+
+
+def stronger_keys(key: str, n: int, dim: int, memory_budget_gb: float) -> list[tuple[str, str]]:
+    """Keys to try, in order, when ``key`` cannot reach the recall target: ``(key, why)``.
+
+    A quantized key first gains an exact re-rank (the PQ codes' error is what caps recall on
+    queries whose neighbours are all at similar, low cosine: text against images); an IVF
+    whose probes are too slow for the latency budget gets a graph (HNSW32, fast single queries
+    at high recall); exact search reaches any target. Only keys within the budget are offered.
+    """
+    budget = memory_budget_gb * 2**30
+    refine, _ = _full_vectors_key(n, dim)
+    ladder = [
+        (refine, "an IVF shortlist re-ranked on the exact float32 vectors"),
+        ("HNSW32", "a graph index (HNSW32): high recall at few distance computations"),
+        ("Flat", "exact search: recall 1 whatever the queries"),
+    ]
+    if family(key) == "refine":
+        ladder = ladder[1:]
+    seen = {key}
+    out = []
+    for candidate, why in ladder:
+        if candidate in seen or index_bytes_estimate(candidate, n, dim) > budget:
+            continue
+        seen.add(candidate)
+        out.append((candidate, why))
+    return out

@@ -1,6 +1,6 @@
 """The sharded build on a Ray cluster: train once, add shards in parallel, merge in order.
 
-The driver trains the index on a sample (:func:`indexing.build._train`) and puts the trained,
+The driver trains the index on a sample (:mod:`indexing.build`) and puts the trained,
 empty index in the object store. Each Ray task opens the table at the pinned version, streams
 its row range into its own copy (and computes the exact top-k of the held-out queries over its
 rows). The driver then merges the shards in row order, which gives the same index a single
@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
@@ -39,9 +39,7 @@ from cachebind.store import CacheTable
 from indexing import ondisk
 from indexing.faiss_ops import from_bytes, merge_into, to_bytes
 from indexing.recall import ExactTopK
-
-if TYPE_CHECKING:
-    from indexing.build import Work
+from indexing.rows import Work, add_range
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +69,6 @@ def add_shard(
     (rows stored under their table positions): written to ``out_path`` (a
     :class:`~indexing.ondisk.ShardLists`), or without one, ``(file bytes, ShardLists)``.
     """
-    from indexing.build import add_range
-
     faiss.omp_set_num_threads(1)  # one CPU per task, as Ray scheduled it
     index = from_bytes(trained)
     exact = ExactTopK(queries, k_truth)

@@ -123,3 +123,73 @@ def test_errors_from_the_service_are_shown(page, server):
     page.click("#search")
     page.wait_for_function("document.querySelector('#status').textContent.includes('bad_filter')")
     assert "unknown column 'vector'" in page.inner_text("#status")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A server over a published index re-tuned on the text queries it logged (issue 11)."""
+    import time
+
+    from builders import build_demo_cache, service_settings
+
+    import indexing
+    from cachebind.serve import start_server
+    from cachebind.store import CacheTable
+    from indexing.querylog import query_log_path, read_log_file
+    from indexing.retune import tune_current
+
+    root = tmp_path_factory.mktemp("tuned")
+    cache = build_demo_cache(root, rows=200, dim=64)
+    svc = service_settings(root, cache, index_poll_s=0.1, query_log={"flush_interval_s": 0.2})
+    svc.settings.index.use_gpu = "no"
+    svc.settings.index.min_queries_per_set = 20
+    indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    with start_server(svc.settings, port=0) as handle:
+        headers = {"X-API-Key": svc.user_key}
+        for i in range(25):
+            body = {"inputs": [{"modality": "text", "text": f"a query {i}"}], "k": 3}
+            assert httpx.post(f"{handle.url}/v1/search", json=body, headers=headers).is_success
+        log = query_log_path(svc.settings.index.dir)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if log.exists() and len(read_log_file(log)[1].get("text", [])) >= 25:
+                break
+            time.sleep(0.05)
+        manifest = tune_current(
+            svc.settings.index.dir, CacheTable.open(cache.store), svc.settings.index, False
+        )
+        deadline = time.monotonic() + 10
+        while handle.app.state.serve.runtime.snapshot.version != manifest["version"]:
+            assert time.monotonic() < deadline, "the server did not pick up the tuned version"
+            time.sleep(0.05)
+        yield handle, svc, manifest
+
+
+def test_the_page_shows_recall_and_latency_per_query_set_and_the_querys_recall(browser, tuned):
+    handle, svc, manifest = tuned
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(handle.url + "/")
+        page.fill("#api-key", svc.user_key)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#query-sets tr >> nth=1")
+        assert page.is_visible("#index-recall")
+        rows = page.query_selector_all("#query-sets tr")
+        expected = {s["name"]: s for s in manifest["query_sets"]}
+        assert {r.get_attribute("data-set") for r in rows} == {"image:held_out", "text:query_log"}
+        for row in rows:
+            want = expected[row.get_attribute("data-set")]
+            cells = [c.inner_text() for c in row.query_selector_all("td")]
+            assert cells[0] == want["name"] and cells[1] == str(want["n"])
+            assert cells[2:5] == [f"{want['recall'][k]:.3f}" for k in ("1", "10", "100")]
+            assert cells[5] == f"{want['latency_ms']['batch1_p50']:.2f}"
+        assert "text 25/25" in page.inner_text("#query-log")
+        # A text search says which set's recall applies to it.
+        page.fill(".input-row .input-text", "a red dog")
+        page.click("#search")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('recall')")
+        r10 = expected["text:query_log"]["recall"]["10"]
+        assert f"recall@10 {r10:.3f} (text:query_log)" in page.inner_text("#status")
+    finally:
+        context.close()

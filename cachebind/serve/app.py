@@ -51,6 +51,8 @@ def create_app(
             state.metrics.set_index_version(snap.version if snap else None)
         if state.config.index_poll_s > 0:
             state.tasks.append(asyncio.create_task(state.poll_forever()))
+        if state.query_log.enabled:
+            state.tasks.append(asyncio.create_task(state.query_log.flush_forever()))
         try:
             yield
         finally:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,9 +84,38 @@ async def query_embedding(
     items: Sequence[InputItem], embed_one: EmbedOne, dim: int, field: str = "inputs"
 ) -> np.ndarray:
     """F_M [d] for one input or the weighted mix of several."""
+    return (await embed_query(items, embed_one, dim, field)).f_m
+
+
+@dataclass(frozen=True)
+class QueryParts:
+    """F_M of a query and what it is made of: each input's modality label and unit F_i.
+
+    ``label`` is the input's modality, or None for a raw embedding sent without one (its kind
+    is unknown: the query log skips it and its recall is reported as unverified); ``raw`` says
+    which F_i a client sent rather than this service encoded.
+    """
+
+    f_m: np.ndarray
+    labels: list[str | None]
+    vectors: list[np.ndarray]
+    raw: list[bool]
+
+    @property
+    def parts(self) -> list[tuple[str | None, np.ndarray, bool]]:
+        return list(zip(self.labels, self.vectors, self.raw, strict=True))
+
+
+async def embed_query(
+    items: Sequence[InputItem], embed_one: EmbedOne, dim: int, field: str = "inputs"
+) -> QueryParts:
+    """F_M [d] for one input or the weighted mix of several, with its parts."""
     from cachebind.cache import mix
 
     if not items:
         raise unprocessable("empty_mix", f"{field} must hold at least one input")
     vectors = await embed_items(items, embed_one, dim, field)
-    return mix(vectors, [item.weight for item in items]).astype(np.float32)
+    f_m = mix(vectors, [item.weight for item in items]).astype(np.float32)
+    labels = [item.modality.value if item.modality is not None else None for item in items]
+    raw = [item.embedding is not None for item in items]
+    return QueryParts(f_m, labels, [np.asarray(v, dtype=np.float32) for v in vectors], raw)

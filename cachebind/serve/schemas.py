@@ -22,7 +22,9 @@ class InputItem(Strict):
     """
 
     modality: Modality | None = Field(
-        None, description="Required for text and data; ignored for a raw embedding."
+        None,
+        description="Required for text and data. For a raw embedding optional: the modality it "
+        "embeds; the response's recall (and the query log) then count it as that modality.",
     )
     text: str | None = Field(None, description="The text of a text input.")
     data: str | None = Field(
@@ -93,6 +95,31 @@ class SearchHit(BaseModel):
     image_url: str = Field(description="Thumbnail served by this service (404 when none).")
 
 
+class RecallPart(BaseModel):
+    set: str | None = Field(description="The query set measured for this modality (None: none).")
+    recall_at_10: float | None
+    trusted: bool = Field(description="The set had enough queries to stand behind its figure.")
+    verified: bool = Field(description="A measured set covers this modality.")
+
+
+class RecallInfo(BaseModel):
+    """What recall the served index version's manifest promises for this query's modality.
+
+    A mixed query is searched with one blended F_M, so its recall is bounded by its weakest
+    part: the worst part's set and figure are reported. ``verified`` is false when some part's
+    modality was never measured (a raw embedding sent without ``modality``, or a modality no
+    query set covers): the figure then speaks only for the parts that were.
+    """
+
+    set: str | None = Field(description="The query set whose recall applies (the worst part's).")
+    recall_at_10: float | None = Field(description="recall@10 of that set in the manifest.")
+    trusted: bool = Field(description="Every part's set had enough queries to be trusted.")
+    verified: bool = Field(description="Every part's modality is covered by a measured set.")
+    parts: dict[str, RecallPart] = Field(
+        description="Per input modality ('embedding' for unlabelled raw embeddings)."
+    )
+
+
 class SearchResponse(BaseModel):
     results: list[SearchHit]
     offset: int
@@ -100,6 +127,7 @@ class SearchResponse(BaseModel):
     next_cursor: str | None
     index_version: str | None
     exhausted: bool = Field(description="True when the table has no further matching rows.")
+    recall: RecallInfo
 
 
 class EnhanceRequest(Strict):
@@ -128,6 +156,7 @@ class EnhanceResponse(BaseModel):
     t: float
     alpha: float
     index_version: str | None
+    recall: RecallInfo = Field(description="The recall the S_topk neighbours were found with.")
 
 
 class GenerateRequest(Strict):
@@ -152,12 +181,48 @@ class GenerateResponse(BaseModel):
     neighbours: list[Neighbour]
 
 
+class QuerySetLatency(BaseModel):
+    batch1_p50: float | None = Field(None, description="ms per query, one query per call (p50)")
+    batch64_per_query: float | None = Field(None, description="ms per query in batches of 64")
+
+
+class QuerySetReport(BaseModel):
+    """One kind of query the version was tuned and measured on (the manifest's query_sets)."""
+
+    name: str = Field(description="'image:held_out', 'text:captions', '<modality>:query_log' …")
+    modality: str
+    source: str | None = None
+    n: int | None = Field(None, description="Queries measured.")
+    trusted: bool = Field(description="n reached the build's min_queries_per_set.")
+    recall_at_1: float | None = None
+    recall_at_10: float | None = None
+    recall_at_100: float | None = None
+    latency_ms: QuerySetLatency
+
+
+class QueryLogInfo(BaseModel):
+    enabled: bool
+    capacity_per_modality: int
+    modalities: dict[str, dict[str, int]] = Field(
+        description="{modality: {seen, kept, dim}}: queries offered to the sample and kept."
+    )
+
+
 class IndexInfo(BaseModel):
     version: str | None
     manifest: dict[str, Any] | None
     table_version: int | None
     rows: int | None
     dim: int | None
+    query_sets: list[QuerySetReport] = Field(
+        default_factory=list,
+        description="Recall@1/10/100 and latency per query set (a manifest from before query "
+        "sets gives its one held-out image set; an unmeasured index none).",
+    )
+    recall_by_modality: dict[str, RecallPart] = Field(
+        default_factory=dict, description="The worst trusted set of each modality."
+    )
+    query_log: QueryLogInfo
 
 
 class ReloadResponse(BaseModel):

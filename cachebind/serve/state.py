@@ -17,6 +17,7 @@ from cachebind.serve.batching import ItemError, MicroBatcher
 from cachebind.serve.decoding import MediaDecoder
 from cachebind.serve.errors import unavailable
 from cachebind.serve.metrics import Metrics
+from cachebind.serve.querylog import ServedQueryLog
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 
 log = logging.getLogger("cachebind.serve")
@@ -65,6 +66,8 @@ class ServeState:
         )
         self.reload_lock = asyncio.Lock()
         self.tasks: list[asyncio.Task[Any]] = []
+        # Beside the index versions, not in a snapshot: a reload never resets it.
+        self.query_log = ServedQueryLog(self.config.query_log, settings.index.dir)
 
     def read_keys(self) -> KeyStore:
         keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
@@ -200,3 +203,5 @@ class ServeState:
         await self.media.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.generate_executor.shutdown(wait=False, cancel_futures=True)
+        # After the batchers: every answered query is in the sample by now.
+        await asyncio.to_thread(self.query_log.flush)

@@ -12,6 +12,7 @@ from cachebind.errors import IndexMismatchError
 from cachebind.serve import schemas as s
 from cachebind.serve.deps import State, require_admin
 from cachebind.serve.errors import ApiError
+from cachebind.serve.recall import query_set_reports, recall_by_modality_report
 
 # Admin key per route (not the user-key dependency the keyed routers are included with).
 router = APIRouter()
@@ -50,11 +51,20 @@ async def admin_reload(state: State, force: bool = False) -> s.ReloadResponse:
 
 @info.get("/v1/index", response_model=s.IndexInfo, tags=["v1"])
 async def index_info(state: State) -> s.IndexInfo:
-    """The index version being served and its manifest."""
+    """The index version being served, its manifest, recall@1/10/100 and latency per query
+    set, and the query log's counts."""
     runtime = state.require_runtime()
     snap = runtime.snapshot
+    query_log = s.QueryLogInfo(**state.query_log.describe())
     if snap is None:
-        return s.IndexInfo(version=None, manifest=None, table_version=None, rows=None, dim=None)
+        return s.IndexInfo(
+            version=None,
+            manifest=None,
+            table_version=None,
+            rows=None,
+            dim=None,
+            query_log=query_log,
+        )
     rows = snap.rows
     return s.IndexInfo(
         version=snap.version,
@@ -62,4 +72,7 @@ async def index_info(state: State) -> s.IndexInfo:
         table_version=int(snap.table.version),
         rows=rows,
         dim=int(snap.table.dim),
+        query_sets=query_set_reports(snap.manifest),
+        recall_by_modality=recall_by_modality_report(snap.manifest),
+        query_log=query_log,
     )

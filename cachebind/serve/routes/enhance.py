@@ -13,7 +13,8 @@ from cachebind.cache import Enhanced
 from cachebind.config import CacheConfig
 from cachebind.serve import schemas as s
 from cachebind.serve.deps import Limits, RequestLimits, State
-from cachebind.serve.inputs import query_embedding
+from cachebind.serve.inputs import embed_query
+from cachebind.serve.recall import recall_info
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 from cachebind.serve.state import ServeState
 
@@ -31,6 +32,7 @@ class EnhancedQuery:
     k: int
     t: float
     alpha: float
+    recall: s.RecallInfo  # what the version's manifest promises for the query's modalities
 
 
 async def enhanced_of(
@@ -48,9 +50,11 @@ async def enhanced_of(
     alpha = cache.alpha if alpha is None else alpha
     limits.check_k(k)
     runtime, snap = state.require_snapshot()
-    f_m = await query_embedding(items, state.embed_one, runtime.dim)
-    enhanced = await state.enhance_batcher.submit((snap, f_m, k, t, alpha))
-    return EnhancedQuery(runtime, snap, f_m, enhanced, k, t, alpha)
+    query = await embed_query(items, state.embed_one, runtime.dim)
+    enhanced = await state.enhance_batcher.submit((snap, query.f_m, k, t, alpha))
+    state.query_log.record(query.parts)
+    recall = recall_info(snap.manifest, query.labels)
+    return EnhancedQuery(runtime, snap, query.f_m, enhanced, k, t, alpha, recall)
 
 
 def _cache_defaults(state: ServeState) -> CacheConfig:
@@ -92,6 +96,7 @@ async def enhance(body: s.EnhanceRequest, state: State, limits: RequestLimits) -
             t=q.t,
             alpha=q.alpha,
             index_version=q.snap.version,
+            recall=q.recall,
         )
 
     return await limits.timed(work())

@@ -14,7 +14,8 @@ from cachebind.serve import schemas as s
 from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.errors import unprocessable
 from cachebind.serve.filters import FilterError, parse_filter
-from cachebind.serve.inputs import query_embedding
+from cachebind.serve.inputs import embed_query
+from cachebind.serve.recall import recall_info
 from cachebind.serve.search import search as run_search
 
 router = APIRouter()
@@ -38,14 +39,14 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
     runtime, snap = state.require_snapshot()
 
     async def work() -> s.SearchResponse:
-        f_m = await query_embedding(body.inputs, state.embed_one, runtime.dim)
+        query = await embed_query(body.inputs, state.embed_one, runtime.dim)
 
         async def search_fn(q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
             return await state.index_batcher.submit((snap, q, n))
 
         page = await run_search(
             snap,
-            f_m,
+            query.f_m,
             need=offset + body.k,
             search_fn=search_fn,
             run=asyncio.to_thread,
@@ -55,6 +56,7 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
         hits = page.hits[offset:]
         more = not page.exhausted and len(page.hits) == offset + body.k
         next_offset = offset + len(hits) if more else None
+        state.query_log.record(query.parts)
         return s.SearchResponse(
             results=[
                 s.SearchHit(
@@ -74,6 +76,7 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
             next_cursor=encode_cursor(next_offset) if next_offset is not None else None,
             index_version=snap.version,
             exhausted=not more,
+            recall=recall_info(snap.manifest, query.labels),
         )
 
     return await limits.timed(work())

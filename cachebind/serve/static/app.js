@@ -5,7 +5,7 @@
 const KEY_STORAGE = "cachebind.apiKey";
 const $ = (selector, root = document) => root.querySelector(selector);
 
-const state = { body: null, cursor: null, objectUrls: [] };
+const state = { body: null, cursor: null, objectUrls: [], version: undefined };
 
 function apiKey() {
   return $("#api-key").value.trim();
@@ -143,12 +143,17 @@ async function runSearch(more = false) {
     const request = more ? { ...state.body, cursor: state.cursor } : state.body;
     const started = performance.now();
     const page = await api("/v1/search", request);
+    // A newly published version has its own figures: show them with its results.
+    if (page.index_version !== state.version) showIndexVersion();
     renderResults(page.results);
     state.cursor = page.next_cursor;
     $("#more").hidden = !page.next_cursor;
     const shown = document.querySelectorAll(".result").length;
     const ms = Math.round(performance.now() - started);
-    setStatus(`${shown} result${shown === 1 ? "" : "s"} · index ${page.index_version} · ${ms} ms`);
+    setStatus(
+      `${shown} result${shown === 1 ? "" : "s"} · index ${page.index_version} · ` +
+        `${recallText(page.recall)} · ${ms} ms`,
+    );
   } catch (error) {
     setStatus(error.message, true);
   } finally {
@@ -156,12 +161,65 @@ async function runSearch(more = false) {
   }
 }
 
+// What the version's manifest promises for this query's modality (a mix: its worst part).
+function recallText(recall) {
+  if (!recall || recall.recall_at_10 === null) return "recall not measured for this query";
+  const caveats = [];
+  if (!recall.trusted) caveats.push("too few queries to trust");
+  if (!recall.verified) caveats.push("some inputs unmeasured");
+  const note = caveats.length ? `, ${caveats.join(", ")}` : "";
+  return `recall@10 ${recall.recall_at_10.toFixed(3)} (${recall.set}${note})`;
+}
+
+function figure(value, digits) {
+  return value === null || value === undefined ? "—" : value.toFixed(digits);
+}
+
+function renderQuerySets(info) {
+  const body = $("#query-sets");
+  body.replaceChildren();
+  for (const set of info.query_sets || []) {
+    const row = document.createElement("tr");
+    row.dataset.set = set.name;
+    if (!set.trusted) {
+      row.classList.add("untrusted");
+      row.title = "too few queries to stand behind these figures";
+    }
+    const cells = [
+      set.trusted ? set.name : `${set.name} (untrusted)`,
+      set.n === null ? "—" : String(set.n),
+      figure(set.recall_at_1, 3),
+      figure(set.recall_at_10, 3),
+      figure(set.recall_at_100, 3),
+      figure(set.latency_ms.batch1_p50, 2),
+      figure(set.latency_ms.batch64_per_query, 3),
+    ];
+    for (const text of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.appendChild(cell);
+    }
+    body.appendChild(row);
+  }
+  const log = info.query_log;
+  const logged = Object.entries(log.modalities)
+    .map(([m, c]) => `${m} ${c.kept}/${c.seen}`)
+    .join(", ");
+  $("#query-log").textContent = log.enabled
+    ? `query log on (embeddings only; kept/seen per modality): ${logged || "empty"}`
+    : "query log off";
+  $("#index-recall").hidden = !(info.query_sets || []).length;
+}
+
 async function showIndexVersion() {
   try {
     const info = await api("/v1/index");
+    state.version = info.version;
     $("#index-version").textContent = `index ${info.version} · ${info.rows} rows`;
+    renderQuerySets(info);
   } catch {
     $("#index-version").textContent = "";
+    $("#index-recall").hidden = true;
   }
 }
 

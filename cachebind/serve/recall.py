@@ -1,0 +1,79 @@
+"""What a served index version promises, per query set and per query: read from its manifest.
+
+``indexing.manifest`` owns the format (``query_sets``, ``recall_by_modality``, ``recall_for``);
+this module only turns it into the response models, so a manifest written before query sets
+existed reports its one held-out image set and an unmeasured index reports none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cachebind.serve import schemas as s
+
+UNLABELLED = "embedding"
+"""The part name of a raw embedding sent without a modality: no query set can cover it."""
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def query_set_reports(manifest: dict[str, Any]) -> list[s.QuerySetReport]:
+    """Each query set of ``manifest`` with its recall@1/10/100 and latency."""
+    from indexing.manifest import query_sets_of
+
+    reports = []
+    for qs in query_sets_of(manifest):
+        recall = qs.get("recall") or {}
+        latency = qs.get("latency_ms") or {}
+        reports.append(
+            s.QuerySetReport(
+                name=str(qs.get("name")),
+                modality=str(qs.get("modality")),
+                source=qs.get("source"),
+                n=qs.get("n"),
+                trusted=bool(qs.get("trusted")),
+                recall_at_1=_number(recall.get("1")),
+                recall_at_10=_number(recall.get("10")),
+                recall_at_100=_number(recall.get("100")),
+                latency_ms=s.QuerySetLatency(
+                    batch1_p50=_number(latency.get("batch1_p50")),
+                    batch64_per_query=_number(latency.get("batch64_per_query")),
+                ),
+            )
+        )
+    return reports
+
+
+def recall_by_modality_report(manifest: dict[str, Any]) -> dict[str, s.RecallPart]:
+    """The worst trusted set of each modality the manifest measured."""
+    from indexing.manifest import query_sets_of, recall_by_modality
+
+    by_modality = manifest.get("recall_by_modality")
+    if not isinstance(by_modality, dict):
+        by_modality = recall_by_modality(query_sets_of(manifest))
+    return {
+        m: s.RecallPart(
+            set=v.get("set"),
+            recall_at_10=_number(v.get("recall_at_10")),
+            trusted=bool(v.get("trusted")),
+            verified=True,
+        )
+        for m, v in by_modality.items()
+    }
+
+
+def recall_info(manifest: dict[str, Any], labels: Sequence[str | None]) -> s.RecallInfo:
+    """The recall that applies to a query of these input modalities (None: unlabelled)."""
+    from indexing.manifest import recall_for
+
+    found = recall_for(manifest, [label or UNLABELLED for label in labels])
+    return s.RecallInfo(
+        set=found["set"],
+        recall_at_10=_number(found["recall_at_10"]),
+        trusted=bool(found["trusted"]),
+        verified=bool(found["verified"]),
+        parts={m: s.RecallPart(**p) for m, p in found["parts"].items()},
+    )

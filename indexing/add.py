@@ -1,0 +1,119 @@
+"""Incremental add: appended table rows join the current version without retraining."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+
+from cachebind.config import IndexConfig
+from cachebind.errors import IndexMismatchError
+from cachebind.store import CacheTable
+from indexing.build import QueryFiles, StageHook, _finish, _prepare, _select, build_index
+from indexing.gpu import gpu_memory_bytes, gpu_wanted
+from indexing.manifest import ids_checksum
+from indexing.ondisk import CopyOnWriteAdd, is_ondisk
+from indexing.rows import add_range
+from indexing.select import outgrown
+from indexing.versions import INDEX_FILE, current_version, publish, read_manifest, versions_dir
+
+log = logging.getLogger(__name__)
+
+
+def add_rows(
+    index_dir: Path,
+    table: CacheTable,
+    config: IndexConfig,
+    progress: bool = True,
+    *,
+    on_stage: StageHook | None = None,
+    shards: int | None = None,
+    ray_address: str | None = None,
+    query_files: QueryFiles | None = None,
+) -> dict[str, Any]:
+    """Add the rows appended to ``table`` since the current version, without retraining.
+
+    The current version's rows must be a prefix of the table (same ids in the same order, by
+    checksum); otherwise the table was rewritten, not appended to, and IndexMismatchError says
+    to rebuild. The result is published as a new version whose manifest names its parent;
+    search parameters are re-tuned and recall re-measured on the grown index, on every query
+    set a build uses (held-out rows, captions, the query log, ``query_files``).
+
+    When the grown table has outgrown the current index (:func:`indexing.select.outgrown`: a
+    Flat index past the exact-search size, an IVF sized for a sixteenth of the rows, a key
+    that no longer fits the memory budget), a full build replaces it instead, unless
+    ``config.rebuild_when_outgrown`` is off; the manifest's ``update`` says which happened and
+    why (``{"mode": "added" | "rebuilt", "reason": ...}``). ``shards``/``ray_address`` are
+    used by such a rebuild (a sharded Ray build, as ``build_and_publish``).
+    """
+    index_dir = Path(index_dir)
+    parent = current_version(index_dir)
+    if parent is None:
+        raise FileNotFoundError(f"no published index in {index_dir}: build one first")
+    old = read_manifest(index_dir, parent)
+    folder = versions_dir(index_dir) / parent
+    n_old = int(old["table"]["row_count"])
+    table_ids = table.ids()
+    if len(table_ids) < n_old or ids_checksum(table_ids[:n_old]) != old["table"]["ids_sha256"]:
+        raise IndexMismatchError(
+            f"the table (version {table.version}, {len(table_ids)} rows) does not extend the rows "
+            f"index {parent} was built from ({n_old} rows, table version "
+            f"{old['table']['version']}): rows were changed or removed, rebuild the index"
+        )
+    config = config.model_copy(update={"dir": index_dir})
+    lineage: dict[str, Any] = {"parent_version": parent, "added_rows": int(len(table_ids) - n_old)}
+    gpu_seen = gpu_wanted(config.use_gpu) and gpu_memory_bytes() is not None
+    reason = outgrown(
+        old["selection"], _select(len(table_ids), table.dim, config), gpu_seen=gpu_seen
+    )
+    if reason is not None and config.rebuild_when_outgrown:
+        log.info("rebuilding instead of adding: %s", reason)
+        staged = build_index(
+            table,
+            config,
+            progress,
+            shards=shards,
+            ray_address=ray_address,
+            on_stage=on_stage,
+            query_files=query_files,
+            lineage=lineage | {"update": {"mode": "rebuilt", "reason": reason}},
+        )
+        version = publish(index_dir, staged, config.keep_versions)
+        return read_manifest(index_dir, version)
+    if reason is not None:
+        log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
+    work = _prepare(table, config, None, query_files)
+    # An on-disk version grows copy-on-write: new rows in memory, then merged with the parent's
+    # lists into the new version's own ivfdata (indexing/ondisk.py).
+    grow = CopyOnWriteAdd(folder, old, index_dir, n_old) if is_ondisk(old) else None
+    index = grow.adder if grow else faiss.read_index(str(folder / INDEX_FILE))
+    t0 = time.perf_counter()
+    ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
+    work.timings["add_s"] = time.perf_counter() - t0
+    if on_stage:
+        on_stage("added")
+    into = None
+    if grow is not None:
+        index, into = grow.merge()
+    update = {
+        "mode": "added",
+        "reason": f"added although outgrown (rebuild_when_outgrown is off): {reason}"
+        if reason
+        else "the index still suits the grown table",
+    }
+    staged = _finish(
+        work,
+        index,
+        ids,
+        old["selection"],
+        progress=progress,
+        on_stage=on_stage,
+        extra=lineage | {"shards": 1, "update": update},
+        staged=into,
+        may_escalate=old["selection"].get("reason") != "forced by the caller",
+    )
+    version = publish(index_dir, staged, config.keep_versions)
+    return read_manifest(index_dir, version)

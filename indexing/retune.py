@@ -1,0 +1,165 @@
+"""``cachebind index tune``: re-tune the current version's search parameters on today's queries.
+
+The index files do not change, only which ``nprobe`` / ``k_factor`` / ``efSearch`` to search
+them with, so no rebuild: the new version's ``index.faiss``, ``ids.npy`` (and ``index.ivfdata``)
+are hard links to the parent's (copies when the file system refuses links), and its manifest is
+the parent's with the tuned and measured fields replaced and ``update.mode == "retuned"``. It is
+published like any build (staging directory renamed into ``versions/``, CURRENT replaced
+atomically), so a serving runtime polling CURRENT moves to it between two requests. Pruning the
+parent later removes only the parent's names for the shared files.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+
+from cachebind.config import IndexConfig
+from cachebind.store import CacheTable
+from indexing.build import QueryFiles, _prepare, _search_fn, target_of, tune_index
+from indexing.manifest import check_alignment, recall_by_modality
+from indexing.measure import KIND, groups_of, measure_sets, worst_trusted
+from indexing.ondisk import read_index
+from indexing.params import apply_search_params
+from indexing.querysets import deciding
+from indexing.recall import drop_self
+from indexing.rows import add_range
+from indexing.tune import measure_latency
+from indexing.versions import (
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    current_version,
+    new_staging_dir,
+    publish,
+    read_manifest,
+    version_files,
+    versions_dir,
+)
+
+log = logging.getLogger(__name__)
+
+
+def share_file(src: Path, dst: Path) -> str:
+    """Hard-link ``src`` as ``dst`` (``"link"``), or copy it across file systems (``"copy"``)."""
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def tune_current(
+    index_dir: Path,
+    table: CacheTable,
+    config: IndexConfig,
+    progress: bool = True,
+    *,
+    query_files: QueryFiles | None = None,
+) -> dict[str, Any]:
+    """Publish CURRENT re-tuned on the latest query sets (log, captions, files, held-out rows).
+
+    The table must be the one CURRENT was built from (IndexMismatchError otherwise: rows added
+    since want ``index add``). Returns the new version's manifest. When no setting reaches the
+    target, the version still records what was measured (``target.met`` False) and a warning
+    says to rebuild, which may escalate to a stronger key (``index build``).
+    """
+    index_dir = Path(index_dir)
+    parent = current_version(index_dir)
+    if parent is None:
+        raise FileNotFoundError(f"no published index in {index_dir}: build one first")
+    old = read_manifest(index_dir, parent)
+    folder = versions_dir(index_dir) / parent
+    check_alignment(old, table, table.ids())
+    config = config.model_copy(update={"dir": index_dir})
+    t0 = time.perf_counter()
+    work = _prepare(table, config, None, query_files)
+    index = read_index(folder, old)
+    # Ground truth needs one pass over the table; the index itself is only searched.
+    add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
+    work.timings["prepare_s"] = time.perf_counter() - t0
+    self_pos = work.query_positions
+    truth = drop_self(work.exact.positions, self_pos, work.exact.k - 1)
+    groups = groups_of(work.sets, deciding(work.sets))
+    t0 = time.perf_counter()
+    tuned = tune_index(work, index, old["selection"], truth, groups, progress)
+    work.timings["tune_s"] = time.perf_counter() - t0
+    result = tuned.result
+    if result is not None:
+        apply_search_params(index, result.params)
+    if not tuned.reached(config.recall_target):
+        log.warning(
+            "%s cannot reach recall@%d %.3f on every trusted query set by its search "
+            "parameters alone: `cachebind index build` may escalate to a stronger key",
+            old["index_key"],
+            config.recall_k,
+            config.recall_target,
+        )
+    t0 = time.perf_counter()
+    search = _search_fn(index)
+    sets = measure_sets(
+        search, search, work.sets, groups, self_pos, truth, n_rows=work.n, recall_k=config.recall_k
+    )
+    probes = work.queries if len(work.queries) else None
+    latency = (
+        measure_latency(search, probes, config.recall_k, progress=progress)
+        if probes is not None
+        else old.get("latency_ms", {})
+    )
+    work.timings["measure_s"] = time.perf_counter() - t0
+    del index  # unmap an on-disk index's ivfdata before the version folder moves on
+    headline = worst_trusted(sets, config.recall_k)
+
+    staged = new_staging_dir(index_dir)
+    try:
+        names = [INDEX_FILE, IDS_FILE, *version_files(old)]
+        how = {name: share_file(folder / name, staged / name) for name in names}
+        manifest = dict(old)
+        manifest |= {
+            "version": None,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "search_params": result.params if result else {},
+            "target": target_of(config, result),
+            "recall": dict(headline["recall"]) if headline else {},
+            "recall_queries": {
+                "count": headline["n"] if headline else 0,
+                "kind": KIND.get(headline["source"], headline["source"]) if headline else "none",
+            },
+            "query_sets": sets,
+            "recall_by_modality": recall_by_modality(sets),
+            "latency_ms": latency,
+            "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
+            | {"total_s": round(sum(work.timings.values()), 3)},
+            "software": old.get("software", {}) | {"faiss": faiss.__version__},
+            "tuning_trials": [t.__dict__ for t in result.trials] if result else [],
+            "parent_version": parent,
+            "update": {
+                "mode": "retuned",
+                "reason": f"search parameters re-tuned on {len(work.sets)} query sets; "
+                f"index files shared with {parent} ("
+                + ", ".join(f"{n}: {h}" for n, h in how.items())
+                + ")",
+                "previous_search_params": old.get("search_params", {}),
+            },
+        }
+        manifest.pop("added_rows", None)
+        # Same bytes as the parent's: its recorded sizes and digests still hold.
+        manifest["files"] = {n: old["files"][n] for n in names} if old.get("files") else {}
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    version = publish(index_dir, staged, config.keep_versions)
+    return read_manifest(index_dir, version)

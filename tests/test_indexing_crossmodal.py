@@ -1,0 +1,251 @@
+"""Cross-modal recall the manifest can stand behind: the index is tuned on every kind of query it
+serves (held-out image rows, the table's captions, the query log, users' files), the worst set
+decides, what the manifest says per set is what new queries of that set get, and ``tune``
+re-tunes a published version from traffic without rebuilding it.
+
+The cache is image-like (clustered, unit-norm); text- and audio-like queries are tied to an image
+at cosine 0.3 and offset along their modality's direction (:func:`crossmodal_queries`), the
+modality gap that makes an index tuned on image rows miss a text query's neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import faiss
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+from tables import image_rows
+
+import indexing
+from cachebind.config import IndexConfig, StoreConfig
+from cachebind.store import CacheTable, images_schema
+from indexing.querylog import QueryLog, query_log_path
+from indexing.synthetic import clustered_vectors, crossmodal_queries, modality_direction
+from indexing.versions import CURRENT_FILE, IDS_FILE, INDEX_FILE, read_manifest, versions_dir
+
+N, DIM = 24_000, 128
+KEY = "IVF128,PQ64x4fs,RFlat"
+TARGET = 0.95
+TUNE_SEED, EVAL_SEED = 1, 2
+N_EVAL = 1000
+
+
+class Cache:
+    """A table of image vectors with a caption embedding per row, and fresh evaluation sets."""
+
+    def __init__(self, root: Path) -> None:
+        x = clustered_vectors(N + N_EVAL, DIM, seed=0)
+        x = x.astype(np.float16).astype(np.float32)  # as the table stores them
+        self.x, fresh_images = x[:N], x[N:]
+        self.directions = {m: modality_direction(self.x, m) for m in ("text", "audio")}
+        captions, _ = self.queries("text", 0, TUNE_SEED, tied=np.arange(N))
+        schema = images_schema(dim=DIM, thumbnail=False, text_vector=True)
+        rows = image_rows(self.x)
+        flat = pa.array(captions.astype(np.float16).reshape(-1))
+        rows = rows.append_column(
+            schema.field("text_vector"), pa.FixedSizeListArray.from_arrays(flat, DIM)
+        )
+        lancedb.connect(str(root / "db")).create_table("images", rows.cast(schema))
+        self.store = StoreConfig(uri=str(root / "db"), table="images", vector_dtype="float16")
+        self.table = CacheTable.open(self.store)
+        self.audio_log, _ = self.queries("audio", N_EVAL, TUNE_SEED)
+        self.fresh = {
+            "image": fresh_images,
+            "text": self.queries("text", N_EVAL, EVAL_SEED)[0],
+            "audio": self.queries("audio", N_EVAL, EVAL_SEED)[0],
+        }
+        self.truth = {
+            m: faiss.knn(q, self.x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
+            for m, q in self.fresh.items()
+        }
+
+    def queries(self, modality: str, n: int, seed: int, **kw) -> tuple[np.ndarray, np.ndarray]:
+        return crossmodal_queries(
+            self.x, n, modality, seed=seed, direction=self.directions[modality], **kw
+        )
+
+    def write_log(self, index_dir: Path) -> None:
+        qlog = QueryLog(5_000)
+        qlog.add("audio", self.audio_log)
+        qlog.save(query_log_path(index_dir))
+
+    def fresh_recall(self, index_dir: Path, modality: str) -> tuple[float, float]:
+        """(recall@10, its standard error) of new queries against the CURRENT version."""
+        loaded = indexing.load_current(index_dir, self.table, use_gpu="no")
+        _, ids = loaded.search(self.fresh[modality], 10)
+        truth_ids = self.table.ids()[self.truth[modality]]
+        per_query = (ids[:, :, None] == truth_ids[:, None, :]).any(2).mean(1)
+        return float(per_query.mean()), float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Cache:
+    return Cache(tmp_path_factory.mktemp("crossmodal"))
+
+
+def config(index_dir: Path, **kw) -> IndexConfig:
+    return IndexConfig(dir=index_dir, use_gpu="no", recall_target=TARGET, recall_k=10, **kw)
+
+
+@pytest.fixture(scope="module")
+def built(cache: Cache, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One version tuned on held-out rows, captions, an audio query log and a tiny text file."""
+    index_dir = tmp_path_factory.mktemp("built") / "index"
+    cache.write_log(index_dir)
+    tiny = index_dir.parent / "tiny.npy"
+    np.save(tiny, cache.queries("text", 20, 7)[0])
+    manifest = indexing.build_and_publish(
+        cache.store, config(index_dir), progress=False, index_key=KEY, query_files=[("text", tiny)]
+    )
+    return index_dir, manifest
+
+
+def sets_of(manifest: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in manifest["query_sets"]}
+
+
+def test_every_trusted_query_set_meets_the_target_and_the_worst_one_decides(built) -> None:
+    _, manifest = built
+    sets = sets_of(manifest)
+    assert set(sets) == {"image:held_out", "text:captions", "audio:query_log", "text:file:tiny.npy"}
+    trusted = [s for s in sets.values() if s["trusted"]]
+    assert len(trusted) == 3
+    for s in trusted:
+        assert s["recall_at_target_k_lower"] >= TARGET, s["name"]
+        assert set(s["recall"]) == {"1", "10", "100"}
+        assert s["latency_ms"]["batch1_p50"] > 0 and s["latency_ms"]["batch64_per_query"] > 0
+    worst = min(trusted, key=lambda s: s["recall"]["10"])
+    assert manifest["recall"] == worst["recall"]
+    # The image rows alone would have been satisfied with far fewer probes: a cross-modal set
+    # is what decided (the tuning trial chosen has its lowest recall on a non-image set).
+    chosen = next(t for t in manifest["tuning_trials"] if t["params"] == manifest["search_params"])
+    assert min(chosen["by_set"], key=chosen["by_set"].get) != "image:held_out"
+
+
+def test_new_cross_modal_queries_never_seen_in_tuning_reach_the_target(cache, built) -> None:
+    index_dir, _ = built
+    for modality in ("text", "audio", "image"):
+        recall, stderr = cache.fresh_recall(index_dir, modality)
+        # 1000 new queries: the target, up to two standard errors of their own sampling.
+        assert recall + 2 * stderr >= TARGET, (modality, recall)
+
+
+def test_the_manifest_per_set_recall_is_what_fresh_queries_of_that_set_measure(
+    cache, built
+) -> None:
+    index_dir, manifest = built
+    sets = sets_of(manifest)
+    for name, modality in (
+        ("text:captions", "text"),
+        ("audio:query_log", "audio"),
+        ("image:held_out", "image"),
+    ):
+        recall, _ = cache.fresh_recall(index_dir, modality)
+        assert abs(sets[name]["recall"]["10"] - recall) <= 0.02, (name, recall)
+
+
+def test_a_set_too_small_to_trust_is_reported_and_flagged_never_dropped(built) -> None:
+    _, manifest = built
+    tiny = sets_of(manifest)["text:file:tiny.npy"]
+    assert tiny["n"] == 20 and tiny["trusted"] is False
+    assert 0.0 <= tiny["recall"]["10"] <= 1.0
+    # The modality's figure comes from its trusted set, and a mixed query takes the worst part.
+    assert manifest["recall_by_modality"]["text"]["set"] == "text:captions"
+    mixed = indexing.recall_for(manifest, ["image", "audio"])
+    assert mixed["verified"] and mixed["trusted"]
+    assert mixed["recall_at_10"] == min(
+        manifest["recall_by_modality"][m]["recall_at_10"] for m in ("image", "audio")
+    )
+    assert indexing.recall_for(manifest, ["thermal"])["verified"] is False
+
+
+def test_a_key_that_cannot_reach_the_target_on_text_queries_is_escalated_with_a_reason(
+    cache, tmp_path: Path
+) -> None:
+    # 8-byte PQ codes with no exact re-rank: text queries' neighbours all sit at cosine
+    # ~0.25-0.3, closer together than the codes can tell apart.
+    weak = "IVF64,PQ16x4"
+    staged = indexing.build_index(
+        cache.table, config(tmp_path / "index"), False, index_key=weak, escalate_forced=True
+    )
+    manifest = read_manifest(tmp_path / "index", indexing.publish(tmp_path / "index", staged, 3))
+    assert manifest["index_key"] != weak
+    assert manifest["selection"]["key"] == manifest["index_key"]
+    reason = manifest["selection_reason"]
+    assert weak in reason and f"escalated to {manifest['index_key']}" in reason
+    assert manifest["target"]["met"] is True
+    assert all(s["recall_at_target_k_lower"] >= TARGET for s in manifest["query_sets"])
+    recall, stderr = cache.fresh_recall(tmp_path / "index", "text")
+    assert recall + 2 * stderr >= TARGET
+
+
+def test_tuning_on_image_rows_alone_misses_text_neighbours_and_tune_fixes_it_in_place(
+    cache, tmp_path: Path
+) -> None:
+    index_dir = tmp_path / "index"
+    image_only = config(index_dir, caption_queries=False, query_log=False)
+    first = indexing.build_and_publish(cache.store, image_only, progress=False, index_key=KEY)
+    assert [s["name"] for s in first["query_sets"]] == ["image:held_out"]
+    assert first["recall"]["10"] >= TARGET
+    text_before, _ = cache.fresh_recall(index_dir, "text")
+    assert text_before < 0.9  # what the manifest above would have hidden
+
+    # Traffic arrives: the service's log now holds audio queries; the table has captions.
+    cache.write_log(index_dir)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def reader() -> None:  # a server polling CURRENT sees the old version or the new one
+        while not stop.is_set():
+            version = (index_dir / CURRENT_FILE).read_text().strip()
+            read_manifest(index_dir, version)
+            seen.add(version)
+
+    poller = threading.Thread(target=reader)
+    poller.start()
+    try:
+        retuned = indexing.tune_current(index_dir, cache.table, config(index_dir), progress=False)
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+    parent, child = first["version"], retuned["version"]
+    assert seen <= {parent, child}
+    assert indexing.current_version(index_dir) == child
+    assert retuned["update"]["mode"] == "retuned" and retuned["parent_version"] == parent
+    # Params-only: the same index files (the same inodes), other search parameters.
+    for name in (INDEX_FILE, IDS_FILE):
+        a, b = versions_dir(index_dir) / parent / name, versions_dir(index_dir) / child / name
+        assert os.stat(a).st_ino == os.stat(b).st_ino
+    assert retuned["files"] == first["files"]
+    assert retuned["index_key"] == first["index_key"]
+    assert retuned["search_params"] != first["search_params"]
+    assert retuned["search_params"]["nprobe"] > first["search_params"]["nprobe"]
+    assert {"text:captions", "audio:query_log"} <= set(sets_of(retuned))
+    assert indexing.verify_version(index_dir, child) == []
+    text_after, stderr = cache.fresh_recall(index_dir, "text")
+    assert text_after + 2 * stderr >= TARGET
+    assert not list((index_dir / "staging").iterdir())
+    # Pruning the parent leaves the child's links intact.
+    indexing.prune(index_dir, 1)
+    assert indexing.list_versions(index_dir) == [child]
+    assert cache.fresh_recall(index_dir, "text")[0] == text_after
+
+
+def test_tune_refuses_a_table_the_version_was_not_built_from(cache, tmp_path: Path) -> None:
+    from tables import append_rows
+
+    from cachebind.errors import IndexMismatchError
+
+    root = tmp_path
+    store = StoreConfig(uri=str(root / "db2"), table="images", vector_dtype="float16")
+    db = lancedb.connect(store.uri)
+    db.create_table("images", image_rows(cache.x[:3000]))
+    indexing.build_and_publish(store, config(root / "index"), progress=False)
+    append_rows(store, 10, DIM, seed=9, start=3000)
+    with pytest.raises(IndexMismatchError, match="index add|rebuild"):
+        indexing.tune_current(root / "index", CacheTable.open(store), config(root / "index"))
