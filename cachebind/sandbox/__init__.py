@@ -24,9 +24,10 @@ raises ``InputError(source, reason, detail)``:
 ``too_slow``       past the deadline, or past the CPU cap (``SIGXCPU``)
 =================  =============================================================
 
-An ``InputError`` raised by ``fn`` itself comes back as it was raised. In front of the workers
-is a bounded queue: a task submitted while ``workers + max_queue`` tasks are in flight raises
-:class:`SandboxBusy` at once, carrying ``retry_after_s`` (an HTTP service answers 429).
+An ``InputError`` raised by ``fn`` itself comes back with its reason and detail, under the
+task's ``source``. In front of the workers is a bounded queue: a task submitted while
+``workers + max_queue`` tasks are in flight raises :class:`SandboxBusy` at once, carrying
+``retry_after_s`` (an HTTP service answers 429).
 
 ``fn`` must be importable by name (a module-level function such as
 ``cachebind.preprocess.preprocess``): it travels by reference, its arguments by pickle. Results
