@@ -36,6 +36,7 @@ def input_error(fn, *args, sandbox: Sandbox, source: str = "x", **kw) -> InputEr
 
 
 def test_arrays_and_tensors_come_back_whole(pool: Sandbox) -> None:
+    assert pool.wait_ready(60)
     array = pool.run(tasks.image_array, 2, source="a")
     np.testing.assert_array_equal(array, tasks.image_array(2))
     assert array.flags.writeable

@@ -147,6 +147,7 @@ class Sandbox:
         self._mean_s = 0.1  # running mean of task seconds, for the busy answer's retry hint
         self._closed = False
         self._workers: list[_Worker | None] = [None] * config.workers
+        self._started = [threading.Event() for _ in range(config.workers)]
         self._threads = [
             threading.Thread(target=self._dispatch, args=(i,), name=f"sandbox-{i}", daemon=True)
             for i in range(config.workers)
@@ -215,6 +216,14 @@ class Sandbox:
             task.abandon()
             raise
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every worker has started (imported ``preload``) or ``timeout`` passed;
+        True when they all run (a service's readiness probe)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for started in self._started:
+            started.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return all(w is not None and w.alive() for w in self._workers)
+
     @property
     def in_flight(self) -> int:
         """Tasks queued or running."""
@@ -261,6 +270,7 @@ class Sandbox:
     def _dispatch(self, slot: int) -> None:
         with contextlib.suppress(Exception):  # a worker that cannot start is retried per task
             self._workers[slot] = self._spawn()
+        self._started[slot].set()
         while True:
             task = self._queue.get()
             if task is None or self._closed:
