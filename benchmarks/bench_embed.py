@@ -143,14 +143,16 @@ def bench_cpu(n: int, work: Path) -> dict[str, Any]:
 
 
 def bench_decode(n: int, work: Path, rounds: int = 3) -> dict[str, Any]:
-    """The decode stage alone, in this process: ``decode_partition`` (samples decoded in a
-    sandbox worker, a chunk per sandbox task) against ``decode_sample`` called in-process on the
-    same samples. Rounds alternate so that a busy machine slows both alike; best of each."""
-    from jobs.embed.decode import DecodeOptions, decode_partition, decode_sample
+    """The decode stage alone, in this process: ``decode_partition`` as the job runs it (samples
+    decoded in a sandbox worker, a chunk per sandbox task) against the same function with the
+    sandbox taken out (``decode_samples`` called in-process on each chunk). Rounds alternate so
+    that a busy machine slows both alike; best of each."""
+    import jobs.embed.decode as decode
+    from jobs.embed.sample import decode_samples
 
     source = str(make_shards(work, n, per_shard=1000))
     partitions = list_partitions(source)
-    options = DecodeOptions(
+    options = decode.DecodeOptions(
         max_pixels=89_478_485,
         max_bytes=64 << 20,
         thumbnails=True,
@@ -164,30 +166,28 @@ def bench_decode(n: int, work: Path, rounds: int = 3) -> dict[str, Any]:
             "skip": ["[]"] * len(partitions),
         }
     )
-    samples = [(s, p.id) for p in partitions for s in read_partition(p)]
+    isolated = decode.decode_isolated
 
-    def sandboxed() -> float:
-        start = time.perf_counter()
-        rows = sum(b.num_rows for b in decode_partition(items, options=options))
-        assert rows == n + len(partitions)  # the samples and one marker per partition
-        return time.perf_counter() - start
-
-    def in_process() -> float:
+    def run(isolate: bool) -> float:
         # One thread, as a Ray task of num_cpus=1 (Ray sets OMP_NUM_THREADS) and the worker have.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        start = time.perf_counter()
-        for i, (sample, shard) in enumerate(samples):
-            decode_sample(sample, i, shard, options)
-        elapsed = time.perf_counter() - start
-        torch.set_num_threads(threads)
+        decode.decode_isolated = isolated if isolate else decode_samples
+        try:
+            start = time.perf_counter()
+            rows = sum(b.num_rows for b in decode.decode_partition(items, options=options))
+            elapsed = time.perf_counter() - start
+        finally:
+            decode.decode_isolated = isolated
+            torch.set_num_threads(threads)
+        assert rows == n + len(partitions)  # the samples and one marker per partition
         return elapsed
 
-    sandboxed()  # starts the sandbox worker (imports torch once); a long job pays it once
+    run(True)  # starts the sandbox worker (imports torch once); a long job pays it once
     times: dict[str, list[float]] = {"sandbox": [], "in_process": []}
     for _ in range(rounds):
-        times["sandbox"].append(sandboxed())
-        times["in_process"].append(in_process())
+        times["sandbox"].append(run(True))
+        times["in_process"].append(run(False))
     best = {k: min(v) for k, v in times.items()}
     return {
         "mode": "decode",

@@ -24,7 +24,7 @@ from typing import Any
 
 from cachebind.config import SandboxConfig
 from cachebind.errors import CachebindError, InputError
-from cachebind.sandbox.worker import from_wire, loads
+from cachebind.sandbox.worker import from_wire, loads, receive
 
 MiB = 1024 * 1024
 _POLL_S = 0.05
@@ -141,6 +141,9 @@ class Sandbox:
         self.config = config
         self._preload = tuple(preload)
         self._memory = config.memory_mb * MiB if sys.platform.startswith("linux") else None
+        # A worker cannot make more than its memory cap (twice, for slack): nor can it make
+        # the parent allocate more for its answer.
+        self._answer_limit = 2 * config.memory_mb * MiB
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -336,18 +339,23 @@ class Sandbox:
             if not ready:
                 continue
             try:
-                data = worker.conn.recv_bytes()
+                answer = receive(worker.conn, max(remaining, _POLL_S), self._answer_limit)
             except (EOFError, OSError):
                 exitcode = worker.exitcode()
                 self._replace(slot)
                 task.future.set_exception(self._crash_error(task.source, exitcode))
                 return
-            self._answer(slot, task, data)
+            except Exception as exc:  # late, oversized or garbled: not trusted again
+                self._replace(slot)
+                detail = f"the decoder's answer was refused: {exc}"
+                task.future.set_exception(InputError(task.source, "undecodable", detail))
+                return
+            self._answer(slot, task, answer)
             return
 
-    def _answer(self, slot: int, task: _Task, data: bytes) -> None:
+    def _answer(self, slot: int, task: _Task, answer: tuple[bytes, list[Any]]) -> None:
         try:
-            kind, value = loads(data)
+            kind, value = loads(*answer)
         except Exception as exc:
             self._replace(slot)  # a worker that sends what it should not is not trusted again
             detail = f"the decoder's answer was refused: {exc}"

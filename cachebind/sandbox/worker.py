@@ -14,6 +14,7 @@ import os
 import pickle
 import resource
 import signal
+import struct
 import sys
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -55,13 +56,13 @@ def _worker_main(
         _renew_cpu_cap(cpu_seconds)
         outcome = _call(message)
         try:
-            conn.send_bytes(_dumps(outcome))
+            send(conn, outcome)
         except MemoryError:
-            conn.send_bytes(_dumps(("memory", None)))
+            send(conn, ("memory", None))
         except (EOFError, OSError):
             return
         except Exception as exc:  # an unpicklable result: the task's bug, not the worker's
-            conn.send_bytes(_dumps(("error", f"result cannot be sent back: {exc!r}")))
+            send(conn, ("error", f"result cannot be sent back: {exc!r}"))
         if outcome[0] == "memory":
             return  # a heap that hit its cap may be fragmented or half-updated: start afresh
 
@@ -78,8 +79,46 @@ def _call(message: bytes) -> tuple[str, Any]:
         return ("error", f"{type(exc).__name__}: {exc}")
 
 
-def _dumps(outcome: tuple[str, Any]) -> bytes:
-    return pickle.dumps(outcome, protocol=5)
+OUT_OF_BAND_BYTES = 64 * 1024
+"""Byte strings at least this long travel beside the pickle (pickle protocol 5 out-of-band
+buffers, one socket message each), never copied into it; so do numpy arrays."""
+_COUNT = struct.Struct("<I")
+_BUFFER = struct.Struct("<Q?")  # size, read-only
+
+
+def send(conn: Connection, outcome: tuple[str, Any]) -> None:
+    """One answer: a first message (buffer count, sizes, the pickle), then each buffer."""
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(outcome, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    sizes = b"".join(_BUFFER.pack(r.nbytes, r.readonly) for r in raws)
+    conn.send_bytes(_COUNT.pack(len(raws)) + sizes + head)
+    for raw in raws:
+        conn.send_bytes(raw)
+
+
+def receive(conn: Connection, timeout: float, limit: int) -> tuple[bytes, list[Any]]:
+    """The parent's side of ``send``: the pickle and its buffers (read-only ones as ``bytes``,
+    writable ones as ``bytearray``, so numpy arrays come back writable). Raises
+    ``TimeoutError`` when a buffer is late, ``ValueError`` past ``limit`` bytes in all."""
+    first = conn.recv_bytes(limit)
+    (count,) = _COUNT.unpack_from(first)
+    meta = [_BUFFER.unpack_from(first, _COUNT.size + i * _BUFFER.size) for i in range(count)]
+    if sum(size for size, _ in meta) > limit:
+        raise ValueError(f"an answer of more than {limit} bytes")
+    head = first[_COUNT.size + count * _BUFFER.size :]
+    buffers: list[Any] = []
+    for size, readonly in meta:
+        if not conn.poll(timeout):
+            raise TimeoutError("the rest of the answer did not come")
+        if readonly:
+            data: Any = conn.recv_bytes(size)
+        else:
+            data = bytearray(size)
+            if conn.recv_bytes_into(data) != size:
+                raise ValueError("a buffer of another size than announced")
+        buffers.append(data)
+    return head, buffers
 
 
 def _die_with_parent() -> None:
@@ -122,6 +161,8 @@ def _to_wire(value: Any) -> Any:
     pickles, which may run ``torch.load``)."""
     if type(value).__module__.startswith("torch") and hasattr(value, "numpy"):
         return _Tensor(value.detach().cpu().contiguous().numpy())
+    if isinstance(value, bytes) and len(value) >= OUT_OF_BAND_BYTES:
+        return pickle.PickleBuffer(value)
     if isinstance(value, list | tuple):
         return type(value)(_to_wire(v) for v in value)
     if isinstance(value, dict):
@@ -171,5 +212,5 @@ class _AnswerUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def loads(data: bytes) -> tuple[str, Any]:
-    return _AnswerUnpickler(io.BytesIO(data)).load()
+def loads(head: bytes, buffers: list[Any]) -> tuple[str, Any]:
+    return _AnswerUnpickler(io.BytesIO(head), buffers=buffers).load()
