@@ -142,6 +142,63 @@ def bench_cpu(n: int, work: Path) -> dict[str, Any]:
     }
 
 
+def bench_decode(n: int, work: Path, rounds: int = 3) -> dict[str, Any]:
+    """The decode stage alone, in this process: ``decode_partition`` as the job runs it (samples
+    decoded in a sandbox worker, a chunk per sandbox task) against the same function with the
+    sandbox taken out (``decode_samples`` called in-process on each chunk). Rounds alternate so
+    that a busy machine slows both alike; best of each."""
+    import jobs.embed.decode as decode
+    from jobs.embed.sample import decode_samples
+
+    source = str(make_shards(work, n, per_shard=1000))
+    partitions = list_partitions(source)
+    options = decode.DecodeOptions(
+        max_pixels=89_478_485,
+        max_bytes=64 << 20,
+        thumbnails=True,
+        thumbnail_size=256,
+        pixel_dtype="float32",
+        chunk_rows=32,
+    )
+    items = pa.table(
+        {
+            "partition": [json.dumps(p.to_dict()) for p in partitions],
+            "skip": ["[]"] * len(partitions),
+        }
+    )
+    isolated = decode.decode_isolated
+
+    def run(isolate: bool) -> float:
+        # One thread, as a Ray task of num_cpus=1 (Ray sets OMP_NUM_THREADS) and the worker have.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        decode.decode_isolated = isolated if isolate else decode_samples
+        try:
+            start = time.perf_counter()
+            rows = sum(b.num_rows for b in decode.decode_partition(items, options=options))
+            elapsed = time.perf_counter() - start
+        finally:
+            decode.decode_isolated = isolated
+            torch.set_num_threads(threads)
+        assert rows == n + len(partitions)  # the samples and one marker per partition
+        return elapsed
+
+    run(True)  # starts the sandbox worker (imports torch once); a long job pays it once
+    times: dict[str, list[float]] = {"sandbox": [], "in_process": []}
+    for _ in range(rounds):
+        times["sandbox"].append(run(True))
+        times["in_process"].append(run(False))
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "mode": "decode",
+        "images": n,
+        "sandbox_images_per_s": round(n / best["sandbox"], 1),
+        "in_process_images_per_s": round(n / best["in_process"], 1),
+        "sandbox_cost": round(best["sandbox"] / best["in_process"] - 1, 3),
+        "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()},
+    }
+
+
 def bench_gpu(n: int, work: Path) -> dict[str, Any]:
     """ImageBind-huge (random weights) on every GPU: encoder alone vs the whole job."""
     encoder = Encoder.from_config(EncoderConfig(preset="huge"), Settings().weights)
@@ -200,6 +257,7 @@ def main() -> None:
     try:
         if args.mode in ("auto", "cpu"):
             results.append(bench_cpu(args.n, work / "cpu"))
+            results.append(bench_decode(args.n, work / "decode"))
         if args.mode == "gpu" or (args.mode == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
                 raise SystemExit("--mode gpu needs a GPU")
@@ -207,7 +265,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for r in results:
-        if r["mode"] == "cpu":
+        if r["mode"] == "decode":
+            print(
+                f"decode stage, {r['images']} images: in a sandbox worker "
+                f"{r['sandbox_images_per_s']}/s vs in-process {r['in_process_images_per_s']}/s "
+                f"(isolation costs {100 * r['sandbox_cost']:.1f} %)"
+            )
+        elif r["mode"] == "cpu":
             print(
                 f"CPU, tiny encoder, {r['images']} images: job {r['job_images_per_s']}/s "
                 f"({r['job_s']} s incl. Ray start) vs single-process loop "

@@ -64,3 +64,9 @@ def refuse(source: str) -> None:
 
 def bug() -> None:
     raise KeyError("a decoder bug")
+
+
+def a_date() -> object:
+    import datetime
+
+    return datetime.date(2024, 1, 1)  # pickles as a call of datetime.date: not plain data

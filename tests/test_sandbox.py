@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def input_error(fn, *args, sandbox: Sandbox, source: str = "x", **kw) -> InputEr
 
 
 def test_arrays_and_tensors_come_back_whole(pool: Sandbox) -> None:
+    assert pool.wait_ready(60)
     array = pool.run(tasks.image_array, 2, source="a")
     np.testing.assert_array_equal(array, tasks.image_array(2))
     assert array.flags.writeable
@@ -164,3 +167,23 @@ def test_the_sandbox_section_is_configured_like_every_other(monkeypatch) -> None
     assert settings.sandbox.timeout_s > 0 and settings.sandbox.max_queue >= 0
     with pytest.raises(ValueError):
         SandboxConfig(workers=0)
+
+
+def test_an_answer_that_is_not_plain_data_is_refused(pool: Sandbox) -> None:
+    # Unpickling runs whatever callable the pickle names: only numpy and plain data pass.
+    error = input_error(tasks.a_date, sandbox=pool, source="odd")
+    assert error.reason == "undecodable" and "datetime" in error.detail
+    assert pool.run(tasks.echo, [1, b"x" * 100_000, {"k": 2.5}], source="x") == [
+        1,
+        b"x" * 100_000,
+        {"k": 2.5},
+    ]
+
+
+def test_a_worker_killed_while_idle_is_replaced_without_failing_the_next_task() -> None:
+    with Sandbox(config(workers=1), preload=("sandbox_tasks",)) as sandbox:
+        first = sandbox.run(tasks.pid, source="x")
+        os.kill(first, signal.SIGKILL)
+        time.sleep(0.2)
+        assert sandbox.run(tasks.echo, "fine", source="x") == "fine"
+        assert sandbox.run(tasks.pid, source="x") != first

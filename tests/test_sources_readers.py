@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -228,3 +229,54 @@ def test_partitions_travel_as_plain_data(tmp_path: Path) -> None:
     (partition,) = list_partitions(f"{tmp_path}/c.tsv?images={tmp_path}/i")
     copy = Partition.from_dict(json.loads(json.dumps(partition.to_dict())))
     assert copy == partition and copy.fingerprint() == partition.fingerprint()
+
+
+READER_REASONS = {"unsupported_format", "not_a_file", "empty", "empty_shard"}
+"""What the readers themselves can tell; the rest is for the decoder (and the job) to find."""
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "folder", "parquet"])
+def test_every_sample_of_a_messy_source_is_read_once_under_a_unique_enough_key(
+    tmp_path: Path, layout: str
+) -> None:
+    import messy_corpus as messy
+
+    root, expected = getattr(messy, layout)(tmp_path)
+    spec = f"folder:{root}?chunk_size=3" if layout == "folder" else str(root)
+    got = Counter((s.key, s.error[0] if s.error else None) for s in read_all(spec))
+    want = Counter(
+        (key, outcome if outcome in READER_REASONS else None)
+        for key, outcomes in expected.items()
+        for outcome in outcomes
+    )
+    assert got == want
+
+
+def test_tar_member_paths_keep_their_folders_and_flat_keys_stay_as_they_were(
+    tmp_path: Path,
+) -> None:
+    from messy_corpus import image, write_tar
+
+    write_tar(
+        tmp_path / "00000.tar",
+        [("000000001.jpg", image(1)), ("a/x.jpg", image(2)), ("./b/x.jpg", image(3))],
+    )
+    assert [s.key for s in read_all(str(tmp_path / "00000.tar"))] == ["000000001", "a/x", "b/x"]
+
+
+def test_reader_reasons_say_what_is_wrong(tmp_path: Path) -> None:
+    from messy_corpus import SVG, Symlink, write_tar
+
+    write_tar(tmp_path / "00000.tar", [("v.svg", SVG), ("l.jpg", Symlink("../etc/passwd"))])
+    (tmp_path / "00001.tar").write_bytes(b"")
+    errors = {s.key: s.error for s in read_all(str(tmp_path))}
+    assert errors["v"][0] == "unsupported_format" and ".svg" in errors["v"][1]
+    assert errors["l"][0] == "not_a_file" and "symlink to '../etc/passwd'" in errors["l"][1]
+    assert errors["00001.tar#unreadable"][0] == "empty_shard"
+
+
+def test_an_ordinary_folder_keeps_its_partitions_and_keys(tmp_path: Path) -> None:
+    keys = syn.write_folder(tmp_path, 5)
+    (partition,) = list_partitions(f"folder:{tmp_path}")
+    assert set(partition.options) == {"files", "num_samples"}  # fingerprints as before
+    assert [s.key for s in read_partition(partition)] == keys

@@ -21,6 +21,9 @@ from cachebind.storage import StorageOptions
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 """File extensions read as images (lower case, no dot), in order of preference."""
+UNSUPPORTED_IMAGE_EXTENSIONS = ("svg", "svgz", "heic", "heif", "avif", "jxl", "eps", "psd", "raw")
+"""Images that are not decoded (vector formats, codecs Pillow lacks): a sample made of one is
+recorded as ``unsupported_format`` instead of vanishing."""
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,23 @@ and sidecar metadata (``x.json``, as img2dataset's ``files`` output writes it).
 
 Partitions: the sorted list of images cut into chunks of ``chunk_size`` files, named by the
 first file of the chunk's folder and the chunk number. The key of a sample is its path relative
-to the folder without extension (``sub/x``), unique within the folder.
+to the folder without extension (``sub/x``); when several images share a stem (``x.jpg`` and
+``x.png``) each of them keeps its extension (``sub/x.jpg``, ``sub/x.png``), so that none is
+dropped as a duplicate of the other. Images in formats that are not decoded (``.svg`` …) are
+listed too and become ``unsupported_format`` errors.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
     Partition,
     Sample,
     StorageOptions,
@@ -39,32 +44,47 @@ def list_partitions(
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise FileNotFoundError(f"not a folder: {uri}")
-    files = sorted(p for p in fs.find(root) if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+    listed = IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS
+    files = sorted(p for p in fs.find(root) if _ext(p) in listed)
     relative = [posixpath.relpath(p, root) for p in files]
+    stems = Counter(_stem(name) for name in relative)
     base = full_uri(fs, root)
     chunk_size = int(chunk_size)
-    return [
-        Partition(
-            kind=KIND,
-            id=f"part-{i // chunk_size:05d}",
-            uri=base,
-            options={
-                "files": relative[i : i + chunk_size],
-                "num_samples": len(relative[i : i + chunk_size]),
-            },
+    partitions = []
+    for i in range(0, len(relative), chunk_size):
+        chunk = relative[i : i + chunk_size]
+        options: dict[str, Any] = {"files": chunk, "num_samples": len(chunk)}
+        shared = [name for name in chunk if stems[_stem(name)] > 1]
+        if shared:  # only then: an ordinary folder's partitions (and fingerprints) are unchanged
+            options["keep_extension"] = shared
+        partitions.append(
+            Partition(kind=KIND, id=f"part-{i // chunk_size:05d}", uri=base, options=options)
         )
-        for i in range(0, len(relative), chunk_size)
-    ]
+    return partitions
+
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(name) else ""
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0]
 
 
 def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
     fs, root = url_to_fs(partition.uri, storage)
+    keep_extension = set(partition.options.get("keep_extension", ()))
     for name in partition.options["files"]:
-        key = name.rsplit(".", 1)[0]
-        stem_path = f"{root.rstrip('/')}/{key}"
+        stem = _stem(name)
+        key = name if name in keep_extension else stem
+        stem_path = f"{root.rstrip('/')}/{stem}"
         caption = _sidecar_text(fs, stem_path + ".txt")
         meta = _sidecar_json(fs, stem_path + ".json")
         url = meta.get("url")
+        if _ext(name) in UNSUPPORTED_IMAGE_EXTENSIONS:
+            detail = f"{name}: .{_ext(name)} images are not decoded"
+            yield samples_error(key, "unsupported_format", detail, caption=caption, url=url)
+            continue
         try:
             data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"), storage)
         except OSError as exc:

@@ -10,6 +10,7 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cachebind.sources.base import (
@@ -45,14 +46,20 @@ def list_partitions(
     uris = expand_uris(pattern, ".parquet", storage)
     partitions = []
     for uri in uris:
+        name = posixpath.basename(uri)
         with open_uri(uri, storage) as f:
-            pfile = pq.ParquetFile(f)
+            try:
+                pfile = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                # One bad file is one error row, not a job that cannot start.
+                empty = f.seek(0, 2) == 0
+                partitions.append(_unreadable(uri, name, empty, exc))
+                continue
             columns = resolve_columns(pfile.schema_arrow.names, options)
             n_groups = pfile.num_row_groups
             offsets = [0]
             for i in range(n_groups):
                 offsets.append(offsets[-1] + pfile.metadata.row_group(i).num_rows)
-        name = posixpath.basename(uri)
         for i in range(n_groups):
             partitions.append(
                 Partition(
@@ -68,6 +75,17 @@ def list_partitions(
                 )
             )
     return partitions
+
+
+def _unreadable(uri: str, name: str, empty: bool, exc: Exception) -> Partition:
+    reason = "empty_shard" if empty else "unreadable"
+    detail = f"parquet file {uri} is empty (0 bytes)" if empty else f"{uri}: {exc}"
+    return Partition(
+        kind=KIND,
+        id=f"{name}#unreadable",
+        uri=uri,
+        options={"error": [reason, detail], "num_samples": 1},
+    )
 
 
 def resolve_columns(names: list[str], options: dict[str, Any]) -> dict[str, str | None]:
@@ -99,6 +117,10 @@ def resolve_columns(names: list[str], options: dict[str, Any]) -> dict[str, str 
 
 def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
     opts = partition.options
+    if "error" in opts:  # a file that could not be read when it was listed
+        reason, detail = opts["error"]
+        yield samples_error(partition.id, reason, detail)
+        return
     wanted = [
         c
         for c in (

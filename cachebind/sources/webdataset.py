@@ -11,6 +11,7 @@ from typing import Any
 
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
     Partition,
     Sample,
     StorageOptions,
@@ -33,8 +34,10 @@ def read_partition(partition: Partition, storage: StorageOptions | None = None) 
     """Stream the tar once, grouping consecutive members that share a key into one sample.
 
     A tar cut short (an interrupted download) keeps the samples before the cut and reports the
-    rest as one ``truncated`` error for the shard, rather than failing the whole job.
+    rest as one ``truncated`` error for the shard, rather than failing the whole job; a
+    zero-byte shard is one ``empty_shard`` error.
     """
+    tail: _TailReader | None = None
     try:
         with open_uri(partition.uri, storage) as raw:
             tail = _TailReader(raw)
@@ -47,10 +50,13 @@ def read_partition(partition: Partition, storage: StorageOptions | None = None) 
             f"tar shard {partition.uri} ends after {cut.key!r} without its end marker",
         )
     except (tarfile.TarError, EOFError, OSError) as exc:
+        empty = tail is not None and tail.total == 0
         yield samples_error(
             f"{partition.id}#unreadable",
-            "truncated",
-            f"tar shard {partition.uri} is unreadable: {exc}",
+            "empty_shard" if empty else "truncated",
+            f"tar shard {partition.uri} is empty (0 bytes)"
+            if empty
+            else f"tar shard {partition.uri} is unreadable: {exc}",
         )
 
 
@@ -67,11 +73,13 @@ class _TailReader:
     def __init__(self, raw: Any) -> None:
         self.raw = raw
         self.tail = b""
+        self.total = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         if data:
             self.tail = (self.tail + data)[-1024:]
+            self.total += len(data)
         return data
 
     def ended_cleanly(self) -> bool:
@@ -79,22 +87,36 @@ class _TailReader:
         return len(self.tail) == 1024 and not self.tail.strip(b"\0")
 
 
+class _NotAFile:
+    """A member that names a sample's file but holds no bytes: a symlink, a hard link, a device."""
+
+    def __init__(self, member: tarfile.TarInfo) -> None:
+        kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
+        target = f" to {member.linkname!r}" if member.linkname else ""
+        self.detail = f"{member.name!r} is a {kind}{target}, not a file"
+
+
 def _members(tar: tarfile.TarFile, partition: Partition, tail: _TailReader) -> Iterator[Sample]:
     current_key: str | None = None
-    members: dict[str, bytes] = {}
+    members: dict[str, bytes | _NotAFile] = {}
     try:
         for member in tar:
-            if not member.isfile():
+            if member.isdir():
                 continue
             key, ext = split_ext(member.name)
-            if key.startswith("__") or not ext:  # webdataset's __index__ and the like
+            if posixpath.basename(key).startswith("__") or not ext:  # __index__ and the like
                 continue
-            if key != current_key and current_key is not None:
+            # A new key, or the same member name again (two samples that share a key), closes
+            # the pending sample: nothing is overwritten unseen.
+            if current_key is not None and (key != current_key or ext in members):
                 yield _sample(current_key, members, partition)
                 members = {}
             current_key = key
-            handle = tar.extractfile(member)
-            members[ext] = handle.read() if handle is not None else b""
+            if member.isfile():
+                handle = tar.extractfile(member)
+                members[ext] = handle.read() if handle is not None else b""
+            else:
+                members[ext] = _NotAFile(member)
     except (tarfile.TarError, EOFError, OSError) as exc:
         # A cut inside a member: the pending sample is incomplete, report it with the cut.
         raise _Truncated(current_key) from exc
@@ -104,25 +126,39 @@ def _members(tar: tarfile.TarFile, partition: Partition, tail: _TailReader) -> I
         yield _sample(current_key, members, partition)
 
 
-def _sample(key: str, members: dict[str, bytes], partition: Partition) -> Sample:
+def sample_key(member_key: str, meta: dict[str, Any]) -> str:
+    """The sample's key: img2dataset's ``key`` from the ``.json`` member when there is one, else
+    the webdataset key (the member path without extension, so ``a/x.jpg`` and ``b/x.jpg`` are
+    two samples). A flat tar's members (img2dataset's layout) have no folder part, so their keys
+    are what earlier versions wrote and a resumed job on an older table finds them."""
+    return str(meta.get("key") or posixpath.normpath(member_key).lstrip("/"))
+
+
+def _sample(key: str, members: dict[str, bytes | _NotAFile], partition: Partition) -> Sample:
     meta: dict[str, Any] = {}
-    if "json" in members:
+    if isinstance(members.get("json"), bytes):
         try:
             meta = json.loads(members["json"])
         except (ValueError, UnicodeDecodeError):
             meta = {}
-    # img2dataset keys are unique across shards; the member's base name is that key.
-    sample_key = str(meta.get("key") or posixpath.basename(key))
-    caption = members["txt"].decode("utf-8", "replace") if "txt" in members else meta.get("caption")
+        if not isinstance(meta, dict):
+            meta = {}
+    name = sample_key(key, meta)
+    text = members.get("txt")
+    caption = text.decode("utf-8", "replace") if isinstance(text, bytes) else meta.get("caption")
     url = meta.get("url")
+    common: dict[str, Any] = {"caption": caption, "url": url, "extra": meta}
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if image_ext is not None and isinstance(members[image_ext], _NotAFile):
+        return samples_error(name, "not_a_file", members[image_ext].detail, **common)
     if image_ext is None:
-        return samples_error(
-            sample_key,
-            "empty",
-            f"no image member for {key!r} in {partition.uri} (members: {sorted(members)})",
-            caption=caption,
-            url=url,
-            extra=meta,
-        )
-    return Sample(key=sample_key, image=members[image_ext], caption=caption, url=url, extra=meta)
+        other = next((e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members), None)
+        if other is not None:
+            detail = f"{key}.{other} in {partition.uri}: .{other} images are not decoded"
+            return samples_error(name, "unsupported_format", detail, **common)
+        links = [m for m in members.values() if isinstance(m, _NotAFile)]
+        if links:
+            return samples_error(name, "not_a_file", links[0].detail, **common)
+        detail = f"no image member for {key!r} in {partition.uri} (members: {sorted(members)})"
+        return samples_error(name, "empty", detail, **common)
+    return Sample(key=name, image=bytes(members[image_ext]), **common)  # type: ignore[arg-type]

@@ -136,6 +136,19 @@ class CacheWriter:
                     found.setdefault(shard, set()).add(sid)
         return found
 
+    def holders(self, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """``id -> (shard, "rows" | "errors")`` for committed ids: which partition holds a key
+        that another partition repeats (one filtered scan of each table; duplicates are rare)."""
+        found: dict[int, tuple[str, str]] = {}
+        if not len(ids):
+            return found
+        wanted = pc.field("id").isin(pa.array([int(i) for i in ids], pa.int64()))
+        for name, table in (("rows", self.images), ("errors", self.errors)):
+            data = table.to_lance().to_table(columns=["id", "shard"], filter=wanted)
+            for sid, shard in zip(data["id"].to_pylist(), data["shard"].to_pylist(), strict=True):
+                found.setdefault(sid, (shard, name))
+        return found
+
     # -- writing -------------------------------------------------------------------------------
 
     def write_rows(self, rows: pa.Table) -> WriteResult:

@@ -1,21 +1,40 @@
 """Stage 1, the mapper on CPU workers: read a partition, decode and preprocess each sample.
 
-Bad samples become error rows (stage, reason) instead of failing the task."""
+Bad samples become error rows (stage, reason) instead of failing the task. Samples are decoded
+in a sandbox worker process (``cachebind.sandbox``, one per decode task, kept for the task's
+Ray worker), a chunk at a time: a decoder that crashes natively (a segfault would otherwise
+kill the Ray worker, whose retries would fail the partition), passes the sandbox's memory or
+CPU cap or its deadline costs the chunk a second pass, one sample per sandbox task, which finds
+the culprit; it becomes an error row (``undecodable`` naming the signal, ``too_large``,
+``too_slow``) and the others are decoded as usual.
+
+Every sample read ends in exactly one row: a key already used earlier in the partition gets a
+``duplicate_key`` error naming the sample that keeps it (across partitions the sink does the
+same).
+"""
 
 from __future__ import annotations
 
-import io
 import json
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 
+from cachebind.config import SandboxConfig
 from cachebind.errors import InputError
-from cachebind.sources import Partition, StorageOptions, read_partition
+from cachebind.sandbox import Sandbox
+from cachebind.sources import Partition, Sample, StorageOptions, read_partition
 from cachebind.store import row_id
+from jobs.embed.sample import (
+    DecodeOptions,
+    decode_sample,
+    decode_samples,
+    empty_row,
+    error_row,
+    thumbnail_jpeg,
+)
 
 PIXELS = (3, 224, 224)
 
@@ -41,17 +60,32 @@ STAGE_SCHEMA = pa.schema(
     ]
 )
 
+__all__ = [
+    "PIXELS",
+    "STAGE_SCHEMA",
+    "DecodeOptions",
+    "decode_partition",
+    "decode_sample",
+    "duplicate_id",
+    "thumbnail_jpeg",
+]
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    max_pixels: int
-    max_bytes: int
-    thumbnails: bool
-    thumbnail_size: int
-    pixel_dtype: str
-    chunk_rows: int
-    storage: StorageOptions = field(default_factory=StorageOptions, repr=False)
-    """How workers reach object-store sources (travels with the task, not in the partition)."""
+SANDBOX_PRELOAD = ("cachebind.preprocess.image", "jobs.embed.sample")
+_SANDBOXES: dict[str, Sandbox] = {}
+"""One sandbox per Ray worker process (and configuration), reused by the tasks it runs."""
+
+
+def duplicate_id(key: str, shard: str, position: int | None = None) -> int:
+    """The errors-table id of a sample whose key was already taken: stable across runs (so a
+    resumed job does not record it twice) and distinct from the keeper's ``row_id(key)``."""
+    suffix = f":{position}" if position is not None else ""
+    return row_id(f"{key}#duplicate@{shard}{suffix}")
+
+
+def duplicate_row(sid: int, sample: Sample, shard: str, kept_by: str) -> dict[str, Any]:
+    detail = f"key {sample.key!r} is already taken by {kept_by}, which is kept"
+    base = {"caption": sample.caption, "url": sample.url}
+    return error_row(sid, sample.key, shard, "read", "duplicate_key", detail, base)
 
 
 def decode_partition(batch: pa.Table, *, options: DecodeOptions) -> Iterator[pa.Table]:
@@ -63,94 +97,82 @@ def decode_partition(batch: pa.Table, *, options: DecodeOptions) -> Iterator[pa.
     """
     for item in batch.to_pylist():
         partition = Partition.from_dict(json.loads(item["partition"]))
-        skip = set(json.loads(item["skip"]))
-        rows: list[dict[str, Any]] = []
-        emitted: set[int] = set()
+        yield from _decode_one(partition, set(json.loads(item["skip"])), options)
+
+
+def _decode_one(partition: Partition, skip: set[int], options: DecodeOptions) -> Iterator[pa.Table]:
+    rows: list[dict[str, Any]] = []
+    pending: list[tuple[Sample, int]] = []
+    holders: dict[int, int] = {}  # id -> position of the sample that holds the key
+    emitted: set[int] = set()
+    samples = iter(read_partition(partition, options.storage))
+    position = -1
+    while True:
         try:
-            for sample in read_partition(partition, options.storage):
-                sid = row_id(sample.key)
-                if sid in skip or sid in emitted:
-                    continue
-                emitted.add(sid)
-                rows.append(decode_sample(sample, sid, partition.id, options))
-                if len(rows) >= options.chunk_rows:
-                    yield pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
-                    rows = []
+            sample = next(samples)
+        except StopIteration:
+            break
         except Exception as exc:  # an unreadable shard must not stop the job
             key = f"{partition.id}#unreadable"
             sid = row_id(key)
-            if sid not in emitted:
+            if sid not in emitted and sid not in skip:
                 emitted.add(sid)
-                rows.append(
-                    _error_row(sid, key, partition.id, "read", "unreadable", repr(exc), None)
-                )
-        marker = _empty_row(row_id(f"{partition.id}#done"), partition.id)
-        rows.append({**marker, "status": "done", "count": len(emitted)})
-        yield pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+                detail = repr(exc)
+                rows.append(error_row(sid, key, partition.id, "read", "unreadable", detail, None))
+            break
+        position += 1
+        sid = row_id(sample.key)
+        if sid in holders:
+            dup = duplicate_id(sample.key, partition.id, position)
+            if dup not in skip and dup not in emitted:
+                emitted.add(dup)
+                kept_by = f"sample {holders[sid]} of {partition.id}"
+                rows.append(duplicate_row(dup, sample, partition.id, kept_by))
+            continue
+        holders[sid] = position
+        if sid in skip:
+            continue
+        emitted.add(sid)
+        pending.append((sample, sid))
+        if len(pending) >= options.chunk_rows:
+            rows += decode_isolated(pending, partition.id, options)
+            pending = []
+        if len(rows) >= options.chunk_rows:
+            yield pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+            rows = []
+    rows += decode_isolated(pending, partition.id, options)
+    marker = empty_row(row_id(f"{partition.id}#done"), partition.id)
+    rows.append({**marker, "status": "done", "count": len(emitted)})
+    yield pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
-def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> dict[str, Any]:
-    """One sample -> an ``ok`` row (pixels, size, thumbnail) or an ``error`` row."""
-    from cachebind.preprocess.image import image_tensor, load_image
-
-    start = time.perf_counter()
-    base = {"caption": sample.caption, "url": sample.url}
-    if sample.error is not None:
-        reason, detail = sample.error
-        return _error_row(sid, sample.key, shard, "read", reason, detail, base)
-    try:
-        img = load_image(
-            sample.image, sample.key, max_pixels=options.max_pixels, max_bytes=options.max_bytes
-        )
-        pixels = image_tensor(img).numpy().astype(options.pixel_dtype, copy=False)
-        thumb = thumbnail_jpeg(img, options.thumbnail_size) if options.thumbnails else None
-    except InputError as exc:
-        return _error_row(sid, sample.key, shard, "decode", exc.reason, exc.detail, base)
-    except Exception as exc:  # a decoder bug on one odd file: record it, keep going
-        return _error_row(sid, sample.key, shard, "decode", "undecodable", repr(exc), base)
-    return {
-        **_empty_row(sid, shard),
-        **base,
-        "key": sample.key,
-        "status": "ok",
-        "width": img.width,
-        "height": img.height,
-        "pixels": pixels.tobytes(),
-        "thumbnail": thumb,
-        "decode_s": time.perf_counter() - start,
-    }
+def decode_isolated(
+    pending: list[tuple[Sample, int]], shard: str, options: DecodeOptions
+) -> list[dict[str, Any]]:
+    """``decode_sample`` of each pending sample, in the sandbox: the chunk in one task, and
+    when that task fails (a crash, a cap, the deadline), each sample in a task of its own."""
+    if not pending:
+        return []
+    sandbox = _sandbox(options.sandbox)
+    wire = replace(options, storage=StorageOptions())  # the worker reads no object store
+    if len(pending) > 1:
+        try:
+            return sandbox.run(decode_samples, pending, shard, wire, source=shard)
+        except InputError:
+            pass  # one of them took the worker down: find which
+    rows: list[dict[str, Any]] = []
+    for sample, sid in pending:
+        try:
+            rows += sandbox.run(decode_samples, [(sample, sid)], shard, wire, source=sample.key)
+        except InputError as exc:
+            base = {"caption": sample.caption, "url": sample.url}
+            rows.append(error_row(sid, sample.key, shard, "decode", exc.reason, exc.detail, base))
+    return rows
 
 
-def thumbnail_jpeg(img: Any, size: int) -> bytes:
-    """A JPEG whose longer side is at most ``size`` px (aspect ratio kept)."""
-    from PIL import Image
-
-    thumb = img.copy()
-    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
-    out = io.BytesIO()
-    thumb.save(out, format="JPEG", quality=85)
-    return out.getvalue()
-
-
-def _empty_row(sid: int, shard: str) -> dict[str, Any]:
-    return {"id": sid, "key": "", "shard": shard, "count": 0, "decode_s": 0.0}
-
-
-def _error_row(
-    sid: int,
-    key: str,
-    shard: str,
-    stage: str,
-    reason: str,
-    detail: str,
-    base: dict[str, Any] | None,
-) -> dict[str, Any]:
-    return {
-        **_empty_row(sid, shard),
-        **(base or {}),
-        "key": key,
-        "status": "error",
-        "stage": stage,
-        "reason": reason,
-        "detail": (detail or "")[:2000],
-    }
+def _sandbox(config: SandboxConfig) -> Sandbox:
+    key = config.model_dump_json()
+    sandbox = _SANDBOXES.get(key)
+    if sandbox is None:
+        sandbox = _SANDBOXES[key] = Sandbox(config, preload=SANDBOX_PRELOAD)
+    return sandbox

@@ -171,6 +171,9 @@ def _run_pipeline(
         pixel_dtype=plan.pixel_dtype,
         chunk_rows=plan.chunk_rows,
         storage=storage,
+        # Each decode task decodes through one sandbox worker: the task is the unit of
+        # parallelism, the worker its isolation.
+        sandbox=settings.sandbox.model_copy(update={"workers": 1}),
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(

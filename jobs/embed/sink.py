@@ -13,7 +13,12 @@ import pyarrow as pa
 from cachebind.config import Settings
 from cachebind.sources import Partition
 from cachebind.store import CacheWriter
+from jobs.embed.decode import STAGE_SCHEMA, duplicate_id
 from jobs.embed.report import EmbedReport, StageStats
+
+ERROR_COLUMNS = pa.schema(
+    [STAGE_SCHEMA.field(n) for n in ("id", "key", "shard", "stage", "reason", "detail")]
+)
 
 
 @dataclass
@@ -50,6 +55,8 @@ class Sink:
         self.encode = StageStats()
         self.write = StageStats()
         self.reasons: Counter[str] = Counter()
+        self.claimed: dict[int, str] = {}
+        """Ids of buffered (not yet committed) samples -> their partition."""
 
     def take(self, block: pa.Table) -> int:
         """Buffer one block; returns the number of samples (rows + errors) in it."""
@@ -62,6 +69,7 @@ class Sink:
         samples = np.flatnonzero(status != "done")
         for i in samples:
             self.states[shards[i]].received.add(int(ids[i]))
+        block, status = self._claim_keys(block, status)
         ok = status == "ok"
         if ok.any():
             rows = block.filter(pa.array(ok))
@@ -74,12 +82,54 @@ class Sink:
         bad = status == "error"
         if bad.any():
             self.errors.append(
-                block.filter(pa.array(bad)).select(
-                    ["id", "key", "shard", "stage", "reason", "detail"]
-                )
+                block.filter(pa.array(bad)).select(ERROR_COLUMNS.names).cast(ERROR_COLUMNS)
             )
         self.last_samples = len(samples)
         return len(samples)
+
+    def _claim_keys(self, block: pa.Table, status: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+        """Give each key to one sample of the collection: a sample whose key another
+        partition already holds becomes a ``duplicate_key`` error naming that partition; a
+        sample already held by its own partition is a replay (a retried decode task) and is
+        dropped, as the writer would."""
+        reasons = block["reason"].to_pylist()
+        candidates = [
+            int(i) for i in np.flatnonzero(status != "done") if reasons[i] != "duplicate_key"
+        ]
+        if not candidates:
+            return block, status
+        ids = block["id"].to_numpy()[candidates]
+        committed = self.writer.row_ids.contains(ids) | self.writer.error_ids.contains(ids)
+        holders = self.writer.holders(ids[committed]) if committed.any() else {}
+        shards, keys = block["shard"].to_pylist(), block["key"].to_pylist()
+        keep = np.ones(block.num_rows, dtype=bool)
+        duplicates: list[dict[str, Any]] = []
+        for i, sid in zip(candidates, ids.tolist(), strict=True):
+            holder = self.claimed.get(sid) or holders.get(sid, (None, ""))[0]
+            if holder is None:
+                self.claimed[sid] = shards[i]
+                continue
+            keep[i] = False
+            if holder == shards[i]:
+                self.report.rows_skipped += 1
+                continue
+            where = " (in the errors table)" if holders.get(sid, ("", ""))[1] == "errors" else ""
+            duplicates.append(
+                {
+                    "id": duplicate_id(keys[i], shards[i]),
+                    "key": keys[i],
+                    "shard": shards[i],
+                    "stage": "read",
+                    "reason": "duplicate_key",
+                    "detail": f"key {keys[i]!r} is already taken by a sample of {holder}"
+                    f"{where}, which is kept",
+                }
+            )
+        if duplicates:
+            self.errors.append(pa.Table.from_pylist(duplicates, schema=ERROR_COLUMNS))
+        if keep.all():
+            return block, status
+        return block.filter(pa.array(keep)), status[keep]
 
     def _image_rows(self, rows: pa.Table) -> pa.Table:
         columns: dict[str, Any] = {
@@ -112,6 +162,7 @@ class Sink:
             self._count(errors, "errors", result.written)
         self.report.errors_by_reason = dict(self.reasons)
         self.rows, self.errors, self.pending_rows = [], [], 0
+        self.claimed.clear()  # committed now: the writer's id sets answer for them
         # Everything received so far is committed: complete partitions can be recorded.
         done = [
             pid

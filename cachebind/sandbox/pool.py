@@ -1,56 +1,15 @@
-"""A pool of worker processes that run decoders on untrusted bytes, so that a decoder which
-crashes, eats memory or spins costs one task its answer and nothing else.
-
-    with Sandbox(settings.sandbox, preload=("cachebind.preprocess",)) as sandbox:
-        pixels = sandbox.run(decode_fn, data, source="upload.png")       # sync
-        pixels = await sandbox.run_async(decode_fn, data, source="x")    # from an event loop
-
-Each worker is a freshly spawned interpreter (``sys.executable``, never a fork of a parent that
-holds threads, locks or CUDA state; nor ``multiprocessing``'s spawn, which would re-run the
-parent's main script in it), joined to the parent by a socket pair, with
-- ``RLIMIT_AS`` = its idle footprint + ``memory_mb`` (an allocation past it raises
-  ``MemoryError`` in the worker, or the kernel kills it),
-- ``RLIMIT_CPU`` = the CPU time it has used + ``cpu_seconds``, renewed per task (the kernel
-  sends ``SIGXCPU`` past it),
-- ``RLIMIT_CORE`` = 0 (a crash leaves no core file behind),
-and the parent enforces a wall-clock deadline per task. A worker that crashes, passes a cap,
-overruns or whose task is abandoned (a cancelled ``run_async``) is killed and replaced; its task
-raises ``InputError(source, reason, detail)``:
-
-=================  =============================================================
-``undecodable``    the worker died of a signal (``SIGSEGV``, ``SIGABRT`` …, named in the
-                   detail) or exited, or ``fn`` raised something other than InputError
-``too_large``      ``MemoryError`` under the memory cap, or killed by ``SIGKILL`` (OOM)
-``too_slow``       past the deadline, or past the CPU cap (``SIGXCPU``)
-=================  =============================================================
-
-An ``InputError`` raised by ``fn`` itself comes back as it was raised. In front of the workers
-is a bounded queue: a task submitted while ``workers + max_queue`` tasks are in flight raises
-:class:`SandboxBusy` at once, carrying ``retry_after_s`` (an HTTP service answers 429).
-
-``fn`` must be importable by name (a module-level function such as
-``cachebind.preprocess.preprocess``): it travels by reference, its arguments by pickle. Results
-come back pickled (protocol 5, one copy of an array's bytes each way: well under a millisecond
-for a [3, 224, 224] float32 tensor); torch tensors travel as numpy arrays and are rebuilt with
-``torch.from_numpy``. The parent unpickles results with an allow-list (plain Python data and
-numpy arrays), so a worker whose decoder was subverted by a crafted input cannot make the parent
-run code through its answer. The sandbox bounds resources and contains crashes; it is not a
-system-call filter (a subverted worker could still read files the service can read).
-"""
+"""The parent's side of the sandbox: the pool of workers, its queue and its dispatchers."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib
-import io
 import json
 import math
 import os
 import pickle
 import queue
-import resource
 import signal
 import socket
 import subprocess
@@ -66,6 +25,7 @@ from typing import Any
 
 from cachebind.config import SandboxConfig
 from cachebind.errors import CachebindError, InputError
+from cachebind.sandbox.worker import from_wire, loads, receive
 
 MiB = 1024 * 1024
 _POLL_S = 0.05
@@ -100,165 +60,6 @@ class SandboxStats:
     busy: int
     queued: int
     restarts: dict[str, int]
-
-
-# -- the worker process ------------------------------------------------------------------------
-
-
-def _worker_entry(spec: str) -> None:
-    """``python -c`` of a new worker: ``spec`` is JSON (socket fd, caps, preload, sys.path)."""
-    args = json.loads(spec)
-    sys.path[:0] = [p for p in args["path"] if p not in sys.path]
-    conn = Connection(args["fd"])
-    _worker_main(conn, args["memory"], args["cpu"], args["preload"])
-
-
-def _worker_main(
-    conn: Connection, memory_bytes: int | None, cpu_seconds: int, preload: Sequence[str]
-) -> None:
-    """A worker's life: apply the caps, then run tasks until the parent closes the socket."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    for name in preload:
-        importlib.import_module(name)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)  # one task at a time: parallelism is the pool's
-    if memory_bytes is not None:
-        _cap_memory(memory_bytes)
-    conn.send_bytes(b"ready")  # a task's deadline starts now, not while the interpreter starts
-    while True:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        if not message:  # the parent's stop
-            return
-        _renew_cpu_cap(cpu_seconds)
-        outcome = _call(message)
-        try:
-            conn.send_bytes(_dumps(outcome))
-        except MemoryError:
-            conn.send_bytes(_dumps(("memory", None)))
-        except (EOFError, OSError):
-            return
-        except Exception as exc:  # an unpicklable result: the task's bug, not the worker's
-            conn.send_bytes(_dumps(("error", f"result cannot be sent back: {exc!r}")))
-        if outcome[0] == "memory":
-            return  # a heap that hit its cap may be fragmented or half-updated: start afresh
-
-
-def _call(message: bytes) -> tuple[str, Any]:
-    try:
-        fn, args, kwargs = pickle.loads(message)
-        return ("ok", _to_wire(fn(*args, **kwargs)))
-    except InputError as exc:
-        return ("input_error", (exc.reason, exc.detail))
-    except MemoryError:
-        return ("memory", None)
-    except Exception as exc:
-        return ("error", f"{type(exc).__name__}: {exc}")
-
-
-def _dumps(outcome: tuple[str, Any]) -> bytes:
-    return pickle.dumps(outcome, protocol=5)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when its parent process dies (a worker busy in a long
-    decode would otherwise notice only when it next reads the pipe)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _cap_memory(extra_bytes: int) -> None:
-    """``RLIMIT_AS`` = what the worker maps now (interpreter, preloaded modules) + the budget:
-    a cap on what a task may add, whatever the libraries' own footprint."""
-    try:
-        with open("/proc/self/statm") as f:
-            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        mapped = 0
-    limit = mapped + extra_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _renew_cpu_cap(cpu_seconds: int) -> None:
-    """``RLIMIT_CPU`` counts over the process's life: grant each task ``cpu_seconds`` more."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = math.ceil(usage.ru_utime + usage.ru_stime)
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    soft = used + cpu_seconds
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
-
-
-def _to_wire(value: Any) -> Any:
-    """Torch tensors as numpy arrays (the parent's allow-list admits numpy, not torch's
-    pickles, which may run ``torch.load``)."""
-    if type(value).__module__.startswith("torch") and hasattr(value, "numpy"):
-        return _Tensor(value.detach().cpu().contiguous().numpy())
-    if isinstance(value, list | tuple):
-        return type(value)(_to_wire(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    return value
-
-
-class _Tensor(tuple):
-    """A tensor on the wire: ``(numpy_array,)``, rebuilt by the parent."""
-
-    def __new__(cls, array: Any) -> _Tensor:
-        return super().__new__(cls, (array,))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Tensor, (self[0],))
-
-
-def _from_wire(value: Any) -> Any:
-    if isinstance(value, _Tensor):
-        import torch
-
-        return torch.from_numpy(value[0])
-    if isinstance(value, list | tuple):
-        return type(value)(_from_wire(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _from_wire(v) for k, v in value.items()}
-    return value
-
-
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    (__name__, "_Tensor"),
-}
-
-
-class _AnswerUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"a worker answered with a {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _loads(data: bytes) -> tuple[str, Any]:
-    return _AnswerUnpickler(io.BytesIO(data)).load()
-
-
-# -- the parent's side -------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -336,7 +137,7 @@ class _Worker:
         self.kill()
 
 
-_ENTRY = "import sys; from cachebind.sandbox import _worker_entry; _worker_entry(sys.argv[1])"
+_ENTRY = "import sys; from cachebind.sandbox.worker import worker_entry; worker_entry(sys.argv[1])"
 _ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 """A worker runs one task at a time: the pool is the parallelism, not BLAS threads."""
 
@@ -354,6 +155,9 @@ class Sandbox:
         self.config = config
         self._preload = tuple(preload)
         self._memory = config.memory_mb * MiB if sys.platform.startswith("linux") else None
+        # A worker cannot make more than its memory cap (twice, for slack): nor can it make
+        # the parent allocate more for its answer.
+        self._answer_limit = 2 * config.memory_mb * MiB
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -362,6 +166,7 @@ class Sandbox:
         self._mean_s = 0.1  # running mean of task seconds, for the busy answer's retry hint
         self._closed = False
         self._workers: list[_Worker | None] = [None] * config.workers
+        self._started = [threading.Event() for _ in range(config.workers)]
         self._threads = [
             threading.Thread(target=self._dispatch, args=(i,), name=f"sandbox-{i}", daemon=True)
             for i in range(config.workers)
@@ -430,6 +235,14 @@ class Sandbox:
             task.abandon()
             raise
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every worker has started (imported ``preload``) or ``timeout`` passed;
+        True when they all run (a service's readiness probe)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for started in self._started:
+            started.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return all(w is not None and w.alive() for w in self._workers)
+
     @property
     def in_flight(self) -> int:
         """Tasks queued or running."""
@@ -481,6 +294,7 @@ class Sandbox:
     def _dispatch(self, slot: int) -> None:
         with contextlib.suppress(Exception):  # a worker that cannot start is retried per task
             self._workers[slot] = self._spawn()
+        self._started[slot].set()
         while True:
             task = self._queue.get()
             if task is None or self._closed:
@@ -555,18 +369,23 @@ class Sandbox:
             if not ready:
                 continue
             try:
-                data = worker.conn.recv_bytes()
+                answer = receive(worker.conn, max(remaining, _POLL_S), self._answer_limit)
             except (EOFError, OSError):
                 exitcode = worker.exitcode()
                 task.future.set_exception(self._crash_error(task.source, exitcode))
                 self._replace(slot, _death_reason(exitcode))
                 return
-            self._answer(slot, task, data)
+            except Exception as exc:  # late, oversized or garbled: not trusted again
+                self._replace(slot)
+                detail = f"the decoder's answer was refused: {exc}"
+                task.future.set_exception(InputError(task.source, "undecodable", detail))
+                return
+            self._answer(slot, task, answer)
             return
 
-    def _answer(self, slot: int, task: _Task, data: bytes) -> None:
+    def _answer(self, slot: int, task: _Task, answer: tuple[bytes, list[Any]]) -> None:
         try:
-            kind, value = _loads(data)
+            kind, value = loads(*answer)
         except Exception as exc:
             detail = f"the decoder's answer was refused: {exc}"
             task.future.set_exception(InputError(task.source, "undecodable", detail))
@@ -574,7 +393,7 @@ class Sandbox:
             self._replace(slot, "bad_answer")
             return
         if kind == "ok":
-            task.future.set_result(_from_wire(value))
+            task.future.set_result(from_wire(value))
         elif kind == "input_error":
             reason, detail = value
             task.future.set_exception(InputError(task.source, reason, detail))

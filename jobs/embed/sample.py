@@ -1,0 +1,109 @@
+"""One sample -> a stage row: decode, preprocess, thumbnail. This is the code that meets the
+bytes of the collection, so the decode stage runs it inside a sandbox worker
+(``cachebind.sandbox``): a decoder that crashes natively, blows its memory cap or hangs costs
+that sample an error row, not the partition.
+
+Kept light on imports (no Ray, no LanceDB): a sandbox worker imports this module and
+``cachebind.preprocess.image`` only.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachebind.config import SandboxConfig
+from cachebind.errors import InputError
+from cachebind.storage import StorageOptions
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    max_pixels: int
+    max_bytes: int
+    thumbnails: bool
+    thumbnail_size: int
+    pixel_dtype: str
+    chunk_rows: int
+    storage: StorageOptions = field(default_factory=StorageOptions, repr=False)
+    """How workers reach object-store sources (travels with the task, not in the partition)."""
+    sandbox: SandboxConfig = field(default_factory=lambda: SandboxConfig(workers=1))
+    """Caps of the decode sandbox (one worker per decode task; its size is the task's)."""
+
+
+def decode_samples(
+    samples: list[tuple[Any, int]], shard: str, options: DecodeOptions
+) -> list[dict[str, Any]]:
+    """The sandbox worker's entry: ``decode_sample`` for each ``(sample, id)``."""
+    return [decode_sample(sample, sid, shard, options) for sample, sid in samples]
+
+
+def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> dict[str, Any]:
+    """One sample -> an ``ok`` row (pixels, size, thumbnail) or an ``error`` row."""
+    from cachebind.preprocess.image import image_tensor, load_image
+
+    start = time.perf_counter()
+    base = {"caption": sample.caption, "url": sample.url}
+    if sample.error is not None:
+        reason, detail = sample.error
+        return error_row(sid, sample.key, shard, "read", reason, detail, base)
+    try:
+        img = load_image(
+            sample.image, sample.key, max_pixels=options.max_pixels, max_bytes=options.max_bytes
+        )
+        pixels = image_tensor(img).numpy().astype(options.pixel_dtype, copy=False)
+        thumb = thumbnail_jpeg(img, options.thumbnail_size) if options.thumbnails else None
+    except InputError as exc:
+        return error_row(sid, sample.key, shard, "decode", exc.reason, exc.detail, base)
+    except MemoryError:
+        raise  # the sandbox answers it (too_large) and replaces its worker
+    except Exception as exc:  # a decoder bug on one odd file: record it, keep going
+        return error_row(sid, sample.key, shard, "decode", "undecodable", repr(exc), base)
+    return {
+        **empty_row(sid, shard),
+        **base,
+        "key": sample.key,
+        "status": "ok",
+        "width": img.width,
+        "height": img.height,
+        "pixels": pixels.tobytes(),
+        "thumbnail": thumb,
+        "decode_s": time.perf_counter() - start,
+    }
+
+
+def thumbnail_jpeg(img: Any, size: int) -> bytes:
+    """A JPEG whose longer side is at most ``size`` px (aspect ratio kept)."""
+    from PIL import Image
+
+    thumb = img.copy()
+    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    thumb.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def empty_row(sid: int, shard: str) -> dict[str, Any]:
+    return {"id": sid, "key": "", "shard": shard, "count": 0, "decode_s": 0.0}
+
+
+def error_row(
+    sid: int,
+    key: str,
+    shard: str,
+    stage: str,
+    reason: str,
+    detail: str,
+    base: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        **empty_row(sid, shard),
+        **(base or {}),
+        "key": key,
+        "status": "error",
+        "stage": stage,
+        "reason": reason,
+        "detail": (detail or "")[:2000],
+    }
