@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,11 +15,43 @@ from cachebind.config import Settings
 from cachebind.modalities import Modality
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.batching import ItemError, MicroBatcher
-from cachebind.serve.errors import unavailable
+from cachebind.serve.errors import ApiError, unavailable
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 
 log = logging.getLogger("cachebind.serve")
+
+
+class Admission:
+    """A bounded count of admitted jobs: ``take()`` or 429 with Retry-After when full."""
+
+    def __init__(self, capacity: int, what: str) -> None:
+        self.capacity = capacity
+        self.what = what
+        self.active = 0
+
+    def take(self) -> Slot:
+        if self.active >= self.capacity:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"{self.active} {self.what}s are running or queued (the limit); retry later",
+                headers={"Retry-After": "1"},
+            )
+        self.active += 1
+        return Slot(self)
+
+
+class Slot:
+    """One admitted job; ``release()`` is idempotent, so every exit path may call it."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.active -= 1
+            self._admission = None
 
 
 class ServeState:
@@ -61,6 +94,14 @@ class ServeState:
         )
         self.reload_lock = asyncio.Lock()
         self.tasks: list[asyncio.Task[Any]] = []
+        secret = self.config.cursor_secret
+        # Random per start unless configured: cursors then outlive neither a restart nor the
+        # replica that issued them, which is what a page of a changing index should do anyway.
+        self.cursor_secret = (
+            secret.get_secret_value().encode("utf-8") if secret else secrets.token_bytes(32)
+        )
+        # The running generation plus the ones waiting for the model thread.
+        self.generations = Admission(1 + settings.llm.max_queue, "generation")
 
     def read_keys(self) -> KeyStore:
         keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
@@ -94,11 +135,9 @@ class ServeState:
     async def embed_one(self, modality: Modality, raw: Any, source: str) -> np.ndarray:
         """F_M of one raw input: preprocess here (its own InputError), encode micro-batched."""
         runtime = self.require_runtime()
-        if modality is Modality.TEXT and len(raw) < 10_000:
-            # Tokenising a short text costs less than a hop to a worker thread.
-            tensor = runtime.preprocess(modality, raw, source)
-        else:
-            tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
+        # Even a short text is tokenised in a worker thread: a request of many of them would
+        # otherwise hold the event loop (and /healthz, and every other user) for seconds.
+        tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
         batcher = self.encoders.get(modality)
         if batcher is None:
             batcher = self.encoders[modality] = MicroBatcher(

@@ -55,6 +55,7 @@ async def embed(request: Request, state: State, limits: RequestLimits) -> s.Embe
     (``modality`` + one or more ``file`` parts, and/or ``text`` fields)."""
     runtime = state.require_runtime()
     items = await embed_items_of(request, state.config)
+    limits.check_inputs(items)
     vectors = await limits.timed(embed_items(items, state.embed_one, runtime.dim))
     return s.EmbedResponse(
         dim=runtime.dim,
@@ -75,6 +76,8 @@ async def embed_items_of(request: Request, config: ServeConfig) -> list[s.InputI
         payload = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise unprocessable("bad_json", f"the body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise unprocessable("bad_json", "the body is JSON nested too deeply") from exc
     try:
         return s.EmbedRequest.model_validate(payload).inputs
     except ValidationError as exc:
@@ -82,7 +85,7 @@ async def embed_items_of(request: Request, config: ServeConfig) -> list[s.InputI
 
 
 async def _multipart_items(request: Request, config: ServeConfig) -> list[s.InputItem]:
-    form = await request.form(max_files=config.max_batch, max_fields=config.max_batch + 1)
+    form = await request.form(max_files=config.max_inputs, max_fields=config.max_inputs + 1)
     try:
         texts = [v for v in form.getlist("text") if isinstance(v, str)]
         files = [f for f in form.getlist("file") if not isinstance(f, str)]
