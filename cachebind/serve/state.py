@@ -73,6 +73,7 @@ class ServeState:
         # One thread for the model: torch already uses every core inside one call, and a
         # single worker lets the batcher grow batches while the model is busy.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
+        self.text_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-text")
         # Generations wait for each other here, not in the default pool that table reads use.
         self.generate_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-llm")
         self.encoders: dict[Modality, MicroBatcher[Any, np.ndarray]] = {}
@@ -136,8 +137,15 @@ class ServeState:
         """F_M of one raw input: preprocess here (its own InputError), encode micro-batched."""
         runtime = self.require_runtime()
         # Even a short text is tokenised in a worker thread: a request of many of them would
-        # otherwise hold the event loop (and /healthz, and every other user) for seconds.
-        tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
+        # otherwise hold the event loop (and /healthz, and every other user) for seconds. One
+        # thread: tokenising holds the GIL, so more threads only take it from the event loop.
+        if modality is Modality.TEXT:
+            loop = asyncio.get_running_loop()
+            tensor = await loop.run_in_executor(
+                self.text_executor, runtime.preprocess, modality, raw, source
+            )
+        else:
+            tensor = await asyncio.to_thread(runtime.preprocess, modality, raw, source)
         batcher = self.encoders.get(modality)
         if batcher is None:
             batcher = self.encoders[modality] = MicroBatcher(
@@ -237,3 +245,4 @@ class ServeState:
             await batcher.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.generate_executor.shutdown(wait=False, cancel_futures=True)
+        self.text_executor.shutdown(wait=False, cancel_futures=True)
