@@ -290,6 +290,14 @@ class LLMConfig(Section):
     max_new_tokens: int = 256
     temperature: float = 0.1
     top_p: float = 0.75
+    max_queue: int = Field(8, ge=0)
+    """Generations that may wait behind the running one; one more is answered 429 with
+    Retry-After (a queue without bound makes every later stream wait for all of it)."""
+
+
+MAX_INPUTS = 4096
+"""The request schemas' own ceiling on inputs per request (``serve.max_inputs`` is at most this),
+so that a body of 100k inputs is refused before each one is validated."""
 
 
 class QueryLogConfig(Section):
@@ -321,8 +329,30 @@ class ServeConfig(Section):
     admin_keys_file: Path | None = None
     auth: bool = True
     max_request_bytes: int = 32 * 1024 * 1024
+    """Largest request body, counted as it arrives (chunked or not): 413 past it."""
+    max_inputs: int = Field(64, ge=1, le=MAX_INPUTS)
+    """Inputs per request (embed, search, enhance, generate): 413 ``too_many_inputs`` past it."""
+    max_text_bytes: int = Field(1024 * 1024, ge=1)
+    """Total UTF-8 bytes of the texts of one request: 413 ``text_too_large`` past it."""
     max_k: int = 1000
     request_timeout_s: float = 60.0
+    """Budget of one request's work; past it 504 ``timeout`` and its queued work is dropped."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A connection that has not sent a whole request head within this is closed."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body not received whole within this gets 408 ``body_timeout``."""
+    keep_alive_s: int = Field(5, ge=1)
+    """An idle keep-alive connection is closed after this."""
+    max_connections: int = Field(1000, ge=1)
+    """Open connections (and running requests) at once; uvicorn answers 503 past it."""
+    search_max_widenings: int = Field(3, ge=0)
+    """Times a filtered or deduplicated search re-queries the index with a wider candidate
+    set; then it answers what it has with ``partial: true``."""
+    search_max_candidates: int = Field(20_000, ge=1)
+    """Most candidates one search ranks and filters (it never ranks beyond this either)."""
+    cursor_secret: SecretStr | None = None
+    """HMAC-SHA256 key of the pagination cursors; random at each start when unset (set it
+    when several replicas serve one index, so a cursor from one is valid on another)."""
     batch_window_ms: float = 5.0
     max_batch: int = 64
     index_poll_s: float = 2.0

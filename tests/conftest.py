@@ -2,7 +2,8 @@
 
 A test module states the server it needs with a module mark, for example
 ``pytestmark = pytest.mark.served(rows=200, llm=True, max_k=50)``: ``rows`` of the demo cache,
-``llm`` for a tiny LLaMA with the ImageBind-LLM adapter, and any ``serve`` setting by name.
+``llm`` for a tiny LLaMA with the ImageBind-LLM adapter, ``llm_settings`` for its ``llm``
+section, and any ``serve`` setting by name.
 One server per module: it starts before the module's first test and stops after its last.
 """
 
@@ -27,7 +28,8 @@ from cachebind.serve import Runtime, ServerHandle, start_server
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "served(rows=200, llm=False, **serve): the server the 'served' fixture starts"
+        "markers",
+        "served(rows=200, llm=False, llm_settings={}, **serve): the server 'served' starts",
     )
 
 
@@ -53,9 +55,11 @@ def served(
     options: dict[str, Any] = {"rows": 200, "llm": False, "index_poll_s": 0}
     options.update(mark.kwargs if mark else {})
     rows, llm = options.pop("rows"), options.pop("llm")
+    llm_settings = options.pop("llm_settings", {})
     root = tmp_path_factory.mktemp("served")
     cache = build_demo_cache(root, rows=rows, dim=64)
     svc = service_settings(root, cache, **options)
+    svc.settings.llm = svc.settings.llm.model_copy(update=llm_settings)
     generator = None
     if llm:
         from cachebind.inject.tiny import build_tiny_llm

@@ -14,6 +14,11 @@ from cachebind.serve import start_server
 from cachebind.store import CacheTable, row_id
 
 
+def tmp_root(cache):
+    """The folder the demo cache lives in (no response to a user key may name it)."""
+    return cache.store.uri.rsplit("/", 1)[0]
+
+
 @pytest.fixture
 def published(tmp_path):
     cache = build_demo_cache(tmp_path, rows=200, dim=64)
@@ -32,6 +37,11 @@ def test_server_loads_from_settings_and_reloads_a_newly_published_version(publis
         ready = http.get("/readyz").json()
         assert ready["ready"] and ready["index_version"] == first["version"]
         assert ready["generator"] is False
+        # A user key sees the manifest without server paths; an admin key sees them.
+        info = http.get("/v1/index").json()
+        assert "uri" not in info["manifest"]["table"] and str(tmp_root(cache)) not in str(info)
+        admin_info = http.get("/v1/index", headers=admin).json()
+        assert admin_info["manifest"]["table"]["uri"]
 
         table = CacheTable.open(cache.store)
         query = table.vectors([row_id("sample-000077")])[0].tolist()

@@ -193,3 +193,26 @@ def test_the_page_shows_recall_and_latency_per_query_set_and_the_querys_recall(b
         assert f"recall@10 {r10:.3f} (text:query_log)" in page.inner_text("#status")
     finally:
         context.close()
+
+
+def test_the_page_runs_under_its_content_security_policy(browser, server):
+    handle, svc = server
+    context = browser.new_context()
+    page = context.new_page()
+    violations: list[str] = []
+    page.on(
+        "console", lambda m: violations.append(m.text) if "Content Security" in m.text else None
+    )
+    response = page.goto(handle.url + "/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.evaluate(
+        "document.addEventListener('securitypolicyviolation', e => "
+        "console.log('Content Security violation ' + e.violatedDirective))"
+    )
+    page.fill("#api-key", svc.user_key)
+    page.fill(".input-row .input-text", "a red dog")
+    page.click("#search")
+    page.wait_for_selector("#results .result img")
+    assert page.eval_on_selector("#results .result img", "i => i.naturalWidth") == 64
+    assert violations == []
+    context.close()

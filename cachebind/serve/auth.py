@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,18 +30,20 @@ def generate_key() -> str:
 
 
 def create_key(keys_file: Path) -> str:
-    """Generate a key, append its hash to ``keys_file`` (created with mode 0600) and return it.
+    """Generate a key, append its hash to ``keys_file`` and return it.
 
-    This is what ``cachebind keys create FILE`` calls; the plaintext is shown once.
+    The file is mode 0600 afterwards, whatever it was before: a key file is made private
+    whenever it is written. This is what ``cachebind keys create FILE`` calls; the plaintext is
+    shown once.
     """
     key = generate_key()
     keys_file = Path(keys_file)
     keys_file.parent.mkdir(parents=True, exist_ok=True)
-    new = not keys_file.exists()
-    with keys_file.open("a", encoding="utf-8") as fh:
+    fd = os.open(keys_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    # Before the write, so the new line never sits in a file others can read.
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
         fh.write(hash_key(key) + "\n")
-    if new:
-        keys_file.chmod(0o600)
     return key
 
 
@@ -125,6 +128,8 @@ def write_key_file(path: Path, keys: Iterable[str]) -> Path:
     """Write the hashes of ``keys`` to ``path`` (replacing it, mode 0600); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(hash_key(k) + "\n" for k in keys), encoding="utf-8")
-    path.chmod(0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("".join(hash_key(k) + "\n" for k in keys))
     return path

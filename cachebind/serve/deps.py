@@ -9,7 +9,7 @@ hop per request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from cachebind.config import ServeConfig
 from cachebind.serve.auth import Role, presented_key
 from cachebind.serve.errors import ApiError, unprocessable
+from cachebind.serve.schemas import InputItem
 from cachebind.serve.state import ServeState
 
 T = TypeVar("T")
@@ -78,7 +79,7 @@ async def require_admin(request: Request) -> Role:
 
 @dataclass(frozen=True)
 class Limits:
-    """The request limits of ``serve`` settings: the time budget and the largest k."""
+    """The request limits of ``serve`` settings: the time budget, the inputs and the largest k."""
 
     config: ServeConfig
 
@@ -90,6 +91,26 @@ class Limits:
             raise ApiError(
                 504, "timeout", f"the request took longer than {self.config.request_timeout_s} s"
             ) from None
+
+    def check_inputs(self, items: Sequence[InputItem], field: str = "inputs") -> None:
+        """413 ``too_many_inputs`` / ``text_too_large`` past ``max_inputs`` / ``max_text_bytes``.
+
+        Checked before any input is decoded or tokenised, so an oversized request costs nothing.
+        """
+        if len(items) > self.config.max_inputs:
+            raise ApiError(
+                413,
+                "too_many_inputs",
+                f"{field} holds {len(items)} inputs; the limit is {self.config.max_inputs}",
+            )
+        text = sum(len(item.text.encode("utf-8")) for item in items if item.text is not None)
+        if text > self.config.max_text_bytes:
+            raise ApiError(
+                413,
+                "text_too_large",
+                f"the texts of {field} total {text} bytes; the limit is "
+                f"{self.config.max_text_bytes}",
+            )
 
     def check_k(self, k: int, name: str = "k") -> None:
         """A 422 ``k_out_of_range`` when ``k`` is above ``max_k``."""

@@ -20,6 +20,7 @@ builds a pyarrow expression that filters candidate rows already fetched by id.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ INT_COLUMNS = frozenset({"id", "width", "height"})
 STRING_COLUMNS = frozenset({"key", "caption", "url", "shard"})
 COLUMNS = INT_COLUMNS | STRING_COLUMNS
 MAX_FILTER_CHARS = 2000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 32
 
 _TOKEN = re.compile(
@@ -162,6 +164,11 @@ class _Parser:
         if column in INT_COLUMNS:
             if tok.kind != "number":
                 raise FilterError(f"column {column!r} is numeric: expected a number at {tok.pos}")
+            # The columns are int64: a literal beyond it cannot become an arrow scalar.
+            if isinstance(tok.value, int) and not INT64_MIN <= tok.value <= INT64_MAX:
+                raise FilterError(f"number at {tok.pos} is out of the 64-bit integer range")
+            if isinstance(tok.value, float) and not math.isfinite(tok.value):
+                raise FilterError(f"number at {tok.pos} is too large")
             return tok.value
         if tok.kind != "string":
             raise FilterError(f"column {column!r} is text: expected a 'quoted string' at {tok.pos}")

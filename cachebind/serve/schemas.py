@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from cachebind.config import MAX_INPUTS
 from cachebind.modalities import Modality
 
 
@@ -50,7 +51,9 @@ class InputItem(Strict):
 
 
 class EmbedRequest(Strict):
-    inputs: list[InputItem] = Field(..., min_length=1, description="Inputs to embed (no mixing).")
+    inputs: list[InputItem] = Field(
+        ..., min_length=1, max_length=MAX_INPUTS, description="Inputs to embed (no mixing)."
+    )
 
 
 class Embedding(BaseModel):
@@ -67,7 +70,9 @@ class EmbedResponse(BaseModel):
 class SearchRequest(Strict):
     """Nearest cached rows to F_M, the (weighted mix of the) inputs' embedding."""
 
-    inputs: list[InputItem] = Field(..., min_length=1, description="One input, or a weighted mix.")
+    inputs: list[InputItem] = Field(
+        ..., min_length=1, max_length=MAX_INPUTS, description="One input, or a weighted mix."
+    )
     k: int = Field(10, ge=1, description="Results per page (at most the server's max_k).")
     offset: int = Field(0, ge=0, description="Results to skip (pagination).")
     cursor: str | None = Field(None, description="next_cursor of a previous page (beats offset).")
@@ -128,12 +133,18 @@ class SearchResponse(BaseModel):
     index_version: str | None
     exhausted: bool = Field(description="True when the table has no further matching rows.")
     recall: RecallInfo
+    partial: bool = Field(
+        False,
+        description="True when a filtered or deduplicated search stopped widening its candidate "
+        "set (serve.search_max_widenings / search_max_candidates) before it found k results: "
+        "more matching rows may exist further down the ranking. Narrow the query or the filter.",
+    )
 
 
 class EnhanceRequest(Strict):
     """F~_M = normalize((1 - alpha) F_M + alpha F_cache) with the top-k cached neighbours."""
 
-    inputs: list[InputItem] = Field(..., min_length=1)
+    inputs: list[InputItem] = Field(..., min_length=1, max_length=MAX_INPUTS)
     k: int | None = Field(None, ge=1, description="Neighbours (default from CacheConfig).")
     t: float | None = Field(None, gt=0, description="Softmax temperature (default CacheConfig).")
     alpha: float | None = Field(None, ge=0, le=1, description="Blend (default CacheConfig).")
@@ -162,7 +173,9 @@ class EnhanceResponse(BaseModel):
 class GenerateRequest(Strict):
     prompt: str = Field(..., min_length=1, max_length=20_000)
     inputs: list[InputItem] = Field(
-        default_factory=list, description="Visual context (a mix); none for text only."
+        default_factory=list,
+        max_length=MAX_INPUTS,
+        description="Visual context (a mix); none for text only.",
     )
     k: int | None = Field(None, ge=1)
     t: float | None = Field(None, gt=0)
@@ -244,11 +257,13 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or invalid API key",
         403: "the route needs an admin key",
         404: "no such row",
+        408: "the request body did not arrive within the configured time",
         409: "the reload was refused (bad key file, index not matching the table)",
-        413: "request body over the configured limit",
+        413: "request body, inputs or text over the configured limit",
         422: "a body that is not JSON, an invalid request or an undecodable input; `detail` "
         "says which field and why",
-        429: "too many inputs are being decoded; retry after the `Retry-After` seconds",
+        429: "busy: too many inputs are being decoded, or the generation queue is full; retry "
+        "after the `Retry-After` seconds",
         500: "the server failed (details only in its log)",
         503: "not ready (no index or encoder loaded yet), or no LLM configured",
         504: "the request took longer than the configured timeout",
@@ -256,7 +271,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": why[code]} for code in codes}
 
 
-COMMON_ERRORS = _errors(401, 413, 422, 429, 500, 503, 504)
+COMMON_ERRORS = _errors(401, 408, 413, 422, 429, 500, 503, 504)
 """What any authenticated route may answer besides 200."""
 ROW_ERRORS = _errors(404)
 ADMIN_ERRORS = _errors(403, 409)
+QUEUE_ERRORS = _errors(429)

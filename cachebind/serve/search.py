@@ -3,7 +3,8 @@
 The index knows nothing of metadata, so a filtered query asks the index for more candidates than
 it needs, keeps the rows that pass the filter (a pyarrow expression over the rows fetched by id
 from the table) and, when too few pass, widens the fetch geometrically until it has ``offset + k``
-results or the whole table has been ranked.
+results, the whole table has been ranked, or its bounded number of widenings is spent (then the
+page is marked partial).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Hit:
 class SearchPage:
     hits: list[Hit]
     exhausted: bool
+    partial: bool = False  # stopped widening before finding ``need`` hits
 
 
 async def search(
@@ -49,15 +51,22 @@ async def search(
     run: RunFn,
     where: pc.Expression | None = None,
     dedup: float | None = None,
+    max_widenings: int = 3,
+    max_candidates: int = 20_000,
 ) -> SearchPage:
     """The first ``need`` results for ``query`` ([d]) that pass ``where`` and ``dedup``.
 
     ``search_fn(query, n)`` ranks n candidates (through the index micro-batcher); ``run(fn,
-    *args)`` runs blocking table reads off the event loop.
+    *args)`` runs blocking table reads off the event loop. A filtered or deduplicated search
+    widens its candidate set at most ``max_widenings`` times and never past ``max_candidates``
+    (or ``need``, if larger): a filter that matches nothing costs a few index calls, not a
+    ranking of the whole table. It then answers what it has, with ``partial`` set.
     """
     total = snapshot.rows
-    fetch = min(max(need * (OVERFETCH if (where is not None or dedup) else 1), need), total)
+    cap = min(total, max(max_candidates, need))
+    fetch = min(max(need * (OVERFETCH if (where is not None or dedup) else 1), need), cap)
     fetch = max(fetch, 1)
+    widenings = 0
     while True:
         scores, ids = await search_fn(query, fetch)
         valid = ids >= 0
@@ -66,7 +75,10 @@ async def search(
         hits = await run(_select, snapshot, scores, ids, where, dedup, need)
         if len(hits) >= need or exhausted:
             return SearchPage(hits=hits[:need], exhausted=exhausted and len(hits) <= need)
-        fetch = min(fetch * GROWTH, total)
+        if widenings >= max_widenings or fetch >= cap:
+            return SearchPage(hits=hits, exhausted=False, partial=True)
+        widenings += 1
+        fetch = min(fetch * GROWTH, cap)
 
 
 def _select(

@@ -14,6 +14,7 @@ import uvicorn
 from cachebind.config import Settings
 from cachebind.serve.app import create_app
 from cachebind.serve.auth import KeyStore
+from cachebind.serve.protocol import uvicorn_limits
 from cachebind.serve.runtime import Runtime
 
 log = logging.getLogger("cachebind.serve")
@@ -54,6 +55,7 @@ def serve_forever(settings: Settings) -> None:
         log_level="info",
         proxy_headers=False,
         timeout_graceful_shutdown=30,
+        **uvicorn_limits(settings.serve),
     )
 
 
@@ -86,6 +88,7 @@ def start_server(
         proxy_headers=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        **uvicorn_limits(settings.serve),
     )
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread; this one runs in its own.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,12 +16,44 @@ from cachebind.modalities import Modality
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.batching import ItemError, MicroBatcher
 from cachebind.serve.decoding import MediaDecoder
-from cachebind.serve.errors import unavailable
+from cachebind.serve.errors import ApiError, unavailable
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.querylog import ServedQueryLog
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 
 log = logging.getLogger("cachebind.serve")
+
+
+class Admission:
+    """A bounded count of admitted jobs: ``take()`` or 429 with Retry-After when full."""
+
+    def __init__(self, capacity: int, what: str) -> None:
+        self.capacity = capacity
+        self.what = what
+        self.active = 0
+
+    def take(self) -> Slot:
+        if self.active >= self.capacity:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"{self.active} {self.what}s are running or queued (the limit); retry later",
+                headers={"Retry-After": "1"},
+            )
+        self.active += 1
+        return Slot(self)
+
+
+class Slot:
+    """One admitted job; ``release()`` is idempotent, so every exit path may call it."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.active -= 1
+            self._admission = None
 
 
 class ServeState:
@@ -68,6 +101,14 @@ class ServeState:
         self.tasks: list[asyncio.Task[Any]] = []
         # Beside the index versions, not in a snapshot: a reload never resets it.
         self.query_log = ServedQueryLog(self.config.query_log, settings.index.dir)
+        secret = self.config.cursor_secret
+        # Random per start unless configured: cursors then outlive neither a restart nor the
+        # replica that issued them, which is what a page of a changing index should do anyway.
+        self.cursor_secret = (
+            secret.get_secret_value().encode("utf-8") if secret else secrets.token_bytes(32)
+        )
+        # The running generation plus the ones waiting for the model thread.
+        self.generations = Admission(1 + settings.llm.max_queue, "generation")
 
     def read_keys(self) -> KeyStore:
         keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)

@@ -33,6 +33,9 @@ async def stream_in_thread(
     stop = threading.Event()
 
     def produce() -> None:
+        if stop.is_set():  # the client left while this generation waited for the model
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            return
         stream = runtime.generate_stream(prompt, visual, **options)
         try:
             for piece in stream:
@@ -58,5 +61,8 @@ async def stream_in_thread(
                 break
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
+        # One still waiting for the model thread is dropped from its queue; a running one
+        # stops at its next token.
+        worker.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await worker

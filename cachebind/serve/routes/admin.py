@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
 from cachebind.errors import IndexMismatchError
 from cachebind.serve import schemas as s
-from cachebind.serve.deps import State, require_admin
+from cachebind.serve.auth import Role
+from cachebind.serve.deps import State, require_admin, require_user
 from cachebind.serve.errors import ApiError
 from cachebind.serve.recall import query_set_reports, recall_by_modality_report
 
@@ -50,9 +52,9 @@ async def admin_reload(state: State, force: bool = False) -> s.ReloadResponse:
 
 
 @info.get("/v1/index", response_model=s.IndexInfo, tags=["v1"])
-async def index_info(state: State) -> s.IndexInfo:
-    """The index version being served, its manifest, recall@1/10/100 and latency per query
-    set, and the query log's counts."""
+async def index_info(state: State, role: Annotated[Role, Depends(require_user)]) -> s.IndexInfo:
+    """The index version being served, its manifest (without server paths for a user key),
+    recall@1/10/100 and latency per query set, and the query log's counts."""
     runtime = state.require_runtime()
     snap = runtime.snapshot
     query_log = s.QueryLogInfo(**state.query_log.describe())
@@ -68,11 +70,41 @@ async def index_info(state: State) -> s.IndexInfo:
     rows = snap.rows
     return s.IndexInfo(
         version=snap.version,
-        manifest=json.loads(json.dumps(snap.manifest, default=str)),
+        manifest=_manifest_for(snap.manifest, role),
         table_version=int(snap.table.version),
         rows=rows,
         dim=int(snap.table.dim),
         query_sets=query_set_reports(snap.manifest),
         recall_by_modality=recall_by_modality_report(snap.manifest),
         query_log=query_log,
+    )
+
+
+# Manifest entries that name where the server keeps things (the table's URI, index files).
+_PATH_KEYS = frozenset({"uri", "path", "dir", "root", "location"})
+_PATH_SUFFIXES = ("_uri", "_path", "_dir", "_root")
+
+
+def _manifest_for(manifest: dict[str, Any], role: Role) -> dict[str, Any]:
+    """The manifest as JSON; for a user key without filesystem paths or storage URIs."""
+    plain = json.loads(json.dumps(manifest, default=str))
+    return plain if role >= Role.ADMIN else _without_paths(plain)
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _without_paths(v)
+            for k, v in value.items()
+            if not (k.lower() in _PATH_KEYS or k.lower().endswith(_PATH_SUFFIXES))
+            and not _looks_like_path(v)
+        }
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value if not _looks_like_path(v)]
+    return value
+
+
+def _looks_like_path(value: Any) -> bool:
+    return isinstance(value, str) and (
+        value.startswith(("/", "~", "./", "../", "\\\\")) or "://" in value or ":\\" in value
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -55,6 +56,7 @@ async def embed(request: Request, state: State, limits: RequestLimits) -> s.Embe
     (``modality`` + one or more ``file`` parts, and/or ``text`` fields)."""
     runtime = state.require_runtime()
     items = await embed_items_of(request, state.config)
+    limits.check_inputs(items)
     vectors = await limits.timed(embed_items(items, state.embed_one, runtime.dim))
     return s.EmbedResponse(
         dim=runtime.dim,
@@ -71,18 +73,24 @@ async def embed_items_of(request: Request, config: ServeConfig) -> list[s.InputI
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         return await _multipart_items(request, config)
+    # Parsed and validated in a worker thread: megabytes of JSON would hold the event loop.
+    body = await request.body()
     try:
-        payload = await request.json()
+        return await asyncio.to_thread(_json_items, body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise unprocessable("bad_json", f"the body is not JSON: {exc}") from exc
-    try:
-        return s.EmbedRequest.model_validate(payload).inputs
+    except RecursionError as exc:
+        raise unprocessable("bad_json", "the body is JSON nested too deeply") from exc
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
 
 
+def _json_items(body: bytes) -> list[s.InputItem]:
+    return s.EmbedRequest.model_validate(json.loads(body)).inputs
+
+
 async def _multipart_items(request: Request, config: ServeConfig) -> list[s.InputItem]:
-    form = await request.form(max_files=config.max_batch, max_fields=config.max_batch + 1)
+    form = await request.form(max_files=config.max_inputs, max_fields=config.max_inputs + 1)
     try:
         texts = [v for v in form.getlist("text") if isinstance(v, str)]
         files = [f for f in form.getlist("file") if not isinstance(f, str)]

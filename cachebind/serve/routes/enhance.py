@@ -49,6 +49,7 @@ async def enhanced_of(
     t = cache.t if t is None else t
     alpha = cache.alpha if alpha is None else alpha
     limits.check_k(k)
+    limits.check_inputs(items)
     runtime, snap = state.require_snapshot()
     query = await embed_query(items, state.embed_one, runtime.dim)
     enhanced = await state.enhance_batcher.submit((snap, query.f_m, k, t, alpha))

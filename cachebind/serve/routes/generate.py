@@ -4,6 +4,7 @@ streamed as server-sent events or answered whole."""
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ async def visual_prompt(state: ServeState, limits: Limits, body: s.GenerateReque
     "/v1/generate",
     tags=["v1"],
     response_model=s.GenerateResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}} | s.QUEUE_ERRORS,
 )
 async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits) -> Any:
     """Text from LLaMA with the cache-enhanced visual feature F~_M injected.
@@ -56,6 +57,7 @@ async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits)
     if runtime.generator is None:
         raise ApiError(503, "no_llm", "this server has no LLM configured (llm.llama_dir)")
 
+    limits.check_inputs(body.inputs)
     prompt = await limits.timed(visual_prompt(state, limits, body))
     neighbours = prompt.neighbours
     options = {
@@ -63,27 +65,42 @@ async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits)
         "temperature": body.temperature,
         "top_p": body.top_p,
     }
+    # Admitted or 429 before a token is spent. The slot is held until the generation ends,
+    # however it ends: finished, failed, or its client gone (the guard middleware then cancels
+    # this request, which stops the generation at its next token).
+    slot = state.generations.take()
     pieces = stream_in_thread(runtime, body.prompt, prompt.visual, options, state.generate_executor)
     if not body.stream:
-        text = "".join([p async for p in pieces])
+        try:
+            text = "".join([p async for p in pieces])
+        finally:
+            await pieces.aclose()
+            slot.release()
         return s.GenerateResponse(text=text, neighbours=neighbours)
 
     async def events() -> AsyncIterator[str]:
         neighbours_json = [n.model_dump() for n in neighbours]
-        yield sse({"neighbours": neighbours_json}, event="neighbours")
-        text = []
         try:
-            async for piece in pieces:
-                text.append(piece)
-                yield sse({"text": piece})
-        except Exception as exc:
-            log.exception("generation failed")
-            yield sse({"error": "generation_failed", "detail": type(exc).__name__}, "error")
-            return
-        yield sse({"text": "".join(text)}, event="done")
+            yield sse({"neighbours": neighbours_json}, event="neighbours")
+            text = []
+            try:
+                async for piece in pieces:
+                    text.append(piece)
+                    yield sse({"text": piece})
+            except Exception as exc:
+                log.exception("generation failed")
+                yield sse({"error": "generation_failed", "detail": type(exc).__name__}, "error")
+                return
+            yield sse({"text": "".join(text)}, event="done")
+        finally:
+            await pieces.aclose()
+            slot.release()
 
+    stream = events()
+    # A stream cancelled before its first event never runs its finally: free the slot anyway.
+    weakref.finalize(stream, slot.release)
     return StreamingResponse(
-        events(),
+        stream,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

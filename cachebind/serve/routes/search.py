@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
 
 from cachebind.serve import schemas as s
+from cachebind.serve.cursors import decode_cursor, encode_cursor, query_digest
 from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.errors import unprocessable
 from cachebind.serve.filters import FilterError, parse_filter
@@ -26,16 +25,19 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
     """Nearest cached rows to the query (any modality, a raw embedding, or a mix)."""
     max_k = limits.config.max_k
     limits.check_k(body.k)
-    offset = decode_cursor(body.cursor) if body.cursor else body.offset
+    limits.check_inputs(body.inputs)
+    try:
+        where = parse_filter(body.filter) if body.filter is not None else None
+    except FilterError as exc:
+        raise unprocessable("bad_filter", str(exc)) from exc
+    # The digest of a big request (megabytes of base64) is hashed off the event loop.
+    digest = await asyncio.to_thread(query_digest, _paged_query(body))
+    offset = decode_cursor(state.cursor_secret, body.cursor, digest) if body.cursor else body.offset
     if offset + body.k > max_k:
         raise unprocessable(
             "k_out_of_range",
             f"offset + k = {offset + body.k} is above the limit {max_k}",
         )
-    try:
-        where = parse_filter(body.filter) if body.filter is not None else None
-    except FilterError as exc:
-        raise unprocessable("bad_filter", str(exc)) from exc
     runtime, snap = state.require_snapshot()
 
     async def work() -> s.SearchResponse:
@@ -52,6 +54,8 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
             run=asyncio.to_thread,
             where=where,
             dedup=body.dedup,
+            max_widenings=limits.config.search_max_widenings,
+            max_candidates=limits.config.search_max_candidates,
         )
         hits = page.hits[offset:]
         more = not page.exhausted and len(page.hits) == offset + body.k
@@ -73,27 +77,20 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
             ],
             offset=offset,
             next_offset=next_offset,
-            next_cursor=encode_cursor(next_offset) if next_offset is not None else None,
+            next_cursor=(
+                encode_cursor(state.cursor_secret, next_offset, digest)
+                if next_offset is not None
+                else None
+            ),
             index_version=snap.version,
-            exhausted=not more,
+            exhausted=not more and not page.partial,
+            partial=page.partial,
             recall=recall_info(snap.manifest, query.labels),
         )
 
     return await limits.timed(work())
 
 
-def encode_cursor(offset: int) -> str:
-    """The opaque ``next_cursor`` for a page that starts at ``offset``."""
-    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    """The offset a cursor of ``encode_cursor`` holds (422 ``bad_cursor`` for anything else)."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        offset = json.loads(raw)["offset"]
-        if not isinstance(offset, int) or offset < 0:
-            raise ValueError(offset)
-        return offset
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise unprocessable("bad_cursor", "cursor is not one this service returned") from exc
+def _paged_query(body: s.SearchRequest) -> dict[str, Any]:
+    """What a page of results depends on, so what a cursor is bound to."""
+    return body.model_dump(mode="json", include={"inputs", "filter", "dedup", "k"})
