@@ -46,7 +46,10 @@ def free_port() -> int:
 def prepare(root: Path, rows: int) -> tuple[Any, str]:
     """A LanceDB table of ``rows`` generated rows, an index published by ``indexing``, settings."""
     import indexing
-    from cachebind.serve.fixtures import build_demo_cache, service_settings
+
+    # The demo-cache builders are test code (tests/builders.py), not part of the package.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from builders import build_demo_cache, service_settings
 
     cache = build_demo_cache(root, rows=rows, dim=64)
     svc = service_settings(root, cache, index_poll_s=0)

@@ -135,6 +135,26 @@ class EmbedConfig(Section):
     max_image_bytes: int = 64 * 1024 * 1024
 
 
+class SandboxConfig(Section):
+    """The pool of worker processes that decodes untrusted media (``cachebind.sandbox``).
+
+    Every limit is per task: a worker that crashes, passes ``memory_mb`` or ``cpu_seconds``, or
+    runs past ``timeout_s`` is killed and replaced, and only its task fails.
+    """
+
+    workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1)
+    """Worker processes (each decodes one input at a time)."""
+    memory_mb: int = Field(default=2048, ge=64)
+    """Address space a worker may add to its idle footprint (``RLIMIT_AS``), in MiB; more is
+    answered ``too_large``."""
+    cpu_seconds: int = Field(default=30, ge=1)
+    """CPU time one task may use (``RLIMIT_CPU``); more is answered ``too_slow``."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Wall-clock deadline of one task, enforced by the parent; later is ``too_slow``."""
+    max_queue: int = Field(default=64, ge=0)
+    """Tasks that may wait for a worker; one more is refused (``SandboxBusy``, HTTP 429)."""
+
+
 # "s3://b/x" as a Path collapses to "s3:/b/x"; one letter before the colon is a drive.
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
@@ -247,6 +267,7 @@ class Settings(BaseSettings):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -7,18 +7,11 @@ import io
 
 import numpy as np
 import pytest
+from builders import build_demo_cache, service_settings
 from PIL import Image
 
 import indexing
 from cachebind.client import CachebindAPIError, CachebindClient, input_item
-from cachebind.inject.tiny import build_tiny_llm
-from cachebind.serve import start_server
-from cachebind.serve.fixtures import (
-    TableFlatLoader,
-    build_demo_cache,
-    service_settings,
-    tiny_runtime,
-)
 from cachebind.store import row_id
 
 
@@ -28,22 +21,12 @@ def png(colour=(10, 120, 200)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client")
-    cache = build_demo_cache(root, rows=150, dim=64)
-    svc = service_settings(root, cache, index_poll_s=0)
-    generator = build_tiny_llm(root / "llm", visual_dim=64)
-    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store), generator)
-    server = start_server(svc.settings, runtime, port=0)
-    yield server, svc, runtime
-    server.stop()
+pytestmark = pytest.mark.served(rows=150, llm=True)
 
 
 @pytest.fixture
 def client(served):
-    server, svc, _ = served
-    with CachebindClient(server.url, api_key=svc.user_key, timeout=30) as c:
+    with CachebindClient(served.url, api_key=served.svc.user_key, timeout=30) as c:
         yield c
 
 
@@ -61,7 +44,7 @@ def test_input_item_shapes():
 
 
 def test_embed_and_embed_files_agree(client, served):
-    runtime = served[2]
+    runtime = served.runtime
     picture = png()
     by_json = client.embed([input_item("image", picture), input_item("text", "a boat")])
     by_upload = client.embed_files("image", [picture])
@@ -75,7 +58,7 @@ def test_embed_and_embed_files_agree(client, served):
 
 
 def test_search_pages_through_cursor(client, served):
-    table = served[2].snapshot.table
+    table = served.runtime.snapshot.table
     query = [input_item(None, table.vectors([row_id("sample-000011")])[0])]
     first = client.search(query, k=5)
     assert first["results"][0]["key"] == "sample-000011"
@@ -101,7 +84,7 @@ def test_enhance_and_generate(client):
 
 
 def test_errors_raise_with_status_and_tag(client, served):
-    server, svc, _ = served
+    server, svc = served.server, served.svc
     with pytest.raises(CachebindAPIError) as err:
         client.search([input_item("text", "x")], k=5000)
     assert err.value.status == 422 and err.value.error == "k_out_of_range"

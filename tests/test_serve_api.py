@@ -1,4 +1,4 @@
-"""The HTTP service, against a real uvicorn server on 127.0.0.1 over a real small cache.
+"""The HTTP served, against a real uvicorn server on 127.0.0.1 over a real small cache.
 
 The server runs the tiny random-init ImageBind encoder, a LanceDB table of 200 rows with JPEG
 thumbnails, an exact FAISS index over it, and a tiny LLaMA with the ImageBind-LLM adapter.
@@ -18,33 +18,15 @@ import pytest
 from PIL import Image
 
 from cachebind.cache import CacheModel
-from cachebind.inject.tiny import build_tiny_llm
-from cachebind.serve import start_server
-from cachebind.serve.fixtures import (
-    TableFlatLoader,
-    build_demo_cache,
-    service_settings,
-    tiny_runtime,
-)
 from cachebind.serve.search import _dedup
 from cachebind.store import row_id
 
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    cache = build_demo_cache(root, rows=200, dim=64)
-    svc = service_settings(root, cache, max_k=50, index_poll_s=0, max_request_bytes=256 * 1024)
-    generator = build_tiny_llm(root / "llm", visual_dim=64)
-    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store), generator)
-    server = start_server(svc.settings, runtime, port=0)
-    yield svc, server, runtime
-    server.stop()
+pytestmark = pytest.mark.served(rows=200, llm=True, max_k=50, max_request_bytes=256 * 1024)
 
 
 @pytest.fixture(scope="module")
-def http(service):
-    svc, server, _ = service
+def http(served):
+    svc, server = served.svc, served.server
     with httpx.Client(
         base_url=server.url, headers={"Authorization": f"Bearer {svc.user_key}"}, timeout=60
     ) as client:
@@ -52,8 +34,8 @@ def http(service):
 
 
 @pytest.fixture(scope="module")
-def table(service):
-    return service[2].snapshot.table
+def table(served):
+    return served.runtime.snapshot.table
 
 
 def jpeg_b64(colour=(200, 30, 30), size=(96, 80)) -> str:
@@ -73,8 +55,8 @@ def error_of(response: httpx.Response) -> str:
 # --------------------------------------------------------------------------- auth
 
 
-def test_health_probes_need_no_key_and_everything_else_does(service):
-    svc, server, _ = service
+def test_health_probes_need_no_key_and_everything_else_does(served):
+    server = served.server
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
@@ -91,8 +73,8 @@ def test_health_probes_need_no_key_and_everything_else_does(service):
         assert r.headers["www-authenticate"] == "Bearer"
 
 
-def test_wrong_key_is_401_and_user_key_on_admin_route_is_403(service):
-    svc, server, _ = service
+def test_wrong_key_is_401_and_user_key_on_admin_route_is_403(served):
+    svc, server = served.svc, served.server
     wrong = {"Authorization": "Bearer " + svc.user_key + "x"}
     assert httpx.get(f"{server.url}/v1/index", headers=wrong).status_code == 401
     user = {"X-API-Key": svc.user_key}
@@ -122,8 +104,8 @@ def test_readyz_reports_encoder_and_index(http):
 # --------------------------------------------------------------------------- embed
 
 
-def test_embed_json_text_and_image_gives_unit_vectors_with_encoder_identity(http, service):
-    runtime = service[2]
+def test_embed_json_text_and_image_gives_unit_vectors_with_encoder_identity(http, served):
+    runtime = served.runtime
     r = http.post(
         "/v1/embed",
         json={
@@ -146,8 +128,8 @@ def test_embed_json_text_and_image_gives_unit_vectors_with_encoder_identity(http
     np.testing.assert_allclose(text_vec, expected, atol=1e-5)
 
 
-def test_embed_multipart_upload(http, service):
-    runtime = service[2]
+def test_embed_multipart_upload(http, served):
+    runtime = served.runtime
     raw = base64.b64decode(jpeg_b64((10, 200, 10)))
     r = http.post(
         "/v1/embed",
@@ -182,8 +164,8 @@ def test_search_by_raw_embedding_finds_the_row_itself_first(http, table):
     assert body["index_version"] == "flat-v1"
 
 
-def test_search_by_text_returns_the_exact_neighbours_of_its_embedding(http, table, service):
-    runtime = service[2]
+def test_search_by_text_returns_the_exact_neighbours_of_its_embedding(http, table, served):
+    runtime = served.runtime
     r = http.post("/v1/search", json={"inputs": [{"modality": "text", "text": "a dog"}], "k": 5})
     assert r.status_code == 200, r.text
     f_m = runtime.encoder.embed("text", ["a dog"])
@@ -281,8 +263,8 @@ def test_images_are_served_from_the_table_and_404_when_absent(http, table):
 # --------------------------------------------------------------------------- enhance
 
 
-def test_enhance_matches_the_cache_model_in_process(http, service):
-    runtime = service[2]
+def test_enhance_matches_the_cache_model_in_process(http, served):
+    runtime = served.runtime
     r = http.post(
         "/v1/enhance",
         json={
@@ -320,8 +302,8 @@ def test_enhance_defaults_come_from_cache_config(http, table):
 # --------------------------------------------------------------------------- generate
 
 
-def test_generate_streams_server_sent_events_then_done(http, service):
-    runtime = service[2]
+def test_generate_streams_server_sent_events_then_done(http, served):
+    runtime = served.runtime
     body = {
         "prompt": "Describe the picture.",
         "inputs": [{"modality": "image", "data": jpeg_b64()}],
@@ -478,16 +460,16 @@ def test_metrics_count_requests_by_route_and_status_and_batches(http):
     assert 'cachebind_index_info{version="flat-v1"} 1.0' in text
 
 
-def test_openapi_describes_the_v1_routes(service):
-    spec = httpx.get(f"{service[1].url}/openapi.json").json()
+def test_openapi_describes_the_v1_routes(served):
+    spec = httpx.get(f"{served.url}/openapi.json").json()
     for path in ["/v1/embed", "/v1/search", "/v1/enhance", "/v1/generate", "/v1/index"]:
         assert path in spec["paths"]
     assert "multipart/form-data" in spec["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
     assert "SearchRequest" in spec["components"]["schemas"]
 
 
-def test_openapi_refs_resolve_and_every_keyed_route_documents_the_error_body(service):
-    spec = httpx.get(f"{service[1].url}/openapi.json").json()
+def test_openapi_refs_resolve_and_every_keyed_route_documents_the_error_body(served):
+    spec = httpx.get(f"{served.url}/openapi.json").json()
     refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)))
     assert refs <= set(spec["components"]["schemas"]), refs - set(spec["components"]["schemas"])
     error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -501,8 +483,8 @@ def test_openapi_refs_resolve_and_every_keyed_route_documents_the_error_body(ser
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
 
 
-def test_errors_raised_by_the_framework_have_the_same_shape(service, http):
-    r = httpx.get(f"{service[1].url}/v1/nowhere")
+def test_errors_raised_by_the_framework_have_the_same_shape(served, http):
+    r = httpx.get(f"{served.url}/v1/nowhere")
     assert r.status_code == 404 and r.json() == {"error": "not_found", "detail": "Not Found"}
     r = http.delete("/v1/search")
     assert r.status_code == 405 and error_of(r) == "method_not_allowed"

@@ -11,11 +11,11 @@ import sys
 import time
 
 import httpx
+from builders import build_demo_cache
 
 import indexing
 from cachebind.config import IndexConfig
 from cachebind.serve.auth import create_key
-from cachebind.serve.fixtures import build_demo_cache
 
 
 def free_port() -> int:

@@ -7,10 +7,10 @@ import time
 
 import httpx
 import pytest
+from builders import append_rows, build_demo_cache, service_settings
 
 import indexing
 from cachebind.serve import start_server
-from cachebind.serve.fixtures import append_rows, build_demo_cache, service_settings
 from cachebind.store import CacheTable, row_id
 
 

@@ -6,9 +6,9 @@ import socket
 
 import httpx
 import pytest
+from builders import build_demo_cache, service_settings
 
 import indexing
-from cachebind.serve.fixtures import build_demo_cache, service_settings
 from cachebind.store import CacheTable, row_id
 
 serve = pytest.importorskip("ray.serve", reason="needs ray[serve]")

@@ -12,16 +12,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
-import indexing
-from cachebind.serve import start_server
-from cachebind.serve.fixtures import (
+from builders import (
     TableFlatLoader,
     append_rows,
     build_demo_cache,
     service_settings,
     tiny_runtime,
 )
+
+import indexing
+from cachebind.serve import start_server
 
 
 def test_new_index_versions_are_picked_up_under_load_without_a_failed_request(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import append_rows, build_demo_cache
 
-from cachebind.serve.fixtures import append_rows, build_demo_cache
 from cachebind.store import CacheTable, row_id
 
 

@@ -13,14 +13,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from cachebind.serve import start_server
-from cachebind.serve.fixtures import (
-    TableFlatLoader,
-    build_demo_cache,
-    service_settings,
-    tiny_runtime,
-)
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api")
 if not shutil.which(CHROMIUM):
@@ -36,15 +28,12 @@ ARGS = [
 ]
 
 
+pytestmark = pytest.mark.served(rows=120)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("web")
-    cache = build_demo_cache(root, rows=120, dim=64)
-    svc = service_settings(root, cache, index_poll_s=0)
-    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store))
-    handle = start_server(svc.settings, runtime, port=0)
-    yield handle, svc
-    handle.stop()
+def server(served):
+    return served.server, served.svc
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
-"""A small real cache for tests, benchmarks and notebooks: a LanceDB table and a FAISS index.
+"""A small real cache for the tests and the serving benchmark: a LanceDB table, a FAISS index.
 
 Rows carry random unit vectors, generated JPEG thumbnails and captions, so every part of the
-service (search, filters, thumbnails, enhance) runs on real LanceDB and FAISS objects.
+service (search, filters, thumbnails, enhance) runs on real LanceDB and FAISS objects. Test code,
+not product code: the package never imports it (``benchmarks/bench_serve.py`` puts ``tests/``
+on its path).
 """
 
 from __future__ import annotations
@@ -17,16 +19,12 @@ import pyarrow as pa
 from PIL import Image
 
 from cachebind.config import StoreConfig
+from cachebind.demo.data import COLOURS
 from cachebind.serve.runtime import IndexSnapshot
 from cachebind.store import CacheTable, connect, images_schema, row_id
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "purple": (150, 60, 190),
-}
+# Captions cycle through these five of the demo's colours ("a red dog", "a green dog", ...).
+PALETTE = ("red", "green", "blue", "yellow", "purple")
 SUBJECTS = ["dog", "cat", "boat", "tree", "house", "bird", "car", "flower"]
 
 
@@ -56,7 +54,7 @@ def demo_rows(start: int, count: int, dim: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed + start)
     vectors = rng.standard_normal((count, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    names = list(COLOURS)
+    names = PALETTE
     keys, captions, widths, heights, thumbs, shards = [], [], [], [], [], []
     for j in range(count):
         i = start + j

@@ -1,0 +1,89 @@
+"""``POST /v1/generate``: LLaMA text with the cache-enhanced visual feature F~_M injected,
+streamed as server-sent events or answered whole."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from cachebind.serve import schemas as s
+from cachebind.serve.deps import Limits, RequestLimits, State
+from cachebind.serve.errors import ApiError
+from cachebind.serve.routes.enhance import enhanced_of, neighbours_of
+from cachebind.serve.state import ServeState
+from cachebind.serve.streaming import sse, stream_in_thread
+
+log = logging.getLogger("cachebind.serve")
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class VisualPrompt:
+    """What the adapter's visual query gets: F~_M as [1, d] (None for a text-only prompt)."""
+
+    visual: np.ndarray | None = None
+    neighbours: list[s.Neighbour] = field(default_factory=list)
+
+
+async def visual_prompt(state: ServeState, limits: Limits, body: s.GenerateRequest) -> VisualPrompt:
+    if not body.inputs:
+        return VisualPrompt()  # text only: plain LLaMA, the adapter's visual query is off
+    q = await enhanced_of(state, limits, body.inputs, body.k, body.t, body.alpha)
+    visual = np.asarray(q.enhanced.embedding, dtype=np.float32)[None, :]
+    return VisualPrompt(visual, await neighbours_of(q.snap, q.enhanced))
+
+
+@router.post(
+    "/v1/generate",
+    tags=["v1"],
+    response_model=s.GenerateResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits) -> Any:
+    """Text from LLaMA with the cache-enhanced visual feature F~_M injected.
+
+    ``stream: true`` (default) answers ``text/event-stream``: ``data: {"text": piece}``
+    events, then ``event: done`` with the whole text (or ``event: error``).
+    """
+    runtime = state.require_runtime()
+    if runtime.generator is None:
+        raise ApiError(503, "no_llm", "this server has no LLM configured (llm.llama_dir)")
+
+    prompt = await limits.timed(visual_prompt(state, limits, body))
+    neighbours = prompt.neighbours
+    options = {
+        "max_new_tokens": body.max_new_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+    }
+    pieces = stream_in_thread(runtime, body.prompt, prompt.visual, options, state.generate_executor)
+    if not body.stream:
+        text = "".join([p async for p in pieces])
+        return s.GenerateResponse(text=text, neighbours=neighbours)
+
+    async def events() -> AsyncIterator[str]:
+        neighbours_json = [n.model_dump() for n in neighbours]
+        yield sse({"neighbours": neighbours_json}, event="neighbours")
+        text = []
+        try:
+            async for piece in pieces:
+                text.append(piece)
+                yield sse({"text": piece})
+        except Exception as exc:
+            log.exception("generation failed")
+            yield sse({"error": "generation_failed", "detail": type(exc).__name__}, "error")
+            return
+        yield sse({"text": "".join(text)}, event="done")
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

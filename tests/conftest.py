@@ -1,0 +1,67 @@
+"""Shared fixtures. ``served``: a real HTTP server on 127.0.0.1 over a generated cache.
+
+A test module states the server it needs with a module mark, for example
+``pytestmark = pytest.mark.served(rows=200, llm=True, max_k=50)``: ``rows`` of the demo cache,
+``llm`` for a tiny LLaMA with the ImageBind-LLM adapter, and any ``serve`` setting by name.
+One server per module: it starts before the module's first test and stops after its last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from builders import (
+    DemoCache,
+    ServiceSettings,
+    TableFlatLoader,
+    build_demo_cache,
+    service_settings,
+    tiny_runtime,
+)
+
+from cachebind.serve import Runtime, ServerHandle, start_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "served(rows=200, llm=False, **serve): the server the 'served' fixture starts"
+    )
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running server, its settings and keys, and the runtime it serves."""
+
+    server: ServerHandle
+    svc: ServiceSettings
+    runtime: Runtime
+    cache: DemoCache
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture(scope="module")
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    mark = request.node.get_closest_marker("served")
+    options: dict[str, Any] = {"rows": 200, "llm": False, "index_poll_s": 0}
+    options.update(mark.kwargs if mark else {})
+    rows, llm = options.pop("rows"), options.pop("llm")
+    root = tmp_path_factory.mktemp("served")
+    cache = build_demo_cache(root, rows=rows, dim=64)
+    svc = service_settings(root, cache, **options)
+    generator = None
+    if llm:
+        from cachebind.inject.tiny import build_tiny_llm
+
+        generator = build_tiny_llm(root / "llm", visual_dim=64)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store), generator)
+    server = start_server(svc.settings, runtime, port=0)
+    yield Served(server, svc, runtime, cache)
+    server.stop()
