@@ -233,6 +233,14 @@ class LLMConfig(Section):
     max_new_tokens: int = 256
     temperature: float = 0.1
     top_p: float = 0.75
+    max_batch: int = Field(8, ge=1)
+    """Generations decoded together (in-flight batching): the KV cache holds this many slots of
+    the model's ``max_seq_len`` positions, allocated and checked against free memory at start."""
+    max_queue: int = Field(64, ge=0)
+    """Generations waiting for a slot; one more is refused with 429 and Retry-After."""
+    prefill_chunk: int = Field(64, ge=1)
+    """Prompt tokens prefilled per decode step: a long prompt that joins delays the running
+    generations by at most this many tokens' work per step."""
 
 
 class ServeConfig(Section):

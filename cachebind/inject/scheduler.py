@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cachebind.errors import CachebindError, InputError
+from cachebind.errors import CachebindError, GenerationBusy, InputError
 from cachebind.inject.generate import Generator, sample_top_p
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.slots import SlotCache, check_kv_memory, decode_mask, prefill_mask
@@ -41,12 +41,7 @@ Sink = Callable[[str, Any], None]
 """Receives ("piece", str), then ("end", finish_reason) or ("error", exception)."""
 
 
-class SchedulerBusy(CachebindError):
-    """The generation queue is full (``llm.max_queue``); retry after ``retry_after_s``."""
-
-    def __init__(self, depth: int, retry_after_s: int) -> None:
-        super().__init__(f"{depth} generations are waiting; retry in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
+SchedulerBusy = GenerationBusy  # the queue is full (defined without torch, for the service)
 
 
 class GenerationTimeout(CachebindError, TimeoutError):

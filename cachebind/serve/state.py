@@ -40,8 +40,7 @@ class ServeState:
         # One thread for the model: torch already uses every core inside one call, and a
         # single worker lets the batcher grow batches while the model is busy.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
-        # Generations wait for each other here, not in the default pool that table reads use.
-        self.generate_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-llm")
+        self.observe_generation()
         self.encoders: dict[Modality, MicroBatcher[Any, np.ndarray]] = {}
         self.index_batcher = MicroBatcher(
             self._search_batch,
@@ -187,6 +186,13 @@ class ServeState:
             return
         snap = self.runtime.snapshot
         self.metrics.set_index_version(snap.version if snap else None)
+        self.observe_generation()
+
+    def observe_generation(self) -> None:
+        """The generation scheduler reports queue, occupancy, TTFT and tokens to /metrics."""
+        scheduler = getattr(self.runtime, "scheduler", None)
+        if scheduler is not None:
+            scheduler.observer = self.metrics
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -197,4 +203,3 @@ class ServeState:
         for batcher in [*self.encoders.values(), self.index_batcher, self.enhance_batcher]:
             await batcher.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
-        self.generate_executor.shutdown(wait=False, cancel_futures=True)
