@@ -33,7 +33,7 @@ import torch
 from cachebind.errors import CachebindError, GenerationBusy, InputError
 from cachebind.inject.generate import Generator, sample_top_p
 from cachebind.inject.prompts import format_prompt
-from cachebind.inject.slots import SlotCache, check_kv_memory, decode_mask, prefill_mask
+from cachebind.inject.slots import SlotCache, check_kv_memory, decode_mask, prefill_inputs
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class GenerationHandle:
         self.cancelled = threading.Event()
         self.tokens: list[int] = []  # the generated ids (complete once the request ended)
         self.finish_reason: str | None = None
+        self.first_token_s: float | None = None  # from submission to the first sampled token
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -309,32 +310,59 @@ class Scheduler:
                     row.visual = self.model.visual_query(row.f_m[None])[0]
 
     def _prefill(self) -> None:
-        """At most ``prefill_chunk`` prompt tokens this step, oldest request first."""
+        """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
+        joining rows' chunks in one forward (left-padded so each row's last token is last)."""
         budget = self.prefill_chunk
         waiting = sorted(
             (r for r in self._slots if r is not None and not r.ready), key=lambda r: r.submitted
         )
-        device = self.model.device
+        chunks: list[tuple[_Row, int, int]] = []
         for row in waiting:
             if budget <= 0:
                 break
-            start = row.prefilled
-            n = min(budget, len(row.ids) - start)
+            n = min(budget, len(row.ids) - row.prefilled)
+            chunks.append((row, row.prefilled, n))
             budget -= n
-            self.cache.bind_prefill(row.slot, start, n)
-            out = self.model(
-                torch.tensor([row.ids[start : start + n]], device=device),
-                visual=None if row.visual is None else row.visual[None],
-                attention_mask=prefill_mask(start, n, device),
-                position_ids=torch.arange(start, start + n, device=device)[None],
-                past_key_values=self.cache,
-                logits_to_keep=1,
-            )
+        if not chunks:
+            return
+        device = self.model.device
+        width = max(n for _, _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
+        for i, (row, start, n) in enumerate(chunks):
+            ids[i, width - n :] = torch.tensor(row.ids[start : start + n], device=device)
+        starts, lengths = [c[1] for c in chunks], [c[2] for c in chunks]
+        positions, mask = prefill_inputs(starts, lengths, device)
+        visual, visual_rows = self._visual_of([row for row, _, _ in chunks])
+        self.cache.bind_prefill([row.slot for row, _, _ in chunks], starts, lengths)
+        out = self.model(
+            ids,
+            visual=visual,
+            visual_rows=visual_rows,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            logits_to_keep=1,
+        )
+        for i, (row, _, n) in enumerate(chunks):
             row.prefilled += n
             if row.prefilled == len(row.ids):
                 row.ready = True
-                self.observer.first_token(time.perf_counter() - row.submitted)
-                self._take(row, self._sample(row, out.logits[0, -1]))
+                row.handle.first_token_s = time.perf_counter() - row.submitted
+                self.observer.first_token(row.handle.first_token_s)
+                self._take(row, self._sample(row, out.logits[i, -1]))
+
+    def _visual_of(self, rows: list[_Row | None]) -> tuple[torch.Tensor | None, ...]:
+        """T_I per batch row [b, dim] and which rows use it [b] (None, None: no row does)."""
+        if all(r is None or r.visual is None for r in rows):
+            return None, None
+        device = self.model.device
+        visual = torch.zeros(len(rows), self.model.cfg.dim, dtype=self.model.dtype, device=device)
+        visual_rows = torch.zeros(len(rows), device=device)
+        for i, r in enumerate(rows):
+            if r is not None and r.visual is not None:
+                visual[i] = r.visual
+                visual_rows[i] = 1.0
+        return visual, visual_rows
 
     def _decode(self, rows: list[_Row]) -> None:
         """One token for every ready row, in one forward over slots 0 … highest ready slot."""
@@ -345,17 +373,12 @@ class Scheduler:
         # reaches and which its owner overwrites before it reads it.
         write_at = torch.full((width,), self.max_seq_len - 1, dtype=torch.long, device=device)
         see = torch.zeros(width, dtype=torch.long, device=device)
-        with_visual = [r for r in rows if r.visual is not None]
-        visual = visual_rows = None
-        if with_visual:
-            visual = torch.zeros(width, self.model.cfg.dim, dtype=self.model.dtype, device=device)
-            visual_rows = torch.zeros(width, device=device)
+        by_slot: list[_Row | None] = [None] * width
         for r in rows:
             tokens[r.slot] = r.handle.tokens[-1]
             write_at[r.slot] = see[r.slot] = r.position
-            if r.visual is not None:
-                visual[r.slot] = r.visual
-                visual_rows[r.slot] = 1.0
+            by_slot[r.slot] = r
+        visual, visual_rows = self._visual_of(by_slot)
         kv_len = int(see.max()) + 1
         self.cache.bind_decode(width, write_at, kv_len)
         out = self.model(

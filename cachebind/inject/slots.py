@@ -100,26 +100,32 @@ class SlotCache:
         self._at = positions
         self._kv_len = kv_len
 
-    def bind_prefill(self, slot: int, start: int, length: int) -> None:
-        """The next call writes ``length`` prompt positions of ``slot`` from ``start`` on."""
-        self._rows = slice(slot, slot + 1)
-        self._at = start
-        self._kv_len = start + length
+    def bind_prefill(self, slots: list[int], starts: list[int], lengths: list[int]) -> None:
+        """The next call writes, for each row i, ``lengths[i]`` prompt positions of
+        ``slots[i]`` from ``starts[i]`` on, taken from the right end of the row's chunk (the
+        chunks are left-padded to one width, so every row's last prompt token is last)."""
+        self._rows = list(zip(slots, starts, lengths, strict=True))
+        self._at = torch.tensor(slots, device=self.k.device)
+        self._kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_, **__
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[b, H, q, D] new keys/values -> the slots' keys/values [b, H, kv_len, D] (views)."""
         k, v = self.k[layer_idx], self.v[layer_idx]
-        if isinstance(self._rows, slice):  # prefill: one slot, a run of positions
-            at = int(self._at)
-            k[self._rows, :, at : at + key_states.shape[2]] = key_states
-            v[self._rows, :, at : at + key_states.shape[2]] = value_states
-            rows = self._rows
-        else:  # decode: one position per slot, each its own
-            k[self._rows, :, self._at] = key_states[:, :, 0]
-            v[self._rows, :, self._at] = value_states[:, :, 0]
-            rows = slice(0, len(self._rows))
+        if isinstance(self._rows, list):  # prefill: a run of positions per slot
+            width = key_states.shape[2]
+            for i, (slot, start, n) in enumerate(self._rows):
+                k[slot, :, start : start + n] = key_states[i, :, width - n :]
+                v[slot, :, start : start + n] = value_states[i, :, width - n :]
+            if len(self._rows) == 1:
+                slot = self._rows[0][0]
+                return k[slot : slot + 1, :, : self._kv_len], v[slot : slot + 1, :, : self._kv_len]
+            return k[self._at, :, : self._kv_len], v[self._at, :, : self._kv_len]
+        # decode: one position per slot, each its own
+        k[self._rows, :, self._at] = key_states[:, :, 0]
+        v[self._rows, :, self._at] = value_states[:, :, 0]
+        rows = slice(0, len(self._rows))
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
 
@@ -129,8 +135,18 @@ def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     return (keys[None, :] <= positions[:, None])[:, None, None, :]
 
 
-def prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, length, start + length] bool: causal over the slot's past and the new chunk."""
-    keys = torch.arange(start + length, device=device)
-    queries = torch.arange(start, start + length, device=device)
-    return (keys[None, :] <= queries[:, None])[None, None]
+def prefill_inputs(
+    starts: list[int], lengths: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids [b, width] and mask [b, 1, width, kv_len] (bool) of left-padded chunks:
+    row i's chunk fills its last ``lengths[i]`` columns, at positions starts[i] onwards, and is
+    causal over its slot's past; a padding column repeats the first position (never read)."""
+    width = max(lengths)
+    kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
+    col = torch.arange(width, device=device)
+    start = torch.tensor(starts, device=device)[:, None]
+    pad = width - torch.tensor(lengths, device=device)[:, None]
+    positions = start + (col[None, :] - pad).clamp(min=0)  # [b, width]
+    keys = torch.arange(kv_len, device=device)
+    mask = keys[None, None, :] <= positions[:, :, None]  # [b, width, kv_len]
+    return positions, mask[:, None]
