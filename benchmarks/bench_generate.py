@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
     parser.add_argument("--serve", action="store_true", help="concurrent streams: batched/serial")
     parser.add_argument("--streams", default="1,4,16,32")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="llm.prefill_chunk")
     args = parser.parse_args()
     if args.serve:
         from bench_generate_serve import bench_serve

@@ -51,15 +51,17 @@ class FoldedTokenizer:
         return self.inner.decode([i % self.inner.n_words for i in ids])
 
 
-def gpu_generator(workdir: Path) -> Generator:
-    """LLaMA-7B + released 7B adapter shapes, random fp16 weights, open gates, on CUDA."""
+def gpu_generator(workdir: Path, cfg=None, device: str = "cuda") -> Generator:
+    """LLaMA-7B + released 7B adapter shapes, random fp16 weights, open gates, on CUDA.
+
+    ``cfg`` / ``device`` let the same code be smoke-run small on a CPU (in fp32 there)."""
     from cachebind.inject.model import AdapterLlama, AdapterLlamaConfig
 
     tiny = build_tiny_llm(workdir, dim=64, n_layers=1, n_heads=4)
-    cfg = AdapterLlamaConfig()
-    torch.set_default_dtype(torch.float16)
+    cfg = cfg or AdapterLlamaConfig()
+    torch.set_default_dtype(torch.float16 if device == "cuda" else torch.float32)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = AdapterLlama(cfg).eval()
     finally:
         torch.set_default_dtype(torch.float32)
@@ -185,7 +187,9 @@ def bench_serve(args) -> dict:
             gen = build_tiny_llm(Path(tmp), dim=args.dim, n_layers=args.layers, n_heads=args.heads)
     visual = np.random.default_rng(0).standard_normal((8, gen.visual_dim)).astype(np.float32)
     streams = [int(s) for s in args.streams.split(",")]
-    sched = Scheduler(gen, max_batch=max(streams), max_queue=max(streams), prefill_chunk=64)
+    sched = Scheduler(
+        gen, max_batch=max(streams), max_queue=max(streams), prefill_chunk=args.prefill_chunk
+    )
     gen.generate(["warm up"], visual[0], 4, 0.0)
     "".join(sched.submit("warm up", visual[0], max_new_tokens=4))
     result = {
@@ -194,6 +198,7 @@ def bench_serve(args) -> dict:
         "params_m": round(sum(p.numel() for p in gen.model.parameters()) / 1e6, 1),
         "threads": args.threads,
         "tokens_per_request": args.tokens,
+        "prefill_chunk": args.prefill_chunk,
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "decode_one_stream": decode_ms_by_thread(gen, sched, visual[0], args.tokens),
         "runs": [],

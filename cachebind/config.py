@@ -238,9 +238,10 @@ class LLMConfig(Section):
     the model's ``max_seq_len`` positions, allocated and checked against free memory at start."""
     max_queue: int = Field(64, ge=0)
     """Generations waiting for a slot; one more is refused with 429 and Retry-After."""
-    prefill_chunk: int = Field(64, ge=1)
-    """Prompt tokens prefilled per decode step: a long prompt that joins delays the running
-    generations by at most this many tokens' work per step."""
+    prefill_chunk: int = Field(256, ge=1)
+    """Prompt tokens prefilled per decode step (the joining prompts' chunks share one forward):
+    a long prompt that joins delays the running generations by at most this many tokens' work
+    per step. Smaller: steadier token pace for running streams; larger: joiners start sooner."""
 
 
 class ServeConfig(Section):
