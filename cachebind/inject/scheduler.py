@@ -19,93 +19,29 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from cachebind.errors import CachebindError, GenerationBusy, InputError
+from cachebind.errors import InputError
 from cachebind.inject.generate import Generator, sample_top_p
+from cachebind.inject.handles import (
+    GenerationHandle,
+    GenerationTimeout,
+    NullObserver,
+    SchedulerBusy,
+    SchedulerObserver,
+    Sink,
+)
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.slots import SlotCache, check_kv_memory, decode_mask, prefill_inputs
 
 log = logging.getLogger(__name__)
-
-Sink = Callable[[str, Any], None]
-"""Receives ("piece", str), then ("end", finish_reason) or ("error", exception)."""
-
-
-SchedulerBusy = GenerationBusy  # the queue is full (defined without torch, for the service)
-
-
-class GenerationTimeout(CachebindError, TimeoutError):
-    """A request passed its deadline; its slot was freed."""
-
-
-class SchedulerObserver(Protocol):
-    """Where the scheduler reports its load (the service's Prometheus metrics)."""
-
-    def scheduler_state(self, queued: int, running: int) -> None: ...
-
-    def first_token(self, seconds: float) -> None: ...
-
-    def tokens(self, n: int) -> None: ...
-
-    def finished(self, reason: str) -> None: ...
-
-
-class _NoObserver:
-    def scheduler_state(self, queued: int, running: int) -> None:
-        pass
-
-    def first_token(self, seconds: float) -> None:
-        pass
-
-    def tokens(self, n: int) -> None:
-        pass
-
-    def finished(self, reason: str) -> None:
-        pass
-
-
-class GenerationHandle:
-    """One submitted request: iterate it for text pieces (unless a ``sink`` was given);
-    ``cancel`` frees its slot at the next step."""
-
-    def __init__(self, sink: Sink | None) -> None:
-        self._events: queue.SimpleQueue[tuple[str, Any]] | None = None
-        if sink is None:
-            self._events = queue.SimpleQueue()
-            sink = lambda kind, value: self._events.put((kind, value))  # noqa: E731
-        self.sink = sink
-        self.cancelled = threading.Event()
-        self.tokens: list[int] = []  # the generated ids (complete once the request ended)
-        self.finish_reason: str | None = None
-        self.first_token_s: float | None = None  # from submission to the first sampled token
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def __iter__(self) -> Iterator[str]:
-        if self._events is None:
-            raise TypeError("this request reports to its sink")
-        try:
-            while True:
-                kind, value = self._events.get()
-                if kind == "piece":
-                    yield value
-                elif kind == "end":
-                    return
-                else:
-                    raise value
-        finally:  # also when the consumer stops early: its slot goes back
-            self.cancel()
 
 
 @dataclass(eq=False)
@@ -160,7 +96,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len or generator.max_seq_len
-        self.observer: SchedulerObserver = observer or _NoObserver()
+        self.observer: SchedulerObserver = observer or NullObserver()
         check_kv_memory(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
         self.cache = SlotCache(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
         # torch's intra-op thread count is per thread (OpenMP's nthreads ICV): the scheduler's
