@@ -11,6 +11,11 @@ tokens/s at batch 1 against the memory-bandwidth bound (~13.5 GB read per token,
 an H100).
 
     .venv/bin/python benchmarks/bench_generate.py [--rows 100000] [--dim 512 --layers 8 --heads 8]
+
+Serving mode (``--serve``, see ``bench_generate_serve.py``): in-flight batching against the
+serial executor at 1, 4, 16 and 32 concurrent streams (``--gpu yes``: 7B-shaped fp16 on CUDA).
+
+    .venv/bin/python benchmarks/bench_generate.py --serve [--streams 1,4,16,32] [--tokens 48]
 """
 
 from __future__ import annotations
@@ -175,7 +180,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
+    parser.add_argument("--serve", action="store_true", help="concurrent streams: batched/serial")
+    parser.add_argument("--streams", default="1,4,16,32")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="llm.prefill_chunk")
     args = parser.parse_args()
+    if args.serve:
+        from bench_generate_serve import bench_serve
+
+        if args.gpu == "auto":
+            args.gpu = "yes" if torch.cuda.is_available() else "no"
+        print(json.dumps(bench_serve(args), indent=2))
+        return
     print(json.dumps(bench_cpu(args), indent=2))
     if args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available()):
         print(json.dumps(bench_gpu(args), indent=2))

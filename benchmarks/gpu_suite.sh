@@ -35,3 +35,7 @@ run encoder_huge_bf16_compiled 300 benchmarks/bench_encoder.py --device cuda --p
 run index_exact_fp16 180 benchmarks/bench_index.py --gpu --rows 3300000 --json "$out/index.json"
 # Issue 6: LLaMA-7B-shaped decode with the adapter (and the CPU mode's cache share).
 run generate_7b 300 benchmarks/bench_generate.py --gpu yes
+# Issue 13: in-flight batching of 1/4/16/32 streams against the serial executor, 7B-shaped fp16
+# (targets: >= 10x the serial aggregate at 16 streams; batch-1 decode within 1.3x of ~4 ms/token).
+run generate_serve_7b 420 benchmarks/bench_generate.py --serve --gpu yes --streams 1,4,16,32 \
+  --tokens 64

@@ -290,9 +290,15 @@ class LLMConfig(Section):
     max_new_tokens: int = 256
     temperature: float = 0.1
     top_p: float = 0.75
-    max_queue: int = Field(8, ge=0)
-    """Generations that may wait behind the running one; one more is answered 429 with
-    Retry-After (a queue without bound makes every later stream wait for all of it)."""
+    max_batch: int = Field(8, ge=1)
+    """Generations decoded together (in-flight batching): the KV cache holds this many slots of
+    the model's ``max_seq_len`` positions, allocated and checked against free memory at start."""
+    max_queue: int = Field(64, ge=0)
+    """Generations waiting for a slot; one more is refused with 429 and Retry-After."""
+    prefill_chunk: int = Field(256, ge=1)
+    """Prompt tokens prefilled per decode step (the joining prompts' chunks share one forward):
+    a long prompt that joins delays the running generations by at most this many tokens' work
+    per step. Smaller: steadier token pace for running streams; larger: joiners start sooner."""
 
 
 MAX_INPUTS = 4096

@@ -28,3 +28,11 @@ class WeightsError(CachebindError):
 
 class IndexMismatchError(CachebindError):
     """A published index was built from a different table than the one it is used with."""
+
+
+class GenerationBusy(CachebindError):
+    """The generation queue is full (``llm.max_queue``); retry after ``retry_after_s``."""
+
+    def __init__(self, depth: int, retry_after_s: int) -> None:
+        super().__init__(f"{depth} generations are waiting; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -52,3 +53,22 @@ def test_decode_mode_runs_a_small_llama_on_the_cpu() -> None:
     assert result["device"] == "cpu" and result["decode_tokens_per_s"] > 0
     assert result["ms_per_token"] > 0
     assert {"weights_gb", "bandwidth_bound_ms_per_token_h100"} <= set(result)  # 0.0 GB: tiny
+
+
+def test_serving_mode_batches_a_7b_shaped_model_built_small_on_the_cpu(tmp_path) -> None:
+    import bench_generate_serve as serve_mode
+
+    from cachebind.inject.model import AdapterLlamaConfig
+    from cachebind.inject.scheduler import Scheduler
+
+    cfg = AdapterLlamaConfig(
+        dim=64, n_layers=2, n_heads=4, ffn_hidden=172, query_layer=2, bind_hidden=128
+    )
+    gen = serve_mode.gpu_generator(tmp_path, cfg, device="cpu")
+    sched = Scheduler(gen, max_batch=4, max_queue=4)
+    try:
+        one = serve_mode.batched_request(sched, tokens=6)
+        run = serve_mode.run_streams(3, one, np.ones((2, cfg.bind_in_dim), dtype=np.float32))
+    finally:
+        sched.close()
+    assert run["tokens"] == 18 and run["tokens_per_s"] > 0 and run["ttft_p99_s"] > 0

@@ -354,57 +354,8 @@ def test_keys_create_makes_an_existing_world_readable_file_0600(tmp_path):
 # --------------------------------------------------------------------------- work that is gone
 
 
-def test_the_generation_queue_is_bounded_with_429_and_retry_after(served, http):
-    state = served.server.app.state.serve
-    long = {"prompt": "tell a long story", "stream": False, "temperature": 0.0}
-    done: list[int] = []
-    admitted = [
-        threading.Thread(
-            target=lambda: done.append(http.post("/v1/generate", json=long).status_code)
-        )
-        for _ in range(2)
-    ]
-    for t in admitted:
-        t.start()
-    deadline = time.monotonic() + 5.0
-    while state.generations.active < 2 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    full = http.post("/v1/generate", json={**long, "max_new_tokens": 4})
-    for t in admitted:
-        t.join(60)
-    assert full.status_code == 429 and full.json()["error"] == "queue_full"
-    assert int(full.headers["retry-after"]) >= 1
-    assert done == [200, 200]  # the running one and the one queued behind it (max_queue 1)
-
-
-def test_generations_whose_clients_left_stop_and_free_their_slots(served, http):
-    state, runtime = served.server.app.state.serve, served.runtime
-    long = {"prompt": "tell a long story", "stream": False, "temperature": 0.0}
-    left: list[bool] = []
-
-    def leave_early() -> None:
-        try:
-            http.post("/v1/generate", json=long, timeout=0.3)
-            left.append(False)
-        except httpx.ReadTimeout:
-            left.append(True)
-
-    leavers = [threading.Thread(target=leave_early) for _ in range(2)]
-    for t in leavers:
-        t.start()
-    for t in leavers:
-        t.join(10)
-    assert any(left)  # the second at least waited behind the first, and its client left
-    # The guard cancels each request: the running generation stops at its next token, the
-    # queued one never starts; both slots come back.
-    deadline = time.monotonic() + 10.0
-    while (state.generations.active or runtime._generate_lock.locked()) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.01)
-    assert state.generations.active == 0 and not runtime._generate_lock.locked()
-    r = http.post("/v1/generate", json={**long, "max_new_tokens": 4}, timeout=30)
-    assert r.status_code == 200 and isinstance(r.json()["text"], str)
+# The generation queue's bound (429 + Retry-After) and the slots of clients that left are
+# specified with the in-flight batching scheduler, in tests/test_serve_generate.py.
 
 
 def test_the_batcher_skips_the_items_of_callers_that_timed_out():

@@ -38,6 +38,8 @@ from cachebind.bind import BindNetwork, Variant
 
 # [query_layer, B, dim] adapter tokens of the forward call in progress (None: plain LLaMA).
 adapter_tokens: ContextVar[torch.Tensor | None] = ContextVar("adapter_tokens", default=None)
+# [B] 1.0 for a row with a visual query, 0.0 for a text-only row of a mixed batch (None: all 1).
+adapter_rows: ContextVar[torch.Tensor | None] = ContextVar("adapter_rows", default=None)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,9 @@ class AdapterAttention(LlamaAttention):
                 "the installed transformers changed LlamaAttention"
             )
         term = self.adapter_term(adapters[self.adapter_index])
+        rows = adapter_rows.get()
+        if rows is not None:  # x * 1.0 is exact: a visual row is what it is alone
+            term = term * rows.to(term.dtype).view(-1, 1, 1)
         return (out + term.to(out.dtype),)  # broadcast over every position
 
 
@@ -235,9 +240,14 @@ class AdapterLlama(nn.Module):
         past_key_values: Cache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        visual_rows: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """Logits for ``input_ids`` [B, S]; ``visual`` is T_I [B, dim] (None: plain LLaMA)."""
+        """Logits for ``input_ids`` [B, S]; ``visual`` is T_I [B, dim] (None: plain LLaMA).
+
+        ``visual_rows`` [B] (1: adapter on, 0: off) lets text-only rows share a batch with
+        visual ones: an off row gets no adapter term at all, as plain LLaMA."""
         token = adapter_tokens.set(self.adapters(visual) if visual is not None else None)
+        rows_token = adapter_rows.set(visual_rows if visual is not None else None)
         try:
             return self.llm(
                 input_ids=input_ids,
@@ -248,4 +258,5 @@ class AdapterLlama(nn.Module):
                 logits_to_keep=logits_to_keep,
             )
         finally:
+            adapter_rows.reset(rows_token)
             adapter_tokens.reset(token)

@@ -61,9 +61,52 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.generate_queue = Gauge(
+            "cachebind_generate_queue_depth",
+            "Generations waiting for a decoder slot.",
+            registry=self.registry,
+        )
+        self.generate_running = Gauge(
+            "cachebind_generate_batch_occupancy",
+            "Generations holding a decoder slot (decoded together each step).",
+            registry=self.registry,
+        )
+        self.generate_ttft = Histogram(
+            "cachebind_generate_time_to_first_token_seconds",
+            "From a generation's submission to its first sampled token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generate_tokens = Counter(
+            "cachebind_generate_tokens_total",
+            "Tokens generated (the rate is the decoder's tokens/s).",
+            registry=self.registry,
+        )
+        self.generate_finished = Counter(
+            "cachebind_generate_finished_total",
+            "Generations that left the decoder, by reason (eos, length, stop, cancelled, error).",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def watch_decoders(self, stats: Callable[[], SandboxStats | None]) -> None:
         """Export the decode pool's ``stats()`` at each scrape."""
         self.registry.register(_DecodePoolCollector(stats))
+
+    # The generation scheduler's observer (cachebind.inject.scheduler.SchedulerObserver).
+
+    def scheduler_state(self, queued: int, running: int) -> None:
+        self.generate_queue.set(queued)
+        self.generate_running.set(running)
+
+    def first_token(self, seconds: float) -> None:
+        self.generate_ttft.observe(seconds)
+
+    def tokens(self, n: int) -> None:
+        self.generate_tokens.inc(n)
+
+    def finished(self, reason: str) -> None:
+        self.generate_finished.labels(reason=reason).inc()
 
     def set_index_version(self, version: str | None) -> None:
         self.index_version.clear()

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cachebind.config import CacheConfig, IndexConfig, Settings, StoreConfig
+from cachebind.config import CacheConfig, IndexConfig, LLMConfig, Settings, StoreConfig
 from cachebind.modalities import Modality
 
 log = logging.getLogger("cachebind.serve")
@@ -112,6 +112,7 @@ class Runtime:
         generator: Any | None = None,
         cache_config: CacheConfig | None = None,
         generation_defaults: dict[str, Any] | None = None,
+        llm_config: LLMConfig | None = None,
     ) -> None:
         visual_dim = getattr(generator, "visual_dim", None)
         if generator is not None and visual_dim is not None and visual_dim != encoder.out_dim:
@@ -132,8 +133,19 @@ class Runtime:
         }
         self._snapshot = snapshot
         self._swap_lock = threading.Lock()
-        # One generation at a time: a generator holds a KV cache and is not re-entrant.
-        self._generate_lock = threading.Lock()
+        # Every generation goes through the scheduler's thread, which owns the model and
+        # decodes all running requests together (in-flight batching).
+        self.scheduler = None
+        if generator is not None:
+            from cachebind.inject.scheduler import Scheduler
+
+            llm = llm_config or LLMConfig()
+            self.scheduler = Scheduler(
+                generator,
+                max_batch=llm.max_batch,
+                max_queue=llm.max_queue,
+                prefill_chunk=llm.prefill_chunk,
+            )
 
     # ------------------------------------------------------------------ construction
 
@@ -165,6 +177,7 @@ class Runtime:
                 "temperature": settings.llm.temperature,
                 "top_p": settings.llm.top_p,
             },
+            llm_config=settings.llm,
         )
 
     # ------------------------------------------------------------------ encoder
@@ -228,21 +241,29 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
 
+    def submit_generation(
+        self,
+        prompt: str,
+        visual: np.ndarray | None,
+        *,
+        sink: Any = None,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> Any:
+        """Queue a generation on the scheduler (``inject.scheduler.GenerationHandle``).
+
+        ``visual`` is F~_M ([1, d] or [d]; None: plain LLaMA). Raises ``SchedulerBusy`` when
+        ``llm.max_queue`` generations already wait, ``InputError`` on bad options.
+        """
+        if self.scheduler is None:
+            raise RuntimeError("no LLM configured (set llm.llama_dir)")
+        opts = {**self.generation_defaults, **{k: v for k, v in options.items() if v is not None}}
+        return self.scheduler.submit(prompt, visual, sink=sink, timeout_s=timeout_s, **opts)
+
     def generate_stream(
         self, prompt: str, visual: np.ndarray | None, **options: Any
     ) -> Iterator[str]:
-        """Text pieces from the LLM conditioned on ``visual`` (F~_M, [1, d]; None: plain LLaMA)."""
-        if self.generator is None:
-            raise RuntimeError("no LLM configured (set llm.llama_dir)")
-        opts = {**self.generation_defaults, **{k: v for k, v in options.items() if v is not None}}
-        with self._generate_lock:
-            for pieces in self.generator.stream(
-                [prompt],
-                visual,
-                max_new_tokens=opts["max_new_tokens"],
-                temperature=opts["temperature"],
-                top_p=opts["top_p"],
-            ):
-                # The generator yields one piece per prompt per decoding step ("" when none).
-                if pieces[0]:
-                    yield pieces[0]
+        """Text pieces from the LLM conditioned on ``visual`` (F~_M, [1, d]; None: plain LLaMA).
+
+        Blocks the calling thread; closing the iterator early cancels the generation."""
+        yield from self.submit_generation(prompt, visual, **options)

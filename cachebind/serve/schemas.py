@@ -183,6 +183,9 @@ class GenerateRequest(Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Seeds this request's own sampler (reproducible)."
+    )
     # Strict: a lax bool would read 0, "no" or "off" as a choice the client may not have meant.
     stream: StrictBool = Field(
         True, description="Server-sent events when true, one JSON otherwise."

@@ -16,44 +16,12 @@ from cachebind.modalities import Modality
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.batching import ItemError, MicroBatcher
 from cachebind.serve.decoding import MediaDecoder
-from cachebind.serve.errors import ApiError, unavailable
+from cachebind.serve.errors import unavailable
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.querylog import ServedQueryLog
 from cachebind.serve.runtime import IndexSnapshot, Runtime
 
 log = logging.getLogger("cachebind.serve")
-
-
-class Admission:
-    """A bounded count of admitted jobs: ``take()`` or 429 with Retry-After when full."""
-
-    def __init__(self, capacity: int, what: str) -> None:
-        self.capacity = capacity
-        self.what = what
-        self.active = 0
-
-    def take(self) -> Slot:
-        if self.active >= self.capacity:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"{self.active} {self.what}s are running or queued (the limit); retry later",
-                headers={"Retry-After": "1"},
-            )
-        self.active += 1
-        return Slot(self)
-
-
-class Slot:
-    """One admitted job; ``release()`` is idempotent, so every exit path may call it."""
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission: Admission | None = admission
-
-    def release(self) -> None:
-        if self._admission is not None:
-            self._admission.active -= 1
-            self._admission = None
 
 
 class ServeState:
@@ -78,8 +46,7 @@ class ServeState:
         # One thread for the model: torch already uses every core inside one call, and a
         # single worker lets the batcher grow batches while the model is busy.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-encoder")
-        # Generations wait for each other here, not in the default pool that table reads use.
-        self.generate_executor = ThreadPoolExecutor(1, thread_name_prefix="cachebind-llm")
+        self.observe_generation()
         self.encoders: dict[Modality, MicroBatcher[Any, np.ndarray]] = {}
         self.index_batcher = MicroBatcher(
             self._search_batch,
@@ -107,8 +74,6 @@ class ServeState:
         self.cursor_secret = (
             secret.get_secret_value().encode("utf-8") if secret else secrets.token_bytes(32)
         )
-        # The running generation plus the ones waiting for the model thread.
-        self.generations = Admission(1 + settings.llm.max_queue, "generation")
 
     def read_keys(self) -> KeyStore:
         keys = KeyStore.from_files(self.config.api_keys_file, self.config.admin_keys_file)
@@ -232,6 +197,13 @@ class ServeState:
             return
         snap = self.runtime.snapshot
         self.metrics.set_index_version(snap.version if snap else None)
+        self.observe_generation()
+
+    def observe_generation(self) -> None:
+        """The generation scheduler reports queue, occupancy, TTFT and tokens to /metrics."""
+        scheduler = getattr(self.runtime, "scheduler", None)
+        if scheduler is not None:
+            scheduler.observer = self.metrics
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -243,6 +215,5 @@ class ServeState:
             await batcher.close()
         await self.media.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
-        self.generate_executor.shutdown(wait=False, cancel_futures=True)
         # After the batchers: every answered query is in the sample by now.
         await asyncio.to_thread(self.query_log.flush)

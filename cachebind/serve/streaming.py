@@ -1,13 +1,11 @@
-"""Server-sent events of a generation that runs in a worker thread."""
+"""Server-sent events of a generation that runs on the scheduler's thread."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,49 +18,47 @@ def sse(payload: dict[str, Any], event: str | None = None) -> str:
     return f"{head}data: {json.dumps(payload)}\n\n"
 
 
-async def stream_in_thread(
+def scheduled_stream(
     runtime: Runtime,
     prompt: str,
     visual: np.ndarray | None,
     options: dict[str, Any],
-    executor: ThreadPoolExecutor,
-) -> AsyncIterator[str]:
-    """The generator's text pieces, produced in a worker thread, consumed here as they come."""
+    timeout_s: float | None = None,
+) -> ScheduledStream:
+    """Queue the generation now (``SchedulerBusy`` / ``InputError`` raise here, before any
+    response starts) and return its text pieces as the scheduler's thread produces them.
+
+    Closing the iterator (a client that left, a cancelled request task) or ``cancel()``
+    cancels the generation: the scheduler frees its slot at its next step.
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
 
-    def produce() -> None:
-        if stop.is_set():  # the client left while this generation waited for the model
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-            return
-        stream = runtime.generate_stream(prompt, visual, **options)
+    def sink(kind: str, value: Any) -> None:  # called on the scheduler's thread
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+    handle = runtime.submit_generation(prompt, visual, sink=sink, timeout_s=timeout_s, **options)
+
+    async def pieces() -> AsyncIterator[str]:
         try:
-            for piece in stream:
-                if stop.is_set():  # the client went away: stop spending tokens on it
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-        else:
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
         finally:
-            stream.close()
+            handle.cancel()
 
-    worker = loop.run_in_executor(executor, produce)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "piece":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                break
-    finally:
-        stop.set()
-        # One still waiting for the model thread is dropped from its queue; a running one
-        # stops at its next token.
-        worker.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await worker
+    return ScheduledStream(pieces(), handle.cancel)
+
+
+@dataclass(frozen=True)
+class ScheduledStream:
+    """A queued generation's text pieces, and how to cancel it even if they are never read
+    (a streaming response dropped before its first event never runs the iterator's cleanup)."""
+
+    pieces: AsyncIterator[str]
+    cancel: Callable[[], None]

@@ -3,6 +3,8 @@ streamed as server-sent events or answered whole."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -10,15 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 
+from cachebind.errors import GenerationBusy
 from cachebind.serve import schemas as s
 from cachebind.serve.deps import Limits, RequestLimits, State
 from cachebind.serve.errors import ApiError
 from cachebind.serve.routes.enhance import enhanced_of, neighbours_of
 from cachebind.serve.state import ServeState
-from cachebind.serve.streaming import sse, stream_in_thread
+from cachebind.serve.streaming import scheduled_stream, sse
 
 log = logging.getLogger("cachebind.serve")
 
@@ -41,13 +44,37 @@ async def visual_prompt(state: ServeState, limits: Limits, body: s.GenerateReque
     return VisualPrompt(visual, await neighbours_of(q.snap, q.enhanced))
 
 
+async def collect(pieces: AsyncIterator[str]) -> str:
+    return "".join([p async for p in pieces])
+
+
+async def until_disconnected(request: Request, work: Any, poll_s: float = 0.25) -> Any:
+    """``work``'s result, or None once the client has disconnected (``work`` is cancelled,
+    which cancels its generation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 @router.post(
     "/v1/generate",
     tags=["v1"],
     response_model=s.GenerateResponse,
     responses={200: {"content": {"text/event-stream": {}}}} | s.QUEUE_ERRORS,
 )
-async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits) -> Any:
+async def generate(
+    body: s.GenerateRequest, state: State, limits: RequestLimits, request: Request
+) -> Any:
     """Text from LLaMA with the cache-enhanced visual feature F~_M injected.
 
     ``stream: true`` (default) answers ``text/event-stream``: ``data: {"text": piece}``
@@ -64,18 +91,21 @@ async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits)
         "max_new_tokens": body.max_new_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
+        "seed": body.seed,
     }
-    # Admitted or 429 before a token is spent. The slot is held until the generation ends,
-    # however it ends: finished, failed, or its client gone (the guard middleware then cancels
-    # this request, which stops the generation at its next token).
-    slot = state.generations.take()
-    pieces = stream_in_thread(runtime, body.prompt, prompt.visual, options, state.generate_executor)
+    try:
+        scheduled = scheduled_stream(
+            runtime, body.prompt, prompt.visual, options, limits.config.request_timeout_s
+        )
+    except GenerationBusy as exc:
+        raise ApiError(
+            429, "busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from None
+    pieces = scheduled.pieces
     if not body.stream:
-        try:
-            text = "".join([p async for p in pieces])
-        finally:
-            await pieces.aclose()
-            slot.release()
+        text = await until_disconnected(request, collect(pieces))
+        if text is None:  # the client left: its slot is already free
+            return Response(status_code=499)
         return s.GenerateResponse(text=text, neighbours=neighbours)
 
     async def events() -> AsyncIterator[str]:
@@ -94,11 +124,11 @@ async def generate(body: s.GenerateRequest, state: State, limits: RequestLimits)
             yield sse({"text": "".join(text)}, event="done")
         finally:
             await pieces.aclose()
-            slot.release()
+            scheduled.cancel()
 
     stream = events()
     # A stream cancelled before its first event never runs its finally: free the slot anyway.
-    weakref.finalize(stream, slot.release)
+    weakref.finalize(stream, scheduled.cancel)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",

@@ -1,0 +1,380 @@
+"""In-flight (continuous) batching: one thread owns the model and decodes every running request
+in each step.
+
+A request waits in a bounded queue, takes a free slot of the preallocated KV cache
+(``inject.slots``), has its prompt prefilled in chunks of at most ``prefill_chunk`` tokens per
+step (so a long prompt delays the running rows by one chunk per step, not by its whole length),
+then joins the batched decode step. It leaves on EOS, its token budget, a stop string, a cancel
+or its deadline, and its slot is free for the next request at the next step.
+
+Each row is computed as it would be alone: its own slot (BOS at position 0, no left padding),
+its own positions and mask, its own visual query T_I = bind(F~_M) (or none: a text-only row gets
+no adapter term, see ``AdapterLlama.forward``'s ``visual_rows``), and its own temperature, top_p
+and ``torch.Generator`` seeded per request. What differs from a lone run is only the shape of
+the matmuls, which on a CPU may change the last bits of a logit; tokens stay equal unless two
+logits tie to those bits (the tests compare tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cachebind.errors import InputError
+from cachebind.inject.generate import Generator, sample_top_p
+from cachebind.inject.handles import (
+    GenerationHandle,
+    GenerationTimeout,
+    NullObserver,
+    SchedulerBusy,
+    SchedulerObserver,
+    Sink,
+)
+from cachebind.inject.prompts import format_prompt
+from cachebind.inject.slots import SlotCache, check_kv_memory, decode_mask, prefill_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Row:
+    handle: GenerationHandle
+    ids: list[int]
+    f_m: torch.Tensor | None  # F~_M [bind_in_dim] (None: text only)
+    temperature: float
+    top_p: float
+    rng: torch.Generator
+    budget: int
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    deadline: float | None
+    submitted: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    prefilled: int = 0
+    ready: bool = False  # prompt prefilled and a first token sampled: decodes each step
+    emitted: str = ""
+    visual: torch.Tensor | None = None  # T_I = bind(F~_M) [dim], computed on admission
+
+    @property
+    def position(self) -> int:  # where the last sampled token goes when it is fed
+        return len(self.ids) + len(self.handle.tokens) - 1
+
+
+class Scheduler:
+    """Owns ``generator``'s model in one thread and batches all requests' decode steps.
+
+    ``max_batch`` slots of ``max_seq_len`` positions are allocated at start-up (checked against
+    the device's free memory first); at most ``max_queue`` requests wait for a slot.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 64,
+        max_seq_len: int | None = None,
+        threads: int | None = None,
+        observer: SchedulerObserver | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1")
+        model = generator.model
+        self.generator = generator
+        self.model = model
+        self.tokenizer = generator.tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.max_seq_len = max_seq_len or generator.max_seq_len
+        self.observer: SchedulerObserver = observer or NullObserver()
+        check_kv_memory(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
+        self.cache = SlotCache(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
+        # torch's intra-op thread count is per thread (OpenMP's nthreads ICV): the scheduler's
+        # own thread gets the creating thread's setting explicitly rather than whatever OpenMP
+        # gives a new thread.
+        self.threads = threads or torch.get_num_threads()
+        self._slots: list[_Row | None] = [None] * max_batch
+        self._queue: deque[_Row] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._request_s = 1.0  # moving mean of a request's time in a slot (for Retry-After)
+        self._thread = threading.Thread(target=self._run, name="cachebind-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers' side
+
+    def submit(
+        self,
+        prompt: str,
+        visual: torch.Tensor | np.ndarray | None = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.1,
+        top_p: float = 0.75,
+        seed: int | None = None,
+        template: bool = True,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        timeout_s: float | None = None,
+        sink: Sink | None = None,
+    ) -> GenerationHandle:
+        """Queue one request; raises ``InputError`` on bad input, ``SchedulerBusy`` when full."""
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise InputError(
+                "generation",
+                "out_of_range",
+                f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; got "
+                f"{temperature}, {top_p}, {max_new_tokens}",
+            )
+        ids = self.tokenizer.encode(format_prompt(prompt) if template else prompt, bos=True)
+        if len(ids) >= self.max_seq_len:
+            raise InputError(
+                "prompt", "too_long", f"{len(ids)} tokens; the limit is {self.max_seq_len - 1}"
+            )
+        f_m = self._features(visual)
+        seed = seed if seed is not None else self.generator.seed
+        rng = torch.Generator(device=self.model.device)
+        rng.manual_seed(seed) if seed is not None else rng.seed()
+        handle = GenerationHandle(sink)
+        row = _Row(
+            handle,
+            ids,
+            f_m,
+            temperature,
+            top_p,
+            rng,
+            budget=min(max_new_tokens, self.max_seq_len - len(ids)),
+            stop=tuple(s for s in stop if s),
+            ignore_eos=ignore_eos,
+            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+        )
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self._queue) >= self.max_queue and None not in self._slots:
+                waits = (len(self._queue) + 1) / self.max_batch
+                raise SchedulerBusy(len(self._queue), max(1, math.ceil(waits * self._request_s)))
+            self._queue.append(row)
+            self._cv.notify()
+        return handle
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _features(self, visual: torch.Tensor | np.ndarray | None) -> torch.Tensor | None:
+        if visual is None:
+            return None
+        f = torch.as_tensor(np.asarray(visual, dtype=np.float32)).float().reshape(-1)
+        if f.shape[0] != self.generator.visual_dim:
+            raise InputError(
+                "visual", "wrong_shape", f"expected {self.generator.visual_dim} features"
+            )
+        if not torch.isfinite(f).all():
+            raise InputError("visual", "not_finite", "visual features contain NaN or inf")
+        return f
+
+    # ------------------------------------------------------------------ the model's thread
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._closed and not self._queue and self.running == 0:
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                try:
+                    self._step()
+                except Exception as exc:  # the model failed: every running row hears it
+                    log.exception("generation step failed")
+                    for row in self._slots:
+                        if row is not None:
+                            self._free(row, "error", exc)
+                self.observer.scheduler_state(self.queued, self.running)
+        for row in [*self._slots, *self._queue]:
+            if row is not None:
+                row.handle.sink("error", RuntimeError("the scheduler was closed"))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for row in self._slots:  # leavers free their slot before anyone computes
+            if row is None:
+                continue
+            if row.handle.cancelled.is_set():
+                self._free(row, "cancelled")
+            elif row.deadline is not None and now > row.deadline:
+                self._free(row, "error", GenerationTimeout("the generation passed its deadline"))
+        self._admit()
+        decoding = [r for r in self._slots if r is not None and r.ready]
+        if decoding:
+            self._decode(decoding)
+        self._prefill()
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._queue and None in self._slots:
+                row = self._queue.popleft()
+                if row.handle.cancelled.is_set():
+                    row.handle.sink("end", "cancelled")
+                    self.observer.finished("cancelled")
+                    continue
+                row.slot = self._slots.index(None)  # lowest free: keeps the batch short
+                self._slots[row.slot] = row
+                if row.f_m is not None:
+                    row.visual = self.model.visual_query(row.f_m[None])[0]
+
+    def _prefill(self) -> None:
+        """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
+        joining rows' chunks in one forward (left-padded so each row's last token is last)."""
+        budget = self.prefill_chunk
+        waiting = sorted(
+            (r for r in self._slots if r is not None and not r.ready), key=lambda r: r.submitted
+        )
+        chunks: list[tuple[_Row, int, int]] = []
+        for row in waiting:
+            if budget <= 0:
+                break
+            n = min(budget, len(row.ids) - row.prefilled)
+            chunks.append((row, row.prefilled, n))
+            budget -= n
+        if not chunks:
+            return
+        device = self.model.device
+        width = max(n for _, _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
+        for i, (row, start, n) in enumerate(chunks):
+            ids[i, width - n :] = torch.tensor(row.ids[start : start + n], device=device)
+        starts, lengths = [c[1] for c in chunks], [c[2] for c in chunks]
+        positions, mask = prefill_inputs(starts, lengths, device)
+        visual, visual_rows = self._visual_of([row for row, _, _ in chunks])
+        self.cache.bind_prefill([row.slot for row, _, _ in chunks], starts, lengths)
+        out = self.model(
+            ids,
+            visual=visual,
+            visual_rows=visual_rows,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            logits_to_keep=1,
+        )
+        for i, (row, _, n) in enumerate(chunks):
+            row.prefilled += n
+            if row.prefilled == len(row.ids):
+                row.ready = True
+                row.handle.first_token_s = time.perf_counter() - row.submitted
+                self.observer.first_token(row.handle.first_token_s)
+                self._take(row, self._sample(row, out.logits[i, -1]))
+
+    def _visual_of(self, rows: list[_Row | None]) -> tuple[torch.Tensor | None, ...]:
+        """T_I per batch row [b, dim] and which rows use it [b] (None, None: no row does)."""
+        if all(r is None or r.visual is None for r in rows):
+            return None, None
+        device = self.model.device
+        visual = torch.zeros(len(rows), self.model.cfg.dim, dtype=self.model.dtype, device=device)
+        visual_rows = torch.zeros(len(rows), device=device)
+        for i, r in enumerate(rows):
+            if r is not None and r.visual is not None:
+                visual[i] = r.visual
+                visual_rows[i] = 1.0
+        return visual, visual_rows
+
+    def _decode(self, rows: list[_Row]) -> None:
+        """One token for every ready row, in one forward over slots 0 … highest ready slot."""
+        device = self.model.device
+        width = max(r.slot for r in rows) + 1
+        tokens = torch.zeros(width, dtype=torch.long, device=device)
+        # An idle or prefilling slot in the batch writes at the last position, which no prompt
+        # reaches and which its owner overwrites before it reads it.
+        write_at = torch.full((width,), self.max_seq_len - 1, dtype=torch.long, device=device)
+        see = torch.zeros(width, dtype=torch.long, device=device)
+        by_slot: list[_Row | None] = [None] * width
+        for r in rows:
+            tokens[r.slot] = r.handle.tokens[-1]
+            write_at[r.slot] = see[r.slot] = r.position
+            by_slot[r.slot] = r
+        visual, visual_rows = self._visual_of(by_slot)
+        kv_len = int(see.max()) + 1
+        self.cache.bind_decode(width, write_at, kv_len)
+        out = self.model(
+            tokens[:, None],
+            visual=visual,
+            visual_rows=visual_rows,
+            attention_mask=decode_mask(see, kv_len),
+            position_ids=see[:, None],
+            past_key_values=self.cache,
+            logits_to_keep=1,
+        )
+        for r in rows:
+            self._take(r, self._sample(r, out.logits[r.slot, -1]))
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        """The released sampling (``Generator.stream``) on one row with its own generator."""
+        logits = logits.float()[None]
+        if row.ignore_eos:
+            logits[:, self.tokenizer.eos_id] = -float("inf")
+        if row.temperature > 0:
+            probs = torch.softmax(logits / row.temperature, dim=-1)
+            return int(sample_top_p(probs, row.top_p, row.rng)[0])
+        return int(torch.argmax(logits, dim=-1)[0])
+
+    def _take(self, row: _Row, token: int) -> None:
+        """Record a sampled token, send the new text, and end the row when it is done."""
+        if token == self.tokenizer.eos_id:
+            self._emit(row, final=True)
+            self._free(row, "eos")
+            return
+        row.handle.tokens.append(token)
+        self.observer.tokens(1)
+        final = len(row.handle.tokens) >= row.budget
+        if self._emit(row, final=final):
+            self._free(row, "stop")
+        elif final:
+            self._free(row, "length")
+
+    def _emit(self, row: _Row, final: bool) -> bool:
+        """Send the text decoded since the last piece; True when a stop string was reached."""
+        text = self.tokenizer.decode(row.handle.tokens)
+        stopped = False
+        for s in row.stop:
+            at = text.find(s, max(0, len(row.emitted) - len(s)))
+            if at >= 0:
+                text, stopped, final = text[:at], True, True
+        if not final and text.endswith("\ufffd"):  # half of a multi-byte character: wait
+            text = text.rstrip("\ufffd")
+        if text.startswith(row.emitted) and len(text) > len(row.emitted):
+            row.handle.sink("piece", text[len(row.emitted) :])
+            row.emitted = text
+        return stopped
+
+    def _free(self, row: _Row, reason: str, error: BaseException | None = None) -> None:
+        self._slots[row.slot] = None
+        row.handle.finish_reason = reason
+        elapsed = time.perf_counter() - row.submitted
+        self._request_s = 0.8 * self._request_s + 0.2 * elapsed
+        self.observer.finished(reason)
+        if error is not None:
+            row.handle.sink("error", error)
+        else:
+            row.handle.sink("end", reason)

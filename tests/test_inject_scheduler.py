@@ -1,0 +1,204 @@
+"""Specification of in-flight batching: concurrent requests share the decoder's steps and each
+gets exactly the tokens it gets alone; joining, leaving, cancelling and deadlines change nothing
+for the others; the queue is bounded; the KV cache is checked against memory at start-up.
+
+"Alone" is ``Generator.generate`` with the one prompt (the independent path: a DynamicCache,
+one full prefill) and the scheduler with no other request. Batched matmuls may round the last
+bits of a logit differently on a CPU, so equality is asserted on tokens and text, not logits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachebind.errors import GenerationBusy, InputError
+from cachebind.inject import Generator, build_tiny_llm
+from cachebind.inject.scheduler import GenerationTimeout, Scheduler
+from cachebind.inject.slots import KVMemoryError
+
+PROMPTS = [
+    "Describe the image.",
+    "What is this?",
+    "A red car near the river and two dogs playing in the snow.",
+    "Two people sitting under a tree",
+    "What sound is there",
+]
+
+
+def unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory) -> Generator:
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny-sched"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def scheduler(gen) -> Scheduler:
+    # A small prefill chunk, so that the longer prompts take several steps to join.
+    sched = Scheduler(gen, max_batch=4, max_queue=16, prefill_chunk=8)
+    yield sched
+    sched.close()
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def requests(n: int) -> list[dict]:
+    """Different prompts, visual queries (one text-only) and lengths."""
+    visual = unit(n, 1024, seed=3)
+    return [
+        {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "visual": None if i % 3 == 2 else visual[i],
+            "max_new_tokens": 12 + 7 * i,
+        }
+        for i in range(n)
+    ]
+
+
+def alone(gen: Generator, req: dict, **sampling) -> str:
+    return gen.generate([req["prompt"]], req["visual"], req["max_new_tokens"], **sampling)[0]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9}],
+    ids=["greedy", "seeded-sampling"],
+)
+def test_concurrent_requests_get_exactly_what_each_gets_alone(gen, scheduler, sampling):
+    reqs = requests(6)  # more than max_batch: two wait in the queue and join as rows leave
+    seeds = [{"seed": 100 + i} if sampling["temperature"] else {} for i in range(len(reqs))]
+    expected = [alone(gen, r, **sampling, **s) for r, s in zip(reqs, seeds, strict=True)]
+    solo = []
+    for r, s in zip(reqs, seeds, strict=True):
+        handle = scheduler.submit(**r, **sampling, **s)
+        solo.append(("".join(handle), list(handle.tokens)))
+    handles = [scheduler.submit(**r, **sampling, **s) for r, s in zip(reqs, seeds, strict=True)]
+    texts = ["".join(h) for h in handles]
+    assert texts == expected
+    assert [list(h.tokens) for h in handles] == [tokens for _, tokens in solo]
+    assert len({t for t in texts}) > 1  # the rows really differ
+
+
+def test_a_request_joining_and_one_cancelled_mid_flight_change_nothing_for_the_others(
+    gen, scheduler
+):
+    reqs = [{**r, "max_new_tokens": 40} for r in requests(3)]
+    expected = [scheduler.submit(**r, temperature=0.0, ignore_eos=True) for r in reqs]
+    expected = [("".join(h), h.tokens) for h in expected]
+
+    first = scheduler.submit(**reqs[0], temperature=0.0, ignore_eos=True)
+    doomed = scheduler.submit(**reqs[1], temperature=0.0, ignore_eos=True)
+    wait_until(lambda: len(first.tokens) >= 5 and len(doomed.tokens) >= 3)
+    joiner = scheduler.submit(**reqs[2], temperature=0.0, ignore_eos=True)
+    wait_until(lambda: len(joiner.tokens) >= 2)
+    at_cancel = len(doomed.tokens)
+    doomed.cancel()
+    assert "".join(first) == expected[0][0] and first.tokens == expected[0][1]
+    assert "".join(joiner) == expected[2][0] and joiner.tokens == expected[2][1]
+    list(doomed)  # ends without an error
+    assert doomed.finish_reason == "cancelled"
+    assert len(doomed.tokens) <= at_cancel + 1  # freed at the next step
+    assert doomed.tokens == expected[1][1][: len(doomed.tokens)]
+
+
+class Recorder:
+    """A SchedulerObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[int, int]] = []
+        self.reasons: list[str] = []
+        self.ttft: list[float] = []
+        self.n_tokens = 0
+
+    def scheduler_state(self, queued: int, running: int) -> None:
+        self.states.append((queued, running))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.append(seconds)
+
+    def tokens(self, n: int) -> None:
+        self.n_tokens += n
+
+    def finished(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def test_a_full_queue_refuses_with_a_retry_hint_and_a_cancel_frees_the_slot_in_one_step(gen):
+    seen = Recorder()
+    sched = Scheduler(gen, max_batch=1, max_queue=1, prefill_chunk=64, observer=seen)
+    try:
+        running = sched.submit("Describe the image.", max_new_tokens=400, ignore_eos=True)
+        wait_until(lambda: len(running.tokens) >= 2)
+        waiting = sched.submit("What is this?", max_new_tokens=4, temperature=0.0)
+        with pytest.raises(GenerationBusy) as busy:
+            sched.submit("One too many", max_new_tokens=4)
+        assert busy.value.retry_after_s >= 1
+        wait_until(lambda: seen.states[-1] == (1, 1))
+        at_cancel = len(running.tokens)
+        running.cancel()
+        wait_until(lambda: running.finish_reason is not None)
+        # The next step saw the cancel: at most the token of the step under way was added, and
+        # the freed slot went to the waiting request.
+        assert len(running.tokens) <= at_cancel + 1
+        assert "".join(waiting) and waiting.finish_reason in ("eos", "length")
+        wait_until(lambda: seen.states[-1] == (0, 0))
+        assert seen.reasons.count("cancelled") == 1 and len(seen.ttft) == 2
+        assert seen.n_tokens == len(running.tokens) + len(waiting.tokens)
+    finally:
+        sched.close()
+
+
+def test_a_request_past_its_deadline_ends_with_a_timeout(scheduler):
+    handle = scheduler.submit("Describe the image.", max_new_tokens=400, timeout_s=0.2)
+    with pytest.raises(GenerationTimeout):
+        "".join(handle)
+    assert handle.finish_reason == "error"
+    # The scheduler carries on with the next request.
+    assert "".join(scheduler.submit("Hello", max_new_tokens=3, temperature=0.0)) is not None
+
+
+def test_bad_requests_are_refused_at_submission(scheduler):
+    with pytest.raises(InputError, match="out_of_range"):
+        scheduler.submit("x", temperature=-1)
+    with pytest.raises(InputError, match="wrong_shape"):
+        scheduler.submit("x", np.zeros(3, dtype=np.float32))
+    with pytest.raises(InputError, match="not_finite"):
+        scheduler.submit("x", np.full(1024, np.nan, dtype=np.float32))
+    with pytest.raises(InputError, match="too_long"):
+        scheduler.submit("dog " * 2000)
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_at_start_up(gen):
+    with pytest.raises(KVMemoryError, match="lower llm.max_batch"):
+        Scheduler(gen, max_batch=10**7)
+
+
+def test_zero_gates_in_a_batch_still_equal_plain_llama(tmp_path: Path):
+    g = build_tiny_llm(tmp_path, seed=2)
+    with torch.no_grad():
+        for layer in g.model.llm.model.layers:
+            layer.self_attn.gate.zero_()
+    sched = Scheduler(g, max_batch=4, prefill_chunk=16)
+    try:
+        visual = unit(3, 1024, seed=9)
+        handles = [
+            sched.submit(p, visual[i], max_new_tokens=16, temperature=0.0)
+            for i, p in enumerate(PROMPTS[:3])
+        ]
+        plain = [g.generate([p], None, 16, temperature=0.0)[0] for p in PROMPTS[:3]]
+        assert ["".join(h) for h in handles] == plain
+    finally:
+        sched.close()
