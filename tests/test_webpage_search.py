@@ -121,7 +121,8 @@ def test_errors_from_the_service_are_shown(page, server):
     page.fill("#api-key", svc.user_key)
     page.fill("#filter", "vector > 0")
     page.click("#search")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('bad_filter')")
+    # A locator, not wait_for_function: the page's CSP forbids the eval a string predicate needs.
+    page.locator("#status", has_text="bad_filter").wait_for()
     assert "unknown column 'vector'" in page.inner_text("#status")
 
 
@@ -188,7 +189,7 @@ def test_the_page_shows_recall_and_latency_per_query_set_and_the_querys_recall(b
         # A text search says which set's recall applies to it.
         page.fill(".input-row .input-text", "a red dog")
         page.click("#search")
-        page.wait_for_function("document.querySelector('#status').textContent.includes('recall')")
+        page.locator("#status", has_text="recall").wait_for()
         r10 = expected["text:query_log"]["recall"]["10"]
         assert f"recall@10 {r10:.3f} (text:query_log)" in page.inner_text("#status")
     finally:
