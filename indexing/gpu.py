@@ -2,7 +2,7 @@
 
 What is saved is always a CPU index (it loads on a CPU-only machine); it moves to the GPU at
 load. Exact search stores the cache as fp16 on the GPU: one read of the matrix per query batch
-(DESIGN.md §5: ~2 ms for 3.3M x 1024 on an H100). Without faiss-gpu (the default faiss-cpu
+(docs/REFERENCE.md: ~2 ms for 3.3M x 1024 on an H100). Without faiss-gpu (the default faiss-cpu
 wheel), a torch matrix product + top-k does the same exact search; it also runs on the CPU,
 which is how the tests cover it.
 """

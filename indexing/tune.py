@@ -1,6 +1,6 @@
 """Tune search parameters toward a recall target, and measure latency.
 
-autofaiss tunes to *use up* a latency budget (DESIGN.md §4); here the goal is the cheapest
+autofaiss tunes to *use up* a latency budget (docs/DEPENDENCIES.md); here the goal is the cheapest
 setting whose measured recall@k on held-out queries reaches the target. A latency budget, when
 given, is a constraint on that choice, never something to fill.
 """

@@ -1,6 +1,6 @@
 """Query inputs -> F_M: decode each input, embed it, and mix several with their weights.
 
-F_M = Σ (w_i / (Σw + 1e-6)) · normalize(F_i) (DESIGN.md §2), so a single input of any weight is
+F_M = Σ (w_i / (Σw + 1e-6)) · normalize(F_i) (docs/REFERENCE.md), so a single input of any weight is
 its own (unit-norm) embedding scaled by w/(w + 1e-6).
 """
 
