@@ -250,3 +250,36 @@ def ply_declaring(vertices: int) -> bytes:
         "end_header\n"
     ).encode()
     return header + np.array([1, 2, 3], "<f4").tobytes()
+
+
+def zip_with_member_at(offset: int) -> bytes:
+    """A one-member zip whose directory puts the member's local header at ``offset`` (a zip64
+    extra field, so up to 2^64): zipfile's seek overflowed there (found by the fuzzer)."""
+    name, data = b"points.npy", b"x"
+    crc = zlib.crc32(data)
+    local = struct.pack("<I5H3I2H", 0x04034B50, 20, 0, 0, 0, 0, crc, 1, 1, len(name), 0)
+    local += name + data
+    extra = struct.pack("<HHQ", 1, 8, offset)
+    central = struct.pack(
+        "<I6H3I5H2I",
+        0x02014B50,
+        45,
+        45,
+        0,
+        0,
+        0,
+        0,
+        crc,
+        1,
+        1,
+        len(name),
+        len(extra),
+        0,
+        0,
+        0,
+        0,
+        0xFFFFFFFF,
+    )
+    central += name + extra
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local), 0)
+    return local + central + end

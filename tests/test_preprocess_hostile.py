@@ -262,6 +262,11 @@ def test_a_zip_directory_that_understates_sizes_is_caught_while_inflating(build)
     refused("point", build(1_000_000, lie_sizes=True), "undecodable", SMALL_ZIP)
 
 
+def test_a_zip_directory_pointing_past_2_to_the_63_is_undecodable():
+    err = refused("point", hm.zip_with_member_at(2**63 + 5), "undecodable")
+    assert "zip" in err.detail
+
+
 def test_honest_small_pt_and_npz_clouds_decode():
     rng = np.random.default_rng(0)
     cloud = rng.normal(size=(500, 3)).astype(np.float32)
