@@ -186,10 +186,12 @@ class Tuned:
     result: TuneResult | None
 
     def reached(self, target: float) -> bool:
-        """Some setting meets the target on every deciding set, within any latency budget."""
+        """The chosen setting meets the target on every deciding set, within any latency
+        budget (with a budget, the tuner may have had to give recall up to fit it)."""
         if self.result is None:
             return True
-        met = any(t.meets(target) for t in self.result.trials)
+        chosen = [t for t in self.result.trials if t.params == self.result.params]
+        met = any(t.meets(target) for t in chosen)
         return met and self.result.latency_met is not False
 
 

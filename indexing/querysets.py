@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cachebind.errors import InputError
 from cachebind.store.table import vectors_to_numpy
 from indexing.querylog import MODALITY_RE, load_query_sets
 
@@ -125,13 +126,13 @@ def log_sets(index_dir: Path, dim: int, size: int, seed: int) -> list[QuerySet]:
 
 
 def parse_query_spec(spec: str) -> tuple[str, Path]:
-    """``"text=/path/q.npy"`` -> ("text", Path); ValueError naming what is wrong."""
+    """``"text=/path/q.npy"`` -> ("text", Path); InputError naming what is wrong."""
     modality, sep, path = spec.partition("=")
     modality = modality.strip()
     if not sep or not path.strip():
-        raise ValueError(f"--queries expects MODALITY=PATH (e.g. text=queries.npy), got {spec!r}")
+        raise InputError("--queries", "wrong_type", f"expected MODALITY=PATH, got {spec!r}")
     if not MODALITY_RE.match(modality):
-        raise ValueError(f"--queries {spec!r}: {modality!r} is not a modality name")
+        raise InputError("--queries", "wrong_type", f"{modality!r} is not a modality name")
     return modality, Path(path.strip())
 
 
@@ -170,10 +171,16 @@ def _list_to_numpy(column: pa.Array, path: Path) -> np.ndarray:
 def read_query_file(path: Path, dim: int) -> np.ndarray:
     """Query embeddings float32 [n, ``dim``] from a .npy, parquet or Lance file.
 
-    ValueError (naming the file) for anything else: a missing file, another shape or dimension,
-    non-numeric, null, NaN or infinite values, an empty file.
+    InputError (a ValueError naming the file) for anything else: a missing file, another shape
+    or dimension, non-numeric, null, NaN or infinite values, an empty file.
     """
-    path = Path(path)
+    try:
+        return _read_query_file(Path(path), dim)
+    except ValueError as e:
+        raise InputError("--queries", "invalid_queries", str(e)) from e
+
+
+def _read_query_file(path: Path, dim: int) -> np.ndarray:
     if not path.exists():
         raise ValueError(f"query file {path} does not exist")
     suffix = path.suffix.lower()
@@ -192,9 +199,9 @@ def read_query_file(path: Path, dim: int) -> np.ndarray:
             x = _list_to_numpy(_column_of(lance.dataset(str(path)).to_table(), path), path)
         else:
             raise ValueError(f"{path}: not a .npy, .parquet or Lance file")
-    except ValueError:
-        raise
     except Exception as e:  # a truncated npy, a parquet that is not one: the file's fault
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise  # one of ours, already naming the file
         raise ValueError(f"{path}: cannot be read as query embeddings ({e})") from e
     if x.dtype.kind not in "fiu":
         raise ValueError(f"{path}: holds {x.dtype}, not numbers")
