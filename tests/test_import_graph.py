@@ -67,8 +67,7 @@ def test_find_cycle_reports_the_cycle_it_finds():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-# indexing joins once its build <-> shards cycle is gone (issue 14, indexing branch).
-@pytest.mark.parametrize("package", ["cachebind", "jobs"])
+@pytest.mark.parametrize("package", ["cachebind", "indexing", "jobs"])
 def test_package_has_no_import_cycle(package):
     files = module_files(package)
     graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
