@@ -12,12 +12,14 @@ import faiss
 from cachebind.config import IndexConfig
 from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
-from indexing.build import QueryFiles, StageHook, _finish, _prepare, _select, build_index
+from indexing.build import build_index, finish
 from indexing.gpu import gpu_memory_bytes, gpu_wanted
 from indexing.manifest import ids_checksum
 from indexing.ondisk import CopyOnWriteAdd, is_ondisk
+from indexing.prepare import QueryFiles, prepare_work, select_for
 from indexing.rows import add_range
 from indexing.select import outgrown
+from indexing.staging import StageHook
 from indexing.versions import INDEX_FILE, current_version, publish, read_manifest, versions_dir
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def add_rows(
     lineage: dict[str, Any] = {"parent_version": parent, "added_rows": int(len(table_ids) - n_old)}
     gpu_seen = gpu_wanted(config.use_gpu) and gpu_memory_bytes() is not None
     reason = outgrown(
-        old["selection"], _select(len(table_ids), table.dim, config), gpu_seen=gpu_seen
+        old["selection"], select_for(len(table_ids), table.dim, config), gpu_seen=gpu_seen
     )
     if reason is not None and config.rebuild_when_outgrown:
         log.info("rebuilding instead of adding: %s", reason)
@@ -85,7 +87,7 @@ def add_rows(
         return read_manifest(index_dir, version)
     if reason is not None:
         log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
-    work = _prepare(table, config, None, query_files)
+    work = prepare_work(table, config, None, query_files)
     # An on-disk version grows copy-on-write: new rows in memory, then merged with the parent's
     # lists into the new version's own ivfdata (indexing/ondisk.py).
     grow = CopyOnWriteAdd(folder, old, index_dir, n_old) if is_ondisk(old) else None
@@ -104,7 +106,7 @@ def add_rows(
         if reason
         else "the index still suits the grown table",
     }
-    staged = _finish(
+    staged = finish(
         work,
         index,
         ids,

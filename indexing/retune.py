@@ -25,14 +25,17 @@ import faiss
 
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
-from indexing.build import QueryFiles, _prepare, _search_fn, target_of, tune_index
+from indexing.escalate import tune_index
 from indexing.manifest import check_alignment, recall_by_modality
 from indexing.measure import KIND, groups_of, measure_sets, worst_trusted
 from indexing.ondisk import read_index
 from indexing.params import apply_search_params
+from indexing.prepare import QueryFiles, prepare_work
 from indexing.querysets import deciding
 from indexing.recall import drop_self
 from indexing.rows import add_range
+from indexing.staging import target_of
+from indexing.training import search_fn
 from indexing.tune import measure_latency
 from indexing.versions import (
     IDS_FILE,
@@ -85,7 +88,7 @@ def tune_current(
     check_alignment(old, table, table.ids())
     config = config.model_copy(update={"dir": index_dir})
     t0 = time.perf_counter()
-    work = _prepare(table, config, None, query_files)
+    work = prepare_work(table, config, None, query_files)
     index = read_index(folder, old)
     # Ground truth needs one pass over the table; the index itself is only searched.
     add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
@@ -108,7 +111,7 @@ def tune_current(
             config.recall_target,
         )
     t0 = time.perf_counter()
-    search = _search_fn(index)
+    search = search_fn(index)
     sets = measure_sets(
         search, search, work.sets, groups, self_pos, truth, n_rows=work.n, recall_k=config.recall_k
     )

@@ -1,6 +1,6 @@
 """Fuzz every preprocessing entry point with mutated seed files, crashes included (not in CI).
 
-    /work/main/.venv/bin/pip install hypothesis      # only for this script
+    .venv/bin/pip install hypothesis==6.170.17     # the [fuzz] extra, only for this script
     PYTHONPATH=. python scripts/fuzz_preprocess.py --seconds 480 --out /tmp/fuzz-findings
 
 Seeds are small valid inputs of each modality (the test suite's own builders, ``tests/``);

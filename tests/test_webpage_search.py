@@ -214,6 +214,10 @@ def test_the_page_runs_under_its_content_security_policy(browser, server):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#search")
     page.wait_for_selector("#results .result img")
-    assert page.eval_on_selector("#results .result img", "i => i.naturalWidth") == 64
+    # decode() waits for the image to arrive (the element is there before its bytes are).
+    width = page.eval_on_selector(
+        "#results .result img", "i => i.decode().then(() => i.naturalWidth)"
+    )
+    assert width == 64
     assert violations == []
     context.close()
