@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from indexing.add import add_rows
     from indexing.build import build_and_publish, build_index
     from indexing.load import LoadedIndex, load_current, load_version
-    from indexing.manifest import check_alignment, ids_checksum, recall_for
+    from indexing.manifest import check_alignment, ids_checksum, recall_for, search_params_for
     from indexing.querylog import QueryLog
     from indexing.retune import tune_current
     from indexing.select import Selection, select_index
@@ -40,6 +40,7 @@ _HOME = {
     "check_alignment": "manifest",
     "ids_checksum": "manifest",
     "recall_for": "manifest",
+    "search_params_for": "manifest",
     "QueryLog": "querylog",
     "tune_current": "retune",
     "Selection": "select",
@@ -68,6 +69,7 @@ __all__ = [
     "prune",
     "publish",
     "recall_for",
+    "search_params_for",
     "select_index",
     "set_current",
     "tune_current",

@@ -31,11 +31,11 @@ import numpy as np
 
 from cachebind.config import IndexConfig, StoreConfig
 from cachebind.store import CacheTable
+from indexing.bymodality import tune_and_measure
 from indexing.escalate import escalate, tune_index
 from indexing.gpu import to_gpu
-from indexing.measure import groups_of, measure_sets
+from indexing.measure import groups_of
 from indexing.ondisk import IVFDATA_FILE, plan_merge
-from indexing.params import apply_search_params
 from indexing.prepare import QueryFiles, prepare_work, select_for
 from indexing.querysets import deciding
 from indexing.recall import drop_self
@@ -90,8 +90,7 @@ def _tune_and_write(
     cfg = work.config
     if index.ntotal != work.n or len(ids) != work.n:
         raise RuntimeError(f"index holds {index.ntotal} rows, the table {work.n}")
-    self_pos = work.query_positions
-    truth = drop_self(work.exact.positions, self_pos, work.exact.k - 1)
+    truth = drop_self(work.exact.positions, work.query_positions, work.exact.k - 1)
     groups = groups_of(work.sets, deciding(work.sets))
     t0 = time.perf_counter()
     tuned = tune_index(work, index, selection, truth, groups, progress)
@@ -105,17 +104,13 @@ def _tune_and_write(
     if on_stage:
         on_stage("tuned")
     result = tuned.result
-    if result is not None:
-        apply_search_params(index, result.params)
     t0 = time.perf_counter()
-    search = search_fn(index)
-    on_gpu = selection.get("device") == "gpu"
     # Latency is measured with what serving will use: the GPU searcher when there is one.
-    gpu_searcher = to_gpu(index, selection["key"]) if on_gpu else None
-    timed = gpu_searcher.search if gpu_searcher is not None else search
-    sets = measure_sets(
-        search, timed, work.sets, groups, self_pos, truth, n_rows=work.n, recall_k=cfg.recall_k
+    gpu_searcher = to_gpu(index, selection["key"]) if selection.get("device") == "gpu" else None
+    by_modality, sets = tune_and_measure(
+        work, index, result, groups, truth, gpu_searcher=gpu_searcher, progress=progress
     )
+    timed = gpu_searcher.search if gpu_searcher is not None else search_fn(index)
     probes = work.queries if len(work.queries) else _probe(work)
     latency = measure_latency(timed, probes, cfg.recall_k, progress=progress)
     work.timings["measure_s"] = time.perf_counter() - t0
@@ -132,6 +127,7 @@ def _tune_and_write(
         timings=work.timings,
         extra=extra,
         selection_reason=reason,
+        by_modality=by_modality,
         on_stage=on_stage,
     )
 

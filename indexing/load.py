@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,9 @@ from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
 from indexing.faiss_ops import has_exact_storage
 from indexing.gpu import TorchExactSearch, gpu_k_ok, gpu_wanted, to_gpu
-from indexing.manifest import check_alignment, ids_checksum
+from indexing.manifest import check_alignment, ids_checksum, search_params_for
 from indexing.ondisk import read_index
-from indexing.params import apply_search_params
+from indexing.params import CallParams, apply_search_params
 from indexing.versions import (
     IDS_FILE,
     current_version,
@@ -34,7 +35,9 @@ results; FAISS stays for single queries, where both are one memory-bound pass.""
 class LoadedIndex:
     """A published version in memory: top-k search S_topk over the cache and exact F_value.
 
-    Thread-safe for concurrent searches (FAISS CPU search only reads the index).
+    Thread-safe for concurrent searches (FAISS CPU search only reads the index, and a query
+    searched with its modality's own setting passes it per call, never through the index's
+    shared state).
     """
 
     def __init__(
@@ -54,6 +57,8 @@ class LoadedIndex:
         self.dim: int = int(manifest["dim"])
         apply_search_params(index, manifest.get("search_params", {}))
         self._exact = has_exact_storage(index)
+        self._default_params = dict(manifest.get("search_params") or {})
+        self._call_params: dict[tuple, CallParams] = {}
         self._sorter: np.ndarray | None = None
         self._gpu = to_gpu(index, manifest["index_key"]) if gpu_wanted(use_gpu) else None
         if self._gpu is not None:
@@ -73,12 +78,21 @@ class LoadedIndex:
     def on_gpu(self) -> bool:
         return self._gpu is not None
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def params_for(self, parts: Sequence[str | None] | None) -> dict[str, int]:
+        """The search setting for a query of these modalities (see
+        :func:`indexing.manifest.search_params_for`)."""
+        return search_params_for(self.manifest, parts)
+
+    def search(
+        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product (cosine on unit vectors).
 
         ``queries`` float32 [n, d] -> (scores float32 [n, k], table ids int64 [n, k]), best
         first; when the cache has fewer than ``k`` rows the tail is padded with id -1 and score
-        -inf.
+        -inf. ``parts``: the modalities of the query (all rows of the batch): searched with
+        the setting tuned for them (a GPU copy always uses the version's global setting, which
+        every trusted set reaches).
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
@@ -91,16 +105,30 @@ class LoadedIndex:
         if kk == 0 or len(q) == 0:
             return scores, out
         if self._gpu is not None and gpu_k_ok(kk):
-            searcher = self._gpu
+            top_scores, positions = self._gpu.search(q, kk)
         elif self._cpu_matmul is not None and len(q) >= CPU_MATMUL_MIN_BATCH:
-            searcher = self._cpu_matmul
+            top_scores, positions = self._cpu_matmul.search(q, kk)
         else:
-            searcher = self.index
-        top_scores, positions = searcher.search(q, kk)
+            call = self._call_for(self.params_for(parts))
+            if call is None:
+                top_scores, positions = self.index.search(q, kk)
+            else:
+                top_scores, positions = self.index.search(q, kk, params=call.faiss)
         found = positions >= 0
         out[:, :kk] = np.where(found, self.ids[np.clip(positions, 0, None)], -1)
         scores[:, :kk] = np.where(found, top_scores, -np.inf)
         return scores, out
+
+    def _call_for(self, params: dict[str, int]) -> CallParams | None:
+        """Per-call parameters for a setting other than the one set on the index (None: the
+        index's own). Built once per setting; dict writes are atomic under the GIL."""
+        if params == self._default_params:
+            return None
+        key = tuple(sorted(params.items()))
+        call = self._call_params.get(key)
+        if call is None:
+            call = self._call_params[key] = CallParams(self.index, params)
+        return call if call.faiss is not None else None
 
     def positions(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Index positions of table ``ids``; KeyError names ids that are not in this version."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -156,6 +157,30 @@ def recall_for(manifest: dict[str, Any], modalities: list[str]) -> dict[str, Any
     }
 
 
+def search_params_for(
+    manifest: dict[str, Any], modalities: Sequence[str | None] | None
+) -> dict[str, Any]:
+    """The setting a query of ``modalities`` (one, or a mix; None: unlabelled) is searched with.
+
+    Each modality tuned on its own (``search_params_by_modality``, :mod:`indexing.bymodality`)
+    has its setting; a mix takes each knob's largest value among its parts; a part no set
+    tuned (or a raw embedding) takes the global ``search_params``, which every trusted set
+    reaches.
+    """
+    from indexing.params import strongest
+
+    default = dict(manifest.get("search_params") or {})
+    by_modality = manifest.get("search_params_by_modality") or {}
+    if not modalities:
+        return default
+    chosen = []
+    for modality in modalities:
+        if modality is None or modality not in by_modality:
+            return default
+        chosen.append(by_modality[modality])
+    return strongest(chosen)
+
+
 def build_manifest(
     *,
     key: str,
@@ -173,6 +198,7 @@ def build_manifest(
     software: dict[str, str],
     trials: list[dict[str, Any]],
     selection_reason: str | None = None,
+    search_params_by_modality: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """A version's manifest (``version`` is given by publish; ``files`` added by the writer).
 
@@ -190,6 +216,7 @@ def build_manifest(
         "dim": dim,
         "ntotal": ntotal,
         "search_params": search_params,
+        "search_params_by_modality": search_params_by_modality or {},
         "selection": selection,
         "target": target,
         "recall": dict(headline["recall"]) if headline else {},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,13 +52,18 @@ def measure_sets(
     *,
     n_rows: int,
     recall_k: int,
+    use_modality: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """``manifest["query_sets"]``: recall@1/10/100 (leave-one-out where a query is a row) and
     latency at batch 1 and 64 of each set, with the parameters already set on the index.
-    ``timed`` is what serving searches with (the GPU copy when there is one)."""
+    ``timed`` is what serving searches with (the GPU copy when there is one);
+    ``use_modality(m)`` is called before each set is measured, to set what queries of its
+    modality are served with."""
     out = []
     k_target = min(recall_k, n_rows - 1)
     for s, part in zip(sets, groups.slices, strict=True):
+        if use_modality is not None:
+            use_modality(s.modality)
         q, pos, t = s.queries, self_positions[part], truth[part]
         recall: dict[str, float] = {}
         lower = None

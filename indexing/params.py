@@ -66,3 +66,62 @@ def search_grid(
     if _hnsw(index) is not None:
         return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048], kfs
     return None, [], kfs
+
+
+class CallParams:
+    """FAISS per-call search parameters equal to :func:`apply_search_params` ``(index, params)``.
+
+    Searches given these never touch the index's shared ``nprobe`` / ``k_factor`` / ``efSearch``,
+    so concurrent searches with different settings (one per query modality) cannot race.
+    ``faiss`` (the object to pass as ``params=``) is None for an index with no tunables.
+    """
+
+    def __init__(self, index: faiss.Index, params: dict[str, int]) -> None:
+        self.params = dict(params)
+        self._parts: list[Any] = []  # SWIG holds raw pointers: keep every nested object alive
+        self.faiss = self._build(index)
+
+    def _build(self, index: faiss.Index) -> Any | None:
+        top = faiss.downcast_index(index)
+        if isinstance(top, faiss.IndexRefine):
+            out = faiss.IndexRefineSearchParameters()
+            out.k_factor = float(self.params.get("k_factor", top.k_factor))
+            base = self._build(top.base_index)
+            if base is not None:
+                out.base_index_params = base
+            return self._keep(out)
+        if isinstance(top, faiss.IndexPreTransform):
+            inner = self._build(top.index)
+            if inner is None:
+                return None
+            out = faiss.SearchParametersPreTransform()
+            out.index_params = inner
+            return self._keep(out)
+        if isinstance(top, faiss.IndexHNSW):
+            out = faiss.SearchParametersHNSW()
+            out.efSearch = int(self.params.get("efSearch", top.hnsw.efSearch))
+            return self._keep(out)
+        if isinstance(top, faiss.IndexIVF):
+            out = faiss.SearchParametersIVF()
+            out.nprobe = int(self.params.get("nprobe", top.nprobe))
+            quantizer = faiss.downcast_index(top.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                coarse = faiss.SearchParametersHNSW()
+                coarse.efSearch = max(2 * out.nprobe, 64)
+                out.quantizer_params = self._keep(coarse)
+            return self._keep(out)
+        return None
+
+    def _keep(self, obj: Any) -> Any:
+        self._parts.append(obj)
+        return obj
+
+
+def strongest(settings: list[dict[str, int]]) -> dict[str, int]:
+    """Each knob at its largest value among ``settings``: recall grows with every knob, so this
+    reaches what each of them reaches (a query mixing modalities gets the costliest part's)."""
+    out: dict[str, int] = {}
+    for params in settings:
+        for key, value in params.items():
+            out[key] = max(out.get(key, value), value)
+    return out

@@ -25,11 +25,11 @@ import faiss
 
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
+from indexing.bymodality import tune_and_measure
 from indexing.escalate import tune_index
 from indexing.manifest import check_alignment, recall_by_modality
-from indexing.measure import KIND, groups_of, measure_sets, worst_trusted
+from indexing.measure import KIND, groups_of, worst_trusted
 from indexing.ondisk import read_index
-from indexing.params import apply_search_params
 from indexing.prepare import QueryFiles, prepare_work
 from indexing.querysets import deciding
 from indexing.recall import drop_self
@@ -93,15 +93,12 @@ def tune_current(
     # Ground truth needs one pass over the table; the index itself is only searched.
     add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
     work.timings["prepare_s"] = time.perf_counter() - t0
-    self_pos = work.query_positions
-    truth = drop_self(work.exact.positions, self_pos, work.exact.k - 1)
+    truth = drop_self(work.exact.positions, work.query_positions, work.exact.k - 1)
     groups = groups_of(work.sets, deciding(work.sets))
     t0 = time.perf_counter()
     tuned = tune_index(work, index, old["selection"], truth, groups, progress)
     work.timings["tune_s"] = time.perf_counter() - t0
     result = tuned.result
-    if result is not None:
-        apply_search_params(index, result.params)
     if not tuned.reached(config.recall_target):
         log.warning(
             "%s cannot reach recall@%d %.3f on every trusted query set by its search "
@@ -111,10 +108,8 @@ def tune_current(
             config.recall_target,
         )
     t0 = time.perf_counter()
+    by_modality, sets = tune_and_measure(work, index, result, groups, truth, progress=progress)
     search = search_fn(index)
-    sets = measure_sets(
-        search, search, work.sets, groups, self_pos, truth, n_rows=work.n, recall_k=config.recall_k
-    )
     probes = work.queries if len(work.queries) else None
     latency = (
         measure_latency(search, probes, config.recall_k, progress=progress)
@@ -134,6 +129,7 @@ def tune_current(
             "version": None,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "search_params": result.params if result else {},
+            "search_params_by_modality": by_modality,
             "target": target_of(config, result),
             "recall": dict(headline["recall"]) if headline else {},
             "recall_queries": {

@@ -58,6 +58,7 @@ def write_staged(
     timings: dict[str, float],
     extra: dict[str, Any],
     selection_reason: str | None,
+    by_modality: dict[str, dict[str, int]] | None = None,
     on_stage: StageHook | None = None,
 ) -> Path:
     """Write index, ids and manifest into ``staged`` (a new staging directory if None)."""
@@ -88,6 +89,7 @@ def write_staged(
                 software={"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
                 trials=[t.__dict__ for t in result.trials] if result else [],
                 selection_reason=selection_reason,
+                search_params_by_modality=by_modality,
             )
             | extra
             | {"storage": storage}

@@ -9,6 +9,7 @@ on its path).
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,10 @@ class FlatIndex:
             "rows": int(self.index.ntotal),
         }
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # Exact: every modality is searched alike.
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores.astype(np.float32), ids.astype(np.int64)
 

@@ -74,10 +74,14 @@ class Cache:
         qlog.add("audio", self.audio_log)
         qlog.save(query_log_path(index_dir))
 
-    def fresh_recall(self, index_dir: Path, modality: str) -> tuple[float, float]:
-        """(recall@10, its standard error) of new queries against the CURRENT version."""
+    def fresh_recall(
+        self, index_dir: Path, modality: str, labelled: bool = True
+    ) -> tuple[float, float]:
+        """(recall@10, its standard error) of new queries against the CURRENT version, searched
+        as the service searches them: with their modality's setting (``labelled``), or as raw
+        embeddings of unknown modality."""
         loaded = indexing.load_current(index_dir, self.table, use_gpu="no")
-        _, ids = loaded.search(self.fresh[modality], 10)
+        _, ids = loaded.search(self.fresh[modality], 10, [modality] if labelled else None)
         truth_ids = self.table.ids()[self.truth[modality]]
         per_query = (ids[:, :, None] == truth_ids[:, None, :]).any(2).mean(1)
         return float(per_query.mean()), float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
@@ -147,6 +151,55 @@ def test_the_manifest_per_set_recall_is_what_fresh_queries_of_that_set_measure(
     ):
         recall, _ = cache.fresh_recall(index_dir, modality)
         assert abs(sets[name]["recall"]["10"] - recall) <= 0.02, (name, recall)
+
+
+def test_each_modality_is_searched_with_what_its_own_sets_need_and_no_more(cache, built) -> None:
+    index_dir, manifest = built
+    by_modality = manifest["search_params_by_modality"]
+    default = manifest["search_params"]
+    # Image queries sit near the centroids: their own setting is strictly cheaper than the
+    # cross-modal one the worst set imposed, and never larger in any knob.
+    image = by_modality["image"]
+    assert image != default and all(image[knob] <= default[knob] for knob in default)
+    assert sets_of(manifest)["image:held_out"]["search_params"] == image
+    for modality in by_modality:
+        assert all(by_modality[modality][knob] <= default[knob] for knob in default)
+    recall, stderr = cache.fresh_recall(index_dir, "image")
+    assert recall + 2 * stderr >= TARGET
+    # A mix takes each knob's largest part; an unknown modality or a raw embedding, the global.
+    mixed = indexing.search_params_for(manifest, ["image", "text"])
+    text = by_modality.get("text", default)
+    assert mixed == {knob: max(image[knob], text[knob]) for knob in default}
+    assert indexing.search_params_for(manifest, ["thermal"]) == default
+    assert indexing.search_params_for(manifest, ["image", None]) == default
+    assert indexing.search_params_for(manifest, None) == default
+
+
+def test_searches_of_different_modalities_at_once_get_what_each_gets_alone(cache, built) -> None:
+    index_dir, _ = built
+    loaded = indexing.load_current(index_dir, cache.table, use_gpu="no")
+    queries = {m: cache.fresh[m][:1] for m in ("image", "text", "audio")}
+    alone = {m: loaded.search(q, 10, [m])[1] for m, q in queries.items()}
+    wrong: list[str] = []
+
+    def worker(modality: str) -> None:
+        for _ in range(150):
+            if not np.array_equal(
+                loaded.search(queries[modality], 10, [modality])[1], alone[modality]
+            ):
+                wrong.append(modality)
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in queries for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not wrong
+    # Per-call settings left the index's own (global) setting as a fresh load has it.
+    fresh = indexing.load_current(index_dir, cache.table, use_gpu="no")
+    assert np.array_equal(
+        fresh.search(cache.fresh["image"], 10)[1], loaded.search(cache.fresh["image"], 10)[1]
+    )
 
 
 def test_a_set_too_small_to_trust_is_reported_and_flagged_never_dropped(built) -> None:
@@ -251,3 +304,23 @@ def test_tune_refuses_a_table_the_version_was_not_built_from(cache, tmp_path: Pa
     append_rows(store, 10, DIM, seed=9, start=3000)
     with pytest.raises(IndexMismatchError, match="index add|rebuild"):
         indexing.tune_current(root / "index", CacheTable.open(store), config(root / "index"))
+
+
+def test_the_service_batches_queries_of_several_modalities_each_with_its_own_setting(
+    cache, built
+) -> None:
+    from types import SimpleNamespace
+
+    from cachebind.serve.state import ServeState
+
+    index_dir, _ = built
+    loaded = indexing.load_current(index_dir, cache.table, use_gpu="no")
+    snap = SimpleNamespace(index=loaded)
+    labels = [("image",), ("text",), ("audio", "image"), (None,), ("image",)]
+    queries = [cache.fresh["image"][0], cache.fresh["text"][0], cache.fresh["audio"][1]]
+    queries += [cache.fresh["text"][2], cache.fresh["image"][3]]
+    batch = [(snap, q, 10, parts) for q, parts in zip(queries, labels, strict=True)]
+    out = ServeState._search_batch(batch)
+    for (scores, ids), q, parts in zip(out, queries, labels, strict=True):
+        alone = loaded.search(q[None, :], 10, list(parts))
+        assert np.array_equal(ids, alone[1][0]) and np.allclose(scores, alone[0][0])

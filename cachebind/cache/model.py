@@ -28,8 +28,11 @@ _NORM_FLOOR = 1e-12
 class NeighbourIndex(Protocol):
     """What the cache needs from an index (``indexing.LoadedIndex`` has this shape)."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores float32 [n, k], ids int64 [n, k]); ids are -1 where fewer than k rows."""
+    def search(
+        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [n, k], ids int64 [n, k]); ids are -1 where fewer than k rows.
+        ``parts``: the queries' modalities, for an index tuned per modality (None: unknown)."""
         ...
 
 
@@ -149,7 +152,10 @@ class FaissNeighbours:
         self.index = index
         self.dim = int(index.d)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # One setting for every query: a plain FAISS index carries no per-modality tuning.
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
@@ -176,11 +182,15 @@ class CacheModel:
         self.index = index
         self.values: VectorSource = source
 
-    def neighbours(self, f_m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def neighbours(
+        self, f_m: np.ndarray, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Retrieval (eq. 3) for a batch: (S_topk [n, k] with -inf padding, ids [n, k] with -1
         padding, F_value [n, k, d] with zero rows at padding). One search, one vector fetch;
-        S_topk = F_M · F_value is computed from the exact values."""
-        scores, ids = self.index.search(np.ascontiguousarray(f_m, dtype=np.float32), k)
+        S_topk = F_M · F_value is computed from the exact values. ``parts``: the modalities of
+        every query of the batch (the index searches them with the setting tuned for them)."""
+        q = np.ascontiguousarray(f_m, dtype=np.float32)
+        scores, ids = self.index.search(q, k, parts) if parts else self.index.search(q, k)
         scores = np.asarray(scores, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         valid = ids >= 0
@@ -202,9 +212,15 @@ class CacheModel:
         return np.where(valid, scores, -np.inf).astype(np.float32), ids, values
 
     def enhance(
-        self, f_m: np.ndarray, k: int = 10, t: float = 20.0, alpha: float = 0.5
+        self,
+        f_m: np.ndarray,
+        k: int = 10,
+        t: float = 20.0,
+        alpha: float = 0.5,
+        parts: Sequence[str | None] | None = None,
     ) -> list[Enhanced]:
-        """Cache-enhanced embeddings F~_M for a batch of query features F_M [n, d] (or [d])."""
+        """Cache-enhanced embeddings F~_M for a batch of query features F_M [n, d] (or [d]);
+        ``parts``: the modalities of every query of the batch (see :meth:`neighbours`)."""
         validate_params(k, t, alpha)
         f_m = np.asarray(f_m, dtype=np.float32)
         if f_m.ndim == 1:
@@ -213,7 +229,7 @@ class CacheModel:
             raise ValueError(f"f_m must be a non-empty [n, d] array, got shape {f_m.shape}")
         if not np.all(np.isfinite(f_m)):
             raise ValueError("f_m contains NaN or infinite values")
-        sims, ids, values = self.neighbours(f_m, k)
+        sims, ids, values = self.neighbours(f_m, k, parts)
         enhanced = blend(f_m, values, sims, t, alpha)
         weights = softmax_weights(sims, t)
         out = []

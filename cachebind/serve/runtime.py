@@ -26,7 +26,9 @@ log = logging.getLogger("cachebind.serve")
 class SearchIndex(Protocol):
     """What serving needs of an index (``indexing.LoadedIndex`` has this shape)."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(
+        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class IndexLoader(Protocol):

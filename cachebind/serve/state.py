@@ -125,18 +125,19 @@ class ServeState:
 
     @staticmethod
     def _search_batch(
-        items: list[tuple[IndexSnapshot, np.ndarray, int]],
+        items: list[tuple[IndexSnapshot, np.ndarray, int, tuple[str | None, ...]]],
     ) -> list[tuple[np.ndarray, np.ndarray] | ItemError]:
-        # Queries of one batch may straddle an index swap: group them by snapshot.
+        # Queries of one batch may straddle an index swap, and each modality (or mix) is
+        # searched with its own setting: group them by both.
         out: list[Any] = [None] * len(items)
-        groups: dict[int, list[int]] = {}
-        for i, (snap, _, _) in enumerate(items):
-            groups.setdefault(id(snap), []).append(i)
-        for members in groups.values():
+        groups: dict[tuple[int, tuple[str | None, ...]], list[int]] = {}
+        for i, (snap, _, _, parts) in enumerate(items):
+            groups.setdefault((id(snap), _part_key(parts)), []).append(i)
+        for (_, parts), members in groups.items():
             snap = items[members[0]][0]
             k = max(items[i][2] for i in members)
             queries = np.stack([items[i][1] for i in members]).astype(np.float32)
-            scores, ids = snap.index.search(queries, k)
+            scores, ids = snap.index.search(queries, k, list(parts))
             for row, i in enumerate(members):
                 kk = items[i][2]
                 out[i] = (np.asarray(scores[row, :kk]), np.asarray(ids[row, :kk]))
@@ -144,17 +145,18 @@ class ServeState:
 
     @staticmethod
     def _enhance_batch(
-        items: list[tuple[IndexSnapshot, np.ndarray, int, float, float]],
+        items: list[tuple[IndexSnapshot, np.ndarray, int, float, float, tuple[str | None, ...]]],
     ) -> list[Any]:
         out: list[Any] = [None] * len(items)
-        groups: dict[tuple[int, int, float, float], list[int]] = {}
-        for i, (snap, _, k, t, alpha) in enumerate(items):
-            groups.setdefault((id(snap), k, t, alpha), []).append(i)
-        for (_, k, t, alpha), members in groups.items():
+        groups: dict[tuple[int, int, float, float, tuple[str | None, ...]], list[int]] = {}
+        for i, (snap, _, k, t, alpha, parts) in enumerate(items):
+            groups.setdefault((id(snap), k, t, alpha, _part_key(parts)), []).append(i)
+        for (_, k, t, alpha, parts), members in groups.items():
             snap = items[members[0]][0]
             f_m = np.stack([items[i][1] for i in members]).astype(np.float32)
-            for i, enhanced in zip(members, snap.cache.enhance(f_m, k, t, alpha), strict=True):
-                out[i] = enhanced
+            enhanced = snap.cache.enhance(f_m, k, t, alpha, list(parts))
+            for i, one in zip(members, enhanced, strict=True):
+                out[i] = one
         return out
 
     # ---------------------------------------------------------------- index reload
@@ -217,3 +219,8 @@ class ServeState:
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         # After the batchers: every answered query is in the sample by now.
         await asyncio.to_thread(self.query_log.flush)
+
+
+def _part_key(parts: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """A query's modalities as a grouping key: which parts, not how many or in what order."""
+    return tuple(sorted(set(parts), key=lambda p: (p is None, p or "")))

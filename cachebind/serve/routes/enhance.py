@@ -52,7 +52,9 @@ async def enhanced_of(
     limits.check_inputs(items)
     runtime, snap = state.require_snapshot()
     query = await embed_query(items, state.embed_one, runtime.dim)
-    enhanced = await state.enhance_batcher.submit((snap, query.f_m, k, t, alpha))
+    enhanced = await state.enhance_batcher.submit(
+        (snap, query.f_m, k, t, alpha, tuple(query.labels))
+    )
     state.query_log.record(query.parts)
     recall = recall_info(snap.manifest, query.labels)
     return EnhancedQuery(runtime, snap, query.f_m, enhanced, k, t, alpha, recall)

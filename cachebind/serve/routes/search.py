@@ -44,7 +44,7 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
         query = await embed_query(body.inputs, state.embed_one, runtime.dim)
 
         async def search_fn(q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-            return await state.index_batcher.submit((snap, q, n))
+            return await state.index_batcher.submit((snap, q, n, tuple(query.labels)))
 
         page = await run_search(
             snap,
