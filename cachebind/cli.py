@@ -199,9 +199,11 @@ def _query_set_lines(manifest: dict) -> list[str]:
     for s in query_sets_of(manifest):
         recall = " ".join(f"@{k} {v:.3f}" for k, v in (s.get("recall") or {}).items())
         b1 = (s.get("latency_ms") or {}).get("batch1_p50")
+        own = s.get("search_params")
         lines.append(
             f"{s['name']:<28} n={s['n']:<5} recall {recall}"
             + (f"  b1 p50 {b1:.2f} ms" if isinstance(b1, float) else "")
+            + (f"  at {own}" if own and own != manifest.get("search_params") else "")
             + ("" if s.get("trusted") else "  (untrusted: too few queries)")
         )
     return lines
