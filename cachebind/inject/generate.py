@@ -48,6 +48,17 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, resolve_dtype(dtype, dev, gpu_default=torch.float16)
 
 
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Raise ``InputError`` unless the sampling settings are usable."""
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise InputError(
+            "generation",
+            "out_of_range",
+            f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; got "
+            f"{temperature}, {top_p}, {max_new_tokens}",
+        )
+
+
 class Generator:
     """Generates text conditioned on cache-enhanced features F~_M.
 
@@ -124,13 +135,7 @@ class Generator:
         """
         if isinstance(prompts, str) or not prompts:
             raise InputError("prompts", "wrong_type", "a non-empty list of strings is required")
-        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-            raise InputError(
-                "generation",
-                "out_of_range",
-                f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; got "
-                f"{temperature}, {top_p}, {max_new_tokens}",
-            )
+        check_sampling(temperature, top_p, max_new_tokens)
         n = len(prompts)
         t_i = self._visual_query(visual, n)
         texts = [format_prompt(p) if template else p for p in prompts]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cachebind.errors import InputError
-from cachebind.inject.generate import Generator, sample_top_p
+from cachebind.inject.generate import Generator, check_sampling, sample_top_p
 from cachebind.inject.handles import (
     GenerationHandle,
     GenerationTimeout,
@@ -129,13 +129,7 @@ class Scheduler:
         sink: Sink | None = None,
     ) -> GenerationHandle:
         """Queue one request; raises ``InputError`` on bad input, ``SchedulerBusy`` when full."""
-        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-            raise InputError(
-                "generation",
-                "out_of_range",
-                f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; got "
-                f"{temperature}, {top_p}, {max_new_tokens}",
-            )
+        check_sampling(temperature, top_p, max_new_tokens)
         ids = self.tokenizer.encode(format_prompt(prompt) if template else prompt, bos=True)
         if len(ids) >= self.max_seq_len:
             raise InputError(
