@@ -20,6 +20,12 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _params(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): int(v) for k, v in value.items() if isinstance(v, int | float)}
+
+
 def query_set_reports(manifest: dict[str, Any]) -> list[s.QuerySetReport]:
     """Each query set of ``manifest`` with its recall@1/10/100 and latency."""
     from indexing.manifest import query_sets_of
@@ -42,6 +48,7 @@ def query_set_reports(manifest: dict[str, Any]) -> list[s.QuerySetReport]:
                     batch1_p50=_number(latency.get("batch1_p50")),
                     batch64_per_query=_number(latency.get("batch64_per_query")),
                 ),
+                search_params=_params(qs.get("search_params", manifest.get("search_params"))),
             )
         )
     return reports

@@ -214,6 +214,11 @@ class QuerySetReport(BaseModel):
     recall_at_10: float | None = None
     recall_at_100: float | None = None
     latency_ms: QuerySetLatency
+    search_params: dict[str, int] | None = Field(
+        None,
+        description="The setting this set was measured with: what queries of its modality are "
+        "searched with (its own, or the version's global one).",
+    )
 
 
 class QueryLogInfo(BaseModel):
