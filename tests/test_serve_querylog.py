@@ -311,6 +311,7 @@ def test_the_index_route_reports_recall_and_latency_per_query_set(tmp_path, cach
             "recall_at_10": 0.81,
             "recall_at_100": pytest.approx(0.83),
             "latency_ms": {"batch1_p50": 0.25, "batch64_per_query": 0.02},
+            "search_params": None,  # this version records no search setting (an exact index)
         }
         assert by_name["audio:query_log"]["trusted"] is False
         assert info["recall_by_modality"]["text"]["set"] == "text:query_log"
