@@ -33,6 +33,14 @@ def test_frame_indices_of_a_12s_video_and_of_short_videos():
     assert clip_frame_indices(1, 10.0) == [[0, 0]] * 5  # one frame, repeated
 
 
+def test_a_clip_in_which_no_frame_starts_shows_the_frame_on_screen_at_its_start():
+    # A slideshow rate (one frame per 100 s, 300 s): clips start at 0, 59.6, 119.2, 178.8 and
+    # 238.4 s, and the second, fourth and fifth contain no frame start (found by the fuzzer,
+    # with a header declaring a 1-frame video at a tiny rate: it raised ValueError, a 5xx).
+    assert clip_frame_indices(3, 0.01) == [[0, 0], [0, 0], [1, 1], [1, 1], [2, 2]]
+    assert clip_frame_indices(1, 0.0005) == [[0, 0]] * 5
+
+
 @pytest.mark.parametrize(
     ("fmt", "bframes"), [("mp4", 0), ("mp4", 3), ("mp4v", 0), ("webm", 0), ("webm-vp9", 0)]
 )

@@ -76,7 +76,12 @@ def clip_frame_indices(
         stop = min(math.ceil(fps * end), num_frames)
         n = stop - first
         if n <= 0:
-            raise ValueError(f"empty clip [{start}, {end}) of a {num_frames}-frame video")
+            # No frame starts inside the clip (a slideshow-like rate, under one frame per clip):
+            # the frame on screen at the clip's start stands for it. pytorchvideo would return
+            # an empty clip here and ImageBind fail on it.
+            shown = min(math.floor(fps * start), num_frames - 1)
+            out.append([shown] * per_clip)
+            continue
         picks = torch.linspace(0, n - 1, per_clip).clamp(0, n - 1).long().tolist()
         out.append([first + p for p in picks])
     return out
