@@ -297,6 +297,14 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.train.report import print_result
+    from cachebind.train.trainer import run_training
+
+    print_result(run_training(settings, args.phase))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from cachebind.demo.run import run_demo
 
@@ -581,6 +589,24 @@ def add_queries(sub: Subcommands, common: CommonOptions) -> None:
     p.add_argument("--adapter-checkpoint", dest="llm__adapter_checkpoint")
 
 
+def add_train(sub: Subcommands, common: CommonOptions) -> None:
+    from cachebind.train.report import add_flags
+
+    p = command(
+        sub,
+        "train",
+        cmd_train,
+        "train ImageBind-LLM from the cache (Ray Train)",
+        "pretrain: stage 1 (bind network, prefix queries, gates) on the cache's image features "
+        "and captions, without running ImageBind. finetune: stage 2 (norms, biases, LoRA). "
+        "DDP on Ray Train; checkpoints every --checkpoint-every steps; re-running the same "
+        "command resumes. Writes the released {'model': ...} layout that generate/serve load.",
+        parents=[common.table],
+    )
+    p.add_argument("phase", choices=["pretrain", "finetune"])
+    add_flags(p)
+
+
 def add_weights(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
         sub,
@@ -628,6 +654,7 @@ SUBCOMMANDS = (
     add_serve,
     add_keys,
     add_queries,
+    add_train,
     add_weights,
     add_demo,
     add_config,

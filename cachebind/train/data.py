@@ -68,7 +68,7 @@ def collate_captions(
     """A stage-1 micro-batch from cache rows. F_M is re-normalised in fp32 (the release feeds
     ``F.normalize(ImageBind(x))``; the table may hold it in fp16)."""
     pairs = [caption_example(tok, c, max_words) for c in captions]
-    f_m = F.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=-1)
+    f_m = F.normalize(torch.tensor(np.asarray(vectors, dtype=np.float32)), dim=-1)
     return Batch(f_m, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
 
@@ -149,6 +149,7 @@ def stream_rows(
         return iter(())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the order is the schedule: keep it
+    ctx.enable_progress_bars = False  # one bar per epoch per worker would drown the trainer's
     ds = ray.data.from_numpy(np.asarray(offsets, dtype=np.int64)).map_batches(
         lambda batch: source.take(batch["data"]),
         batch_size=micro_batch,
