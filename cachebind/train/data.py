@@ -16,9 +16,8 @@ Ray Data (streamed, in order, prefetched).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -97,63 +96,3 @@ def worker_offsets(
     steps = steps_per_epoch(len(order), global_batch)
     grid = order[: steps * global_batch].reshape(steps, accum, world, micro_batch)
     return grid[first_step:, :, rank, :].reshape(-1)
-
-
-_DATASETS: dict[tuple[str, int], Any] = {}
-
-
-def _lance_dataset(uri: str, version: int, storage_options: dict[str, str] | None) -> Any:
-    """One open Lance dataset per process and (uri, version): opening costs a manifest read."""
-    key = (uri, version)
-    if key not in _DATASETS:
-        import lance
-
-        _DATASETS[key] = lance.dataset(uri, version=version, storage_options=storage_options)
-    return _DATASETS[key]
-
-
-@dataclass(frozen=True)
-class RowSource:
-    """Where a worker reads rows: the table's Lance dataset at a pinned version."""
-
-    uri: str
-    version: int
-    storage_options: dict[str, str] | None = None
-    columns: tuple[str, ...] = ("vector", "caption")
-
-    def take(self, offsets: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows at ``offsets``, in that order, as numpy columns."""
-        from cachebind.store.table import vectors_to_numpy
-
-        table = _lance_dataset(self.uri, self.version, self.storage_options).take(
-            np.asarray(offsets, dtype=np.int64).tolist(), columns=list(self.columns)
-        )
-        out: dict[str, np.ndarray] = {}
-        for name in self.columns:
-            column = table.column(name)
-            if name == "vector":
-                out[name] = vectors_to_numpy(column)
-            else:
-                out[name] = np.asarray(column.to_pylist(), dtype=object)
-        return out
-
-
-def stream_rows(
-    source: RowSource, offsets: np.ndarray, micro_batch: int, data_cpus: float = 0.25
-) -> Iterator[dict[str, np.ndarray]]:
-    """Micro-batches of rows at ``offsets``, in order, through Ray Data: the offsets become a
-    dataset whose ``map_batches`` reads the rows from Lance ahead of the training loop."""
-    import ray.data
-
-    if len(offsets) == 0:
-        return iter(())
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the order is the schedule: keep it
-    ctx.enable_progress_bars = False  # one bar per epoch per worker would drown the trainer's
-    ds = ray.data.from_numpy(np.asarray(offsets, dtype=np.int64)).map_batches(
-        lambda batch: source.take(batch["data"]),
-        batch_size=micro_batch,
-        batch_format="numpy",
-        num_cpus=data_cpus,
-    )
-    return ds.iter_batches(batch_size=micro_batch, batch_format="numpy", prefetch_batches=2)

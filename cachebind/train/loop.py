@@ -21,15 +21,10 @@ from typing import Any
 
 import torch
 
-from cachebind.train.data import (
-    RowSource,
-    collate_captions,
-    epoch_order,
-    stream_rows,
-    worker_offsets,
-)
+from cachebind.train.data import collate_captions, epoch_order, worker_offsets
 from cachebind.train.export import save_released
 from cachebind.train.params import Phase, set_trainability
+from cachebind.train.rows import RowSource, stream_rows
 from cachebind.train.schedule import learning_rate, set_lr
 from cachebind.train.step import LossModule, make_optimizer, optimizer_step
 

@@ -15,6 +15,7 @@ Running the same command again resumes from the latest checkpoint (Ray Train fin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,10 @@ from pathlib import Path
 from cachebind.config import Settings, TrainConfig
 from cachebind.errors import CachebindError
 from cachebind.train.build import write_start
-from cachebind.train.data import RowSource, steps_per_epoch
+from cachebind.train.data import steps_per_epoch
 from cachebind.train.loop import Plan, train_loop
 from cachebind.train.params import Phase
+from cachebind.train.rows import RowSource
 from cachebind.train.schedule import absolute_lr
 
 DEFAULTS = {"pretrain": (1e-4, 0.05), "finetune": (1e-3, 0.02)}  # blr, weight decay (exps/*.sh)
@@ -143,7 +145,10 @@ def run_training(settings: Settings, phase: Phase) -> TrainResult:
 
     cfg = settings.train
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=True)
+        # Unset: inside `ray job submit` (RAY_ADDRESS) join that cluster, else a new local one
+        # (never whatever other cluster happens to run on this machine).
+        address = cfg.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        ray.init(address=address, log_to_driver=True)
     world = cfg.num_workers
     plan = make_plan(settings, phase, world)
     use_gpu = _use_gpu(cfg)
