@@ -308,7 +308,13 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from cachebind.demo.run import run_demo
 
-    return run_demo(settings, out=Path(args.out), checkpoint=args.checkpoint, images=args.images)
+    return run_demo(
+        settings,
+        out=Path(args.out),
+        checkpoint=args.checkpoint,
+        images=args.images,
+        train=args.train,
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -635,6 +641,11 @@ def add_demo(sub: Subcommands, common: CommonOptions) -> None:
     # Not the encoder's --checkpoint: the demo resolves its weights file itself.
     p.add_argument("--checkpoint", help="imagebind_huge.pth (default: the weights directory)")
     p.add_argument("--images", type=int, default=240, help="generated images (default 240)")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="train stage 1 from the cache (~1 min CPU), report held-out captions, serve it",
+    )
 
 
 def add_config(sub: Subcommands, common: CommonOptions) -> None:

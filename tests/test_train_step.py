@@ -164,3 +164,40 @@ def test_one_worker_with_accumulation_reads_what_two_workers_read():
     resumed = worker_offsets(order, rank=0, world=1, micro_batch=3, accum=2, first_step=5)
     np.testing.assert_array_equal(resumed, one[5:].reshape(-1))
     assert not np.array_equal(epoch_order(100, 1, 2), epoch_order(100, 1, 3))
+
+
+def test_a_finetune_start_trains_and_exports_what_the_loader_reads_back(tmp_path, tokenizer_path):
+    """Stage 2 starts from a stage-1 file (bias 0, LoRA l2 0: the same model), trains, and its
+    exported file (q / k rows back in Meta's order) loads into the very model it was."""
+    from cachebind.train.build import write_start
+    from cachebind.train.export import save_released
+
+    ref, _, tok = pair(tmp_path / "base", tokenizer_path, "pretrain", n_kv_heads=2)
+    stage1 = tmp_path / "stage1.pth"
+    torch.save(released_checkpoints(ref)[1], stage1)
+    llama = tmp_path / "base"
+    start = write_start(
+        tmp_path / "start.pth", llama, "finetune", in_dim=48, init_checkpoint=stage1,
+        variant="rmsnorm", lora_rank=4, seed=0,
+    )  # fmt: skip
+    model, tok, _ = load_adapter_llama(llama, start)
+    assert model.cfg.lora_rank == 4 and model.cfg.w_bias
+    batch = batch_for(tok, 48)
+    with torch.no_grad():
+        stage1_model, _, _ = load_adapter_llama(llama, stage1)
+        torch.testing.assert_close(caption_loss(model, batch), caption_loss(stage1_model, batch))
+    trainable = set_trainability(model.train(), "finetune")
+    optimizer = make_optimizer(trainable, lr=1e-2, weight_decay=0.02)
+    for _ in range(2):
+        optimizer_step(LossModule(model), optimizer, [batch])
+    out = save_released(model, "finetune", tmp_path / "out.pth", torch.float32)
+    reloaded, _, report = load_adapter_llama(llama, out)
+    assert not report.unused
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(
+            reloaded(batch.tokens, visual=reloaded.visual_query(batch.f_m)).logits,
+            model(batch.tokens, visual=model.visual_query(batch.f_m)).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
