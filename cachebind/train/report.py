@@ -33,7 +33,11 @@ FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     for flag, field, kind, text in FLAGS:
-        p.add_argument(flag, dest=f"train__{field}", type=kind, help=text)
+        choices = ["auto", "yes", "no"] if field == "use_gpu" else None
+        p.add_argument(
+            flag, dest=f"train__{field}", type=kind, help=text, metavar=field.upper(),
+            choices=choices,
+        )  # fmt: skip
     p.add_argument(
         "--no-progress",
         dest="train__progress",
