@@ -313,6 +313,9 @@ class TrainConfig(Section):
     init_checkpoint: Path | None = None
     """A released-layout ``{"model": ...}`` file to start from: stage 2 starts from stage 1's
     output; unset for stage 1 starts from the release's initialisation (zero gates)."""
+    instructions: Path | None = None
+    """Stage 2's LLaVA-style instruction JSON (images by cache key or path, text-only items);
+    unset: stage 2 trains on the cache's captions with stage 1's prompt."""
     output_dir: Path = Field(default_factory=lambda: default_home() / "train")
     """Checkpoints (``<output_dir>/ray/<run_name>``), the loss log and the final file."""
     run_name: str = "imagebind-llm"

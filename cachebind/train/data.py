@@ -71,6 +71,26 @@ def collate_captions(
     return Batch(f_m, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
 
+def collate_instructions(
+    tok: Tokenizer,
+    vectors: np.ndarray,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_words: int,
+) -> Batch:
+    """A stage-2 micro-batch (prompts already in the Alpaca template, ``instruct``)."""
+    pairs = [encode_example(tok, p, a, max_words) for p, a in zip(prompts, answers, strict=True)]
+    f_m = F.normalize(torch.tensor(np.asarray(vectors, dtype=np.float32)), dim=-1)
+    return Batch(f_m, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+
+
+def collate_rows(tok: Tokenizer, rows: dict[str, np.ndarray], max_words: int) -> Batch:
+    """Stage 1 rows (``caption``) or stage 2 examples (``prompt`` + ``answer``)."""
+    if "prompt" in rows:
+        return collate_instructions(tok, rows["vector"], rows["prompt"], rows["answer"], max_words)
+    return collate_captions(tok, rows["vector"], rows["caption"], max_words)
+
+
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The seeded permutation of row offsets for ``epoch`` (the same on every worker)."""
     return np.random.default_rng([seed, epoch]).permutation(n_rows)

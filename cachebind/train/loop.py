@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cachebind.train.data import collate_captions, epoch_order, worker_offsets
+from cachebind.train.data import collate_rows, epoch_order, worker_offsets
 from cachebind.train.export import save_released
 from cachebind.train.params import Phase, set_trainability
 from cachebind.train.rows import RowSource, stream_rows
@@ -127,7 +127,7 @@ def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
         offsets = offsets[: steps_left * plan.accum_iter * plan.batch_size]
         group = []
         for rows in stream_rows(plan.source, offsets, plan.batch_size, plan.data_cpus):
-            group.append(collate_captions(tok, rows["vector"], rows["caption"], plan.max_words))
+            group.append(collate_rows(tok, rows, plan.max_words))
             if len(group) == plan.accum_iter:
                 yield step, group
                 group, step = [], step + 1

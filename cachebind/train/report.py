@@ -12,6 +12,7 @@ from cachebind.train.trainer import TrainResult
 FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--llama-dir", "llama_dir", str, "base LLM directory (Meta or transformers LLaMA)"),
     ("--init-checkpoint", "init_checkpoint", str, "start from this {'model': ...} file"),
+    ("--instructions", "instructions", str, "stage 2: LLaVA-style instruction JSON"),
     ("--output-dir", "output_dir", str, "checkpoints, loss log and result (train.output_dir)"),
     ("--run-name", "run_name", str, "same name + output dir: resume from the last checkpoint"),
     ("--epochs", "epochs", float, "epochs (default 3)"),

@@ -66,7 +66,15 @@ def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
     if llama_dir is None:
         raise TrainError("no base LLM: set train.llama_dir (or llm.llama_dir)")
     table = CacheTable.open(settings.store)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    source = RowSource(
+        uri=str(table.dataset.uri),
+        version=int(table.version),
+        storage_options=table.storage_options,
+    )
     n_rows = table.count()
+    if phase == "finetune" and cfg.instructions is not None:
+        source, n_rows = instruction_source(settings, table, run_dir)
     effective = cfg.batch_size * cfg.accum_iter * world
     spe = steps_per_epoch(n_rows, effective)
     if spe == 0:
@@ -75,7 +83,6 @@ def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     blr, wd = DEFAULTS[phase]
-    run_dir = Path(cfg.output_dir) / cfg.run_name
     start = write_start(
         run_dir / "start.pth",
         Path(llama_dir),
@@ -85,11 +92,6 @@ def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
         variant=cfg.bind_variant,
         lora_rank=cfg.lora_rank,
         seed=cfg.seed,
-    )
-    source = RowSource(
-        uri=str(table.dataset.uri),
-        version=int(table.version),
-        storage_options=table.storage_options,
     )
     return Plan(
         phase=phase,
@@ -114,6 +116,18 @@ def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
         log_file=str((run_dir / "loss.jsonl").resolve()),
         progress=cfg.progress,
     )
+
+
+def instruction_source(settings: Settings, table, run_dir: Path) -> tuple[RowSource, int]:
+    """Resolve ``train.instructions`` against the cache into ``<run>/instructions.lance``."""
+    from cachebind.train.instruct import encoder_callbacks, load_items, resolve, write_examples
+
+    path = Path(settings.train.instructions)
+    items = load_items(path)
+    examples = resolve(items, table, *encoder_callbacks(settings), base_dir=path.parent)
+    uri, version = write_examples(examples, run_dir / "instructions.lance")
+    columns = ("vector", "prompt", "answer")
+    return RowSource(uri=str(Path(uri).resolve()), version=version, columns=columns), len(items)
 
 
 def plot_losses(log_file: Path) -> Path | None:
