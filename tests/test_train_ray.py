@@ -159,3 +159,31 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_where_the_whole_run_ends(inputs
     again = run_training(settings, "pretrain")
     assert log_lines(log) == after
     assert all(torch.equal(v, a[k]) for k, v in adapter(again.output).items())
+
+
+def test_finetune_from_stage_one_on_instructions_trains_only_stage_two_tensors(inputs, one_worker):
+    root, llama, _ = inputs
+    items = [
+        {"image": f"img-{i}", "conversations": [{"value": "What colour is it?"},
+                                                {"value": f"It is colour {i}."}]}
+        for i in range(8)
+    ]  # fmt: skip
+    (root / "instructions.json").write_text(json.dumps(items))
+    settings = settings_for(
+        inputs, run_name="stage2", init_checkpoint=str(one_worker.output), max_steps=2,
+        instructions=str(root / "instructions.json"), epochs=1.0, checkpoint_every=2,
+    )  # fmt: skip
+    result = run_training(settings, "finetune")
+    assert result.steps == 2 and len(losses(result.log_file)) == 2
+    stage1, stage2 = adapter(one_worker.output), adapter(result.output)
+    assert set(stage1) < set(stage2)  # stage 1's tensors ride along, as in the released 7B.pth
+    for key in stage1:  # frozen in stage 2: bridge, prefix_query, gates unchanged
+        assert torch.equal(stage1[key], stage2[key]), key
+    start = adapter(root / "train" / "stage2" / "start.pth")
+    lora_l2 = [k for k in stage2 if "lora_" in k and k.endswith("_l2.weight")]
+    assert lora_l2 and all(not torch.equal(stage2[k], start[k]) for k in lora_l2)
+    generator = load_generator(
+        LLMConfig(llama_dir=llama, adapter_checkpoint=result.output, device="cpu", dtype="float32")
+    )
+    config = generator.load_report.config
+    assert config.lora_rank == 16 and config.w_bias and not generator.load_report.unused
