@@ -39,3 +39,7 @@ run generate_7b 300 benchmarks/bench_generate.py --gpu yes
 # (targets: >= 10x the serial aggregate at 16 streams; batch-1 decode within 1.3x of ~4 ms/token).
 run generate_serve_7b 420 benchmarks/bench_generate.py --serve --gpu yes --streams 1,4,16,32 \
   --tokens 64
+# Issue 16: stage-1 training samples/s from the cache vs through the huge encoder (released
+# way), 7B-shaped LLaMA, bf16 autocast, same step (target: >= 10x on a GPU).
+run train_7b_from_cache 300 benchmarks/bench_train.py --device cuda --preset huge --llm 7b \
+  --batch-size 8 --iters 5

@@ -299,10 +299,24 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.train.report import print_result
+    from cachebind.train.trainer import run_training
+
+    print_result(run_training(settings, args.phase))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from cachebind.demo.run import run_demo
 
-    return run_demo(settings, out=Path(args.out), checkpoint=args.checkpoint, images=args.images)
+    return run_demo(
+        settings,
+        out=Path(args.out),
+        checkpoint=args.checkpoint,
+        images=args.images,
+        train=args.train,
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -583,6 +597,24 @@ def add_queries(sub: Subcommands, common: CommonOptions) -> None:
     p.add_argument("--adapter-checkpoint", dest="llm__adapter_checkpoint")
 
 
+def add_train(sub: Subcommands, common: CommonOptions) -> None:
+    from cachebind.train.report import add_flags
+
+    p = command(
+        sub,
+        "train",
+        cmd_train,
+        "train ImageBind-LLM from the cache (Ray Train)",
+        "pretrain: stage 1 (bind network, prefix queries, gates) on the cache's image features "
+        "and captions, without running ImageBind. finetune: stage 2 (norms, biases, LoRA). "
+        "DDP on Ray Train; checkpoints every --checkpoint-every steps; re-running the same "
+        "command resumes. Writes the released {'model': ...} layout that generate/serve load.",
+        parents=[common.table],
+    )
+    p.add_argument("phase", choices=["pretrain", "finetune"])
+    add_flags(p)
+
+
 def add_weights(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
         sub,
@@ -611,6 +643,11 @@ def add_demo(sub: Subcommands, common: CommonOptions) -> None:
     # Not the encoder's --checkpoint: the demo resolves its weights file itself.
     p.add_argument("--checkpoint", help="imagebind_huge.pth (default: the weights directory)")
     p.add_argument("--images", type=int, default=240, help="generated images (default 240)")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="train stage 1 from the cache (~1 min CPU), report held-out captions, serve it",
+    )
 
 
 def add_config(sub: Subcommands, common: CommonOptions) -> None:
@@ -630,6 +667,7 @@ SUBCOMMANDS = (
     add_serve,
     add_keys,
     add_queries,
+    add_train,
     add_weights,
     add_demo,
     add_config,

@@ -301,6 +301,64 @@ class LLMConfig(Section):
     per step. Smaller: steadier token pace for running streams; larger: joiners start sooner."""
 
 
+class TrainConfig(Section):
+    """Training ImageBind-LLM from the cache on Ray Train (``cachebind train``, issue 16).
+
+    Defaults follow the release (``main_pretrain.py``, ``exps/*.sh``) and the paper: AdamW
+    (0.9, 0.95), lr = blr · effective batch / 256 with effective batch = ``batch_size`` ·
+    ``accum_iter`` · ``num_workers``, warmup then half-cycle cosine, 96 words per example."""
+
+    llama_dir: Path | None = None
+    """The base LLM (Meta or transformers LLaMA directory); unset: ``llm.llama_dir``."""
+    init_checkpoint: Path | None = None
+    """A released-layout ``{"model": ...}`` file to start from: stage 2 starts from stage 1's
+    output; unset for stage 1 starts from the release's initialisation (zero gates)."""
+    instructions: Path | None = None
+    """Stage 2's LLaVA-style instruction JSON (images by cache key or path, text-only items);
+    unset: stage 2 trains on the cache's captions with stage 1's prompt."""
+    output_dir: Path = Field(default_factory=lambda: default_home() / "train")
+    """Checkpoints (``<output_dir>/ray/<run_name>``), the loss log and the final file."""
+    run_name: str = "imagebind-llm"
+    """A second run with the same name and output_dir resumes from its latest checkpoint."""
+    epochs: float = Field(3.0, gt=0)
+    warmup_epochs: float = Field(0.1, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps (the schedule still spans ``epochs``)."""
+    batch_size: int = Field(4, ge=1)
+    """Examples per worker per micro-batch."""
+    accum_iter: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimiser step (to reach a global batch on fewer GPUs)."""
+    blr: float | None = None
+    """Base lr; unset: 1e-4 for pretrain (paper: 4e-4 at batch 1024), 1e-3 for finetune."""
+    lr: float | None = None
+    """Absolute lr; overrides ``blr``."""
+    min_lr: float = 0.0
+    weight_decay: float | None = None
+    """Unset: 0.05 for pretrain, 0.02 for finetune (``exps/*.sh``)."""
+    max_words: int = Field(96, ge=8)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (DDP ranks): one per GPU."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """``auto``: GPUs when the cluster has them (NCCL, bf16 autocast), else CPU (gloo, fp32)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float = Field(0.25, gt=0)
+    """CPUs each Ray Data read task asks for (reads are light; keep training workers fed)."""
+    ray_address: str | None = None
+    """``None`` starts a local Ray instance; ``auto`` or ``ray://host:port`` joins a cluster."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Optimiser steps between Ray Train checkpoints (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    """Worker failures Ray Train recovers from (restart from the latest checkpoint)."""
+    lora_rank: int = Field(16, ge=1)
+    """Stage 2's LoRA rank when ``init_checkpoint`` has no LoRA yet."""
+    bind_variant: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    """Stage 1's bridge: today's release (``legacy_bridge=False``) is ``rmsnorm``."""
+    output_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    progress: bool = True
+
+
 MAX_INPUTS = 4096
 """The request schemas' own ceiling on inputs per request (``serve.max_inputs`` is at most this),
 so that a body of 100k inputs is refused before each one is validated."""
@@ -380,6 +438,7 @@ class Settings(BaseSettings):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     input: InputLimits = Field(default_factory=InputLimits)
     """Budgets for untrusted input, shared by the service and the embedding job."""

@@ -285,3 +285,32 @@ def shard_meta(base: dict, n: int) -> list[dict]:
         for shard, part in zip(shards, parts, strict=True):
             shard[key] = part.clone()
     return shards
+
+
+def reference_train_loss(
+    model: RefAdapter, tokens: torch.Tensor, labels: torch.Tensor, f_m: torch.Tensor
+) -> torch.Tensor:
+    """``LLaMA_adapter.forward(tokens, labels, imgs)`` in train mode, F~_M given: logits of
+    positions 0..S-2 against labels 1..S-1, ``CrossEntropyLoss(ignore_index=0)``; a batch
+    without labels gives ``output.mean() * 0``."""
+    output = model(tokens, f_m)[:, :-1, :]
+    labels = labels[:, 1:]
+    if labels.sum() == 0:
+        return output.mean() * 0
+    criterion = nn.CrossEntropyLoss(ignore_index=0)
+    return criterion(output.reshape(-1, output.shape[-1]), labels.flatten())
+
+
+def reference_trainable(model: RefAdapter, phase: str) -> dict[str, nn.Parameter]:
+    """``LLaMA_adapter.get_trainable_params(phase)``, written from the release."""
+    trainable = {}
+    for name, p in model.named_parameters():
+        if phase == "finetune":
+            if name.startswith("llama.") and any(s in name for s in ("norm", "bias", "lora")):
+                trainable[name] = p
+        elif name.startswith("llama."):
+            if "gate" in name:
+                trainable[name] = p
+        elif name.startswith(("image_bind_", "prefix_query.")):
+            trainable[name] = p
+    return trainable

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -119,11 +120,14 @@ def tiny_corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    """A LLaMA-like sentencepiece BPE model (unk 0, bos 1, eos 2, no pad, byte fallback)."""
+def train_tokenizer(
+    path: Path, vocab_size: int = 512, seed: int = 0, extra_lines: Sequence[str] = ()
+) -> Path:
+    """A LLaMA-like sentencepiece BPE model (unk 0, bos 1, eos 2, no pad, byte fallback);
+    ``extra_lines`` join the corpus (e.g. a collection's captions, so they tokenise short)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tiny_corpus(seed=seed)),
+        sentence_iterator=iter([*tiny_corpus(seed=seed), *extra_lines]),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",

@@ -1,0 +1,206 @@
+"""The per-worker training loop that Ray Train runs (``TorchTrainer(train_loop_per_worker)``).
+
+Every worker loads the start file through ``inject.load``, freezes all but the phase's set and
+wraps the loss in DDP (gloo on CPU, NCCL on GPUs; ``ray.train.torch.prepare_model``). Optimiser
+step ``s`` (0-based over the whole run) reads the micro-batches ``data.worker_offsets`` assigns
+it, sets the release's lr and steps. Every ``checkpoint_every`` steps and at the end, rank 0
+writes a Ray Train checkpoint: ``adapter.pth`` (released layout, loadable as it is) and
+``state.pt`` (trainable tensors, AdamW state, step), and every rank reports. A restarted run
+finds the latest checkpoint (``ray.train.get_checkpoint``), restores it and carries on at the
+next step with the rows that step would have had: the loss curve continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cachebind.train.data import collate_rows, epoch_order, worker_offsets
+from cachebind.train.export import save_released
+from cachebind.train.params import Phase, set_trainability
+from cachebind.train.rows import RowSource, stream_rows
+from cachebind.train.schedule import learning_rate, set_lr
+from cachebind.train.step import LossModule, make_optimizer, optimizer_step
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker needs (picklable: it travels as ``train_loop_config``)."""
+
+    phase: Phase
+    llama_dir: str
+    start_file: str
+    source: RowSource
+    n_rows: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_epochs: float
+    lr: float
+    min_lr: float
+    weight_decay: float
+    batch_size: int
+    accum_iter: int
+    max_words: int
+    seed: int
+    checkpoint_every: int
+    data_cpus: float
+    output_dtype: str
+    log_file: str
+    progress: bool
+
+
+def _all_mean(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict) -> int:
+    """Load the latest Ray Train checkpoint, if any; returns the step to start at."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (a killed run logged steps its checkpoint does not hold)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _checkpoint(model, optimizer, trainable, plan: Plan, step: int, metrics: dict) -> None:
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {
+            "trainable": {k: p.detach().cpu() for k, p in trainable.items()},
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+        }
+        torch.save(state, Path(d) / "state.pt")
+        save_released(model, plan.phase, Path(d) / "adapter.pth", getattr(torch, plan.output_dtype))
+        # Ray Train persists the directory and only then counts it as a checkpoint (atomic).
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
+    """Yield (step, [Batch] * accum_iter) from optimiser step ``start`` to the end."""
+    step = start
+    while step < plan.total_steps:
+        epoch, first = divmod(step, plan.steps_per_epoch)
+        order = epoch_order(plan.n_rows, plan.seed, epoch)
+        offsets = worker_offsets(
+            order,
+            rank=rank,
+            world=world,
+            micro_batch=plan.batch_size,
+            accum=plan.accum_iter,
+            first_step=first,
+        )
+        steps_left = min(plan.steps_per_epoch - first, plan.total_steps - step)
+        offsets = offsets[: steps_left * plan.accum_iter * plan.batch_size]
+        group = []
+        for rows in stream_rows(plan.source, offsets, plan.batch_size, plan.data_cpus):
+            group.append(collate_rows(tok, rows, plan.max_words))
+            if len(group) == plan.accum_iter:
+                yield step, group
+                group, step = [], step + 1
+
+
+def train_loop(plan: Plan) -> None:
+    """``train_loop_per_worker``."""
+    import ray.train
+    import ray.train.torch
+
+    from cachebind.inject.load import load_adapter_llama
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    torch.manual_seed(plan.seed)
+    model, tok, _ = load_adapter_llama(
+        Path(plan.llama_dir),
+        Path(plan.start_file),
+        device=device,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+    )
+    model.train()
+    trainable = set_trainability(model, plan.phase)
+    optimizer = make_optimizer(trainable, plan.lr, plan.weight_decay)
+    start = _restore(model, optimizer, trainable)
+    log = Path(plan.log_file)
+    if rank == 0:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        _trim_log(log, start)
+    unused = model.cfg.query_layer < model.cfg.n_layers  # gates of plain layers get no grad
+    module = ray.train.torch.prepare_model(
+        LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": unused}
+    )
+    bar = None
+    if rank == 0 and plan.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=plan.total_steps,
+            initial=start,
+            desc=f"train {plan.phase}",
+            mininterval=2.0,
+            unit="step",
+        )
+    global_batch = plan.batch_size * plan.accum_iter * world
+    started, metrics = time.perf_counter(), {"step": start}
+    for step, group in micro_batches(plan, tok, rank, world, start):
+        epoch = step / plan.steps_per_epoch
+        lr = learning_rate(
+            epoch,
+            lr=plan.lr,
+            min_lr=plan.min_lr,
+            warmup_epochs=plan.warmup_epochs,
+            epochs=plan.epochs,
+        )
+        set_lr(optimizer, lr)
+        batches = [b.to(device) for b in group]
+        loss = _all_mean(
+            optimizer_step(module, optimizer, batches, torch.bfloat16 if cuda else None), device
+        )
+        done = step + 1
+        metrics = {"step": done, "epoch": round(epoch, 6), "lr": lr, "loss": loss}
+        if rank == 0:
+            elapsed = time.perf_counter() - started
+            line = {**metrics, "samples": done * global_batch, "elapsed_s": round(elapsed, 3)}
+            with log.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if done % plan.checkpoint_every == 0 or done == plan.total_steps:
+            _checkpoint(model, optimizer, trainable, plan, done, metrics)
+    if bar is not None:
+        bar.close()

@@ -1,0 +1,60 @@
+"""Small inputs for the training tests: a tiny Meta-layout LLaMA and a captioned cache table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+from tables import image_rows
+
+from cachebind.config import Settings, StoreConfig
+from cachebind.inject.tiny import train_tokenizer, write_meta_llama
+from cachebind.inject.tokenizer import Tokenizer
+
+COLOURS = ("red", "green", "blue", "white")
+SHAPES = ("circle", "square", "star")
+
+
+def tiny_llama(root: Path, dim: int = 32, n_layers: int = 2, n_heads: int = 4) -> Path:
+    """``root/tokenizer.model`` + ``root/7B/{params.json, consolidated.00.pth}``."""
+    tok = train_tokenizer(root / "tokenizer.model", vocab_size=512)
+    vocab = Tokenizer(tok).n_words
+    write_meta_llama(root / "7B", vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads)
+    return root
+
+
+def caption_table(uri: Path, n: int = 48, dim: int = 16, seed: int = 0) -> StoreConfig:
+    """An images table whose vectors carry their caption's colour and shape (one direction
+    each) plus noise, so that a caption can be learned from F_M."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0][: len(COLOURS) + len(SHAPES)]
+    captions, vectors = [], []
+    for i in range(n):
+        c, s = i % len(COLOURS), (i // len(COLOURS)) % len(SHAPES)
+        captions.append(f"a {COLOURS[c]} {SHAPES[s]}")
+        v = basis[c] + basis[len(COLOURS) + s] + 0.1 * rng.standard_normal(dim)
+        vectors.append(v / np.linalg.norm(v))
+    rows = image_rows(np.asarray(vectors, dtype=np.float32), dtype="float32")
+    rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", pa.array(captions))
+    db = lancedb.connect(str(uri))
+    db.create_table("images", rows, mode="overwrite")
+    return StoreConfig(uri=str(uri), table="images", vector_dtype="float32")
+
+
+def train_settings(root: Path, store: StoreConfig, llama_dir: Path, **train) -> Settings:
+    values = {
+        "llama_dir": str(llama_dir),
+        "output_dir": str(root / "train"),
+        "batch_size": 2,
+        "max_words": 128,
+        "epochs": 1.0,
+        "warmup_epochs": 0.0,
+        "lr": 1e-3,
+        "checkpoint_every": 2,
+        "progress": False,
+        "data_cpus": 0.1,
+        **train,
+    }
+    return Settings(store=store.model_dump(), train=values)
