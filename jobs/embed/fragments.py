@@ -119,9 +119,6 @@ def write_block(out: pa.Table, target: FragmentTarget) -> pa.Table:
 
 
 def _node_id() -> str:
-    try:
-        import ray
+    import ray
 
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:  # outside Ray (a direct call): no node to name
-        return ""
+    return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""

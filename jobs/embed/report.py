@@ -55,6 +55,9 @@ class EmbedReport:
     """``workers`` (the distributed sink) or ``driver``."""
     nodes: int = 0
     """Alive Ray nodes when the job started (checked to see a local table location)."""
+    partitions_by_node: dict[str, int] = field(default_factory=dict)
+    """Partitions read per Ray node id of the decode task that read them (a partition read
+    again after a lost task counts again)."""
     rows_by_node: dict[str, int] = field(default_factory=dict)
     """Rows committed per Ray node id of the actor that wrote them (distributed sink)."""
     driver_bytes_received: int = 0

@@ -213,8 +213,9 @@ def _run_pipeline(
             "threads": int(plan.encoder_cpus),
             "target": _fragment_target(settings, writer),
         },
+        # On a CPU box the pool grows with the queue, unless a number of encoders was asked.
         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_encoders)
-        if not plan.gpus
+        if not plan.gpus and not cfg.num_encoders
         else ActorPoolStrategy(min_size=plan.num_encoders, max_size=plan.num_encoders),
         num_cpus=plan.encoder_cpus,
         num_gpus=plan.encoder_gpus or None,

@@ -87,8 +87,11 @@ class Sink:
         shards = block["shard"].to_pylist()
         ids = block["id"].to_numpy()
         counts = block["count"].to_numpy()
+        nodes = block["node"].to_pylist()
         for i in np.flatnonzero(status == "done"):
             self.states[shards[i]].expected = int(counts[i])
+            node = nodes[i] or ""
+            self.report.partitions_by_node[node] = self.report.partitions_by_node.get(node, 0) + 1
         samples = np.flatnonzero(status != "done")
         for i in samples:
             self.states[shards[i]].received.add(int(ids[i]))
