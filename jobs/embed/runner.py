@@ -118,10 +118,11 @@ def run_embed(
         partitions_total=len(partitions),
         partitions_skipped=len(partitions) - len(todo),
         started_at=datetime.fromtimestamp(started, UTC).isoformat(),
-        sink=settings.embed.sink,
     )
     started_ray = init_ray(settings.embed)
     try:
+        settings = _resolve_sink(settings)
+        report.sink = settings.embed.sink
         if todo:
             if settings.embed.sink == "workers":
                 report.nodes = check_table_shared(settings.store.uri)  # before any work
@@ -278,6 +279,17 @@ def _run_pipeline(
     }
     wall = time.time() - datetime.fromisoformat(report.started_at).timestamp()
     report.stages = {name: s.as_dict(wall) for name, s in stages.items()}
+
+
+def _resolve_sink(settings: Settings) -> Settings:
+    """``embed.sink = "auto"`` made concrete for the Ray this job runs on."""
+    import ray
+
+    if settings.embed.sink != "auto":
+        return settings
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    sink = "workers" if nodes > 1 else "driver"
+    return settings.model_copy(update={"embed": settings.embed.model_copy(update={"sink": sink})})
 
 
 def _fragment_target(settings: Settings, writer: CacheWriter) -> FragmentTarget | None:
