@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cachebind.store import fragments
+from cachebind.config import Settings
+from cachebind.store import CacheWriter, fragments
 
 DESCRIPTOR_SCHEMA = pa.schema(
     [
@@ -54,6 +55,20 @@ class FragmentTarget:
     vector_dtype: str
     captions: bool
     thumbnails: bool
+
+
+def target_for(settings: Settings, writer: CacheWriter) -> FragmentTarget | None:
+    """What encoder actors need to write the table's fragments (the workers sink only)."""
+    if settings.embed.sink != "workers":
+        return None
+    return FragmentTarget(
+        uri=writer.images_uri,
+        schema=writer.schema,
+        storage_options=writer.storage_options,
+        vector_dtype=settings.store.vector_dtype,
+        captions=settings.embed.caption_embeddings,
+        thumbnails=settings.embed.thumbnails,
+    )
 
 
 def image_rows(rows: pa.Table, vector_dtype: str, captions: bool, thumbnails: bool) -> pa.Table:

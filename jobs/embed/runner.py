@@ -39,10 +39,10 @@ from cachebind.sources import Partition, StorageOptions, list_partitions, parse_
 from cachebind.store import CacheWriter, images_schema
 from jobs.embed.decode import DecodeOptions, decode_partition
 from jobs.embed.encode import EncodeActor
-from jobs.embed.fragments import FragmentTarget
+from jobs.embed.fragments import target_for
 from jobs.embed.plan import init_ray, plan_resources
 from jobs.embed.report import EmbedReport, save_report
-from jobs.embed.shared import check_table_shared
+from jobs.embed.shared import check_table_shared, resolve_sink
 from jobs.embed.sink import PartitionState, Sink
 
 COMPACT_ABOVE = 64
@@ -121,7 +121,7 @@ def run_embed(
     )
     started_ray = init_ray(settings.embed)
     try:
-        settings = _resolve_sink(settings)
+        settings = resolve_sink(settings)
         report.sink = settings.embed.sink
         if todo:
             if settings.embed.sink == "workers":
@@ -212,7 +212,7 @@ def _run_pipeline(
             "pixel_dtype": plan.pixel_dtype,
             "captions": cfg.caption_embeddings,
             "threads": int(plan.encoder_cpus),
-            "target": _fragment_target(settings, writer),
+            "target": target_for(settings, writer),
         },
         # On a CPU box the pool grows with the queue, unless a number of encoders was asked.
         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_encoders)
@@ -279,28 +279,3 @@ def _run_pipeline(
     }
     wall = time.time() - datetime.fromisoformat(report.started_at).timestamp()
     report.stages = {name: s.as_dict(wall) for name, s in stages.items()}
-
-
-def _resolve_sink(settings: Settings) -> Settings:
-    """``embed.sink = "auto"`` made concrete for the Ray this job runs on."""
-    import ray
-
-    if settings.embed.sink != "auto":
-        return settings
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    sink = "workers" if nodes > 1 else "driver"
-    return settings.model_copy(update={"embed": settings.embed.model_copy(update={"sink": sink})})
-
-
-def _fragment_target(settings: Settings, writer: CacheWriter) -> FragmentTarget | None:
-    """What encoder actors need to write the table's fragments (distributed sink only)."""
-    if settings.embed.sink != "workers":
-        return None
-    return FragmentTarget(
-        uri=writer.images_uri,
-        schema=writer.schema,
-        storage_options=writer.storage_options,
-        vector_dtype=settings.store.vector_dtype,
-        captions=settings.embed.caption_embeddings,
-        thumbnails=settings.embed.thumbnails,
-    )

@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from cachebind.config import Settings
 from cachebind.errors import CachebindError
 from cachebind.storage import protocol_of
 
@@ -40,7 +41,7 @@ def check_table_shared(uri: str) -> int:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if protocol_of(uri) != "file" or len(nodes) <= 1:
         return len(nodes)
-    root = Path(uri)
+    root = Path(uri).resolve()  # as the workers get it (FragmentTarget.uri is absolute)
     root.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)
     probe = root / f".cachebind-shared-{token[:12]}"
@@ -69,3 +70,15 @@ def check_table_shared(uri: str) -> int:
             '"s3://bucket/prefix") or on a file system mounted at the same path on every node.'
         )
     return len(nodes)
+
+
+def resolve_sink(settings: Settings) -> Settings:
+    """``embed.sink = "auto"`` made concrete for the Ray this job runs on: the driver sink on
+    one node (faster there, BENCHMARKS.md), the workers sink on several."""
+    import ray
+
+    if settings.embed.sink != "auto":
+        return settings
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    sink = "workers" if nodes > 1 else "driver"
+    return settings.model_copy(update={"embed": settings.embed.model_copy(update={"sink": sink})})
