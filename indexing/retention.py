@@ -7,25 +7,34 @@ index directories over one table keep their own tags) and deletes the tags of in
 that were pruned since. :func:`collect` syncs the tags, then removes what the retention allows
 (:mod:`cachebind.store.gc`): Lance's cleanup never removes a tagged version.
 
+While an index build or ``index add`` reads a table version, :func:`pinned` tags it too.
+
 Called after a publish (``cachebind index``, ``index add``, ``index tune``), after an embedding
 job and after ``index add`` (with the collection), and by ``cachebind store gc``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cachebind.config import Settings, StoreConfig
 from cachebind.storage import lance_options, protocol_of
+from cachebind.store import CacheTable
 from cachebind.store.gc import GcReport, collect_store, table_uri
-from indexing.versions import list_versions, read_manifest
+from indexing.versions import STALE_STAGING_S, list_versions, read_manifest
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "cachebind-index-"
+BUILD_PREFIX = "cachebind-build-"
+"""``cachebind-build-<unix time>-<random>``: a version an index build or add is reading."""
 
 
 def tag_prefix(index_dir: Path) -> str:
@@ -72,6 +81,9 @@ def protect_published(index_dir: Path, store: StoreConfig) -> dict[str, int]:
     for name, tag in existing.items():
         if wanted.get(name) != int(tag["version"]):
             dataset.tags.delete(name)
+    for name in dataset.tags.list():  # pins left by builds killed long ago
+        if name.startswith(BUILD_PREFIX) and _stale(name):
+            dataset.tags.delete(name)
     for name, version in wanted.items():
         if name in existing and int(existing[name]["version"]) == version:
             continue
@@ -80,6 +92,34 @@ def protect_published(index_dir: Path, store: StoreConfig) -> dict[str, int]:
         except (OSError, ValueError) as exc:  # the table version is already gone
             log.warning("cannot protect table version %d for %s: %s", version, name, exc)
     return wanted
+
+
+def _stale(build_tag: str) -> bool:
+    try:
+        started = int(build_tag[len(BUILD_PREFIX) :].split("-")[0])
+    except ValueError:
+        return False
+    return time.time() - started > STALE_STAGING_S
+
+
+@contextlib.contextmanager
+def pinned(table: CacheTable) -> Iterator[None]:
+    """Tag ``table``'s version while the block runs (an index build or add reading it), so
+    that a gc at any retention keeps it; the tag is deleted after. A pin the process could not
+    delete (it was killed) is removed by a gc a day later."""
+    name = f"{BUILD_PREFIX}{int(time.time())}-{uuid.uuid4().hex[:8]}"
+    tags = table.dataset.tags
+    try:
+        tags.create(name, int(table.version))
+    except (OSError, ValueError) as exc:  # e.g. a read-only location: build unprotected
+        log.warning("cannot pin table version %d during the build: %s", table.version, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            tags.delete(name)
 
 
 def collect(

@@ -15,7 +15,7 @@ from cachebind.cli import main as cli_main
 from cachebind.config import IndexConfig, Settings
 from cachebind.store import CacheTable
 from cachebind.store.gc import collect_store
-from indexing.retention import collect, tag_prefix
+from indexing.retention import collect, pinned, tag_prefix
 
 DIM = 16
 
@@ -87,3 +87,18 @@ def test_store_gc_cli_reports_bytes_freed(tmp_path: Path, capsys) -> None:
     assert images["versions_removed"] == latest - 1
     assert images["disk_bytes"] <= 1.2 * images["live_bytes"] + 64 * 1024
     assert CacheTable.open(store).count() == 400
+
+
+def test_a_version_an_index_build_is_reading_survives_a_gc_meanwhile(tmp_path: Path) -> None:
+    store = make_images_table(tmp_path / "db", 200, DIM, seed=0)
+    reading = CacheTable.open(store)
+    append_rows(store, 200, DIM, seed=1, start=200)
+    settings = Settings(store=store, index=IndexConfig(dir=tmp_path / "index", use_gpu="no"))
+    uri = f"{store.uri}/images.lance"
+    with pinned(reading):
+        collect(settings, retention_s=0.0)
+        assert reading.version in versions(uri)
+        assert CacheTable.open(store, version=reading.version).count() == 200
+    assert lance.dataset(uri).tags.list() == {}  # the pin is gone with the build
+    collect(settings, retention_s=0.0)
+    assert versions(uri) == [CacheTable.open(store).version]
