@@ -102,3 +102,21 @@ def test_a_version_an_index_build_is_reading_survives_a_gc_meanwhile(tmp_path: P
     assert lance.dataset(uri).tags.list() == {}  # the pin is gone with the build
     collect(settings, retention_s=0.0)
     assert versions(uri) == [CacheTable.open(store).version]
+
+
+def test_index_add_collects_the_versions_between_the_indexed_ones(tmp_path: Path, capsys) -> None:
+    store = make_images_table(tmp_path / "db", 300, DIM, seed=0)
+    uri = f"{store.uri}/images.lance"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[store]\nuri = "{store.uri}"\n[index]\ndir = "{tmp_path / "ix"}"\nuse_gpu = "no"\n'
+    )
+    assert cli_main(["--config", str(config), "index", "build", "--json"]) == 0
+    built = CacheTable.open(store).version
+    for i in range(3):
+        append_rows(store, 50, DIM, seed=i + 1, start=300 + 50 * i)
+    assert cli_main(["--config", str(config), "index", "add", "--json"]) == 0
+    latest = CacheTable.open(store).version
+    # Both index versions' table versions are kept (tagged); the appends between them went.
+    assert versions(uri) == [built, latest] and latest - built == 3
+    assert "gc (retention 0 s)" in capsys.readouterr().err
