@@ -133,12 +133,12 @@ class EmbedConfig(Section):
     num_encoders: int | None = None
     """Encoder actors; ``None`` is one per GPU, or one on a CPU-only machine."""
     num_readers: int | None = None
-    sink: Literal["auto", "workers", "driver"] = "auto"
+    sink: Literal["workers", "driver"] = "workers"
     """Where rows are written: ``workers`` (each encoder actor writes its batch's rows as Lance
     fragments to the table location and sends the driver a small descriptor, which the
-    driver commits) or ``driver`` (every row travels to the driver, which appends it).
-    ``auto``: the driver on a one-node Ray (measured faster there, BENCHMARKS.md), the workers
-    on a cluster of several nodes."""
+    driver commits) or ``driver`` (every row travels to the driver, which appends it: for a
+    cluster without a location every node sees; on one box both run at the same rate,
+    BENCHMARKS.md)."""
     thumbnails: bool = True
     thumbnail_size: int = 256
     caption_embeddings: bool = False

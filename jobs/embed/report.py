@@ -52,7 +52,7 @@ class EmbedReport:
     to measure it."""
     stopped_by_limit: bool = False
     sink: str = ""
-    """``workers`` (the distributed sink) or ``driver`` (``embed.sink`` resolved)."""
+    """``workers`` (the distributed sink) or ``driver`` (``embed.sink``)."""
     nodes: int = 0
     """Alive Ray nodes when the job started (checked to see a local table location)."""
     partitions_by_node: dict[str, int] = field(default_factory=dict)

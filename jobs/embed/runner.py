@@ -42,7 +42,7 @@ from jobs.embed.encode import EncodeActor
 from jobs.embed.fragments import target_for
 from jobs.embed.plan import init_ray, plan_resources
 from jobs.embed.report import EmbedReport, save_report
-from jobs.embed.shared import check_table_shared, resolve_sink
+from jobs.embed.shared import check_table_shared
 from jobs.embed.sink import PartitionState, Sink
 
 COMPACT_ABOVE = 64
@@ -121,7 +121,6 @@ def run_embed(
     )
     started_ray = init_ray(settings.embed)
     try:
-        settings = resolve_sink(settings)
         report.sink = settings.embed.sink
         if todo:
             if settings.embed.sink == "workers":

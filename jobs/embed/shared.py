@@ -14,7 +14,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from cachebind.config import Settings
 from cachebind.errors import CachebindError
 from cachebind.storage import protocol_of
 
@@ -70,15 +69,3 @@ def check_table_shared(uri: str) -> int:
             '"s3://bucket/prefix") or on a file system mounted at the same path on every node.'
         )
     return len(nodes)
-
-
-def resolve_sink(settings: Settings) -> Settings:
-    """``embed.sink = "auto"`` made concrete for the Ray this job runs on: the driver sink on
-    one node (faster there, BENCHMARKS.md), the workers sink on several."""
-    import ray
-
-    if settings.embed.sink != "auto":
-        return settings
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    sink = "workers" if nodes > 1 else "driver"
-    return settings.model_copy(update={"embed": settings.embed.model_copy(update={"sink": sink})})
