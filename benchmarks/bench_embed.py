@@ -5,7 +5,11 @@ loop doing the same work (read, decode, preprocess, thumbnail, encode, write) on
 GPU mode (when a GPU is present): ImageBind-huge with random weights, end-to-end job images/s
 against the encoder alone, and what that means for CC3M's 3.3M images.
 
-    python benchmarks/bench_embed.py [--n 1000] [--mode auto|cpu|gpu] [--json OUT]
+Sinks mode: the same job with the driver sink and with the distributed sink (encoder actors
+write Lance fragments) on the same shards: bytes the driver received per row, images/s, and
+the table directory's size after the job (and its gc) against its live data.
+
+    python benchmarks/bench_embed.py [--n 1000] [--mode auto|cpu|gpu|sinks] [--json OUT]
 """
 
 from __future__ import annotations
@@ -142,6 +146,39 @@ def bench_cpu(n: int, work: Path) -> dict[str, Any]:
     }
 
 
+def bench_sinks(n: int, work: Path, rounds: int = 1) -> dict[str, Any]:
+    """Driver sink vs distributed sink on the same shards, alternating, ``rounds`` each."""
+    source = str(make_shards(work, n, per_shard=100))
+    runs: dict[str, list[dict[str, Any]]] = {"driver": [], "workers": []}
+    for r in range(rounds):
+        for sink in ("driver", "workers"):
+            db = work / f"db-{sink}-{r}"
+            settings = Settings(
+                encoder=EncoderConfig(preset="tiny", device="cpu"),
+                store=StoreConfig(uri=str(db)),
+                embed=EmbedConfig(batch_size=32, sink=sink),
+                index={"dir": str(work / "index")},
+            )
+            report = run_embed(source, settings, progress=False)
+            assert report.rows_written == n
+            images = report.gc["tables"]["images"]
+            runs[sink].append(
+                {
+                    "wall_s": report.wall_s,
+                    "images_per_s": report.samples_per_s,
+                    "steady_images_per_s": report.steady_samples_per_s,
+                    "driver_bytes_per_row": round(report.driver_bytes_received / n, 1),
+                    "table_disk_mb": round(images["disk_bytes"] / 1e6, 2),
+                    "table_live_mb": round(images["live_bytes"] / 1e6, 2),
+                    "disk_over_live": round(images["disk_bytes"] / images["live_bytes"], 3),
+                    "gc_freed_mb": round(report.gc["bytes_freed"] / 1e6, 2),
+                    "fragments": report.fragments,
+                }
+            )
+            shutil.rmtree(db, ignore_errors=True)
+    return {"mode": "sinks", "images": n, "rounds": rounds, "runs": runs}
+
+
 def bench_decode(n: int, work: Path, rounds: int = 3) -> dict[str, Any]:
     """The decode stage alone, in this process: ``decode_partition`` as the job runs it (samples
     decoded in a sandbox worker, a chunk per sandbox task) against the same function with the
@@ -249,7 +286,8 @@ def bench_gpu(n: int, work: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="images")
-    parser.add_argument("--mode", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--mode", choices=["auto", "cpu", "gpu", "sinks"], default="auto")
+    parser.add_argument("--rounds", type=int, default=1, help="sinks: runs of each sink")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     results = []
@@ -258,6 +296,8 @@ def main() -> None:
         if args.mode in ("auto", "cpu"):
             results.append(bench_cpu(args.n, work / "cpu"))
             results.append(bench_decode(args.n, work / "decode"))
+        if args.mode == "sinks":
+            results.append(bench_sinks(args.n, work / "sinks", args.rounds))
         if args.mode == "gpu" or (args.mode == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
                 raise SystemExit("--mode gpu needs a GPU")
@@ -265,7 +305,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for r in results:
-        if r["mode"] == "decode":
+        if r["mode"] == "sinks":
+            for sink, runs in r["runs"].items():
+                for run in runs:
+                    print(
+                        f"{sink:>7} sink, {r['images']} images: {run['images_per_s']}/s "
+                        f"({run['steady_images_per_s']}/s once flowing), driver received "
+                        f"{run['driver_bytes_per_row']} B/row, table {run['table_disk_mb']} MB "
+                        f"on disk for {run['table_live_mb']} MB live ({run['disk_over_live']}x)"
+                    )
+        elif r["mode"] == "decode":
             print(
                 f"decode stage, {r['images']} images: in a sandbox worker "
                 f"{r['sandbox_images_per_s']}/s vs in-process {r['in_process_images_per_s']}/s "

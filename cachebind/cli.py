@@ -167,6 +167,14 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             index_key=args.index_key,
             query_files=query_files,
         )
+    from indexing.retention import collect, protect_published
+
+    # The table version the new index version reads is tagged (kept by every gc); after an
+    # `add`, versions the retention no longer needs are removed.
+    if args.action == "add":
+        print(collect(settings).summary(), file=sys.stderr)
+    else:
+        protect_published(settings.index.dir, settings.store)
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
         return 0
@@ -228,6 +236,14 @@ def _index_list(settings: Settings, args: argparse.Namespace) -> int:
         )
         for line in _query_set_lines(manifest):
             print(f"    {line}")
+    return 0
+
+
+def cmd_store(settings: Settings, args: argparse.Namespace) -> int:
+    from indexing.retention import collect
+
+    report = collect(settings, retention_s=args.retention_s, orphans=args.orphans)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
 
 
@@ -514,6 +530,24 @@ def _add_index_shard_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_store(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "store",
+        cmd_store,
+        "collect the table's old versions (bounded disk)",
+        "`gc`: remove versions of the images, errors and progress tables older than the "
+        "retention (store.retention_s) that no published index version uses (those are "
+        "tagged and kept), and report the bytes freed. --orphans also removes data files no "
+        "version references (fragments of killed tasks): not while a job writes the table.",
+        parents=[common.table, common.index_dir],
+    )
+    p.add_argument("action", choices=["gc"])
+    p.add_argument("--retention-s", type=float, help="override store.retention_s")
+    p.add_argument("--orphans", action="store_true", help="also remove unreferenced files")
+    p.add_argument("--json", action="store_true")
+
+
 def add_serve(sub: Subcommands, common: CommonOptions) -> None:
     p = command(
         sub,
@@ -664,6 +698,7 @@ def add_config(sub: Subcommands, common: CommonOptions) -> None:
 SUBCOMMANDS = (
     add_embed,
     add_index,
+    add_store,
     add_serve,
     add_keys,
     add_queries,

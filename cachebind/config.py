@@ -112,6 +112,12 @@ class StoreConfig(Section):
     table: str = "images"
     errors_table: str = "errors"
     vector_dtype: Literal["float16", "float32"] = "float16"
+    retention_s: float = Field(default=0.0, ge=0)
+    """Table versions older than this, that no published index version references (Lance
+    tags), are removed after a job, after ``index add`` and by ``cachebind store gc``. 0 keeps
+    only the latest and the tagged versions: the table directory then holds its live data
+    (a reader pinned to an untagged older version, e.g. an index build running meanwhile,
+    needs a retention longer than it runs)."""
     s3: S3Config = Field(default_factory=S3Config)
     """Connection options for ``s3://`` locations, of the table and of sources
     (``[store.s3]``, ``CACHEBIND_STORE__S3__<FIELD>``)."""
@@ -127,6 +133,12 @@ class EmbedConfig(Section):
     num_encoders: int | None = None
     """Encoder actors; ``None`` is one per GPU, or one on a CPU-only machine."""
     num_readers: int | None = None
+    sink: Literal["workers", "driver"] = "workers"
+    """Where rows are written: ``workers`` (each encoder actor writes its batch's rows as Lance
+    fragments to the table location and sends the driver a small descriptor, which the
+    driver commits) or ``driver`` (every row travels to the driver, which appends it: for a
+    cluster without a location every node sees; on one box both run at the same rate,
+    BENCHMARKS.md)."""
     thumbnails: bool = True
     thumbnail_size: int = 256
     caption_embeddings: bool = False

@@ -17,6 +17,7 @@ from indexing.gpu import gpu_memory_bytes, gpu_wanted
 from indexing.manifest import ids_checksum
 from indexing.ondisk import CopyOnWriteAdd, is_ondisk
 from indexing.prepare import QueryFiles, prepare_work, select_for
+from indexing.retention import pinned
 from indexing.rows import add_range
 from indexing.select import outgrown
 from indexing.staging import StageHook
@@ -51,6 +52,31 @@ def add_rows(
     why (``{"mode": "added" | "rebuilt", "reason": ...}``). ``shards``/``ray_address`` are
     used by such a rebuild (a sharded Ray build, as ``build_and_publish``).
     """
+    # The table version being read is tagged while this runs: a gc meanwhile keeps it.
+    with pinned(table):
+        return _add_rows(
+            index_dir,
+            table,
+            config,
+            progress,
+            on_stage=on_stage,
+            shards=shards,
+            ray_address=ray_address,
+            query_files=query_files,
+        )
+
+
+def _add_rows(
+    index_dir: Path,
+    table: CacheTable,
+    config: IndexConfig,
+    progress: bool = True,
+    *,
+    on_stage: StageHook | None = None,
+    shards: int | None = None,
+    ray_address: str | None = None,
+    query_files: QueryFiles | None = None,
+) -> dict[str, Any]:
     index_dir = Path(index_dir)
     parent = current_version(index_dir)
     if parent is None:

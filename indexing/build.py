@@ -39,6 +39,7 @@ from indexing.ondisk import IVFDATA_FILE, plan_merge
 from indexing.prepare import QueryFiles, prepare_work, select_for
 from indexing.querysets import deciding
 from indexing.recall import drop_self
+from indexing.retention import pinned
 from indexing.rows import Work, add_range, read_positions
 from indexing.select import Selection, train_size_for
 from indexing.staging import StageHook, write_staged
@@ -242,14 +243,16 @@ def build_and_publish(
     Returns the published manifest.
     """
     table = CacheTable.open(store_cfg, version=table_version)
-    staged = build_index(
-        table,
-        index_cfg,
-        progress,
-        shards=shards,
-        ray_address=ray_address,
-        index_key=index_key,
-        query_files=query_files,
-    )
-    version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
+    # The table version being read is tagged while this runs: a gc meanwhile keeps it.
+    with pinned(table):
+        staged = build_index(
+            table,
+            index_cfg,
+            progress,
+            shards=shards,
+            ray_address=ray_address,
+            index_key=index_key,
+            query_files=query_files,
+        )
+        version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
     return read_manifest(index_cfg.dir, version)

@@ -50,7 +50,9 @@ def _open_dataset(uri: str, version: int, storage_options: dict[str, str] | None
     return lance.dataset(uri, version=version, storage_options=storage_options)
 
 
-@ray.remote(num_cpus=1)
+# A task whose worker or node dies is run again elsewhere (it only reads the pinned table
+# version by URI and returns its shard), so a node lost mid-build changes nothing.
+@ray.remote(num_cpus=1, max_retries=3)
 def add_shard(
     trained: np.ndarray,
     uri: str,

@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             ray_address=args.ray_address,
             index_key=args.index_key,
         )
+    from indexing.retention import collect, protect_published
+
+    if args.add:  # the versions the retention no longer needs go (tagged ones stay)
+        logging.getLogger(__name__).info("%s", collect(settings).summary())
+    else:
+        protect_published(settings.index.dir, settings.store)
     manifest.pop("tuning_trials", None)
     json.dump(manifest, sys.stdout, indent=2)
     print()

@@ -22,6 +22,7 @@ STAGES = [
     "demo",
     "config",
     "keys",
+    "store",
 ]
 
 

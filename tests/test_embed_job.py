@@ -196,9 +196,12 @@ def our_ray_workers(prefix: str) -> list[int]:
     return found
 
 
-def test_killed_ray_workers_lose_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sink", ["driver", "workers"])
+def test_killed_ray_workers_lose_nothing(tmp_path: Path, sink: str) -> None:
+    """Encoder actors and decode tasks SIGKILLed mid-job; with the workers sink the killed
+    actor may have written fragments the driver never sees, or replays that it drops."""
     keys = syn.write_webdataset(tmp_path / "wds", 48, per_shard=4)
-    s = settings(tmp_path / "db", batch_size=2)
+    s = settings(tmp_path / "db", batch_size=2, sink=sink)
     versions = tmp_path / "db" / "images.lance" / "_versions"
     killed: list[tuple[str, int]] = []
     committed_at_kill: list[int] = []
@@ -226,6 +229,7 @@ def test_killed_ray_workers_lose_nothing(tmp_path: Path) -> None:
     assert sorted(rows["key"]) == sorted(keys)  # complete ...
     assert len(set(rows["id"])) == len(rows["id"])  # ... and no duplicates
     assert report.rows_written == 48 and report.partitions_finished == 12
+    assert report.sink == sink
 
 
 def test_a_resumed_job_reads_again_a_shard_replaced_since_it_finished(tmp_path: Path) -> None:

@@ -240,7 +240,8 @@ def test_embed_from_s3_into_a_table_on_s3_then_index_it(
         f'endpoint_url = "{s3.endpoint_url}"\nregion = "{REGION}"\n'
         f'access_key_id = "{s3.access_key_id}"\n'
         f'secret_access_key = "{s3.secret_access_key.get_secret_value()}"\n'
-        f"[embed]\nbatch_size = 8\n"
+        # The encoder actors write the table's fragments to the bucket themselves.
+        f'[embed]\nbatch_size = 8\nsink = "workers"\n'
         f'[index]\ndir = "{tmp_path / "index"}"\nuse_gpu = "no"\n'
     )
     settings = load_config(config)
@@ -249,6 +250,7 @@ def test_embed_from_s3_into_a_table_on_s3_then_index_it(
 
     report = run_embed(source, settings, progress=False)
     assert report.rows_written == 24 and report.partitions_finished == 3
+    assert report.sink == "workers" and sum(report.rows_by_node.values()) == 24
     assert report.errors_by_reason == {r: 1 for r in syn.bad_samples()}
 
     # The table, its errors and the report are on S3.

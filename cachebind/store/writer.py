@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cachebind.config import StoreConfig
+from cachebind.storage import lance_options
+from cachebind.store import fragments
 from cachebind.store.errors import EncoderMismatchError, TableMismatchError
 from cachebind.store.schema import ERRORS_SCHEMA, table_metadata
 from cachebind.store.table import connect
@@ -105,6 +107,9 @@ class CacheWriter:
         self.row_ids = IdSet(_column(self.images, "id"))
         self.error_ids = IdSet(_column(self.errors, "id"))
         self.commits = 0
+        self.storage_options = lance_options(config.uri, config.s3)
+        self.images_uri = str(self.images.to_lance().uri)
+        """Where workers write fragments of the images table (a path or an object-store URI)."""
 
     def _open_or_create(self, name: str, schema: pa.Schema) -> Any:
         try:
@@ -174,6 +179,18 @@ class CacheWriter:
             seen.add(fresh["id"].to_numpy())
         return WriteResult(written=fresh.num_rows, skipped=rows.num_rows - fresh.num_rows)
 
+    def commit_fragments(self, descriptors: Sequence[str], ids: np.ndarray) -> None:
+        """Commit fragments written elsewhere (:mod:`cachebind.store.fragments`) in one
+        version. The caller guarantees that ``ids`` (the fragments' rows) are all new."""
+        if not descriptors:
+            return
+        fragments.commit(
+            self.images_uri, descriptors, int(self.images.version), self.storage_options
+        )
+        self.images.checkout_latest()  # the lancedb handle follows the commit made beside it
+        self.commits += 1
+        self.row_ids.add(ids)
+
     def finish_partitions(self, records: Sequence[dict[str, Any]]) -> None:
         """Record partitions whose rows and errors are all committed (call after writing them)."""
         if not records:
@@ -183,10 +200,17 @@ class CacheWriter:
         self.progress.add(pa.Table.from_pylist(rows, schema=PROGRESS_SCHEMA))
         self.commits += 1
 
+    def fragment_count(self) -> int:
+        return len(self.images.to_lance().get_fragments())
+
     def compact(self) -> None:
-        """Merge the many small fragments of a long job (one per commit) into fewer files."""
+        """Merge the many small fragments of a long job (one per commit or batch) into fewer
+        files. Lance's compaction only: old versions are removed by the store's gc, which
+        spares the versions published indexes use (lancedb's ``optimize`` would also clean
+        up, by age alone)."""
         for table in (self.images, self.errors, self.progress):
-            table.optimize()
+            table.to_lance().optimize.compact_files()
+            table.checkout_latest()
 
 
 def check_compatible(existing: pa.Schema, wanted: pa.Schema, where: str) -> None:

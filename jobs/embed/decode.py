@@ -39,7 +39,8 @@ from jobs.embed.sample import (
 PIXELS = (3, 224, 224)
 
 # Columns between the stages. ``status`` is "ok" (pixels to encode), "error" (goes to the errors
-# table) or "done" (one marker per partition: ``count`` distinct ids were emitted for it).
+# table) or "done" (one marker per partition: ``count`` distinct ids were emitted for it, by a
+# task on Ray node ``node``).
 STAGE_SCHEMA = pa.schema(
     [
         pa.field("id", pa.int64()),
@@ -57,6 +58,7 @@ STAGE_SCHEMA = pa.schema(
         pa.field("thumbnail", pa.binary()),
         pa.field("count", pa.int64()),
         pa.field("decode_s", pa.float64()),
+        pa.field("node", pa.string()),
     ]
 )
 
@@ -142,7 +144,7 @@ def _decode_one(partition: Partition, skip: set[int], options: DecodeOptions) ->
             rows = []
     rows += decode_isolated(pending, partition.id, options)
     marker = empty_row(row_id(f"{partition.id}#done"), partition.id)
-    rows.append({**marker, "status": "done", "count": len(emitted)})
+    rows.append({**marker, "status": "done", "count": len(emitted), "node": _node_id()})
     yield pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
@@ -168,6 +170,12 @@ def decode_isolated(
             base = {"caption": sample.caption, "url": sample.url}
             rows.append(error_row(sid, sample.key, shard, "decode", exc.reason, exc.detail, base))
     return rows
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _sandbox(config: SandboxConfig) -> Sandbox:

@@ -1,4 +1,6 @@
-"""Stage 2, the mapper on GPU (or CPU) actors: pixels -> F_M = ImageBind vision embedding."""
+"""Stage 2, the mapper on GPU (or CPU) actors: pixels -> F_M = ImageBind vision embedding;
+with the distributed sink, the actor also writes the batch's rows (:mod:`jobs.embed.fragments`)
+where they were produced."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pyarrow as pa
 from cachebind.config import EncoderConfig, WeightsConfig
 from cachebind.errors import InputError
 from jobs.embed.decode import PIXELS
+from jobs.embed.fragments import FragmentTarget, write_block
 
 
 class EncodeActor:
@@ -23,6 +26,7 @@ class EncodeActor:
         pixel_dtype: str,
         captions: bool,
         threads: int,
+        target: FragmentTarget | None = None,
     ) -> None:
         import torch
 
@@ -33,6 +37,7 @@ class EncodeActor:
         self.encoder = Encoder.from_config(encoder_cfg, weights_cfg)
         self.pixel_dtype = pixel_dtype
         self.captions = captions
+        self.target = target
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -63,7 +68,8 @@ class EncodeActor:
         out = out.append_column("vector", _fixed_list(vectors))
         if self.captions:
             out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
-        return out.append_column("encode_s", pa.array(encode_s))
+        out = out.append_column("encode_s", pa.array(encode_s))
+        return write_block(out, self.target) if self.target is not None else out
 
     def _embed_captions(self, batch: pa.Table, ok: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Caption embeddings (text encoder) into ``out``; returns which rows have one. A row

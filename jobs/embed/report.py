@@ -51,6 +51,21 @@ class EmbedReport:
     actor and model initialisation, which a long job amortises. 0 when the job was too short
     to measure it."""
     stopped_by_limit: bool = False
+    sink: str = ""
+    """``workers`` (the distributed sink) or ``driver`` (``embed.sink``)."""
+    nodes: int = 0
+    """Alive Ray nodes when the job started (checked to see a local table location)."""
+    partitions_by_node: dict[str, int] = field(default_factory=dict)
+    """Partitions read per Ray node id of the decode task that read them (a partition read
+    again after a lost task counts again)."""
+    rows_by_node: dict[str, int] = field(default_factory=dict)
+    """Rows committed per Ray node id of the actor that wrote them (distributed sink)."""
+    driver_bytes_received: int = 0
+    """Bytes of the pipeline's output blocks that reached the driver."""
+    fragments: dict[str, int] = field(default_factory=dict)
+    """Workers' fragments committed as written, rewritten to their new rows, or dropped."""
+    gc: dict[str, Any] = field(default_factory=dict)
+    """What the collection after the job removed (:mod:`cachebind.store.gc`)."""
     started_at: str = ""
     finished_at: str = ""
     report_path: str | None = None

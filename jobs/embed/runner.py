@@ -7,11 +7,15 @@
 Dataflow (Ray Data, streaming)::
 
     partitions (one item each) --map_batches(decode_partition, tasks)--> rows with pixels
-      --map_batches(EncodeActor, ActorPoolStrategy, num_gpus=1)--> rows with F_M = vector
-      --iter_batches on the driver--> CacheWriter (rows, errors, progress)
+      --map_batches(EncodeActor, ActorPoolStrategy, num_gpus=1)--> rows with F_M = vector,
+        written by the actor as Lance fragments at the table location (embed.sink = "workers")
+      --iter_batches on the driver--> fragment descriptors, errors, partition markers
+      --> CacheWriter (commits fragments, errors, progress)
 
-Why the driver writes: each LanceDB ``add`` is one atomic commit and the writer drops ids it has
-already committed, so a driver killed at any moment and started again with the same arguments
+With ``embed.sink = "driver"`` the rows themselves travel to the driver, which appends them.
+Either way the driver commits: each commit is atomic, and the driver never commits an id it
+has already committed (:mod:`jobs.embed.sink` says why that holds for fragments written by
+retried tasks), so a driver killed at any moment and started again with the same arguments
 ends with every good sample exactly once. A partition is recorded as finished only after all of
 its rows and errors are committed; an unfinished one is read again and its committed ids skipped
 before decoding. Ray Data retries decode tasks whose worker died and restarts encoder actors
@@ -35,9 +39,14 @@ from cachebind.sources import Partition, StorageOptions, list_partitions, parse_
 from cachebind.store import CacheWriter, images_schema
 from jobs.embed.decode import DecodeOptions, decode_partition
 from jobs.embed.encode import EncodeActor
+from jobs.embed.fragments import target_for
 from jobs.embed.plan import init_ray, plan_resources
 from jobs.embed.report import EmbedReport, save_report
+from jobs.embed.shared import check_table_shared
 from jobs.embed.sink import PartitionState, Sink
+
+COMPACT_ABOVE = 64
+"""Compact the table after a job that left more fragments (or commits) than this."""
 
 STEADY_MIN_BLOCKS = 4
 STEADY_MIN_SECONDS = 1.0
@@ -112,15 +121,23 @@ def run_embed(
     )
     started_ray = init_ray(settings.embed)
     try:
+        report.sink = settings.embed.sink
         if todo:
+            if settings.embed.sink == "workers":
+                report.nodes = check_table_shared(settings.store.uri)  # before any work
             _run_pipeline(
                 todo, settings, storage, writer, report, limit, progress, flush_rows, flush_s
             )
     finally:
         if started_ray:
             ray.shutdown()
-    if writer.commits > 64:
+    if writer.commits > COMPACT_ABOVE or writer.fragment_count() > COMPACT_ABOVE:
         writer.compact()
+    if todo:
+        from indexing.retention import collect
+
+        # The job's tasks are over: fragments never committed are garbage now (orphans).
+        report.gc = collect(settings, orphans=True).to_dict()
     report.wall_s = round(time.time() - started, 3)
     processed = report.rows_written + report.errors_written
     report.samples_per_s = round(processed / report.wall_s, 2) if report.wall_s else 0.0
@@ -194,9 +211,11 @@ def _run_pipeline(
             "pixel_dtype": plan.pixel_dtype,
             "captions": cfg.caption_embeddings,
             "threads": int(plan.encoder_cpus),
+            "target": target_for(settings, writer),
         },
+        # On a CPU box the pool grows with the queue, unless a number of encoders was asked.
         compute=ActorPoolStrategy(min_size=1, max_size=plan.num_encoders)
-        if not plan.gpus
+        if not plan.gpus and not cfg.num_encoders
         else ActorPoolStrategy(min_size=plan.num_encoders, max_size=plan.num_encoders),
         num_cpus=plan.encoder_cpus,
         num_gpus=plan.encoder_gpus or None,
@@ -245,6 +264,13 @@ def _run_pipeline(
         # a rate over a few blocks or under a second measures the buffer, not the pipeline.
         if blocks > STEADY_MIN_BLOCKS and elapsed >= STEADY_MIN_SECONDS:
             report.steady_samples_per_s = round((processed - first_block[1]) / elapsed, 2)
+    report.driver_bytes_received = sink.bytes_received
+    if sink.ledger is not None:
+        report.fragments = {
+            "committed": sink.ledger.committed,
+            "rewritten": sink.ledger.rewritten,
+            "dropped": sink.ledger.dropped,
+        }
     stages = {
         "decode": sink.decode,
         "encode": sink.encode,

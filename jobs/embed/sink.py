@@ -1,4 +1,15 @@
-"""Stage 3, the writer on the driver: commits rows and errors, and finished partitions."""
+"""Stage 3 on the driver: commits rows (driver sink) or the workers' fragments (distributed
+sink, :mod:`jobs.embed.ledger`), errors, and finished partitions.
+
+Why the distributed sink is exact: a retried task re-emits rows, so a fragment may hold ids
+that are already committed or that another fragment holds. The driver decides per row, in
+arrival order, exactly as for the driver sink (the writer's committed ids, the ids claimed by
+rows not yet committed, and key claims across partitions), and then per fragment: all rows
+kept -> committed as written; none kept -> never committed (its file is an orphan for gc);
+some kept -> those rows (by position in the file) are written as a new fragment on the driver
+and that one is committed. So no committed version ever holds an id twice, whatever was killed
+when, and a partition is recorded as finished only after every kept row of it is committed.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +23,10 @@ import pyarrow as pa
 
 from cachebind.config import Settings
 from cachebind.sources import Partition
-from cachebind.store import CacheWriter
+from cachebind.store import CacheWriter, fragments
 from jobs.embed.decode import STAGE_SCHEMA, duplicate_id
+from jobs.embed.fragments import image_rows
+from jobs.embed.ledger import FragmentLedger
 from jobs.embed.report import EmbedReport, StageStats
 
 ERROR_COLUMNS = pa.schema(
@@ -57,23 +70,44 @@ class Sink:
         self.reasons: Counter[str] = Counter()
         self.claimed: dict[int, str] = {}
         """Ids of buffered (not yet committed) samples -> their partition."""
+        self.ledger: FragmentLedger | None = (
+            FragmentLedger() if settings.embed.sink == "workers" else None
+        )
+        self.bytes_received = 0
+        """Bytes of the blocks the driver received (Arrow buffers)."""
 
     def take(self, block: pa.Table) -> int:
         """Buffer one block; returns the number of samples (rows + errors) in it."""
+        self.bytes_received += block.nbytes
         status = block["status"].to_numpy(zero_copy_only=False)
+        positions = None
+        if self.ledger is not None:
+            self.write.busy_s += float(pc_sum(block["write_s"]))
+            block, status, positions = self.ledger.take(block, status)
         shards = block["shard"].to_pylist()
         ids = block["id"].to_numpy()
         counts = block["count"].to_numpy()
+        nodes = block["node"].to_pylist()
         for i in np.flatnonzero(status == "done"):
             self.states[shards[i]].expected = int(counts[i])
+            node = nodes[i] or ""
+            self.report.partitions_by_node[node] = self.report.partitions_by_node.get(node, 0) + 1
         samples = np.flatnonzero(status != "done")
         for i in samples:
             self.states[shards[i]].received.add(int(ids[i]))
-        block, status = self._claim_keys(block, status)
+        keep = self._claim_keys(block, status)
+        if not keep.all():
+            block, status = block.filter(pa.array(keep)), status[keep]
+            positions = positions[keep] if positions is not None else None
         ok = status == "ok"
         if ok.any():
             rows = block.filter(pa.array(ok))
-            self.rows.append(self._image_rows(rows))
+            if self.ledger is not None and positions is not None:
+                self.ledger.keep(rows, positions[ok])
+            else:
+                self.rows.append(
+                    image_rows(rows, self.vector_dtype.name, self.captions, self.thumbnails)
+                )
             self.pending_rows += rows.num_rows
             self.decode.samples += rows.num_rows
             self.decode.busy_s += float(pc_sum(rows["decode_s"]))
@@ -87,22 +121,22 @@ class Sink:
         self.last_samples = len(samples)
         return len(samples)
 
-    def _claim_keys(self, block: pa.Table, status: np.ndarray) -> tuple[pa.Table, np.ndarray]:
-        """Give each key to one sample of the collection: a sample whose key another
-        partition already holds becomes a ``duplicate_key`` error naming that partition; a
-        sample already held by its own partition is a replay (a retried decode task) and is
-        dropped, as the writer would."""
+    def _claim_keys(self, block: pa.Table, status: np.ndarray) -> np.ndarray:
+        """Which rows of ``block`` to keep. Gives each key to one sample of the collection: a
+        sample whose key another partition already holds becomes a ``duplicate_key`` error
+        naming that partition; a sample already held by its own partition is a replay (a
+        retried decode task) and is dropped, as the writer would."""
         reasons = block["reason"].to_pylist()
         candidates = [
             int(i) for i in np.flatnonzero(status != "done") if reasons[i] != "duplicate_key"
         ]
+        keep = np.ones(block.num_rows, dtype=bool)
         if not candidates:
-            return block, status
+            return keep
         ids = block["id"].to_numpy()[candidates]
         committed = self.writer.row_ids.contains(ids) | self.writer.error_ids.contains(ids)
         holders = self.writer.holders(ids[committed]) if committed.any() else {}
         shards, keys = block["shard"].to_pylist(), block["key"].to_pylist()
-        keep = np.ones(block.num_rows, dtype=bool)
         duplicates: list[dict[str, Any]] = []
         for i, sid in zip(candidates, ids.tolist(), strict=True):
             holder = self.claimed.get(sid) or holders.get(sid, (None, ""))[0]
@@ -127,20 +161,7 @@ class Sink:
             )
         if duplicates:
             self.errors.append(pa.Table.from_pylist(duplicates, schema=ERROR_COLUMNS))
-        if keep.all():
-            return block, status
-        return block.filter(pa.array(keep)), status[keep]
-
-    def _image_rows(self, rows: pa.Table) -> pa.Table:
-        columns: dict[str, Any] = {
-            name: rows[name] for name in ("id", "key", "caption", "url", "width", "height", "shard")
-        }
-        columns["vector"] = _as_dtype(rows["vector"], self.vector_dtype)
-        if self.captions:
-            columns["text_vector"] = _as_dtype(rows["text_vector"], self.vector_dtype)
-        if self.thumbnails:
-            columns["thumbnail"] = rows["thumbnail"]
-        return pa.table(columns)
+        return keep
 
     def flush(self) -> None:
         """Commit buffered rows and errors, then record partitions that are now complete."""
@@ -152,6 +173,8 @@ class Sink:
             self.report.rows_skipped += result.skipped
             self.write.samples += rows.num_rows
             self._count(rows, "rows", result.written)
+        if self.ledger is not None:
+            self._commit_fragments()
         if self.errors:
             errors = pa.concat_tables(self.errors)
             result = self.writer.write_errors(errors)
@@ -161,13 +184,19 @@ class Sink:
                 self.reasons.update(errors["reason"].to_pylist())
             self._count(errors, "errors", result.written)
         self.report.errors_by_reason = dict(self.reasons)
-        self.rows, self.errors, self.pending_rows = [], [], 0
-        self.claimed.clear()  # committed now: the writer's id sets answer for them
-        # Everything received so far is committed: complete partitions can be recorded.
+        self.rows, self.errors = [], []
+        waiting = self.ledger.waiting() if self.ledger is not None else {}
+        self.pending_rows = len(waiting)
+        # Committed now: the writer's id sets answer for them (rows of fragments still waiting
+        # for their descriptor stay claimed).
+        self.claimed = {sid: shard for sid, shard in self.claimed.items() if sid in waiting}
+        # Everything received so far is committed, but for waiting fragments' rows: complete
+        # partitions without such rows can be recorded.
+        busy = set(waiting.values())
         done = [
             pid
             for pid, s in self.states.items()
-            if s.expected is not None and len(s.received) >= s.expected
+            if s.expected is not None and len(s.received) >= s.expected and pid not in busy
         ]
         if done:
             self.writer.finish_partitions(
@@ -187,6 +216,40 @@ class Sink:
             self.report.partitions_finished += len(done)
         self.write.busy_s += time.perf_counter() - start
 
+    def _commit_fragments(self) -> None:
+        """Commit the complete fragments in one version: as written, rewritten to their kept
+        rows, or not at all (see the module docstring)."""
+        assert self.ledger is not None
+        descriptors: list[str] = []
+        ids: list[int] = []
+        shards: list[str] = []
+        for frag in self.ledger.ready():
+            if len(frag.kept) == frag.count:
+                descriptors.append(frag.descriptor)
+            elif frag.kept:
+                descriptors += fragments.keep_only(
+                    self.writer.images_uri,
+                    frag.descriptor,
+                    sorted(frag.kept),
+                    self.writer.schema,
+                    self.writer.storage_options,
+                )
+                self.ledger.rewritten += 1
+            else:
+                self.ledger.dropped += 1
+            ids += [sid for sid, _ in frag.kept.values()]
+            shards += [shard for _, shard in frag.kept.values()]
+        if not descriptors:
+            return
+        self.writer.commit_fragments(descriptors, np.asarray(ids, dtype=np.int64))
+        self.report.rows_written += len(ids)
+        self.write.samples += len(ids)
+        for shard, n in Counter(shards).items():
+            if shard in self.states:
+                self.states[shard].rows += n
+        for node, n in self.ledger.take_nodes().items():
+            self.report.rows_by_node[node] = self.report.rows_by_node.get(node, 0) + n
+
     def _count(self, table: pa.Table, what: str, written: int) -> None:
         if not written:
             return
@@ -200,15 +263,3 @@ def pc_sum(column: pa.ChunkedArray) -> float:
 
     value = pc.sum(column).as_py()
     return float(value or 0.0)
-
-
-def _as_dtype(column: pa.ChunkedArray, dtype: np.dtype) -> pa.FixedSizeListArray:
-    """A vector column in the table's dtype, null entries (rows without a caption) kept."""
-    column = column.combine_chunks()
-    dim = column.type.list_size
-    # .values keeps the slots of null entries (flatten would drop them).
-    start = column.offset * dim
-    values = column.values.slice(start, len(column) * dim)
-    values = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    mask = column.is_null() if column.null_count else None
-    return pa.FixedSizeListArray.from_arrays(pa.array(values), dim, mask=mask)
