@@ -60,11 +60,13 @@ def test_text_search_renders_results_with_thumbnails(page, server):
     page.fill("#k", "8")
     page.click("#search")
     page.wait_for_selector("#results .result >> nth=7")
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results .result')]"
-        ".every(c => c.querySelector('img') === null || c.querySelector('img').complete"
-        " && c.querySelector('img').naturalWidth > 0)"
+    # decode() resolves once each thumbnail's bytes have arrived and decoded; a polled string
+    # predicate (wait_for_function) would need the eval the page's CSP forbids.
+    widths = page.eval_on_selector_all(
+        "#results .result img",
+        "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))",
     )
+    assert widths and all(w > 0 for w in widths)
     cards = page.query_selector_all("#results .result")
     assert len(cards) == 8
     # The page shows what the API answers for the same query, in the same order.
