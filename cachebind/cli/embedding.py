@@ -1,0 +1,53 @@
+"""`cachebind embed`: the Ray embedding job."""
+
+from __future__ import annotations
+
+import argparse
+
+from cachebind.cli.options import CommonOptions, Subcommands, command
+from cachebind.config import Settings
+
+
+def add_embed(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "embed",
+        cmd_embed,
+        "embed images from a source into the cache table (Ray job)",
+        "Read a source (img2dataset webdataset shards or parquet, an image folder, a parquet "
+        "file, or a CC3M TSV joined to an image folder), decode on CPU workers, encode with "
+        "ImageBind on GPU actors (CPU when there is none), and write the LanceDB table. "
+        "Re-running with the same arguments resumes: each sample is written exactly once. "
+        "Bad samples go to the errors table; a JSON report is saved beside the table.",
+        parents=[common.table, common.encoder],
+    )
+    p.add_argument(
+        "source",
+        help="e.g. /data/cc3m (webdataset dir), shards/{00000..00099}.tar, "
+        "images/, items.parquet, cc3m.tsv (with --images-dir)",
+    )
+    p.add_argument("--vector-dtype", dest="store__vector_dtype", choices=["float16", "float32"])
+    p.add_argument(
+        "--ray-address",
+        dest="embed__ray_address",
+        help="join an existing Ray cluster (auto or ray://host:10001)",
+    )
+    p.add_argument("--batch-size", dest="embed__batch_size", type=int)
+    p.add_argument("--num-encoders", dest="embed__num_encoders", type=int)
+    p.add_argument(
+        "--caption-embeddings",
+        dest="embed__caption_embeddings",
+        action="store_const",
+        const=True,
+        help="also store caption text embeddings",
+    )
+    p.add_argument("--no-thumbnails", dest="embed__thumbnails", action="store_const", const=False)
+    p.add_argument("--limit", type=int, help="embed at most this many samples")
+
+
+def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
+    from jobs.embed import run_embed
+
+    report = run_embed(args.source, settings, limit=args.limit)  # prints its summary
+    print(f"report: {report.report_path}")
+    return 0

@@ -1,0 +1,66 @@
+"""`cachebind serve` and `cachebind keys`: the HTTP service and its API keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cachebind.cli.options import CommonOptions, Subcommands, command
+from cachebind.config import Settings
+
+
+def add_serve(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "serve",
+        cmd_serve,
+        "run the HTTP service (embed, search, enhance, generate)",
+        "Serve the versioned HTTP API (/v1/embed, /v1/search, /v1/enhance, /v1/generate, "
+        "/v1/index, /healthz, /readyz, /metrics, OpenAPI at /docs) and the search page at /. "
+        "API keys are read hashed from --api-keys-file; new index versions are picked up live.",
+        parents=[common.table, common.index_dir, common.encoder],
+    )
+    p.add_argument("--host", dest="serve__host")
+    p.add_argument("--port", dest="serve__port", type=int)
+    p.add_argument("--api-keys-file", dest="serve__api_keys_file")
+    p.add_argument("--admin-keys-file", dest="serve__admin_keys_file")
+    p.add_argument(
+        "--no-auth",
+        dest="serve__auth",
+        action="store_const",
+        const=False,
+        help="serve without API keys (local experiments only)",
+    )
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.serve import serve_forever
+
+    serve_forever(settings)
+    return 0
+
+
+def add_keys(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "keys",
+        cmd_keys,
+        "create an API key for the service",
+        "Generate a random API key, print it once, and append its sha256 to FILE (use the "
+        "file as --api-keys-file, or as --admin-keys-file for admin keys).",
+    )
+    p.add_argument("action", choices=["create"])
+    p.add_argument("file", help="keys file to append the hash to")
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.serve.auth import create_key
+
+    key = create_key(Path(args.file))
+    print(key)
+    print(
+        f"(its sha256 was appended to {args.file}; the key itself is not stored anywhere)",
+        file=sys.stderr,
+    )
+    return 0
