@@ -145,6 +145,12 @@ class EmbedConfig(Section):
     max_image_pixels: int = 89_478_485
     """Larger images are rejected as decompression bombs (Pillow's own default limit)."""
     max_image_bytes: int = 64 * 1024 * 1024
+    views: int = Field(default=0, ge=0, le=16)
+    """Augmented views cached per image besides the centre crop's ``vector`` (``embed
+    --views N``): the release's training crop (``RandomResizedCrop(224, scale=(0.9, 1.0))``,
+    seeded per sample id and view), stored as ``view_vectors`` [N, d]. Each costs one more
+    encoder pass and one more vector a row; 0 writes today's table (no such column). A table
+    keeps the value it was created with."""
 
 
 class SandboxConfig(Section):
@@ -369,6 +375,10 @@ class TrainConfig(Section):
     """Stage 1's bridge: today's release (``legacy_bridge=False``) is ``rmsnorm``."""
     output_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     progress: bool = True
+    use_views: bool = True
+    """On a table with ``view_vectors`` (``embed --views N``), each row's F_M in an epoch is one
+    of {centre ``vector``, view 1..N}, drawn per (seed, epoch, row) (the release's random crop,
+    from the cache); False always trains on the centre ``vector``."""
 
 
 MAX_INPUTS = 4096

@@ -42,6 +42,15 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
         help="also store caption text embeddings",
     )
     p.add_argument("--no-thumbnails", dest="embed__thumbnails", action="store_const", const=False)
+    p.add_argument(
+        "--views",
+        dest="embed__views",
+        type=int,
+        metavar="N",
+        help="also cache N augmented views per image (the release's training crop, seeded "
+        "per sample): view_vectors [N, d] beside the centre vector, sampled per epoch by "
+        "`train`; a table keeps the value it was created with (default 0: none)",
+    )
     p.add_argument("--limit", type=int, help="embed at most this many samples")
 
 

@@ -170,7 +170,11 @@ def image_tensor(img: Image.Image) -> torch.Tensor:
     """
     if img.mode != "RGB":
         raise ValueError(f"image_tensor expects an RGB image, got mode {img.mode}")
-    crop = resize_center_crop(img)
+    return normalised_tensor(resize_center_crop(img))
+
+
+def normalised_tensor(crop: Image.Image) -> torch.Tensor:
+    """An RGB 224 x 224 crop -> ToTensor (/255) then CLIP Normalize: float32 [3, 224, 224]."""
     x = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
     x = x.to(torch.float32).div_(255.0)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]

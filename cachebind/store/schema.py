@@ -28,15 +28,23 @@ def vector_type(dtype: str = "float16", dim: int = EMBED_DIM) -> pa.DataType:
     return pa.list_(value, dim)
 
 
+def views_type(views: int, dtype: str = "float16", dim: int = EMBED_DIM) -> pa.DataType:
+    """``view_vectors``: a fixed-size list of ``views`` vectors of the ``vector`` column's type."""
+    return pa.list_(vector_type(dtype, dim), views)
+
+
 def images_schema(
     *,
     dtype: str = "float16",
     dim: int = EMBED_DIM,
     text_vector: bool = False,
     thumbnail: bool = True,
+    views: int = 0,
     metadata: dict[str, Any] | None = None,
 ) -> pa.Schema:
-    """The ``images`` table: one row per cached sample, ``vector`` is F_key = F_value."""
+    """The ``images`` table: one row per cached sample, ``vector`` is F_key = F_value (the
+    centre crop). ``views`` > 0 adds ``view_vectors`` [views, dim]: the features of augmented
+    crops, for training only (indexes and serving read ``vector``)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("key", pa.string(), nullable=False),
@@ -49,6 +57,8 @@ def images_schema(
     ]
     if text_vector:
         fields.append(pa.field("text_vector", vector_type(dtype, dim)))
+    if views:
+        fields.append(pa.field("view_vectors", views_type(views, dtype, dim), nullable=False))
     if thumbnail:
         fields.append(pa.field("thumbnail", pa.binary()))
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})})}
@@ -72,3 +82,10 @@ def table_metadata(schema: pa.Schema) -> dict[str, Any]:
     """The cachebind metadata (encoder, checkpoint identity, preprocessing version …)."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def view_count(schema: pa.Schema) -> int:
+    """How many augmented views a table's rows carry (0 without ``view_vectors``)."""
+    if "view_vectors" not in schema.names:
+        return 0
+    return int(schema.field("view_vectors").type.list_size)

@@ -24,7 +24,7 @@ from cachebind.config import StoreConfig
 from cachebind.storage import lance_options
 from cachebind.store import fragments
 from cachebind.store.errors import EncoderMismatchError, TableMismatchError
-from cachebind.store.schema import ERRORS_SCHEMA, table_metadata
+from cachebind.store.schema import ERRORS_SCHEMA, table_metadata, view_count
 from cachebind.store.table import connect
 
 PROGRESS_SCHEMA = pa.schema(
@@ -226,6 +226,14 @@ def check_compatible(existing: pa.Schema, wanted: pa.Schema, where: str) -> None
         raise EncoderMismatchError(
             f"table {where} was built by another encoder; refusing to mix embeddings.\n{lines}\n"
             "Write to a new table (store.table) or delete this one."
+        )
+    have_views, want_views = view_count(existing), view_count(wanted)
+    if have_views != want_views:
+        raise TableMismatchError(
+            f"table {where} was embedded with {have_views} augmented views a row "
+            f"(embed.views = {have_views}) and this job asks for {want_views}: a table keeps "
+            f"its views setting. Re-run with --views {have_views}, or write to a new table "
+            "(--table / store.table)"
         )
     have_fields = {f.name: f.type for f in existing}
     want_fields = {f.name: f.type for f in wanted}

@@ -11,7 +11,8 @@ the same optimiser steps: optimiser step ``s`` of an epoch takes positions ``[sÂ
 the permutation (G = global batch), and worker ``r``'s micro-batch ``a`` within it is slice
 ``aÂ·world + r``. One worker accumulating two micro-batches therefore computes exactly what two
 DDP workers compute. Rows are read from the table's Lance dataset at its pinned version through
-Ray Data (streamed, in order, prefetched).
+Ray Data (streamed, in order, prefetched). On a table with augmented views (``embed
+--views N``) each row's F_M for the epoch is drawn from {centre, view 1..N} (``view_choices``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,19 @@ def collate_rows(tok: Tokenizer, rows: dict[str, np.ndarray], max_words: int) ->
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The seeded permutation of row offsets for ``epoch`` (the same on every worker)."""
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+VIEW_STREAM = 16
+"""Keeps the view draws' generator apart from the order's (``epoch_order``) for one seed."""
+
+
+def view_choices(n_rows: int, seed: int, epoch: int, views: int) -> np.ndarray:
+    """Which F_M each row offset trains on in ``epoch`` on a table with ``views`` augmented
+    views (``embed --views``): 0 is the centre ``vector``, k the k-th of ``view_vectors``,
+    uniform over the N + 1, as the release draws a fresh random crop per epoch. A function of
+    (seed, epoch, offset) only, so every worker count and a resumed run draw the same."""
+    rng = np.random.default_rng([seed, epoch, VIEW_STREAM])
+    return rng.integers(0, views + 1, size=n_rows, dtype=np.int64)
 
 
 def steps_per_epoch(n_rows: int, global_batch: int) -> int:

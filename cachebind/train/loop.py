@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cachebind.train.data import collate_rows, epoch_order, worker_offsets
+from cachebind.train.data import collate_rows, epoch_order, view_choices, worker_offsets
 from cachebind.train.export import save_released
 from cachebind.train.params import Phase, set_trainability
 from cachebind.train.rows import RowSource, stream_rows
@@ -125,8 +125,12 @@ def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
         )
         steps_left = min(plan.steps_per_epoch - first, plan.total_steps - step)
         offsets = offsets[: steps_left * plan.accum_iter * plan.batch_size]
+        choices = None
+        if plan.source.views:  # the epoch's augmented view of each row (embed --views)
+            choices = view_choices(plan.n_rows, plan.seed, epoch, plan.source.views)[offsets]
         group = []
-        for rows in stream_rows(plan.source, offsets, plan.batch_size, plan.data_cpus):
+        rows_in = stream_rows(plan.source, offsets, plan.batch_size, plan.data_cpus, choices)
+        for rows in rows_in:
             group.append(collate_rows(tok, rows, plan.max_words))
             if len(group) == plan.accum_iter:
                 yield step, group

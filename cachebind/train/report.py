@@ -46,6 +46,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         const=False,
         help="no progress bar",
     )
+    p.add_argument(
+        "--no-views",
+        dest="train__use_views",
+        action="store_const",
+        const=False,
+        help="train on the centre vector only, even on a table with augmented views",
+    )
 
 
 def summary(result: TrainResult) -> dict[str, object]:

@@ -36,31 +36,57 @@ class RowSource:
     version: int
     storage_options: dict[str, str] | None = None
     columns: tuple[str, ...] = ("vector", "caption")
+    views: int = 0
+    """Augmented views to draw F_M from (the table's ``view_vectors``); 0: ``vector`` only."""
 
-    def take(self, offsets: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows at ``offsets``, in that order, as numpy columns (vectors float32 [n, d])."""
+    def take(self, offsets: np.ndarray, choices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The rows at ``offsets``, in that order, as numpy columns (vectors float32 [n, d]).
+        With ``choices`` (``data.view_choices``, one per offset) ``vector`` holds, per row, the
+        centre vector (0) or view k of ``view_vectors`` (k)."""
+        views = self.views and choices is not None
+        columns = [*self.columns, "view_vectors"] if views else list(self.columns)
         table = _lance_dataset(self.uri, self.version, self.storage_options).take(
-            np.asarray(offsets, dtype=np.int64).tolist(), columns=list(self.columns)
+            np.asarray(offsets, dtype=np.int64).tolist(), columns=columns
         )
         out: dict[str, np.ndarray] = {}
         for name in self.columns:
             column = table.column(name).combine_chunks()
             if name == "vector":
-                values = column.flatten().to_numpy(zero_copy_only=False)
-                out[name] = values.astype(np.float32).reshape(-1, column.type.list_size)
+                out[name] = _vectors(column)
             else:
                 out[name] = np.asarray(column.to_pylist(), dtype=object)
+        if views:
+            assert choices is not None
+            picked = np.asarray(choices, dtype=np.int64)
+            rows = np.flatnonzero(picked > 0)
+            if len(rows):
+                nested = table.column("view_vectors").combine_chunks()
+                all_views = _vectors(nested.flatten()).reshape(len(picked), self.views, -1)
+                out["vector"][rows] = all_views[rows, picked[rows] - 1]
         return out
 
 
+def _vectors(column: Any) -> np.ndarray:
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32).reshape(-1, column.type.list_size)
+
+
 def _take(source: RowSource, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return source.take(batch["data"])
+    data = batch["data"]
+    if data.ndim == 2:  # (offset, view choice) pairs
+        return source.take(data[:, 0], data[:, 1])
+    return source.take(data)
 
 
 def stream_rows(
-    source: RowSource, offsets: np.ndarray, micro_batch: int, data_cpus: float = 0.25
+    source: RowSource,
+    offsets: np.ndarray,
+    micro_batch: int,
+    data_cpus: float = 0.25,
+    choices: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Micro-batches of the rows at ``offsets``, in that order, read ahead by Ray Data."""
+    """Micro-batches of the rows at ``offsets``, in that order, read ahead by Ray Data (with
+    ``choices``, each row's F_M is the view chosen for it, ``RowSource.take``)."""
     import ray.data
 
     if len(offsets) == 0:
@@ -68,7 +94,10 @@ def stream_rows(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the order is the schedule: keep it
     ctx.enable_progress_bars = False  # one bar per epoch per worker would drown the trainer's
-    ds = ray.data.from_numpy(np.asarray(offsets, dtype=np.int64)).map_batches(
+    items = np.asarray(offsets, dtype=np.int64)
+    if choices is not None:
+        items = np.stack([items, np.asarray(choices, dtype=np.int64)], axis=1)
+    ds = ray.data.from_numpy(items).map_batches(
         functools.partial(_take, source),
         batch_size=micro_batch,
         batch_format="numpy",

@@ -60,6 +60,7 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
     """The run's plan from the settings and the cache table's pinned version."""
     from cachebind.store import CacheTable
+    from cachebind.store.schema import view_count
 
     cfg = settings.train
     llama_dir = cfg.llama_dir or settings.llm.llama_dir
@@ -71,6 +72,8 @@ def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
         uri=str(table.dataset.uri),
         version=int(table.version),
         storage_options=table.storage_options,
+        # embed --views: draw each row's F_M per epoch from its views too (train.use_views).
+        views=view_count(table.table.schema) if cfg.use_views else 0,
     )
     n_rows = table.count()
     if phase == "finetune" and cfg.instructions is not None:

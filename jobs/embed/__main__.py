@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--flush-rows", type=int, default=1024, help="commit every N rows (default 1024)"
     )
+    parser.add_argument("--views", type=int, help="augmented views per image (embed.views)")
     args = parser.parse_args(argv)
     settings = load_config(
         args.config,
-        embed={"ray_address": args.address},
+        embed={"ray_address": args.address, "views": args.views},
         store={"uri": args.uri, "table": args.table},
     )
     report = run_embed(

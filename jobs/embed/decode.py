@@ -55,6 +55,7 @@ STAGE_SCHEMA = pa.schema(
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),
         pa.field("pixels", pa.binary()),
+        pa.field("view_pixels", pa.binary()),  # embed.views > 0: N more tensors like pixels
         pa.field("thumbnail", pa.binary()),
         pa.field("count", pa.int64()),
         pa.field("decode_s", pa.float64()),
@@ -72,7 +73,7 @@ __all__ = [
     "thumbnail_jpeg",
 ]
 
-SANDBOX_PRELOAD = ("cachebind.preprocess.image", "jobs.embed.sample")
+SANDBOX_PRELOAD = ("cachebind.preprocess.image", "cachebind.preprocess.views", "jobs.embed.sample")
 _SANDBOXES: dict[str, Sandbox] = {}
 """One sandbox per Ray worker process (and configuration), reused by the tasks it runs."""
 

@@ -27,6 +27,7 @@ class EncodeActor:
         captions: bool,
         threads: int,
         target: FragmentTarget | None = None,
+        views: int = 0,
     ) -> None:
         import torch
 
@@ -38,13 +39,9 @@ class EncodeActor:
         self.pixel_dtype = pixel_dtype
         self.captions = captions
         self.target = target
+        self.views = views
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-        import torch.nn.functional as F
-
-        from cachebind.modalities import Modality
-
         dim = self.encoder.out_dim
         n = batch.num_rows
         status = batch["status"].to_numpy(zero_copy_only=False)
@@ -53,23 +50,44 @@ class EncodeActor:
         text_vectors = np.zeros((n, dim), dtype=np.float32)
         has_text = np.zeros(n, dtype=bool)
         encode_s = np.zeros(n, dtype=np.float64)
+        view_vectors = np.zeros((n, self.views, dim), dtype=np.float32)
         if len(ok):
             start = time.perf_counter()
             x = pixel_batch(batch["pixels"], ok, self.pixel_dtype)
-            with warnings.catch_warnings():
-                # The array views Arrow's read-only buffer; the model only reads its input.
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x))
-            vectors[ok] = F.normalize(feats.float(), dim=-1).numpy()
+            vectors[ok] = self._encode(x)
+            if self.views:
+                # One encoder pass per view, each of the batch's size: the actor's (GPU) memory
+                # holds what it holds without views.
+                xs = pixel_batch(batch["view_pixels"], ok, self.pixel_dtype, self.views)
+                for v in range(self.views):
+                    view_vectors[ok, v] = self._encode(np.ascontiguousarray(xs[:, v]))
             if self.captions:
                 has_text = self._embed_captions(batch, ok, text_vectors)
             encode_s[ok] = (time.perf_counter() - start) / len(ok)
-        out = batch.drop_columns(["pixels"])
+        out = batch.drop_columns([c for c in ("pixels", "view_pixels") if c in batch.column_names])
         out = out.append_column("vector", _fixed_list(vectors))
+        if self.views:
+            flat = _fixed_list(view_vectors.reshape(n * self.views, dim))
+            out = out.append_column(
+                "view_vectors", pa.FixedSizeListArray.from_arrays(flat, self.views)
+            )
         if self.captions:
             out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
         out = out.append_column("encode_s", pa.array(encode_s))
         return write_block(out, self.target) if self.target is not None else out
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        """F_M of a pixel batch: the vision encoder's output, L2-normalised (float32 [n, d])."""
+        import torch
+        import torch.nn.functional as F
+
+        from cachebind.modalities import Modality
+
+        with warnings.catch_warnings():
+            # The array views Arrow's read-only buffer; the model only reads its input.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x))
+        return F.normalize(feats.float(), dim=-1).numpy()
 
     def _embed_captions(self, batch: pa.Table, ok: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Caption embeddings (text encoder) into ``out``; returns which rows have one. A row
@@ -94,8 +112,11 @@ class EncodeActor:
         return has_text
 
 
-def pixel_batch(column: pa.ChunkedArray | pa.Array, rows: np.ndarray, dtype: str) -> np.ndarray:
-    """The ``rows`` of a binary column of pixel tensors as one ``[len(rows), *PIXELS]`` array.
+def pixel_batch(
+    column: pa.ChunkedArray | pa.Array, rows: np.ndarray, dtype: str, per_row: int = 0
+) -> np.ndarray:
+    """The ``rows`` of a binary column of pixel tensors as one ``[len(rows), *PIXELS]`` array
+    (``[len(rows), per_row, *PIXELS]`` when each row holds ``per_row`` tensors: view pixels).
 
     A view of Arrow's buffer when every row is taken (the usual batch), else one copy by
     ``take``: going through Python ``bytes`` would copy each batch three times, ~0.15 ms an
@@ -108,7 +129,8 @@ def pixel_batch(column: pa.ChunkedArray | pa.Array, rows: np.ndarray, dtype: str
     offsets = np.frombuffer(column.buffers()[1], dtype=width)
     first, last = int(offsets[column.offset]), int(offsets[column.offset + len(column)])
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[first:last]
-    return data.view(dtype).reshape(len(column), *PIXELS)
+    shape = (len(column), per_row, *PIXELS) if per_row else (len(column), *PIXELS)
+    return data.view(dtype).reshape(shape)
 
 
 def _fixed_list(values: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:

@@ -55,6 +55,7 @@ class FragmentTarget:
     vector_dtype: str
     captions: bool
     thumbnails: bool
+    views: int = 0
 
 
 def target_for(settings: Settings, writer: CacheWriter) -> FragmentTarget | None:
@@ -68,10 +69,13 @@ def target_for(settings: Settings, writer: CacheWriter) -> FragmentTarget | None
         vector_dtype=settings.store.vector_dtype,
         captions=settings.embed.caption_embeddings,
         thumbnails=settings.embed.thumbnails,
+        views=settings.embed.views,
     )
 
 
-def image_rows(rows: pa.Table, vector_dtype: str, captions: bool, thumbnails: bool) -> pa.Table:
+def image_rows(
+    rows: pa.Table, vector_dtype: str, captions: bool, thumbnails: bool, views: int = 0
+) -> pa.Table:
     """The images-table columns of encoded ``ok`` rows (vectors in the table's dtype)."""
     dtype = np.dtype(vector_dtype)
     columns: dict[str, Any] = {
@@ -80,6 +84,10 @@ def image_rows(rows: pa.Table, vector_dtype: str, captions: bool, thumbnails: bo
     columns["vector"] = as_dtype(rows["vector"], dtype)
     if captions:
         columns["text_vector"] = as_dtype(rows["text_vector"], dtype)
+    if views:
+        nested = rows["view_vectors"].combine_chunks()  # [n] x [views] x [dim]
+        inner = as_dtype(pa.chunked_array([nested.flatten()]), dtype)
+        columns["view_vectors"] = pa.FixedSizeListArray.from_arrays(inner, views)
     if thumbnails:
         columns["thumbnail"] = rows["thumbnail"]
     return pa.table(columns)
@@ -107,7 +115,7 @@ def write_block(out: pa.Table, target: FragmentTarget) -> pa.Table:
     extra: list[dict[str, Any]] = []
     if len(ok):
         rows = image_rows(out.take(pa.array(ok)), target.vector_dtype, target.captions,
-                          target.thumbnails).cast(target.schema)  # fmt: skip
+                          target.thumbnails, target.views).cast(target.schema)  # fmt: skip
         written = fragments.write_rows(rows, target.uri, target.schema, target.storage_options)
         node = _node_id()
         offset = 0

@@ -27,7 +27,8 @@ class Plan:
     """float16 halves the transfer to GPU actors; CPU actors get float32 (exactly what a
     single-process loop would feed the model)."""
     chunk_rows: int
-    """Rows per block out of a decode task: bounds a block to ~chunk_rows x 300 KB."""
+    """Rows per block out of a decode task: bounds a block to ~chunk_rows x 300 KB of pixels
+    (x (1 + embed.views): each row then carries that many tensors, so fewer rows a block)."""
 
 
 def plan_resources(resources: dict[str, float], cfg: EmbedConfig) -> Plan:
@@ -57,7 +58,7 @@ def plan_resources(resources: dict[str, float], cfg: EmbedConfig) -> Plan:
         batch_size=batch_size,
         num_readers=num_readers,
         pixel_dtype=pixel_dtype,
-        chunk_rows=max(8, min(batch_size, 64)),
+        chunk_rows=max(1, max(8, min(batch_size, 64)) // (1 + cfg.views)),
     )
 
 

@@ -66,12 +66,19 @@ def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
         from cachebind.preprocess import PREPROCESS_VERSION
     except ImportError:  # pragma: no cover - preprocess always ships it
         PREPROCESS_VERSION = encoder.identity.get("preprocess_version")
+    views: dict[str, Any] = {}
+    if settings.embed.views:
+        from cachebind.preprocess.views import AUGMENTATION
+
+        views = {"views": {"count": settings.embed.views, "augmentation": AUGMENTATION}}
     return images_schema(
         dtype=settings.store.vector_dtype,
         dim=encoder.out_dim,
         text_vector=settings.embed.caption_embeddings,
         thumbnail=settings.embed.thumbnails,
+        views=settings.embed.views,
         metadata={
+            **views,
             "encoder": encoder.identity,
             "checkpoint": encoder.identity.get("weights"),
             "preprocess_version": str(PREPROCESS_VERSION),
@@ -191,6 +198,7 @@ def _run_pipeline(
         # Each decode task decodes through one sandbox worker: the task is the unit of
         # parallelism, the worker its isolation.
         sandbox=settings.sandbox.model_copy(update={"workers": 1}),
+        views=cfg.views,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -210,6 +218,7 @@ def _run_pipeline(
             "weights_cfg": settings.weights,
             "pixel_dtype": plan.pixel_dtype,
             "captions": cfg.caption_embeddings,
+            "views": cfg.views,
             "threads": int(plan.encoder_cpus),
             "target": target_for(settings, writer),
         },

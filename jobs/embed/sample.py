@@ -31,6 +31,9 @@ class DecodeOptions:
     """How workers reach object-store sources (travels with the task, not in the partition)."""
     sandbox: SandboxConfig = field(default_factory=lambda: SandboxConfig(workers=1))
     """Caps of the decode sandbox (one worker per decode task; its size is the task's)."""
+    views: int = 0
+    """``embed.views``: augmented crops per sample (``cachebind.preprocess.views``), their
+    pixels concatenated in ``view_pixels`` (N tensors beside the centre crop's ``pixels``)."""
 
 
 def decode_samples(
@@ -54,6 +57,7 @@ def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> 
             sample.image, sample.key, max_pixels=options.max_pixels, max_bytes=options.max_bytes
         )
         pixels = image_tensor(img).numpy().astype(options.pixel_dtype, copy=False)
+        view_pixels = _view_pixels(img, sid, options) if options.views else None
         thumb = thumbnail_jpeg(img, options.thumbnail_size) if options.thumbnails else None
     except InputError as exc:
         return error_row(sid, sample.key, shard, "decode", exc.reason, exc.detail, base)
@@ -69,9 +73,21 @@ def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> 
         "width": img.width,
         "height": img.height,
         "pixels": pixels.tobytes(),
+        "view_pixels": view_pixels,
         "thumbnail": thumb,
         "decode_s": time.perf_counter() - start,
     }
+
+
+def _view_pixels(img: Any, sid: int, options: DecodeOptions) -> bytes:
+    """The ``options.views`` augmented crops of ``img``, one after another, in the pixel dtype:
+    built one crop at a time, so the worker holds the image, one crop and the output bytes."""
+    from cachebind.preprocess.views import view_tensor
+
+    out = bytearray()
+    for view in range(options.views):
+        out += view_tensor(img, sid, view).numpy().astype(options.pixel_dtype, copy=False).tobytes()
+    return bytes(out)
 
 
 def thumbnail_jpeg(img: Any, size: int) -> bytes:

@@ -60,6 +60,7 @@ class Sink:
         self.vector_dtype = np.dtype(settings.store.vector_dtype)
         self.captions = settings.embed.caption_embeddings
         self.thumbnails = settings.embed.thumbnails
+        self.views = settings.embed.views
         self.rows: list[pa.Table] = []
         self.errors: list[pa.Table] = []
         self.pending_rows = 0
@@ -106,7 +107,9 @@ class Sink:
                 self.ledger.keep(rows, positions[ok])
             else:
                 self.rows.append(
-                    image_rows(rows, self.vector_dtype.name, self.captions, self.thumbnails)
+                    image_rows(
+                        rows, self.vector_dtype.name, self.captions, self.thumbnails, self.views
+                    )
                 )
             self.pending_rows += rows.num_rows
             self.decode.samples += rows.num_rows
