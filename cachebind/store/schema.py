@@ -29,8 +29,11 @@ def vector_type(dtype: str = "float16", dim: int = EMBED_DIM) -> pa.DataType:
 
 
 def views_type(views: int, dtype: str = "float16", dim: int = EMBED_DIM) -> pa.DataType:
-    """``view_vectors``: a fixed-size list of ``views`` vectors of the ``vector`` column's type."""
-    return pa.list_(vector_type(dtype, dim), views)
+    """``view_vectors``: the ``views`` vectors of a row one after another, a fixed-size list of
+    ``views · dim`` values of the ``vector`` column's dtype. One level, not a list of vectors:
+    lancedb 0.40's ``add`` writes nested fixed-size lists unreadably (Lance's reader then fails
+    with "Invalid range"), and a flat list reshapes for free."""
+    return vector_type(dtype, views * dim)
 
 
 def images_schema(
@@ -43,7 +46,7 @@ def images_schema(
     metadata: dict[str, Any] | None = None,
 ) -> pa.Schema:
     """The ``images`` table: one row per cached sample, ``vector`` is F_key = F_value (the
-    centre crop). ``views`` > 0 adds ``view_vectors`` [views, dim]: the features of augmented
+    centre crop). ``views`` > 0 adds ``view_vectors`` [views · dim]: the features of augmented
     crops, for training only (indexes and serving read ``vector``)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
@@ -88,4 +91,4 @@ def view_count(schema: pa.Schema) -> int:
     """How many augmented views a table's rows carry (0 without ``view_vectors``)."""
     if "view_vectors" not in schema.names:
         return 0
-    return int(schema.field("view_vectors").type.list_size)
+    return schema.field("view_vectors").type.list_size // schema.field("vector").type.list_size

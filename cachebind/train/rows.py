@@ -60,8 +60,8 @@ class RowSource:
             picked = np.asarray(choices, dtype=np.int64)
             rows = np.flatnonzero(picked > 0)
             if len(rows):
-                nested = table.column("view_vectors").combine_chunks()
-                all_views = _vectors(nested.flatten()).reshape(len(picked), self.views, -1)
+                flat = _vectors(table.column("view_vectors").combine_chunks())  # [n, N · d]
+                all_views = flat.reshape(len(picked), self.views, -1)
                 out["vector"][rows] = all_views[rows, picked[rows] - 1]
         return out
 

@@ -67,10 +67,8 @@ class EncodeActor:
         out = batch.drop_columns([c for c in ("pixels", "view_pixels") if c in batch.column_names])
         out = out.append_column("vector", _fixed_list(vectors))
         if self.views:
-            flat = _fixed_list(view_vectors.reshape(n * self.views, dim))
-            out = out.append_column(
-                "view_vectors", pa.FixedSizeListArray.from_arrays(flat, self.views)
-            )
+            # [views · dim] a row: the table's layout (store.schema.views_type).
+            out = out.append_column("view_vectors", _fixed_list(view_vectors.reshape(n, -1)))
         if self.captions:
             out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
         out = out.append_column("encode_s", pa.array(encode_s))

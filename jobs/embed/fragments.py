@@ -85,9 +85,7 @@ def image_rows(
     if captions:
         columns["text_vector"] = as_dtype(rows["text_vector"], dtype)
     if views:
-        nested = rows["view_vectors"].combine_chunks()  # [n] x [views] x [dim]
-        inner = as_dtype(pa.chunked_array([nested.flatten()]), dtype)
-        columns["view_vectors"] = pa.FixedSizeListArray.from_arrays(inner, views)
+        columns["view_vectors"] = as_dtype(rows["view_vectors"], dtype)  # [views · dim] a row
     if thumbnails:
         columns["thumbnail"] = rows["thumbnail"]
     return pa.table(columns)

@@ -1,0 +1,211 @@
+"""``embed --views N``: augmented crops cached beside the centre vector, and training drawing
+one of them per row and epoch (issue 16).
+
+The crops follow the release's training transform and are seeded per (id, view); a job with
+views stores vectors equal to a single-process computation of those crops, the same rows on a
+re-run and after a resume, under either sink; a views=0 table is today's table; a table keeps
+its views setting; the trainer's draw is deterministic and changes across epochs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+
+from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
+from cachebind.encode import Encoder
+from cachebind.modalities import Modality
+from cachebind.preprocess.image import image_tensor, load_image
+from cachebind.preprocess.views import RATIO, SCALE, crop_box, view_rng, view_tensor
+from cachebind.sources import synthetic as syn
+from cachebind.store import CacheTable, TableMismatchError, images_schema, row_id
+from cachebind.store.table import vectors_to_numpy
+from cachebind.train.data import view_choices
+from cachebind.train.rows import RowSource, stream_rows
+from jobs.embed import run_embed, table_schema
+
+N_IMAGES = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def settings(db: Path, table: str = "images", **embed) -> Settings:
+    return Settings(
+        encoder=EncoderConfig(preset="tiny"),
+        store=StoreConfig(uri=str(db), table=table),
+        embed=EmbedConfig(**{"batch_size": 8, **embed}),
+    )
+
+
+def by_id(s: Settings) -> dict[str, list]:
+    """The table's rows sorted by id (column -> values), without the volatile nothing."""
+    rows = CacheTable.open(s.store).table.to_arrow()
+    return rows.sort_by("id").to_pydict()
+
+
+def test_crops_follow_the_release_transform_and_are_seeded_per_id_and_view() -> None:
+    for width, height in [(640, 480), (224, 224), (480, 600), (97, 80)]:
+        areas, ratios = [], []
+        for sid in range(200):
+            box = crop_box(width, height, view_rng(sid, 0))
+            assert box == crop_box(width, height, view_rng(sid, 0))  # same seed, same crop
+            left, top, right, bottom = box
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            w, h = right - left, bottom - top
+            areas.append(w * h / (width * height))
+            ratios.append(w / h)
+        # Rounding w and h to pixels moves area and ratio a little past the drawn ranges.
+        slack = 2.5 / min(width, height)
+        assert SCALE[0] - 2 * slack <= min(areas) and max(areas) <= SCALE[1] + 1e-9
+        assert RATIO[0] - slack <= min(ratios) and max(ratios) <= RATIO[1] + slack
+        assert len({round(a, 4) for a in areas}) > 20  # the draws vary across ids
+    # Views of one id differ; a thin image falls back to the centre, clamped to the ratio.
+    assert crop_box(640, 480, view_rng(7, 0)) != crop_box(640, 480, view_rng(7, 1))
+    left, top, right, bottom = crop_box(3000, 100, view_rng(1, 0))
+    assert (bottom - top, right - left) == (100, round(100 * RATIO[1]))
+    assert left == (3000 - (right - left)) // 2
+    assert crop_box(300, 1000, view_rng(1, 0)) == (0, 300, 300, 700)  # 300 / 400 = 0.75
+
+
+def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path: Path) -> None:
+    keys = syn.write_webdataset(tmp_path / "wds", N_IMAGES, per_shard=4)
+    source = str(tmp_path / "wds")
+    whole = settings(tmp_path / "db", "whole", views=2, sink="driver")
+    report = run_embed(source, whole, progress=False)
+    assert report.rows_written == N_IMAGES
+
+    table = CacheTable.open(whole.store)
+    field = table.table.schema.field("view_vectors")
+    assert field.type == pa.list_(pa.float16(), 2 * 64)  # two 64-d vectors one after another
+    assert table.metadata["views"]["count"] == 2
+    assert table.metadata["views"]["augmentation"]["scale"] == [0.9, 1.0]
+
+    # Equal to the same crops encoded in one process; the centre vector is today's.
+    encoder = Encoder.from_config(EncoderConfig(preset="tiny"), Settings().weights)
+    images = [load_image(syn.image_bytes(i)) for i in range(N_IMAGES)]
+    ids = [row_id(k) for k in keys]
+
+    def encode(batch: list[torch.Tensor]) -> np.ndarray:
+        return F.normalize(encoder.encode(Modality.IMAGE, torch.stack(batch)), dim=-1).numpy()
+
+    centre = encode([image_tensor(img) for img in images])
+    want = np.stack(
+        [
+            encode([view_tensor(img, sid, v) for img, sid in zip(images, ids, strict=True)])
+            for v in range(2)
+        ],
+        axis=1,
+    )
+    _, offsets = table.offsets(ids)
+    got = table.dataset.take(offsets.tolist(), columns=["vector", "view_vectors"])
+    np.testing.assert_allclose(table.vectors(ids), centre, atol=2e-3)
+    views = vectors_to_numpy(got["view_vectors"]).reshape(N_IMAGES, 2, -1)
+    np.testing.assert_allclose(views, want, atol=2e-3)
+
+    # Distinct views (where their crops differ), each close to the centre crop it varies: a
+    # crop keeps >= 90% of the image. 1e-3 is ~20x the fp16 rounding of these values.
+    boxes = [[crop_box(img.width, img.height, view_rng(sid, v)) for v in range(2)]
+             for img, sid in zip(images, ids, strict=True)]  # fmt: skip
+    assert np.abs(views - centre[:, None]).max(axis=2).min() > 1e-3
+    differ = np.array([b[0] != b[1] for b in boxes])
+    assert differ.sum() >= N_IMAGES - 1
+    assert np.abs(views[differ, 0] - views[differ, 1]).max(axis=1).min() > 1e-3
+    assert np.einsum("nvd,nd->nv", views, centre).min() > 0.9
+
+    # A resumed job through the workers' sink writes exactly these rows.
+    resumed = settings(tmp_path / "db", "resumed", views=2)
+    partial = run_embed(source, resumed, limit=5, progress=False, flush_rows=2)
+    assert partial.stopped_by_limit and 0 < partial.rows_written < N_IMAGES
+    run_embed(source, resumed, progress=False)
+    a, b = by_id(whole), by_id(resumed)
+    for name in ("id", "key", "vector", "view_vectors", "thumbnail"):
+        assert a[name] == b[name], name
+
+    # A table keeps its views setting: another one is refused before any work.
+    for other in (0, 3):
+        with pytest.raises(TableMismatchError, match=f"embed.views = 2.*asks for {other}"):
+            run_embed(source, settings(tmp_path / "db", "whole", views=other), progress=False)
+    assert CacheTable.open(whole.store).count() == N_IMAGES
+
+
+def test_a_views_0_table_is_todays_table_and_refuses_views(tmp_path: Path) -> None:
+    syn.write_folder(tmp_path / "folder", 3)
+    s = settings(tmp_path / "db", views=0)
+    run_embed(str(tmp_path / "folder"), s, progress=False)
+    table = CacheTable.open(s.store)
+    names = table.table.schema.names
+    assert names == ["id", "key", "caption", "url", "width", "height", "shard", "vector",
+                     "thumbnail"]  # fmt: skip
+    assert "views" not in table.metadata
+    assert images_schema(dim=64).names == images_schema(dim=64, views=0).names == names
+    with pytest.raises(TableMismatchError, match="embed.views = 0.*asks for 2"):
+        run_embed(str(tmp_path / "folder"), settings(tmp_path / "db", views=2), progress=False)
+    with_views = table_schema(settings(tmp_path / "db", views=2), _probe(), "x")
+    assert with_views.names == [*names[:-1], "view_vectors", "thumbnail"]
+
+
+def _probe():
+    from jobs.embed import probe_encoder
+
+    return probe_encoder(EncoderConfig(preset="tiny"), Settings().weights)
+
+
+def test_training_draws_a_view_per_row_and_epoch_deterministically(tmp_path: Path) -> None:
+    n, views, dim = 40, 3, 8
+    a = view_choices(n, seed=0, epoch=0, views=views)
+    assert np.array_equal(a, view_choices(n, seed=0, epoch=0, views=views))
+    assert set(a.tolist()) == set(range(views + 1))  # centre and every view are drawn
+    b = view_choices(n, seed=0, epoch=1, views=views)
+    assert (a != b).mean() > 0.5  # a new draw per epoch (chance agreement is 1/4)
+    assert not np.array_equal(a, view_choices(n, seed=1, epoch=0, views=views))
+
+    # A real Lance table: row i's centre is i·e0, its view k is i·e_k.
+    rng = np.random.default_rng(0)
+    centre = np.zeros((n, dim), dtype=np.float32)
+    centre[:, 0] = np.arange(n)
+    nested = np.zeros((n, views, dim), dtype=np.float32)
+    for k in range(views):
+        nested[:, k, k + 1] = np.arange(n)
+    schema = images_schema(dtype="float32", dim=dim, views=views, thumbnail=False)
+    rows = pa.table(
+        {
+            "id": pa.array(np.arange(n)),
+            "key": pa.array([str(i) for i in range(n)]),
+            "caption": pa.array([f"c{i}" for i in range(n)]),
+            "url": pa.nulls(n, pa.string()),
+            "width": pa.nulls(n, pa.int32()),
+            "height": pa.nulls(n, pa.int32()),
+            "shard": pa.nulls(n, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(centre.reshape(-1)), dim),
+            "view_vectors": pa.FixedSizeListArray.from_arrays(
+                pa.array(nested.reshape(-1)), views * dim
+            ),
+        }
+    ).cast(schema)
+    import lance
+
+    ds = lance.write_dataset(rows, str(tmp_path / "t.lance"))
+    source = RowSource(uri=ds.uri, version=ds.version, views=views)
+    offsets = rng.permutation(n)
+    picked = a[offsets]
+    got = np.concatenate(
+        [r["vector"] for r in stream_rows(source, offsets, 8, 0.1, choices=picked)]
+    )
+    axis = np.argmax(np.abs(got), axis=1)
+    assert np.array_equal(axis[offsets != 0], picked[offsets != 0])  # row 0 is all zeros
+    assert np.array_equal(np.abs(got).max(axis=1), offsets.astype(np.float32))
+    # Without choices (train.use_views false or no views) it is the centre vector.
+    plain = np.concatenate([r["vector"] for r in stream_rows(source, offsets, 8, 0.1)])
+    assert np.array_equal(plain, centre[offsets])
+    assert math.isclose(float(plain[:, 1:].sum()), 0.0)
