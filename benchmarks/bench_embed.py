@@ -9,7 +9,10 @@ Sinks mode: the same job with the driver sink and with the distributed sink (enc
 write Lance fragments) on the same shards: bytes the driver received per row, images/s, and
 the table directory's size after the job (and its gc) against its live data.
 
-    python benchmarks/bench_embed.py [--n 1000] [--mode auto|cpu|gpu|sinks] [--json OUT]
+Views mode: the same job with ``embed.views`` 0 and N (``--views``, default 2) on the same
+shards: images/s and the table's live bytes per row.
+
+    python benchmarks/bench_embed.py [--n 1000] [--mode auto|cpu|gpu|sinks|views] [--json OUT]
 """
 
 from __future__ import annotations
@@ -179,6 +182,37 @@ def bench_sinks(n: int, work: Path, rounds: int = 1) -> dict[str, Any]:
     return {"mode": "sinks", "images": n, "rounds": rounds, "runs": runs}
 
 
+def bench_views(n: int, work: Path, rounds: int = 1, views: tuple[int, ...] = (0, 2)) -> dict:
+    """``embed --views N``: the same job on the same shards with 0 and N augmented views,
+    alternating, ``rounds`` each: images/s and the table's live bytes per row."""
+    source = str(make_shards(work, n, per_shard=100))
+    runs: dict[int, list[dict[str, Any]]] = {v: [] for v in views}
+    for r in range(rounds):
+        for v in views:
+            db = work / f"db-views{v}-{r}"
+            settings = Settings(
+                encoder=EncoderConfig(preset="tiny", device="cpu"),
+                store=StoreConfig(uri=str(db)),
+                embed=EmbedConfig(batch_size=32, views=v),
+                index={"dir": str(work / "index")},
+            )
+            report = run_embed(source, settings, progress=False)
+            assert report.rows_written == n
+            live = report.gc["tables"]["images"]["live_bytes"]
+            runs[v].append(
+                {
+                    "wall_s": report.wall_s,
+                    "images_per_s": report.samples_per_s,
+                    "steady_images_per_s": report.steady_samples_per_s,
+                    "table_live_bytes_per_row": round(live / n),
+                    "decode_busy_s": report.stages["decode"]["busy_s"],
+                    "encode_busy_s": report.stages["encode"]["busy_s"],
+                }
+            )
+            shutil.rmtree(db, ignore_errors=True)
+    return {"mode": "views", "images": n, "rounds": rounds, "runs": runs}
+
+
 def bench_decode(n: int, work: Path, rounds: int = 3) -> dict[str, Any]:
     """The decode stage alone, in this process: ``decode_partition`` as the job runs it (samples
     decoded in a sandbox worker, a chunk per sandbox task) against the same function with the
@@ -286,8 +320,9 @@ def bench_gpu(n: int, work: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="images")
-    parser.add_argument("--mode", choices=["auto", "cpu", "gpu", "sinks"], default="auto")
-    parser.add_argument("--rounds", type=int, default=1, help="sinks: runs of each sink")
+    parser.add_argument("--mode", choices=["auto", "cpu", "gpu", "sinks", "views"], default="auto")
+    parser.add_argument("--rounds", type=int, default=1, help="sinks/views: runs of each")
+    parser.add_argument("--views", type=int, default=2, help="views mode: N against 0")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     results = []
@@ -298,6 +333,8 @@ def main() -> None:
             results.append(bench_decode(args.n, work / "decode"))
         if args.mode == "sinks":
             results.append(bench_sinks(args.n, work / "sinks", args.rounds))
+        if args.mode == "views":
+            results.append(bench_views(args.n, work / "views", args.rounds, (0, args.views)))
         if args.mode == "gpu" or (args.mode == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
                 raise SystemExit("--mode gpu needs a GPU")
@@ -313,6 +350,14 @@ def main() -> None:
                         f"({run['steady_images_per_s']}/s once flowing), driver received "
                         f"{run['driver_bytes_per_row']} B/row, table {run['table_disk_mb']} MB "
                         f"on disk for {run['table_live_mb']} MB live ({run['disk_over_live']}x)"
+                    )
+        elif r["mode"] == "views":
+            for v, runs in r["runs"].items():
+                for run in runs:
+                    print(
+                        f"views={v}, {r['images']} images: {run['images_per_s']}/s "
+                        f"({run['steady_images_per_s']}/s once flowing), table "
+                        f"{run['table_live_bytes_per_row']} B/row live"
                     )
         elif r["mode"] == "decode":
             print(

@@ -110,6 +110,10 @@ def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path
     _, offsets = table.offsets(ids)
     got = table.dataset.take(offsets.tolist(), columns=["vector", "view_vectors"])
     np.testing.assert_allclose(table.vectors(ids), centre, atol=2e-3)
+    # What indexes are built from is the centre vector alone.
+    index_ids, index_x = next(table.iter_vectors())
+    assert index_x.shape == (N_IMAGES, 64)
+    np.testing.assert_array_equal(index_x, table.vectors(index_ids))
     views = vectors_to_numpy(got["view_vectors"]).reshape(N_IMAGES, 2, -1)
     np.testing.assert_allclose(views, want, atol=2e-3)
 
