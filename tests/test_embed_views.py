@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -213,3 +214,74 @@ def test_training_draws_a_view_per_row_and_epoch_deterministically(tmp_path: Pat
     plain = np.concatenate([r["vector"] for r in stream_rows(source, offsets, 8, 0.1)])
     assert np.array_equal(plain, centre[offsets])
     assert math.isclose(float(plain[:, 1:].sum()), 0.0)
+
+
+def views_table(path: Path, n: int, views: int, dim: int, seed: int = 0) -> tuple[Any, ...]:
+    """A Lance images table with random unit ``vector`` and ``view_vectors`` and captions."""
+    import lance
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, views + 1, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=2, keepdims=True)
+    schema = images_schema(dtype="float32", dim=dim, views=views, thumbnail=False)
+    rows = pa.table(
+        {
+            "id": pa.array(np.arange(n)),
+            "key": pa.array([str(i) for i in range(n)]),
+            "caption": pa.array([f"caption {i}" for i in range(n)]),
+            "url": pa.nulls(n, pa.string()),
+            "width": pa.nulls(n, pa.int32()),
+            "height": pa.nulls(n, pa.int32()),
+            "shard": pa.nulls(n, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[:, 0].reshape(-1)), dim),
+            "view_vectors": pa.FixedSizeListArray.from_arrays(
+                pa.array(x[:, 1:].reshape(-1)), views * dim
+            ),
+        }
+    ).cast(schema)
+    ds = lance.write_dataset(rows, str(path))
+    return ds, x
+
+
+def test_training_batches_carry_the_drawn_view_on_any_worker_count(tmp_path: Path) -> None:
+    from cachebind.inject.tiny import train_tokenizer
+    from cachebind.inject.tokenizer import Tokenizer
+    from cachebind.train.data import epoch_order, worker_offsets
+    from cachebind.train.loop import Plan, micro_batches
+
+    n, views, dim, micro = 24, 2, 8, 3
+    ds, x = views_table(tmp_path / "t.lance", n, views, dim)
+    tok = Tokenizer(train_tokenizer(tmp_path / "tok.model", vocab_size=300))
+
+    def plan(accum: int, world: int) -> Plan:
+        spe = n // (micro * accum * world)
+        return Plan(
+            phase="pretrain", llama_dir="", start_file="", n_rows=n,
+            source=RowSource(uri=ds.uri, version=ds.version, views=views),
+            steps_per_epoch=spe, total_steps=2 * spe, epochs=2.0, warmup_epochs=0.0,
+            lr=1e-3, min_lr=0.0, weight_decay=0.0, batch_size=micro, accum_iter=accum,
+            max_words=32, seed=3, checkpoint_every=1, data_cpus=0.1, output_dtype="float32",
+            log_file="", progress=False,
+        )  # fmt: skip
+
+    def f_m(p: Plan, rank: int, world: int, start: int = 0) -> np.ndarray:
+        batches = [b for _, group in micro_batches(p, tok, rank, world, start) for b in group]
+        return np.stack([b.f_m.numpy() for b in batches])  # [micro-batches, micro, d]
+
+    one = f_m(plan(2, 1), 0, 1)
+    two = [f_m(plan(1, 2), r, 2) for r in (0, 1)]
+    for r in (0, 1):  # 1 worker x accum 2 == 2 workers, view draws included
+        np.testing.assert_allclose(one[r::2], two[r], atol=1e-6)
+    np.testing.assert_allclose(f_m(plan(2, 1), 0, 1, start=3), one[6:], atol=1e-6)  # resumed
+
+    # Each row's F_M is the vector view_choices drew for it in that epoch.
+    spe = n // (micro * 2)
+    for epoch in (0, 1):
+        offsets = worker_offsets(
+            epoch_order(n, 3, epoch), rank=0, world=1, micro_batch=micro, accum=2
+        )
+        pick = view_choices(n, 3, epoch, views)[offsets]
+        want = x[offsets, pick].reshape(-1, micro, dim)
+        np.testing.assert_allclose(one[epoch * spe * 2 : (epoch + 1) * spe * 2], want, atol=1e-6)
+    draws = np.stack([view_choices(n, 3, e, views) for e in (0, 1)])
+    assert (draws[0] != draws[1]).any() and (draws > 0).any()  # views are trained on
