@@ -112,7 +112,9 @@ def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path
     got = table.dataset.take(offsets.tolist(), columns=["vector", "view_vectors"])
     np.testing.assert_allclose(table.vectors(ids), centre, atol=2e-3)
     # What indexes are built from is the centre vector alone.
-    index_ids, index_x = next(table.iter_vectors())
+    read = list(table.iter_vectors())
+    index_ids = np.concatenate([i for i, _ in read])
+    index_x = np.concatenate([v for _, v in read])
     assert index_x.shape == (N_IMAGES, 64)
     np.testing.assert_array_equal(index_x, table.vectors(index_ids))
     views = vectors_to_numpy(got["view_vectors"]).reshape(N_IMAGES, 2, -1)
@@ -251,7 +253,7 @@ def test_training_batches_carry_the_drawn_view_on_any_worker_count(tmp_path: Pat
 
     n, views, dim, micro = 24, 2, 8, 3
     ds, x = views_table(tmp_path / "t.lance", n, views, dim)
-    tok = Tokenizer(train_tokenizer(tmp_path / "tok.model", vocab_size=300))
+    tok = Tokenizer(train_tokenizer(tmp_path / "tok.model", vocab_size=400))
 
     def plan(accum: int, world: int) -> Plan:
         spe = n // (micro * accum * world)
