@@ -357,7 +357,8 @@ def main() -> None:
                     print(
                         f"views={v}, {r['images']} images: {run['images_per_s']}/s "
                         f"({run['steady_images_per_s']}/s once flowing), table "
-                        f"{run['table_live_bytes_per_row']} B/row live"
+                        f"{run['table_live_bytes_per_row']} B/row live; busy decode "
+                        f"{run['decode_busy_s']} s, encode {run['encode_busy_s']} s"
                     )
         elif r["mode"] == "decode":
             print(
