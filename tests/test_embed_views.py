@@ -287,3 +287,18 @@ def test_training_batches_carry_the_drawn_view_on_any_worker_count(tmp_path: Pat
         np.testing.assert_allclose(one[epoch * spe * 2 : (epoch + 1) * spe * 2], want, atol=1e-6)
     draws = np.stack([view_choices(n, 3, e, views) for e in (0, 1)])
     assert (draws[0] != draws[1]).any() and (draws > 0).any()  # views are trained on
+
+
+def test_the_flags_reach_the_settings(tmp_path: Path) -> None:
+    from cachebind.cli import build_parser, overrides_from
+    from cachebind.config import load_config
+
+    embed = build_parser().parse_args(["embed", str(tmp_path), "--views", "3"])
+    assert load_config(None, **overrides_from(embed)).embed.views == 3
+    plain = build_parser().parse_args(["embed", str(tmp_path)])
+    assert load_config(None, **overrides_from(plain)).embed.views == 0
+    train = build_parser().parse_args(["train", "pretrain", "--no-views"])
+    assert load_config(None, **overrides_from(train)).train.use_views is False
+    assert Settings().train.use_views is True  # views are used when the table has them
+    with pytest.raises(ValueError):
+        EmbedConfig(views=-1)
