@@ -34,7 +34,7 @@ from jobs.embed import run_embed, table_schema
 N_IMAGES = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
@@ -79,6 +79,7 @@ def test_crops_follow_the_release_transform_and_are_seeded_per_id_and_view() -> 
     assert crop_box(300, 1000, view_rng(1, 0)) == (0, 300, 300, 700)  # 300 / 400 = 0.75
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path: Path) -> None:
     keys = syn.write_webdataset(tmp_path / "wds", N_IMAGES, per_shard=4)
     source = str(tmp_path / "wds")
@@ -146,6 +147,7 @@ def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path
     assert CacheTable.open(whole.store).count() == N_IMAGES
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_views_0_table_is_todays_table_and_refuses_views(tmp_path: Path) -> None:
     syn.write_folder(tmp_path / "folder", 3)
     s = settings(tmp_path / "db", views=0)
@@ -168,6 +170,7 @@ def _probe():
     return probe_encoder(EncoderConfig(preset="tiny"), Settings().weights)
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_training_draws_a_view_per_row_and_epoch_deterministically(tmp_path: Path) -> None:
     n, views, dim = 40, 3, 8
     a = view_choices(n, seed=0, epoch=0, views=views)
@@ -245,6 +248,7 @@ def views_table(path: Path, n: int, views: int, dim: int, seed: int = 0) -> tupl
     return ds, x
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_training_batches_carry_the_drawn_view_on_any_worker_count(tmp_path: Path) -> None:
     from cachebind.inject.tiny import train_tokenizer
     from cachebind.inject.tokenizer import Tokenizer
@@ -302,3 +306,17 @@ def test_the_flags_reach_the_settings(tmp_path: Path) -> None:
     assert Settings().train.use_views is True  # views are used when the table has them
     with pytest.raises(ValueError):
         EmbedConfig(views=-1)
+
+
+def test_views_made_by_another_augmentation_are_not_mixed() -> None:
+    from cachebind.store import EncoderMismatchError
+    from cachebind.store.writer import check_compatible
+
+    def schema(augmentation: dict) -> pa.Schema:
+        views = {"count": 2, "augmentation": augmentation}
+        return images_schema(dim=8, views=2, metadata={"encoder": "e", "views": views})
+
+    same = {"transform": "RandomResizedCrop", "scale": [0.9, 1.0]}
+    check_compatible(schema(same), schema(dict(same)), "t")
+    with pytest.raises(EncoderMismatchError, match="views"):
+        check_compatible(schema(same), schema({**same, "scale": [0.08, 1.0]}), "t")

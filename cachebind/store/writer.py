@@ -41,7 +41,8 @@ PROGRESS_SCHEMA = pa.schema(
 
 # What must agree between a table and the job appending to it (other metadata, such as the
 # source or the creation time, may differ between runs).
-IDENTITY_KEYS = ("encoder", "preprocess_version")
+IDENTITY_KEYS = ("encoder", "preprocess_version", "views")
+"""``views`` (embed --views: count and augmentation) is absent, so equal, on tables without."""
 
 
 def progress_table_name(table: str) -> str:
@@ -215,6 +216,14 @@ class CacheWriter:
 
 def check_compatible(existing: pa.Schema, wanted: pa.Schema, where: str) -> None:
     """Raise unless a job writing rows of ``wanted`` may append to a table of ``existing``."""
+    have_views, want_views = view_count(existing), view_count(wanted)
+    if have_views != want_views:
+        raise TableMismatchError(
+            f"table {where} was embedded with {have_views} augmented views a row "
+            f"(embed.views = {have_views}) and this job asks for {want_views}: a table keeps "
+            f"its views setting. Re-run with --views {have_views}, or write to a new table "
+            "(--table / store.table)"
+        )
     have, want = table_metadata(existing), table_metadata(wanted)
     differing = [k for k in IDENTITY_KEYS if have.get(k) != want.get(k)]
     if differing:
@@ -226,14 +235,6 @@ def check_compatible(existing: pa.Schema, wanted: pa.Schema, where: str) -> None
         raise EncoderMismatchError(
             f"table {where} was built by another encoder; refusing to mix embeddings.\n{lines}\n"
             "Write to a new table (store.table) or delete this one."
-        )
-    have_views, want_views = view_count(existing), view_count(wanted)
-    if have_views != want_views:
-        raise TableMismatchError(
-            f"table {where} was embedded with {have_views} augmented views a row "
-            f"(embed.views = {have_views}) and this job asks for {want_views}: a table keeps "
-            f"its views setting. Re-run with --views {have_views}, or write to a new table "
-            "(--table / store.table)"
         )
     have_fields = {f.name: f.type for f in existing}
     want_fields = {f.name: f.type for f in wanted}
