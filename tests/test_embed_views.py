@@ -320,3 +320,17 @@ def test_views_made_by_another_augmentation_are_not_mixed() -> None:
     check_compatible(schema(same), schema(dict(same)), "t")
     with pytest.raises(EncoderMismatchError, match="views"):
         check_compatible(schema(same), schema({**same, "scale": [0.08, 1.0]}), "t")
+
+
+def test_the_trainer_reads_views_when_the_table_has_them(tmp_path: Path) -> None:
+    from train_fixtures import tiny_llama, train_settings
+
+    from cachebind.train.trainer import make_plan
+
+    views_table(tmp_path / "db" / "images.lance", 12, 2, 16)
+    store = StoreConfig(uri=str(tmp_path / "db"), table="images", vector_dtype="float32")
+    llama = tiny_llama(tmp_path / "llama", dim=16, n_layers=1, n_heads=2)
+    on = make_plan(train_settings(tmp_path, store, llama), "pretrain", world=1)
+    assert on.source.views == 2
+    off = make_plan(train_settings(tmp_path, store, llama, use_views=False), "pretrain", world=1)
+    assert off.source.views == 0
