@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import math
-import os
 import pickle
 import queue
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,17 +16,17 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from cachebind.config import SandboxConfig
 from cachebind.errors import CachebindError, InputError
+from cachebind.sandbox.process import WorkerProcess, death_reason, kill_all
 from cachebind.sandbox.worker import from_wire, loads, receive
 
 MiB = 1024 * 1024
 _POLL_S = 0.05
 """How often a waiting dispatcher looks whether its task was abandoned."""
-_START_TIMEOUT_S = 60.0
 
 
 class SandboxBusy(CachebindError):
@@ -78,70 +74,6 @@ class _Task:
         self.future.cancel()
 
 
-class _Worker:
-    """One worker: a fresh interpreter (``sys.executable -c``) joined by a socket pair.
-
-    Not ``multiprocessing``'s spawn or forkserver: both re-run the parent's main script in the
-    child (a Ray worker's, a user's script), which a library cannot vouch for.
-    """
-
-    def __init__(self, memory_bytes: int | None, cpu_s: int, preload: Sequence[str]) -> None:
-        ours, theirs = socket.socketpair()
-        spec = {
-            "fd": theirs.fileno(),
-            "memory": memory_bytes,
-            "cpu": cpu_s,
-            "preload": list(preload),
-            "path": [p for p in sys.path if p],
-        }
-        env = {**os.environ, **_ONE_THREAD}
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _ENTRY, json.dumps(spec)],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # stderr stays: a dying decoder's last words
-                env=env,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()  # the worker's end: its death must show here as EOF
-        self.conn = Connection(ours.detach())
-        try:
-            if not self.conn.poll(_START_TIMEOUT_S) or self.conn.recv_bytes() != b"ready":
-                raise OSError("no ready message")
-        except (OSError, EOFError) as exc:
-            self.kill()
-            raise RuntimeError(f"a sandbox worker did not start: {exc}") from exc
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def exitcode(self) -> int | None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self.process.wait(5)
-        return None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
-        self.conn.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send_bytes(b"")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(2)
-        self.kill()
-
-
-_ENTRY = "import sys; from cachebind.sandbox.worker import worker_entry; worker_entry(sys.argv[1])"
-_ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-"""A worker runs one task at a time: the pool is the parallelism, not BLAS threads."""
-
-
 class Sandbox:
     """``config.workers`` isolated worker processes behind a queue of ``config.max_queue``.
 
@@ -165,13 +97,13 @@ class Sandbox:
         self._restarts: Counter[str] = Counter()
         self._mean_s = 0.1  # running mean of task seconds, for the busy answer's retry hint
         self._closed = False
-        self._workers: list[_Worker | None] = [None] * config.workers
+        self._workers: list[WorkerProcess | None] = [None] * config.workers
         self._started = [threading.Event() for _ in range(config.workers)]
         self._threads = [
             threading.Thread(target=self._dispatch, args=(i,), name=f"sandbox-{i}", daemon=True)
             for i in range(config.workers)
         ]
-        self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+        self._finalizer = weakref.finalize(self, kill_all, self._workers)
         for thread in self._threads:
             thread.start()
 
@@ -288,8 +220,8 @@ class Sandbox:
     def _retry_after(self) -> float:
         return float(max(1, math.ceil(self._in_flight * self._mean_s / self.config.workers)))
 
-    def _spawn(self) -> _Worker:
-        return _Worker(self._memory, self.config.cpu_seconds, self._preload)
+    def _spawn(self) -> WorkerProcess:
+        return WorkerProcess(self._memory, self.config.cpu_seconds, self._preload)
 
     def _dispatch(self, slot: int) -> None:
         with contextlib.suppress(Exception):  # a worker that cannot start is retried per task
@@ -321,7 +253,7 @@ class Sandbox:
         if worker is not None:
             worker.stop()
 
-    def _replace(self, slot: int, reason: str | None = None) -> _Worker | None:
+    def _replace(self, slot: int, reason: str | None = None) -> WorkerProcess | None:
         """Kill the slot's worker and start its successor now, while the slot is idle anyway,
         so that the next task does not wait for an interpreter to start. ``reason`` is counted
         in ``stats().restarts`` when a worker was there to replace."""
@@ -335,7 +267,7 @@ class Sandbox:
             self._workers[slot] = self._spawn()
         return self._workers[slot]
 
-    def _ready_worker(self, slot: int) -> _Worker:
+    def _ready_worker(self, slot: int) -> WorkerProcess:
         worker = self._workers[slot]
         if worker is None or not worker.alive():
             worker = self._replace(slot, "died_idle")
@@ -373,7 +305,7 @@ class Sandbox:
             except (EOFError, OSError):
                 exitcode = worker.exitcode()
                 task.future.set_exception(self._crash_error(task.source, exitcode))
-                self._replace(slot, _death_reason(exitcode))
+                self._replace(slot, death_reason(exitcode))
                 return
             except Exception as exc:  # late, oversized or garbled: not trusted again
                 self._replace(slot)
@@ -418,18 +350,3 @@ class Sandbox:
                 return InputError(source, "too_large", detail)
             return InputError(source, "undecodable", f"the decoder crashed with signal {sig.name}")
         return InputError(source, "undecodable", f"the decoder exited with status {exitcode}")
-
-
-def _death_reason(exitcode: int | None) -> str:
-    if exitcode == -signal.SIGXCPU:
-        return "cpu_cap"
-    if exitcode == -signal.SIGKILL:
-        return "memory_cap"  # the kernel's OOM killer; nobody else sends a worker SIGKILL
-    return "crashed"
-
-
-def _kill_all(workers: list[_Worker | None]) -> None:
-    for worker in list(workers):
-        if worker is not None:
-            with contextlib.suppress(Exception):
-                worker.kill()

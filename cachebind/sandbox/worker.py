@@ -1,6 +1,7 @@
 """The worker's side of the sandbox: caps, the task loop, and the wire format of answers.
 
-Runs in a fresh interpreter started by ``pool._Worker`` (``python -c`` of ``worker_entry``).
+Runs in a fresh interpreter started by ``process.WorkerProcess`` (``python -c`` of
+``worker_entry``).
 """
 
 from __future__ import annotations
