@@ -154,7 +154,8 @@ def _train(settings: Settings, out: Path) -> None:
 
     print(
         "training stage 1 from the cache (bind network, prefix queries, gates; the base LLaMA "
-        "frozen)\non every 7th image held out, ~1 minute on the CPU ..."
+        "frozen),\none image of each shape held out in every 3rd colour/background setting, "
+        "~1 minute on the CPU ..."
     )
     demo = train_on_cache(settings, out)
     u, t = demo.untrained, demo.trained
