@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cachebind.config import StoreConfig
+from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
 from cachebind.demo.data import COLOURS
 from cachebind.serve.runtime import IndexSnapshot
 from cachebind.store import CacheTable, connect, images_schema, row_id
@@ -187,4 +187,13 @@ def tiny_runtime(settings: Any, loader: Any, generator: Any = None) -> Any:
         loader=loader,
         generator=generator,
         cache_config=settings.cache,
+    )
+
+
+def embed_settings(db: Path, table: str = "images", **embed: Any) -> Settings:
+    """Settings of a small embedding job: the tiny preset, a table in ``db``, batch 8."""
+    return Settings(
+        encoder=EncoderConfig(preset="tiny"),
+        store=StoreConfig(uri=str(db), table=table),
+        embed=EmbedConfig(**{"batch_size": 8, **embed}),
     )

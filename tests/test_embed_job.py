@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import embed_settings
 from PIL import Image
 
-from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
+from cachebind.config import EmbedConfig, EncoderConfig, Settings
 from cachebind.encode import Encoder
 from cachebind.modalities import Modality
 from cachebind.preprocess import PREPROCESS_VERSION
@@ -39,12 +40,7 @@ def ray_session():
     ray.shutdown()
 
 
-def settings(db: Path, table: str = "images", **embed) -> Settings:
-    return Settings(
-        encoder=EncoderConfig(preset="tiny"),
-        store=StoreConfig(uri=str(db), table=table),
-        embed=EmbedConfig(**{"batch_size": 8, **embed}),
-    )
+settings = embed_settings
 
 
 def table_rows(s: Settings) -> dict:

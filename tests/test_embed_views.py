@@ -18,6 +18,7 @@ import pytest
 import ray
 import torch
 import torch.nn.functional as F
+from builders import embed_settings
 
 from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
 from cachebind.encode import Encoder
@@ -41,12 +42,7 @@ def ray_session():
     ray.shutdown()
 
 
-def settings(db: Path, table: str = "images", **embed) -> Settings:
-    return Settings(
-        encoder=EncoderConfig(preset="tiny"),
-        store=StoreConfig(uri=str(db), table=table),
-        embed=EmbedConfig(**{"batch_size": 8, **embed}),
-    )
+settings = embed_settings
 
 
 def by_id(s: Settings) -> dict[str, list]:
