@@ -149,6 +149,20 @@ def bench_cpu(n: int, work: Path) -> dict[str, Any]:
     }
 
 
+def job_round(source: str, db: Path, work: Path, n: int, **embed: Any) -> Any:
+    """One embedding job of the tiny encoder into ``db`` (batch 32, ``embed`` overrides); every
+    one of the ``n`` images must be written."""
+    settings = Settings(
+        encoder=EncoderConfig(preset="tiny", device="cpu"),
+        store=StoreConfig(uri=str(db)),
+        embed=EmbedConfig(batch_size=32, **embed),
+        index={"dir": str(work / "index")},
+    )
+    report = run_embed(source, settings, progress=False)
+    assert report.rows_written == n
+    return report
+
+
 def bench_sinks(n: int, work: Path, rounds: int = 1) -> dict[str, Any]:
     """Driver sink vs distributed sink on the same shards, alternating, ``rounds`` each."""
     source = str(make_shards(work, n, per_shard=100))
@@ -156,14 +170,7 @@ def bench_sinks(n: int, work: Path, rounds: int = 1) -> dict[str, Any]:
     for r in range(rounds):
         for sink in ("driver", "workers"):
             db = work / f"db-{sink}-{r}"
-            settings = Settings(
-                encoder=EncoderConfig(preset="tiny", device="cpu"),
-                store=StoreConfig(uri=str(db)),
-                embed=EmbedConfig(batch_size=32, sink=sink),
-                index={"dir": str(work / "index")},
-            )
-            report = run_embed(source, settings, progress=False)
-            assert report.rows_written == n
+            report = job_round(source, db, work, n, sink=sink)
             images = report.gc["tables"]["images"]
             runs[sink].append(
                 {
@@ -190,14 +197,7 @@ def bench_views(n: int, work: Path, rounds: int = 1, views: tuple[int, ...] = (0
     for r in range(rounds):
         for v in views:
             db = work / f"db-views{v}-{r}"
-            settings = Settings(
-                encoder=EncoderConfig(preset="tiny", device="cpu"),
-                store=StoreConfig(uri=str(db)),
-                embed=EmbedConfig(batch_size=32, views=v),
-                index={"dir": str(work / "index")},
-            )
-            report = run_embed(source, settings, progress=False)
-            assert report.rows_written == n
+            report = job_round(source, db, work, n, views=v)
             live = report.gc["tables"]["images"]["live_bytes"]
             runs[v].append(
                 {

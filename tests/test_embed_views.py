@@ -185,25 +185,7 @@ def test_training_draws_a_view_per_row_and_epoch_deterministically(tmp_path: Pat
     nested = np.zeros((n, views, dim), dtype=np.float32)
     for k in range(views):
         nested[:, k, k + 1] = np.arange(n)
-    schema = images_schema(dtype="float32", dim=dim, views=views, thumbnail=False)
-    rows = pa.table(
-        {
-            "id": pa.array(np.arange(n)),
-            "key": pa.array([str(i) for i in range(n)]),
-            "caption": pa.array([f"c{i}" for i in range(n)]),
-            "url": pa.nulls(n, pa.string()),
-            "width": pa.nulls(n, pa.int32()),
-            "height": pa.nulls(n, pa.int32()),
-            "shard": pa.nulls(n, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(centre.reshape(-1)), dim),
-            "view_vectors": pa.FixedSizeListArray.from_arrays(
-                pa.array(nested.reshape(-1)), views * dim
-            ),
-        }
-    ).cast(schema)
-    import lance
-
-    ds = lance.write_dataset(rows, str(tmp_path / "t.lance"))
+    ds = write_views_table(tmp_path / "t.lance", centre, nested)
     source = RowSource(uri=ds.uri, version=ds.version, views=views)
     offsets = rng.permutation(n)
     picked = a[offsets]
@@ -219,14 +201,13 @@ def test_training_draws_a_view_per_row_and_epoch_deterministically(tmp_path: Pat
     assert math.isclose(float(plain[:, 1:].sum()), 0.0)
 
 
-def views_table(path: Path, n: int, views: int, dim: int, seed: int = 0) -> tuple[Any, ...]:
-    """A Lance images table with random unit ``vector`` and ``view_vectors`` and captions."""
+def write_views_table(path: Path, centre: np.ndarray, views: np.ndarray) -> Any:
+    """A Lance images table (float32, no thumbnails) of ``centre`` [n, d] and ``views``
+    [n, v, d], captioned ``caption i``."""
     import lance
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, views + 1, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=2, keepdims=True)
-    schema = images_schema(dtype="float32", dim=dim, views=views, thumbnail=False)
+    n, v, dim = views.shape
+    schema = images_schema(dtype="float32", dim=dim, views=v, thumbnail=False)
     rows = pa.table(
         {
             "id": pa.array(np.arange(n)),
@@ -236,14 +217,19 @@ def views_table(path: Path, n: int, views: int, dim: int, seed: int = 0) -> tupl
             "width": pa.nulls(n, pa.int32()),
             "height": pa.nulls(n, pa.int32()),
             "shard": pa.nulls(n, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[:, 0].reshape(-1)), dim),
-            "view_vectors": pa.FixedSizeListArray.from_arrays(
-                pa.array(x[:, 1:].reshape(-1)), views * dim
-            ),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(centre.reshape(-1)), dim),
+            "view_vectors": pa.FixedSizeListArray.from_arrays(pa.array(views.reshape(-1)), v * dim),
         }
     ).cast(schema)
-    ds = lance.write_dataset(rows, str(path))
-    return ds, x
+    return lance.write_dataset(rows, str(path))
+
+
+def views_table(path: Path, n: int, views: int, dim: int, seed: int = 0) -> tuple[Any, ...]:
+    """A Lance images table with random unit ``vector`` and ``view_vectors`` and captions."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, views + 1, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=2, keepdims=True)
+    return write_views_table(path, x[:, 0], x[:, 1:]), x
 
 
 @pytest.mark.usefixtures("ray_session")
