@@ -318,3 +318,42 @@ def test_the_trainer_reads_views_when_the_table_has_them(tmp_path: Path) -> None
     assert on.source.views == 2
     off = make_plan(train_settings(tmp_path, store, llama, use_views=False), "pretrain", world=1)
     assert off.source.views == 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_ray_train_run_on_a_table_embedded_with_views_trains_on_the_views(
+    tmp_path: Path,
+) -> None:
+    """embed --views 2, then stage 1 on that table through Ray Train: the run draws the views
+    (its parameters differ from the same run on centre vectors only; the draw's seeding is
+    specified above) and the output loads for generation."""
+    from train_fixtures import tiny_llama, train_settings
+
+    from cachebind.config import LLMConfig
+    from cachebind.inject.generate import load_generator
+    from cachebind.train.trainer import run_training
+
+    syn.write_webdataset(tmp_path / "wds", N_IMAGES, per_shard=4)
+    embedded = settings(tmp_path / "db", "images", views=2)
+    assert run_embed(str(tmp_path / "wds"), embedded, progress=False).rows_written == N_IMAGES
+    llama = tiny_llama(tmp_path / "llama")
+
+    def train(run_name: str, **train: Any) -> dict[str, torch.Tensor]:
+        s = train_settings(tmp_path, embedded.store, llama, run_name=run_name, **train)
+        result = run_training(s, "pretrain")
+        assert result.steps == N_IMAGES // 2  # batch 2, one epoch
+        llm = LLMConfig(llama_dir=llama, adapter_checkpoint=result.output, dtype="float32")
+        load_generator(llm.model_copy(update={"device": "cpu"}))
+        return torch.load(result.output, map_location="cpu", weights_only=True)["model"]
+
+    with_views, again, centre_only = (
+        train("views"),
+        train("again"),
+        train("centre", use_views=False),
+    )
+    assert with_views.keys() == centre_only.keys()
+    for name, value in with_views.items():
+        assert torch.equal(value, again[name]), name
+    moved = [n for n in with_views if not torch.equal(with_views[n], centre_only[n])]
+    assert any(n.startswith("image_bind_proj") for n in moved)
