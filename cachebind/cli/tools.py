@@ -62,7 +62,7 @@ def add_demo(sub: Subcommands, common: CommonOptions) -> None:
     p.add_argument(
         "--train",
         action="store_true",
-        help="train stage 1 from the cache (~1 min CPU), report held-out captions, serve it",
+        help="train stage 1 from the cache (~1.5 min CPU), report held-out captions, serve it",
     )
 
 

@@ -155,7 +155,7 @@ def _train(settings: Settings, out: Path) -> None:
     print(
         "training stage 1 from the cache (bind network, prefix queries, gates; the base LLaMA "
         "frozen),\none image of each shape held out in every 3rd colour/background setting, "
-        "~1 minute on the CPU ..."
+        "~1.5 minutes on the CPU ..."
     )
     demo = train_on_cache(settings, out)
     u, t = demo.untrained, demo.trained
