@@ -131,15 +131,23 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_where_the_whole_run_ends(inputs
     )
     thread.start()
     # Kill as soon as Ray Train has registered a checkpoint (its controller does so when it
-    # polls the workers, every 2 s): that is the one the restarted worker must resume from.
+    # polls the workers, every 2 s). The worker is found first, so that the kill follows the
+    # registration at once: the loop may run at most a checkpoint or two past it (a report waits
+    # for the controller to take the previous one), never to the end of the run.
     deadline = time.monotonic() + 120
+    pids: set[int] = set()
+    while not pids and thread.is_alive() and time.monotonic() < deadline:
+        # Once this run has logged a step, its worker is up (an earlier run's are gone).
+        pids = _train_worker_pids() if log.is_file() else set()
+        time.sleep(0.05)
+    assert pids, "no training worker process found"
     while registered_step(snapshot) is None and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
-    resumed_at = registered_step(snapshot)
-    pids = _train_worker_pids()
-    assert pids, "no training worker process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
+    # Read after the kill: nothing more can be registered, so this is the checkpoint the
+    # restarted worker resumes from.
+    resumed_at = registered_step(snapshot)
     before = log_lines(log)
     assert resumed_at is not None and 4 <= resumed_at <= len(before) < STEPS, (resumed_at, before)
     thread.join(timeout=180)

@@ -60,8 +60,10 @@ def test_text_search_renders_results_with_thumbnails(page, server):
     page.fill("#k", "8")
     page.click("#search")
     page.wait_for_selector("#results .result >> nth=7")
-    # decode() resolves once each thumbnail's bytes have arrived and decoded; a polled string
-    # predicate (wait_for_function) would need the eval the page's CSP forbids.
+    # Every card says when its thumbnail has settled; before that an <img> may have no src yet,
+    # and decode() on it rejects. decode() then resolves once each image's bytes have decoded
+    # (a polled string predicate, wait_for_function, would need the eval the page's CSP forbids).
+    page.wait_for_selector("#results .result[data-thumb] >> nth=7")
     widths = page.eval_on_selector_all(
         "#results .result img",
         "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))",
@@ -215,11 +217,11 @@ def test_the_page_runs_under_its_content_security_policy(browser, server):
     page.fill("#api-key", svc.user_key)
     page.fill(".input-row .input-text", "a red dog")
     page.click("#search")
-    page.wait_for_selector("#results .result img")
-    # decode() waits for the image to arrive (the element is there before its bytes are).
-    width = page.eval_on_selector(
-        "#results .result img", "i => i.decode().then(() => i.naturalWidth)"
-    )
+    # The card is there before its thumbnail's fetch ends; data-thumb says the blob URL is set,
+    # and decode() then waits for the image's bytes to decode.
+    shown = '#results .result[data-thumb="shown"] img'
+    page.wait_for_selector(shown)
+    width = page.eval_on_selector(shown, "i => i.decode().then(() => i.naturalWidth)")
     assert width == 64
     assert violations == []
     context.close()

@@ -96,15 +96,19 @@ function clearResults() {
   $("#results").replaceChildren();
 }
 
-async function loadThumbnail(img, url) {
+// The card's data-thumb says when its thumbnail is settled ("shown" or "missing"), so a reader
+// (or a test) can wait for every card's image without polling the <img> itself.
+async function loadThumbnail(card, img, url) {
   try {
     const response = await fetch(url, { headers: authHeaders() });
     if (!response.ok) throw new Error(String(response.status));
     const objectUrl = URL.createObjectURL(await response.blob());
     state.objectUrls.push(objectUrl);
     img.src = objectUrl;
+    card.dataset.thumb = "shown";
   } catch {
     img.replaceWith(document.createTextNode("no thumbnail"));
+    card.dataset.thumb = "missing";
   }
 }
 
@@ -121,7 +125,7 @@ function renderResults(results) {
     img.alt = hit.caption || hit.key || "";
     if (hit.width && hit.height) img.title = `${hit.width}×${hit.height}`;
     $("#results").appendChild(card);
-    loadThumbnail(img, hit.image_url);
+    loadThumbnail(card, img, hit.image_url);
   }
 }
 
