@@ -125,7 +125,9 @@ def greedy_captions(
     model.eval()
     prompt = tok.encode(format_prompt(PRETRAIN_INSTRUCTION), bos=True, eos=False)
     ids = torch.tensor([prompt] * len(f_m))
-    visual = model.visual_query(F.normalize(torch.as_tensor(f_m, dtype=torch.float32), dim=-1))
+    # A copy: vectors read from the table are read-only views of Arrow buffers.
+    features = torch.tensor(np.array(f_m, dtype=np.float32))
+    visual = model.visual_query(F.normalize(features, dim=-1))
     done = torch.zeros(len(f_m), dtype=torch.bool)
     out: list[list[int]] = [[] for _ in f_m]
     for _ in range(max_new):
