@@ -181,6 +181,35 @@ def test_deeply_nested_json_is_422_not_a_recursion_error(http, route):
     assert r.status_code == 422 and r.json()["error"] == "bad_json"
 
 
+@pytest.mark.parametrize("route", ["/v1/search", "/v1/embed", "/v1/enhance", "/v1/generate"])
+def test_an_integer_of_5000_digits_is_422_not_a_parser_crash(http, route):
+    # Python's JSON parser refuses integers past 4,300 digits with a plain ValueError.
+    body = '{"inputs": [{"modality": "text", "text": "a"}], "k": 1' + "0" * 5000 + "}"
+    r = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "bad_json"
+
+
+LONE_SURROGATE = '"a\\ud800b"'  # valid JSON, but no UTF-8 text holds it
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/v1/embed", '{"inputs": [{"modality": "text", "text": %s}]}', "text"),
+        ("/v1/search", '{"inputs": [{"modality": "text", "text": %s}]}', "text"),
+        ("/v1/enhance", '{"inputs": [{"modality": "text", "text": %s}]}', "text"),
+        ("/v1/search", '{"inputs": [{"modality": "text", "text": "a"}], "filter": %s}', "filter"),
+        ("/v1/search", '{"inputs": [{"modality": "text", "text": "a"}], "cursor": %s}', "cursor"),
+        ("/v1/generate", '{"prompt": %s, "max_new_tokens": 1}', "prompt"),
+    ],
+)
+def test_a_lone_surrogate_in_a_string_is_422_naming_the_field(http, route, body, field):
+    headers = {"Content-Type": "application/json"}
+    r = http.post(route, content=body % LONE_SURROGATE, headers=headers)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert [e["loc"][-1] for e in r.json()["detail"]] == [field]
+
+
 def test_nesting_inside_a_field_is_an_invalid_request(http):
     embedding = "[" * 900 + "]" * 900
     body = '{"inputs": [{"embedding": ' + embedding + '}], "k": 3}'
@@ -316,6 +345,16 @@ def test_a_forged_altered_or_foreign_cursor_is_422_bad_cursor(http):
 def test_filter_literals_that_overflow_are_422_bad_filter(http, text):
     r = search(http, filter=text)
     assert r.status_code == 422 and r.json()["error"] == "bad_filter"
+
+
+def test_integer_columns_take_whole_numbers_even_written_with_a_point(http):
+    # Row ids are 63-bit: arrow compared them to a fraction in float32 and failed (a 500).
+    r = search(http, filter="id = 1.5")
+    assert r.status_code == 422 and r.json()["error"] == "bad_filter"
+    assert "whole numbers" in r.json()["detail"]
+    hit = search(http, k=1).json()["results"][0]
+    found = search(http, k=1, filter=f"id = {hit['id']}.000").json()["results"]
+    assert [h["id"] for h in found] == [hit["id"]]  # exact: no float rounding of a 63-bit id
 
 
 # --------------------------------------------------------------------------- headers, keys

@@ -93,6 +93,7 @@ TABLE = pa.table(
         ("key = 'it''s'", [3]),
         ("key <> 'a' and width < 150", [4]),
         ("caption NOT LIKE '%cat%'", [1, 4]),
+        ("width > 100.0 AND id IN (2.0, 4)", [2, 4]),
     ],
 )
 def test_filter_selects_the_rows_sql_would(text, ids):
@@ -107,6 +108,7 @@ def test_filter_selects_the_rows_sql_would(text, ids):
         ("width > 'wide'", "'width' is numeric"),
         ("caption = 3", "'caption' is text"),
         ("width LIKE '1%'", "LIKE needs a text column"),
+        ("height BETWEEN 0.5 AND 20", "'height' holds whole numbers"),
         ("width >", "expected a number"),
         ("(width > 1", "expected ')'"),
         ("width 5", "expected an operator"),

@@ -20,9 +20,9 @@ builds a pyarrow expression that filters candidate rows already fetched by id.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import pyarrow.compute as pc
@@ -71,7 +71,8 @@ def tokenize(text: str) -> list[Token]:
         raw = m.group(kind)
         start = m.start(kind)
         if kind == "number":
-            value: Any = float(raw) if "." in raw else int(raw)
+            # Exact: every numeric column is an integer one (see literal()).
+            value: Any = Decimal(raw) if "." in raw else int(raw)
         elif kind == "string":
             value = raw[1:-1].replace("''", "'")
         elif kind == "word" and raw.upper() in _KEYWORDS:
@@ -164,12 +165,21 @@ class _Parser:
         if column in INT_COLUMNS:
             if tok.kind != "number":
                 raise FilterError(f"column {column!r} is numeric: expected a number at {tok.pos}")
+            value = tok.value
+            # The columns hold whole numbers. "2.0" is 2; a fraction is the client's error
+            # (arrow would compare the column to it in float32 and fail past 2^24, and row ids
+            # are 63-bit).
+            if isinstance(value, Decimal):
+                if value != value.to_integral_value():
+                    raise FilterError(
+                        f"column {column!r} holds whole numbers: expected one at {tok.pos}, "
+                        f"found {value}"
+                    )
+                value = int(value)
             # The columns are int64: a literal beyond it cannot become an arrow scalar.
-            if isinstance(tok.value, int) and not INT64_MIN <= tok.value <= INT64_MAX:
+            if not INT64_MIN <= value <= INT64_MAX:
                 raise FilterError(f"number at {tok.pos} is out of the 64-bit integer range")
-            if isinstance(tok.value, float) and not math.isfinite(tok.value):
-                raise FilterError(f"number at {tok.pos} is too large")
-            return tok.value
+            return value
         if tok.kind != "string":
             raise FilterError(f"column {column!r} is text: expected a 'quoted string' at {tok.pos}")
         return tok.value

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from cachebind.config import MAX_INPUTS
 from cachebind.modalities import Modality
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON's \\uXXXX escapes can spell half of a surrogate pair, which no UTF-8 text holds:
+    # tokenizers, LanceDB and the query log would each fail on it later, as a 500.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate {value[exc.start]!r} at character {exc.start}"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""A client's string: any Unicode text, never a lone surrogate."""
 
 
 class Strict(BaseModel):
@@ -27,7 +43,7 @@ class InputItem(Strict):
         description="Required for text and data. For a raw embedding optional: the modality it "
         "embeds; the response's recall (and the query log) then count it as that modality.",
     )
-    text: str | None = Field(None, description="The text of a text input.")
+    text: Text | None = Field(None, description="The text of a text input.")
     data: str | None = Field(
         None, description="Base64 of the file's bytes (image, audio, video, depth, thermal, imu)."
     )
@@ -75,8 +91,8 @@ class SearchRequest(Strict):
     )
     k: int = Field(10, ge=1, description="Results per page (at most the server's max_k).")
     offset: int = Field(0, ge=0, description="Results to skip (pagination).")
-    cursor: str | None = Field(None, description="next_cursor of a previous page (beats offset).")
-    filter: str | None = Field(
+    cursor: Text | None = Field(None, description="next_cursor of a previous page (beats offset).")
+    filter: Text | None = Field(
         None,
         description="SQL-style filter on id, key, caption, url, width, height, shard, e.g. "
         "\"width > 100 AND caption LIKE '%dog%'\".",
@@ -171,7 +187,7 @@ class EnhanceResponse(BaseModel):
 
 
 class GenerateRequest(Strict):
-    prompt: str = Field(..., min_length=1, max_length=20_000)
+    prompt: Text = Field(..., min_length=1, max_length=20_000)
     inputs: list[InputItem] = Field(
         default_factory=list,
         max_length=MAX_INPUTS,

@@ -77,12 +77,14 @@ async def embed_items_of(request: Request, config: ServeConfig) -> list[s.InputI
     body = await request.body()
     try:
         return await asyncio.to_thread(_json_items, body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise unprocessable("bad_json", f"the body is not JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise unprocessable("bad_json", "the body is JSON nested too deeply") from exc
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
+    except RecursionError as exc:
+        raise unprocessable("bad_json", "the body is JSON nested too deeply") from exc
+    except ValueError as exc:
+        # Not only JSONDecodeError and UnicodeDecodeError: an integer of more than 4,300 digits
+        # is refused by the parser with a plain ValueError.
+        raise unprocessable("bad_json", f"the body is not JSON: {exc}") from exc
 
 
 def _json_items(body: bytes) -> list[s.InputItem]:
