@@ -93,9 +93,13 @@ def webdataset(root: Path) -> tuple[Path, Outcomes]:
     return out, dict(expected)
 
 
-def folder(root: Path, *, bomb: bytes | None = None) -> tuple[Path, Outcomes]:
-    """Images sharing a stem, a sub-folder with a caption, an SVG, corrupt and crashing files
-    and (``bomb``) an image whose decoding passes the sandbox's memory cap."""
+HUGE_BYTES = 8 * 2**30
+
+
+def folder(root: Path, *, bomb: bytes | None = None, huge: bool = False) -> tuple[Path, Outcomes]:
+    """Images sharing a stem, a sub-folder with a caption, an SVG, corrupt and crashing files,
+    (``bomb``) an image whose decoding passes the sandbox's memory cap and (``huge``) an 8 GiB
+    "image" (a sparse file: no disk) that only a reader with a byte budget survives."""
     out = root / "imgs"
     (out / "sub").mkdir(parents=True)
     files = {
@@ -113,6 +117,10 @@ def folder(root: Path, *, bomb: bytes | None = None) -> tuple[Path, Outcomes]:
     for name, (data, outcome, key) in files.items():
         (out / name).write_bytes(data)
         expected[key].append(outcome)
+    if huge:
+        with open(out / "huge.jpg", "wb") as f:
+            f.truncate(HUGE_BYTES)
+        expected["huge"].append("too_large")
     (out / "sub" / "y.txt").write_text("a caption")
     return out, dict(expected)
 

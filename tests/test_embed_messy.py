@@ -120,8 +120,9 @@ def test_a_messy_webdataset_accounts_for_every_sample_exactly_once(tmp_path: Pat
 
 def test_a_messy_folder_and_parquet_account_for_every_sample_exactly_once(tmp_path: Path) -> None:
     # A 12000 x 12000 PNG of a few hundred bytes passes the pixel limit set here, and its
-    # 432 MB of pixels pass the sandbox's 300 MiB: too_large, not a dead worker.
-    folder, expected = messy.folder(tmp_path, bomb=syn.bomb_png(12_000, 12_000))
+    # 432 MB of pixels pass the sandbox's 300 MiB: too_large, not a dead worker. An 8 GiB file
+    # is over embed.max_image_bytes (64 MiB): too_large before the reader reads a byte of it.
+    folder, expected = messy.folder(tmp_path, bomb=syn.bomb_png(12_000, 12_000), huge=True)
     s = settings(tmp_path / "db-folder", max_image_pixels=200_000_000)
     report = run_embed(f"folder:{folder}?chunk_size=3", s, progress=False)
     found, errors = outcomes(s)
@@ -129,6 +130,7 @@ def test_a_messy_folder_and_parquet_account_for_every_sample_exactly_once(tmp_pa
     assert report.rows_written + report.errors_written == messy.samples(expected)
     detail = {e["key"]: e["detail"] for e in errors}
     assert "SIGSEGV" in detail["crash"] and "300 MiB" in detail["big"]
+    assert f"{messy.HUGE_BYTES:,} bytes, over the budget of {64 * 2**20:,}" in detail["huge"]
 
     table, expected = messy.parquet(tmp_path)
     s = settings(tmp_path / "db-parquet")

@@ -235,6 +235,43 @@ READER_REASONS = {"unsupported_format", "not_a_file", "empty", "empty_shard"}
 """What the readers themselves can tell; the rest is for the decoder (and the job) to find."""
 
 
+def test_files_over_the_byte_budget_are_too_large_in_every_reader_and_the_rest_is_read(
+    tmp_path: Path,
+) -> None:
+    from messy_corpus import write_tar
+
+    budget = 10_000
+    small, big = syn.image_bytes(1, (20, 20)), b"\xff" * (budget + 1)
+    # webdataset: a big image, then a big caption beside a small image, then a normal sample;
+    # the stream skips the big members and reads what follows.
+    (tmp_path / "wds").mkdir()
+    write_tar(
+        tmp_path / "wds" / "00000.tar",
+        [("a.jpg", big), ("b.jpg", small), ("b.txt", big), ("c.jpg", small), ("c.txt", b"ok")],
+    )
+    # folder, parquet of paths, cc3m: a file past the budget, told by its size before a read.
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(big)
+    (tmp_path / "imgs" / "c.jpg").write_bytes(small)
+    pq.write_table(pa.table({"path": ["imgs/a.jpg", "imgs/c.jpg"]}), tmp_path / "p.parquet")
+    (tmp_path / "cc.tsv").write_text("big\thttp://x/a\nsmall\thttp://x/c\n")
+    (tmp_path / "map.csv").write_text("url,path\nhttp://x/a,a.jpg\nhttp://x/c,c.jpg\n")
+    specs = {
+        "webdataset": f"{tmp_path}/wds",
+        "folder": f"folder:{tmp_path}/imgs",
+        "parquet": f"parquet:{tmp_path}/p.parquet?path_column=path",
+        "cc3m": f"cc3m:{tmp_path}/cc.tsv?images={tmp_path}/imgs&join=mapping"
+        f"&mapping={tmp_path}/map.csv",
+    }
+    for kind, spec in specs.items():
+        samples = [s for p in list_partitions(spec) for s in read_partition(p, max_bytes=budget)]
+        outcomes = [s.error[0] if s.error else "ok" for s in samples]
+        want = ["too_large", "too_large", "ok"] if kind == "webdataset" else ["too_large", "ok"]
+        assert outcomes == want, kind
+        assert f"over the budget of {budget:,}" in samples[0].error[1], kind
+        assert samples[-1].image == small, kind
+
+
 @pytest.mark.parametrize("layout", ["webdataset", "folder", "parquet"])
 def test_every_sample_of_a_messy_source_is_read_once_under_a_unique_enough_key(
     tmp_path: Path, layout: str

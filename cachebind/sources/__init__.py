@@ -36,7 +36,7 @@ _LISTERS: dict[str, Callable[..., list[Partition]]] = {
     "folder": folder.list_partitions,
     "cc3m": cc3m.list_partitions,
 }
-_READERS: dict[str, Callable[[Partition, StorageOptions | None], Iterator[Sample]]] = {
+_READERS: dict[str, Callable[[Partition, StorageOptions | None, int | None], Iterator[Sample]]] = {
     "webdataset": webdataset.read_partition,
     "parquet": parquet.read_partition,
     "folder": folder.read_partition,
@@ -106,9 +106,15 @@ def list_partitions(
     return [replace(p, stamp=stamps[p.uri]) for p in partitions]
 
 
-def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
-    """The samples of one partition, in storage order."""
-    return _READERS[partition.kind](partition, storage)
+def read_partition(
+    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+) -> Iterator[Sample]:
+    """The samples of one partition, in storage order.
+
+    ``max_bytes``: a file (or tar member) over it is not read; its sample is a ``too_large``
+    error. Without it every file is read whole.
+    """
+    return _READERS[partition.kind](partition, storage, max_bytes)
 
 
 __all__ = [

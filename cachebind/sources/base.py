@@ -198,9 +198,33 @@ def _stamp(info: dict[str, Any]) -> str:
     return f"{info.get('size')}:{changed}"
 
 
-def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
+class TooLarge(Exception):
+    """A file over the reader's byte budget (``embed.max_image_bytes``), refused unread."""
+
+
+def read_bytes(
+    uri: str, storage: StorageOptions | None = None, max_bytes: int | None = None
+) -> bytes:
+    """The bytes of ``uri``; with ``max_bytes``, at most that many, else TooLarge.
+
+    A file's stated size is checked before anything is read (a 20 GB "image" must not reach
+    the reader's memory), and the read itself is bounded too, since a size can be wrong.
+    """
     with open_uri(uri, storage) as f:
+        return read_within(f, max_bytes, uri)
+
+
+def read_within(f: Any, max_bytes: int | None, name: str) -> bytes:
+    """The rest of the open file ``f``, or TooLarge past ``max_bytes`` (None: no budget)."""
+    if max_bytes is None:
         return f.read()
+    size = getattr(f, "size", None)
+    if isinstance(size, int) and size > max_bytes:
+        raise TooLarge(f"{name} is {size:,} bytes, over the budget of {max_bytes:,}")
+    data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(f"{name} holds more than the budget of {max_bytes:,} bytes")
+    return data
 
 
 def iter_limit(samples: Iterator[Sample], limit: int | None) -> Iterator[Sample]:

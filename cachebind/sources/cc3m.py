@@ -31,6 +31,7 @@ from cachebind.sources.base import (
     Partition,
     Sample,
     StorageOptions,
+    TooLarge,
     join_uri,
     open_uri,
     read_bytes,
@@ -101,7 +102,9 @@ def list_partitions(
     ]
 
 
-def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
+def read_partition(
+    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+) -> Iterator[Sample]:
     opts = partition.options
     sps = opts["samples_per_shard"]
     first = opts["first_row"]
@@ -128,7 +131,10 @@ def read_partition(partition: Partition, storage: StorageOptions | None = None) 
             yield samples_error(key, "missing", detail, caption=caption, url=url, extra=meta)
             continue
         try:
-            data = read_bytes(join_uri(opts["images"], name), storage)
+            data = read_bytes(join_uri(opts["images"], name), storage, max_bytes)
+        except TooLarge as exc:
+            yield samples_error(key, "too_large", str(exc), caption=caption, url=url, extra=meta)
+            continue
         except OSError as exc:
             yield samples_error(key, "missing", str(exc), caption=caption, url=url, extra=meta)
             continue

@@ -23,8 +23,10 @@ from cachebind.sources.base import (
     Partition,
     Sample,
     StorageOptions,
+    TooLarge,
     full_uri,
     read_bytes,
+    read_within,
     samples_error,
     url_to_fs,
 )
@@ -71,41 +73,51 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
+def read_partition(
+    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+) -> Iterator[Sample]:
     fs, root = url_to_fs(partition.uri, storage)
     keep_extension = set(partition.options.get("keep_extension", ()))
     for name in partition.options["files"]:
         stem = _stem(name)
         key = name if name in keep_extension else stem
         stem_path = f"{root.rstrip('/')}/{stem}"
-        caption = _sidecar_text(fs, stem_path + ".txt")
-        meta = _sidecar_json(fs, stem_path + ".json")
+        try:
+            caption = _sidecar_text(fs, stem_path + ".txt", max_bytes)
+            meta = _sidecar_json(fs, stem_path + ".json", max_bytes)
+        except TooLarge as exc:
+            yield samples_error(key, "too_large", f"sidecar: {exc}")
+            continue
         url = meta.get("url")
         if _ext(name) in UNSUPPORTED_IMAGE_EXTENSIONS:
             detail = f"{name}: .{_ext(name)} images are not decoded"
             yield samples_error(key, "unsupported_format", detail, caption=caption, url=url)
             continue
         try:
-            data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"), storage)
+            data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"), storage, max_bytes)
+        except TooLarge as exc:
+            yield samples_error(key, "too_large", str(exc), caption=caption, url=url)
+            continue
         except OSError as exc:
             yield samples_error(key, "missing", f"cannot read {name}: {exc}", caption=caption)
             continue
         yield Sample(key=key, image=data, caption=caption, url=url, extra=meta)
 
 
-def _sidecar_text(fs: Any, path: str) -> str | None:
+def _sidecar_text(fs: Any, path: str, max_bytes: int | None) -> str | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
-        return f.read().decode("utf-8", "replace").strip()
+        return read_within(f, max_bytes, path).decode("utf-8", "replace").strip()
 
 
-def _sidecar_json(fs: Any, path: str) -> dict[str, Any]:
+def _sidecar_json(fs: Any, path: str, max_bytes: int | None) -> dict[str, Any]:
     if not fs.exists(path):
         return {}
+    with fs.open(path, "rb") as f:
+        raw = read_within(f, max_bytes, path)
     try:
-        with fs.open(path, "rb") as f:
-            value = json.loads(f.read())
-        return value if isinstance(value, dict) else {}
-    except ValueError:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
         return {}
+    return value if isinstance(value, dict) else {}

@@ -17,6 +17,7 @@ from cachebind.sources.base import (
     Partition,
     Sample,
     StorageOptions,
+    TooLarge,
     expand_uris,
     join_uri,
     open_uri,
@@ -115,7 +116,9 @@ def resolve_columns(names: list[str], options: dict[str, Any]) -> dict[str, str 
     }
 
 
-def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
+def read_partition(
+    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+) -> Iterator[Sample]:
     opts = partition.options
     if "error" in opts:  # a file that could not be read when it was listed
         reason, detail = opts["error"]
@@ -157,19 +160,24 @@ def read_partition(partition: Partition, storage: StorageOptions | None = None) 
             if not path:
                 yield samples_error(key, "empty", "no image path", **common)
                 continue
+            data = None
+        else:
+            path, data = None, row.get(opts["image_column"])
+            if isinstance(data, dict):  # Hugging Face Image feature: {"bytes": …, "path": …}
+                path, data = data.get("path"), data.get("bytes") or None
+        if data is None and path:
             try:
-                data = read_bytes(join_uri(base_dir, str(path)), storage)
+                data = read_bytes(join_uri(base_dir, str(path)), storage, max_bytes)
+            except TooLarge as exc:
+                yield samples_error(key, "too_large", str(exc), **common)
+                continue
             except FileNotFoundError:
                 yield samples_error(key, "missing", f"image file not found: {path}", **common)
                 continue
-        else:
-            data = row.get(opts["image_column"])
-            if isinstance(data, dict):  # Hugging Face Image feature: {"bytes": …, "path": …}
-                data = data.get("bytes") or (
-                    read_bytes(join_uri(base_dir, data["path"]), storage)
-                    if data.get("path")
-                    else None
-                )
+            except OSError as exc:  # a folder, a file it may not read: this row only
+                yield samples_error(key, "missing", f"cannot read {path}: {exc}", **common)
+                continue
+        if not opts["path_column"]:
             if data is None:
                 yield samples_error(key, "empty", "image column is null", **common)
                 continue

@@ -30,7 +30,9 @@ def list_partitions(pattern: str, storage: StorageOptions | None = None) -> list
     return [Partition(kind=KIND, id=posixpath.basename(u.rstrip("/")), uri=u) for u in uris]
 
 
-def read_partition(partition: Partition, storage: StorageOptions | None = None) -> Iterator[Sample]:
+def read_partition(
+    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+) -> Iterator[Sample]:
     """Stream the tar once, grouping consecutive members that share a key into one sample.
 
     A tar cut short (an interrupted download) keeps the samples before the cut and reports the
@@ -42,7 +44,7 @@ def read_partition(partition: Partition, storage: StorageOptions | None = None) 
         with open_uri(partition.uri, storage) as raw:
             tail = _TailReader(raw)
             with tarfile.open(fileobj=tail, mode="r|*") as tar:
-                yield from _members(tar, partition, tail)
+                yield from _members(tar, partition, tail, max_bytes)
     except _Truncated as cut:
         yield samples_error(
             f"{partition.id}#{cut.key or 'start'}",
@@ -87,6 +89,13 @@ class _TailReader:
         return len(self.tail) == 1024 and not self.tail.strip(b"\0")
 
 
+class _TooLarge:
+    """A member whose header says it is over the byte budget: left unread."""
+
+    def __init__(self, member: tarfile.TarInfo, max_bytes: int) -> None:
+        self.detail = f"{member.name!r} is {member.size:,} bytes, over the budget of {max_bytes:,}"
+
+
 class _NotAFile:
     """A member that names a sample's file but holds no bytes: a symlink, a hard link, a device."""
 
@@ -96,9 +105,11 @@ class _NotAFile:
         self.detail = f"{member.name!r} is a {kind}{target}, not a file"
 
 
-def _members(tar: tarfile.TarFile, partition: Partition, tail: _TailReader) -> Iterator[Sample]:
+def _members(
+    tar: tarfile.TarFile, partition: Partition, tail: _TailReader, max_bytes: int | None
+) -> Iterator[Sample]:
     current_key: str | None = None
-    members: dict[str, bytes | _NotAFile] = {}
+    members: dict[str, bytes | _NotAFile | _TooLarge] = {}
     try:
         for member in tar:
             if member.isdir():
@@ -112,7 +123,10 @@ def _members(tar: tarfile.TarFile, partition: Partition, tail: _TailReader) -> I
                 yield _sample(current_key, members, partition)
                 members = {}
             current_key = key
-            if member.isfile():
+            if member.isfile() and max_bytes is not None and member.size > max_bytes:
+                # Never read: the stream skips its blocks on the way to the next member.
+                members[ext] = _TooLarge(member, max_bytes)
+            elif member.isfile():
                 handle = tar.extractfile(member)
                 members[ext] = handle.read() if handle is not None else b""
             else:
@@ -134,12 +148,14 @@ def sample_key(member_key: str, meta: dict[str, Any]) -> str:
     return str(meta.get("key") or posixpath.normpath(member_key).lstrip("/"))
 
 
-def _sample(key: str, members: dict[str, bytes | _NotAFile], partition: Partition) -> Sample:
+def _sample(
+    key: str, members: dict[str, bytes | _NotAFile | _TooLarge], partition: Partition
+) -> Sample:
     meta: dict[str, Any] = {}
     if isinstance(members.get("json"), bytes):
         try:
             meta = json.loads(members["json"])
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             meta = {}
         if not isinstance(meta, dict):
             meta = {}
@@ -148,6 +164,9 @@ def _sample(key: str, members: dict[str, bytes | _NotAFile], partition: Partitio
     caption = text.decode("utf-8", "replace") if isinstance(text, bytes) else meta.get("caption")
     url = meta.get("url")
     common: dict[str, Any] = {"caption": caption, "url": url, "extra": meta}
+    over = [m for m in members.values() if isinstance(m, _TooLarge)]
+    if over:  # the image, or a caption or metadata member no sample needs gigabytes of
+        return samples_error(name, "too_large", over[0].detail, **common)
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if image_ext is not None and isinstance(members[image_ext], _NotAFile):
         return samples_error(name, "not_a_file", members[image_ext].detail, **common)

@@ -108,7 +108,9 @@ def _decode_one(partition: Partition, skip: set[int], options: DecodeOptions) ->
     pending: list[tuple[Sample, int]] = []
     holders: dict[int, int] = {}  # id -> position of the sample that holds the key
     emitted: set[int] = set()
-    samples = iter(read_partition(partition, options.storage))
+    # Files over the byte budget are refused unread (a sample's too_large), not read and
+    # refused by the decoder: a 20 GB "image" must not reach this task's memory.
+    samples = iter(read_partition(partition, options.storage, options.max_bytes))
     position = -1
     while True:
         try:
