@@ -171,20 +171,16 @@ def read_partition(
             except TooLarge as exc:
                 yield samples_error(key, "too_large", str(exc), **common)
                 continue
-            except FileNotFoundError:
-                yield samples_error(key, "missing", f"image file not found: {path}", **common)
-                continue
-            except OSError as exc:  # a folder, a file it may not read: this row only
+            except OSError as exc:  # gone, a folder, a file it may not read: this row only
                 yield samples_error(key, "missing", f"cannot read {path}: {exc}", **common)
                 continue
-        if not opts["path_column"]:
-            if data is None:
-                yield samples_error(key, "empty", "image column is null", **common)
-                continue
-            if not isinstance(data, bytes | bytearray):
-                detail = f"image column holds {type(data).__name__}, not bytes"
-                yield samples_error(key, "wrong_type", detail, **common)
-                continue
+        if data is None:
+            yield samples_error(key, "empty", "image column is null", **common)
+            continue
+        if not isinstance(data, bytes | bytearray):
+            detail = f"image column holds {type(data).__name__}, not bytes"
+            yield samples_error(key, "wrong_type", detail, **common)
+            continue
         yield Sample(key=key, image=data, **common)
 
 
