@@ -133,11 +133,11 @@ def data(tmp_path_factory: pytest.TempPathFactory, s3: S3Config) -> Path:
     syn.write_webdataset(root / "wds-bad", 24, per_shard=8, bad=syn.bad_samples())
     syn.write_parquet(root / "pq" / "00000.parquet", 25, row_group_size=10)
     syn.write_parquet(root / "pq" / "00001.parquet", 7, row_group_size=10)
-    syn.write_folder(root / "imgs", 7, subdirs=2)
+    keys = syn.write_folder(root / "imgs", 7, subdirs=2)
     pq.write_table(
         pa.table(
             {
-                "file_name": [f"imgs/img{i:04d}.jpg" for i in range(4)] + ["imgs/gone.jpg"],
+                "file_name": [f"imgs/{k}.jpg" for k in keys[:4]] + ["imgs/gone.jpg"],
                 "alt_text": [f"alt {i}" for i in range(5)],
             }
         ),
@@ -189,7 +189,9 @@ def test_s3_sources_yield_the_samples_of_the_local_files(
 ) -> None:
     want = samples(local.format(root=data))
     got = samples(remote, s3)
-    assert len(want) >= 4 and got == want
+    # Most of every layout decodes, so the comparison is of images, not of error messages.
+    assert sum(image is not None for _, _, image, *_ in want) >= 4
+    assert got == want
 
 
 def test_s3_partitions_name_the_objects_for_the_workers(data: Path, s3: S3Config) -> None:

@@ -171,7 +171,10 @@ def read_partition(
             except TooLarge as exc:
                 yield samples_error(key, "too_large", str(exc), **common)
                 continue
-            except OSError as exc:  # gone, a folder, a file it may not read: this row only
+            except FileNotFoundError:  # worded here: each filesystem words it differently
+                yield samples_error(key, "missing", f"image file not found: {path}", **common)
+                continue
+            except OSError as exc:  # a folder, a file it may not read: this row only
                 yield samples_error(key, "missing", f"cannot read {path}: {exc}", **common)
                 continue
         if data is None:
