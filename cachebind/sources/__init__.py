@@ -12,8 +12,10 @@ any parquet of image bytes/paths; options ``image_column``, ``path_column``, ``c
 ``chunk_size``) or ``cc3m`` (caption<TAB>url TSV; options ``images``, ``join``, ``mapping``, see
 ``cachebind.sources.cc3m``). Without KIND it is detected: ``.tar`` -> webdataset, ``.parquet``
 -> parquet, ``.tsv`` -> cc3m, a folder of tars / parquets -> webdataset / parquet, any other
-folder -> folder. URIs are local paths or anything fsspec opens (``file://``, ``s3://`` …); the
-``storage`` argument carries the object-store options (``StorageOptions.from_s3(store.s3)``).
+folder -> folder. Paths that the data names (parquet paths, mapping rows, a folder's links) stay
+in the source's folder unless the spec says ``allow_outside=1`` (``base.path_inside``).
+URIs are local paths or anything fsspec opens (``file://``, ``s3://`` …); the ``storage``
+argument carries the object-store options (``StorageOptions.from_s3(store.s3)``).
 """
 
 from __future__ import annotations

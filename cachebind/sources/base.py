@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -119,9 +122,53 @@ def url_to_fs(
     return (storage or StorageOptions()).url_to_fs(uri)
 
 
-def open_uri(uri: str, storage: StorageOptions | None = None, mode: str = "rb") -> Any:
-    """``fsspec.open`` with the store's options (a context manager yielding the file)."""
+def open_uri(
+    uri: str, storage: StorageOptions | None = None, mode: str = "rb", *, inside: str | None = None
+) -> Any:
+    """``fsspec.open`` with the store's options (a context manager yielding the file).
+
+    A local file is opened only if it is a regular file (NotAFile otherwise: opening a FIFO
+    blocks the worker until somebody writes to it, a device streams without end) and, with
+    ``inside`` (a folder), only if its real path, links followed, lies in that folder
+    (OutsideSource otherwise).
+    """
+    fs, path = url_to_fs(uri, storage)
+    if _is_local(fs) and mode == "rb":
+        root = url_to_fs(inside, storage)[1] if inside is not None else None
+        return _open_local_file(path, root)
     return (storage or StorageOptions()).open(uri, mode)
+
+
+_LIFT = " (a source trusted to name files anywhere takes allow_outside=1)"
+
+
+def _open_local_file(path: str, inside: str | None) -> Any:
+    real = os.path.realpath(path)
+    if inside is not None:
+        root = os.path.realpath(inside)
+        if os.path.commonpath([real, root]) != root:
+            raise OutsideSource(f"{path} leads to {real}, outside {inside}{_LIFT}")
+    # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotAFile(f"{path} is a {_file_kind(mode)}, not a file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def join_uri(base: str, name: str) -> str:
@@ -129,6 +176,43 @@ def join_uri(base: str, name: str) -> str:
     if "://" in name or name.startswith("/"):
         return name
     return base.rstrip("/") + "/" + name
+
+
+def path_inside(base: str, name: str) -> str:
+    """``name``, a path that a source's data holds (a parquet cell, a mapping row), joined to
+    the folder ``base`` it must stay in: OutsideSource when it is absolute, names another store
+    or climbs out with ``..``. Otherwise a downloaded parquet could copy any file the worker can
+    read into the cache, and its thumbnail into every search result."""
+    if "\0" in name:
+        raise OutsideSource(f"{name!r} holds a NUL byte")
+    if "://" in name or name.startswith("/") or re.match(r"[A-Za-z]:[/\\]", name):
+        raise OutsideSource(f"{name!r} is not relative to {base}{_LIFT}")
+    clean = posixpath.normpath(name)
+    if clean == ".." or clean.startswith("../"):
+        raise OutsideSource(f"{name!r} climbs out of {base}{_LIFT}")
+    return base.rstrip("/") + "/" + clean
+
+
+def outside_option(value: Any) -> dict[str, bool]:
+    """The partition option of a source's ``allow_outside=1`` (none when unset, so that the
+    partitions, and the fingerprints of jobs that never set it, stay as they were)."""
+    flag = str(value).strip().lower() in ("1", "true", "yes", "on") if value is not None else False
+    return {"allow_outside": True} if flag else {}
+
+
+def read_inside(
+    base: str,
+    name: str,
+    storage: StorageOptions | None,
+    max_bytes: int | None,
+    *,
+    anywhere: bool = False,
+) -> bytes:
+    """The bytes of ``name`` under ``base`` (see ``path_inside``; a local link may not lead out
+    either); ``anywhere`` lifts both checks for a source whose paths the operator trusts."""
+    if anywhere:
+        return read_bytes(join_uri(base, name), storage, max_bytes)
+    return read_bytes(path_inside(base, name), storage, max_bytes, inside=base)
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -198,19 +282,45 @@ def _stamp(info: dict[str, Any]) -> str:
     return f"{info.get('size')}:{changed}"
 
 
-class TooLarge(Exception):
+class Refused(OSError):
+    """A file the reader will not read; ``reason`` names it in the errors table. An OSError,
+    so that a reader's catch-all for files it cannot read holds these too."""
+
+    reason = "refused"
+
+
+class TooLarge(Refused):
     """A file over the reader's byte budget (``embed.max_image_bytes``), refused unread."""
+
+    reason = "too_large"
+
+
+class NotAFile(Refused):
+    """A folder, FIFO, device or socket where a source names a file."""
+
+    reason = "not_a_file"
+
+
+class OutsideSource(Refused):
+    """A path that leads out of the source's folder (absolute, ``..``, a link elsewhere)."""
+
+    reason = "outside_source"
 
 
 def read_bytes(
-    uri: str, storage: StorageOptions | None = None, max_bytes: int | None = None
+    uri: str,
+    storage: StorageOptions | None = None,
+    max_bytes: int | None = None,
+    *,
+    inside: str | None = None,
 ) -> bytes:
     """The bytes of ``uri``; with ``max_bytes``, at most that many, else TooLarge.
 
     A file's stated size is checked before anything is read (a 20 GB "image" must not reach
     the reader's memory), and the read itself is bounded too, since a size can be wrong.
+    ``inside``: see ``open_uri``.
     """
-    with open_uri(uri, storage) as f:
+    with open_uri(uri, storage, inside=inside) as f:
         return read_within(f, max_bytes, uri)
 
 
@@ -219,6 +329,8 @@ def read_within(f: Any, max_bytes: int | None, name: str) -> bytes:
     if max_bytes is None:
         return f.read()
     size = getattr(f, "size", None)
+    if size is None and hasattr(f, "fileno"):
+        size = os.fstat(f.fileno()).st_size
     if isinstance(size, int) and size > max_bytes:
         raise TooLarge(f"{name} is {size:,} bytes, over the budget of {max_bytes:,}")
     data = f.read(max_bytes + 1)

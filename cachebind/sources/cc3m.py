@@ -29,12 +29,13 @@ import pyarrow.parquet as pq
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     Partition,
+    Refused,
     Sample,
     StorageOptions,
-    TooLarge,
-    join_uri,
     open_uri,
+    outside_option,
     read_bytes,
+    read_inside,
     samples_error,
     url_to_fs,
 )
@@ -58,6 +59,7 @@ def list_partitions(
     samples_per_shard: int = 10_000,
     sample_digits: int = 4,
     shard_digits: int = 5,
+    allow_outside: str | None = None,
     **_: Any,
 ) -> list[Partition]:
     if not images:
@@ -74,6 +76,7 @@ def list_partitions(
         "samples_per_shard": samples_per_shard,
         "sample_digits": int(sample_digits),
         "shard_digits": int(shard_digits),
+        **outside_option(allow_outside),
     }
     # One pass over the file to find where every shard starts.
     offsets: list[tuple[int, int]] = []  # (first row, byte offset)
@@ -117,6 +120,7 @@ def read_partition(
         if opts["join"] == "key"
         else _mapping(opts["mapping"], storage or StorageOptions())
     )
+    anywhere = bool(opts.get("allow_outside"))
     for i, raw in enumerate(lines):
         if not raw:
             break
@@ -131,9 +135,9 @@ def read_partition(
             yield samples_error(key, "missing", detail, caption=caption, url=url, extra=meta)
             continue
         try:
-            data = read_bytes(join_uri(opts["images"], name), storage, max_bytes)
-        except TooLarge as exc:
-            yield samples_error(key, "too_large", str(exc), caption=caption, url=url, extra=meta)
+            data = read_inside(opts["images"], name, storage, max_bytes, anywhere=anywhere)
+        except Refused as exc:
+            yield samples_error(key, exc.reason, str(exc), caption=caption, url=url, extra=meta)
             continue
         except OSError as exc:
             yield samples_error(key, "missing", str(exc), caption=caption, url=url, extra=meta)

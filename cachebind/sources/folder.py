@@ -21,10 +21,12 @@ from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     UNSUPPORTED_IMAGE_EXTENSIONS,
     Partition,
+    Refused,
     Sample,
     StorageOptions,
-    TooLarge,
     full_uri,
+    open_uri,
+    outside_option,
     read_bytes,
     read_within,
     samples_error,
@@ -40,6 +42,7 @@ def list_partitions(
     storage: StorageOptions | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK,
+    allow_outside: str | None = None,
     **_: Any,
 ) -> list[Partition]:
     fs, root = url_to_fs(uri, storage)
@@ -55,7 +58,11 @@ def list_partitions(
     partitions = []
     for i in range(0, len(relative), chunk_size):
         chunk = relative[i : i + chunk_size]
-        options: dict[str, Any] = {"files": chunk, "num_samples": len(chunk)}
+        options: dict[str, Any] = {
+            "files": chunk,
+            "num_samples": len(chunk),
+            **outside_option(allow_outside),
+        }
         shared = [name for name in chunk if stems[_stem(name)] > 1]
         if shared:  # only then: an ordinary folder's partitions (and fingerprints) are unchanged
             options["keep_extension"] = shared
@@ -78,15 +85,17 @@ def read_partition(
 ) -> Iterator[Sample]:
     fs, root = url_to_fs(partition.uri, storage)
     keep_extension = set(partition.options.get("keep_extension", ()))
+    # A link in the folder may not lead out of it (to ~/.ssh, say), unless the operator says so.
+    inside = None if partition.options.get("allow_outside") else partition.uri
     for name in partition.options["files"]:
         stem = _stem(name)
         key = name if name in keep_extension else stem
         stem_path = f"{root.rstrip('/')}/{stem}"
         try:
-            caption = _sidecar_text(fs, stem_path + ".txt", max_bytes)
-            meta = _sidecar_json(fs, stem_path + ".json", max_bytes)
-        except TooLarge as exc:
-            yield samples_error(key, "too_large", f"sidecar: {exc}")
+            caption = _sidecar_text(_sidecar(fs, stem_path + ".txt", storage, inside, max_bytes))
+            meta = _sidecar_json(_sidecar(fs, stem_path + ".json", storage, inside, max_bytes))
+        except Refused as exc:
+            yield samples_error(key, exc.reason, f"sidecar: {exc}")
             continue
         url = meta.get("url")
         if _ext(name) in UNSUPPORTED_IMAGE_EXTENSIONS:
@@ -94,9 +103,10 @@ def read_partition(
             yield samples_error(key, "unsupported_format", detail, caption=caption, url=url)
             continue
         try:
-            data = read_bytes(full_uri(fs, f"{root.rstrip('/')}/{name}"), storage, max_bytes)
-        except TooLarge as exc:
-            yield samples_error(key, "too_large", str(exc), caption=caption, url=url)
+            uri = full_uri(fs, f"{root.rstrip('/')}/{name}")
+            data = read_bytes(uri, storage, max_bytes, inside=inside)
+        except Refused as exc:
+            yield samples_error(key, exc.reason, str(exc), caption=caption, url=url)
             continue
         except OSError as exc:
             yield samples_error(key, "missing", f"cannot read {name}: {exc}", caption=caption)
@@ -104,18 +114,22 @@ def read_partition(
         yield Sample(key=key, image=data, caption=caption, url=url, extra=meta)
 
 
-def _sidecar_text(fs: Any, path: str, max_bytes: int | None) -> str | None:
+def _sidecar(
+    fs: Any, path: str, storage: StorageOptions | None, inside: str | None, max_bytes: int | None
+) -> bytes | None:
     if not fs.exists(path):
         return None
-    with fs.open(path, "rb") as f:
-        return read_within(f, max_bytes, path).decode("utf-8", "replace").strip()
+    with open_uri(full_uri(fs, path), storage, inside=inside) as f:
+        return read_within(f, max_bytes, path)
 
 
-def _sidecar_json(fs: Any, path: str, max_bytes: int | None) -> dict[str, Any]:
-    if not fs.exists(path):
+def _sidecar_text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", "replace").strip()
+
+
+def _sidecar_json(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
         return {}
-    with fs.open(path, "rb") as f:
-        raw = read_within(f, max_bytes, path)
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError):

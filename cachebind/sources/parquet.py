@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 
 from cachebind.sources.base import (
     Partition,
+    Refused,
     Sample,
     StorageOptions,
-    TooLarge,
     expand_uris,
-    join_uri,
     open_uri,
-    read_bytes,
+    outside_option,
+    read_inside,
     samples_error,
 )
 
@@ -48,19 +48,13 @@ def list_partitions(
     partitions = []
     for uri in uris:
         name = posixpath.basename(uri)
-        with open_uri(uri, storage) as f:
-            try:
-                pfile = pq.ParquetFile(f)
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                # One bad file is one error row, not a job that cannot start.
-                empty = f.seek(0, 2) == 0
-                partitions.append(_unreadable(uri, name, empty, exc))
-                continue
-            columns = resolve_columns(pfile.schema_arrow.names, options)
-            n_groups = pfile.num_row_groups
-            offsets = [0]
-            for i in range(n_groups):
-                offsets.append(offsets[-1] + pfile.metadata.row_group(i).num_rows)
+        try:
+            columns, offsets = _row_groups(uri, storage, options)
+        except _Unreadable as bad:
+            # One bad file is one error row, not a job that cannot start.
+            partitions.append(_unreadable(uri, name, bad.reason, bad.detail))
+            continue
+        n_groups = len(offsets) - 1
         for i in range(n_groups):
             partitions.append(
                 Partition(
@@ -69,6 +63,7 @@ def list_partitions(
                     uri=uri,
                     options={
                         **columns,
+                        **outside_option(options.get("allow_outside")),
                         "row_group": i,
                         "first_row": offsets[i],
                         "num_samples": offsets[i + 1] - offsets[i],
@@ -78,9 +73,35 @@ def list_partitions(
     return partitions
 
 
-def _unreadable(uri: str, name: str, empty: bool, exc: Exception) -> Partition:
-    reason = "empty_shard" if empty else "unreadable"
-    detail = f"parquet file {uri} is empty (0 bytes)" if empty else f"{uri}: {exc}"
+class _Unreadable(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+
+def _row_groups(
+    uri: str, storage: StorageOptions | None, options: dict[str, Any]
+) -> tuple[dict[str, str | None], list[int]]:
+    """The columns to read and the first row of every row group (plus the row count)."""
+    try:
+        with open_uri(uri, storage) as f:
+            try:
+                pfile = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                if f.seek(0, 2) == 0:
+                    raise _Unreadable(
+                        "empty_shard", f"parquet file {uri} is empty (0 bytes)"
+                    ) from exc
+                raise _Unreadable("unreadable", f"{uri}: {exc}") from exc
+            columns = resolve_columns(pfile.schema_arrow.names, options)
+            offsets = [0]
+            for i in range(pfile.num_row_groups):
+                offsets.append(offsets[-1] + pfile.metadata.row_group(i).num_rows)
+    except Refused as exc:  # a FIFO or a device named *.parquet
+        raise _Unreadable(exc.reason, str(exc)) from exc
+    return columns, offsets
+
+
+def _unreadable(uri: str, name: str, reason: str, detail: str) -> Partition:
     return Partition(
         kind=KIND,
         id=f"{name}#unreadable",
@@ -141,6 +162,7 @@ def read_partition(
         meta_columns = [c for c in META_COLUMNS if c in present and c not in wanted]
         table = pfile.read_row_group(opts["row_group"], columns=wanted + meta_columns)
     base_dir = posixpath.dirname(partition.uri)
+    anywhere = bool(opts.get("allow_outside"))
     stem = posixpath.basename(partition.uri).rsplit(".", 1)[0]
     rows = table.to_pylist()
     for i, row in enumerate(rows):
@@ -167,9 +189,9 @@ def read_partition(
                 path, data = data.get("path"), data.get("bytes") or None
         if data is None and path:
             try:
-                data = read_bytes(join_uri(base_dir, str(path)), storage, max_bytes)
-            except TooLarge as exc:
-                yield samples_error(key, "too_large", str(exc), **common)
+                data = read_inside(base_dir, str(path), storage, max_bytes, anywhere=anywhere)
+            except Refused as exc:
+                yield samples_error(key, exc.reason, str(exc), **common)
                 continue
             except FileNotFoundError:  # worded here: each filesystem words it differently
                 yield samples_error(key, "missing", f"image file not found: {path}", **common)

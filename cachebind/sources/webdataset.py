@@ -13,6 +13,7 @@ from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     UNSUPPORTED_IMAGE_EXTENSIONS,
     Partition,
+    Refused,
     Sample,
     StorageOptions,
     expand_uris,
@@ -51,6 +52,8 @@ def read_partition(
             "truncated",
             f"tar shard {partition.uri} ends after {cut.key!r} without its end marker",
         )
+    except Refused as exc:  # a FIFO or a device named *.tar
+        yield samples_error(f"{partition.id}#unreadable", exc.reason, f"tar shard {exc}")
     except (tarfile.TarError, EOFError, OSError) as exc:
         empty = tail is not None and tail.total == 0
         yield samples_error(
