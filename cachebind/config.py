@@ -110,7 +110,11 @@ class StoreConfig(Section):
     uri: str = Field(default_factory=lambda: str(default_home() / "lancedb"))
     """A local directory or an object-store URI such as ``s3://bucket/cachebind``."""
     table: str = "images"
-    errors_table: str = "errors"
+    errors_table: str | None = None
+    """Where the job records its bad inputs; default ``<table>_errors``. One errors table per
+    images table: a job consults the errors it already recorded to resume, so two collections
+    sharing one (img2dataset names every collection's shards ``00000.tar``…) would skip each
+    other's keys."""
     vector_dtype: Literal["float16", "float32"] = "float16"
     retention_s: float = Field(default=0.0, ge=0)
     """Table versions older than this, that no published index version references (Lance
@@ -121,6 +125,10 @@ class StoreConfig(Section):
     s3: S3Config = Field(default_factory=S3Config)
     """Connection options for ``s3://`` locations, of the table and of sources
     (``[store.s3]``, ``CACHEBIND_STORE__S3__<FIELD>``)."""
+
+    @property
+    def errors_table_name(self) -> str:
+        return self.errors_table or f"{self.table}_errors"
 
 
 class EmbedConfig(Section):
@@ -145,6 +153,10 @@ class EmbedConfig(Section):
     max_image_pixels: int = 89_478_485
     """Larger images are rejected as decompression bombs (Pillow's own default limit)."""
     max_image_bytes: int = 64 * 1024 * 1024
+    max_row_group_bytes: int = Field(default=1024**3, gt=0)
+    """A parquet row group whose columns hold more, uncompressed, is not read: each of its rows
+    is a ``too_large`` error (reading one takes about twice that in the reader's memory;
+    img2dataset's row groups of 10,000 images hold about 300 MB)."""
     views: int = Field(default=0, ge=0, le=16)
     """Augmented views cached per image besides the centre crop's ``vector`` (``embed
     --views N``): the release's training crop (``RandomResizedCrop(224, scale=(0.9, 1.0))``,

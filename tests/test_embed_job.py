@@ -50,7 +50,7 @@ def table_rows(s: Settings) -> dict:
 def errors_rows(s: Settings) -> dict:
     import lancedb
 
-    return lancedb.connect(s.store.uri).open_table(s.store.errors_table).to_arrow().to_pydict()
+    return lancedb.connect(s.store.uri).open_table(s.store.errors_table_name).to_arrow().to_pydict()
 
 
 def reference_vectors(images: list[bytes]) -> np.ndarray:
@@ -141,6 +141,11 @@ def test_folder_parquet_and_cc3m_sources(tmp_path: Path) -> None:
     s = settings(db, "parquet", thumbnails=False)
     assert run_embed(str(tmp_path / "pq"), s, progress=False).rows_written == 7
     assert sorted(table_rows(s)["key"]) == parquet_keys
+    # Past embed.max_row_group_bytes a row group is refused unread, each of its rows an error
+    # (in this table's own errors table: the next collection's keys are its own to write).
+    s = settings(db, "parquet_budget", thumbnails=False, max_row_group_bytes=1000)
+    report = run_embed(str(tmp_path / "pq"), s, progress=False)
+    assert (report.rows_written, report.errors_by_reason) == (0, {"too_large": 7})
 
     cc3m_keys = syn.write_cc3m(tmp_path / "cc3m.tsv", tmp_path / "cc3m", 8, missing=(2,))
     s = settings(db, "cc3m")

@@ -62,7 +62,7 @@ def outcomes(s: Settings) -> tuple[Counter, list[dict]]:
     """(key, outcome) of every row of the table ("ok") and of the errors table (its reason)."""
     db = lancedb.connect(s.store.uri)
     rows = db.open_table(s.store.table).to_arrow().to_pylist()
-    errors = db.open_table(s.store.errors_table).to_arrow().to_pylist()
+    errors = db.open_table(s.store.errors_table_name).to_arrow().to_pylist()
     found = Counter((r["key"], "ok") for r in rows)
     found.update((e["key"], e["reason"]) for e in errors)
     assert len({r["id"] for r in rows}) == len(rows)

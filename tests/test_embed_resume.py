@@ -74,5 +74,5 @@ def test_sigkilled_driver_resumes_to_exactly_once(tmp_path: Path) -> None:
     assert sorted(rows["key"].to_pylist()) == sorted(keys)  # nothing missing
     assert len(set(rows["id"].to_pylist())) == rows.num_rows == 40  # nothing twice
     assert rows["id"].to_pylist() == [row_id(k) for k in rows["key"].to_pylist()]
-    errors = lancedb.connect(str(db)).open_table("errors").to_arrow()
+    errors = lancedb.connect(str(db)).open_table("images_errors").to_arrow()
     assert sorted(errors["reason"].to_pylist()) == sorted(bad)

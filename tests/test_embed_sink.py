@@ -79,7 +79,9 @@ def test_replayed_and_repeated_rows_are_committed_once(tmp_path: Path) -> None:
     assert rows["shard"][k6].as_py() == "p0"
     np.testing.assert_array_equal(rows["vector"][k6].values.to_numpy(), np.zeros(DIM))
     assert (sink.ledger.rewritten, sink.ledger.dropped) == (2, 2)
-    errors = connect(settings.store).open_table("errors").to_arrow().to_pylist()
+    errors = (
+        connect(settings.store).open_table(settings.store.errors_table_name).to_arrow().to_pylist()
+    )
     assert sorted((e["key"], e["shard"], e["reason"]) for e in errors) == [
         ("k0", "p1", "duplicate_key"),
         ("k6", "p1", "duplicate_key"),

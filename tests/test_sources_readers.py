@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tracemalloc
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -317,3 +318,45 @@ def test_an_ordinary_folder_keeps_its_partitions_and_keys(tmp_path: Path) -> Non
     (partition,) = list_partitions(f"folder:{tmp_path}")
     assert set(partition.options) == {"files", "num_samples"}  # fingerprints as before
     assert [s.key for s in read_partition(partition)] == keys
+
+
+def test_a_parquet_row_group_over_its_budget_is_too_large_row_by_row_and_unread(
+    tmp_path: Path,
+) -> None:
+    keys = syn.write_parquet(tmp_path / "x.parquet", 30, row_group_size=10)
+    spec = f"parquet:{tmp_path}/x.parquet"
+    group_bytes = pq.ParquetFile(tmp_path / "x.parquet").metadata.row_group(0).total_byte_size
+    parts = list_partitions(spec)
+
+    def read(budget: int | None) -> list:
+        return [s for p in parts for s in read_partition(p, max_group_bytes=budget)]
+
+    whole = read(None)
+    assert [s.key for s in whole] == keys and all(s.image for s in whole)
+    assert [s.image for s in read(group_bytes * 2)] == [s.image for s in whole]
+    refused = read(group_bytes // 4)
+    # Every row is still accounted for, under its own key, with a reason that says what to do.
+    assert [s.key for s in refused] == keys
+    assert {s.error[0] for s in refused} == {"too_large"}
+    assert "smaller row groups" in refused[0].error[1]
+
+
+def test_parquet_rows_come_in_batches_not_a_whole_row_group_of_python_objects(
+    tmp_path: Path,
+) -> None:
+    # 40 rows of 4 MiB in one row group. Turned into Python objects all at once they are 160 MiB
+    # besides Arrow's own copy; in the reader's batches of 64 MiB, 16 rows at a time.
+    big = [bytes([i]) * (4 * 2**20) for i in range(40)]
+    table = pa.table({"key": [f"k{i}" for i in range(40)], "jpg": big})
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=40)
+    (part,) = list_partitions(f"parquet:{tmp_path}/big.parquet")
+    samples = read_partition(part)
+    tracemalloc.start()  # Python allocations only: exactly the bytes objects of the rows
+    try:
+        first = next(samples)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.image == big[0]
+    assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB of Python objects for the first row"
+    assert [s.image for s in samples] == big[1:]

@@ -44,7 +44,7 @@ def demo_settings(settings: Settings, out: Path, checkpoint: Path | None) -> Set
     )
     values = settings.model_dump()
     values["encoder"].update(encoder)
-    values["store"].update(uri=str(out / "lancedb"), table="images", errors_table="errors")
+    values["store"].update(uri=str(out / "lancedb"), table="images")
     values["index"].update(dir=str(out / "index"))
     values["embed"].update(num_encoders=1)
     return Settings.model_validate(values)
@@ -140,7 +140,7 @@ def run_demo(
     print(f"collection:  {collection.root}")
     print(
         f"table:       {settings.store.uri} (table {settings.store.table!r}, errors table "
-        f"{settings.store.errors_table!r})"
+        f"{settings.store.errors_table_name!r})"
     )
     print(f"index:       {settings.index.dir} (CURRENT -> {manifest['version']})")
     print(f"LLM files:   {out / 'llm'}")

@@ -38,11 +38,12 @@ _LISTERS: dict[str, Callable[..., list[Partition]]] = {
     "folder": folder.list_partitions,
     "cc3m": cc3m.list_partitions,
 }
-_READERS: dict[str, Callable[[Partition, StorageOptions | None, int | None], Iterator[Sample]]] = {
-    "webdataset": webdataset.read_partition,
+_Reader = Callable[[Partition, StorageOptions | None, int | None, int | None], Iterator[Sample]]
+_READERS: dict[str, _Reader] = {
+    "webdataset": lambda p, storage, max_bytes, _: webdataset.read_partition(p, storage, max_bytes),
     "parquet": parquet.read_partition,
-    "folder": folder.read_partition,
-    "cc3m": cc3m.read_partition,
+    "folder": lambda p, storage, max_bytes, _: folder.read_partition(p, storage, max_bytes),
+    "cc3m": lambda p, storage, max_bytes, _: cc3m.read_partition(p, storage, max_bytes),
 }
 
 
@@ -109,14 +110,19 @@ def list_partitions(
 
 
 def read_partition(
-    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+    partition: Partition,
+    storage: StorageOptions | None = None,
+    max_bytes: int | None = None,
+    *,
+    max_group_bytes: int | None = None,
 ) -> Iterator[Sample]:
     """The samples of one partition, in storage order.
 
     ``max_bytes``: a file (or tar member) over it is not read; its sample is a ``too_large``
-    error. Without it every file is read whole.
+    error. Without it every file is read whole. ``max_group_bytes``: the same for a parquet
+    row group (uncompressed, by the file's metadata), whose rows all become ``too_large``.
     """
-    return _READERS[partition.kind](partition, storage, max_bytes)
+    return _READERS[partition.kind](partition, storage, max_bytes, max_group_bytes)
 
 
 __all__ = [

@@ -7,7 +7,7 @@ One partition per row group, so a 1 GB file of 10 row groups is ten units of wor
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -138,8 +138,18 @@ def resolve_columns(names: list[str], options: dict[str, Any]) -> dict[str, str 
 
 
 def read_partition(
-    partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
+    partition: Partition,
+    storage: StorageOptions | None = None,
+    max_bytes: int | None = None,
+    max_group_bytes: int | None = None,
 ) -> Iterator[Sample]:
+    """The row group's samples, read in batches of rows.
+
+    ``max_group_bytes``: a row group whose columns to read hold more than this, uncompressed
+    (by the file's metadata), is not read; each of its rows is a ``too_large`` error. Reading
+    one needs about twice that in memory (pyarrow reads a column chunk whole), and a worker
+    killed for memory would be retried on the same row group again and again.
+    """
     opts = partition.options
     if "error" in opts:  # a file that could not be read when it was listed
         reason, detail = opts["error"]
@@ -156,18 +166,69 @@ def read_partition(
         )
         if c
     ]
+    base_dir = posixpath.dirname(partition.uri)
+    anywhere = bool(opts.get("allow_outside"))
+    stem = posixpath.basename(partition.uri).rsplit(".", 1)[0]
+
+    def read_path(path: str) -> bytes:  # image paths are relative to the parquet file's folder
+        return read_inside(base_dir, path, storage, max_bytes, anywhere=anywhere)
+
     with open_uri(partition.uri, storage) as f:
         pfile = pq.ParquetFile(f)
         present = set(pfile.schema_arrow.names)
         meta_columns = [c for c in META_COLUMNS if c in present and c not in wanted]
-        table = pfile.read_row_group(opts["row_group"], columns=wanted + meta_columns)
-    base_dir = posixpath.dirname(partition.uri)
-    anywhere = bool(opts.get("allow_outside"))
-    stem = posixpath.basename(partition.uri).rsplit(".", 1)[0]
-    rows = table.to_pylist()
+        group = pfile.metadata.row_group(opts["row_group"])
+        size = _group_bytes(group, wanted + meta_columns)
+        if max_group_bytes is not None and size > max_group_bytes:
+            detail = (
+                f"row group {opts['row_group']} of {partition.uri} holds {size:,} bytes "
+                f"uncompressed, over the budget of {max_group_bytes:,} (embed.max_row_group_bytes"
+                "): rewrite the file with smaller row groups"
+            )
+            keys = [opts["key_column"]] if opts["key_column"] else []
+            for i, row in enumerate(_rows(pfile, opts["row_group"], keys, group)):
+                yield samples_error(
+                    _key(row, opts, stem, opts["first_row"] + i), "too_large", detail
+                )
+            return
+        rows = _rows(pfile, opts["row_group"], wanted + meta_columns, group)
+        yield from _samples(rows, opts, stem, meta_columns, read_path)
+
+
+def _group_bytes(group: Any, columns: list[str]) -> int:
+    """Uncompressed bytes of ``columns`` in a row group (a struct's leaves count for it)."""
+    chunks = (group.column(j) for j in range(group.num_columns))
+    return sum(
+        c.total_uncompressed_size for c in chunks if c.path_in_schema.split(".")[0] in columns
+    )
+
+
+_BATCH_BYTES = 64 * 2**20  # rows turned into Python objects at a time
+
+
+def _rows(
+    pfile: pq.ParquetFile, group_index: int, columns: list[str], group: Any
+) -> Iterator[dict]:
+    if not columns:  # no column wanted: one empty row per row
+        yield from ({} for _ in range(group.num_rows))
+        return
+    per_row = _group_bytes(group, columns) // max(group.num_rows, 1)
+    batch = max(1, min(1024, _BATCH_BYTES // max(per_row, 1)))
+    for record_batch in pfile.iter_batches(
+        batch_size=batch, row_groups=[group_index], columns=columns, use_threads=False
+    ):
+        yield from record_batch.to_pylist()
+
+
+def _samples(
+    rows: Iterator[dict],
+    opts: dict[str, Any],
+    stem: str,
+    meta_columns: list[str],
+    read_path: Callable[[str], bytes],
+) -> Iterator[Sample]:
     for i, row in enumerate(rows):
-        position = opts["first_row"] + i
-        key = _key(row, opts, stem, position)
+        key = _key(row, opts, stem, opts["first_row"] + i)
         caption = row.get(opts["caption_column"]) if opts["caption_column"] else None
         url = row.get(opts["url_column"]) if opts["url_column"] else None
         extra = {c: row[c] for c in meta_columns if row.get(c) is not None}
@@ -189,7 +250,7 @@ def read_partition(
                 path, data = data.get("path"), data.get("bytes") or None
         if data is None and path:
             try:
-                data = read_inside(base_dir, str(path), storage, max_bytes, anywhere=anywhere)
+                data = read_path(str(path))
             except Refused as exc:
                 yield samples_error(key, exc.reason, str(exc), **common)
                 continue

@@ -103,7 +103,7 @@ def collect_store(config: StoreConfig, retention_s: float, orphans: bool = False
     report = GcReport(retention_s=retention_s, orphans=orphans)
     options = lance_options(config.uri, config.s3)
     storage = StorageOptions.from_s3(config.s3)
-    for name in (config.table, config.errors_table, progress_table_name(config.table)):
+    for name in (config.table, config.errors_table_name, progress_table_name(config.table)):
         uri = table_uri(config, name)
         if not disk_bytes(uri, storage):
             continue

@@ -103,7 +103,7 @@ class CacheWriter:
         self.images = self._open_or_create(config.table, schema)
         check_compatible(self.images.schema, schema, f"{config.uri}/{config.table}")
         self.schema = self.images.schema
-        self.errors = self._open_or_create(config.errors_table, ERRORS_SCHEMA)
+        self.errors = self._open_or_create(config.errors_table_name, ERRORS_SCHEMA)
         self.progress = self._open_or_create(progress_table_name(config.table), PROGRESS_SCHEMA)
         self.row_ids = IdSet(_column(self.images, "id"))
         self.error_ids = IdSet(_column(self.errors, "id"))

@@ -110,7 +110,11 @@ def _decode_one(partition: Partition, skip: set[int], options: DecodeOptions) ->
     emitted: set[int] = set()
     # Files over the byte budget are refused unread (a sample's too_large), not read and
     # refused by the decoder: a 20 GB "image" must not reach this task's memory.
-    samples = iter(read_partition(partition, options.storage, options.max_bytes))
+    samples = iter(
+        read_partition(
+            partition, options.storage, options.max_bytes, max_group_bytes=options.max_group_bytes
+        )
+    )
     position = -1
     while True:
         try:

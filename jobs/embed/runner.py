@@ -190,6 +190,7 @@ def _run_pipeline(
     decode_options = DecodeOptions(
         max_pixels=cfg.max_image_pixels,
         max_bytes=cfg.max_image_bytes,
+        max_group_bytes=cfg.max_row_group_bytes,
         thumbnails=cfg.thumbnails,
         thumbnail_size=cfg.thumbnail_size,
         pixel_dtype=plan.pixel_dtype,

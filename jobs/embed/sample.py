@@ -27,6 +27,8 @@ class DecodeOptions:
     thumbnail_size: int
     pixel_dtype: str
     chunk_rows: int
+    max_group_bytes: int | None = None
+    """``embed.max_row_group_bytes``: a parquet row group over it is refused unread."""
     storage: StorageOptions = field(default_factory=StorageOptions, repr=False)
     """How workers reach object-store sources (travels with the task, not in the partition)."""
     sandbox: SandboxConfig = field(default_factory=lambda: SandboxConfig(workers=1))
