@@ -202,3 +202,22 @@ def test_zero_gates_in_a_batch_still_equal_plain_llama(tmp_path: Path):
         assert ["".join(h) for h in handles] == plain
     finally:
         sched.close()
+
+
+def test_a_vanishing_temperature_samples_greedily_and_costs_nobody_else_anything(gen, scheduler):
+    # logits / 1e-300 overflows float32: unshifted, the softmax was NaN and the multinomial's
+    # error ended every generation of the batch, other clients' included.
+    reqs = requests(3)
+    others = [scheduler.submit(**r, temperature=0.0, ignore_eos=True) for r in reqs[:2]]
+    tiny = [
+        scheduler.submit(**reqs[2], temperature=t, seed=7, ignore_eos=True)
+        for t in (1e-300, 5e-324)
+    ]
+    greedy = alone(gen, reqs[2], temperature=0.0, ignore_eos=True)
+    assert ["".join(h) for h in tiny] == [greedy, greedy]
+    assert alone(gen, reqs[2], temperature=1e-300, seed=7, ignore_eos=True) == greedy
+    assert ["".join(h) for h in others] == [
+        alone(gen, r, temperature=0.0, ignore_eos=True) for r in reqs[:2]
+    ]
+    # A huge temperature is as good as uniform, and finite too.
+    assert "".join(scheduler.submit("Hello", max_new_tokens=4, temperature=1e308, seed=1))

@@ -29,6 +29,17 @@ from cachebind.inject.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(logits / temperature)`` over the last axis, finite for any temperature > 0.
+
+    Shifted by the row's largest logit first (softmax does not change): a tiny temperature
+    (1e-300) would otherwise overflow every logit to ±inf and the softmax to NaN, and a
+    request asking for it would fail the whole decode batch. In the limit it is greedy."""
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    # Below float32's smallest normal the temperature itself would round to 0 (0 / 0 = NaN).
+    return torch.softmax(shifted / max(temperature, torch.finfo(logits.dtype).tiny), dim=-1)
+
+
 def sample_top_p(
     probs: torch.Tensor, p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -179,7 +190,7 @@ class Generator:
             if ignore_eos:
                 logits[:, self.tokenizer.eos_id] = -float("inf")
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = tempered_probs(logits, temperature)
                 next_token = sample_top_p(probs, top_p, generator)
             else:
                 next_token = torch.argmax(logits, dim=-1)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cachebind.errors import InputError
-from cachebind.inject.generate import Generator, check_sampling, sample_top_p
+from cachebind.inject.generate import Generator, check_sampling, sample_top_p, tempered_probs
 from cachebind.inject.handles import (
     GenerationHandle,
     GenerationTimeout,
@@ -279,7 +279,7 @@ class Scheduler:
                 row.ready = True
                 row.handle.first_token_s = time.perf_counter() - row.submitted
                 self.observer.first_token(row.handle.first_token_s)
-                self._take(row, self._sample(row, out.logits[i, -1]))
+                self._next(row, out.logits[i, -1])
 
     def _visual_of(self, rows: list[_Row | None]) -> tuple[torch.Tensor | None, ...]:
         """T_I per batch row [b, dim] and which rows use it [b] (None, None: no row does)."""
@@ -321,15 +321,27 @@ class Scheduler:
             logits_to_keep=1,
         )
         for r in rows:
-            self._take(r, self._sample(r, out.logits[r.slot, -1]))
+            self._next(r, out.logits[r.slot, -1])
+
+    def _next(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample and record one row's next token. Logits that cannot be sampled end that row
+        alone: the batch's other rows are other clients' generations."""
+        try:
+            token = self._sample(row, logits)
+        except RuntimeError as exc:
+            self._free(row, "error", InputError("generation", "not_finite", str(exc)))
+            return
+        self._take(row, token)
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
         """The released sampling (``Generator.stream``) on one row with its own generator."""
         logits = logits.float()[None]
+        if torch.isnan(logits).any():
+            raise RuntimeError("the model's logits for this generation hold NaN")
         if row.ignore_eos:
             logits[:, self.tokenizer.eos_id] = -float("inf")
         if row.temperature > 0:
-            probs = torch.softmax(logits / row.temperature, dim=-1)
+            probs = tempered_probs(logits, row.temperature)
             return int(sample_top_p(probs, row.top_p, row.rng)[0])
         return int(torch.argmax(logits, dim=-1)[0])
 
