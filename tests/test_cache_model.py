@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cachebind.cache import CacheModel, FaissNeighbours, blend, mix, normalize
+from cachebind.cache.model import softmax_weights
 
 
 def random_unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -85,6 +86,18 @@ def test_blend_matches_released_formula():
         want = released_forward_visual_knn(f_m, protos, sims, t, alpha)
         np.testing.assert_allclose(got, want, atol=2e-6)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1e308, 1e-300])
+def test_extreme_temperatures_still_give_weights_that_sum_to_one(t):
+    # t · S in float32 overflowed past ~3e38: every weight was 0 and the blend lost S_topk.
+    sims = np.array([[0.5, 0.4, 0.1, -np.inf], [0.3, 0.3, 0.1, 0.0]], np.float32)
+    weights = softmax_weights(sims, t)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+    if t > 1:  # the limit of a sharp softmax: all weight on the best (shared when tied)
+        np.testing.assert_allclose(weights, [[1, 0, 0, 0], [0.5, 0.5, 0, 0]], atol=1e-6)
+    else:  # the limit of a flat one: the finite entries share it equally
+        np.testing.assert_allclose(weights, [[1 / 3] * 3 + [0], [0.25] * 4], atol=1e-6)
 
 
 def test_blend_alpha_zero_is_the_query_and_padding_gets_no_weight():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import struct
 import sys
 import threading
 import time
@@ -422,3 +423,36 @@ def test_readyz_says_not_ready_while_the_decode_pool_cannot_start(
     assert "decode pool cannot start" in ready.json()["error"]
     assert image.status_code == 503 and image.json()["error"] == "not_ready"
     assert text.status_code == 200
+
+
+def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """A mono IEEE-float WAV (format 3) of ``samples``, whatever their magnitude."""
+    data = samples.astype("<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    chunks = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(chunks)) + chunks
+
+
+def test_finite_but_enormous_values_are_422_not_finite_and_cost_the_batch_nothing(
+    served,
+) -> None:
+    # Decoders check that values are finite; 3e38 is, and overflows the encoder. The NaN
+    # embedding used to be a 200 of nulls from /v1/embed, an empty 200 from /v1/search and a
+    # 500 from /v1/enhance for every request in its micro-batch.
+    server, key = served
+    enormous = {
+        "imu_3e38": item("imu", media.npy_bytes(np.full((6, 2000), 3e38, np.float32))),
+        "wav_1e30": item("audio", float_wav(np.sin(np.arange(16000) / 9.0) * 1e30)),
+    }
+    good = {"inputs": [item("imu", media.npy_bytes(media.imu_array()))]}
+    with client(server, key) as http, ThreadPoolExecutor(8) as pool:
+        for route in ("/v1/embed", "/v1/search", "/v1/enhance"):
+            bad = [
+                pool.submit(http.post, route, json={"inputs": [one]}) for one in enormous.values()
+            ]
+            fine = [pool.submit(http.post, "/v1/enhance", json=good) for _ in range(6)]
+            for name, answer in zip(enormous, (f.result() for f in bad), strict=True):
+                assert answer.status_code == 422, (route, name, answer.text)
+                assert answer.json()["error"] == "not_finite", (route, name)
+            assert [f.result().status_code for f in fine] == [200] * 6

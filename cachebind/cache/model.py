@@ -103,13 +103,17 @@ def validate_params(k: int, t: float, alpha: float) -> None:
 def softmax_weights(similarities: np.ndarray, t: float) -> np.ndarray:
     """softmax(t · S_topk) over the last axis; -inf entries (padding) get weight 0.
 
-    Rows with no finite entry get all-zero weights instead of NaN.
+    Rows with no finite entry get all-zero weights instead of NaN. The row's largest
+    similarity is subtracted before scaling, in float64: ``t · S`` itself overflows float32
+    for a large ``t`` (1e308 gave every weight 0), while ``t · (S - max) <= 0`` cannot.
     """
-    s = np.asarray(similarities, dtype=np.float32) * np.float32(t)
+    s = np.asarray(similarities, dtype=np.float64)
     finite = np.isfinite(s)
     row_max = np.max(np.where(finite, s, -np.inf), axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    e = np.where(finite, np.exp(s - row_max), 0.0).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.where(finite, (s - row_max) * float(t), -np.inf)
+    e = np.exp(scaled).astype(np.float32)
     total = e.sum(axis=-1, keepdims=True)
     return e / np.where(total > 0, total, 1.0)
 

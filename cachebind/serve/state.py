@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cachebind.config import Settings
+from cachebind.errors import InputError
 from cachebind.modalities import Modality
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.batching import ItemError, MicroBatcher
@@ -121,7 +122,18 @@ class ServeState:
                 ).observe(n),
                 name=f"encoder-{modality.value}",
             )
-        return await batcher.submit(tensor)
+        f_m = await batcher.submit(tensor)
+        if not np.isfinite(f_m).all():
+            # Finite but enormous values (a float WAV of 1e30, an IMU file of 3e38) pass the
+            # decoder and overflow the encoder: refused here, before a NaN reaches a search, a
+            # blend or a generation batch that other requests share.
+            raise InputError(
+                source,
+                "not_finite",
+                "the encoder's output for this input is not finite "
+                "(its values are far outside the modality's range)",
+            )
+        return f_m
 
     @staticmethod
     def _search_batch(
