@@ -262,7 +262,7 @@ def test_embed_from_s3_into_a_table_on_s3_then_index_it(
     assert sorted(table.table.to_arrow()["key"].to_pylist()) == sorted(keys)
     vectors = table.vectors([row_id(k) for k in keys])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
-    errors = connect(settings.store).open_table(settings.store.errors_table_name_name).to_arrow()
+    errors = connect(settings.store).open_table(settings.store.errors_table_name).to_arrow()
     assert sorted(errors["key"].to_pylist()) == sorted(f"bad_{r}" for r in syn.bad_samples())
     assert report.report_path == f"s3://{BUCKET}/cache/images.report.json"
     fs = _fs(s3)

@@ -26,7 +26,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from cachebind.sources import cc3m, folder, parquet, webdataset
-from cachebind.sources.base import Partition, Sample, expand_braces, file_stamps, url_to_fs
+from cachebind.sources.base import (
+    Partition,
+    Sample,
+    clean_sample,
+    expand_braces,
+    file_stamps,
+    url_to_fs,
+)
 from cachebind.storage import StorageOptions
 
 KINDS = ("webdataset", "parquet", "folder", "cc3m")
@@ -121,8 +128,10 @@ def read_partition(
     ``max_bytes``: a file (or tar member) over it is not read; its sample is a ``too_large``
     error. Without it every file is read whole. ``max_group_bytes``: the same for a parquet
     row group (uncompressed, by the file's metadata), whose rows all become ``too_large``.
+    Keys, captions and urls come out as valid UTF-8 strings or None (``base.clean_sample``).
     """
-    return _READERS[partition.kind](partition, storage, max_bytes, max_group_bytes)
+    samples = _READERS[partition.kind](partition, storage, max_bytes, max_group_bytes)
+    return (clean_sample(s) for s in samples)
 
 
 __all__ = [

@@ -15,7 +15,7 @@ import posixpath
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -85,6 +85,36 @@ class Sample:
     url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None
+
+
+MAX_CAPTION_CHARS = 16_384
+"""Captions are cut here (the text encoder reads 77 tokens; a 100 MB TSV cell is no caption)."""
+
+
+def clean_text(value: Any, limit: int | None = None) -> str | None:
+    """A key, caption or url as the table can store it: a string of valid UTF-8 or None.
+
+    Sources hold anything: numbers or lists in a caption column, a caption ``.json`` of 5, a
+    file name that is not UTF-8 (a lone surrogate once decoded, which no UTF-8 writer takes).
+    Numbers become their text, other types None, lone surrogates a ``\\udcff`` escape."""
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", "replace")
+    elif isinstance(value, bool | int | float):
+        value = str(value)
+    elif not isinstance(value, str):
+        return None
+    value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value[:limit] if limit is not None else value
+
+
+def clean_sample(sample: Sample) -> Sample:
+    """``sample`` with its key, caption and url made storable (see ``clean_text``)."""
+    key = clean_text(sample.key) or ""
+    caption = clean_text(sample.caption, MAX_CAPTION_CHARS)
+    url = clean_text(sample.url)
+    if (key, caption, url) == (sample.key, sample.caption, sample.url):
+        return sample
+    return replace(sample, key=key, caption=caption, url=url)
 
 
 def samples_error(key: str, reason: str, detail: str, **kwargs: Any) -> Sample:

@@ -41,6 +41,8 @@ from cachebind.sources.base import (
 )
 
 KIND = "cc3m"
+MAX_LINE_BYTES = 1024 * 1024
+"""A TSV row longer than this is a ``too_large`` error, read in pieces and dropped."""
 
 
 def img2dataset_key(row: int, samples_per_shard: int, sample_digits: int, shard_digits: int) -> str:
@@ -68,6 +70,8 @@ def list_partitions(
         raise ValueError(f"join must be 'key' or 'mapping', not {join!r}")
     if join == "mapping" and not mapping:
         raise ValueError("join=mapping needs mapping=FILE (columns url, path)")
+    if join == "mapping":
+        _mapping(mapping, storage or StorageOptions())  # a mapping without its columns: say so now
     samples_per_shard = int(samples_per_shard)
     options: dict[str, Any] = {
         "images": images.rstrip("/"),
@@ -80,13 +84,16 @@ def list_partitions(
     }
     # One pass over the file to find where every shard starts.
     offsets: list[tuple[int, int]] = []  # (first row, byte offset)
-    with open_uri(tsv, storage) as f:
-        offset, rows = 0, 0
-        for row, line in enumerate(f):
-            if row % samples_per_shard == 0:
-                offsets.append((row, offset))
-            offset += len(line)
-            rows = row + 1
+    with open_uri(tsv, storage) as raw:
+        f, offset, rows, line_start = _Lines(raw), 0, 0, True
+        # In pieces of at most MAX_LINE_BYTES: a file of one 5 GB "line" is not held whole.
+        while piece := f.readline(MAX_LINE_BYTES):
+            if line_start:
+                if rows % samples_per_shard == 0:
+                    offsets.append((rows, offset))
+                rows += 1
+            offset += len(piece)
+            line_start = piece.endswith(b"\n")
     name = posixpath.basename(tsv)
     shard_width = int(shard_digits)
     return [
@@ -112,20 +119,68 @@ def read_partition(
     sps = opts["samples_per_shard"]
     first = opts["first_row"]
     shard = first // sps
-    with open_uri(partition.uri, storage) as f:
-        f.seek(opts["offset"])
-        lines = [f.readline() for _ in range(sps)]
     lookup = (
         _shard_files(opts["images"], shard, opts["shard_digits"], storage or StorageOptions())
         if opts["join"] == "key"
         else _mapping(opts["mapping"], storage or StorageOptions())
     )
     anywhere = bool(opts.get("allow_outside"))
-    for i, raw in enumerate(lines):
+    with open_uri(partition.uri, storage) as f:
+        f.seek(opts["offset"])
+        yield from _rows(_Lines(f), opts, lookup, storage, max_bytes, anywhere)
+
+
+class _Lines:
+    """``readline(limit)`` over any binary file (the files of fsspec's S3 take no limit)."""
+
+    def __init__(self, f: Any, chunk: int = 1 << 16) -> None:
+        self.f, self.chunk, self.buffer = f, chunk, b""
+
+    def readline(self, limit: int) -> bytes:
+        while True:
+            end = self.buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buffer) >= limit:
+                cut = end + 1 if end >= 0 else limit
+                line, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                return line
+            more = self.f.read(self.chunk)
+            if not more:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += more
+
+
+def _read_line(f: _Lines) -> bytes | int:
+    """The next line (b"" at the end), or its length when it is over MAX_LINE_BYTES (the
+    rest of it read and dropped)."""
+    line = f.readline(MAX_LINE_BYTES + 1)
+    if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+        return line
+    length = len(line)
+    while (piece := f.readline(MAX_LINE_BYTES)) and not piece.endswith(b"\n"):
+        length += len(piece)
+    return length + len(piece)
+
+
+def _rows(
+    f: _Lines,
+    opts: dict[str, Any],
+    lookup: dict[str, str],
+    storage: StorageOptions | None,
+    max_bytes: int | None,
+    anywhere: bool,
+) -> Iterator[Sample]:
+    sps, first = opts["samples_per_shard"], opts["first_row"]
+    for i in range(sps):
+        raw = _read_line(f)
         if not raw:
             break
         row = first + i
         key = img2dataset_key(row, sps, opts["sample_digits"], opts["shard_digits"])
+        if isinstance(raw, int):
+            detail = f"row {row} is a line of {raw:,} bytes, over {MAX_LINE_BYTES:,}"
+            yield samples_error(key, "too_large", detail, extra={"row": row})
+            continue
         caption, _, url = raw.decode("utf-8", "replace").rstrip("\r\n").partition("\t")
         url = url.strip() or None
         name = lookup.get(key if opts["join"] == "key" else (url or ""))
@@ -165,11 +220,19 @@ def _shard_files(
 
 @lru_cache(maxsize=2)
 def _mapping(uri: str, storage: StorageOptions) -> dict[str, str]:
-    """url -> image path from a CSV/TSV (header url,path) or a parquet file."""
+    """url -> image path from a CSV/TSV (header url,path) or a parquet file; ValueError when
+    it has no such columns (checked when the source is listed, so the job does not start)."""
     if uri.endswith(".parquet"):
         with open_uri(uri, storage) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+            if not {"url", "path"} <= set(names):
+                raise ValueError(f"mapping {uri} needs columns url and path, not {names}")
+            f.seek(0)
             table = pq.read_table(f, columns=["url", "path"])
         return dict(zip(table["url"].to_pylist(), table["path"].to_pylist(), strict=True))
-    text = read_bytes(uri, storage).decode("utf-8")
+    text = read_bytes(uri, storage).decode("utf-8", "replace")
     dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
-    return {r["url"]: r["path"] for r in csv.DictReader(io.StringIO(text), dialect=dialect)}
+    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+    if not {"url", "path"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"mapping {uri} needs a header url,path, not {reader.fieldnames}")
+    return {r["url"]: r["path"] for r in reader if r["url"] is not None and r["path"]}

@@ -46,6 +46,7 @@ def list_partitions(
     """
     uris = expand_uris(pattern, ".parquet", storage)
     partitions = []
+    wrong_columns: list[str] = []
     for uri in uris:
         name = posixpath.basename(uri)
         try:
@@ -53,6 +54,8 @@ def list_partitions(
         except _Unreadable as bad:
             # One bad file is one error row, not a job that cannot start.
             partitions.append(_unreadable(uri, name, bad.reason, bad.detail))
+            if bad.reason == "wrong_columns":
+                wrong_columns.append(bad.detail)
             continue
         n_groups = len(offsets) - 1
         for i in range(n_groups):
@@ -70,6 +73,10 @@ def list_partitions(
                     },
                 )
             )
+    if wrong_columns and len(wrong_columns) == len(uris):
+        # No file has the columns: a spec to fix (a misspelt column), not a collection of bad
+        # files to record one by one.
+        raise ValueError(wrong_columns[0])
     return partitions
 
 
@@ -92,7 +99,10 @@ def _row_groups(
                         "empty_shard", f"parquet file {uri} is empty (0 bytes)"
                     ) from exc
                 raise _Unreadable("unreadable", f"{uri}: {exc}") from exc
-            columns = resolve_columns(pfile.schema_arrow.names, options)
+            try:
+                columns = resolve_columns(pfile.schema_arrow.names, options)
+            except ValueError as exc:
+                raise _Unreadable("wrong_columns", f"{uri}: {exc}") from exc
             offsets = [0]
             for i in range(pfile.num_row_groups):
                 offsets.append(offsets[-1] + pfile.metadata.row_group(i).num_rows)
