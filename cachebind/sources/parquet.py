@@ -224,10 +224,12 @@ def _rows(
         return
     per_row = _group_bytes(group, columns) // max(group.num_rows, 1)
     batch = max(1, min(1024, _BATCH_BYTES // max(per_row, 1)))
+
     for record_batch in pfile.iter_batches(
         batch_size=batch, row_groups=[group_index], columns=columns, use_threads=False
     ):
-        yield from record_batch.to_pylist()
+        for i in range(record_batch.num_rows):  # a zero-copy slice: one row's values at a time
+            yield record_batch.slice(i, 1).to_pylist()[0]
 
 
 def _samples(
