@@ -137,3 +137,20 @@ def test_a_mapping_without_its_columns_is_refused_when_the_source_is_listed(
     spec = f"cc3m:{tmp_path}/c.tsv?images={tmp_path}&join=mapping&mapping={tmp_path}/map.csv"
     with pytest.raises(ValueError, match="needs a header url,path"):
         list_partitions(spec)
+
+
+def test_a_row_group_cut_by_a_corrupt_page_accounts_for_every_row(tmp_path: Path) -> None:
+    table = pa.table(
+        {"key": [f"k{i}" for i in range(100)], "jpg": [syn.image_bytes(i) for i in range(100)]}
+    )
+    path = tmp_path / "pq" / "a.parquet"
+    path.parent.mkdir()
+    pq.write_table(table, path, data_page_size=8192, compression="snappy", use_dictionary=False)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 3000] = b"\xaa" * 3000
+    path.write_bytes(bytes(data))
+    s = embed_settings(tmp_path / "db", thumbnails=False)
+    report = run_embed(f"parquet:{path.parent}", s, progress=False)
+    assert report.rows_written + report.errors_written == 100
+    assert report.errors_by_reason.get("unreadable", 0) >= 1

@@ -122,12 +122,14 @@ def _decode_one(partition: Partition, skip: set[int], options: DecodeOptions) ->
         except StopIteration:
             break
         except Exception as exc:  # an unreadable shard must not stop the job
-            key = f"{partition.id}#unreadable"
-            sid = row_id(key)
-            if sid not in emitted and sid not in skip:
-                emitted.add(sid)
-                detail = repr(exc)
-                rows.append(error_row(sid, key, partition.id, "read", "unreadable", detail, None))
+            for key in _unread_keys(partition, position + 1):
+                sid = row_id(key)
+                if sid not in emitted and sid not in skip:
+                    emitted.add(sid)
+                    detail = repr(exc)
+                    rows.append(
+                        error_row(sid, key, partition.id, "read", "unreadable", detail, None)
+                    )
             break
         position += 1
         sid = row_id(sample.key)
@@ -153,6 +155,15 @@ def _decode_one(partition: Partition, skip: set[int], options: DecodeOptions) ->
     marker = empty_row(row_id(f"{partition.id}#done"), partition.id)
     rows.append({**marker, "status": "done", "count": len(emitted), "node": _node_id()})
     yield pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+
+def _unread_keys(partition: Partition, first: int) -> list[str]:
+    """Error keys for the samples a read failure left unread, from position ``first``: one
+    per sample where the partition knows its size (a parquet row group cut by a corrupt page
+    still accounts for every row), else one for the rest of the shard."""
+    total = partition.options.get("num_samples")
+    rest = range(first + 1, total) if isinstance(total, int) else range(0)
+    return [f"{partition.id}#unreadable", *(f"{partition.id}#unreadable@{i}" for i in rest)]
 
 
 def decode_isolated(
