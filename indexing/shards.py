@@ -35,6 +35,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from cachebind.raycluster import start_or_join_ray
 from cachebind.store import CacheTable
 from indexing import ondisk
 from indexing.faiss_ops import from_bytes, merge_into, to_bytes
@@ -112,8 +113,7 @@ def add_sharded(
     files go to ``shard_dir`` when given (seen by every node), else next to ``ivfdata``.
     ``on_stage`` hears ``shards_written`` (all shard files complete, merge about to start).
     """
-    if not ray.is_initialized():
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+    start_or_join_ray(ray_address, log_to_driver=False)
     uri = str(table.dataset.uri)
     trained = ray.put(to_bytes(index))
     queries = ray.put(work.queries)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from cachebind.config import load_config
+from cachebind.raycluster import start_or_join_ray
 from cachebind.store import CacheTable
 
 
@@ -59,8 +60,7 @@ def default_shards(rows: int, ray_address: str | None) -> int:
         return 1
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=False)
+    start_or_join_ray(ray_address, log_to_driver=False)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

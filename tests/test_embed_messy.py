@@ -44,7 +44,7 @@ def ray_session(crash_env: dict[str, str]):
     """One local Ray whose workers (and their sandbox workers) inherit ``crash_env``."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", crash_env["PYTHONPATH"])
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

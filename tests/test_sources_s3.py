@@ -225,7 +225,13 @@ def test_s3_stamps_from_one_listing_equal_each_objects_own_info(data: Path, s3: 
 @pytest.fixture(scope="module")
 def local_ray(s3: S3Config) -> Iterator[None]:
     """Started after the AWS variables were cleared, so its workers never see any."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 

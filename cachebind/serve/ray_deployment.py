@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from cachebind.config import Settings
+from cachebind.raycluster import start_or_join_ray
 
 
 def build_application(
@@ -63,11 +64,9 @@ def run_on_ray(
     """Start Ray Serve's HTTP proxy on ``host:port`` (default ``serve.host``/``serve.port``)
     and deploy the app at ``/``; returns the base URL. Joins ``embed.ray_address`` when set,
     else starts a local Ray."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=settings.embed.ray_address, include_dashboard=False)
+    start_or_join_ray(settings.embed.ray_address, include_dashboard=False)
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})

@@ -15,13 +15,13 @@ Running the same command again resumes from the latest checkpoint (Ray Train fin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from cachebind.config import Settings, TrainConfig
 from cachebind.errors import CachebindError
+from cachebind.raycluster import start_or_join_ray
 from cachebind.train.build import write_start
 from cachebind.train.data import steps_per_epoch
 from cachebind.train.loop import Plan, train_loop
@@ -156,16 +156,11 @@ def plot_losses(log_file: Path) -> Path | None:
 
 def run_training(settings: Settings, phase: Phase) -> TrainResult:
     """Train ``phase`` on the cache table in ``settings.store``; resumable; returns the result."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = settings.train
-    if not ray.is_initialized():
-        # Unset: inside `ray job submit` (RAY_ADDRESS) join that cluster, else a new local one
-        # (never whatever other cluster happens to run on this machine).
-        address = cfg.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
-        ray.init(address=address, log_to_driver=True)
+    start_or_join_ray(cfg.ray_address, log_to_driver=True)
     world = cfg.num_workers
     plan = make_plan(settings, phase, world)
     use_gpu = _use_gpu(cfg)

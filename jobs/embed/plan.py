@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebind.config import EmbedConfig
+from cachebind.raycluster import start_or_join_ray
 
 
 @dataclass
@@ -82,9 +83,5 @@ def init_ray(cfg: EmbedConfig) -> bool:
         # that has used it concern children that keep running Python, not these.
         warnings.filterwarnings("ignore", message="lancedb fork support")
         warnings.filterwarnings("ignore", message="lance is not fork-safe")
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, **kwargs)
-        else:
-            # A local instance gets every core; workers import cachebind from this environment.
-            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
-    return True
+        # A local instance gets every core; workers import cachebind from this environment.
+        return start_or_join_ray(cfg.ray_address, num_cpus=os.cpu_count() or 1, **kwargs)
