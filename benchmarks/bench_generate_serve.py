@@ -6,7 +6,7 @@ For each number of concurrent streams, that many client threads submit one greed
 each (``--tokens`` tokens, EOS ignored, different prompts, one visual query each); reported are
 the aggregate tokens/s (all tokens / wall time) and p50 / p99 time to first token. Also: the
 per-token decode time of one stream on the main thread, in a one-thread pool, and on the
-scheduler's thread (issue 13's thread question).
+scheduler's thread (does decoding off the main thread cost anything?).
 
 CPU: the small LLaMA (``build_tiny_llm``, dim 512, 8 layers by default), fp32. GPU (``--gpu``):
 LLaMA-7B-shaped random fp16 weights with the adapter; the tiny tokenizer is reused with ids
@@ -114,7 +114,7 @@ def run_streams(n: int, one_request, visual: np.ndarray) -> dict:
 
 
 def serial_request(gen: Generator, pool: ThreadPoolExecutor, tokens: int):
-    """The service before issue 13: each request's whole ``Generator.stream`` in one thread."""
+    """The service before in-flight batching: each request's whole ``Generator.stream`` in one thread."""
 
     def one(i: int, f_m: np.ndarray, on_piece) -> int:
         def work() -> int:

@@ -26,20 +26,20 @@ run() {  # name, seconds, script and arguments
   tail -n 4 "$out/$name.txt"
 }
 
-# Issue 3: ImageBind-huge vision encoder, bf16, beside the reference model (target >= 1,200 img/s).
+# Encoder: ImageBind-huge vision encoder, bf16, beside the reference model (target >= 1,200 img/s).
 run encoder_huge_bf16 240 benchmarks/bench_encoder.py --device cuda --preset huge \
   --dtype bf16 --batch-size 256 --iters 10 --warmup 3
 run encoder_huge_bf16_compiled 300 benchmarks/bench_encoder.py --device cuda --preset huge \
   --dtype bf16 --batch-size 256 --iters 10 --warmup 3 --no-reference --compile
-# Issue 5: exact fp16 search over 3.3M x 1024 at batch 1024 through the serving path.
+# Index: exact fp16 search over 3.3M x 1024 at batch 1024 through the serving path.
 run index_exact_fp16 180 benchmarks/bench_index.py --gpu --rows 3300000 --json "$out/index.json"
-# Issue 6: LLaMA-7B-shaped decode with the adapter (and the CPU mode's cache share).
+# Generation: LLaMA-7B-shaped decode with the adapter (and the CPU mode's cache share).
 run generate_7b 300 benchmarks/bench_generate.py --gpu yes
-# Issue 13: in-flight batching of 1/4/16/32 streams against the serial executor, 7B-shaped fp16
+# Concurrent streams: in-flight batching of 1/4/16/32 streams against the serial executor, 7B-shaped fp16
 # (targets: >= 10x the serial aggregate at 16 streams; batch-1 decode within 1.3x of ~4 ms/token).
 run generate_serve_7b 420 benchmarks/bench_generate.py --serve --gpu yes --streams 1,4,16,32 \
   --tokens 64
-# Issue 16: stage-1 training samples/s from the cache vs through the huge encoder (released
+# Training: stage-1 training samples/s from the cache vs through the huge encoder (released
 # way), 7B-shaped LLaMA, bf16 autocast, same step (target: >= 10x on a GPU).
 run train_7b_from_cache 300 benchmarks/bench_train.py --device cuda --preset huge --llm 7b \
   --batch-size 8 --iters 5

@@ -332,7 +332,7 @@ class LLMConfig(Section):
 
 
 class TrainConfig(Section):
-    """Training ImageBind-LLM from the cache on Ray Train (``cachebind train``, issue 16).
+    """Training ImageBind-LLM from the cache on Ray Train (``cachebind train``).
 
     Defaults follow the release (``main_pretrain.py``, ``exps/*.sh``) and the paper: AdamW
     (0.9, 0.95), lr = blr · effective batch / 256 with effective batch = ``batch_size`` ·
@@ -399,7 +399,7 @@ so that a body of 100k inputs is refused before each one is validated."""
 
 
 class QueryLogConfig(Section):
-    """The service's sample of the query embeddings F_M it answered (issue 11), which ``cachebind
+    """The service's sample of the query embeddings F_M it answered, which ``cachebind
     index build | add | tune`` tune and verify on: one bounded reservoir per modality, embeddings
     only (never the text or media sent), in ``<index.dir>/query_log.npz``."""
 

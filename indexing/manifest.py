@@ -61,7 +61,7 @@ def check_alignment(manifest: dict[str, Any], table: CacheTable, table_ids: np.n
         )
 
 
-# --- query sets: what each kind of query can expect (issue 11) -------------------------------
+# --- query sets: what each kind of query can expect ----------------------------------------
 
 LEGACY_SET = "image:held_out"
 

@@ -1,6 +1,6 @@
 """A bounded sample of the query embeddings F_M a service answered, per modality.
 
-The index is tuned on the queries it really serves (issue 11): the service adds each query's
+The index is tuned on the queries it really serves: the service adds each query's
 embedding F_M here, and ``cachebind index build | add | tune`` read the sample back as one query
 set per modality (``<modality>:query_log``). Only embeddings are kept, never the raw input (text,
 audio, pixels): a float32 vector per query, so the file says nothing a nearest-neighbour search of

@@ -1,5 +1,5 @@
 """``embed --views N``: augmented crops cached beside the centre vector, and training drawing
-one of them per row and epoch (issue 16).
+one of them per row and epoch.
 
 The crops follow the release's training transform and are seeded per (id, view); a job with
 views stores vectors equal to a single-process computation of those crops, the same rows on a

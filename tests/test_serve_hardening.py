@@ -1,5 +1,5 @@
 """Hostile requests against a live server on 127.0.0.1: each gets its 4xx, and the service stays
-responsive (issue 12, item 3; media decoding has its own tests).
+responsive (media decoding has its own tests).
 
 Every test is bounded in time and count: raw sockets carry the requests that no well-behaved
 client would send (half a request head, a body that never ends), httpx the rest.

@@ -1,4 +1,4 @@
-"""The service's query log and its honest recall reporting (issue 11), on real servers.
+"""The service's query log and its honest recall reporting, on real servers.
 
 The log keeps each answered input's embedding F_i per modality (bounded, on disk beside the
 index, across restarts, never the input itself); ``/v1/index`` reports recall and latency per
@@ -244,7 +244,7 @@ def qset(name: str, r10: float, trusted: bool = True, n: int = 1000) -> dict[str
 
 class ManifestLoader(TableFlatLoader):
     """Exact indexes over the table, each with a manifest that declares ``sets`` (what a build
-    of issue 11 writes), so the service's reading of them is what is under test."""
+    of the query sets writes), so the service's reading of them is what is under test."""
 
     def __init__(self, store: Any, sets: list[dict[str, Any]]) -> None:
         super().__init__(store)

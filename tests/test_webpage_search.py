@@ -132,7 +132,7 @@ def test_errors_from_the_service_are_shown(page, server):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """A server over a published index re-tuned on the text queries it logged (issue 11)."""
+    """A server over a published index re-tuned on the text queries it logged."""
     import time
 
     from builders import build_demo_cache, service_settings

@@ -28,7 +28,7 @@ from cachebind.preprocess.image import normalised_tensor
 SCALE = (0.9, 1.0)
 RATIO = (0.75, 1.3333)  # the release writes 1.3333, not 4/3
 ATTEMPTS = 10
-VIEW_SEED = 16  # issue 16: keeps these streams apart from other seeded uses of an id
+VIEW_SEED = 16  # keeps these streams apart from other seeded uses of an id
 
 AUGMENTATION = {
     "transform": "RandomResizedCrop",

@@ -1,6 +1,6 @@
 """The service's query log: every answered query's F_M, sampled per modality, kept on disk.
 
-What is logged (issue 11): each input's own unit-norm embedding F_i under its modality, the
+What is logged: each input's own unit-norm embedding F_i under its modality, the
 embedding the encoder made of the text or medium a client sent. A weighted mix is logged as its
 parts, each under its own modality, not as the blended F_M: a query set has to be one
 distribution for its measured recall to mean anything, and a mix's recall is bounded by its
