@@ -47,6 +47,10 @@ class EncoderConfig(Section):
     batch_size: int = 64
     seed: int = 0
     """Seed for random initialisation when no checkpoint is found."""
+    allow_mismatch: bool = False
+    """Serve or query a table whose recorded encoder (model, preset, dimensions, checkpoint
+    sha256, preprocessing version) differs from this one, with a warning in the log; for
+    experts comparing encoders. Off, such a table is refused (``--allow-encoder-mismatch``)."""
 
 
 def _aws_env(*names: str) -> str | None:
