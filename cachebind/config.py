@@ -452,8 +452,9 @@ class ServeConfig(Section):
     ``too_many_connections`` and closed at once, so that one address cannot hold the server
     at ``max_connections`` (clients behind one NAT or proxy share an address)."""
     max_pending_per_address: int = Field(64, ge=1)
-    """Connections from one client address that have not yet sent a whole request head (each
-    may hold up to ``max_head_bytes`` until ``header_timeout_s``); 429 and closed past it."""
+    """Connections from one client address that have not yet sent their first whole request
+    head (each may hold up to ``max_head_bytes`` until ``header_timeout_s``); 429 and closed
+    past it."""
     max_head_bytes: int = Field(32 * 1024, ge=1024)
     """Request line plus headers of one request, counted as they arrive: 431
     ``head_too_large`` and the connection closed past it."""

@@ -237,6 +237,13 @@ def test_one_address_over_its_caps_cannot_keep_another_from_the_probes_and_a_sea
                 headers={"Authorization": f"Bearer {served.svc.user_key}"},
             )
             assert r.status_code == 200 and len(r.json()["results"]) == 3
+            # Counted for the operator.
+            metrics = other.get(
+                "/metrics", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+            ).text
+            line = 'cachebind_connections_refused_total{reason="too_many_connections"}'
+            counted = next(x for x in metrics.splitlines() if x.startswith(line))
+            assert float(counted.split()[-1]) >= len(refused)
         # Its admitted connections are still served.
         assert request_on(kept[0], "/healthz") == 200
     finally:

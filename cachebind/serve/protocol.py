@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -75,6 +76,8 @@ class ConnectionLimits:
 
     limits: ClassVar[HeadLimits]
     book: ClassVar[AdmissionBook]
+    on_refused: ClassVar[Callable[[str], None] | None]
+    """Told the error tag of each connection refused (the app's metrics count them)."""
     # Set by uvicorn's protocols.
     transport: Any
     loop: asyncio.AbstractEventLoop
@@ -99,6 +102,7 @@ class ConnectionLimits:
                 # uvicorn's limit_concurrency, which is what the caps protect.
                 self.transport.write(refusal(429, "too_many_connections", reason))
                 self.transport.close()
+                self._count_refusal("too_many_connections")
                 return
             self._address, self._pending = self.client[0], True
         self._arm()
@@ -155,8 +159,13 @@ class ConnectionLimits:
     def _receive(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def _count_refusal(self, error: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(error)
+
     def _refuse_head(self, detail: str) -> None:
         self._disarm()
+        self._count_refusal("head_too_large")
         self.transport.write(refusal(431, "head_too_large", detail))
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -266,8 +275,11 @@ class H11Limits(ConnectionLimits, H11Protocol):
             self._head_complete()
 
 
-def protocol_class(config: ServeConfig) -> type[asyncio.Protocol]:
-    """A protocol class of ``config.http`` with its own admission book (one per server)."""
+def protocol_class(
+    config: ServeConfig, on_refused: Callable[[str], None] | None = None
+) -> type[asyncio.Protocol]:
+    """A protocol class of ``config.http`` with its own admission book (one per server);
+    ``on_refused`` is told the error tag of each connection it refuses."""
     base: type[ConnectionLimits] = H11Limits
     if config.http == "httptools":
         if HttpToolsProtocol is None:
@@ -277,15 +289,19 @@ def protocol_class(config: ServeConfig) -> type[asyncio.Protocol]:
     attributes = {
         "limits": HeadLimits(config.header_timeout_s, config.max_head_bytes, config.max_headers),
         "book": AdmissionBook(config.max_connections_per_address, config.max_pending_per_address),
+        # staticmethod: a plain function stored on a class would be bound as a method.
+        "on_refused": staticmethod(on_refused) if on_refused is not None else None,
     }
     return type(base.__name__, (base,), attributes)
 
 
-def uvicorn_limits(config: ServeConfig) -> dict[str, Any]:
+def uvicorn_limits(
+    config: ServeConfig, on_refused: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """The uvicorn settings that bound connections: keep-alive, concurrency, the protocol."""
     return {
         "timeout_keep_alive": config.keep_alive_s,
         "limit_concurrency": config.max_connections,
         "h11_max_incomplete_event_size": config.max_head_bytes,
-        "http": protocol_class(config),
+        "http": protocol_class(config, on_refused),
     }

@@ -57,7 +57,7 @@ def serve_forever(settings: Settings) -> None:
             log_level="info",
             proxy_headers=False,
             timeout_graceful_shutdown=30,
-            **uvicorn_limits(settings.serve),
+            **uvicorn_limits(settings.serve, app.state.serve.metrics.count_refused),
         )
     )
     refused: list[Exception] = []
@@ -103,7 +103,7 @@ def start_server(
         proxy_headers=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
-        **uvicorn_limits(settings.serve),
+        **uvicorn_limits(settings.serve, app.state.serve.metrics.count_refused),
     )
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread; this one runs in its own.
