@@ -156,7 +156,13 @@ class ConnectionLimits:
             return  # refused: what still arrives is dropped unread
         self._receive(data)
 
+    def eof_received(self) -> bool | None:
+        if self._linger is not None:
+            return None  # the client is done after a refusal: close (h11 would parse the EOF)
+        return super().eof_received()  # type: ignore[misc]
+
     def _receive(self, data: bytes) -> None:
+        """Feed ``data`` to the parser, counting the head (each protocol its own way)."""
         raise NotImplementedError
 
     def _count_refusal(self, error: str) -> None:
