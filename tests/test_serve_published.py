@@ -174,3 +174,22 @@ def test_a_reload_to_another_encoders_table_is_refused_and_the_old_version_serve
         body = {"inputs": [{"modality": "text", "text": "a dog"}], "k": 3}
         assert http.post("/v1/search", json=body).status_code == 200
         http.close()
+
+
+def test_a_first_index_over_another_encoders_table_leaves_the_server_not_ready_saying_why(
+    tmp_path,
+):
+    cache = build_demo_cache(tmp_path, rows=40, dim=64, encoder=encoder_of("small", tmp_path))
+    svc = service_settings(tmp_path, cache, index_poll_s=0.2)
+    svc.settings.index.use_gpu = "no"
+    with start_server(svc.settings, port=0) as server:
+        http = httpx.Client(base_url=server.url, headers={"X-API-Key": svc.user_key})
+        assert http.get("/readyz").status_code == 503  # no index yet: polling for one
+        indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        for _ in range(600):  # the poll loop finds it and refuses it
+            ready = http.get("/readyz").json()
+            if ready.get("error"):
+                break
+            time.sleep(0.1)
+        assert ready["ready"] is False and "preset 'small'" in ready["error"]
+        http.close()
