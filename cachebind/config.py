@@ -47,6 +47,10 @@ class EncoderConfig(Section):
     batch_size: int = 64
     seed: int = 0
     """Seed for random initialisation when no checkpoint is found."""
+    allow_mismatch: bool = False
+    """Serve or query a table whose recorded encoder (model, preset, dimensions, checkpoint
+    sha256, preprocessing version) differs from this one, with a warning in the log; for
+    experts comparing encoders. Off, such a table is refused (``--allow-encoder-mismatch``)."""
 
 
 def _aws_env(*names: str) -> str | None:
@@ -443,6 +447,21 @@ class ServeConfig(Section):
     """An idle keep-alive connection is closed after this."""
     max_connections: int = Field(1000, ge=1)
     """Open connections (and running requests) at once; uvicorn answers 503 past it."""
+    max_connections_per_address: int = Field(128, ge=1)
+    """Open connections from one client address; a connection past it is answered 429
+    ``too_many_connections`` and closed at once, so that one address cannot hold the server
+    at ``max_connections`` (clients behind one NAT or proxy share an address)."""
+    max_pending_per_address: int = Field(64, ge=1)
+    """Connections from one client address that have not yet sent their first whole request
+    head (each may hold up to ``max_head_bytes`` until ``header_timeout_s``); 429 and closed
+    past it."""
+    max_head_bytes: int = Field(32 * 1024, ge=1024)
+    """Request line plus headers of one request, counted as they arrive: 431
+    ``head_too_large`` and the connection closed past it."""
+    max_headers: int = Field(100, ge=1)
+    """Header fields of one request: 431 ``head_too_large`` past it."""
+    http: Literal["httptools", "h11"] = "httptools"
+    """uvicorn's HTTP parser; both enforce the limits above."""
     search_max_widenings: int = Field(3, ge=0)
     """Times a filtered or deduplicated search re-queries the index with a wider candidate
     set; then it answers what it has with ``partial: true``."""

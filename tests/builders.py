@@ -50,8 +50,11 @@ def thumbnail_jpeg(colour: tuple[int, int, int], size: int = 64, seed: int = 0) 
     return buf.getvalue()
 
 
-def demo_rows(start: int, count: int, dim: int, seed: int) -> pa.Table:
-    """``count`` rows of the images schema; row ``i`` is key ``sample-{i:06d}``."""
+def demo_rows(
+    start: int, count: int, dim: int, seed: int, encoder: dict[str, Any] | None = None
+) -> pa.Table:
+    """``count`` rows of the images schema; row ``i`` is key ``sample-{i:06d}``. ``encoder``:
+    the identity the table records (as the embedding job writes it); none by default."""
     rng = np.random.default_rng(seed + start)
     vectors = rng.standard_normal((count, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -68,7 +71,10 @@ def demo_rows(start: int, count: int, dim: int, seed: int) -> pa.Table:
         shards.append(f"{i // 100:05d}")
         # Every tenth row has no thumbnail, as a cache built with thumbnails off would.
         thumbs.append(None if i % 10 == 9 else thumbnail_jpeg(COLOURS[colour], seed=i))
-    schema = images_schema(dtype="float16", dim=dim, metadata={"encoder": "fixture"})
+    metadata = {"encoder": encoder or "fixture"}
+    if encoder:
+        metadata["preprocess_version"] = encoder.get("preprocess_version")
+    schema = images_schema(dtype="float16", dim=dim, metadata=metadata)
     return pa.table(
         {
             "id": pa.array([row_id(k) for k in keys], pa.int64()),
@@ -87,11 +93,14 @@ def demo_rows(start: int, count: int, dim: int, seed: int) -> pa.Table:
     )
 
 
-def build_demo_cache(root: Path, rows: int = 200, dim: int = 64, seed: int = 0) -> DemoCache:
-    """Create the LanceDB ``images`` table under ``root`` with ``rows`` generated rows."""
+def build_demo_cache(
+    root: Path, rows: int = 200, dim: int = 64, seed: int = 0, encoder: dict[str, Any] | None = None
+) -> DemoCache:
+    """Create (or overwrite) the LanceDB ``images`` table under ``root`` with ``rows``
+    generated rows, recording ``encoder`` as the encoder that embedded them."""
     store = StoreConfig(uri=str(Path(root) / "lancedb"), table="images")
     db = connect(store)
-    db.create_table(store.table, demo_rows(0, rows, dim, seed), mode="overwrite")
+    db.create_table(store.table, demo_rows(0, rows, dim, seed, encoder), mode="overwrite")
     return DemoCache(store=store, dim=dim, rows=rows)
 
 

@@ -4,7 +4,8 @@ A test module states the server it needs with a module mark, for example
 ``pytestmark = pytest.mark.served(rows=200, llm=True, max_k=50)``: ``rows`` of the demo cache,
 ``llm`` for a tiny LLaMA with the ImageBind-LLM adapter, ``llm_settings`` for its ``llm``
 section, and any ``serve`` setting by name.
-One server per module: it starts before the module's first test and stops after its last.
+One server per module (and per indirect parameter of ``served``, whose dictionary adds to the
+mark's settings): it starts before the module's first test and stops after its last.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def served(
     mark = request.node.get_closest_marker("served")
     options: dict[str, Any] = {"rows": 200, "llm": False, "index_poll_s": 0}
     options.update(mark.kwargs if mark else {})
+    # parametrize("served", [{...}], indirect=True): one server per set of settings.
+    options.update(getattr(request, "param", {}))
     rows, llm = options.pop("rows"), options.pop("llm")
     llm_settings = options.pop("llm_settings", {})
     root = tmp_path_factory.mktemp("served")

@@ -83,8 +83,9 @@ def test_flags_become_settings_overrides() -> None:
     ("argv", "expected"),
     [
         (["embed", "src"], {"store", "encoder"}),
-        (["index"], {"store", "index"}),
-        (["index", "add"], {"store", "index"}),
+        # index add checks the table was embedded by the configured encoder.
+        (["index"], {"store", "index", "encoder"}),
+        (["index", "add"], {"store", "index", "encoder"}),
         (["serve"], {"store", "index", "encoder"}),
     ],
 )

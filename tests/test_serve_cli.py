@@ -11,11 +11,14 @@ import sys
 import time
 
 import httpx
+import pytest
 from builders import build_demo_cache
 
 import indexing
-from cachebind.config import IndexConfig
+from cachebind.cli import main
+from cachebind.config import EncoderConfig, IndexConfig, WeightsConfig
 from cachebind.serve.auth import create_key
+from cachebind.store.identity import configured_encoder
 
 
 def free_port() -> int:
@@ -74,3 +77,63 @@ def test_cachebind_serve_command(tmp_path):
         output = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode in (0, 130), output[-2000:]
     assert "Application startup complete" in output
+
+
+# --------------------------------------------------------------------------- the table's encoder
+
+
+@pytest.fixture
+def small_table(tmp_path, monkeypatch):
+    """A demo table recorded as embedded by the small preset, its index published; the
+    environment configures the tiny encoder over it."""
+    weights = WeightsConfig(dir=tmp_path / "weights")
+    small = configured_encoder(EncoderConfig(preset="small"), weights)
+    cache = build_demo_cache(tmp_path, rows=50, dim=64, encoder=small)
+    index_dir = tmp_path / "index"
+    indexing.build_and_publish(
+        cache.store, IndexConfig(dir=index_dir, use_gpu="no"), progress=False
+    )
+    for name, value in {
+        "CACHEBIND_HOME": str(tmp_path / "home"),
+        "CACHEBIND_WEIGHTS__DIR": str(weights.dir),
+        "CACHEBIND_STORE__URI": cache.store.uri,
+        "CACHEBIND_INDEX__DIR": str(index_dir),
+        "CACHEBIND_INDEX__USE_GPU": "no",
+        "CACHEBIND_ENCODER__PRESET": "tiny",
+        "CACHEBIND_ENCODER__DEVICE": "cpu",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return cache
+
+
+def test_cachebind_serve_exits_non_zero_naming_both_encoders_of_a_mismatched_table(small_table):
+    users = small_table.store.uri + "-users.txt"
+    create_key(users)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "cachebind.cli", "serve",
+            "--host", "127.0.0.1", "--port", str(free_port()), "--api-keys-file", users,
+        ],
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    output = proc.stderr.decode()
+    assert proc.returncode != 0, output[-2000:]
+    assert "preset 'small'" in output and "preset 'tiny'" in output
+    assert "--allow-encoder-mismatch" in output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["search", "--text", "a dog"], ["enhance", "--text", "a dog"], ["index", "add"]],
+    ids=["search", "enhance", "index-add"],
+)
+def test_an_in_process_command_against_a_mismatched_table_refuses(small_table, command, capsys):
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "preset 'small'" in err and "preset 'tiny'" in err and "--preset small" in err
+
+
+def test_an_in_process_search_with_the_override_answers(small_table, capsys):
+    assert main(["search", "--text", "a dog", "-k", "3", "--allow-encoder-mismatch"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3

@@ -88,6 +88,24 @@ def test_errors_and_progress_tables(store: StoreConfig) -> None:
     }
 
 
+def test_a_checkpoint_moved_to_another_path_with_the_same_sha256_may_append(
+    store: StoreConfig,
+) -> None:
+    def checkpoint(path: str) -> dict:
+        encoder = {"preset": "huge", "checkpoint": path, "weights": "sha256:ab", "sha256": "ab"}
+        return {"encoder": encoder, "preprocess_version": "1"}
+
+    CacheWriter(store, images_schema(dim=8, metadata=checkpoint("/a/w.pth"))).write_rows(
+        rows(["a"])
+    )
+    CacheWriter(store, images_schema(dim=8, metadata=checkpoint("/b/w.pth"))).write_rows(
+        rows(["b"])
+    )
+    other = {**checkpoint("/a/w.pth"), "encoder": {"preset": "huge", "weights": "sha256:cd"}}
+    with pytest.raises(EncoderMismatchError, match="sha256:cd"):
+        CacheWriter(store, images_schema(dim=8, metadata=other))
+
+
 def test_another_encoder_identity_is_refused(store: StoreConfig) -> None:
     CacheWriter(store, images_schema(dim=8, metadata=TINY)).write_rows(rows(["a"]))
     other = {**TINY, "encoder": {"preset": "tiny", "weights": "random-init:seed=1"}}

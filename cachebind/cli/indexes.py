@@ -26,7 +26,7 @@ def add_index(sub: Subcommands, common: CommonOptions) -> None:
         "latest query log (and captions, --queries files) without rebuilding; `list` shows the "
         "versions with recall per query set; `verify` checks a version's files against the "
         "sha256 sums in its manifest.",
-        parents=[common.table, common.index_dir],
+        parents=[common.table, common.index_dir, common.encoder],
     )
     p.add_argument("action", nargs="?", default="build", choices=INDEX_ACTIONS)
     _add_index_build_flags(p)
@@ -110,8 +110,16 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     query_files = [parse_query_spec(spec) for spec in args.queries or []]
     if args.action in ("add", "tune"):
         from cachebind.store import CacheTable
+        from cachebind.store.identity import check_encoder, configured_encoder
 
         table = CacheTable.open(settings.store)
+        if args.action == "add":
+            check_encoder(
+                configured_encoder(settings.encoder, settings.weights),
+                table.metadata,
+                f"{settings.store.uri}/{settings.store.table}",
+                allow=settings.encoder.allow_mismatch,
+            )
         if args.action == "tune":
             manifest = indexing.tune_current(
                 settings.index.dir, table, settings.index, query_files=query_files

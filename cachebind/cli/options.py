@@ -91,6 +91,17 @@ def _parent(title: str) -> tuple[argparse.ArgumentParser, Any]:
     return parser, parser.add_argument_group(title)
 
 
+def _allow_mismatch(group: Any) -> None:
+    group.add_argument(
+        "--allow-encoder-mismatch",
+        dest="encoder__allow_mismatch",
+        action="store_const",
+        const=True,
+        help="use a table embedded by another encoder than the configured one (logged; "
+        "its scores are not comparable)",
+    )
+
+
 def common_options() -> CommonOptions:
     table, g = _parent("cache table")
     g.add_argument(
@@ -110,6 +121,7 @@ def common_options() -> CommonOptions:
         metavar="FILE",
         help="ImageBind state-dict file",
     )
+    _allow_mismatch(g)
 
     index_dir, g = _parent("index")
     g.add_argument(
@@ -131,6 +143,7 @@ def common_options() -> CommonOptions:
     )
     g.add_argument("--url", help="query a running service instead of loading the cache here")
     g.add_argument("--api-key", help="API key for --url (or CACHEBIND_API_KEY)")
+    _allow_mismatch(g)
     return CommonOptions(table, encoder, index_dir, query)
 
 

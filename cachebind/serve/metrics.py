@@ -54,6 +54,13 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
+        self.connections_refused = Counter(
+            "cachebind_connections_refused_total",
+            "Connections answered and closed before a request reached the app, by reason "
+            "(too_many_connections: an address over its caps; head_too_large: 431).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.index_reloads = Counter(
             "cachebind_index_reloads_total",
             "Index reload attempts by outcome (ok, failed).",
@@ -88,6 +95,10 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def count_refused(self, error: str) -> None:
+        """A connection the protocol answered with ``error`` and closed."""
+        self.connections_refused.labels(reason=error).inc()
 
     def watch_decoders(self, stats: Callable[[], SandboxStats | None]) -> None:
         """Export the decode pool's ``stats()`` at each scrape."""

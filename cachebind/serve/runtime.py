@@ -115,6 +115,7 @@ class Runtime:
         cache_config: CacheConfig | None = None,
         generation_defaults: dict[str, Any] | None = None,
         llm_config: LLMConfig | None = None,
+        allow_encoder_mismatch: bool = False,
     ) -> None:
         visual_dim = getattr(generator, "visual_dim", None)
         if generator is not None and visual_dim is not None and visual_dim != encoder.out_dim:
@@ -125,6 +126,9 @@ class Runtime:
                 f"{encoder.out_dim}-d (encoder preset {encoder.identity.get('preset')!r})"
             )
         self.encoder = encoder
+        self.allow_encoder_mismatch = allow_encoder_mismatch
+        if snapshot is not None:
+            self.check_encoder(snapshot)
         self.loader = loader
         self.generator = generator
         self.cache_config = cache_config or CacheConfig()
@@ -180,6 +184,7 @@ class Runtime:
                 "top_p": settings.llm.top_p,
             },
             llm_config=settings.llm,
+            allow_encoder_mismatch=settings.encoder.allow_mismatch,
         )
 
     # ------------------------------------------------------------------ encoder
@@ -218,8 +223,25 @@ class Runtime:
     def ready(self) -> bool:
         return self.encoder is not None and self._snapshot is not None
 
+    def check_encoder(self, snapshot: IndexSnapshot) -> None:
+        """Raise ``EncoderMismatchError`` unless the snapshot's table records this encoder
+        (or records none, or ``allow_encoder_mismatch``, which logs it)."""
+        from cachebind.store.identity import check_encoder
+
+        table = snapshot.table
+        metadata = getattr(table, "metadata", None)
+        name = getattr(getattr(table, "table", None), "name", None)
+        check_encoder(
+            self.encoder_identity,
+            metadata if isinstance(metadata, dict) else None,
+            f"{name!r} (index version {snapshot.version})",
+            allow=self.allow_encoder_mismatch,
+        )
+
     def swap(self, snapshot: IndexSnapshot) -> IndexSnapshot | None:
-        """Make ``snapshot`` the one new requests get; returns the previous one."""
+        """Make ``snapshot`` the one new requests get; returns the previous one. A snapshot
+        whose table was embedded by another encoder is refused (``EncoderMismatchError``)."""
+        self.check_encoder(snapshot)
         with self._swap_lock:
             old, self._snapshot = self._snapshot, snapshot
         log.info("serving index version %s", snapshot.version)

@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from cachebind.config import Settings
+from cachebind.errors import CachebindError
 from cachebind.serve.app import create_app
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.protocol import uvicorn_limits
@@ -48,15 +49,29 @@ def serve_forever(settings: Settings) -> None:
     """``cachebind serve``: uvicorn on ``serve.host:serve.port`` until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.serve.host,
-        port=settings.serve.port,
-        log_level="info",
-        proxy_headers=False,
-        timeout_graceful_shutdown=30,
-        **uvicorn_limits(settings.serve),
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.serve.host,
+            port=settings.serve.port,
+            log_level="info",
+            proxy_headers=False,
+            timeout_graceful_shutdown=30,
+            **uvicorn_limits(settings.serve, app.state.serve.metrics.count_refused),
+        )
     )
+    refused: list[Exception] = []
+
+    def stop(exc: Exception) -> None:
+        refused.append(exc)
+        server.should_exit = True
+
+    app.state.serve.on_fatal = stop
+    server.run()
+    if refused:
+        # The runtime refused to serve (another encoder's table): the CLI prints why and
+        # exits non-zero.
+        raise refused[0]
 
 
 def start_server(
@@ -88,7 +103,7 @@ def start_server(
         proxy_headers=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
-        **uvicorn_limits(settings.serve),
+        **uvicorn_limits(settings.serve, app.state.serve.metrics.count_refused),
     )
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread; this one runs in its own.
@@ -109,6 +124,8 @@ def start_server(
     while wait_ready and (state.runtime is None or not state.media.ready):
         if state.load_error:
             handle.stop()
+            if isinstance(state.load_failure, CachebindError):
+                raise state.load_failure  # a refusal with its own message (the CLI prints it)
             raise RuntimeError(f"the serving runtime failed to load: {state.load_error}")
         if state.media.error:
             handle.stop()

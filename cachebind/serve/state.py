@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +22,7 @@ from cachebind.serve.errors import unavailable
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.querylog import ServedQueryLog
 from cachebind.serve.runtime import IndexSnapshot, Runtime
+from cachebind.store.errors import EncoderMismatchError
 
 log = logging.getLogger("cachebind.serve")
 
@@ -33,6 +35,12 @@ class ServeState:
         self.config = settings.serve
         self.runtime = runtime
         self.load_error: str | None = None
+        self.load_failure: Exception | None = None
+        self.reload_error: str | None = None
+        """Why the last reload of the index failed (the old version, if any, still serves)."""
+        self.on_fatal: Callable[[Exception], None] | None = None
+        """Called when the runtime cannot serve what it is configured for and waiting will
+        not help (another encoder's table): ``cachebind serve`` stops and exits non-zero."""
         from_files = keys is None and self.config.auth
         if from_files:
             keys = self.read_keys()
@@ -197,7 +205,9 @@ class ServeState:
             try:
                 await self.reload()
                 last_error = ""
+                self.reload_error = None
             except Exception as exc:  # keep serving the old version; say why once
+                self.reload_error = f"{type(exc).__name__}: {exc}"
                 if str(exc) != last_error:
                     log.warning("index reload failed, still serving the old version: %s", exc)
                     last_error = str(exc)
@@ -205,8 +215,14 @@ class ServeState:
     async def load_runtime(self) -> None:
         try:
             self.runtime = await asyncio.to_thread(Runtime.from_settings, self.settings)
+        except EncoderMismatchError as exc:
+            self.load_error, self.load_failure = f"{type(exc).__name__}: {exc}", exc
+            log.error("refusing to serve: %s", exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error, self.load_failure = f"{type(exc).__name__}: {exc}", exc
             log.exception("loading the runtime failed")
             return
         snap = self.runtime.snapshot

@@ -24,6 +24,7 @@ from cachebind.config import StoreConfig
 from cachebind.storage import lance_options
 from cachebind.store import fragments
 from cachebind.store.errors import EncoderMismatchError, TableMismatchError
+from cachebind.store.identity import differences, recorded_encoder
 from cachebind.store.schema import ERRORS_SCHEMA, table_metadata, view_count
 from cachebind.store.table import connect
 
@@ -39,9 +40,9 @@ PROGRESS_SCHEMA = pa.schema(
 )
 """``_<table>_progress``: one row per partition whose samples are all committed."""
 
-# What must agree between a table and the job appending to it (other metadata, such as the
-# source or the creation time, may differ between runs).
-IDENTITY_KEYS = ("encoder", "preprocess_version", "views")
+# What must agree between a table and the job appending to it besides the encoder (other
+# metadata, such as the source or the creation time, may differ between runs).
+IDENTITY_KEYS = ("views",)
 """``views`` (embed --views: count and augmentation) is absent, so equal, on tables without."""
 
 
@@ -225,12 +226,15 @@ def check_compatible(existing: pa.Schema, wanted: pa.Schema, where: str) -> None
             "(--table / store.table)"
         )
     have, want = table_metadata(existing), table_metadata(wanted)
-    differing = [k for k in IDENTITY_KEYS if have.get(k) != want.get(k)]
+    differing = _encoder_differences(have, want)
+    differing.update(
+        {k: (have.get(k), want.get(k)) for k in IDENTITY_KEYS if have.get(k) != want.get(k)}
+    )
     if differing:
         lines = "\n".join(
-            f"  {k}: table has {json.dumps(have.get(k), sort_keys=True)}, "
-            f"job has {json.dumps(want.get(k), sort_keys=True)}"
-            for k in differing
+            f"  {k}: table has {json.dumps(had, sort_keys=True)}, "
+            f"job has {json.dumps(wants, sort_keys=True)}"
+            for k, (had, wants) in differing.items()
         )
         raise EncoderMismatchError(
             f"table {where} was built by another encoder; refusing to mix embeddings.\n{lines}\n"
@@ -249,6 +253,16 @@ def check_compatible(existing: pa.Schema, wanted: pa.Schema, where: str) -> None
             "match store.vector_dtype / embed.thumbnails / embed.caption_embeddings to the "
             "table, or write to a new table"
         )
+
+
+def _encoder_differences(have: dict[str, Any], want: dict[str, Any]) -> dict[str, tuple]:
+    """The identity fields that differ between a table's encoder and a job's (the checkpoint's
+    path may differ: its sha256 may not); whole values where either records no identity."""
+    recorded, wanted = recorded_encoder(have), recorded_encoder(want)
+    if recorded is not None and wanted is not None:
+        return differences(wanted, recorded)
+    keys = ("encoder", "preprocess_version")
+    return {k: (have.get(k), want.get(k)) for k in keys if have.get(k) != want.get(k)}
 
 
 def _column(table: Any, name: str) -> np.ndarray:

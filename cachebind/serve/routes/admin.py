@@ -15,6 +15,7 @@ from cachebind.serve.auth import Role
 from cachebind.serve.deps import State, require_admin, require_user
 from cachebind.serve.errors import ApiError
 from cachebind.serve.recall import query_set_reports, recall_by_modality_report
+from cachebind.store.errors import EncoderMismatchError
 
 # Admin key per route (not the user-key dependency the keyed routers are included with).
 router = APIRouter()
@@ -41,6 +42,8 @@ async def admin_reload(state: State, force: bool = False) -> s.ReloadResponse:
         swapped = await state.reload(force=force)
     except IndexMismatchError as exc:
         raise ApiError(409, "index_mismatch", str(exc)) from exc
+    except EncoderMismatchError as exc:
+        raise ApiError(409, "encoder_mismatch", str(exc)) from exc
     except FileNotFoundError as exc:
         raise ApiError(409, "index_unavailable", str(exc)) from exc
     snap = state.runtime.snapshot if state.runtime else None

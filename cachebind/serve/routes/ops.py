@@ -40,7 +40,7 @@ async def readyz(request: Request, state: State) -> JSONResponse:
     }
     key = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if key is not None and state.keys.role(key) is not Role.NONE:
-        body["error"] = state.load_error or state.media.error
+        body["error"] = state.load_error or state.media.error or state.reload_error
     return JSONResponse(body, 200 if body["ready"] else 503)
 
 
