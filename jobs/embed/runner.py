@@ -199,6 +199,7 @@ def _run_pipeline(
         # Each decode task decodes through one sandbox worker: the task is the unit of
         # parallelism, the worker its isolation.
         sandbox=settings.sandbox.model_copy(update={"workers": 1}),
+        limits=settings.input,
         views=cfg.views,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
