@@ -123,6 +123,7 @@ def run_embed(
         table=settings.store.table,
         encoder=encoder.identity,
         partitions_total=len(partitions),
+        non_samples=sum(p.non_samples for p in partitions),
         partitions_skipped=len(partitions) - len(todo),
         started_at=datetime.fromtimestamp(started, UTC).isoformat(),
     )
