@@ -142,3 +142,33 @@ def test_the_job_and_the_service_agree_file_by_file(folder, served, tmp_path):
             stored = np.asarray(rows[corpus.key_of(name)]["vector"], dtype=np.float32)
             # The job stores pixels in half precision: the same image, a hair apart.
             assert float(api @ stored) / float(np.linalg.norm(stored)) > 0.999, name
+
+
+def test_the_service_embeds_images_whose_profile_is_garbage_or_huge_as_untagged(served):
+    import io
+
+    import colour_profiles as icc
+
+    def jpeg(profile: bytes | None) -> str:
+        out = io.BytesIO()
+        corpus.picture(3, (96, 64)).save(out, "JPEG", quality=95, icc_profile=profile)
+        return base64.b64encode(out.getvalue()).decode()
+
+    huge = icc.swapped_red_green() + bytes(5 * 2**20)  # over input.max_icc_profile_bytes
+    inputs = {
+        "untagged": jpeg(None),
+        "garbage": jpeg(bytes(range(256)) * 40),
+        "huge": jpeg(len(huge).to_bytes(4, "big") + huge[4:]),
+        "swapped": jpeg(icc.swapped_red_green()),
+    }
+    headers = {"Authorization": f"Bearer {served.svc.user_key}"}
+    vectors = {}
+    with httpx.Client(base_url=served.url, headers=headers, timeout=120) as http:
+        for name, data in inputs.items():
+            r = http.post("/v1/embed", json={"inputs": [{"modality": "image", "data": data}]})
+            assert r.status_code == 200, (name, r.text)
+            vectors[name] = np.asarray(r.json()["items"][0]["embedding"])
+    # The encoder saw the same pixels for the ignored profiles, other ones for the honoured.
+    np.testing.assert_allclose(vectors["garbage"], vectors["untagged"], atol=1e-6)
+    np.testing.assert_allclose(vectors["huge"], vectors["untagged"], atol=1e-6)
+    assert not np.allclose(vectors["swapped"], vectors["untagged"], atol=1e-3)
