@@ -10,6 +10,7 @@ Kept free of Pillow and torch imports: source readers import it on the driver.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -30,7 +31,14 @@ class ImageFormat:
 
     @property
     def available(self) -> bool:
-        return self.plugin is None or importlib.util.find_spec(self.plugin) is not None
+        return self.plugin is None or _installed(self.plugin)
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (asked once per process: the decoder asks on every
+    image, and a missing package is searched for along the whole ``sys.path``)."""
+    return importlib.util.find_spec(package) is not None
 
 
 TABLE: tuple[ImageFormat, ...] = (
