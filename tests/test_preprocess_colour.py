@@ -138,3 +138,23 @@ def test_a_large_profile_of_repeated_tags_costs_one_image_not_the_process():
     x = preprocess("image", raw)
     assert torch.isfinite(x).all() and x.shape == (3, 224, 224)
     assert np.isfinite(x.numpy()).all()
+
+
+def test_a_png_whose_profile_inflates_past_pillows_limit_is_read_without_it():
+    # Pillow refuses a PNG whose iCCP chunk inflates past 1 MiB; 5 MiB of zeros is a few KB.
+    profile = icc.swapped_red_green() + bytes(5 * 2**20)
+    raw = tagged(len(profile).to_bytes(4, "big") + profile[4:], "PNG")
+    assert len(raw) < 2**20
+    untagged = tagged(b"", "PNG")  # the same pixels, no profile
+    assert torch.equal(preprocess("image", raw), preprocess("image", untagged))
+
+
+def test_a_png_with_a_text_chunk_past_pillows_limit_is_read_without_it():
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "x" * (3 * 2**20), zip=True)
+    img = Image.fromarray(fm.pattern_rgb(64, 48, seed=1), "RGB")
+    out = io.BytesIO()
+    img.save(out, "PNG", pnginfo=text)
+    assert torch.equal(preprocess("image", out.getvalue()), preprocess("image", png(img)))

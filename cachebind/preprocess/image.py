@@ -107,6 +107,19 @@ def open_image(
     if _riff_truncated(raw):
         # libwebp only says "could not create decoder object": the RIFF header knows better.
         raise InputError(source, "truncated", "WebP file shorter than its RIFF header says")
+    try:
+        return _decode(raw, source, limits)
+    except InputError as e:
+        # Pillow refuses a PNG whose profile or text inflates past MAX_TEXT_CHUNK (1 MiB) as
+        # a whole; metadata never changes pixels, so the image is read without it (a profile
+        # over budget is ignored, as in every other format).
+        bare = _png_without_metadata(raw) if "MAX_TEXT_CHUNK" in e.detail else None
+        if bare is None:
+            raise
+        return _decode(bare, source, limits)
+
+
+def _decode(raw: bytes, source: str, limits: InputLimits) -> Image.Image:
     with warnings.catch_warnings():
         # We enforce our own limit from the header; Pillow's warning is noise, and its hard
         # error (above twice its MAX_IMAGE_PIXELS) is reported with our limit, not Pillow's.
@@ -288,6 +301,27 @@ def check_image_size(size: tuple[int, int], source: str, limits: InputLimits) ->
             "max_image_aspect_ratio",
             limits.max_image_aspect_ratio,
         )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA = (b"iCCP", b"zTXt", b"iTXt", b"tEXt")
+
+
+def _png_without_metadata(raw: bytes) -> bytes | None:
+    """``raw`` (a PNG) without its profile and text chunks, or None when it is no PNG or its
+    chunk list does not parse (then the first error stands)."""
+    if not raw.startswith(_PNG_SIGNATURE):
+        return None
+    out, pos = bytearray(_PNG_SIGNATURE), len(_PNG_SIGNATURE)
+    while pos + 12 <= len(raw):
+        length = int.from_bytes(raw[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(raw):
+            return None
+        if raw[pos + 4 : pos + 8] not in _PNG_METADATA:
+            out += raw[pos:end]
+        pos = end
+    return bytes(out) if pos == len(raw) else None
 
 
 def _looks_truncated(msg: str) -> bool:
