@@ -65,6 +65,8 @@ try:  # HEIC/HEIF, when its plug-in is installed (docs/formats.md)
     pillow_heif.register_heif_opener()
 except ImportError:  # refused by name instead: formats.unsupported_extensions
     pass
+_HEIF_MODULE = formats.HEIF_PLUGIN + "."
+"""The plug-in's own Pillow plugins belong to the table (HEIF), not to a deployment's extras."""
 
 
 def allowed_plugins() -> list[str]:
@@ -75,12 +77,9 @@ def allowed_plugins() -> list[str]:
     extra = [
         pid
         for pid, (factory, _) in Image.OPEN.items()
-        if pid not in table and not factory.__module__.startswith(("PIL.", HEIF_MODULE))
+        if pid not in table and not factory.__module__.startswith(("PIL.", _HEIF_MODULE))
     ]
     return [pid for pid in table if pid in Image.OPEN] + extra
-
-
-HEIF_MODULE = formats.HEIF_PLUGIN + "."
 
 
 def open_image(
