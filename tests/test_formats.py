@@ -12,6 +12,7 @@ import base64
 import tarfile
 from pathlib import Path
 
+import fixtures_media as fm
 import format_corpus as corpus
 import httpx
 import lancedb
@@ -56,6 +57,21 @@ def test_every_file_decodes_or_is_refused_by_its_bytes_with_the_supported_list(f
         preprocess("image", corpus.SVG)
     assert refused.value.reason == "unsupported_format"
     assert "SVG" in refused.value.detail and formats.supported_names() in refused.value.detail
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        b"\x00\x00\x00\x1cftypavif",
+        b"\x00\x00\x00\x18ftypheic",
+        b"\x89PNG\r\n\x1a\n",
+        b"8BPS\x00\x01",
+    ],
+    ids=["avif", "heic", "png", "psd"],
+)
+def test_bytes_that_claim_a_supported_format_and_break_are_undecodable_not_unsupported(signature):
+    raw = signature + fm.garbage(1024, seed=3)
+    assert outcome_of_bytes(raw) in ("undecodable", "truncated")
 
 
 def test_a_heic_without_its_plugin_is_refused_by_name_not_as_undecodable(folder, monkeypatch):
