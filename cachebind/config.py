@@ -228,6 +228,14 @@ class InputLimits(Section):
     """Elements of an array an ``.npy`` header declares (IMU, point clouds)."""
     max_text_bytes: int = Field(default=1024 * 1024, gt=0)
     """UTF-8 bytes of one text input (only the first 75 tokens count)."""
+    honour_pixel_metadata: bool = True
+    """Pixels as the file means them: an ICC-tagged image is converted to sRGB (relative
+    colorimetric) and video frames are turned by their stream's display matrix, in the service
+    and the embedding job alike. False decodes the stored pixels as they are, byte for byte
+    what ImageBind's reference transforms give (EXIF orientation is applied either way)."""
+    max_icc_profile_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    """An embedded ICC profile larger than this is ignored unparsed (the image is read as
+    sRGB, as an untagged one is); real profiles are a few KB, the largest LUT ones ~1 MB."""
 
 
 # "s3://b/x" as a Path collapses to "s3:/b/x"; one letter before the colon is a drive.

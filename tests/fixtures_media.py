@@ -9,6 +9,7 @@ Other test files may import these freely.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -210,6 +211,7 @@ VIDEO_FORMATS = {
     "mp4v": ("mp4", "mpeg4", "yuv420p"),
     "webm": ("webm", "libvpx", "yuv420p"),
     "webm-vp9": ("webm", "libvpx-vp9", "yuv420p"),
+    "mov-png": ("mov", "png", "rgb24"),  # lossless: frames decode to exactly what was stored
 }
 
 
@@ -230,17 +232,27 @@ def video_bytes(
     fps: int = 10,
     size: tuple[int, int] = (64, 48),
     bframes: int = 0,
+    *,
+    rotation: int | None = None,
+    hflip: bool = False,
+    turn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> bytes:
     """A ``duration_s`` video of ``video_frame(i)`` frames at ``fps``, size (width, height).
 
     ``bframes`` > 0 lets H.264 reorder frames (decode order differs from display order).
+    ``rotation`` (degrees counter-clockwise) and ``hflip`` are written as the stream's display
+    matrix; ``turn`` changes the pixels themselves (each frame is stored as ``turn(frame)``).
     """
     container, codec, pix_fmt = VIDEO_FORMATS[fmt]
+    turn = turn or (lambda frame: frame)
     width, height = size
+    stored_height, stored_width = turn(video_frame(0, width, height)).shape[:2]
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.width, stream.height, stream.pix_fmt = stored_width, stored_height, pix_fmt
+        if rotation is not None:
+            stream.set_display_rotation(rotation, hflip=hflip)
         stream.codec_context.thread_count = 1
         if codec == "libx264":
             stream.options = {"crf": "10", "preset": "ultrafast", "bf": str(bframes)}
@@ -249,7 +261,8 @@ def video_bytes(
         else:
             stream.options = {"qscale": "2"}
         for i in range(int(round(duration_s * fps))):
-            frame = av.VideoFrame.from_ndarray(video_frame(i, width, height), format="rgb24")
+            pixels = np.ascontiguousarray(turn(video_frame(i, width, height)))
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
             for packet in stream.encode(frame):

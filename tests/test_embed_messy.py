@@ -128,6 +128,7 @@ def test_a_messy_folder_and_parquet_account_for_every_sample_exactly_once(tmp_pa
     found, errors = outcomes(s)
     assert found == wanted(expected)
     assert report.rows_written + report.errors_written == messy.samples(expected)
+    assert report.non_samples == 1  # sub/y.txt, the caption of sub/y.jpg
     detail = {e["key"]: e["detail"] for e in errors}
     assert "SIGSEGV" in detail["crash"] and "300 MiB" in detail["big"]
     assert f"{messy.HUGE_BYTES:,} bytes, over the budget of {64 * 2**20:,}" in detail["huge"]

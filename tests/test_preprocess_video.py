@@ -111,3 +111,42 @@ def test_bad_video_is_refused(raw, reason):
     with pytest.raises(InputError) as err:
         preprocess("video", raw, source="upload-9.mp4")
     assert err.value.reason == reason and "upload-9.mp4" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- display matrix
+
+TURNS = {
+    # (rotation counter-clockwise, mirrored after it) -> the same picture stored turned
+    (90, False): np.rot90,
+    (-90, False): lambda f: np.rot90(f, -1),
+    (180, False): lambda f: np.rot90(f, 2),
+    (90, True): lambda f: np.fliplr(np.rot90(f)),
+    (0, True): np.fliplr,
+}
+
+
+@pytest.mark.parametrize(("rotation", "hflip"), sorted(TURNS), ids=str)
+def test_a_video_with_a_display_matrix_equals_the_physically_turned_video(rotation, hflip):
+    # Lossless frames, so "equal" is exact: the tensors of the two files are the same.
+    tagged = fm.video_bytes("mov-png", 1.0, size=(64, 48), rotation=rotation, hflip=hflip)
+    turned = fm.video_bytes("mov-png", 1.0, size=(64, 48), turn=TURNS[rotation, hflip])
+    x = preprocess("video", tagged)
+    assert torch.equal(x, preprocess("video", turned))
+    assert not torch.equal(x, preprocess("video", fm.video_bytes("mov-png", 1.0, size=(64, 48))))
+
+
+def test_a_portrait_phone_video_is_sampled_upright_and_cropped_top_centre_bottom():
+    # Stored landscape, shown portrait (PyAV reads frame.rotation = -90 back).
+    clips = load_video(fm.video_bytes("mp4", 1.0, size=(64, 48), rotation=-90))
+    assert clips.frames.shape[2:4] == (64, 48)  # height 64, width 48: portrait
+    red_corner = clips.frames[0, 0, :4, -4:]  # the stored top-left is now the top-right
+    assert red_corner[..., 0].min() > 200 and red_corner[..., 1].max() < 60
+
+
+def test_the_setting_off_samples_the_stored_frames():
+    from cachebind.config import InputLimits
+
+    tagged = fm.video_bytes("mov-png", 1.0, size=(64, 48), rotation=90)
+    plain = fm.video_bytes("mov-png", 1.0, size=(64, 48))
+    off = InputLimits(honour_pixel_metadata=False)
+    assert torch.equal(preprocess("video", tagged, limits=off), preprocess("video", plain))

@@ -179,9 +179,13 @@ def test_folder_with_sidecar_captions_and_chunks(tmp_path: Path) -> None:
     partitions = list_partitions(f"folder:{tmp_path}?chunk_size=3")
     assert [p.id for p in partitions] == ["part-00000", "part-00001", "part-00002"]
     samples = [s for p in partitions for s in read_partition(p)]
-    assert sorted(s.key for s in samples) == sorted(keys)
+    # Every file is a sample but the captions (counted as sidecars): notes.md too, for the
+    # decoder to judge, under its whole name.
+    assert sorted(s.key for s in samples) == sorted([*keys, "notes.md"])
+    assert sum(p.non_samples for p in partitions) == 7
     by_key = {s.key: s for s in samples}
     assert by_key["d1/img0003"].caption == "caption 3"
+    assert by_key["notes.md"].image == b"not an image"
     # Same files, same partitions: the fingerprint is what resume trusts.
     again = list_partitions(f"folder:{tmp_path}?chunk_size=3")
     assert [p.fingerprint() for p in again] == [p.fingerprint() for p in partitions]

@@ -11,7 +11,14 @@ reference would mis-render:
   shows it, instead of being dropped (dropping alpha exposes whatever colour the transparent
   pixels happen to store, often black);
 - 16-bit greyscale (``I;16``) is scaled to 8 bits (``>> 8``) instead of being clipped at 255.
-EXIF orientation is applied (``exif_transpose``) so photos are encoded upright.
+EXIF orientation is applied (``exif_transpose``) so photos are encoded upright, and (with
+``input.honour_pixel_metadata``, the default) an embedded ICC profile is honoured: see
+``cachebind.preprocess.colour``.
+
+Only the formats of ``cachebind.formats`` are opened (Pillow's other plugins, EPS with its
+Ghostscript call among them, are never tried): bytes of a known format outside the table are
+``unsupported_format`` naming the supported list, bytes that match no known format or claim a
+supported one and break are ``undecodable`` / ``truncated``.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cachebind import formats
 from cachebind.config import InputLimits
 from cachebind.errors import InputError
+from cachebind.preprocess.colour import to_srgb
 from cachebind.preprocess.common import (
     DEFAULT_LIMITS,
     RawInput,
@@ -46,6 +55,31 @@ _PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 WHITE = (255, 255, 255)
 _ORIENTATION = 0x0112  # the EXIF tag
+_SNIFF_BYTES = 4096
+"""Bytes of a file that its sniffing looks at (signatures sit at the start; SVG's root element
+may follow an XML prolog and comments)."""
+
+try:  # HEIC/HEIF, when its plug-in is installed (docs/formats.md)
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # refused by name instead: formats.unsupported_extensions
+    pass
+_HEIF_MODULE = formats.HEIF_PLUGIN + "."
+"""The plug-in's own Pillow plugins belong to the table (HEIF), not to a deployment's extras."""
+
+
+def allowed_plugins() -> list[str]:
+    """The Pillow plugin ids ``open_image`` lets open bytes: the format table's, then any
+    plugin registered from outside Pillow (a deployment's own decoder, installed on purpose)."""
+    Image.init()
+    table = list(formats.pillow_formats())
+    extra = [
+        pid
+        for pid, (factory, _) in Image.OPEN.items()
+        if pid not in table and not factory.__module__.startswith(("PIL.", _HEIF_MODULE))
+    ]
+    return [pid for pid in table if pid in Image.OPEN] + extra
 
 
 def open_image(
@@ -72,19 +106,32 @@ def open_image(
     if _riff_truncated(raw):
         # libwebp only says "could not create decoder object": the RIFF header knows better.
         raise InputError(source, "truncated", "WebP file shorter than its RIFF header says")
+    try:
+        return _decode(raw, source, limits)
+    except InputError as e:
+        # Pillow refuses a PNG whose profile or text inflates past MAX_TEXT_CHUNK (1 MiB) as
+        # a whole; metadata never changes pixels, so the image is read without it (a profile
+        # over budget is ignored, as in every other format).
+        bare = _png_without_metadata(raw) if "MAX_TEXT_CHUNK" in e.detail else None
+        if bare is None:
+            raise
+        return _decode(bare, source, limits)
+
+
+def _decode(raw: bytes, source: str, limits: InputLimits) -> Image.Image:
     with warnings.catch_warnings():
         # We enforce our own limit from the header; Pillow's warning is noise, and its hard
         # error (above twice its MAX_IMAGE_PIXELS) is reported with our limit, not Pillow's.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(as_stream(raw))
+            img = Image.open(as_stream(raw), formats=allowed_plugins())
         except Image.DecompressionBombError as e:
             found = _PILLOW_BOMB_SIZE.search(str(e))
             size = f"{int(found.group(1)):,} px" if found else "more pixels than Pillow allows"
             detail = f"{size} > input.max_image_pixels = {limits.max_image_pixels:,}"
             raise InputError(source, "decompression_bomb", detail) from e
         except UnidentifiedImageError as e:
-            raise InputError(source, "undecodable", "not an image Pillow can identify") from e
+            raise unidentified(raw, source) from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             reason = "truncated" if _looks_truncated(str(e)) else "undecodable"
             raise InputError(source, reason, str(e)) from e
@@ -99,13 +146,48 @@ def open_image(
     return img
 
 
-def to_rgb(img: Image.Image, source: str = "<input>", background=WHITE) -> Image.Image:
-    """Any Pillow mode -> RGB: alpha composited over ``background``, 16-bit grey scaled down."""
+def unidentified(raw: bytes, source: str) -> InputError:
+    """Why no allowed plugin opened ``raw``: ``unsupported_format`` when its bytes show a known
+    format outside the table (SVG, PDF, a Pillow format not in the table …), else
+    ``undecodable`` (nothing known, or a supported format's bytes that break)."""
+    head = raw[:_SNIFF_BYTES]
+    known = formats.sniff_non_image(head) or _other_pillow_format(head)
+    if known is not None:
+        return InputError(source, "unsupported_format", formats.unsupported_detail(known))
+    detail = f"not an image in a supported format ({formats.supported_names()})"
+    return InputError(source, "undecodable", detail)
+
+
+def _other_pillow_format(head: bytes) -> str | None:
+    """The Pillow format outside the table whose signature ``head`` carries (its ``_accept``
+    looks at the prefix only; the plugin itself never runs)."""
+    allowed = set(allowed_plugins())
+    for pid, (_, accept) in Image.OPEN.items():
+        if pid in allowed or accept is None:
+            continue
+        with contextlib.suppress(Exception):
+            if accept(head[:16]):
+                return pid
+    return None
+
+
+def to_rgb(
+    img: Image.Image,
+    source: str = "<input>",
+    background=WHITE,
+    *,
+    limits: InputLimits | None = None,
+) -> Image.Image:
+    """Any Pillow mode -> RGB: alpha composited over ``background``, 16-bit grey scaled down,
+    an embedded colour profile converted to sRGB (``to_srgb``, under ``limits``)."""
     # A broken EXIF block must not lose an otherwise good image. exif_transpose copies the
     # whole image even when there is nothing to turn: only call it when there is.
     with contextlib.suppress(Exception):
         if img.getexif().get(_ORIENTATION, 1) in range(2, 9):
             img = ImageOps.exif_transpose(img)
+    limits = limits or DEFAULT_LIMITS
+    if limits.honour_pixel_metadata:
+        img = to_srgb(img, limits.max_icc_profile_bytes)
     mode = img.mode
     if mode == "RGB":
         return img
@@ -159,8 +241,8 @@ def load_image(
     limits: InputLimits | None = None,
 ) -> Image.Image:
     """The decode stage: ``data`` -> an RGB PIL image (see module docstring for mode handling)."""
-    img = open_image(data, source, max_pixels=max_pixels, max_bytes=max_bytes, limits=limits)
-    return to_rgb(img, source)
+    limits = resolve_limits(limits, max_pixels=max_pixels, max_bytes=max_bytes)
+    return to_rgb(open_image(data, source, limits=limits), source, limits=limits)
 
 
 def image_tensor(img: Image.Image) -> torch.Tensor:
@@ -218,6 +300,27 @@ def check_image_size(size: tuple[int, int], source: str, limits: InputLimits) ->
             "max_image_aspect_ratio",
             limits.max_image_aspect_ratio,
         )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA = (b"iCCP", b"zTXt", b"iTXt", b"tEXt")
+
+
+def _png_without_metadata(raw: bytes) -> bytes | None:
+    """``raw`` (a PNG) without its profile and text chunks, or None when it is no PNG or its
+    chunk list does not parse (then the first error stands)."""
+    if not raw.startswith(_PNG_SIGNATURE):
+        return None
+    out, pos = bytearray(_PNG_SIGNATURE), len(_PNG_SIGNATURE)
+    while pos + 12 <= len(raw):
+        length = int.from_bytes(raw[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(raw):
+            return None
+        if raw[pos + 4 : pos + 8] not in _PNG_METADATA:
+            out += raw[pos:end]
+        pos = end
+    return bytes(out) if pos == len(raw) else None
 
 
 def _looks_truncated(msg: str) -> bool:

@@ -13,6 +13,9 @@ As ImageBind's ``load_and_transform_video_data`` (pytorchvideo + decord there, P
    right (landscape) or top, centre, bottom (portrait); centre offset ``ceil((L - 224) / 2)``.
 Order: clip-major, crop-minor -> 15 = 5 clips x 3 crops, each [C=3, T=2, 224, 224].
 
+Frames are turned by the stream's display matrix first (``display.py``; a portrait phone video
+is encoded upright), unless ``input.honour_pixel_metadata`` is off.
+
 Videos shorter than 10 s give overlapping clips; shorter than 2 s, five identical clips of the
 whole video (first and last frame). A single-frame video repeats that frame.
 """
@@ -38,6 +41,7 @@ from cachebind.preprocess.common import (
     read_bytes,
     resolve_limits,
 )
+from cachebind.preprocess.display import display_matrix, orient
 from cachebind.preprocess.image import CLIP_MEAN, CLIP_STD
 
 CLIP_DURATION = 2
@@ -180,7 +184,10 @@ def _decode(
             for frame in container.decode(stream):
                 _check_frame_size(frame.width, frame.height, source, limits)
                 if count in wanted:
-                    kept[count] = frame.to_ndarray(format="rgb24")
+                    pixels = frame.to_ndarray(format="rgb24")
+                    if limits.honour_pixel_metadata:
+                        pixels = orient(pixels, display_matrix(frame))
+                    kept[count] = pixels
                 count += 1
                 decoded_pixels += frame.width * frame.height
                 if count > limits.max_video_frames or decoded_pixels > limits.max_video_pixels:

@@ -20,13 +20,15 @@ from typing import Any
 
 import fsspec
 
+from cachebind import formats
 from cachebind.storage import StorageOptions
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-"""File extensions read as images (lower case, no dot), in order of preference."""
-UNSUPPORTED_IMAGE_EXTENSIONS = ("svg", "svgz", "heic", "heif", "avif", "jxl", "eps", "psd", "raw")
-"""Images that are not decoded (vector formats, codecs Pillow lacks): a sample made of one is
-recorded as ``unsupported_format`` instead of vanishing."""
+IMAGE_EXTENSIONS = formats.image_extensions()
+"""File extensions read as images (lower case, no dot), in order of preference: the format
+table's (``cachebind.formats``), the same list the service decodes."""
+UNSUPPORTED_IMAGE_EXTENSIONS = formats.unsupported_extensions()
+"""Images that are not decoded (vector formats, documents, codecs without their plug-in): a
+sample made of one is recorded as ``unsupported_format`` without being read."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Partition:
     stamp: str = ""
     """The file as it was listed: size and modification time (ETag on S3); empty for a folder,
     whose chunk's file list is in ``options``."""
+    non_samples: int = 0
+    """Files of the partition that are, by design, no sample (a folder's caption and metadata
+    sidecars): the job's report counts them, so that every file is accounted for. Not part of
+    the fingerprint (it follows from the file list)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +73,7 @@ class Partition:
             uri=data["uri"],
             options=dict(data["options"]),
             stamp=data.get("stamp", ""),
+            non_samples=int(data.get("non_samples", 0)),
         )
 
 

@@ -1,12 +1,19 @@
 """A folder of images, searched recursively, with optional sidecar captions (``x.jpg`` + ``x.txt``)
 and sidecar metadata (``x.json``, as img2dataset's ``files`` output writes it).
 
-Partitions: the sorted list of images cut into chunks of ``chunk_size`` files, named by the
-first file of the chunk's folder and the chunk number. The key of a sample is its path relative
-to the folder without extension (``sub/x``); when several images share a stem (``x.jpg`` and
-``x.png``) each of them keeps its extension (``sub/x.jpg``, ``sub/x.png``), so that none is
-dropped as a duplicate of the other. Images in formats that are not decoded (``.svg`` …) are
-listed too and become ``unsupported_format`` errors.
+Every file of the folder is accounted for (docs/formats.md): a ``.txt`` or ``.json`` file is a
+sidecar (no sample; partitions carry their count for the job's report); a file whose extension
+names a format that is never decoded (``.svg``, ``.pdf`` …, ``formats.unsupported_extensions``)
+is an ``unsupported_format`` error unread; every other file is a sample whose bytes the decoder
+judges (an image of the format table, or ``unsupported_format`` / ``undecodable`` by its
+bytes), as the service judges the same bytes.
+
+Partitions: the sorted list of sample files cut into chunks of ``chunk_size`` files, named by
+the chunk number. The key of an image (a file with an image extension, supported or not) is its
+path relative to the folder without extension (``sub/x``); when several images share a stem
+(``x.jpg`` and ``x.png``) each of them keeps its extension (``sub/x.jpg``, ``sub/x.png``), so
+that none is dropped as a duplicate of the other. Any other file keeps its whole name as its
+key (``notes.xml``), so that it never takes an image's key.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import json
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
+from cachebind.formats import SIDECAR_EXTENSIONS, unsupported_detail
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     UNSUPPORTED_IMAGE_EXTENSIONS,
@@ -49,10 +58,10 @@ def list_partitions(
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise FileNotFoundError(f"not a folder: {uri}")
-    listed = IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS
-    files = sorted(p for p in fs.find(root) if _ext(p) in listed)
-    relative = [posixpath.relpath(p, root) for p in files]
-    stems = Counter(_stem(name) for name in relative)
+    every = [posixpath.relpath(p, root) for p in sorted(fs.find(root))]
+    relative = [name for name in every if _ext(name) not in SIDECAR_EXTENSIONS]
+    sidecars = len(every) - len(relative)
+    stems = Counter(_stem(name) for name in relative if _is_image_name(name))
     base = full_uri(fs, root)
     chunk_size = int(chunk_size)
     partitions = []
@@ -63,12 +72,19 @@ def list_partitions(
             "num_samples": len(chunk),
             **outside_option(allow_outside),
         }
-        shared = [name for name in chunk if stems[_stem(name)] > 1]
+        shared = [name for name in chunk if _is_image_name(name) and stems[_stem(name)] > 1]
         if shared:  # only then: an ordinary folder's partitions (and fingerprints) are unchanged
             options["keep_extension"] = shared
         partitions.append(
             Partition(kind=KIND, id=f"part-{i // chunk_size:05d}", uri=base, options=options)
         )
+    if sidecars:
+        # The count travels with a partition (the first, or an empty one for a folder of
+        # sidecars only), so the report's total does not depend on how the folder was chunked.
+        if not partitions:
+            options = {"files": [], "num_samples": 0, **outside_option(allow_outside)}
+            partitions.append(Partition(kind=KIND, id="part-00000", uri=base, options=options))
+        partitions[0] = replace(partitions[0], non_samples=sidecars)
     return partitions
 
 
@@ -80,6 +96,16 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def _is_image_name(name: str) -> bool:
+    return _ext(name) in IMAGE_EXTENSIONS or _ext(name) in UNSUPPORTED_IMAGE_EXTENSIONS
+
+
+def _key(name: str, keep_extension: set[str]) -> str:
+    if name in keep_extension or not _is_image_name(name):
+        return name
+    return _stem(name)
+
+
 def read_partition(
     partition: Partition, storage: StorageOptions | None = None, max_bytes: int | None = None
 ) -> Iterator[Sample]:
@@ -89,7 +115,7 @@ def read_partition(
     inside = None if partition.options.get("allow_outside") else partition.uri
     for name in partition.options["files"]:
         stem = _stem(name)
-        key = name if name in keep_extension else stem
+        key = _key(name, keep_extension)
         stem_path = f"{root.rstrip('/')}/{stem}"
         try:
             caption = _sidecar_text(_sidecar(fs, stem_path + ".txt", storage, inside, max_bytes))
@@ -99,7 +125,7 @@ def read_partition(
             continue
         url = meta.get("url")
         if _ext(name) in UNSUPPORTED_IMAGE_EXTENSIONS:
-            detail = f"{name}: .{_ext(name)} images are not decoded"
+            detail = f"{name}: " + unsupported_detail(f".{_ext(name)}")
             yield samples_error(key, "unsupported_format", detail, caption=caption, url=url)
             continue
         try:

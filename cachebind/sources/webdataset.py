@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cachebind.formats import unsupported_detail
 from cachebind.sources.base import (
     IMAGE_EXTENSIONS,
     MAX_CAPTION_CHARS,
@@ -329,7 +330,7 @@ def _sample(pending: _Pending, partition: Partition) -> Sample:
     if image_ext is None:
         other = next((e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members), None)
         if other is not None:
-            detail = f"{key}.{other} in {partition.uri}: .{other} images are not decoded"
+            detail = f"{key}.{other} in {partition.uri}: " + unsupported_detail(f".{other}")
             return samples_error(name, "unsupported_format", detail, **common)
         links = [m for m in members.values() if isinstance(m, _NotAFile)]
         if links:

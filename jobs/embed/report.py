@@ -39,6 +39,9 @@ class EmbedReport:
     """Samples already in the table or errors table (earlier runs, repeated keys)."""
     errors_written: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    non_samples: int = 0
+    """Files of the source that are no sample by design (a folder's ``.txt`` / ``.json``
+    sidecars), counted over the whole listing: on a first run, files = rows + errors + this."""
     partitions_total: int = 0
     partitions_skipped: int = 0
     partitions_finished: int = 0
@@ -83,7 +86,9 @@ class EmbedReport:
         return (
             f"embed {self.source} -> {self.uri}/{self.table}\n"
             f"  rows written {self.rows_written}, skipped (already present) {self.rows_skipped}, "
-            f"errors {self.errors_written} ({errors})\n"
+            f"errors {self.errors_written} ({errors})"
+            + (f", sidecar files {self.non_samples}" if self.non_samples else "")
+            + "\n"
             f"  partitions {self.partitions_finished} finished, {self.partitions_skipped} "
             f"skipped as done, of {self.partitions_total}\n"
             f"{stage_lines}\n"

@@ -123,6 +123,7 @@ def run_embed(
         table=settings.store.table,
         encoder=encoder.identity,
         partitions_total=len(partitions),
+        non_samples=sum(p.non_samples for p in partitions),
         partitions_skipped=len(partitions) - len(todo),
         started_at=datetime.fromtimestamp(started, UTC).isoformat(),
     )
@@ -199,6 +200,7 @@ def _run_pipeline(
         # Each decode task decodes through one sandbox worker: the task is the unit of
         # parallelism, the worker its isolation.
         sandbox=settings.sandbox.model_copy(update={"workers": 1}),
+        limits=settings.input,
         views=cfg.views,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items))

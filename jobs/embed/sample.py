@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachebind.config import SandboxConfig
+from cachebind.config import InputLimits, SandboxConfig
 from cachebind.errors import InputError
 from cachebind.storage import StorageOptions
 
@@ -33,6 +33,10 @@ class DecodeOptions:
     """How workers reach object-store sources (travels with the task, not in the partition)."""
     sandbox: SandboxConfig = field(default_factory=lambda: SandboxConfig(workers=1))
     """Caps of the decode sandbox (one worker per decode task; its size is the task's)."""
+    limits: InputLimits = field(default_factory=InputLimits)
+    """``Settings.input``: the service's decode settings (colour profiles, budgets), so that a
+    file embeds in the job as it does through the API; ``max_pixels`` / ``max_bytes`` (the
+    job's own ``embed.max_image_*``) override its two image budgets."""
     views: int = 0
     """``embed.views``: augmented crops per sample (``cachebind.preprocess.views``), their
     pixels concatenated in ``view_pixels`` (N tensors beside the centre crop's ``pixels``)."""
@@ -56,7 +60,11 @@ def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> 
         return error_row(sid, sample.key, shard, "read", reason, detail, base)
     try:
         img = load_image(
-            sample.image, sample.key, max_pixels=options.max_pixels, max_bytes=options.max_bytes
+            sample.image,
+            sample.key,
+            max_pixels=options.max_pixels,
+            max_bytes=options.max_bytes,
+            limits=options.limits,
         )
         pixels = image_tensor(img).numpy().astype(options.pixel_dtype, copy=False)
         view_pixels = _view_pixels(img, sid, options) if options.views else None
