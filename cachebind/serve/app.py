@@ -25,6 +25,8 @@ from cachebind.serve import schemas as s
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.deps import require_user
 from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
+from cachebind.serve.openai import routes as openai_routes
+from cachebind.serve.openai.errors import OpenAIErrorShape
 from cachebind.serve.routes import admin, embed, enhance, generate, images, ops, search
 from cachebind.serve.runtime import Runtime
 from cachebind.serve.state import ServeState
@@ -66,6 +68,7 @@ def create_app(
     )
     app.state.serve = state
     app.add_middleware(GuardMiddleware, state=state)
+    app.add_middleware(OpenAIErrorShape)  # outermost: it also reshapes the guard's refusals
     install_error_handlers(app)
 
     # The order of the includes is the order of the paths in the OpenAPI document.
@@ -82,6 +85,7 @@ def create_app(
         enhance.router,
         generate.router,
         admin.info,
+        openai_routes.router,
     ):
         app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
     _document_embed_request(app)
