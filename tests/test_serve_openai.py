@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -384,3 +386,86 @@ def test_a_full_queue_is_the_sdks_rate_limit_error_with_retry_after(client, serv
         for h in hogs:
             h.cancel()
     wait_until(lambda: sched.running == 0)
+
+
+# ---------------------------------------------------------------- remote media
+
+
+class MediaHost:
+    """A real HTTP server on 127.0.0.1 serving one file at /cat.png and redirecting /moved."""
+
+    def __init__(self, body: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path == "/moved":
+                    self.send_response(302)
+                    self.send_header("Location", "https://example.com/cat.png")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def allow_localhost(served):
+    config = served.svc.settings.serve.openai
+    old = config.media_hosts
+    config.media_hosts = ["127.0.0.1"]
+    yield
+    config.media_hosts = old
+
+
+def test_an_allow_listed_host_is_fetched_like_a_data_url(client, allow_localhost):
+    def ask(url: str):
+        parts = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is in the image?"},
+        ]
+        return client.chat.completions.create(
+            model=LLM, messages=[{"role": "user", "content": parts}], **SAMPLING
+        )
+
+    with MediaHost(IMAGE) as host:
+        fetched = ask(f"{host}/cat.png")
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(f"{host}/moved")  # a redirect could leave the allow-list
+    assert (
+        fetched.choices[0].message.content
+        == ask(data_url(IMAGE, "image/png")).choices[0].message.content
+    )
+    assert err.value.code == "fetch_failed" and "302" in err.value.message
+
+
+def test_vllms_audio_url_part_takes_a_data_url_like_input_audio(client):
+    def ask(part: dict):
+        content = [part, {"type": "text", "text": "What do you hear?"}]
+        return (
+            client.chat.completions.create(
+                model=LLM, messages=[{"role": "user", "content": content}], **SAMPLING
+            )
+            .choices[0]
+            .message.content
+        )
+
+    inline = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(WAV).decode(), "format": "wav"},
+    }
+    by_url = {"type": "audio_url", "audio_url": {"url": data_url(WAV, "audio/wav")}}
+    assert ask(by_url) == ask(inline)
