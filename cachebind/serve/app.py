@@ -109,11 +109,13 @@ def _document_embed_request(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            body = s.EmbedRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in body.pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components["EmbedRequest"] = body
+            # The generation stream's last event is described in words there, modelled here.
+            for model in (s.EmbedRequest, s.GenerateDoneEvent):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in body.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = body
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

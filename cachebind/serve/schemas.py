@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -45,7 +45,9 @@ class InputItem(Strict):
     )
     text: Text | None = Field(None, description="The text of a text input.")
     data: str | None = Field(
-        None, description="Base64 of the file's bytes (image, audio, video, depth, thermal, imu)."
+        None,
+        description="The file's bytes (image, audio, video, depth, thermal, imu) as base64 or "
+        "as a data: URL ('data:image/png;base64,...').",
     )
     embedding: list[float] | None = Field(
         None, description="A raw query embedding of the encoder's dimension (L2-normalised here)."
@@ -208,9 +210,38 @@ class GenerateRequest(Strict):
     )
 
 
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="The prompt's tokens as fed (template and BOS).")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
 class GenerateResponse(BaseModel):
     text: str
     neighbours: list[Neighbour]
+    finish_reason: FinishReason = Field(
+        description="stop: end of sequence; length: max_new_tokens reached."
+    )
+    usage: Usage
+
+
+class GenerateDoneEvent(BaseModel):
+    """``event: done``, the stream's last event: the whole text, why it ended, token counts."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+GENERATE_EVENTS = (
+    'Server-sent events, in order: `event: neighbours` with `data: {"neighbours": [Neighbour]}`; '
+    'one `data: {"text": piece}` (no event name) per piece of text; then either `event: done` '
+    'with `data: GenerateDoneEvent` (`{"text", "finish_reason", "usage"}`) or '
+    '`event: error` with `data: {"error", "detail"}`.'
+)
 
 
 class QuerySetLatency(BaseModel):

@@ -62,25 +62,14 @@ def message_media(messages: list[Message], field: str = "messages") -> list[Medi
     return refs
 
 
-def data_url_base64(url: str, where: str) -> str:
-    """The base64 payload of a ``data:`` URL (a percent-encoded one is re-encoded)."""
-    head, comma, payload = url.partition(",")
-    if not comma:
-        raise invalid("bad_data_url", f"{where} is a data: URL with no ',' before its data", where)
-    if head.endswith(";base64"):
-        return payload.strip()
-    raw = urllib.parse.unquote_to_bytes(payload)
-    return base64.b64encode(raw).decode("ascii")
-
-
 async def input_of(ref: MediaRef, config: OpenAIConfig, limits: InputLimits) -> InputItem:
     """The query input of one medium (its bytes as base64; decoding happens in the sandbox)."""
     if ref.data is not None:
         return InputItem(modality=ref.modality, data=ref.data)
     assert ref.url is not None
     scheme = ref.url.split(":", 1)[0].lower()
-    if scheme == "data":
-        return InputItem(modality=ref.modality, data=data_url_base64(ref.url, ref.where))
+    if scheme == "data":  # decoded where every medium's data is (serve.inputs.media_bytes)
+        return InputItem(modality=ref.modality, data=ref.url)
     if scheme not in ("http", "https"):
         raise invalid(
             "unsupported_url", f"{ref.where}: only data:, http: and https: URLs are read", ref.where

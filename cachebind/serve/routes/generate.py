@@ -16,9 +16,11 @@ from cachebind.serve.blend import visual_prompt
 from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.generation import (
     collect,
+    finish_reason_of,
     require_generator,
     start_generation,
     until_disconnected,
+    usage_of,
 )
 from cachebind.serve.streaming import sse
 
@@ -31,15 +33,26 @@ router = APIRouter()
     "/v1/generate",
     tags=["v1"],
     response_model=s.GenerateResponse,
-    responses={200: {"content": {"text/event-stream": {}}}} | s.QUEUE_ERRORS,
+    responses={
+        200: {
+            "description": s.GENERATE_EVENTS,
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string", "description": s.GENERATE_EVENTS}
+                }
+            },
+        }
+    }
+    | s.QUEUE_ERRORS,
 )
 async def generate(
     body: s.GenerateRequest, state: State, limits: RequestLimits, request: Request
 ) -> Any:
     """Text from LLaMA with the cache-enhanced visual feature F~_M injected.
 
-    ``stream: true`` (default) answers ``text/event-stream``: ``data: {"text": piece}``
-    events, then ``event: done`` with the whole text (or ``event: error``).
+    ``stream: true`` (default) answers ``text/event-stream``: ``event: neighbours``, then
+    ``data: {"text": piece}`` events, then ``event: done`` with the whole text, the finish
+    reason and the token counts (or ``event: error``).
     """
     require_generator(state)
     limits.check_inputs(body.inputs)
@@ -59,7 +72,12 @@ async def generate(
         text = await until_disconnected(request, collect(pieces))
         if text is None:  # the client left: its slot is already free
             return Response(status_code=499)
-        return s.GenerateResponse(text=text, neighbours=neighbours)
+        return s.GenerateResponse(
+            text=text,
+            neighbours=neighbours,
+            finish_reason=finish_reason_of(scheduled),
+            usage=usage_of(scheduled).as_dict(),
+        )
 
     async def events() -> AsyncIterator[str]:
         neighbours_json = [n.model_dump() for n in neighbours]
@@ -74,7 +92,12 @@ async def generate(
                 log.exception("generation failed")
                 yield sse({"error": "generation_failed", "detail": type(exc).__name__}, "error")
                 return
-            yield sse({"text": "".join(text)}, event="done")
+            done = s.GenerateDoneEvent(
+                text="".join(text),
+                finish_reason=finish_reason_of(scheduled),
+                usage=usage_of(scheduled).as_dict(),
+            )
+            yield sse(done.model_dump(), event="done")
         finally:
             await pieces.aclose()
             scheduled.cancel()
