@@ -139,8 +139,14 @@ class CachebindClient:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
+        # Row ids are exact Python ints: ask for them as JSON numbers (the default, strings,
+        # is for JavaScript, whose numbers round past 2^53).
         self._http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=headers,
+            params={"ids": "number"},
+            timeout=timeout,
+            transport=transport,
         )
         self._server: Any = None
 

@@ -467,6 +467,11 @@ class ServeConfig(Section):
     cursor_secret: SecretStr | None = None
     """HMAC-SHA256 key of the pagination cursors; random at each start when unset (set it
     when several replicas serve one index, so a cursor from one is valid on another)."""
+    image_url_ttl_s: int = Field(600, ge=1)
+    """How long the signed ``thumbnail_url`` of a search result stays valid."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins (``scheme://host[:port]``) whose pages may call the API from a browser; ``*``
+    for any. Empty: no cross-origin access (CORS off)."""
     batch_window_ms: float = 5.0
     max_batch: int = 64
     index_poll_s: float = 2.0

@@ -23,12 +23,15 @@ from fastapi.staticfiles import StaticFiles
 from cachebind.config import Settings
 from cachebind.serve import schemas as s
 from cachebind.serve.auth import KeyStore
+from cachebind.serve.cors import CorsMiddleware
 from cachebind.serve.deps import require_user
+from cachebind.serve.ids import id_format
 from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
 from cachebind.serve.openai import routes as openai_routes
 from cachebind.serve.openai.errors import OpenAIErrorShape
 from cachebind.serve.routes import admin, embed, enhance, generate, images, ops, search
 from cachebind.serve.runtime import Runtime
+from cachebind.serve.signing import require_user_or_signature
 from cachebind.serve.state import ServeState
 
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
@@ -68,7 +71,9 @@ def create_app(
     )
     app.state.serve = state
     app.add_middleware(GuardMiddleware, state=state)
-    app.add_middleware(OpenAIErrorShape)  # outermost: it also reshapes the guard's refusals
+    app.add_middleware(OpenAIErrorShape)  # it also reshapes the guard's refusals
+    # Outermost: preflights are answered before the key check, and errors stay readable.
+    app.add_middleware(CorsMiddleware, config=state.config)
     install_error_handlers(app)
 
     # The order of the includes is the order of the paths in the OpenAPI document.
@@ -81,13 +86,20 @@ def create_app(
         ops.router,
         embed.router,
         search.router,
-        images.router,
         enhance.router,
         generate.router,
         admin.info,
         openai_routes.router,
     ):
-        app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
+        app.include_router(
+            router,
+            dependencies=[Depends(require_user), Depends(id_format)],
+            responses=s.COMMON_ERRORS,
+        )
+    # A thumbnail also opens with a signed URL (an <img src> cannot send a key).
+    app.include_router(
+        images.router, dependencies=[Depends(require_user_or_signature)], responses=s.COMMON_ERRORS
+    )
     _document_embed_request(app)
 
     @app.get("/", include_in_schema=False)

@@ -17,6 +17,7 @@ from starlette.routing import Match
 from cachebind.errors import InputError
 from cachebind.serve.deps import role_of
 from cachebind.serve.errors import ApiError
+from cachebind.serve.signing import is_signed
 from cachebind.serve.state import ServeState
 
 log = logging.getLogger("cachebind.serve")
@@ -52,6 +53,9 @@ def is_keyed(scope: dict[str, Any]) -> bool:
     """
     path = scope.get("path", "")
     if not (path.startswith("/v1/") or path == "/metrics"):
+        return False
+    # A preflight carries no key by design; a signed thumbnail URL is checked by its route.
+    if scope.get("method") == "OPTIONS" or is_signed(scope):
         return False
     app = scope.get("app")
     routes = getattr(getattr(app, "router", None), "routes", ())

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, m
 
 from cachebind.config import MAX_INPUTS
 from cachebind.modalities import Modality
+from cachebind.serve.ids import RowId
 
 
 def _valid_unicode(value: str) -> str:
@@ -108,7 +109,7 @@ class SearchRequest(Strict):
 
 
 class SearchHit(BaseModel):
-    id: int
+    id: RowId = Field(description="The row id: a string unless the request asks ?ids=number.")
     score: float
     key: str | None = None
     caption: str | None = None
@@ -116,6 +117,10 @@ class SearchHit(BaseModel):
     width: int | None = None
     height: int | None = None
     image_url: str = Field(description="Thumbnail served by this service (404 when none).")
+    thumbnail_url: str = Field(
+        description="The same thumbnail as an absolute signed URL that needs no key (for an "
+        "<img src>), valid for serve.image_url_ttl_s seconds."
+    )
 
 
 class RecallPart(BaseModel):
@@ -169,7 +174,7 @@ class EnhanceRequest(Strict):
 
 
 class Neighbour(BaseModel):
-    id: int
+    id: RowId = Field(description="The row id: a string unless the request asks ?ids=number.")
     similarity: float = Field(description="S_topk entry: cosine of F_M and the cached vector")
     weight: float = Field(description="softmax(t * S_topk) entry")
     key: str | None = None

@@ -104,7 +104,7 @@ def cache_info(prompt: VisualPrompt) -> dict[str, Any]:
         "t": q.t if q else None,
         "alpha": q.alpha if q else None,
         "index_version": q.snap.version if q else None,
-        "neighbours": [n.model_dump() for n in prompt.neighbours],
+        "neighbours": [n.model_dump(mode="json") for n in prompt.neighbours],
     }
 
 

@@ -80,7 +80,7 @@ async def generate(
         )
 
     async def events() -> AsyncIterator[str]:
-        neighbours_json = [n.model_dump() for n in neighbours]
+        neighbours_json = [n.model_dump(mode="json") for n in neighbours]
         try:
             yield sse({"neighbours": neighbours_json}, event="neighbours")
             text = []
@@ -97,7 +97,7 @@ async def generate(
                 finish_reason=finish_reason_of(scheduled),
                 usage=usage_of(scheduled).as_dict(),
             )
-            yield sse(done.model_dump(), event="done")
+            yield sse(done.model_dump(mode="json"), event="done")
         finally:
             await pieces.aclose()
             scheduled.cancel()
