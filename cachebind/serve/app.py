@@ -25,6 +25,7 @@ from cachebind.serve import schemas as s
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.cors import CorsMiddleware
 from cachebind.serve.deps import require_user
+from cachebind.serve.docs import install_docs
 from cachebind.serve.ids import id_format
 from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
 from cachebind.serve.openai import routes as openai_routes
@@ -68,6 +69,8 @@ def create_app(
         version="1",
         summary="ImageBind feature-cache service: embed, search, enhance, generate.",
         lifespan=lifespan,
+        docs_url=None,  # served from local files by install_docs
+        redoc_url=None,
     )
     app.state.serve = state
     app.add_middleware(GuardMiddleware, state=state)
@@ -107,6 +110,7 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install_docs(app)
     return app
 
 
