@@ -290,6 +290,6 @@ def test_embed_from_s3_into_a_table_on_s3_then_index_it(
         assert client.index_info()["rows"] == 24
         query = input_item(None, table.vectors([int(ids[1])])[0])
         hits = client.search([query], k=3)["results"]
-        assert hits[0]["id"] == str(ids[1])
+        assert hits[0]["id"] == int(ids[1])
         thumbnail = client.image(int(ids[1]))
         assert thumbnail[:3] == b"\xff\xd8\xff"  # a JPEG, read from the table on S3
