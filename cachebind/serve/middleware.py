@@ -215,6 +215,13 @@ def _error(
     )
 
 
+def _text(detail: Any, fallback: str) -> str:
+    """An error's ``detail`` as the one type every error body has: a sentence."""
+    if detail is None:
+        return fallback
+    return detail if isinstance(detail, str) else str(detail)
+
+
 HTTP_ERROR_TAGS = {
     404: "not_found",
     405: "method_not_allowed",
@@ -227,9 +234,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {"error": exc.error, "detail": exc.detail}, exc.status, headers=exc.headers
-        )
+        body = {"error": exc.error, "detail": _text(exc.detail, exc.error)}
+        if exc.param is not None:
+            body["param"] = exc.param
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -246,11 +254,15 @@ def install_error_handlers(app: FastAPI) -> None:
                 return JSONResponse(
                     {"error": "too_many_inputs", "detail": err.get("msg", "")}, status_code=413
                 )
-        detail = [
+        fields = [
             {"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg", "")}
             for err in exc.errors()
         ]
-        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+        # ``detail`` is a sentence on every error; the fields at fault are listed beside it.
+        detail = "; ".join(f"{'.'.join(f['loc'][1:] or f['loc'])}: {f['msg']}" for f in fields)
+        return JSONResponse(
+            {"error": "invalid_request", "detail": detail, "fields": fields}, status_code=422
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -263,7 +275,9 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         error = HTTP_ERROR_TAGS.get(exc.status_code, "http_error")
         return JSONResponse(
-            {"error": error, "detail": exc.detail}, exc.status_code, headers=exc.headers
+            {"error": error, "detail": _text(exc.detail, error)},
+            exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(Exception)

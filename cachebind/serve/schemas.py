@@ -304,12 +304,20 @@ class ReloadResponse(BaseModel):
     detail: str = ""
 
 
+class FieldError(BaseModel):
+    loc: list[str] = Field(description="Where in the request, e.g. ['body', 'inputs', '0'].")
+    msg: str
+
+
 class ErrorResponse(BaseModel):
-    """Every 4xx/5xx body: a short machine tag and what is wrong (and, for a bad input, which)."""
+    """Every 4xx/5xx body: a short machine tag and a sentence saying what is wrong (and, for a
+    bad input, which one; for an invalid request, the fields at fault)."""
 
     error: str
-    detail: Any = None
-    source: str | None = None
+    detail: str
+    source: str | None = Field(None, description="The input that could not be decoded.")
+    param: str | None = Field(None, description="The request field at fault.")
+    fields: list[FieldError] | None = Field(None, description="Each invalid field (422).")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -33,32 +33,26 @@ TYPES = {
 
 def invalid(code: str, message: str, param: str | None = None, status: int = 400) -> ApiError:
     """An error of these routes that names the offending request field."""
-    return ApiError(status, code, {"message": message, "param": param})
+    return ApiError(status, code, message, param=param)
 
 
 def openai_body(status: int, native: Any) -> tuple[int, dict[str, Any]]:
     """The status and OpenAI-shaped body of a native error body."""
     status = STATUS.get(status, status)
-    code = native.get("error") if isinstance(native, dict) else None
-    detail = native.get("detail") if isinstance(native, dict) else native
-    param = None
-    if isinstance(detail, dict):
-        message, param = str(detail.get("message", "")), detail.get("param")
-    elif isinstance(detail, list):  # validation errors: [{loc, msg}, ...]
-        parts = [_located(d) for d in detail if isinstance(d, dict)]
-        message = "; ".join(text for text, _ in parts)
-        param = parts[0][1] if parts else None
-    else:
-        message = str(detail if detail is not None else code)
+    native = native if isinstance(native, dict) else {}
+    code = native.get("error")
+    message = str(native.get("detail") or code or "error")
+    param = native.get("param")
+    fields = native.get("fields")  # validation errors: [{loc, msg}, ...]
+    if param is None and isinstance(fields, list) and fields and isinstance(fields[0], dict):
+        param = _param(fields[0])
     kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _located(error: dict[str, Any]) -> tuple[str, str | None]:
+def _param(error: dict[str, Any]) -> str | None:
     loc = [p for p in error.get("loc", []) if p != "body"]
-    param = ".".join(str(p) for p in loc) or None
-    msg = str(error.get("msg", ""))
-    return (f"{param}: {msg}" if param else msg), param
+    return ".".join(str(p) for p in loc) or None
 
 
 class OpenAIErrorShape:
