@@ -98,3 +98,42 @@ def test_openapi_describes_the_generation_stream_and_its_last_event(http):
     done = doc["components"]["schemas"]["GenerateDoneEvent"]
     assert set(done["required"]) == {"text", "finish_reason", "usage"}
     assert "Usage" in doc["components"]["schemas"]
+
+
+def test_search_enhance_and_generate_take_a_multipart_upload_like_their_json(http):
+    json_search = http.post(
+        "/v1/search",
+        json={"inputs": [{"modality": "image", "data": B64}, {"modality": "text", "text": "a dog"}],
+              "k": 4, "filter": "width > 10"},
+    ).json()  # fmt: skip
+    form_search = http.post(
+        "/v1/search",
+        data={"modality": "image", "text": "a dog", "k": "4", "filter": "width > 10"},
+        files=[("file", ("q.png", IMAGE, "image/png"))],
+    )
+    assert form_search.status_code == 200, form_search.text
+    # The file comes first in the JSON, the text first in the form: the mix is the same.
+    assert [h["id"] for h in form_search.json()["results"]] == [
+        h["id"] for h in json_search["results"]
+    ]
+    enhanced = http.post(
+        "/v1/enhance", data={"modality": "image", "k": "3"}, files=[("file", ("q.png", IMAGE))]
+    )
+    assert enhanced.status_code == 200 and len(enhanced.json()["neighbours"]) == 3
+    whole, _ = generation(http, stream=False)
+    form = {"modality": "image", "prompt": "Describe it.", "max_new_tokens": "10",
+            "temperature": "0.8", "seed": "11", "stream": "false"}  # fmt: skip
+    uploaded = http.post("/v1/generate", data=form, files=[("file", ("q.png", IMAGE))])
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["text"] == whole["text"]
+
+
+def test_a_bad_multipart_form_is_a_422_naming_what_is_wrong(http):
+    no_modality = http.post("/v1/search", files=[("file", ("q.png", IMAGE))])
+    assert no_modality.status_code == 422 and "modality" in no_modality.json()["detail"]
+    broken = http.post(
+        "/v1/search",
+        content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno name\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert broken.status_code == 422 and broken.json()["error"] in ("bad_form", "invalid_request")

@@ -28,6 +28,7 @@ from cachebind.serve.deps import require_user
 from cachebind.serve.docs import install_docs
 from cachebind.serve.ids import id_format
 from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
+from cachebind.serve.multipart import MultipartForms
 from cachebind.serve.openai import routes as openai_routes
 from cachebind.serve.openai.errors import OpenAIErrorShape
 from cachebind.serve.routes import admin, embed, enhance, generate, images, ops, search
@@ -73,6 +74,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.serve = state
+    app.add_middleware(MultipartForms, config=state.config)  # innermost: after the guard
     app.add_middleware(GuardMiddleware, state=state)
     app.add_middleware(OpenAIErrorShape)  # it also reshapes the guard's refusals
     # Outermost: preflights are answered before the key check, and errors stay readable.

@@ -9,11 +9,19 @@ from fastapi import APIRouter
 from cachebind.serve import schemas as s
 from cachebind.serve.blend import enhanced_of, neighbours_of
 from cachebind.serve.deps import RequestLimits, State
+from cachebind.serve.multipart import form_schema
 
 router = APIRouter()
 
 
-@router.post("/v1/enhance", response_model=s.EnhanceResponse, tags=["v1"])
+@router.post(
+    "/v1/enhance",
+    response_model=s.EnhanceResponse,
+    tags=["v1"],
+    openapi_extra=form_schema(
+        {"k": {"type": "integer"}, "t": {"type": "number"}, "alpha": {"type": "number"}}
+    ),
+)
 async def enhance(body: s.EnhanceRequest, state: State, limits: RequestLimits) -> s.EnhanceResponse:
     """F~_M = normalize((1 - alpha) F_M + alpha normalize(softmax(t S_topk) F_value))."""
 

@@ -22,6 +22,7 @@ from cachebind.serve.generation import (
     until_disconnected,
     usage_of,
 )
+from cachebind.serve.multipart import form_schema
 from cachebind.serve.streaming import sse
 
 log = logging.getLogger("cachebind.serve")
@@ -44,6 +45,19 @@ router = APIRouter()
         }
     }
     | s.QUEUE_ERRORS,
+    openapi_extra=form_schema(
+        {
+            "prompt": {"type": "string"},
+            "stream": {"type": "boolean"},
+            "max_new_tokens": {"type": "integer"},
+            "temperature": {"type": "number"},
+            "top_p": {"type": "number"},
+            "seed": {"type": "integer"},
+            "k": {"type": "integer"},
+            "t": {"type": "number"},
+            "alpha": {"type": "number"},
+        }
+    ),
 )
 async def generate(
     body: s.GenerateRequest, state: State, limits: RequestLimits, request: Request

@@ -14,6 +14,7 @@ from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.errors import unprocessable
 from cachebind.serve.filters import FilterError, parse_filter
 from cachebind.serve.inputs import embed_query
+from cachebind.serve.multipart import form_schema
 from cachebind.serve.recall import recall_info
 from cachebind.serve.search import search as run_search
 from cachebind.serve.signing import signed_image_url
@@ -21,7 +22,20 @@ from cachebind.serve.signing import signed_image_url
 router = APIRouter()
 
 
-@router.post("/v1/search", response_model=s.SearchResponse, tags=["v1"])
+@router.post(
+    "/v1/search",
+    response_model=s.SearchResponse,
+    tags=["v1"],
+    openapi_extra=form_schema(
+        {
+            "k": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "cursor": {"type": "string"},
+            "filter": {"type": "string"},
+            "dedup": {"type": "number"},
+        }
+    ),
+)
 async def search(
     body: s.SearchRequest, state: State, limits: RequestLimits, request: Request
 ) -> s.SearchResponse:
