@@ -196,7 +196,7 @@ def test_an_image_data_url_goes_through_the_cache_blend_as_native_generate(clien
     assert [n["id"] for n in info["neighbours"]] == [n["id"] for n in native["neighbours"]]
 
 
-def test_the_image_changes_the_answer_and_turning_the_blend_off_drops_the_neighbours(client):
+def test_turning_the_blend_off_drops_the_neighbours(client):
     with_image = client.chat.completions.create(
         model=LLM, messages=image_message("What is in the image?"), **SAMPLING
     )
