@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from fixtures_media import audio_bytes, image_bytes
+from fixtures_media import audio_bytes, image_bytes, video_bytes
 
 from cachebind.inject.prompts import format_prompt
 
@@ -469,3 +469,21 @@ def test_vllms_audio_url_part_takes_a_data_url_like_input_audio(client):
     }
     by_url = {"type": "audio_url", "audio_url": {"url": data_url(WAV, "audio/wav")}}
     assert ask(by_url) == ask(inline)
+
+
+def test_vllms_video_url_part_is_encoded_as_video_like_native_generate(client, http):
+    video = video_bytes()
+    parts = [
+        {"type": "video_url", "video_url": {"url": data_url(video, "video/mp4")}},
+        {"type": "text", "text": "What happens?"},
+    ]
+    r = client.chat.completions.create(
+        model=LLM, messages=[{"role": "user", "content": parts}], **SAMPLING
+    )
+    native = native_generate(
+        http, "What happens?", [{"modality": "video", "data": base64.b64encode(video).decode()}]
+    )
+    assert r.choices[0].message.content == native["text"]
+    assert [n["id"] for n in r.model_extra["cachebind"]["neighbours"]] == [
+        n["id"] for n in native["neighbours"]
+    ]
