@@ -1,23 +1,28 @@
-"""Python client of the cachebind HTTP service (built on httpx).
+"""Python client of the cachebind HTTP service.
+
+It imports only httpx and the standard library (pandas / pyarrow only when a result is
+converted), so it installs without the server stack: ``pip install clients/python``.
 
 from cachebind.client import CachebindClient, input_item
 
 with CachebindClient("http://127.0.0.1:8000", api_key="cb_...") as client:
     hits = client.search([input_item("text", "a dog on a beach")], k=5)
+    hits.to_pandas()  # one row per result
     mix = [input_item("image", open("q.jpg", "rb").read()), input_item("audio", wav, 0.5)]
-    for piece in client.generate("Describe the picture.", mix):
+    stream = client.generate("Describe the picture.", mix, seed=7)
+    for piece in stream:
         print(piece, end="")
+    stream.neighbours, stream.finish_reason, stream.usage
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
-import numpy as np
 
 from cachebind.modalities import Modality
 
@@ -32,9 +37,77 @@ class CachebindAPIError(RuntimeError):
         self.detail = detail
 
 
+class Results(dict[str, Any]):
+    """A decoded JSON answer whose list of rows (search results, embeddings, neighbours)
+    converts to a DataFrame or an Arrow table, one row per entry."""
+
+    def __init__(self, body: dict[str, Any], rows: str) -> None:
+        super().__init__(body)
+        self.rows_key = rows
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.get(self.rows_key) or [])
+
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame`` of the rows (pandas is needed only here)."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.rows, columns=_columns(self.rows))
+
+    def to_arrow(self) -> Any:
+        """A ``pyarrow.Table`` of the rows (pyarrow is needed only here)."""
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(self.rows) if self.rows else pa.table({})
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str] | None:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return list(names) or None
+
+
+class GenerationStream(Iterator[str]):
+    """The text pieces of a streamed generation; once it has begun, ``neighbours`` holds the
+    cached rows that drove it, and once it has ended, ``text``, ``finish_reason`` and
+    ``usage``."""
+
+    def __init__(self, events: Iterator[tuple[str | None, dict[str, Any]]]) -> None:
+        self._events = events
+        self.neighbours: list[dict[str, Any]] | None = None
+        self.text: str | None = None
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        for event, payload in self._events:
+            if event is None:
+                return payload["text"]
+            if event == "neighbours":
+                self.neighbours = payload["neighbours"]
+            elif event == "error":
+                raise CachebindAPIError(200, payload.get("error", "error"), payload)
+            elif event == "done":
+                self.text = payload.get("text")
+                self.finish_reason = payload.get("finish_reason")
+                self.usage = payload.get("usage")
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop reading (the server frees the generation's slot)."""
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+
 def input_item(
     modality: Modality | str | None,
-    value: str | bytes | Sequence[float] | np.ndarray,
+    value: str | bytes | Iterable[float],
     weight: float = 1.0,
 ) -> dict[str, Any]:
     """One query input: text (str), a medium (bytes, sent as base64) or a raw embedding."""
@@ -48,8 +121,9 @@ def input_item(
             return {"modality": "text", "text": bytes(value).decode("utf-8"), "weight": weight}
         data = base64.b64encode(bytes(value)).decode("ascii")
         return {"modality": str(m), "data": data, "weight": weight}
-    vector = np.asarray(value, dtype=np.float32).ravel()
-    return {"embedding": vector.tolist(), "weight": weight}
+    # A numpy array or any iterable of numbers (numpy is not needed for either).
+    flat = value.ravel().tolist() if hasattr(value, "ravel") else list(value)
+    return {"embedding": [float(v) for v in flat], "weight": weight}
 
 
 class CachebindClient:
@@ -65,8 +139,14 @@ class CachebindClient:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
+        # Row ids are exact Python ints: ask for them as JSON numbers (the default, strings,
+        # is for JavaScript, whose numbers round past 2^53).
         self._http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=headers,
+            params={"ids": "number"},
+            timeout=timeout,
+            transport=transport,
         )
         self._server: Any = None
 
@@ -121,17 +201,18 @@ class CachebindClient:
 
     # ------------------------------------------------------------------ API
 
-    def embed(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """F_M of each input: ``{"dim", "encoder", "items": [{"modality", "embedding"}]}``."""
-        return self._post("/v1/embed", {"inputs": list(items)})
+    def embed(self, items: Sequence[dict[str, Any]]) -> Results:
+        """F_M of each input: ``{"dim", "encoder", "items": [{"modality", "embedding"}]}``
+        (rows: ``items``)."""
+        return Results(self._post("/v1/embed", {"inputs": list(items)}), "items")
 
-    def embed_files(self, modality: Modality | str, files: Sequence[bytes]) -> dict[str, Any]:
-        """F_M of uploaded files of one modality (multipart)."""
+    def embed_files(self, modality: Modality | str, files: Sequence[bytes]) -> Results:
+        """F_M of uploaded files of one modality (multipart; rows: ``items``)."""
         parts = [("file", (f"input{i}", data)) for i, data in enumerate(files)]
         response = self._http.post(
             "/v1/embed", data={"modality": str(Modality(modality))}, files=parts
         )
-        return self._check(response).json()
+        return Results(self._check(response).json(), "items")
 
     def search(
         self,
@@ -142,13 +223,14 @@ class CachebindClient:
         dedup: float | None = None,
         offset: int = 0,
         cursor: str | None = None,
-    ) -> dict[str, Any]:
-        """Nearest cached rows to the (mixed) query; ``next_cursor`` fetches the next page."""
+    ) -> Results:
+        """Nearest cached rows to the (mixed) query; ``next_cursor`` fetches the next page
+        (rows: ``results``)."""
         body: dict[str, Any] = {"inputs": list(items), "k": k, "offset": offset}
         for name, value in (("filter", filter), ("dedup", dedup), ("cursor", cursor)):
             if value is not None:
                 body[name] = value
-        return self._post("/v1/search", body)
+        return Results(self._post("/v1/search", body), "results")
 
     def enhance(
         self,
@@ -156,10 +238,12 @@ class CachebindClient:
         k: int | None = None,
         t: float | None = None,
         alpha: float | None = None,
-    ) -> dict[str, Any]:
-        """F~_M with its neighbours and cosine(F_M, F~_M) (``cosine_to_query``)."""
+    ) -> Results:
+        """F~_M with its neighbours and cosine(F_M, F~_M) (``cosine_to_query``; rows:
+        ``neighbours``)."""
         body = {"inputs": list(items), "k": k, "t": t, "alpha": alpha}
-        return self._post("/v1/enhance", {n: v for n, v in body.items() if v is not None})
+        answer = self._post("/v1/enhance", {n: v for n, v in body.items() if v is not None})
+        return Results(answer, "neighbours")
 
     def generate(
         self,
@@ -169,13 +253,19 @@ class CachebindClient:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        seed: int | None = None,
         k: int | None = None,
         t: float | None = None,
         alpha: float | None = None,
-    ) -> Iterator[str]:
-        """Stream the generated text piece by piece (server-sent events)."""
+    ) -> GenerationStream:
+        """Stream the generated text piece by piece (server-sent events); the stream also
+        holds the neighbours, the finish reason and the token counts. The same ``seed`` gives
+        the same text."""
         body = _generate_body(prompt, items, True, locals())
-        with self._http.stream("POST", "/v1/generate", json=body) as response:
+        return GenerationStream(self._events("/v1/generate", body))
+
+    def _events(self, path: str, body: dict[str, Any]) -> Iterator[tuple[str | None, dict]]:
+        with self._http.stream("POST", path, json=body) as response:
             if response.status_code >= 400:
                 response.read()
                 self._check(response)
@@ -184,21 +274,29 @@ class CachebindClient:
                 if line.startswith("event:"):
                     event = line[len("event:") :].strip()
                 elif line.startswith("data:"):
-                    payload = json.loads(line[len("data:") :])
-                    if event is None:
-                        yield payload["text"]
-                    elif event == "error":
-                        raise CachebindAPIError(200, payload.get("error", "error"), payload)
-                    elif event == "done":
+                    yield event, json.loads(line[len("data:") :])
+                    if event in ("done", "error"):
                         return
                 elif not line:
                     event = None
 
     def generate_text(
-        self, prompt: str, items: Sequence[dict[str, Any]] = (), **options: Any
-    ) -> dict[str, Any]:
-        """The whole generated text in one answer (``stream: false``)."""
-        return self._post("/v1/generate", _generate_body(prompt, items, False, options))
+        self,
+        prompt: str,
+        items: Sequence[dict[str, Any]] = (),
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        k: int | None = None,
+        t: float | None = None,
+        alpha: float | None = None,
+    ) -> Results:
+        """The whole generated text in one answer (``stream: false``): ``text``,
+        ``neighbours`` (the rows), ``finish_reason`` and ``usage``."""
+        body = _generate_body(prompt, items, False, locals())
+        return Results(self._post("/v1/generate", body), "neighbours")
 
     def image(self, row_id: int) -> bytes:
         """The thumbnail JPEG of a cached row."""
@@ -221,11 +319,14 @@ class CachebindClient:
         return response.json()
 
 
+GENERATE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "k", "t", "alpha")
+
+
 def _generate_body(
     prompt: str, items: Sequence[dict[str, Any]], stream: bool, options: dict[str, Any]
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "inputs": list(items), "stream": stream}
-    for name in ("max_new_tokens", "temperature", "top_p", "k", "t", "alpha"):
+    for name in GENERATE_OPTIONS:
         if options.get(name) is not None:
             body[name] = options[name]
     return body

@@ -429,6 +429,22 @@ class QueryLogConfig(Section):
     holder can steer tuning with vectors of their own choosing."""
 
 
+class OpenAIConfig(Section):
+    """The OpenAI-compatible routes (``/v1/models``, ``/v1/chat/completions``,
+    ``/v1/completions``, ``/v1/embeddings``)."""
+
+    llm_model: str = Field("imagebind-llm", min_length=1)
+    """The id ``/v1/models`` lists for the LLM with its adapter; chat and completion requests
+    name it as ``model``."""
+    embedding_model: str = Field("imagebind", min_length=1)
+    """The id ``/v1/models`` lists for the encoder; ``/v1/embeddings`` requests name it."""
+    media_hosts: list[str] = Field(default_factory=list)
+    """Hosts whose http(s) media URLs a chat or embedding request may name (exact names,
+    lower case). Empty: no URL is fetched and a remote URL is a 400; media travel as data URLs."""
+    media_fetch_timeout_s: float = Field(10.0, gt=0)
+    """Time to fetch one allow-listed media URL whole."""
+
+
 class ServeConfig(Section):
     """The HTTP service."""
 
@@ -478,10 +494,16 @@ class ServeConfig(Section):
     cursor_secret: SecretStr | None = None
     """HMAC-SHA256 key of the pagination cursors; random at each start when unset (set it
     when several replicas serve one index, so a cursor from one is valid on another)."""
+    image_url_ttl_s: int = Field(600, ge=1)
+    """How long the signed ``thumbnail_url`` of a search result stays valid."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins (``scheme://host[:port]``) whose pages may call the API from a browser; ``*``
+    for any. Empty: no cross-origin access (CORS off)."""
     batch_window_ms: float = 5.0
     max_batch: int = 64
     index_poll_s: float = 2.0
     query_log: QueryLogConfig = Field(default_factory=QueryLogConfig)
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
 
 
 class Settings(BaseSettings):

@@ -136,3 +136,33 @@ def test_an_unreachable_service_is_a_message_not_a_traceback(capsys) -> None:
     code = main(["search", "--text", "a dog", "--url", "http://127.0.0.1:9"])
     assert code == 2
     assert "cannot reach the service" in capsys.readouterr().err
+
+
+def test_the_demos_serve_command_reproduces_what_the_demo_served(tmp_path, monkeypatch) -> None:
+    import shlex
+
+    from cachebind.config import Settings, load_config
+    from cachebind.demo.run import demo_settings, serve_command
+
+    monkeypatch.delenv("CACHEBIND_CONFIG", raising=False)
+    out = tmp_path / "demo out"  # a space: the command must quote it
+    served = demo_settings(Settings(), out, None)
+    served.llm.llama_dir = out / "llm"
+    served.llm.adapter_checkpoint = out / "llm" / "adapter.pth"
+    served.serve.api_keys_file = out / "keys" / "users.txt"
+    served.serve.admin_keys_file = out / "keys" / "admins.txt"
+    words = shlex.split(serve_command(served, port=8123))
+    assert words[:2] == ["cachebind", "serve"]
+    got = load_config(None, **overrides_from(build_parser().parse_args(words[1:])))
+    for section, fields in {
+        "store": ("uri", "table"),
+        "index": ("dir",),
+        "encoder": ("preset", "checkpoint"),
+        "llm": ("llama_dir", "adapter_checkpoint"),
+        "serve": ("api_keys_file", "admin_keys_file"),
+    }.items():
+        for name in fields:
+            want = getattr(getattr(served, section), name)
+            have = getattr(getattr(got, section), name)
+            assert str(have) == str(want), f"{section}.{name}"
+    assert got.serve.port == 8123

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from builders import build_demo_cache, service_settings
@@ -120,3 +126,97 @@ def test_in_process_client_serves_the_published_index(tmp_path):
         assert client.index_info()["rows"] == 60
         url = client.base_url
     assert url.startswith("http://127.0.0.1:")
+
+
+def test_a_seed_gives_the_same_text_streamed_whole_and_through_the_raw_api(client, served):
+    items = [input_item("image", png())]
+    options = {"max_new_tokens": 10, "temperature": 0.9, "seed": 7}
+    streamed = ["".join(client.generate("What is it?", items, **options)) for _ in range(2)]
+    whole = [client.generate_text("What is it?", items, **options)["text"] for _ in range(2)]
+    raw = httpx.post(
+        f"{served.url}/v1/generate",
+        json={"prompt": "What is it?", "inputs": items, "stream": False, **options},
+        headers={"Authorization": f"Bearer {served.svc.user_key}"},
+        timeout=60,
+    ).json()["text"]
+    assert streamed == whole == [raw, raw]
+    other = client.generate_text("What is it?", items, **{**options, "seed": 8})["text"]
+    third = client.generate_text("What is it?", items, **{**options, "seed": 9})["text"]
+    assert len({raw, other, third}) > 1  # the seed is what made them equal
+
+
+def test_a_stream_holds_its_neighbours_finish_reason_and_usage(client):
+    items = [input_item("image", png())]
+    whole = client.generate_text("What is it?", items, max_new_tokens=8, temperature=0.0, k=3)
+    stream = client.generate("What is it?", items, max_new_tokens=8, temperature=0.0, k=3)
+    text = "".join(stream)
+    assert stream.neighbours == whole["neighbours"] and len(stream.neighbours) == 3
+    assert (text, stream.text) == (whole["text"], whole["text"])
+    assert stream.finish_reason == whole["finish_reason"]
+    assert stream.usage == whole["usage"]
+
+
+def test_results_convert_to_a_dataframe_and_an_arrow_table(client):
+    hits = client.search([input_item("text", "a dog")], k=7)
+    frame = hits.to_pandas()
+    table = hits.to_arrow()
+    assert len(frame) == table.num_rows == 7
+    assert (
+        frame["id"].tolist() == table.column("id").to_pylist() == [h["id"] for h in hits["results"]]
+    )
+    assert frame["score"].is_monotonic_decreasing
+    embedded = client.embed([input_item("text", "a"), input_item("text", "b")]).to_pandas()
+    assert embedded["embedding"].map(len).tolist() == [64, 64]
+    neighbours = client.enhance([input_item("text", "a dog")], k=4).to_arrow()
+    assert neighbours.column_names[:3] == ["id", "similarity", "weight"]
+
+
+# The client package alone: what a user without the server stack has.
+LIGHT_CLIENT = """
+import importlib.abc, sys
+BLOCKED = {"numpy", "torch", "pandas", "pyarrow", "fastapi", "starlette", "pydantic", "ray",
+           "lancedb", "faiss", "uvicorn", "PIL", "av", "transformers"}
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"the light client imported {name}")
+
+sys.meta_path.insert(0, Refuse())
+sys.path.insert(0, sys.argv[1])
+from cachebind.client import CachebindClient, input_item
+import cachebind.client
+assert cachebind.client.__file__.startswith(sys.argv[1]), cachebind.client.__file__
+with CachebindClient(sys.argv[2], api_key=sys.argv[3]) as client:
+    hits = client.search([input_item("text", "a dog")], k=3)
+    stream = client.generate("Hi", max_new_tokens=4, temperature=0.0)
+    print(len(hits["results"]), "".join(stream) == stream.text, stream.finish_reason)
+"""
+
+
+def test_the_client_package_installs_and_works_without_the_server_stack(served, tmp_path):
+    source = Path(__file__).resolve().parents[1] / "clients" / "python"
+    project = tmp_path / "project"
+    shutil.copytree(source, project)  # follows the links to the service's own modules
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         str(project), "-w", str(tmp_path / "dist")],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("cachebind_client-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
+        archive.extractall(tmp_path / "site")
+    assert sorted(n for n in names if n.startswith("cachebind/")) == [
+        "cachebind/__init__.py", "cachebind/client.py", "cachebind/modalities.py"
+    ]  # fmt: skip
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
+    assert [r for r in requires if "extra ==" not in r] == ["Requires-Dist: httpx==0.28.1"]
+    out = subprocess.run(
+        [sys.executable, "-c", LIGHT_CLIENT, str(tmp_path / "site"), served.url,
+         served.svc.user_key],
+        check=True, timeout=120, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.stdout.split() == ["3", "True", out.stdout.split()[2]]
+    assert out.stdout.split()[2] in ("stop", "length")

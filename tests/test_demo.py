@@ -33,6 +33,13 @@ def test_demo_runs_every_stage_and_says_it_has_no_real_weights(tmp_path: Path) -
     for heading in (*headings, "cosine(F_M, F~_M)", "generation"):
         assert heading in text
     assert "stopped cleanly" in text
+    # It says how to serve what it built, and a successful run shows no traceback.
+    serve = [
+        line.strip() for line in text.splitlines() if line.strip().startswith("cachebind serve")
+    ]
+    assert len(serve) == 1 and f"--index-dir {out / 'index'}" in serve[0]
+    assert "--llama-dir" in serve[0] and "--adapter-checkpoint" in serve[0]
+    assert "Traceback" not in done.stdout + done.stderr
     # Five neighbours per query, with captions from the generated collection.
     assert text.count("  5. score") == 5
     table = CacheTable.open(StoreConfig(uri=str(out / "lancedb")))

@@ -265,3 +265,36 @@ def test_pixel_batches_are_read_from_arrow_without_a_python_round_trip(dtype: st
     )
     sliced = pa.array(rows, pa.large_binary()).slice(1, 3)  # a non-zero array offset
     np.testing.assert_array_equal(pixel_batch(sliced, np.arange(3), dtype), tensors[1:4])
+
+
+LATE_COORDINATOR = """
+import logging
+from ray.data._internal.logging import configure_logging
+
+configure_logging()
+try:
+    raise TimeoutError("the coordinator answered late")
+except TimeoutError:
+    name = "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"
+    logging.getLogger(name).warning("coordinator late", exc_info=True)
+logging.getLogger("ray.data._internal.execution.streaming_executor").warning("other warning")
+"""
+
+
+def test_a_late_autoscaling_coordinator_prints_no_traceback_on_the_console(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jobs.embed.plan
+
+    config = Path(jobs.embed.plan.__file__).with_name("ray_data_logging.yaml")
+    env = {**os.environ, "RAY_DATA_LOGGING_CONFIG": str(config)}
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_COORDINATOR],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    console = done.stdout + done.stderr
+    assert "other warning" in console  # Ray Data's other warnings still reach the console
+    assert "Traceback" not in console and "coordinator late" not in console

@@ -170,7 +170,7 @@ def test_search_by_text_returns_the_exact_neighbours_of_its_embedding(http, tabl
     assert r.status_code == 200, r.text
     f_m = runtime.encoder.embed("text", ["a dog"])
     _, ids = runtime.snapshot.index.search(f_m, 5)
-    assert [h["id"] for h in r.json()["results"]] == ids[0].tolist()
+    assert [h["id"] for h in r.json()["results"]] == [str(i) for i in ids[0].tolist()]
 
 
 def test_weighted_mix_is_the_normalised_weighted_sum(http, table):
@@ -201,7 +201,7 @@ def test_filter_is_applied_and_widens_until_k_results(http, table):
     vectors = table.vectors(passing.column("id").to_pylist())
     order = np.argsort(-(vectors @ np.asarray(query)), kind="stable")
     expected = [passing.column("id")[int(i)].as_py() for i in order[:20]]
-    assert [h["id"] for h in hits] == expected
+    assert [int(h["id"]) for h in hits] == expected
     assert all(h["width"] > 100 and "dog" in h["caption"] for h in hits)
 
 
@@ -281,7 +281,7 @@ def test_enhance_matches_the_cache_model_in_process(http, served):
         0
     ]
     np.testing.assert_allclose(body["embedding"], expected.embedding, atol=1e-5)
-    assert [n["id"] for n in body["neighbours"]] == expected.ids.tolist()
+    assert [n["id"] for n in body["neighbours"]] == [str(i) for i in expected.ids.tolist()]
     weights = [n["weight"] for n in body["neighbours"]]
     assert sum(weights) == pytest.approx(1.0, abs=1e-5)
     assert all(n["caption"].startswith("a ") for n in body["neighbours"])

@@ -32,6 +32,19 @@ def add_serve(sub: Subcommands, common: CommonOptions) -> None:
         const=False,
         help="serve without API keys (local experiments only)",
     )
+    p.add_argument(
+        "--llama-dir",
+        dest="llm__llama_dir",
+        metavar="DIR",
+        help="LLaMA weights and tokenizer (Meta or Hugging Face layout): enables /v1/generate "
+        "and the OpenAI chat and completion routes",
+    )
+    p.add_argument(
+        "--adapter-checkpoint",
+        dest="llm__adapter_checkpoint",
+        metavar="FILE",
+        help="the ImageBind-LLM adapter checkpoint as released (e.g. 7B.pth)",
+    )
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

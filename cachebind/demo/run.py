@@ -7,6 +7,7 @@ are generated.
 from __future__ import annotations
 
 import secrets
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,33 @@ def run_demo(
     )
     print(f"index:       {settings.index.dir} (CURRENT -> {manifest['version']})")
     print(f"LLM files:   {out / 'llm'}")
+    print("\nto serve what the demo built (its user key is in no file; make one with")
+    print(f"`cachebind keys create {settings.serve.api_keys_file}`):")
+    print(f"    {serve_command(settings)}")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def serve_command(settings: Settings, port: int = 8000) -> str:
+    """The ``cachebind serve`` command line that serves the table, index, encoder, LLM and
+    keys of ``settings`` (each as a flag, quoted for a POSIX shell)."""
+    flags: list[tuple[str, object]] = [
+        ("--table-uri", settings.store.uri),
+        ("--table", settings.store.table),
+        ("--index-dir", settings.index.dir),
+        ("--preset", settings.encoder.preset),
+        ("--checkpoint", settings.encoder.checkpoint),
+        ("--llama-dir", settings.llm.llama_dir),
+        ("--adapter-checkpoint", settings.llm.adapter_checkpoint),
+        ("--api-keys-file", settings.serve.api_keys_file),
+        ("--admin-keys-file", settings.serve.admin_keys_file),
+        ("--port", port),
+    ]
+    words = ["cachebind", "serve"]
+    for flag, value in flags:
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def _train(settings: Settings, out: Path) -> None:

@@ -59,6 +59,7 @@ class GenerationHandle:
         self.sink = sink
         self.cancelled = threading.Event()
         self.tokens: list[int] = []  # the generated ids (complete once the request ended)
+        self.prompt_tokens = 0  # the prompt's length in tokens, as it was fed (template, BOS)
         self.finish_reason: str | None = None
         self.first_token_s: float | None = None  # from submission to the first sampled token
 

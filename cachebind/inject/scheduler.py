@@ -140,6 +140,7 @@ class Scheduler:
         rng = torch.Generator(device=self.model.device)
         rng.manual_seed(seed) if seed is not None else rng.seed()
         handle = GenerationHandle(sink)
+        handle.prompt_tokens = len(ids)
         row = _Row(
             handle,
             ids,

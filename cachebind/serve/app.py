@@ -23,10 +23,17 @@ from fastapi.staticfiles import StaticFiles
 from cachebind.config import Settings
 from cachebind.serve import schemas as s
 from cachebind.serve.auth import KeyStore
+from cachebind.serve.cors import CorsMiddleware
 from cachebind.serve.deps import require_user
+from cachebind.serve.docs import install_docs
+from cachebind.serve.ids import id_format
 from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
+from cachebind.serve.multipart import MultipartForms
+from cachebind.serve.openai import routes as openai_routes
+from cachebind.serve.openai.errors import OpenAIErrorShape
 from cachebind.serve.routes import admin, embed, enhance, generate, images, ops, search
 from cachebind.serve.runtime import Runtime
+from cachebind.serve.signing import require_user_or_signature
 from cachebind.serve.state import ServeState
 
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
@@ -63,9 +70,15 @@ def create_app(
         version="1",
         summary="ImageBind feature-cache service: embed, search, enhance, generate.",
         lifespan=lifespan,
+        docs_url=None,  # served from local files by install_docs
+        redoc_url=None,
     )
     app.state.serve = state
+    app.add_middleware(MultipartForms, config=state.config)  # innermost: after the guard
     app.add_middleware(GuardMiddleware, state=state)
+    app.add_middleware(OpenAIErrorShape)  # it also reshapes the guard's refusals
+    # Outermost: preflights are answered before the key check, and errors stay readable.
+    app.add_middleware(CorsMiddleware, config=state.config)
     install_error_handlers(app)
 
     # The order of the includes is the order of the paths in the OpenAPI document.
@@ -78,12 +91,20 @@ def create_app(
         ops.router,
         embed.router,
         search.router,
-        images.router,
         enhance.router,
         generate.router,
         admin.info,
+        openai_routes.router,
     ):
-        app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
+        app.include_router(
+            router,
+            dependencies=[Depends(require_user), Depends(id_format)],
+            responses=s.COMMON_ERRORS,
+        )
+    # A thumbnail also opens with a signed URL (an <img src> cannot send a key).
+    app.include_router(
+        images.router, dependencies=[Depends(require_user_or_signature)], responses=s.COMMON_ERRORS
+    )
     _document_embed_request(app)
 
     @app.get("/", include_in_schema=False)
@@ -91,6 +112,7 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install_docs(app)
     return app
 
 
@@ -105,11 +127,13 @@ def _document_embed_request(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            body = s.EmbedRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in body.pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components["EmbedRequest"] = body
+            # The generation stream's last event is described in words there, modelled here.
+            for model in (s.EmbedRequest, s.GenerateDoneEvent):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in body.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = body
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

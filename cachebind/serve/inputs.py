@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +31,28 @@ def decode_item(item: InputItem, where: str) -> tuple[Modality, Any]:
             raise unprocessable("empty_input", f"{where}.text is empty")
         return item.modality, item.text
     assert item.data is not None
-    try:
-        raw = base64.b64decode(item.data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise unprocessable("bad_base64", f"{where}.data is not valid base64: {exc}") from exc
+    raw = media_bytes(item.data, f"{where}.data")
     if not raw:
         raise unprocessable("empty_input", f"{where}.data decodes to zero bytes")
     return item.modality, raw
+
+
+def media_bytes(data: str, where: str) -> bytes:
+    """The bytes of a medium sent as base64 or as a ``data:`` URL (base64 or percent-encoded;
+    its declared media type is not trusted: the decoder sniffs the bytes)."""
+    if data[:5].lower() == "data:":
+        head, comma, payload = data.partition(",")
+        if not comma:
+            raise unprocessable(
+                "bad_data_url", f"{where} is a data: URL with no ',' before its data"
+            )
+        if not head.lower().endswith(";base64"):
+            return urllib.parse.unquote_to_bytes(payload)
+        data = payload
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise unprocessable("bad_base64", f"{where} is not valid base64: {exc}") from exc
 
 
 def raw_embedding(item: InputItem, where: str, dim: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from starlette.routing import Match
 from cachebind.errors import InputError
 from cachebind.serve.deps import role_of
 from cachebind.serve.errors import ApiError
+from cachebind.serve.signing import is_signed
 from cachebind.serve.state import ServeState
 
 log = logging.getLogger("cachebind.serve")
@@ -34,12 +35,11 @@ CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
-# FastAPI's /docs and /redoc pages load Swagger UI / ReDoc from their CDN with an inline script.
+# The /docs and /redoc pages load Swagger UI / ReDoc from this server (serve.docs), started
+# by an inline script.
 DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "font-src 'self' https://fonts.gstatic.com; "
-    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; worker-src blob:; "
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src blob:; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -52,6 +52,9 @@ def is_keyed(scope: dict[str, Any]) -> bool:
     """
     path = scope.get("path", "")
     if not (path.startswith("/v1/") or path == "/metrics"):
+        return False
+    # A preflight carries no key by design; a signed thumbnail URL is checked by its route.
+    if scope.get("method") == "OPTIONS" or is_signed(scope):
         return False
     app = scope.get("app")
     routes = getattr(getattr(app, "router", None), "routes", ())
@@ -212,6 +215,13 @@ def _error(
     )
 
 
+def _text(detail: Any, fallback: str) -> str:
+    """An error's ``detail`` as the one type every error body has: a sentence."""
+    if detail is None:
+        return fallback
+    return detail if isinstance(detail, str) else str(detail)
+
+
 HTTP_ERROR_TAGS = {
     404: "not_found",
     405: "method_not_allowed",
@@ -224,9 +234,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {"error": exc.error, "detail": exc.detail}, exc.status, headers=exc.headers
-        )
+        body = {"error": exc.error, "detail": _text(exc.detail, exc.error)}
+        if exc.param is not None:
+            body["param"] = exc.param
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -243,11 +254,15 @@ def install_error_handlers(app: FastAPI) -> None:
                 return JSONResponse(
                     {"error": "too_many_inputs", "detail": err.get("msg", "")}, status_code=413
                 )
-        detail = [
+        fields = [
             {"loc": [str(p) for p in err.get("loc", ())], "msg": err.get("msg", "")}
             for err in exc.errors()
         ]
-        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+        # ``detail`` is a sentence on every error; the fields at fault are listed beside it.
+        detail = "; ".join(f"{'.'.join(f['loc'][1:] or f['loc'])}: {f['msg']}" for f in fields)
+        return JSONResponse(
+            {"error": "invalid_request", "detail": detail, "fields": fields}, status_code=422
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -260,7 +275,9 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         error = HTTP_ERROR_TAGS.get(exc.status_code, "http_error")
         return JSONResponse(
-            {"error": error, "detail": exc.detail}, exc.status_code, headers=exc.headers
+            {"error": error, "detail": _text(exc.detail, error)},
+            exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(Exception)

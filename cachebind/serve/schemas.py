@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from cachebind.config import MAX_INPUTS
 from cachebind.modalities import Modality
+from cachebind.serve.ids import RowId
 
 
 def _valid_unicode(value: str) -> str:
@@ -45,7 +46,9 @@ class InputItem(Strict):
     )
     text: Text | None = Field(None, description="The text of a text input.")
     data: str | None = Field(
-        None, description="Base64 of the file's bytes (image, audio, video, depth, thermal, imu)."
+        None,
+        description="The file's bytes (image, audio, video, depth, thermal, imu) as base64 or "
+        "as a data: URL ('data:image/png;base64,...').",
     )
     embedding: list[float] | None = Field(
         None, description="A raw query embedding of the encoder's dimension (L2-normalised here)."
@@ -106,7 +109,7 @@ class SearchRequest(Strict):
 
 
 class SearchHit(BaseModel):
-    id: int
+    id: RowId = Field(description="The row id: a string unless the request asks ?ids=number.")
     score: float
     key: str | None = None
     caption: str | None = None
@@ -114,6 +117,10 @@ class SearchHit(BaseModel):
     width: int | None = None
     height: int | None = None
     image_url: str = Field(description="Thumbnail served by this service (404 when none).")
+    thumbnail_url: str = Field(
+        description="The same thumbnail as an absolute signed URL that needs no key (for an "
+        "<img src>), valid for serve.image_url_ttl_s seconds."
+    )
 
 
 class RecallPart(BaseModel):
@@ -167,7 +174,7 @@ class EnhanceRequest(Strict):
 
 
 class Neighbour(BaseModel):
-    id: int
+    id: RowId = Field(description="The row id: a string unless the request asks ?ids=number.")
     similarity: float = Field(description="S_topk entry: cosine of F_M and the cached vector")
     weight: float = Field(description="softmax(t * S_topk) entry")
     key: str | None = None
@@ -208,9 +215,38 @@ class GenerateRequest(Strict):
     )
 
 
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="The prompt's tokens as fed (template and BOS).")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
 class GenerateResponse(BaseModel):
     text: str
     neighbours: list[Neighbour]
+    finish_reason: FinishReason = Field(
+        description="stop: end of sequence; length: max_new_tokens reached."
+    )
+    usage: Usage
+
+
+class GenerateDoneEvent(BaseModel):
+    """``event: done``, the stream's last event: the whole text, why it ended, token counts."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+GENERATE_EVENTS = (
+    'Server-sent events, in order: `event: neighbours` with `data: {"neighbours": [Neighbour]}`; '
+    'one `data: {"text": piece}` (no event name) per piece of text; then either `event: done` '
+    'with `data: GenerateDoneEvent` (`{"text", "finish_reason", "usage"}`) or '
+    '`event: error` with `data: {"error", "detail"}`.'
+)
 
 
 class QuerySetLatency(BaseModel):
@@ -268,12 +304,20 @@ class ReloadResponse(BaseModel):
     detail: str = ""
 
 
+class FieldError(BaseModel):
+    loc: list[str] = Field(description="Where in the request, e.g. ['body', 'inputs', '0'].")
+    msg: str
+
+
 class ErrorResponse(BaseModel):
-    """Every 4xx/5xx body: a short machine tag and what is wrong (and, for a bad input, which)."""
+    """Every 4xx/5xx body: a short machine tag and a sentence saying what is wrong (and, for a
+    bad input, which one; for an invalid request, the fields at fault)."""
 
     error: str
-    detail: Any = None
-    source: str | None = None
+    detail: str
+    source: str | None = Field(None, description="The input that could not be decoded.")
+    param: str | None = Field(None, description="The request field at fault.")
+    fields: list[FieldError] | None = Field(None, description="Each invalid field (422).")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -52,7 +52,7 @@ def scheduled_stream(
         finally:
             handle.cancel()
 
-    return ScheduledStream(pieces(), handle.cancel)
+    return ScheduledStream(pieces(), handle.cancel, handle)
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,4 @@ class ScheduledStream:
 
     pieces: AsyncIterator[str]
     cancel: Callable[[], None]
+    handle: Any  # inject.handles.GenerationHandle: its tokens and finish reason, once ended

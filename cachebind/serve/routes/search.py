@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from cachebind.serve import schemas as s
 from cachebind.serve.cursors import decode_cursor, encode_cursor, query_digest
@@ -14,14 +14,31 @@ from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.errors import unprocessable
 from cachebind.serve.filters import FilterError, parse_filter
 from cachebind.serve.inputs import embed_query
+from cachebind.serve.multipart import form_schema
 from cachebind.serve.recall import recall_info
 from cachebind.serve.search import search as run_search
+from cachebind.serve.signing import signed_image_url
 
 router = APIRouter()
 
 
-@router.post("/v1/search", response_model=s.SearchResponse, tags=["v1"])
-async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> s.SearchResponse:
+@router.post(
+    "/v1/search",
+    response_model=s.SearchResponse,
+    tags=["v1"],
+    openapi_extra=form_schema(
+        {
+            "k": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "cursor": {"type": "string"},
+            "filter": {"type": "string"},
+            "dedup": {"type": "number"},
+        }
+    ),
+)
+async def search(
+    body: s.SearchRequest, state: State, limits: RequestLimits, request: Request
+) -> s.SearchResponse:
     """Nearest cached rows to the query (any modality, a raw embedding, or a mix)."""
     max_k = limits.config.max_k
     limits.check_k(body.k)
@@ -39,6 +56,7 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
             f"offset + k = {offset + body.k} is above the limit {max_k}",
         )
     runtime, snap = state.require_snapshot()
+    ttl = limits.config.image_url_ttl_s
 
     async def work() -> s.SearchResponse:
         query = await embed_query(body.inputs, state.embed_one, runtime.dim)
@@ -72,6 +90,9 @@ async def search(body: s.SearchRequest, state: State, limits: RequestLimits) -> 
                     width=h.row.get("width"),
                     height=h.row.get("height"),
                     image_url=f"/v1/images/{h.id}",
+                    thumbnail_url=signed_image_url(
+                        str(request.base_url), state.cursor_secret, h.id, ttl
+                    ),
                 )
                 for h in hits
             ],

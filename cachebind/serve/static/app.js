@@ -115,9 +115,8 @@ async function loadThumbnail(card, img, url) {
 function renderResults(results) {
   for (const hit of results) {
     const card = $("#result-card").content.firstElementChild.cloneNode(true);
-    // Row ids are int64: past 2^53 a JavaScript number loses digits, so take the exact id
-    // from the thumbnail URL (a string) rather than from hit.id.
-    card.dataset.id = hit.image_url.split("/").pop();
+    // Row ids are int64, sent as strings: a JavaScript number would lose digits past 2^53.
+    card.dataset.id = hit.id;
     $(".caption", card).textContent = hit.caption || "(no caption)";
     $(".score", card).textContent = hit.score.toFixed(4);
     $(".key", card).textContent = hit.key || card.dataset.id;

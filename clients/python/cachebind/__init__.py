@@ -1,0 +1,1 @@
+../../../cachebind/__init__.py

@@ -1,0 +1,1 @@
+../../../cachebind/client.py

@@ -1,0 +1,1 @@
+../../../cachebind/modalities.py
