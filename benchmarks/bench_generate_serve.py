@@ -114,7 +114,8 @@ def run_streams(n: int, one_request, visual: np.ndarray) -> dict:
 
 
 def serial_request(gen: Generator, pool: ThreadPoolExecutor, tokens: int):
-    """The service before in-flight batching: each request's whole ``Generator.stream`` in one thread."""
+    """The service before in-flight batching: each request's whole ``Generator.stream`` in
+    one thread."""
 
     def one(i: int, f_m: np.ndarray, on_piece) -> int:
         def work() -> int:
