@@ -103,13 +103,14 @@ def _document_embed_request(app: FastAPI) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            body = s.EmbedRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in body.pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components["EmbedRequest"] = body
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI's own, which also keeps it in app.openapi_schema
+        body = s.EmbedRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in body.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components["EmbedRequest"] = body
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

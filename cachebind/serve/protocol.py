@@ -26,7 +26,7 @@ def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol] | N
     if HttpToolsProtocol is None:
         return None
 
-    class HeadTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class HeadTimeoutProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
 
         def _arm(self) -> None:
@@ -47,7 +47,7 @@ def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol] | N
             ):
                 self.transport.close()
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 

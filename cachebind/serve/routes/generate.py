@@ -70,7 +70,7 @@ async def until_disconnected(request: Request, work: Any, poll_s: float = 0.25) 
     "/v1/generate",
     tags=["v1"],
     response_model=s.GenerateResponse,
-    responses={200: {"content": {"text/event-stream": {}}}} | s.QUEUE_ERRORS,
+    responses={200: {"content": {"text/event-stream": {}}}, **s.QUEUE_ERRORS},
 )
 async def generate(
     body: s.GenerateRequest, state: State, limits: RequestLimits, request: Request
