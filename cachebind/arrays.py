@@ -16,3 +16,6 @@ Floats = npt.NDArray[np.floating[Any]]
 
 Ints = npt.NDArray[np.integer[Any]]
 """Table ids or index positions."""
+
+Bools = npt.NDArray[np.bool_]
+"""Masks (which of the ids asked for were found)."""
