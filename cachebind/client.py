@@ -24,7 +24,17 @@ from typing import Any
 
 import httpx
 
+from cachebind.arrays import Floats
 from cachebind.modalities import Modality
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object a route answers with (every route answers with one)."""
+    body = response.json()
+    if not isinstance(body, dict):
+        detail = f"the answer is a JSON {type(body).__name__}, not an object"
+        raise CachebindAPIError(response.status_code, "unexpected_answer", detail)
+    return body
 
 
 class CachebindAPIError(RuntimeError):
@@ -107,7 +117,7 @@ class GenerationStream(Iterator[str]):
 
 def input_item(
     modality: Modality | str | None,
-    value: str | bytes | Iterable[float],
+    value: str | bytes | Sequence[float] | Floats,
     weight: float = 1.0,
 ) -> dict[str, Any]:
     """One query input: text (str), a medium (bytes, sent as base64) or a raw embedding."""
@@ -193,11 +203,11 @@ class CachebindClient:
             raise CachebindAPIError(response.status_code, error, detail)
         return response
 
-    def _post(self, path: str, body: dict[str, Any], **params: Any) -> Any:
-        return self._check(self._http.post(path, json=body, params=params or None)).json()
+    def _post(self, path: str, body: dict[str, Any], **params: Any) -> dict[str, Any]:
+        return _json_object(self._check(self._http.post(path, json=body, params=params or None)))
 
-    def _get(self, path: str) -> Any:
-        return self._check(self._http.get(path)).json()
+    def _get(self, path: str) -> dict[str, Any]:
+        return _json_object(self._check(self._http.get(path)))
 
     # ------------------------------------------------------------------ API
 
@@ -212,7 +222,7 @@ class CachebindClient:
         response = self._http.post(
             "/v1/embed", data={"modality": str(Modality(modality))}, files=parts
         )
-        return Results(self._check(response).json(), "items")
+        return Results(_json_object(self._check(response)), "items")
 
     def search(
         self,
@@ -316,7 +326,7 @@ class CachebindClient:
         response = self._http.get("/readyz")
         if response.status_code not in (200, 503):
             self._check(response)
-        return response.json()
+        return _json_object(response)
 
 
 GENERATE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "k", "t", "alpha")

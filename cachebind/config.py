@@ -274,10 +274,10 @@ class IndexConfig(Section):
     query_log: bool = True
     """Tune and verify on the service's query log (``<dir>/query_log.npz``): one query set per
     modality it has served."""
-    min_queries_per_set: int = Field(200, ge=1)
+    min_queries_per_set: int = Field(default=200, ge=1)
     """A query set with fewer queries is reported as untrusted and does not steer tuning: the
     sampling error of its recall (~+-0.03 at 200) is too wide to stand behind."""
-    max_queries_per_set: int = Field(1000, ge=1)
+    max_queries_per_set: int = Field(default=1000, ge=1)
     """Each query set is a seeded sample of at most this many queries (tuning time grows with
     the total)."""
     escalate: bool = True
@@ -332,12 +332,12 @@ class LLMConfig(Section):
     max_new_tokens: int = 256
     temperature: float = 0.1
     top_p: float = 0.75
-    max_batch: int = Field(8, ge=1)
+    max_batch: int = Field(default=8, ge=1)
     """Generations decoded together (in-flight batching): the KV cache holds this many slots of
     the model's ``max_seq_len`` positions, allocated and checked against free memory at start."""
-    max_queue: int = Field(64, ge=0)
+    max_queue: int = Field(default=64, ge=0)
     """Generations waiting for a slot; one more is refused with 429 and Retry-After."""
-    prefill_chunk: int = Field(256, ge=1)
+    prefill_chunk: int = Field(default=256, ge=1)
     """Prompt tokens prefilled per decode step (the joining prompts' chunks share one forward):
     a long prompt that joins delays the running generations by at most this many tokens' work
     per step. Smaller: steadier token pace for running streams; larger: joiners start sooner."""
@@ -362,13 +362,13 @@ class TrainConfig(Section):
     """Checkpoints (``<output_dir>/ray/<run_name>``), the loss log and the final file."""
     run_name: str = "imagebind-llm"
     """A second run with the same name and output_dir resumes from its latest checkpoint."""
-    epochs: float = Field(3.0, gt=0)
-    warmup_epochs: float = Field(0.1, ge=0)
-    max_steps: int | None = Field(None, ge=1)
+    epochs: float = Field(default=3.0, gt=0)
+    warmup_epochs: float = Field(default=0.1, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimiser steps (the schedule still spans ``epochs``)."""
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(default=4, ge=1)
     """Examples per worker per micro-batch."""
-    accum_iter: int = Field(1, ge=1)
+    accum_iter: int = Field(default=1, ge=1)
     """Micro-batches accumulated per optimiser step (to reach a global batch on fewer GPUs)."""
     blr: float | None = None
     """Base lr; unset: 1e-4 for pretrain (paper: 4e-4 at batch 1024), 1e-3 for finetune."""
@@ -377,23 +377,23 @@ class TrainConfig(Section):
     min_lr: float = 0.0
     weight_decay: float | None = None
     """Unset: 0.05 for pretrain, 0.02 for finetune (``exps/*.sh``)."""
-    max_words: int = Field(96, ge=8)
+    max_words: int = Field(default=96, ge=8)
     seed: int = 0
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(default=1, ge=1)
     """Ray Train workers (DDP ranks): one per GPU."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """``auto``: GPUs when the cluster has them (NCCL, bf16 autocast), else CPU (gloo, fp32)."""
-    cpus_per_worker: float = Field(1.0, gt=0)
-    data_cpus: float = Field(0.25, gt=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    data_cpus: float = Field(default=0.25, gt=0)
     """CPUs each Ray Data read task asks for (reads are light; keep training workers fed)."""
     ray_address: str | None = None
     """``None`` starts a local Ray instance; ``auto`` or ``ray://host:port`` joins a cluster."""
-    checkpoint_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
     """Optimiser steps between Ray Train checkpoints (and at the end)."""
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=0, ge=-1)
     """Worker failures Ray Train recovers from (restart from the latest checkpoint)."""
-    lora_rank: int = Field(16, ge=1)
+    lora_rank: int = Field(default=16, ge=1)
     """Stage 2's LoRA rank when ``init_checkpoint`` has no LoRA yet."""
     bind_variant: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     """Stage 1's bridge: today's release (``legacy_bridge=False``) is ``rmsnorm``."""
@@ -417,10 +417,10 @@ class QueryLogConfig(Section):
 
     enabled: bool = True
     """Off: nothing is sampled or written (an existing file is left as it is)."""
-    capacity_per_modality: int = Field(5000, ge=1)
+    capacity_per_modality: int = Field(default=5000, ge=1)
     """Vectors kept per modality (a uniform sample of all it served): 5000 1024-d vectors are
     20 MB in memory and on disk; a build samples ``index.max_queries_per_set`` of them."""
-    flush_interval_s: float = Field(60.0, gt=0)
+    flush_interval_s: float = Field(default=60.0, gt=0)
     """How often a changed sample is written (atomically, off the event loop); it is also
     written on shutdown."""
     raw_embeddings: bool = True
@@ -456,20 +456,20 @@ class ServeConfig(Section):
     auth: bool = True
     max_request_bytes: int = 32 * 1024 * 1024
     """Largest request body, counted as it arrives (chunked or not): 413 past it."""
-    max_inputs: int = Field(64, ge=1, le=MAX_INPUTS)
+    max_inputs: int = Field(default=64, ge=1, le=MAX_INPUTS)
     """Inputs per request (embed, search, enhance, generate): 413 ``too_many_inputs`` past it."""
-    max_text_bytes: int = Field(1024 * 1024, ge=1)
+    max_text_bytes: int = Field(default=1024 * 1024, ge=1)
     """Total UTF-8 bytes of the texts of one request: 413 ``text_too_large`` past it."""
     max_k: int = 1000
     request_timeout_s: float = 60.0
     """Budget of one request's work; past it 504 ``timeout`` and its queued work is dropped."""
-    header_timeout_s: float = Field(10.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
     """A connection that has not sent a whole request head within this is closed."""
-    body_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
     """A request body not received whole within this gets 408 ``body_timeout``."""
-    keep_alive_s: int = Field(5, ge=1)
+    keep_alive_s: int = Field(default=5, ge=1)
     """An idle keep-alive connection is closed after this."""
-    max_connections: int = Field(1000, ge=1)
+    max_connections: int = Field(default=1000, ge=1)
     """Open connections (and running requests) at once; uvicorn answers 503 past it."""
     max_connections_per_address: int = Field(128, ge=1)
     """Open connections from one client address; a connection past it is answered 429
@@ -486,10 +486,10 @@ class ServeConfig(Section):
     """Header fields of one request: 431 ``head_too_large`` past it."""
     http: Literal["httptools", "h11"] = "httptools"
     """uvicorn's HTTP parser; both enforce the limits above."""
-    search_max_widenings: int = Field(3, ge=0)
+    search_max_widenings: int = Field(default=3, ge=0)
     """Times a filtered or deduplicated search re-queries the index with a wider candidate
     set; then it answers what it has with ``partial: true``."""
-    search_max_candidates: int = Field(20_000, ge=1)
+    search_max_candidates: int = Field(default=20_000, ge=1)
     """Most candidates one search ranks and filters (it never ranks beyond this either)."""
     cursor_secret: SecretStr | None = None
     """HMAC-SHA256 key of the pagination cursors; random at each start when unset (set it

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+from fsspec import AbstractFileSystem
 
 from cachebind.config import S3Config
 
@@ -66,8 +67,11 @@ class StorageOptions:
         """The keyword arguments for the filesystem of ``uri`` (none for a local path)."""
         return dict(self.fsspec.get(protocol_of(uri), {}))
 
-    def url_to_fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        return fsspec.core.url_to_fs(uri, **self.for_uri(uri))
+    def url_to_fs(self, uri: str) -> tuple[AbstractFileSystem, str]:
+        fs_and_path: tuple[AbstractFileSystem, str] = fsspec.core.url_to_fs(
+            uri, **self.for_uri(uri)
+        )
+        return fs_and_path
 
     def open(self, uri: str, mode: str = "rb") -> Any:
         """``fsspec.open`` with this store's options (use as a context manager)."""

@@ -29,6 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cachebind.arrays import Floats, Ints
 from cachebind.config import IndexConfig, StoreConfig
 from cachebind.store import CacheTable
 from indexing.bymodality import tune_and_measure
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 def finish(
     work: Work,
     index: faiss.Index,
-    ids: np.ndarray,
+    ids: Ints,
     selection: dict[str, Any],
     *,
     progress: bool,
@@ -80,7 +81,7 @@ def finish(
 def _tune_and_write(
     work: Work,
     index: faiss.Index,
-    ids: np.ndarray,
+    ids: Ints,
     selection: dict[str, Any],
     progress: bool,
     on_stage: StageHook | None,
@@ -133,7 +134,7 @@ def _tune_and_write(
     )
 
 
-def _probe(work: Work) -> np.ndarray:
+def _probe(work: Work) -> Floats:
     """Latency probes for a table too small for held-out queries (one row)."""
     return read_positions(work.table.dataset, np.arange(min(work.n, 64)))
 
@@ -143,7 +144,7 @@ def build_index(
     config: IndexConfig,
     progress: bool = True,
     *,
-    queries: np.ndarray | None = None,
+    queries: Floats | None = None,
     query_files: QueryFiles | None = None,
     shards: int | None = None,
     ray_address: str | None = None,

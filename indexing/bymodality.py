@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cachebind.arrays import Floats, Ints
 from indexing.measure import measure_sets
 from indexing.params import apply_search_params, search_grid
 from indexing.querysets import QuerySet
@@ -34,7 +35,9 @@ def modality_members(sets: list[QuerySet], groups: Groups) -> dict[str, list[int
     return out
 
 
-def _within(grid: tuple[str | None, list[int], list[int]], ceiling: dict[str, int]) -> tuple:
+def _within(
+    grid: tuple[str | None, list[int], list[int]], ceiling: dict[str, int]
+) -> tuple[str | None, list[int], list[int]]:
     knob, values, kfs = grid
     if knob is not None and knob in ceiling:
         values = [v for v in values if v <= ceiling[knob]]
@@ -49,9 +52,9 @@ def tune_by_modality(
     result: TuneResult,
     sets: list[QuerySet],
     groups: Groups,
-    queries: np.ndarray,
-    self_positions: np.ndarray,
-    truth: np.ndarray,
+    queries: Floats,
+    self_positions: Ints,
+    truth: Ints,
     *,
     k: int,
     target: float,
@@ -100,7 +103,7 @@ def tune_and_measure(
     index: Any,
     result: TuneResult | None,
     groups: Groups,
-    truth: np.ndarray,
+    truth: Ints,
     *,
     gpu_searcher: Any | None = None,
     progress: bool = False,

@@ -73,7 +73,7 @@ def worst_set_name(tuned: Tuned) -> str:
     if result is None or not result.trials:
         return "?"
     best = next((t for t in result.trials if t.params == result.params), result.trials[-1])
-    return min(best.by_set, key=best.by_set.get) if best.by_set else "?"
+    return min(best.by_set, key=lambda name: best.by_set[name]) if best.by_set else "?"
 
 
 def escalate(

@@ -15,6 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cachebind.arrays import Floats, Ints
 from indexing.faiss_ops import ondisk_invlists
 from indexing.params import GPU_MAX_K
 
@@ -73,7 +74,7 @@ class TorchExactSearch:
         self.ntotal = len(vectors)
         self.max_scores = 1 << 28
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Floats, k: int) -> tuple[Floats, Ints]:
         n = len(queries)
         kk = min(k, self.ntotal)
         scores = np.full((n, k), -np.inf, dtype=np.float32)

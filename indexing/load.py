@@ -10,6 +10,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cachebind.arrays import Floats, Ints
 from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
 from indexing.faiss_ops import has_exact_storage
@@ -43,7 +44,7 @@ class LoadedIndex:
     def __init__(
         self,
         index: faiss.Index,
-        ids: np.ndarray,
+        ids: Ints,
         manifest: dict[str, Any],
         table: CacheTable,
         *,
@@ -58,8 +59,8 @@ class LoadedIndex:
         apply_search_params(index, manifest.get("search_params", {}))
         self._exact = has_exact_storage(index)
         self._default_params = dict(manifest.get("search_params") or {})
-        self._call_params: dict[tuple, CallParams] = {}
-        self._sorter: np.ndarray | None = None
+        self._call_params: dict[tuple[tuple[str, int], ...], CallParams] = {}
+        self._sorter: Ints | None = None
         self._gpu = to_gpu(index, manifest["index_key"]) if gpu_wanted(use_gpu) else None
         if self._gpu is not None:
             apply_search_params(self._gpu, manifest.get("search_params", {}))
@@ -84,8 +85,8 @@ class LoadedIndex:
         return search_params_for(self.manifest, parts)
 
     def search(
-        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, queries: Floats, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[Floats, Ints]:
         """Top-``k`` by inner product (cosine on unit vectors).
 
         ``queries`` float32 [n, d] -> (scores float32 [n, k], table ids int64 [n, k]), best
@@ -130,7 +131,7 @@ class LoadedIndex:
             call = self._call_params[key] = CallParams(self.index, params)
         return call if call.faiss is not None else None
 
-    def positions(self, ids: np.ndarray | list[int]) -> np.ndarray:
+    def positions(self, ids: Ints | Sequence[int]) -> Ints:
         """Index positions of table ``ids``; KeyError names ids that are not in this version."""
         ids = np.asarray(ids, dtype=np.int64)
         if self._sorter is None:
@@ -143,7 +144,7 @@ class LoadedIndex:
             raise KeyError(f"ids not in index {self.version}: {ids[bad][:10].tolist()}")
         return pos
 
-    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+    def vectors(self, ids: Ints | Sequence[int]) -> Floats:
         """The exact cached vectors F_value of ``ids`` (float32 [len(ids), d]).
 
         From the index's own float32 store when it has one (Flat, or RFlat's re-rank store),
@@ -154,7 +155,8 @@ class LoadedIndex:
             return self.table.vectors(ids.tolist())
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self._exact.reconstruct_batch(self.positions(ids))
+        exact: Floats = self._exact.reconstruct_batch(self.positions(ids))
+        return exact
 
 
 def load_version(

@@ -9,18 +9,19 @@ from typing import Any
 
 import numpy as np
 
+from cachebind.arrays import Ints
 from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
 
 MANIFEST_FORMAT = 1
 
 
-def ids_checksum(ids: np.ndarray) -> str:
+def ids_checksum(ids: Ints) -> str:
     """sha256 over the int64 table ids in index order (little-endian), as hex."""
     return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
-def table_identity(table: CacheTable, ids: np.ndarray) -> dict[str, Any]:
+def table_identity(table: CacheTable, ids: Ints) -> dict[str, Any]:
     """The table facts a version is built from: where, which version, how many rows, which ids."""
     try:
         uri = str(table.dataset.uri)
@@ -34,7 +35,7 @@ def table_identity(table: CacheTable, ids: np.ndarray) -> dict[str, Any]:
     }
 
 
-def check_alignment(manifest: dict[str, Any], table: CacheTable, table_ids: np.ndarray) -> None:
+def check_alignment(manifest: dict[str, Any], table: CacheTable, table_ids: Ints) -> None:
     """Raise IndexMismatchError unless ``table`` is the one the index was built from.
 
     Checked in order of cost: table version, row count, then the checksum of the ids in order.

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from cachebind.arrays import Floats
+
 log = logging.getLogger(__name__)
 
 QUERY_LOG_FILENAME = "query_log.npz"
@@ -68,7 +70,7 @@ class _Reservoir:
             rows[: self.kept] = self.rows[: self.kept]
             self.rows = rows
 
-    def add(self, x: np.ndarray, rng: np.random.Generator) -> None:
+    def add(self, x: Floats, rng: np.random.Generator) -> None:
         # The first `capacity` vectors fill the reservoir; vector number i (0-based, i >=
         # capacity) then replaces a random slot with probability capacity / (i + 1).
         fill = max(0, min(len(x), self.capacity - self.seen))
@@ -86,7 +88,7 @@ class _Reservoir:
                 self.rows[slot] = row
         self.seen += len(x)
 
-    def sample(self) -> np.ndarray:
+    def sample(self) -> Floats:
         return self.rows[: self.kept].copy()
 
 
@@ -107,7 +109,7 @@ class QueryLog:
         self._lock = threading.Lock()
         self._sets: dict[str, _Reservoir] = {}
 
-    def add(self, modality: str, vectors: np.ndarray) -> None:
+    def add(self, modality: str, vectors: Floats) -> None:
         """Offer query embeddings of ``modality`` (float32 [d] or [n, d], finite) to the sample.
 
         Raises ValueError (and keeps nothing of the call) for a wrong shape, a dimension other
@@ -134,7 +136,7 @@ class QueryLog:
                 )
             reservoir.add(x, self._rng)
 
-    def snapshot(self) -> dict[str, np.ndarray]:
+    def snapshot(self) -> dict[str, Floats]:
         """The kept vectors of each modality (copies, float32 [kept, d])."""
         with self._lock:
             return {m: r.sample() for m, r in self._sets.items()}
@@ -146,7 +148,7 @@ class QueryLog:
                 m: {"seen": r.seen, "kept": r.kept, "dim": r.dim} for m, r in self._sets.items()
             }
 
-    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def _state(self) -> tuple[dict[str, Any], dict[str, Floats]]:
         with self._lock:
             arrays = {m: r.sample() for m, r in self._sets.items()}
             state = {
@@ -209,7 +211,7 @@ class QueryLog:
         return out
 
 
-def read_log_file(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_log_file(path: Path) -> tuple[dict[str, Any], dict[str, Floats]]:
     """(state, {modality: float32 [n, d]}) of a query log file; ValueError if malformed."""
     path = Path(path)
     if path.stat().st_size > MAX_FILE_BYTES:
@@ -236,7 +238,7 @@ def read_log_file(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return state, arrays
 
 
-def load_query_sets(index_dir: Path | str) -> dict[str, np.ndarray]:
+def load_query_sets(index_dir: Path | str) -> dict[str, Floats]:
     """The logged query embeddings of ``index_dir`` per modality, for a build to tune on.
 
     Empty when there is no log; an unreadable one is logged and ignored (a build never fails

@@ -187,7 +187,10 @@ def index_bytes_estimate(key: str, n: int, dim: int) -> float:
     if key == "Flat":
         return n * dim * 4
     if key.startswith("HNSW"):
-        m = int(re.match(r"HNSW(\d+)", key).group(1))  # type: ignore[union-attr]
+        links = re.match(r"HNSW(\d+)", key)
+        if links is None:
+            raise ValueError(f"index key {key!r} gives no HNSW link count")
+        m = int(links.group(1))
         return n * (dim * 4 + 2 * m * 4 + 8)
     if family(key) == "refine":
         nlist = ivf_nlist(key) or nb_lists(n)

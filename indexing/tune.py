@@ -175,7 +175,8 @@ def tune(
         run({})
     else:
         upper, stalled = len(values) - 1, 0
-        for kf in kfs or [None]:
+        k_factors: list[int | None] = [*kfs] if kfs else [None]
+        for kf in k_factors:
             lo, hi, found = 0, upper, None
             while lo <= hi:
                 mid = (lo + hi) // 2

@@ -52,17 +52,29 @@ def current_version(index_dir: Path) -> str | None:
     return name or None
 
 
+def version_number(name: str) -> int:
+    """The number of a version name (``v000012`` -> 12); ValueError for any other name."""
+    match = VERSION_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a version name")
+    return int(match.group(1))
+
+
 def list_versions(index_dir: Path) -> list[str]:
     """Complete versions, oldest first."""
     root = versions_dir(index_dir)
     if not root.is_dir():
         return []
     names = [p.name for p in root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
-    return sorted(names, key=lambda s: int(VERSION_RE.match(s).group(1)))  # type: ignore[union-attr]
+    return sorted(names, key=version_number)
 
 
 def read_manifest(index_dir: Path, version: str) -> dict[str, Any]:
-    return json.loads((versions_dir(index_dir) / version / MANIFEST_FILE).read_text())
+    path = versions_dir(index_dir) / version / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object")
+    return manifest
 
 
 def _switch_current(index_dir: Path, version: str) -> None:
@@ -138,7 +150,7 @@ def publish(index_dir: Path, staged: Path, keep_versions: int = 3) -> str:
         if not (staged / name).is_file():
             raise FileNotFoundError(f"incomplete build in {staged}: {name} is missing")
     existing = list_versions(index_dir)
-    number = int(VERSION_RE.match(existing[-1]).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+    number = version_number(existing[-1]) + 1 if existing else 1
     while True:
         version = f"v{number:06d}"
         manifest["version"] = version

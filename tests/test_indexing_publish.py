@@ -13,7 +13,7 @@ from tables import make_images_table
 import indexing
 from cachebind.config import IndexConfig, StoreConfig
 from cachebind.store import CacheTable
-from indexing.versions import new_staging_dir
+from indexing.versions import new_staging_dir, read_manifest, version_number, versions_dir
 
 faiss.omp_set_num_threads(1)  # 2 shared cores: spinning OpenMP threads only slow tests down
 
@@ -82,6 +82,25 @@ def test_an_incomplete_staging_directory_is_never_published(tmp_path: Path) -> N
         indexing.publish(cfg.dir, staged, 3)
     assert indexing.current_version(cfg.dir) is None
     assert indexing.list_versions(cfg.dir) == []
+
+
+def test_a_manifest_that_is_not_a_json_object_is_refused_naming_its_file(tmp_path: Path) -> None:
+    version_dir = versions_dir(tmp_path) / "v000001"
+    version_dir.mkdir(parents=True)
+    (version_dir / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"v000001.manifest\.json holds a JSON list"):
+        read_manifest(tmp_path, "v000001")
+
+
+def test_versions_are_listed_in_number_order_and_other_names_are_not_versions(
+    tmp_path: Path,
+) -> None:
+    for name in ("v000010", "v000002", "v2", "staging-v000003", "v000001"):
+        (versions_dir(tmp_path) / name).mkdir(parents=True)
+    assert indexing.list_versions(tmp_path) == ["v000001", "v000002", "v000010"]
+    assert version_number("v000010") == 10
+    with pytest.raises(ValueError, match="'v2' is not a version name"):
+        version_number("v2")
 
 
 def test_old_versions_are_pruned_by_count_but_never_the_current_one(tmp_path: Path, store) -> None:

@@ -67,7 +67,7 @@ class BindNetwork(nn.Module):
 
     def forward(self, f_m: torch.Tensor) -> torch.Tensor:
         """[..., in_dim] -> [..., dim]."""
-        x = self.image_bind_proj(f_m)
+        x: torch.Tensor = self.image_bind_proj(f_m)
         for j in range(1, N_BLOCKS + 1):
             n = getattr(self, f"image_bind_norm_{j}")(x)
             gate = F.silu(getattr(self, f"image_bind_f1_{j}")(n))

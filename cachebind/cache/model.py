@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cachebind.arrays import Floats, Ints
+
 # Guards a division by a norm that is zero only for degenerate inputs (all-zero vectors).
 _NORM_FLOOR = 1e-12
 
@@ -29,8 +31,8 @@ class NeighbourIndex(Protocol):
     """What the cache needs from an index (``indexing.LoadedIndex`` has this shape)."""
 
     def search(
-        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, queries: Floats, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[Floats, Ints]:
         """(scores float32 [n, k], ids int64 [n, k]); ids are -1 where fewer than k rows.
         ``parts``: the queries' modalities, for an index tuned per modality (None: unknown)."""
         ...
@@ -40,7 +42,7 @@ class NeighbourIndex(Protocol):
 class VectorSource(Protocol):
     """Where the exact cached vectors F_value come from (``CacheTable`` or the index itself)."""
 
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+    def vectors(self, ids: Sequence[int] | Ints) -> Floats:
         """float32 [len(ids), d], in the order asked."""
         ...
 
@@ -53,20 +55,21 @@ class Enhanced:
     found, best first; they are shorter than k when the cache holds fewer than k rows.
     """
 
-    embedding: np.ndarray  # F~_M, float32 [d], unit norm
-    ids: np.ndarray  # int64 [m]
-    similarities: np.ndarray  # float32 [m]
-    weights: np.ndarray  # float32 [m], sums to 1 (empty when m == 0)
+    embedding: Floats  # F~_M, float32 [d], unit norm
+    ids: Ints  # int64 [m]
+    similarities: Floats  # float32 [m]
+    weights: Floats  # float32 [m], sums to 1 (empty when m == 0)
 
 
-def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+def normalize(x: Floats, axis: int = -1) -> Floats:
     """L2-normalise along ``axis`` (float32)."""
     x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, _NORM_FLOOR)
+    unit: Floats = x / np.maximum(norm, _NORM_FLOOR)
+    return unit
 
 
-def mix(embeddings: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def mix(embeddings: list[Floats], weights: list[float]) -> Floats:
     """Weighted mix of several inputs' features into one F_M.
 
     F_M = Σ (w_i / (Σw + 1e-6)) · normalize(e_i), deliberately *not* re-normalised afterwards
@@ -100,7 +103,7 @@ def validate_params(k: int, t: float, alpha: float) -> None:
         raise ValueError(f"alpha (cache weight) must be in [0, 1], got {alpha!r}")
 
 
-def softmax_weights(similarities: np.ndarray, t: float) -> np.ndarray:
+def softmax_weights(similarities: Floats, t: float) -> Floats:
     """softmax(t · S_topk) over the last axis; -inf entries (padding) get weight 0.
 
     Rows with no finite entry get all-zero weights instead of NaN. The row's largest
@@ -115,16 +118,17 @@ def softmax_weights(similarities: np.ndarray, t: float) -> np.ndarray:
         scaled = np.where(finite, (s - row_max) * float(t), -np.inf)
     e = np.exp(scaled).astype(np.float32)
     total = e.sum(axis=-1, keepdims=True)
-    return e / np.where(total > 0, total, 1.0)
+    weights: Floats = e / np.where(total > 0, total, 1.0)
+    return weights
 
 
 def blend(
-    f_m: np.ndarray,
-    neighbour_vectors: np.ndarray,
-    similarities: np.ndarray,
+    f_m: Floats,
+    neighbour_vectors: Floats,
+    similarities: Floats,
     t: float,
     alpha: float,
-) -> np.ndarray:
+) -> Floats:
     """Eq. 4 as released: F~_M = normalize((1 − alpha) · F_M + alpha · normalize(w · F_value)).
 
     ``f_m`` [n, d], ``neighbour_vectors`` [n, k, d], ``similarities`` [n, k] with -inf marking a
@@ -157,17 +161,17 @@ class FaissNeighbours:
         self.dim = int(index.d)
 
     def search(
-        self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, queries: Floats, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[Floats, Ints]:
         # One setting for every query: a plain FAISS index carries no per-modality tuning.
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size == 0:
+    def vectors(self, ids: Sequence[int] | Ints) -> Floats:
+        wanted = np.asarray(ids, dtype=np.int64)
+        if wanted.size == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
+        return np.asarray(self.index.reconstruct_batch(wanted), dtype=np.float32)
 
 
 class CacheModel:
@@ -187,8 +191,8 @@ class CacheModel:
         self.values: VectorSource = source
 
     def neighbours(
-        self, f_m: np.ndarray, k: int, parts: Sequence[str | None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, f_m: Floats, k: int, parts: Sequence[str | None] | None = None
+    ) -> tuple[Floats, Ints, Floats]:
         """Retrieval (eq. 3) for a batch: (S_topk [n, k] with -inf padding, ids [n, k] with -1
         padding, F_value [n, k, d] with zero rows at padding). One search, one vector fetch;
         S_topk = F_M · F_value is computed from the exact values. ``parts``: the modalities of
@@ -217,7 +221,7 @@ class CacheModel:
 
     def enhance(
         self,
-        f_m: np.ndarray,
+        f_m: Floats,
         k: int = 10,
         t: float = 20.0,
         alpha: float = 0.5,

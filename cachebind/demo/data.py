@@ -60,7 +60,9 @@ class Collection:
 SHAPE_BOX = {"circle": 0.92, "square": 0.5, "triangle": 0.9, "star": 0.9, "stripes": 0.9}
 
 
-def draw(shape: str, colour: str, background: str, size: int, rng: np.random.Generator) -> Image:
+def draw(
+    shape: str, colour: str, background: str, size: int, rng: np.random.Generator
+) -> Image.Image:
     """``shape`` in ``colour`` on ``background``, centred (shifted a little), with pixel noise."""
     img = Image.new("RGB", (size, size), COLOURS[background])
     d = ImageDraw.Draw(img)

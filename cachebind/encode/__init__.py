@@ -10,11 +10,11 @@ from cachebind.encode.pointbind import (
 )
 from cachebind.encode.weights import (
     KNOWN_WEIGHTS,
-    WeightsError,
     download_weights,
     file_sha256,
     load_checkpoint,
 )
+from cachebind.errors import WeightsError
 
 __all__ = [
     "KNOWN_WEIGHTS",

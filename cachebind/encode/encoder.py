@@ -136,7 +136,8 @@ class Encoder:
     def encode(self, modality: Modality | str, batch: Tensor) -> Tensor:
         """ImageBind_m(batch), postprocessed as the reference: ``[B, out_dim]`` float32 on CPU."""
         trunk = Modality(modality).trunk
-        if trunk == "point" and self.point_model is None:
+        point_model = self.point_model if trunk == "point" else None
+        if trunk == "point" and point_model is None:
             raise InputError(
                 "<point batch>",
                 "unsupported_modality",
@@ -150,8 +151,8 @@ class Encoder:
                 chunk = chunk.float()
             chunk = chunk.to(self.device, non_blocking=True)
             with self._autocast():
-                if trunk == "point":
-                    out = self.point_model.encode(chunk)  # type: ignore[union-attr]
+                if point_model is not None:
+                    out = point_model.encode(chunk)
                 else:
                     out = self.model.encode(trunk, chunk)
             outs.append(out.float().cpu())

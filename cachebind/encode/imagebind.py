@@ -11,7 +11,7 @@ F_M = ImageBind_m(x): ``model.encode(modality, x)`` returns the postprocessed em
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -124,7 +124,9 @@ class ImageBindModel(nn.Module):
         imu_drop_path: float = 0.7,
     ) -> None:
         super().__init__()
-        kernel_size = tuple(kernel_size)
+        # Configurations loaded from JSON give a list; the stem needs exactly three sizes.
+        k_t, k_h, k_w = kernel_size
+        kernel_size = (k_t, k_h, k_w)
         self.out_embed_dim = out_embed_dim
         self.embed_dims = {
             "vision": vision_embed_dim,
@@ -244,20 +246,20 @@ class ImageBindModel(nn.Module):
     def vision_flops(self, frames: int = 1) -> float:
         """Analytic forward FLOPs of one image (``frames=1``) or one 2-frame clip (``frames=2``)
         through the vision encoder (~334 GFLOP for ``huge``)."""
-        pre = self.modality_preprocessors["vision"]
-        conv = pre.stem.proj[1]
+        pre = cast(stems.VisionPreprocessor, self.modality_preprocessors["vision"])
+        conv = pre.stages()[1]
         dim = self.embed_dims["vision"]
         patch = conv.weight[0, 0].numel()  # k_t * k_h * k_w; the folded image stem skips k_t
         if frames == 1:
             patch //= conv.kernel_size[0]
         stem = 2.0 * pre.num_patches * dim * 3 * patch
-        trunk = self.modality_trunks["vision"]
+        trunk = cast(Transformer, self.modality_trunks["vision"])
         body = transformer_flops(dim, pre.num_patches + 1, len(trunk.blocks))
         return stem + body + 2.0 * dim * self.out_embed_dim
 
 
 def _vision_preprocessor(
-    dim: int, kernel_size: tuple[int, ...], video_frames: int
+    dim: int, kernel_size: tuple[int, int, int], video_frames: int
 ) -> stems.VisionPreprocessor:
     pad = stems.PadIm2Video(ntimes=2)
     conv = nn.Conv3d(3, dim, kernel_size=kernel_size, stride=kernel_size, bias=False)

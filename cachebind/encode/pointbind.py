@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -320,7 +320,10 @@ def split_w3d_state(
     return imagebind, point
 
 
-def _load_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> nn.Module:
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def _load_strict(model: _Model, state: Mapping[str, Tensor], source: str) -> _Model:
     check_layout(model, state, source)  # WeightsError naming missing/unexpected/shape keys
     on_meta = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(state, strict=True, assign=on_meta)
@@ -333,7 +336,7 @@ def load_pointbind_state(
     """A ``PointBindModel`` of ``preset`` holding ``state`` (the point keys only), strictly."""
     with torch.device("meta"):
         model = build_pointbind(preset)
-    return _load_strict(model, state, source).float().eval()  # type: ignore[return-value]
+    return _load_strict(model, state, source).float().eval()
 
 
 def load_encoder_checkpoint(

@@ -9,6 +9,7 @@ default eps 1e-5, as in the reference; only trunk and head norms use 1e-6.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,10 @@ class PatchEmbed(nn.Module):
 
     def finish(self, y: Tensor) -> Tensor:
         """``[B, D, *grid]`` -> ``[B, N, D]`` (then the norm, if any)."""
-        y = y.flatten(2).transpose(1, 2)
+        return self.norm(y.flatten(2).transpose(1, 2))
+
+    def norm(self, y: Tensor) -> Tensor:
+        """``norm_layer`` on ``y``, if there is one."""
         return self.norm_layer(y) if self.norm_layer is not None else y
 
 
@@ -142,8 +146,13 @@ class VisionPreprocessor(PatchPreprocessor):
     repeated copy, while real videos still go through the Conv3d.
     """
 
+    def stages(self) -> tuple[PadIm2Video, nn.Conv3d]:
+        """The stem's two stages (``proj`` is built as ``Sequential(PadIm2Video, Conv3d)``)."""
+        proj = cast(nn.Sequential, self.stem.proj)
+        return cast(PadIm2Video, proj[0]), cast(nn.Conv3d, proj[1])
+
     def patchify(self, x: Tensor) -> Tensor:
-        pad, conv = self.stem.proj[0], self.stem.proj[1]
+        pad, conv = self.stages()
         single_frame = x.ndim == 4 or (x.ndim == 5 and x.shape[2] == 1)
         if single_frame and conv.kernel_size[0] == pad.ntimes == conv.stride[0]:
             img = x if x.ndim == 4 else x[:, :, 0]
@@ -201,7 +210,7 @@ class IMUPreprocessor(nn.Module):
         k = self.kernel_size
         # [B, 6, T] -> [B, T/k, 6, k] -> [B, T/k, 6k]: channel-major within each patch.
         patches = imu.unfold(-1, k, k).permute(0, 2, 1, 3).flatten(2)
-        tokens = self.imu_stem.norm_layer(self.imu_stem.proj(patches))
+        tokens = self.imu_stem.norm(self.imu_stem.proj(patches))
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 

@@ -52,6 +52,8 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim, bias=True)
+        self.bias_k: nn.Parameter | None
+        self.bias_v: nn.Parameter | None
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, dim))
             self.bias_v = nn.Parameter(torch.empty(1, 1, dim))
@@ -66,7 +68,7 @@ class Attention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
@@ -76,7 +78,7 @@ class Attention(nn.Module):
         h = self.num_heads
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(d, dim=-1)
         mask = None
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.to(k.dtype).expand(b, 1, d)], dim=1)
             v = torch.cat([v, self.bias_v.to(v.dtype).expand(b, 1, d)], dim=1)
             if causal:

@@ -172,7 +172,7 @@ def hf_to_meta(
             continue
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
         module = _HF_TO_META.get(m.group(2)) if m else None
-        if module is None:
+        if m is None or module is None:
             if not key.endswith("rotary_emb.inv_freq"):
                 unused.append(key)
             continue

@@ -167,10 +167,9 @@ class Generator:
             mask[row, longest - len(x) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generator = None
-        if seed is not None or self.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(
-                seed if seed is not None else self.seed
-            )
+        chosen_seed = seed if seed is not None else self.seed
+        if chosen_seed is not None:
+            generator = torch.Generator(device=device).manual_seed(chosen_seed)
 
         cache = DynamicCache(config=self.model.llm.config)
         out = self.model(

@@ -54,8 +54,9 @@ class GenerationHandle:
     def __init__(self, sink: Sink | None) -> None:
         self._events: queue.SimpleQueue[tuple[str, Any]] | None = None
         if sink is None:
-            self._events = queue.SimpleQueue()
-            sink = lambda kind, value: self._events.put((kind, value))  # noqa: E731
+            events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+            self._events = events
+            sink = lambda kind, value: events.put((kind, value))  # noqa: E731
         self.sink = sink
         self.cancelled = threading.Event()
         self.tokens: list[int] = []  # the generated ids (complete once the request ended)

@@ -113,7 +113,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.lora_l1 is not None:
+        if self.lora_l1 is not None and self.lora_l2 is not None:
             out = out + self.lora_l2(self.lora_l1(x))
         return out
 
@@ -141,11 +141,12 @@ class AdapterAttention(LlamaAttention):
     ) -> None:
         super().__init__(config, layer_idx)
         dim, heads = config.hidden_size, config.num_attention_heads
-        kv_heads = config.num_key_value_heads
+        # LlamaConfig fills num_key_value_heads in (with num_attention_heads when unset).
+        kv_heads = config.num_key_value_heads or heads
         # Released layout: wq and wo carry a bias, wk and wv never do.
         self.q_proj = LoRALinear(dim, heads * self.head_dim, w_bias, lora_rank)
         self.k_proj = LoRALinear(dim, kv_heads * self.head_dim, False, lora_rank)
-        self.v_proj = LoRALinear(dim, kv_heads * self.head_dim, False, lora_rank)
+        self.v_proj: LoRALinear = LoRALinear(dim, kv_heads * self.head_dim, False, lora_rank)
         self.o_proj = LoRALinear(heads * self.head_dim, dim, w_bias, lora_rank)
         self.adapter_index = adapter_index
         self.gate = nn.Parameter(torch.zeros(1, heads, 1, 1))  # zero-init: starts as LLaMA

@@ -86,7 +86,8 @@ class SlotCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        self._rows: torch.Tensor | slice = slice(0, 0)
+        # decode: the slots' indices; prefill: (slot, start, length) per row; none before a bind.
+        self._rows: torch.Tensor | list[tuple[int, int, int]] = torch.arange(0, device=device)
         self._at: torch.Tensor | int = 0
         self._kv_len = 0
 

@@ -76,6 +76,11 @@ _ACCEPTS: dict[Modality, tuple[type, ...]] = {
 }
 
 
+def _accepts(modality: Modality, data: Any) -> bool:
+    # A bool, not an isinstance narrowing: each loader below states its own input types.
+    return isinstance(data, _ACCEPTS[modality])
+
+
 def preprocess(
     modality: Modality | str,
     data: Any,
@@ -98,7 +103,7 @@ def preprocess(
         modality = Modality(modality)
     except ValueError as e:
         raise InputError(source, "unsupported_format", f"unknown modality {modality!r}") from e
-    if not isinstance(data, _ACCEPTS[modality]):
+    if not _accepts(modality, data):
         raise InputError(
             source, "wrong_type", f"{modality.value} input cannot be a {type(data).__name__}"
         )

@@ -30,7 +30,7 @@ IMAGE_SIZE = 224
 RawInput = bytes | bytearray | memoryview | str | Path | BinaryIO
 
 
-def resolve_limits(limits: InputLimits | None = None, **overrides: int | None) -> InputLimits:
+def resolve_limits(limits: InputLimits | None = None, **overrides: float | None) -> InputLimits:
     """``limits`` (or the defaults) with the legacy per-call keyword limits that are not None
     applied over them (``max_pixels=`` is ``max_image_pixels``)."""
     limits = limits or DEFAULT_LIMITS

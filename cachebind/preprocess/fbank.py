@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import overload
 
 import torch
 
@@ -29,6 +30,10 @@ LOW_FREQ = 20.0
 _EPS = torch.finfo(torch.float32).eps
 
 
+@overload
+def mel_scale(freq: torch.Tensor) -> torch.Tensor: ...
+@overload
+def mel_scale(freq: float) -> float: ...
 def mel_scale(freq: torch.Tensor | float) -> torch.Tensor | float:
     """Kaldi's (HTK) mel scale."""
     if isinstance(freq, torch.Tensor):

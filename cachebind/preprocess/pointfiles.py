@@ -78,7 +78,7 @@ def _load_zip(raw: bytes, source: str, limits: InputLimits) -> np.ndarray:
     arrays = {n.removesuffix(".npy"): b for n, b in members.items() if n.endswith(".npy")}
     if not arrays:
         raise InputError(source, "undecodable", "zip archive is neither a torch file nor .npz")
-    name = next((n for n in ("points", "xyz") if n in arrays), None)
+    name: str | None = next((n for n in ("points", "xyz") if n in arrays), None)
     if name is None and len(arrays) != 1:
         raise InputError(
             source, "wrong_shape", f".npz of {sorted(arrays)}: name the cloud 'points' or 'xyz'"

@@ -276,7 +276,7 @@ def video_tensor(clips: VideoClips) -> torch.Tensor:
     """The transform stage: sampled frames -> [15, 3, 2, 224, 224] float32."""
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None, None]
     std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None, None]
-    out = []
+    out: list[torch.Tensor] = []
     for clip in clips.frames:  # [T, H, W, 3] uint8
         # One frame at a time: bilinear scaling treats each frame and channel on its own, so
         # this is the same as scaling the [C, T, H, W] clip, with one native frame in float.

@@ -281,9 +281,10 @@ class Sandbox:
         try:
             worker.conn.send_bytes(message)
         except OSError:  # it died while idle: not this task's doing, give it a fresh one
-            worker = self._replace(slot, "died_idle")
-            if worker is None:
+            successor = self._replace(slot, "died_idle")
+            if successor is None:
                 raise SandboxClosed("the sandbox was closed") from None
+            worker = successor
             worker.conn.send_bytes(message)
         deadline = time.monotonic() + task.timeout
         while True:

@@ -125,15 +125,16 @@ def _document_embed_request(app: FastAPI) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            # The generation stream's last event is described in words there, modelled here.
-            for model in (s.EmbedRequest, s.GenerateDoneEvent):
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                for name, definition in body.pop("$defs", {}).items():
-                    components.setdefault(name, definition)
-                components[model.__name__] = body
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # FastAPI's own, which also keeps it in app.openapi_schema
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        # The generation stream's last event is described in words there, modelled here.
+        for model in (s.EmbedRequest, s.GenerateDoneEvent):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in body.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components[model.__name__] = body
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

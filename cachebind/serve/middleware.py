@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -84,7 +85,7 @@ class GuardMiddleware:
         progress = {"code": 500, "complete": False}
         csp = (DOCS_CSP if scope.get("path") in DOCS_PATHS else CSP).encode()
 
-        async def send_wrapper(message: dict[str, Any]) -> None:
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 progress["code"] = message["status"]
                 headers = list(message.get("headers") or [])

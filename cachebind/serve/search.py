@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from cachebind.serve.runtime import IndexSnapshot
 
 META_COLUMNS = ["id", "key", "caption", "url", "width", "height"]
 SearchFn = Callable[[np.ndarray, int], Awaitable[tuple[np.ndarray, np.ndarray]]]
-RunFn = Callable[..., Awaitable[object]]
+RunFn = Callable[..., Awaitable[Any]]
 
 # First over-fetch factor when a filter or dedup may discard candidates, and the growth factor.
 OVERFETCH = 4
@@ -32,7 +33,7 @@ GROWTH = 4
 class Hit:
     id: int
     score: float
-    row: dict[str, object]
+    row: dict[str, Any]
 
 
 @dataclass

@@ -121,12 +121,12 @@ class ServeState:
         batcher = self.encoders.get(modality)
         if batcher is None:
             batcher = self.encoders[modality] = MicroBatcher(
-                lambda tensors, m=modality: list(runtime.encode_batch(m, tensors)),
+                lambda tensors: list(runtime.encode_batch(modality, tensors)),
                 window_ms=self.config.batch_window_ms,
                 max_batch=self.config.max_batch,
                 executor=self.model_executor,
-                on_batch=lambda n, m=modality: self.metrics.batch_size.labels(
-                    batcher=f"encoder:{m.value}"
+                on_batch=lambda n: self.metrics.batch_size.labels(
+                    batcher=f"encoder:{modality.value}"
                 ).observe(n),
                 name=f"encoder-{modality.value}",
             )
@@ -241,7 +241,12 @@ class ServeState:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for batcher in [*self.encoders.values(), self.index_batcher, self.enhance_batcher]:
+        batchers: list[MicroBatcher[Any, Any]] = [
+            *self.encoders.values(),
+            self.index_batcher,
+            self.enhance_batcher,
+        ]
+        for batcher in batchers:
             await batcher.close()
         await self.media.close()
         self.model_executor.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ def scheduled_stream(
 
     handle = runtime.submit_generation(prompt, visual, sink=sink, timeout_s=timeout_s, **options)
 
-    async def pieces() -> AsyncIterator[str]:
+    async def pieces() -> AsyncGenerator[str, None]:
         try:
             while True:
                 kind, value = await queue.get()
@@ -60,6 +60,6 @@ class ScheduledStream:
     """A queued generation's text pieces, and how to cancel it even if they are never read
     (a streaming response dropped before its first event never runs the iterator's cleanup)."""
 
-    pieces: AsyncIterator[str]
+    pieces: AsyncGenerator[str, None]
     cancel: Callable[[], None]
     handle: Any  # inject.handles.GenerationHandle: its tokens and finish reason, once ended

@@ -87,7 +87,7 @@ class Sample:
     """
 
     key: str
-    image: bytes | None
+    image: bytes | bytearray | None
     caption: str | None = None
     url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

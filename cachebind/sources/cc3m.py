@@ -181,8 +181,8 @@ def _rows(
             detail = f"row {row} is a line of {raw:,} bytes, over {MAX_LINE_BYTES:,}"
             yield samples_error(key, "too_large", detail, extra={"row": row})
             continue
-        caption, _, url = raw.decode("utf-8", "replace").rstrip("\r\n").partition("\t")
-        url = url.strip() or None
+        caption, _, raw_url = raw.decode("utf-8", "replace").rstrip("\r\n").partition("\t")
+        url = raw_url.strip() or None
         name = lookup.get(key if opts["join"] == "key" else (url or ""))
         meta = {"row": row}
         if name is None:

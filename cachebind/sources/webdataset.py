@@ -8,7 +8,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from cachebind.formats import unsupported_detail
 from cachebind.sources.base import (
@@ -73,7 +73,8 @@ def read_partition(
     try:
         with open_uri(partition.uri, storage) as raw:
             counter = _CountingReader(raw)
-            with _Shard.open(fileobj=counter, mode="r|*", tarinfo=_GuardedInfo) as tar:
+            # typeshed asks every fileobj to write and seek; a read stream ("r|*") only reads.
+            with _Shard.open(fileobj=counter, mode="r|*", tarinfo=_GuardedInfo) as tar:  # type: ignore[call-overload]
                 yield from _samples(tar, partition, max_bytes)
     except _Stopped as stop:
         yield samples_error(f"{partition.id}#{stop.key or 'start'}", stop.reason, stop.detail)
@@ -121,13 +122,14 @@ class _Shard(tarfile.TarFile):
     silently both at the end-of-archive zero block and at a cut or damaged header."""
 
     header_error: tarfile.HeaderError | None = None
+    members: list[tarfile.TarInfo]  # set by TarFile.__init__; typeshed leaves it out
 
 
 class _GuardedInfo(tarfile.TarInfo):
     """Headers read with their sizes checked first, on the decompressed stream."""
 
     @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tar)
         except tarfile.HeaderError as exc:
@@ -228,11 +230,12 @@ def _samples(tar: _Shard, partition: Partition, max_bytes: int | None) -> Iterat
             _add(pending, tar, member, ext, max_bytes)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise _Stopped(key, "truncated", _cut_detail(partition, pending)) from exc
-    if isinstance(tar.header_error, tarfile.InvalidHeaderError):
+    # typeshed leaves out tarfile's header-error subclasses.
+    if isinstance(tar.header_error, tarfile.InvalidHeaderError):  # type: ignore[attr-defined]
         yield from _close(pending, partition)
         detail = f"tar shard {partition.uri} has a damaged header after {_key(pending)!r}"
         raise _Stopped(_key(pending), "unreadable", detail + "; the rest is not read")
-    if not isinstance(tar.header_error, tarfile.EOFHeaderError):
+    if not isinstance(tar.header_error, tarfile.EOFHeaderError):  # type: ignore[attr-defined]
         # No end-of-archive block: cut at a member boundary, maybe inside the pending sample.
         raise _Stopped(_key(pending), "truncated", _cut_detail(partition, pending))
     yield from _close(pending, partition)
@@ -325,8 +328,8 @@ def _sample(pending: _Pending, partition: Partition) -> Sample:
     if over:  # the image, or a caption or metadata member no sample needs gigabytes of
         return samples_error(name, "too_large", over[0].detail, **common)
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-    if image_ext is not None and isinstance(members[image_ext], _NotAFile):
-        return samples_error(name, "not_a_file", members[image_ext].detail, **common)
+    if image_ext is not None and isinstance(not_a_file := members[image_ext], _NotAFile):
+        return samples_error(name, "not_a_file", not_a_file.detail, **common)
     if image_ext is None:
         other = next((e for e in UNSUPPORTED_IMAGE_EXTENSIONS if e in members), None)
         if other is not None:

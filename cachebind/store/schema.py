@@ -91,4 +91,7 @@ def view_count(schema: pa.Schema) -> int:
     """How many augmented views a table's rows carry (0 without ``view_vectors``)."""
     if "view_vectors" not in schema.names:
         return 0
-    return schema.field("view_vectors").type.list_size // schema.field("vector").type.list_size
+    views: int = (
+        schema.field("view_vectors").type.list_size // schema.field("vector").type.list_size
+    )
+    return views

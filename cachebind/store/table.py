@@ -11,6 +11,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from cachebind.arrays import Bools, Floats, Ints
 from cachebind.config import StoreConfig
 from cachebind.storage import lance_options
 from cachebind.store.schema import table_metadata
@@ -37,7 +38,7 @@ class CacheTable:
     """Lance's options for the table's object store (credentials: never shown), for processes
     that open the dataset again by its URI (the sharded index build)."""
     _dataset: Any = field(default=None, repr=False)
-    _by_id: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _by_id: tuple[Ints, Ints] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -66,18 +67,19 @@ class CacheTable:
 
     @property
     def dim(self) -> int:
-        return self.table.schema.field("vector").type.list_size
+        return int(self.table.schema.field("vector").type.list_size)
 
     def count(self) -> int:
-        return self.dataset.count_rows()
+        return int(self.dataset.count_rows())
 
-    def iter_vectors(self, batch_size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(self, batch_size: int = 65_536) -> Iterator[tuple[Ints, Floats]]:
         """Yield (ids int64 [n], vectors float32 [n, d]) in table order."""
         for batch in self.dataset.to_batches(columns=["id", "vector"], batch_size=batch_size):
             yield batch.column("id").to_numpy(), vectors_to_numpy(batch.column("vector"))
 
-    def ids(self) -> np.ndarray:
-        return self.dataset.to_table(columns=["id"]).column("id").to_numpy()
+    def ids(self) -> Ints:
+        ids: Ints = self.dataset.to_table(columns=["id"]).column("id").to_numpy()
+        return ids
 
     def build_id_lookup(self) -> None:
         """Map ids to row offsets now (otherwise done by the first lookup)."""
@@ -87,7 +89,7 @@ class CacheTable:
                 order = np.argsort(ids, kind="stable")
                 self._by_id = (ids[order], order)
 
-    def offsets(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def offsets(self, ids: Sequence[int] | Ints) -> tuple[Bools, Ints]:
         """(found mask over ``ids``, row offsets of the found ones, in the order asked)."""
         if self._by_id is None:
             self.build_id_lookup()
@@ -99,9 +101,7 @@ class CacheTable:
         found = (pos < len(sorted_ids)) & (sorted_ids[clipped] == ids)
         return found, order[clipped[found]]
 
-    def rows(
-        self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None
-    ) -> pa.Table:
+    def rows(self, ids: Sequence[int] | Ints, columns: Sequence[str] | None = None) -> pa.Table:
         """Rows for ``ids``, in the order asked (ids not in this version are left out)."""
         columns = list(columns) if columns else self.dataset.schema.names
         _, offsets = self.offsets(ids)
@@ -109,7 +109,7 @@ class CacheTable:
             return self.dataset.schema.empty_table().select(columns)
         return self.dataset.take(offsets.tolist(), columns=columns)
 
-    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    def vectors(self, ids: Sequence[int] | Ints) -> Floats:
         """The exact cached vectors F_value for ``ids`` (float32 [len(ids), d]).
 
         Raises KeyError naming the ids that are not in this table version.
@@ -123,10 +123,10 @@ class CacheTable:
         return vectors_to_numpy(self.dataset.take(offsets.tolist(), columns=["vector"])["vector"])
 
 
-def vectors_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def vectors_to_numpy(column: pa.ChunkedArray | pa.Array) -> Floats:
     """A fixed-size-list vector column as a float32 [n, d] array."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dim = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False)
+    values: Floats = column.flatten().to_numpy(zero_copy_only=False)
     return values.astype(np.float32, copy=False).reshape(-1, dim)

@@ -17,7 +17,7 @@ Ray Data (streamed, in order, prefetched). On a table with augmented views (``em
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +63,7 @@ def caption_example(tok: Tokenizer, caption: str, max_words: int) -> tuple[torch
 
 
 def collate_captions(
-    tok: Tokenizer, vectors: np.ndarray, captions: Sequence[str], max_words: int
+    tok: Tokenizer, vectors: np.ndarray, captions: Iterable[str], max_words: int
 ) -> Batch:
     """A stage-1 micro-batch from cache rows. F_M is re-normalised in fp32 (the release feeds
     ``F.normalize(ImageBind(x))``; the table may hold it in fp16)."""
@@ -75,8 +75,8 @@ def collate_captions(
 def collate_instructions(
     tok: Tokenizer,
     vectors: np.ndarray,
-    prompts: Sequence[str],
-    answers: Sequence[str],
+    prompts: Iterable[str],
+    answers: Iterable[str],
     max_words: int,
 ) -> Batch:
     """A stage-2 micro-batch (prompts already in the Alpaca template, ``instruct``)."""

@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cachebind.inject.convert import unpermute_rotary
 from cachebind.train.params import Phase, released_name, trainable_parameters
+
+if TYPE_CHECKING:
+    from cachebind.inject.model import AdapterLlama
 
 # Released names whose rows are q / k output channels (permuted on load, un-permuted here).
 _Q_ROWS = re.compile(r"llama\.layers\.\d+\.attention\.(wq\.weight|wq\.bias|lora_wq_l2\.weight)")
@@ -31,10 +35,10 @@ def exported_parameters(model: nn.Module, phase: Phase) -> dict[str, nn.Paramete
     return params
 
 
-def to_released(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_released(model: AdapterLlama, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{model name: tensor}`` (values or gradients) -> ``{released name: tensor}`` on the
     CPU, q / k rows in Meta's order."""
-    cfg = model.cfg  # AdapterLlama
+    cfg = model.cfg
     kv_heads = cfg.n_kv_heads or cfg.n_heads
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -48,12 +52,12 @@ def to_released(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def released_state(model: nn.Module, phase: Phase) -> dict[str, torch.Tensor]:
+def released_state(model: AdapterLlama, phase: Phase) -> dict[str, torch.Tensor]:
     """``{released name: tensor}`` of ``exported_parameters``, on the CPU."""
     return to_released(model, dict(exported_parameters(model, phase)))
 
 
-def save_released(model: nn.Module, phase: Phase, path: Path, dtype: torch.dtype) -> Path:
+def save_released(model: AdapterLlama, phase: Phase, path: Path, dtype: torch.dtype) -> Path:
     """Write ``{"model": released_state}`` atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

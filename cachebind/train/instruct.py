@@ -71,8 +71,9 @@ def resolve(
         answers.append(answer)
         keys.append(str(item["image"]) if "image" in item else None)
     vectors = np.zeros((len(items), table.dim), dtype=np.float32)
-    image_rows = [i for i, k in enumerate(keys) if k is not None]
-    candidates = [_key_candidates(keys[i]) for i in image_rows]
+    image_keys = {i: k for i, k in enumerate(keys) if k is not None}
+    image_rows = list(image_keys)
+    candidates = [_key_candidates(image_keys[i]) for i in image_rows]
     found_at: dict[int, int] = {}
     for attempt in range(2):  # the value itself, then the file name without its suffix
         ids = [row_id(c[min(attempt, len(c) - 1)]) for c in candidates]
@@ -88,7 +89,7 @@ def resolve(
         vectors[rows] = vectors_to_numpy(got)
     missing = [i for i in image_rows if i not in found_at]
     if missing:
-        paths = [_as_path(keys[i], base_dir) for i in missing]
+        paths = [_as_path(image_keys[i], base_dir) for i in missing]
         absent = [keys[i] for i, p in zip(missing, paths, strict=True) if not p.is_file()]
         if absent:
             raise InstructionError(

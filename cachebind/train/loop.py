@@ -179,7 +179,8 @@ def train_loop(plan: Plan) -> None:
             unit="step",
         )
     global_batch = plan.batch_size * plan.accum_iter * world
-    started, metrics = time.perf_counter(), {"step": start}
+    started = time.perf_counter()
+    metrics: dict[str, float] = {"step": start}
     for step, group in micro_batches(plan, tok, rank, world, start):
         epoch = step / plan.steps_per_epoch
         lr = learning_rate(

@@ -9,9 +9,9 @@ This module imports neither torch nor cachebind's model code, so a read task sta
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -84,7 +84,7 @@ def stream_rows(
     micro_batch: int,
     data_cpus: float = 0.25,
     choices: np.ndarray | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterable[dict[str, np.ndarray]]:
     """Micro-batches of the rows at ``offsets``, in that order, read ahead by Ray Data (with
     ``choices``, each row's F_M is the view chosen for it, ``RowSource.take``)."""
     import ray.data
@@ -103,4 +103,5 @@ def stream_rows(
         batch_format="numpy",
         num_cpus=data_cpus,
     )
-    return ds.iter_batches(batch_size=micro_batch, batch_format="numpy", prefetch_batches=2)
+    batches = ds.iter_batches(batch_size=micro_batch, batch_format="numpy", prefetch_batches=2)
+    return cast(Iterable[dict[str, np.ndarray]], batches)  # what batch_format="numpy" gives

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,14 @@ from torch import nn
 from cachebind.train.data import IGNORE, Batch
 from cachebind.train.params import weight_decay_groups
 
+if TYPE_CHECKING:
+    from cachebind.inject.model import AdapterLlama
+
 BETAS = (0.9, 0.95)
 
 
-def caption_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The release's c_loss for ``model`` (an ``AdapterLlama``) on one batch."""
+def caption_loss(model: AdapterLlama, batch: Batch) -> torch.Tensor:
+    """The release's c_loss for ``model`` on one batch."""
     visual = model.visual_query(batch.f_m)
     logits = model(batch.tokens, visual=visual).logits
     output, labels = logits[:, :-1, :], batch.labels[:, 1:]
@@ -40,11 +44,13 @@ class LossModule(nn.Module):
     """``forward(batch) -> loss``: the unit DDP wraps, so that the bind network's forward runs
     inside DDP's forward too."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: AdapterLlama) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, f_m: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor):
+    def forward(
+        self, f_m: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return caption_loss(self.model, Batch(f_m, tokens, labels))
 
 
@@ -69,8 +75,9 @@ def optimizer_step(
     device_type = next(module.parameters()).device.type
     for i, batch in enumerate(micro_batches):
         last = i == accum - 1
-        sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else None
-        with sync or module.no_sync():
+        # DistributedDataParallel's no_sync; a module outside DDP has none.
+        no_sync = getattr(module, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with torch.autocast(
                 device_type,
                 dtype=autocast_dtype or torch.float32,

@@ -125,6 +125,8 @@ def instruction_source(settings: Settings, table, run_dir: Path) -> tuple[RowSou
     """Resolve ``train.instructions`` against the cache into ``<run>/instructions.lance``."""
     from cachebind.train.instruct import encoder_callbacks, load_items, resolve, write_examples
 
+    if settings.train.instructions is None:
+        raise ValueError("train.instructions is not set")
     path = Path(settings.train.instructions)
     items = load_items(path)
     examples = resolve(items, table, *encoder_callbacks(settings), base_dir=path.parent)
@@ -166,8 +168,9 @@ def run_training(settings: Settings, phase: Phase) -> TrainResult:
     use_gpu = _use_gpu(cfg)
     storage = (Path(cfg.output_dir) / "ray").resolve()
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=plan,
+        # Ray hands train_loop_config to the loop unchanged; its annotations only allow a dict.
+        train_loop,  # type: ignore[arg-type]
+        train_loop_config=plan,  # type: ignore[arg-type]
         scaling_config=ScalingConfig(
             num_workers=world,
             use_gpu=use_gpu,

@@ -203,9 +203,10 @@ def _run_pipeline(
         limits=settings.input,
         views=cfg.views,
     )
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        decode_partition,
+        # Ray's annotations leave out fn_kwargs: its callables take the batch alone.
+        decode_partition,  # type: ignore[arg-type]
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"options": decode_options},
@@ -237,7 +238,8 @@ def _run_pipeline(
     )
 
     sizes = [p.options.get("num_samples") for p in todo]
-    total = sum(sizes) if all(s is not None for s in sizes) else None
+    known_sizes = [s for s in sizes if s is not None]
+    total = sum(known_sizes) if len(known_sizes) == len(sizes) else None
     bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     states: dict[str, PartitionState] = {p.id: PartitionState() for p in todo}
     by_id = {p.id: p for p in todo}

@@ -102,9 +102,8 @@ async def _multipart_items(request: Request, config: ServeConfig) -> list[s.Inpu
         items = [s.InputItem(modality=Modality.TEXT, text=t) for t in texts]
         for f in files:
             data = await f.read()
-            items.append(
-                s.InputItem(modality=modality, data=base64.b64encode(data).decode("ascii"))
-            )
+            encoded = base64.b64encode(data).decode("ascii")
+            items.append(s.InputItem.model_validate({"modality": modality, "data": encoded}))
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
     finally:

@@ -29,7 +29,8 @@ async def enhance(body: s.EnhanceRequest, state: State, limits: RequestLimits) -
         q = await enhanced_of(state, limits, body.inputs, body.k, body.t, body.alpha)
         f_m = q.f_m
         tilde = np.asarray(q.enhanced.embedding, dtype=np.float32)
-        cosine = float(f_m @ tilde / max(np.linalg.norm(f_m) * np.linalg.norm(tilde), 1e-12))
+        norms = np.linalg.norm(f_m) * np.linalg.norm(tilde)
+        cosine = float(f_m @ tilde / max(norms, np.float32(1e-12)))
         return s.EnhanceResponse(
             query_embedding=f_m.tolist(),
             embedding=tilde.tolist(),

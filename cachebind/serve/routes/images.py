@@ -21,7 +21,7 @@ router = APIRouter()
     "/v1/images/{row_id}",
     tags=["v1"],
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}} | s.ROW_ERRORS,
+    responses={200: {"content": {"image/jpeg": {}}}, **s.ROW_ERRORS},
 )
 async def image(row_id: Annotated[int, Path(ge=0, le=INT64_MAX)], state: State) -> Response:
     """The thumbnail JPEG stored with a row (404 when the row or its thumbnail is absent)."""

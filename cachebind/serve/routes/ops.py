@@ -39,7 +39,7 @@ async def readyz(request: Request, state: State) -> JSONResponse:
         "generator": bool(runtime and runtime.generator is not None),
     }
     key = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    if key is not None and state.keys.role(key) is not Role.NONE:
+    if key is not None and state.keys is not None and state.keys.role(key) is not Role.NONE:
         body["error"] = state.load_error or state.media.error or state.reload_error
     return JSONResponse(body, 200 if body["ready"] else 503)
 
