@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -97,7 +97,7 @@ class GenerationStream(Iterator[str]):
     def __next__(self) -> str:
         for event, payload in self._events:
             if event is None:
-                return payload["text"]
+                return str(payload["text"])
             if event == "neighbours":
                 self.neighbours = payload["neighbours"]
             elif event == "error":
@@ -274,7 +274,9 @@ class CachebindClient:
         body = _generate_body(prompt, items, True, locals())
         return GenerationStream(self._events("/v1/generate", body))
 
-    def _events(self, path: str, body: dict[str, Any]) -> Iterator[tuple[str | None, dict]]:
+    def _events(
+        self, path: str, body: dict[str, Any]
+    ) -> Iterator[tuple[str | None, dict[str, Any]]]:
         with self._http.stream("POST", path, json=body) as response:
             if response.status_code >= 400:
                 response.read()

@@ -166,8 +166,9 @@ class ConnectionLimits:
         raise NotImplementedError
 
     def _count_refusal(self, error: str) -> None:
-        if self.on_refused is not None:
-            self.on_refused(error)
+        on_refused = type(self).on_refused  # a staticmethod on the class that protocol_class made
+        if on_refused is not None:
+            on_refused(error)
 
     def _refuse_head(self, detail: str) -> None:
         self._disarm()
@@ -197,7 +198,7 @@ class _TooManyHeaders(Exception):
 
 if HttpToolsProtocol is not None:
 
-    class HttpToolsLimits(ConnectionLimits, HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class HttpToolsLimits(ConnectionLimits, HttpToolsProtocol):  # type: ignore[misc]
         """httptools, fed at most what is left of the head's byte budget at a time.
 
         The parser calls back for a header only once it is whole, and keeps the part it has
@@ -249,7 +250,7 @@ if HttpToolsProtocol is not None:
             self._in_head, self._head_bytes = True, 0
 
 
-class H11Limits(ConnectionLimits, H11Protocol):
+class H11Limits(ConnectionLimits, H11Protocol):  # type: ignore[misc]  # eof_received: see there
     """h11, with the head found by its blank line as the bytes arrive.
 
     h11 parses a head only once it is whole; its own ``max_incomplete_event_size`` (set to

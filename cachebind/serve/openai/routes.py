@@ -336,7 +336,7 @@ async def embeddings(body: o.EmbeddingRequest, state: State, limits: RequestLimi
     async def work() -> list[tuple[np.ndarray, dict[str, Any] | None]]:
         cache = body.cachebind
         if cache.enhanced:
-            out = []
+            out: list[tuple[np.ndarray, dict[str, Any] | None]] = []
             for group in groups:
                 q = await enhanced_of(state, limits, group, cache.k, cache.t, cache.alpha, "input")
                 info = cache_info(VisualPrompt(None, await neighbours_of(q.snap, q.enhanced), q))

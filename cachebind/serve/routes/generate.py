@@ -42,9 +42,9 @@ router = APIRouter()
                     "schema": {"type": "string", "description": s.GENERATE_EVENTS}
                 }
             },
-        }
-    }
-    | s.QUEUE_ERRORS,
+        },
+        **s.QUEUE_ERRORS,
+    },
     openapi_extra=form_schema(
         {
             "prompt": {"type": "string"},
