@@ -118,11 +118,13 @@ def test_a_resumed_run_labels_the_rest_and_writes_no_duplicates(planted, encoder
     assert all(want[i] == lab for i, lab in zip(side["id"], side["label"], strict=True))
 
 
-def test_a_side_table_refuses_a_run_with_other_templates(planted, encoder):
+def test_a_side_table_refuses_a_run_with_other_templates_unless_replaced(planted, encoder):
     settings, _, _ = planted
     classify_table(settings, LABELS, templates=TEMPLATES, encoder=encoder, limit=10)
     with pytest.raises(LabelSetError, match="templates"):
         classify_table(settings, LABELS, templates=TEMPLATES[:1], encoder=encoder)
+    again = classify_table(settings, LABELS, templates=TEMPLATES[:1], encoder=encoder, replace=True)
+    assert again.labelled == again.total == 400
 
 
 @pytest.mark.parametrize(

@@ -72,10 +72,12 @@ def side_metadata(schema: pa.Schema) -> dict[str, Any]:
 class LabelWriter:
     """Appends to one side table; knows the ids it already holds."""
 
-    def __init__(self, store: StoreConfig, label_set: LabelSet) -> None:
+    def __init__(self, store: StoreConfig, label_set: LabelSet, replace: bool = False) -> None:
         self.name = side_table_name(store.table, label_set.labels)
         db = connect(store)
         schema = labels_schema(label_set.metadata(store.table))
+        if replace:
+            db.drop_table(self.name, ignore_missing=True)
         try:
             self.table = db.open_table(self.name)
         except ValueError:  # lancedb's "Table … was not found"
@@ -107,8 +109,8 @@ def _check_same(have: dict[str, Any], want: dict[str, Any], name: str) -> None:
     if differing:
         raise LabelSetError(
             f"side table {name} was labelled with other {', '.join(differing)}; refusing to "
-            "mix two classifiers in one table. Drop it (`cachebind classify --replace`) or "
-            "label another table"
+            "mix two classifiers in one table. Start it again with `cachebind classify "
+            "--replace` (replace=True)"
         )
 
 

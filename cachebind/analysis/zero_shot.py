@@ -117,6 +117,56 @@ def check_table_encoder(table: CacheTable, encoder: Any) -> None:
         )
 
 
+@dataclass
+class ClassifyRun:
+    """What a run labels with and where it writes: shared by the local loop and the Ray job."""
+
+    settings: Settings
+    table: CacheTable
+    label_set: LabelSet
+    classes: np.ndarray
+    writer: LabelWriter
+    started: float
+
+    def rows(self, ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
+        ls = self.label_set
+        return label_rows(ids, vectors, self.classes, ls.labels, ls.top_k, self.table.version)
+
+    def finish(self, labelled: int, truth_column: str | None) -> ClassifyResult:
+        result = ClassifyResult(
+            name=self.writer.name,
+            table_version=self.table.version,
+            labelled=labelled,
+            total=len(self.writer.done),
+            seconds=time.perf_counter() - self.started,
+            label_counts=label_counts(self.settings, self.writer.name),
+        )
+        if truth_column:
+            result.evaluation = evaluate(self.settings, self.writer.name, truth_column)
+        return result
+
+
+def start_run(
+    settings: Settings,
+    labels: Sequence[str],
+    templates: Sequence[str] | None,
+    top_k: int | None,
+    encoder: Any = None,
+    replace: bool = False,
+) -> ClassifyRun:
+    """Check the label set and the table, build the class matrix, open the side table."""
+    started = time.perf_counter()
+    if encoder is None:
+        from cachebind.encode import Encoder
+
+        encoder = Encoder.from_config(settings.encoder, settings.weights)
+    table = CacheTable.open(settings.store)
+    check_table_encoder(table, encoder)
+    label_set, classes = prepare(encoder, labels, templates, top_k, settings.analysis)
+    writer = LabelWriter(settings.store, label_set, replace)
+    return ClassifyRun(settings, table, label_set, classes, writer, started)
+
+
 def classify_table(
     settings: Settings,
     labels: Sequence[str],
@@ -126,34 +176,16 @@ def classify_table(
     encoder: Any = None,
     truth_column: str | None = None,
     limit: int | None = None,
+    replace: bool = False,
 ) -> ClassifyResult:
-    """Label the rows of ``settings.store.table`` not labelled yet; evaluate on request."""
-    if encoder is None:
-        from cachebind.encode import Encoder
-
-        encoder = Encoder.from_config(settings.encoder, settings.weights)
-    started = time.perf_counter()
-    table = CacheTable.open(settings.store)
-    check_table_encoder(table, encoder)
-    label_set, classes = prepare(encoder, labels, templates, top_k, settings.analysis)
-    writer = LabelWriter(settings.store, label_set)
+    """Label the rows of ``settings.store.table`` not labelled yet; evaluate on request.
+    ``replace`` drops the label set's side table first (to relabel with other templates)."""
+    run = start_run(settings, labels, templates, top_k, encoder, replace)
     labelled = 0
-    for ids, vectors, _ in iter_unlabelled(
-        table, writer.done, settings.analysis.batch_rows, limit=limit
-    ):
-        rows = label_rows(ids, vectors, classes, label_set.labels, label_set.top_k, table.version)
-        labelled += writer.append(rows)
-    result = ClassifyResult(
-        name=writer.name,
-        table_version=table.version,
-        labelled=labelled,
-        total=len(writer.done),
-        seconds=time.perf_counter() - started,
-        label_counts=label_counts(settings, writer.name),
-    )
-    if truth_column:
-        result.evaluation = evaluate(settings, writer.name, truth_column)
-    return result
+    batches = iter_unlabelled(run.table, run.writer.done, settings.analysis.batch_rows, limit=limit)
+    for ids, vectors, _ in batches:
+        labelled += run.writer.append(run.rows(ids, vectors))
+    return run.finish(labelled, truth_column)
 
 
 def label_counts(settings: Settings, name: str) -> dict[str, int]:

@@ -1,0 +1,73 @@
+"""`cachebind classify` and `cachebind report`: the analyst's workbench over the cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cachebind.cli.options import CommonOptions, Subcommands, command
+from cachebind.config import Settings
+
+
+def add_classify(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "classify",
+        cmd_classify,
+        "label every cached row by zero-shot text prompts (a side table)",
+        "Embed each label's prompts (CLIP's 80 ImageNet templates unless --templates; {} "
+        "stands for the label), average and normalise them into class embeddings, and write "
+        "every row's best label and cosine (and the top K) to the side table "
+        "<table>_labels_<digest of the label set>, which records the labels, templates, "
+        "encoder and table version. Re-running resumes: rows already labelled are skipped. "
+        "With --truth COLUMN, prints accuracy and the confusion matrix.",
+        parents=[common.table, common.encoder],
+    )
+    p.add_argument("--labels", required=True, metavar="FILE", help="one label a line")
+    p.add_argument("--templates", metavar="FILE", help="one prompt template a line, with {}")
+    p.add_argument("--top-k", type=int, metavar="K", help="labels kept per row (default 1)")
+    p.add_argument("--truth", metavar="COLUMN", help="a ground-truth column of the table")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="drop this label set's side table first (to relabel with other templates or K)",
+    )
+    p.add_argument("--limit", type=int, help="label at most this many new rows (local run)")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as a Ray job, one task per table fragment (large tables)",
+    )
+    p.add_argument("--ray-address", dest="embed__ray_address", help="join an existing Ray cluster")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.analysis.templates import read_lines
+
+    labels = read_lines(args.labels, "labels")
+    templates = read_lines(args.templates, "templates") if args.templates else None
+    options = {"templates": templates, "top_k": args.top_k, "truth_column": args.truth}
+    options["replace"] = args.replace
+    if args.ray:
+        from jobs.classify import run_classify
+
+        result = run_classify(settings, labels, **options)
+    else:
+        from cachebind.analysis.zero_shot import classify_table
+
+        result = classify_table(settings, labels, limit=args.limit, **options)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(
+        f"{result.name}: labelled {result.labelled} rows of table version "
+        f"{result.table_version} ({result.total} in all) in {result.seconds:.1f}s"
+    )
+    for label, n in sorted(result.label_counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:>9}  {label}")
+    if result.evaluation is not None:
+        ev = result.evaluation
+        print(f"accuracy against {ev.column!r}: {ev.accuracy:.4f} over {ev.rows} rows")
+        print(ev.confusion.to_string())
+    return 0
