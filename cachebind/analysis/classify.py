@@ -36,11 +36,17 @@ def class_embeddings(
     """``[len(labels), d]`` float32: each label's prompt embeddings averaged, then normalised."""
     prompts = prompts_of(labels, templates)
     parts = [embed_texts(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
-    emb = np.concatenate(parts).astype(np.float64)
-    # The encoder's rows are unit-norm already; normalising again keeps the CLIP recipe exact
-    # for any caller's embed_texts.
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    means = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
+    return ensemble(np.concatenate(parts), len(labels), len(templates))
+
+
+def ensemble(prompt_vectors: np.ndarray, labels: int, templates: int) -> np.ndarray:
+    """Class embeddings ``[labels, d]`` from label-major prompt embeddings ``[labels *
+    templates, d]``: each normalised, averaged per label, the mean normalised again."""
+    emb = np.asarray(prompt_vectors, dtype=np.float64)
+    # The encoder's rows are unit-norm already; normalising again keeps the recipe exact for
+    # any caller's embeddings.
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    means = emb.reshape(labels, templates, -1).mean(axis=1)
     return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
 
 

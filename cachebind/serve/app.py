@@ -25,7 +25,16 @@ from cachebind.serve import schemas as s
 from cachebind.serve.auth import KeyStore
 from cachebind.serve.deps import require_user
 from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
-from cachebind.serve.routes import admin, embed, enhance, generate, images, ops, search
+from cachebind.serve.routes import (
+    admin,
+    classify,
+    embed,
+    enhance,
+    generate,
+    images,
+    ops,
+    search,
+)
 from cachebind.serve.runtime import Runtime
 from cachebind.serve.state import ServeState
 
@@ -81,6 +90,7 @@ def create_app(
         images.router,
         enhance.router,
         generate.router,
+        classify.router,
         admin.info,
     ):
         app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
