@@ -322,6 +322,13 @@ class AnalysisConfig(Section):
     max_prompts: int = Field(default=4_096, ge=1)
     """Most prompts (labels x templates) one ``/v1/classify`` request may make the service
     encode: the request's cost is bounded by this, whatever its label set."""
+    gap_images: int = Field(default=20_000, ge=1)
+    """Image rows (a seeded uniform sample) the gap report measures queries against and
+    retrieves the blend's neighbours from (exactly): its cost is queries x this."""
+    gap_queries: int = Field(default=2_000, ge=1)
+    """Queries per query set in the gap report (a seeded sample of larger sets)."""
+    seed: int = 0
+    """Seed of the report's and the map's samples."""
 
 
 class LLMConfig(Section):

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cachebind.cli.analysis import add_classify
+from cachebind.cli.analysis import add_classify, add_report
 from cachebind.cli.embedding import add_embed
 from cachebind.cli.indexes import add_index, add_store
 from cachebind.cli.options import EPILOG, common_options, parse_input
@@ -35,6 +35,7 @@ SUBCOMMANDS = (
     add_queries,
     add_train,
     add_classify,
+    add_report,
     add_weights,
     add_demo,
     add_config,

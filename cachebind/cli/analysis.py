@@ -71,3 +71,53 @@ def cmd_classify(settings: Settings, args: argparse.Namespace) -> int:
         print(f"accuracy against {ev.column!r}: {ev.accuracy:.4f} over {ev.rows} rows")
         print(ev.confusion.to_string())
     return 0
+
+
+def add_report(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "report",
+        lambda settings, args: args.report_func(settings, args),
+        "reports on the cache: `report gap` (the modality gap, before and after the blend)",
+        "Reports that measure the collection.",
+    )
+    reports = p.add_subparsers(dest="report", required=True, metavar="REPORT")
+    g = reports.add_parser(
+        "gap",
+        help="the modality gap of every query set against the image rows",
+        description="For every query set the index knows (the table's caption embeddings, "
+        "the service's query log per modality, --queries files) against a sample of the "
+        "image rows: centroid distance and gap vector, the top-1 similarity distribution "
+        "and, for captions, the cosine to the paired image; the same after the cache blend "
+        "(eq. 4 with cache.k, cache.t, cache.alpha). Writes gap.html (self-contained), "
+        "gap.json and the plots as PNG files.",
+        parents=[common.table, common.index_dir],
+    )
+    g.set_defaults(report_func=cmd_report_gap)
+    g.add_argument(
+        "--queries",
+        action="append",
+        metavar="MODALITY=FILE",
+        help="query embeddings (.npy, .parquet or .lance, as `index build --queries`)",
+    )
+    g.add_argument("--out", default="gap_report", help="output folder (default ./gap_report)")
+    g.add_argument("--k", dest="cache__k", type=int, help="neighbours of the blend")
+    g.add_argument("--t", dest="cache__t", type=float, help="softmax temperature of the blend")
+    g.add_argument("--alpha", dest="cache__alpha", type=float, help="cache weight of the blend")
+
+
+def cmd_report_gap(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.analysis.notebook import gap_report
+    from cachebind.store import CacheTable
+    from indexing.gapsets import known_query_groups
+    from indexing.querysets import parse_query_spec
+
+    files = [parse_query_spec(spec) for spec in args.queries or []]
+    cfg = settings.analysis
+    table = CacheTable.open(settings.store)
+    groups = known_query_groups(table, settings.index.dir, files, cfg.gap_queries, cfg.seed)
+    report = gap_report(settings, groups, out_dir=args.out)
+    print(report.numbers_frame().to_string(index=False))
+    for name, path in sorted(report.paths.items()):
+        print(f"{name}: {path}")
+    return 0
