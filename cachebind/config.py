@@ -329,6 +329,15 @@ class AnalysisConfig(Section):
     """Queries per query set in the gap report (a seeded sample of larger sets)."""
     seed: int = 0
     """Seed of the report's and the map's samples."""
+    map_method: Literal["umap", "pca"] = "umap"
+    """The map's 2-D layout: UMAP (umap-learn, the ``analysis`` extra) or PCA (fast)."""
+    map_sample: int = Field(default=20_000, ge=10)
+    """Rows the layout is fitted on (a seeded sample); every other row is transformed in
+    batches of ``batch_rows``, so memory follows the sample, not the table."""
+    map_neighbours: int = Field(default=15, ge=2)
+    """UMAP's n_neighbors."""
+    map_max_points: int = Field(default=200_000, ge=1)
+    """Points ``GET /v1/map`` sends at most (a seeded sample of larger maps)."""
 
 
 class LLMConfig(Section):

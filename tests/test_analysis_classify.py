@@ -16,6 +16,7 @@ from cachebind.analysis.labelling import ids_with_labels, open_side_table, side_
 from cachebind.analysis.templates import IMAGENET_TEMPLATES, LabelSetError
 from cachebind.analysis.zero_shot import classify_table, text_embedder
 from cachebind.modalities import Modality
+from cachebind.store import CacheTable
 
 LABELS = ["dog", "cat", "boat", "tree", "house"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}.", "itap of my {}."]
@@ -150,3 +151,27 @@ def test_label_ids_select_the_rows_whose_best_label_is_asked(planted, encoder):
     side = open_side_table(settings.store, result.name).to_lance().to_table().to_pandas()
     got = ids_with_labels(settings.store, result.name, ["cat", "tree"])
     np.testing.assert_array_equal(got, np.sort(side[side.label.isin(["cat", "tree"])].id))
+
+
+def test_the_notebook_call_returns_the_labels_as_a_dataframe_and_the_confusion_figure(
+    planted, encoder
+):
+    from matplotlib.figure import Figure
+
+    from cachebind.analysis import notebook
+
+    settings, _, _ = planted
+    labelled = notebook.classify(
+        settings, LABELS, templates=TEMPLATES, encoder=encoder, truth_column="truth"
+    )
+    frame = labelled.frame
+    assert len(frame) == 400 and frame["id"].is_unique
+    assert {"key", "caption", "label", "score", "top_labels"} <= set(frame.columns)
+    assert frame["key"].str.startswith("img-").all()
+    assert isinstance(labelled.confusion_figure, Figure)
+    assert labelled.result.evaluation is not None
+    assert labelled.result.evaluation.accuracy == pytest.approx(
+        frame.merge(
+            CacheTable.open(settings.store).dataset.to_table(columns=["id", "truth"]).to_pandas()
+        ).pipe(lambda f: (f.truth == f.label).mean())
+    )

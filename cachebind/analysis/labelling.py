@@ -153,12 +153,23 @@ def label_tables(store: StoreConfig) -> dict[str, dict[str, Any]]:
     """name -> recorded metadata of every side table of ``store.table``."""
     db = connect(store)
     prefix = f"{store.table}_labels_"
-    names = db.table_names() if hasattr(db, "table_names") else list(db.list_tables())
     out = {}
-    for name in names:
+    for name in table_names(db):
         if name.startswith(prefix):
             out[name] = side_metadata(db.open_table(name).schema)
     return out
+
+
+def table_names(db: Any) -> list[str]:
+    """Every table of a LanceDB database (``list_tables`` pages; all pages are read)."""
+    names: list[str] = []
+    token = None
+    while True:
+        page = db.list_tables(page_token=token)
+        names.extend(page.tables)
+        token = page.page_token
+        if not token:
+            return names
 
 
 def ids_with_labels(store: StoreConfig, name: str, labels: Sequence[str]) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from cachebind.analysis.gap import GapResult, QueryGroup, measure_gap
 from cachebind.analysis.gap_report import gap_figures, report_numbers, write_gap_report
 from cachebind.analysis.labelling import open_side_table
+from cachebind.analysis.layout import compute_map, latest_map_version, read_map
 from cachebind.analysis.sampling import sample_images
 from cachebind.analysis.templates import LabelSetError
 from cachebind.analysis.zero_shot import ClassifyResult, classify_table
@@ -133,3 +134,42 @@ def gap_report(
     if out_dir is not None:
         report.paths = write_gap_report(report.numbers, figures, out_dir)
     return report
+
+
+@dataclass
+class MapView:
+    frame: pd.DataFrame
+    """id, x, y (and label), one row per placed table row."""
+    figure: Figure
+    table_version: int
+    method: str | None
+
+
+def collection_map(
+    settings: Settings,
+    *,
+    labels_table: str | None = None,
+    compute: bool = False,
+    method: Literal["umap", "pca"] | None = None,
+) -> MapView:
+    """The stored map of the current table version (computed first when ``compute`` or when
+    there is none), as a DataFrame and a scatter figure coloured by zero-shot label."""
+    version = CacheTable.open(settings.store).version
+    if compute or latest_map_version(settings.store, version) != version:
+        compute_map(settings, method)
+    found = read_map(settings.store, version, labels_table=labels_table)
+    frame = found.points.to_pandas()
+    return MapView(frame, map_figure(frame), found.table_version, found.method)
+
+
+def map_figure(frame: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.subplots()
+    if "label" in frame.columns:
+        for label, part in frame.groupby(frame["label"].fillna("(unlabelled)")):
+            ax.scatter(part["x"], part["y"], s=3, alpha=0.6, label=str(label))
+        ax.legend(loc="best", fontsize="small", markerscale=4)
+    else:
+        ax.scatter(frame["x"], frame["y"], s=3, alpha=0.6)
+    ax.set_title("the collection")
+    return fig

@@ -121,3 +121,34 @@ def cmd_report_gap(settings: Settings, args: argparse.Namespace) -> int:
     for name, path in sorted(report.paths.items()):
         print(f"{name}: {path}")
     return 0
+
+
+def add_map(sub: Subcommands, common: CommonOptions) -> None:
+    p = command(
+        sub,
+        "map",
+        cmd_map,
+        "compute the 2-D map of the collection (UMAP or PCA) for the page and notebooks",
+        "Fit a 2-D layout (UMAP, cosine, or PCA) on a seeded sample of the table "
+        "(analysis.map_sample rows), place every row by it in batches, and store the "
+        "positions as <table>_map_v<version>, the table version they describe. The web "
+        "page draws the map of the served version.",
+        parents=[common.table],
+    )
+    p.add_argument("--method", dest="analysis__map_method", choices=["umap", "pca"])
+    p.add_argument("--sample", dest="analysis__map_sample", type=int, metavar="N")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_map(settings: Settings, args: argparse.Namespace) -> int:
+    from cachebind.analysis.layout import compute_map
+
+    result = compute_map(settings)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(
+            f"{result.name}: {result.rows} rows placed by {result.method} fitted on "
+            f"{result.sample} in {result.seconds:.1f}s"
+        )
+    return 0

@@ -28,6 +28,7 @@ from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
 from cachebind.serve.routes import (
     admin,
     classify,
+    collection_map,
     embed,
     enhance,
     generate,
@@ -91,6 +92,7 @@ def create_app(
         enhance.router,
         generate.router,
         classify.router,
+        collection_map.router,
         admin.info,
     ):
         app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
