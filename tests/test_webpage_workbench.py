@@ -24,7 +24,7 @@ if not shutil.which(CHROMIUM):
     pytest.skip("no chromium binary (apt-get install -y chromium)", allow_module_level=True)
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-pytestmark = pytest.mark.served(rows=120)
+pytestmark = pytest.mark.served(rows=120, llm=True)
 LABELS = ["red", "green", "blue"]
 
 
@@ -153,6 +153,18 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     # The nearest drawn dot to the click: the first point, or one drawn on top of it.
     ox, oy = x[data["ids"].index(opened)], y[data["ids"].index(opened)]
     assert np.hypot((ox - x[0]) * scale, (oy - y[0]) * scale) <= 8
+
+
+def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
+    page.fill(".input-row .input-text", "a red dog")
+    page.click("#show-generate")
+    page.fill("#generate-prompt", "Describe it.")
+    page.click("#generate")
+    page.wait_for_selector("#generate-text[data-done]")
+    neighbours = page.query_selector_all("#generate-neighbours li")
+    assert len(neighbours) == served.svc.settings.cache.k
+    assert page.inner_text("#status") == "generated"
+    page.screenshot(path=str(tmp_path / "workbench-generate.png"), full_page=True)
 
 
 def classify_labels(served, name: str) -> list[str]:
