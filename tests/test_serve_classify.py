@@ -120,3 +120,30 @@ def test_a_label_filter_naming_no_label_table_is_refused(http, table, status, er
     r = http.post("/v1/search", json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"] == error
+
+
+@pytest.mark.parametrize(
+    ("ids", "status", "error"),
+    [
+        ([], 422, "invalid_request"),
+        ([-1], 422, "invalid_request"),
+        (["12x"], 422, "invalid_request"),
+        ([str(2**64)], 422, "invalid_request"),
+        ([1] * 1001, 413, "too_many_ids"),
+    ],
+)
+def test_an_export_of_bad_ids_is_refused_naming_the_problem(http, ids, status, error):
+    r = http.post("/v1/export", json={"ids": ids})
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error
+
+
+def test_an_export_is_the_rows_in_the_order_asked_as_csv(http, served):
+    import csv
+    import io
+
+    ids = served.runtime.snapshot.table.ids()[[5, 0, 9]].tolist()
+    r = http.post("/v1/export", json={"ids": [str(i) for i in ids] + ["1"], "format": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [int(row["id"]) for row in rows] == ids  # an id not in the table is left out

@@ -96,6 +96,21 @@ def test_results_export_to_a_csv_that_reads_back_as_the_cards(page, tmp_path):
     ]
 
 
+def test_results_export_to_parquet_with_the_cards_rows_in_order(page, tmp_path):
+    import pyarrow.parquet as pq
+
+    search_text(page, "a green flower", k=5)
+    with page.expect_download() as info:
+        page.click("#export-parquet")
+    path = tmp_path / "results.parquet"
+    info.value.save_as(path)
+    rows = pq.read_table(path).to_pylist()
+    cards = page.query_selector_all("#results .result")
+    assert [str(r["id"]) for r in rows] == [c.get_attribute("data-id") for c in cards]
+    captions = [c.query_selector(".caption").inner_text() for c in cards]
+    assert [r["caption"] for r in rows] == captions
+
+
 def test_a_point_cloud_upload_searches(page, tmp_path):
     cloud = np.random.default_rng(0).standard_normal((2048, 3))
     path = tmp_path / "cloud.xyz"

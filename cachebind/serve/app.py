@@ -31,6 +31,7 @@ from cachebind.serve.routes import (
     collection_map,
     embed,
     enhance,
+    export,
     generate,
     images,
     ops,
@@ -93,6 +94,7 @@ def create_app(
         generate.router,
         classify.router,
         collection_map.router,
+        export.router,
         admin.info,
     ):
         app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,3 +42,14 @@ class ClassifyResponse(BaseModel):
     items: list[ClassifiedItem]
     templates: int = Field(description="How many templates each class embedding averages.")
     encoder: dict[str, Any]
+
+
+class ExportRequest(Strict):
+    """Rows to export, by id, in the order given (ids not in the served version are left out)."""
+
+    ids: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
+        ...,
+        min_length=1,
+        description="Row ids (decimal strings are accepted: JavaScript loses int64 digits).",
+    )
+    format: Literal["parquet", "csv"] = "parquet"

@@ -105,6 +105,34 @@ function exportCsv() {
   setStatus(`exported ${cards.length} results as CSV`);
 }
 
+// The service writes the Parquet file (the page has no Parquet writer of its own).
+async function exportParquet() {
+  const ids = [...document.querySelectorAll("#results .result")].map((c) => c.dataset.id);
+  if (!ids.length) {
+    setStatus("nothing to export: search first", true);
+    return;
+  }
+  try {
+    const response = await fetch("/v1/export", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({ ids, format: "parquet" }),
+    });
+    if (!response.ok) throw new Error(`${response.status} export failed`);
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = "cachebind-results.parquet";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    setStatus(`exported ${ids.length} results as Parquet`);
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
 // ---------------------------------------------------------------- enhance
 
 function cellRow(values) {
@@ -164,5 +192,6 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#more-like-this").addEventListener("click", moreLikeThis);
   $("#export-csv").addEventListener("click", exportCsv);
+  $("#export-parquet").addEventListener("click", exportParquet);
   $("#enhance").addEventListener("click", runEnhance);
 });
