@@ -165,9 +165,16 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     page.mouse.click(box["x"] + px * box["width"] / width, box["y"] + py * box["height"] / height)
     page.wait_for_selector("#detail[open][data-thumb]")
     opened = page.get_attribute("#detail", "data-id")
+    page.click("#detail-close")
     # The nearest drawn dot to the click: the first point, or one drawn on top of it.
     ox, oy = x[data["ids"].index(opened)], y[data["ids"].index(opened)]
     assert np.hypot((ox - x[0]) * scale, (oy - y[0]) * scale) <= 8
+
+    # The same label table filters a search to the rows of the labels asked.
+    blue = {i for i, label in zip(data["ids"], data["labels"], strict=True) if label == "blue"}
+    page.fill("#label-filter", "blue")
+    search_text(page, "a red dog", k=min(6, len(blue)))
+    assert {c.get_attribute("data-id") for c in page.query_selector_all(".result")} <= blue
 
 
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
