@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -59,8 +60,13 @@ def fit_projection(
         return Projection("pca", vt[:2].T.astype(np.float32), mean)
     import umap  # the analysis extra; numba compiles on first use
 
-    model = umap.UMAP(n_components=2, n_neighbors=neighbours, metric="cosine", random_state=seed)
-    model.fit(sample)
+    model = umap.UMAP(
+        n_components=2, n_neighbors=neighbours, metric="cosine", random_state=seed, n_jobs=1
+    )
+    with warnings.catch_warnings():
+        # A seed makes umap-learn single-threaded, and it says so on every fit.
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        model.fit(sample)
     return Projection("umap", model)
 
 
