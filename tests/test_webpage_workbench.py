@@ -189,6 +189,28 @@ def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, t
     page.screenshot(path=str(tmp_path / "workbench-generate.png"), full_page=True)
 
 
+def test_the_gap_view_shows_the_last_report_with_its_plots(page, served, tmp_path):
+    from cachebind.analysis.gap import QueryGroup
+    from cachebind.analysis.gap_report import REPORT_DIR
+    from cachebind.analysis.notebook import gap_report
+
+    settings = served.svc.settings
+    queries = np.random.default_rng(2).standard_normal((40, served.cache.dim))
+    group = QueryGroup("text:file:q.npy", "text", queries.astype(np.float32))
+    report = gap_report(settings, [group], out_dir=settings.index.dir / REPORT_DIR)
+    page.click("#show-gap")
+    page.wait_for_selector("#gap-view:not([hidden]) #gap-figures img >> nth=1")
+    cells = [c.inner_text() for c in page.query_selector_all("#gap-rows tr >> nth=0 >> td")]
+    distance = report.results[0].before.centroid_distance
+    assert cells[:3] == ["text:file:q.npy", "query", "40"] and cells[3] == f"{distance:.4f}"
+    widths = page.eval_on_selector_all(
+        "#gap-figures img",
+        "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))",
+    )
+    assert len(widths) == 2 and all(w > 0 for w in widths)
+    page.screenshot(path=str(tmp_path / "workbench-gap.png"), full_page=True)
+
+
 def classify_labels(served, name: str) -> list[str]:
     from cachebind.analysis.labelling import open_side_table
 

@@ -18,6 +18,9 @@ from matplotlib.figure import Figure
 
 from cachebind.analysis.gap import GapResult
 
+REPORT_DIR = "gap_report"
+"""The report's default folder inside ``index.dir``, where the service finds it for the page."""
+
 PROJECTION_POINTS = 1_000
 """Points drawn per cloud in the projection plot (a seeded sample)."""
 
@@ -179,3 +182,15 @@ img{{max-width:100%}}</style></head><body>
 {"".join(figures)}
 </body></html>
 """
+
+
+def read_gap_report(folder: str | Path) -> dict[str, Any]:
+    """A written report's numbers and its PNGs as ``data:`` URLs (FileNotFoundError: none)."""
+    out = Path(folder)
+    numbers = json.loads((out / "gap.json").read_text())
+    figures = {
+        png.stem.removeprefix("gap_"): "data:image/png;base64,"
+        + base64.b64encode(png.read_bytes()).decode("ascii")
+        for png in sorted(out.glob("gap_*.png"))
+    }
+    return {"numbers": numbers, "figures": figures}

@@ -100,7 +100,10 @@ def add_report(sub: Subcommands, common: CommonOptions) -> None:
         metavar="MODALITY=FILE",
         help="query embeddings (.npy, .parquet or .lance, as `index build --queries`)",
     )
-    g.add_argument("--out", default="gap_report", help="output folder (default ./gap_report)")
+    g.add_argument(
+        "--out",
+        help="output folder (default <index.dir>/gap_report, where the web page reads it)",
+    )
     g.add_argument("--k", dest="cache__k", type=int, help="neighbours of the blend")
     g.add_argument("--t", dest="cache__t", type=float, help="softmax temperature of the blend")
     g.add_argument("--alpha", dest="cache__alpha", type=float, help="cache weight of the blend")
@@ -116,7 +119,10 @@ def cmd_report_gap(settings: Settings, args: argparse.Namespace) -> int:
     cfg = settings.analysis
     table = CacheTable.open(settings.store)
     groups = known_query_groups(table, settings.index.dir, files, cfg.gap_queries, cfg.seed)
-    report = gap_report(settings, groups, out_dir=args.out)
+    from cachebind.analysis.gap_report import REPORT_DIR
+
+    out = args.out or settings.index.dir / REPORT_DIR
+    report = gap_report(settings, groups, out_dir=out)
     print(report.numbers_frame().to_string(index=False))
     for name, path in sorted(report.paths.items()):
         print(f"{name}: {path}")

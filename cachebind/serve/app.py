@@ -35,6 +35,7 @@ from cachebind.serve.routes import (
     generate,
     images,
     ops,
+    reports,
     search,
 )
 from cachebind.serve.runtime import Runtime
@@ -95,6 +96,7 @@ def create_app(
         classify.router,
         collection_map.router,
         export.router,
+        reports.router,
         admin.info,
     ):
         app.include_router(router, dependencies=[Depends(require_user)], responses=s.COMMON_ERRORS)
