@@ -175,3 +175,10 @@ def test_the_notebook_call_returns_the_labels_as_a_dataframe_and_the_confusion_f
             CacheTable.open(settings.store).dataset.to_table(columns=["id", "truth"]).to_pandas()
         ).pipe(lambda f: (f.truth == f.label).mean())
     )
+
+
+@pytest.mark.parametrize("column", ["nope", "vector"])
+def test_a_truth_column_that_is_not_a_column_of_values_is_refused(planted, encoder, column):
+    settings, _, _ = planted
+    with pytest.raises(LabelSetError, match="no ground-truth column"):
+        classify_table(settings, LABELS, templates=TEMPLATES, encoder=encoder, truth_column=column)

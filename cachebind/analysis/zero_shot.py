@@ -206,6 +206,13 @@ def evaluate(settings: Settings, name: str, column: str) -> Evaluation:
     table = CacheTable.open(settings.store)
     if column not in table.dataset.schema.names or column in ("vector", "thumbnail"):
         raise LabelSetError(f"the table has no ground-truth column {column!r}")
+    kind = table.dataset.schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and not (
+        pa.types.is_integer(kind)
+    ):
+        raise LabelSetError(
+            f"ground-truth column {column!r} holds {kind}: it must hold text or integers"
+        )
     side = side_handle.to_lance().to_table(columns=["id", "label"])
     order = np.argsort(side["id"].to_numpy(), kind="stable")
     side_ids = side["id"].to_numpy()[order]
