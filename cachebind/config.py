@@ -338,6 +338,8 @@ class AnalysisConfig(Section):
     """UMAP's n_neighbors."""
     map_max_points: int = Field(default=200_000, ge=1)
     """Points ``GET /v1/map`` sends at most (a seeded sample of larger maps)."""
+    max_export_rows: int = Field(default=100_000, ge=1)
+    """Rows one ``POST /v1/export`` may ask for (a map selection can be large)."""
 
 
 class LLMConfig(Section):

@@ -143,6 +143,7 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     labels = classify_table(
         settings, LABELS, templates=["a {} picture"], encoder=served.runtime.encoder
     )
+    page.set_viewport_size({"width": 1280, "height": 1400})  # the whole canvas in view
     page.fill("#label-table", labels.name)
     page.click("#show-map")
     page.wait_for_selector("#map-canvas[data-points='120']")
@@ -169,6 +170,22 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     # The nearest drawn dot to the click: the first point, or one drawn on top of it.
     ox, oy = x[data["ids"].index(opened)], y[data["ids"].index(opened)]
     assert np.hypot((ox - x[0]) * scale, (oy - y[0]) * scale) <= 8
+
+    # Shift + drag over the whole canvas selects every dot; the selection exports as Parquet.
+    import pyarrow.parquet as pq
+
+    page.keyboard.down("Shift")
+    page.mouse.move(box["x"] + 1, box["y"] + 1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] - 1, steps=4)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_selector("#map-canvas[data-selected='120']")
+    with page.expect_download() as info:
+        page.click("#map-export")
+    info.value.save_as(tmp_path / "selection.parquet")
+    exported = pq.read_table(tmp_path / "selection.parquet")["id"].to_pylist()
+    assert sorted(str(i) for i in exported) == sorted(data["ids"])
 
     # The same label table filters a search to the rows of the labels asked.
     blue = {i for i, label in zip(data["ids"], data["labels"], strict=True) if label == "blue"}

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from cachebind.serve import schemas_analysis as sa
-from cachebind.serve.deps import RequestLimits, State
+from cachebind.serve.deps import State
 from cachebind.serve.errors import ApiError
 
 router = APIRouter()
@@ -35,11 +35,14 @@ def encode(rows: pa.Table, fmt: str) -> bytes:
     tags=["v1"],
     responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}},
 )
-async def export(body: sa.ExportRequest, state: State, limits: RequestLimits) -> Response:
-    """The metadata of the rows ``ids`` (at most ``max_k``), in the order given."""
-    if len(body.ids) > limits.config.max_k:
+async def export(body: sa.ExportRequest, state: State) -> Response:
+    """The metadata of the rows ``ids`` (at most ``analysis.max_export_rows``), in order."""
+    limit = state.settings.analysis.max_export_rows
+    if len(body.ids) > limit:
         raise ApiError(
-            413, "too_many_ids", f"{len(body.ids)} ids; the limit is {limits.config.max_k}"
+            413,
+            "too_many_ids",
+            f"{len(body.ids)} ids; the limit is {limit} (analysis.max_export_rows)",
         )
     _, snap = state.require_snapshot()
     table = snap.table
