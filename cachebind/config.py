@@ -316,6 +316,44 @@ class CacheConfig(Section):
     alpha: float = 0.5
 
 
+class AnalysisConfig(Section):
+    """The analyst's workbench: zero-shot labels over the cache (``cachebind classify``,
+    ``POST /v1/classify``), the modality-gap report and the map of the collection."""
+
+    top_k: int = Field(default=1, ge=1, le=100)
+    """Labels kept per row (the best first) unless a run asks for another number."""
+    batch_rows: int = Field(default=65_536, ge=1)
+    """Rows read, scored and committed at a time: a run's memory is this many vectors, the
+    class matrix and the set of ids already labelled (8 bytes each)."""
+    prompt_batch: int = Field(default=256, ge=1)
+    """Prompts (label x template) encoded per encoder call when building class embeddings."""
+    max_labels: int = Field(default=1_000, ge=2)
+    """Most labels in one label set (the CLI and the API)."""
+    max_templates: int = Field(default=100, ge=1)
+    """Most prompt templates in one run (CLIP's ImageNet set has 80)."""
+    max_prompts: int = Field(default=4_096, ge=1)
+    """Most prompts (labels x templates) one ``/v1/classify`` request may make the service
+    encode: the request's cost is bounded by this, whatever its label set."""
+    gap_images: int = Field(default=20_000, ge=1)
+    """Image rows (a seeded uniform sample) the gap report measures queries against and
+    retrieves the blend's neighbours from (exactly): its cost is queries x this."""
+    gap_queries: int = Field(default=2_000, ge=1)
+    """Queries per query set in the gap report (a seeded sample of larger sets)."""
+    seed: int = 0
+    """Seed of the report's and the map's samples."""
+    map_method: Literal["umap", "pca"] = "umap"
+    """The map's 2-D layout: UMAP (umap-learn, the ``analysis`` extra) or PCA (fast)."""
+    map_sample: int = Field(default=20_000, ge=10)
+    """Rows the layout is fitted on (a seeded sample); every other row is transformed in
+    batches of ``batch_rows``, so memory follows the sample, not the table."""
+    map_neighbours: int = Field(default=15, ge=2)
+    """UMAP's n_neighbors."""
+    map_max_points: int = Field(default=200_000, ge=1)
+    """Points ``GET /v1/map`` sends at most (a seeded sample of larger maps)."""
+    max_export_rows: int = Field(default=100_000, ge=1)
+    """Rows one ``POST /v1/export`` may ask for (a map selection can be large)."""
+
+
 class LLMConfig(Section):
     """LLaMA with the ImageBind-LLM adapter."""
 
@@ -519,6 +557,7 @@ class Settings(BaseSettings):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

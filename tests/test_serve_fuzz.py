@@ -44,6 +44,13 @@ VALID: dict[str, dict[str, Any]] = {
         "temperature": 0.0,
         "stream": False,
     },
+    "/v1/classify": {
+        "inputs": [{"modality": "text", "text": "a red dog"}],
+        "labels": ["dog", "cat"],
+        "templates": ["a photo of a {}."],
+        "top_k": 2,
+    },
+    "/v1/export": {"ids": ["1", 2], "format": "csv"},
 }
 
 # Raw JSON text, spliced in where a value was: some of these Python's json module cannot

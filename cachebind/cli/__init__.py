@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cachebind.cli.analysis import add_classify, add_map, add_report
 from cachebind.cli.embedding import add_embed
 from cachebind.cli.indexes import add_index, add_store
 from cachebind.cli.options import EPILOG, common_options, parse_input
@@ -33,6 +34,9 @@ SUBCOMMANDS = (
     add_keys,
     add_queries,
     add_train,
+    add_classify,
+    add_report,
+    add_map,
     add_weights,
     add_demo,
     add_config,

@@ -31,7 +31,19 @@ from cachebind.serve.middleware import GuardMiddleware, install_error_handlers
 from cachebind.serve.multipart import MultipartForms
 from cachebind.serve.openai import routes as openai_routes
 from cachebind.serve.openai.errors import OpenAIErrorShape
-from cachebind.serve.routes import admin, embed, enhance, generate, images, ops, search
+from cachebind.serve.routes import (
+    admin,
+    classify,
+    collection_map,
+    embed,
+    enhance,
+    export,
+    generate,
+    images,
+    ops,
+    reports,
+    search,
+)
 from cachebind.serve.runtime import Runtime
 from cachebind.serve.signing import require_user_or_signature
 from cachebind.serve.state import ServeState
@@ -93,6 +105,10 @@ def create_app(
         search.router,
         enhance.router,
         generate.router,
+        classify.router,
+        collection_map.router,
+        export.router,
+        reports.router,
         admin.info,
         openai_routes.router,
     ):

@@ -86,6 +86,13 @@ class EmbedResponse(BaseModel):
     items: list[Embedding]
 
 
+class LabelFilter(Strict):
+    """Keep the rows whose zero-shot label (a side table of `cachebind classify`) is listed."""
+
+    table: Text = Field(description="The side table, e.g. images_labels_3d52e0349001.")
+    labels: list[Text] = Field(..., min_length=1, max_length=1000)
+
+
 class SearchRequest(Strict):
     """Nearest cached rows to F_M, the (weighted mix of the) inputs' embedding."""
 
@@ -105,6 +112,9 @@ class SearchRequest(Strict):
         gt=0,
         le=1,
         description="Drop a result whose cosine to an already kept one exceeds this threshold.",
+    )
+    label_filter: LabelFilter | None = Field(
+        None, description="Only rows whose best zero-shot label is one of these (ANDed)."
     )
 
 

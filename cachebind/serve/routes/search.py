@@ -14,6 +14,7 @@ from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.errors import unprocessable
 from cachebind.serve.filters import FilterError, parse_filter
 from cachebind.serve.inputs import embed_query
+from cachebind.serve.label_filter import label_where
 from cachebind.serve.multipart import form_schema
 from cachebind.serve.recall import recall_info
 from cachebind.serve.search import search as run_search
@@ -47,6 +48,8 @@ async def search(
         where = parse_filter(body.filter) if body.filter is not None else None
     except FilterError as exc:
         raise unprocessable("bad_filter", str(exc)) from exc
+    if body.label_filter is not None:
+        where = await label_where(state.settings.store, body.label_filter, where)
     # The digest of a big request (megabytes of base64) is hashed off the event loop.
     digest = await asyncio.to_thread(query_digest, _paged_query(body))
     offset = decode_cursor(state.cursor_secret, body.cursor, digest) if body.cursor else body.offset
@@ -114,4 +117,4 @@ async def search(
 
 def _paged_query(body: s.SearchRequest) -> dict[str, Any]:
     """What a page of results depends on, so what a cursor is bound to."""
-    return body.model_dump(mode="json", include={"inputs", "filter", "dedup", "k"})
+    return body.model_dump(mode="json", include={"inputs", "filter", "label_filter", "dedup", "k"})

@@ -139,6 +139,7 @@ async function runSearch(more = false) {
       if (filter) body.filter = filter;
       const dedup = parseFloat($("#dedup").value);
       if (dedup > 0) body.dedup = dedup;
+      Object.assign(body, labelFilter()); // workbench.js
       state.body = body;
       clearResults();
     }

@@ -1,0 +1,174 @@
+// The map of the collection (GET /v1/map): one dot per row on a canvas, coloured by its
+// zero-shot label; a click opens the nearest row. Loaded after app.js and workbench.js.
+"use strict";
+
+const MAP_PAD = 12; // pixels between the outermost dots and the canvas edge
+const MAP_HIT = 8; // a click selects the nearest dot within this many pixels
+const PALETTE = ["#2f6fed", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#0c8599",
+  "#e67700", "#5c940d", "#a61e4d", "#364fc7"];
+const mapState = { px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null };
+
+// Uniform scale, y up: the layout's aspect ratio is kept.
+function mapTransform(xs, ys, width, height) {
+  const xmin = Math.min(...xs), xmax = Math.max(...xs);
+  const ymin = Math.min(...ys), ymax = Math.max(...ys);
+  const scale = Math.min((width - 2 * MAP_PAD) / (xmax - xmin || 1),
+    (height - 2 * MAP_PAD) / (ymax - ymin || 1));
+  return [(x) => MAP_PAD + (x - xmin) * scale, (y) => height - MAP_PAD - (y - ymin) * scale];
+}
+
+function drawMap(data) {
+  const canvas = $("#map-canvas");
+  canvas.width = Math.max(280, canvas.parentElement.clientWidth);
+  canvas.height = Math.round(canvas.width * 0.7);
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const [tx, ty] = mapTransform(data.x, data.y, canvas.width, canvas.height);
+  const labels = data.labels || data.ids.map(() => null);
+  const names = [...new Set(labels.filter((l) => l !== null))].sort();
+  const colour = (label) => (label === null ? "#8a93a3" : PALETTE[names.indexOf(label) % PALETTE.length]);
+  mapState.px = data.x.map(tx);
+  mapState.py = data.y.map(ty);
+  mapState.ids = data.ids;
+  mapState.labels = labels;
+  mapState.colours = labels.map(colour);
+  mapState.selected = [];
+  paintMap();
+  const counts = new Map();
+  for (const label of labels) counts.set(label, (counts.get(label) || 0) + 1);
+  const legend = [...counts.entries()].map(([label, n]) => {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = colour(label);
+    item.append(swatch, `${label === null ? "unlabelled" : label} (${n})`);
+    return item;
+  });
+  $("#map-legend").replaceChildren(...legend);
+  canvas.dataset.points = String(data.ids.length);
+}
+
+function paintMap(box = null) {
+  const canvas = $("#map-canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const chosen = new Set(mapState.selected);
+  for (let i = 0; i < mapState.ids.length; i++) {
+    ctx.fillStyle = mapState.colours[i];
+    const size = chosen.has(i) ? 6 : 4;
+    ctx.fillRect(mapState.px[i] - size / 2, mapState.py[i] - size / 2, size, size);
+  }
+  if (box) {
+    ctx.strokeStyle = "#1d2330";
+    ctx.setLineDash([4, 3]);
+    ctx.strokeRect(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0);
+    ctx.setLineDash([]);
+  }
+}
+
+function canvasPoint(event) {
+  const rect = event.target.getBoundingClientRect();
+  return [
+    (event.clientX - rect.left) * (event.target.width / rect.width),
+    (event.clientY - rect.top) * (event.target.height / rect.height),
+  ];
+}
+
+// Shift + drag draws a box; the dots inside it are the selection "Export selection" writes.
+function selectInBox(box) {
+  const [xa, xb] = [Math.min(box.x0, box.x1), Math.max(box.x0, box.x1)];
+  const [ya, yb] = [Math.min(box.y0, box.y1), Math.max(box.y0, box.y1)];
+  mapState.selected = [];
+  for (let i = 0; i < mapState.ids.length; i++) {
+    const x = mapState.px[i], y = mapState.py[i];
+    if (x >= xa && x <= xb && y >= ya && y <= yb) mapState.selected.push(i);
+  }
+  const n = mapState.selected.length;
+  $("#map-export").disabled = n === 0;
+  $("#map-selection").textContent = n ? `${n} selected` : "shift + drag to select";
+  $("#map-canvas").dataset.selected = String(n);
+  paintMap();
+}
+
+async function exportSelection() {
+  const ids = mapState.selected.map((i) => mapState.ids[i]);
+  try {
+    const response = await fetch("/v1/export", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({ ids, format: "parquet" }),
+    });
+    if (!response.ok) {
+      const payload = await response.json().catch(() => ({}));
+      throw new Error(`${response.status} ${payload.error || "error"}: ${payload.detail || ""}`);
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = "cachebind-map-selection.parquet";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    setStatus(`exported ${ids.length} rows of the map as Parquet`);
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
+function nearestPoint(x, y) {
+  let best = -1;
+  let bestDistance = MAP_HIT * MAP_HIT;
+  for (let i = 0; i < mapState.ids.length; i++) {
+    const d = (mapState.px[i] - x) ** 2 + (mapState.py[i] - y) ** 2;
+    if (d <= bestDistance) {
+      best = i;
+      bestDistance = d;
+    }
+  }
+  return best;
+}
+
+async function showMap() {
+  const table = $("#label-table").value.trim();
+  try {
+    setStatus("loading the map…");
+    const data = await api(`/v1/map${table ? `?labels=${encodeURIComponent(table)}` : ""}`);
+    $("#map-view").hidden = false;
+    drawMap(data);
+    $("#map-summary").textContent =
+      `${data.count} rows · ${data.method} · table version ${data.table_version}` +
+      (data.table_version !== data.served_version ? ` (served: ${data.served_version})` : "");
+    setStatus(`map of ${data.count} rows`);
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#show-map").addEventListener("click", showMap);
+  const canvas = $("#map-canvas");
+  canvas.addEventListener("mousedown", (event) => {
+    if (!event.shiftKey) return;
+    const [x, y] = canvasPoint(event);
+    mapState.drag = { x0: x, y0: y, x1: x, y1: y };
+  });
+  canvas.addEventListener("mousemove", (event) => {
+    if (!mapState.drag) return;
+    [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
+    paintMap(mapState.drag);
+  });
+  canvas.addEventListener("mouseup", (event) => {
+    if (!mapState.drag) return;
+    [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
+    selectInBox(mapState.drag);
+    mapState.drag = null;
+  });
+  canvas.addEventListener("click", (event) => {
+    if (event.shiftKey) return; // the end of a box selection
+    const [x, y] = canvasPoint(event);
+    const i = nearestPoint(x, y);
+    if (i >= 0) openDetail(mapState.ids[i], mapState.labels[i] || "", "from the map");
+  });
+  $("#map-export").addEventListener("click", exportSelection);
+});

@@ -1,0 +1,247 @@
+"""The workbench views of the web page in a real headless Chromium against a real server:
+point-cloud upload, keyboard-only search into a result's detail and "more like this", CSV
+export read back, the enhance view, the map (a click opens an item) and phone width.
+
+Screenshots go to the test's tmp_path (``workbench-*.png``) to be looked at.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+
+from cachebind.analysis.layout import compute_map
+from cachebind.analysis.zero_shot import classify_table
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api")
+if not shutil.which(CHROMIUM):
+    pytest.skip("no chromium binary (apt-get install -y chromium)", allow_module_level=True)
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+pytestmark = pytest.mark.served(rows=120, llm=True)
+LABELS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.goto(served.url + "/")
+    page.fill("#api-key", served.svc.user_key)
+    yield page
+    context.close()
+
+
+def search_text(page, text: str, k: int = 6) -> None:
+    page.fill(".input-row .input-text", text)
+    page.fill("#k", str(k))
+    page.click("#search")
+    page.wait_for_selector(f"#results .result[data-thumb] >> nth={k - 1}")
+
+
+def test_keyboard_only_search_reaches_a_result_and_opens_its_detail(page, tmp_path):
+    page.focus(".input-row .input-text")
+    page.keyboard.type("a green boat")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#results .result >> nth=0")
+    for _ in range(60):  # Tab until a result card has the focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('result')"):
+            break
+    else:
+        pytest.fail("no result card is reachable with Tab")
+    focused = page.evaluate("document.activeElement.dataset.id")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#detail[open][data-thumb]")
+    assert page.get_attribute("#detail", "data-id") == focused
+    page.screenshot(path=str(tmp_path / "workbench-detail.png"))
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#detail:not([open])", state="attached")
+
+
+def test_more_like_this_searches_with_the_items_picture(page, served):
+    search_text(page, "a red dog")
+    page.click("#results .result >> nth=0")
+    page.wait_for_selector("#detail[data-thumb='shown']")
+    page.click("#more-like-this")
+    page.wait_for_selector("#status >> text=/results like row/")
+    assert len(page.query_selector_all("#results .result")) == 6
+
+
+def test_results_export_to_a_csv_that_reads_back_as_the_cards(page, tmp_path):
+    search_text(page, "a blue tree", k=5)
+    with page.expect_download() as info:
+        page.click("#export-csv")
+    path = tmp_path / "results.csv"
+    info.value.save_as(path)
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    cards = page.query_selector_all("#results .result")
+    assert [r["id"] for r in rows] == [c.get_attribute("data-id") for c in cards]
+    assert [r["caption"] for r in rows] == [
+        c.query_selector(".caption").inner_text() for c in cards
+    ]
+
+
+def test_results_export_to_parquet_with_the_cards_rows_in_order(page, tmp_path):
+    import pyarrow.parquet as pq
+
+    search_text(page, "a green flower", k=5)
+    with page.expect_download() as info:
+        page.click("#export-parquet")
+    path = tmp_path / "results.parquet"
+    info.value.save_as(path)
+    rows = pq.read_table(path).to_pylist()
+    cards = page.query_selector_all("#results .result")
+    assert [str(r["id"]) for r in rows] == [c.get_attribute("data-id") for c in cards]
+    captions = [c.query_selector(".caption").inner_text() for c in cards]
+    assert [r["caption"] for r in rows] == captions
+
+
+def test_a_point_cloud_upload_searches(page, tmp_path):
+    cloud = np.random.default_rng(0).standard_normal((2048, 3))
+    path = tmp_path / "cloud.xyz"
+    path.write_text("\n".join(" ".join(f"{v:.5f}" for v in p) for p in cloud) + "\n")
+    page.select_option(".input-row .input-modality", "point")
+    page.query_selector(".input-row .input-file").set_input_files(str(path))
+    page.fill("#k", "4")
+    page.click("#search")
+    page.wait_for_selector("#results .result >> nth=3")
+    assert "error" not in (page.get_attribute("#status", "class") or "")
+
+
+def test_the_enhance_view_shows_the_neighbours_weights_and_the_enhanced_results(page, tmp_path):
+    page.fill(".input-row .input-text", "a purple cat")
+    page.click("#enhance")
+    page.wait_for_selector("#enhance-view:not([hidden]) #enhance-results li")
+    weights = [
+        float(row.query_selector_all("td")[3].inner_text())
+        for row in page.query_selector_all("#enhance-neighbours tr")
+    ]
+    assert len(weights) >= 1 and sum(weights) == pytest.approx(1.0, abs=1e-3 * len(weights))
+    assert "cosine(F, F~)" in page.inner_text("#enhance-summary")
+    page.screenshot(path=str(tmp_path / "workbench-enhance.png"), full_page=True)
+
+
+def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, served, tmp_path):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    labels = classify_table(
+        settings, LABELS, templates=["a {} picture"], encoder=served.runtime.encoder
+    )
+    page.set_viewport_size({"width": 1280, "height": 1400})  # the whole canvas in view
+    page.fill("#label-table", labels.name)
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+    assert len(page.query_selector_all("#map-legend li")) == len(
+        {*classify_labels(served, labels.name)}
+    )
+    page.screenshot(path=str(tmp_path / "workbench-map.png"), full_page=True)
+    # Click the first point where the page drew it (its transform: uniform scale, 12 px pad).
+    data = httpx.get(
+        f"{served.url}/v1/map",
+        params={"labels": labels.name},
+        headers={"Authorization": f"Bearer {served.svc.user_key}"},
+    ).json()
+    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+    box = page.query_selector("#map-canvas").bounding_box()
+    x, y = np.array(data["x"]), np.array(data["y"])
+    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+    px = 12 + (x[0] - x.min()) * scale
+    py = height - 12 - (y[0] - y.min()) * scale
+    page.mouse.click(box["x"] + px * box["width"] / width, box["y"] + py * box["height"] / height)
+    page.wait_for_selector("#detail[open][data-thumb]")
+    opened = page.get_attribute("#detail", "data-id")
+    page.click("#detail-close")
+    # The nearest drawn dot to the click: the first point, or one drawn on top of it.
+    ox, oy = x[data["ids"].index(opened)], y[data["ids"].index(opened)]
+    assert np.hypot((ox - x[0]) * scale, (oy - y[0]) * scale) <= 8
+
+    # Shift + drag over the whole canvas selects every dot; the selection exports as Parquet.
+    import pyarrow.parquet as pq
+
+    page.keyboard.down("Shift")
+    page.mouse.move(box["x"] + 1, box["y"] + 1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] - 1, steps=4)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_selector("#map-canvas[data-selected='120']")
+    with page.expect_download() as info:
+        page.click("#map-export")
+    info.value.save_as(tmp_path / "selection.parquet")
+    exported = pq.read_table(tmp_path / "selection.parquet")["id"].to_pylist()
+    assert sorted(str(i) for i in exported) == sorted(data["ids"])
+
+    # The same label table filters a search to the rows of the labels asked.
+    blue = {i for i, label in zip(data["ids"], data["labels"], strict=True) if label == "blue"}
+    page.fill("#label-filter", "blue")
+    search_text(page, "a red dog", k=min(6, len(blue)))
+    assert {c.get_attribute("data-id") for c in page.query_selector_all(".result")} <= blue
+
+
+def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
+    page.fill(".input-row .input-text", "a red dog")
+    page.click("#show-generate")
+    page.fill("#generate-prompt", "Describe it.")
+    page.click("#generate")
+    page.wait_for_selector("#generate-text[data-done]")
+    neighbours = page.query_selector_all("#generate-neighbours li")
+    assert len(neighbours) == served.svc.settings.cache.k
+    assert page.inner_text("#status") == "generated"
+    page.screenshot(path=str(tmp_path / "workbench-generate.png"), full_page=True)
+
+
+def test_the_gap_view_shows_the_last_report_with_its_plots(page, served, tmp_path):
+    from cachebind.analysis.gap import QueryGroup
+    from cachebind.analysis.gap_report import REPORT_DIR
+    from cachebind.analysis.notebook import gap_report
+
+    settings = served.svc.settings
+    queries = np.random.default_rng(2).standard_normal((40, served.cache.dim))
+    group = QueryGroup("text:file:q.npy", "text", queries.astype(np.float32))
+    report = gap_report(settings, [group], out_dir=settings.index.dir / REPORT_DIR)
+    page.click("#show-gap")
+    page.wait_for_selector("#gap-view:not([hidden]) #gap-figures img >> nth=1")
+    cells = [c.inner_text() for c in page.query_selector_all("#gap-rows tr >> nth=0 >> td")]
+    distance = report.results[0].before.centroid_distance
+    assert cells[:3] == ["text:file:q.npy", "query", "40"] and cells[3] == f"{distance:.4f}"
+    widths = page.eval_on_selector_all(
+        "#gap-figures img",
+        "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))",
+    )
+    assert len(widths) == 2 and all(w > 0 for w in widths)
+    page.screenshot(path=str(tmp_path / "workbench-gap.png"), full_page=True)
+
+
+def classify_labels(served, name: str) -> list[str]:
+    from cachebind.analysis.labelling import open_side_table
+
+    store = served.svc.settings.store
+    return open_side_table(store, name).to_lance().to_table()["label"].to_pylist()
+
+
+def test_at_phone_width_nothing_is_wider_than_the_screen(browser, served, tmp_path):
+    context = browser.new_context(viewport={"width": 375, "height": 740})
+    page = context.new_page()
+    page.goto(served.url + "/")
+    page.fill("#api-key", served.svc.user_key)
+    search_text(page, "a yellow house", k=4)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    page.screenshot(path=str(tmp_path / "workbench-phone.png"), full_page=True)
+    context.close()
+    assert overflow <= 0
