@@ -40,6 +40,9 @@ def label_fragment(
     import lance
 
     dataset = lance.dataset(uri, version=version, storage_options=storage_options)
+    fragment = dataset.get_fragment(fragment_id)
+    if fragment is None:  # the driver listed it from this very version
+        raise LookupError(f"fragment {fragment_id} is not in {uri} at version {version}")
     parts = [
         label_rows(
             batch.column("id").to_numpy(),
@@ -49,9 +52,7 @@ def label_fragment(
             top_k,
             version,
         )
-        for batch in dataset.get_fragment(fragment_id).to_batches(
-            columns=["id", "vector"], batch_size=batch_rows
-        )
+        for batch in fragment.to_batches(columns=["id", "vector"], batch_size=batch_rows)
     ]
     # The driver submits only fragments that hold rows, so there is at least one part.
     return pa.concat_tables(parts)

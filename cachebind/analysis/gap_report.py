@@ -78,13 +78,15 @@ def projection_figure(results: list[GapResult], images: np.ndarray, seed: int = 
 
     fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.subplots()
-    ax.scatter(*project(sample(images)).T, s=4, alpha=0.4, c="grey", label="image rows")
+    xy = project(sample(images))
+    ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.4, c="grey", label="image rows")
     centre = project(mean[None])[0]
     for r in results:
         if r.queries_before is None or r.queries_after is None:
             continue
         for vectors, tag in ((r.queries_before, ""), (r.queries_after, " blended")):
-            pts = ax.scatter(*project(sample(vectors)).T, s=4, alpha=0.4, label=f"{r.name}{tag}")
+            xy = project(sample(vectors))
+            pts = ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.4, label=f"{r.name}{tag}")
             c = project(vectors.mean(0, keepdims=True))[0]
             ax.annotate(
                 "",
@@ -92,7 +94,7 @@ def projection_figure(results: list[GapResult], images: np.ndarray, seed: int = 
                 xytext=centre,
                 arrowprops={"arrowstyle": "->", "color": pts.get_facecolor()[0]},
             )
-    ax.scatter(*centre, marker="x", c="black", s=20, label="image centroid")
+    ax.scatter(centre[0], centre[1], marker="x", c="black", s=20, label="image centroid")
     ax.set_title("the gap: images and queries on the images' first two principal axes")
     ax.legend(loc="best", fontsize="small", markerscale=3)
     return fig
