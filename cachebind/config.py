@@ -154,9 +154,12 @@ class EmbedConfig(Section):
     thumbnails: bool = True
     thumbnail_size: int = 256
     caption_embeddings: bool = False
-    max_image_pixels: int = 89_478_485
-    """Larger images are rejected as decompression bombs (Pillow's own default limit)."""
-    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int | None = Field(default=None, gt=0)
+    """Images larger than this are refused as decompression bombs; unset: the service's
+    ``input.max_image_pixels``, so a job and the API refuse the same images."""
+    max_image_bytes: int | None = Field(default=None, gt=0)
+    """Files and tar members over this are refused unread (``too_large``); unset: the
+    service's ``input.max_bytes``."""
     max_row_group_bytes: int = Field(default=1024**3, gt=0)
     """A parquet row group whose columns hold more, uncompressed, is not read: each of its rows
     is a ``too_large`` error (reading one takes about twice that in the reader's memory;
@@ -354,6 +357,15 @@ class AnalysisConfig(Section):
     """Rows one ``POST /v1/export`` may ask for (a map selection can be large)."""
 
 
+RELEASED_MAX_NEW_TOKENS = 256
+RELEASED_TEMPERATURE = 0.1
+RELEASED_TOP_P = 0.75
+"""The released demo's generation defaults (``llama.generate``): every default of a generation,
+in the settings and in the library's signatures, is one of these."""
+PREFILL_CHUNK = 256
+"""Prompt tokens prefilled per decode step, unless ``llm.prefill_chunk`` says otherwise."""
+
+
 class LLMConfig(Section):
     """LLaMA with the ImageBind-LLM adapter."""
 
@@ -367,15 +379,15 @@ class LLMConfig(Section):
     check: a checkpoint of the other variant is refused."""
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_new_tokens: int = 256
-    temperature: float = 0.1
-    top_p: float = 0.75
+    max_new_tokens: int = RELEASED_MAX_NEW_TOKENS
+    temperature: float = RELEASED_TEMPERATURE
+    top_p: float = RELEASED_TOP_P
     max_batch: int = Field(default=8, ge=1)
     """Generations decoded together (in-flight batching): the KV cache holds this many slots of
     the model's ``max_seq_len`` positions, allocated and checked against free memory at start."""
     max_queue: int = Field(default=64, ge=0)
     """Generations waiting for a slot; one more is refused with 429 and Retry-After."""
-    prefill_chunk: int = Field(default=256, ge=1)
+    prefill_chunk: int = Field(default=PREFILL_CHUNK, ge=1)
     """Prompt tokens prefilled per decode step (the joining prompts' chunks share one forward):
     a long prompt that joins delays the running generations by at most this many tokens' work
     per step. Smaller: steadier token pace for running streams; larger: joiners start sooner."""

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from cachebind.config import LLMConfig
+from cachebind.config import (
+    RELEASED_MAX_NEW_TOKENS,
+    RELEASED_TEMPERATURE,
+    RELEASED_TOP_P,
+    LLMConfig,
+)
 from cachebind.device import resolve_device, resolve_dtype
 from cachebind.errors import InputError, WeightsError
 from cachebind.inject.load import LoadReport, load_adapter_llama
@@ -101,9 +106,9 @@ class Generator:
         self,
         prompts: list[str],
         visual: torch.Tensor | np.ndarray | None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.1,
-        top_p: float = 0.75,
+        max_new_tokens: int = RELEASED_MAX_NEW_TOKENS,
+        temperature: float = RELEASED_TEMPERATURE,
+        top_p: float = RELEASED_TOP_P,
         *,
         template: bool = True,
         seed: int | None = None,
@@ -130,9 +135,9 @@ class Generator:
         self,
         prompts: list[str],
         visual: torch.Tensor | np.ndarray | None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.1,
-        top_p: float = 0.75,
+        max_new_tokens: int = RELEASED_MAX_NEW_TOKENS,
+        temperature: float = RELEASED_TEMPERATURE,
+        top_p: float = RELEASED_TOP_P,
         *,
         template: bool = True,
         seed: int | None = None,

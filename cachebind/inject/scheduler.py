@@ -28,6 +28,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cachebind.config import (
+    PREFILL_CHUNK,
+    RELEASED_MAX_NEW_TOKENS,
+    RELEASED_TEMPERATURE,
+    RELEASED_TOP_P,
+)
 from cachebind.errors import InputError
 from cachebind.inject.generate import Generator, check_sampling, sample_top_p, tempered_probs
 from cachebind.inject.handles import (
@@ -81,7 +87,7 @@ class Scheduler:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
-        prefill_chunk: int = 64,
+        prefill_chunk: int = PREFILL_CHUNK,
         max_seq_len: int | None = None,
         threads: int | None = None,
         observer: SchedulerObserver | None = None,
@@ -118,9 +124,9 @@ class Scheduler:
         prompt: str,
         visual: torch.Tensor | np.ndarray | None = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.1,
-        top_p: float = 0.75,
+        max_new_tokens: int = RELEASED_MAX_NEW_TOKENS,
+        temperature: float = RELEASED_TEMPERATURE,
+        top_p: float = RELEASED_TOP_P,
         seed: int | None = None,
         template: bool = True,
         stop: Sequence[str] = (),

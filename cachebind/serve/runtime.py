@@ -17,7 +17,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cachebind.config import CacheConfig, IndexConfig, LLMConfig, Settings, StoreConfig
+from cachebind.config import (
+    RELEASED_MAX_NEW_TOKENS,
+    RELEASED_TEMPERATURE,
+    RELEASED_TOP_P,
+    CacheConfig,
+    IndexConfig,
+    LLMConfig,
+    Settings,
+    StoreConfig,
+)
 from cachebind.modalities import Modality
 
 log = logging.getLogger("cachebind.serve")
@@ -133,9 +142,9 @@ class Runtime:
         self.generator = generator
         self.cache_config = cache_config or CacheConfig()
         self.generation_defaults = generation_defaults or {
-            "max_new_tokens": 256,
-            "temperature": 0.1,
-            "top_p": 0.75,
+            "max_new_tokens": RELEASED_MAX_NEW_TOKENS,
+            "temperature": RELEASED_TEMPERATURE,
+            "top_p": RELEASED_TOP_P,
         }
         self._snapshot = snapshot
         self._swap_lock = threading.Lock()

@@ -189,8 +189,8 @@ def _run_pipeline(
         for p in todo
     ]
     decode_options = DecodeOptions(
-        max_pixels=cfg.max_image_pixels,
-        max_bytes=cfg.max_image_bytes,
+        max_pixels=cfg.max_image_pixels or settings.input.max_image_pixels,
+        max_bytes=cfg.max_image_bytes or settings.input.max_bytes,
         max_group_bytes=cfg.max_row_group_bytes,
         thumbnails=cfg.thumbnails,
         thumbnail_size=cfg.thumbnail_size,
