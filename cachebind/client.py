@@ -20,12 +20,14 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from cachebind.arrays import Floats
 from cachebind.modalities import Modality
+
+if TYPE_CHECKING:  # the light client (clients/python) installs without numpy
+    from cachebind.arrays import Floats
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

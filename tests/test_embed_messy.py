@@ -121,7 +121,8 @@ def test_a_messy_webdataset_accounts_for_every_sample_exactly_once(tmp_path: Pat
 def test_a_messy_folder_and_parquet_account_for_every_sample_exactly_once(tmp_path: Path) -> None:
     # A 12000 x 12000 PNG of a few hundred bytes passes the pixel limit set here, and its
     # 432 MB of pixels pass the sandbox's 300 MiB: too_large, not a dead worker. An 8 GiB file
-    # is over the job's byte budget (input.max_bytes, 64 MiB): too_large before the reader reads a byte of it.
+    # is over the job's byte budget (input.max_bytes, 64 MiB): too_large before the reader
+    # reads a byte of it.
     folder, expected = messy.folder(tmp_path, bomb=syn.bomb_png(12_000, 12_000), huge=True)
     s = settings(tmp_path / "db-folder", max_image_pixels=200_000_000)
     report = run_embed(f"folder:{folder}?chunk_size=3", s, progress=False)

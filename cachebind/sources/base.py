@@ -327,7 +327,8 @@ class Refused(OSError):
 
 
 class TooLarge(Refused):
-    """A file over the reader's byte budget (``embed.max_image_bytes``, by default ``input.max_bytes``), refused unread."""
+    """A file over the reader's byte budget (``embed.max_image_bytes``, by default
+    ``input.max_bytes``), refused unread."""
 
     reason = "too_large"
 
