@@ -34,6 +34,14 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a ``slow`` test run first. Under pytest-xdist each file stays on one worker
+    and files are handed out in this order, so the long ones start at once and the short ones
+    fill the gaps, instead of one worker finishing a long file alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+
+
 @dataclass(frozen=True)
 class Served:
     """A running server, its settings and keys, and the runtime it serves."""

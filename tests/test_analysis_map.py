@@ -49,6 +49,7 @@ def test_a_map_describes_the_table_version_it_was_computed_on(tmp_path):
         read_map(store, newer + 5)
 
 
+@pytest.mark.slow
 def test_umap_fitted_on_a_sample_keeps_clusters_together_for_the_rows_it_transforms(tmp_path):
     store = make_images_table(tmp_path / "db", n=400, dim=16, seed=3, dtype="float32")
     result = compute_map(settings_for(store, map_sample=200, map_neighbours=10), "umap")

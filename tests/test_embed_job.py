@@ -118,6 +118,7 @@ def test_webdataset_job_records_bad_inputs_and_resumes_exactly_once(tmp_path: Pa
         run_embed(str(tmp_path / "wds"), other, progress=False)
 
 
+@pytest.mark.slow
 def test_folder_parquet_and_cc3m_sources(tmp_path: Path) -> None:
     db = tmp_path / "db"
     folder_keys = syn.write_folder(tmp_path / "folder", 5)

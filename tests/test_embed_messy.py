@@ -93,6 +93,7 @@ def test_the_crashing_input_really_kills_a_process_that_decodes_it(
     assert done.returncode == -signal.SIGSEGV
 
 
+@pytest.mark.slow
 def test_a_messy_webdataset_accounts_for_every_sample_exactly_once(tmp_path: Path) -> None:
     source, expected = messy.webdataset(tmp_path)
     s = settings(tmp_path / "db")
@@ -118,6 +119,7 @@ def test_a_messy_webdataset_accounts_for_every_sample_exactly_once(tmp_path: Pat
     assert outcomes(s)[0] == found
 
 
+@pytest.mark.slow
 def test_a_messy_folder_and_parquet_account_for_every_sample_exactly_once(tmp_path: Path) -> None:
     # A 12000 x 12000 PNG of a few hundred bytes passes the pixel limit set here, and its
     # 432 MB of pixels pass the sandbox's 300 MiB: too_large, not a dead worker. An 8 GiB file

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import lancedb
+import pytest
 
 from cachebind.sources import synthetic as syn
 from cachebind.store import row_id
@@ -34,6 +35,7 @@ def committed_rows(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkilled_driver_resumes_to_exactly_once(tmp_path: Path) -> None:
     bad = syn.bad_samples()
     keys = syn.write_webdataset(tmp_path / "wds", 40, per_shard=5, bad=bad)

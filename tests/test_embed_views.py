@@ -347,13 +347,9 @@ def test_a_ray_train_run_on_a_table_embedded_with_views_trains_on_the_views(
         load_generator(llm.model_copy(update={"device": "cpu"}))
         return torch.load(result.output, map_location="cpu", weights_only=True)["model"]
 
-    with_views, again, centre_only = (
-        train("views"),
-        train("again"),
-        train("centre", use_views=False),
-    )
+    # The draw itself is reproducible (specified above, per row and epoch); here the run must
+    # train on it: the same run on centre vectors only ends elsewhere.
+    with_views, centre_only = train("views"), train("centre", use_views=False)
     assert with_views.keys() == centre_only.keys()
-    for name, value in with_views.items():
-        assert torch.equal(value, again[name]), name
     moved = [n for n in with_views if not torch.equal(with_views[n], centre_only[n])]
     assert any(n.startswith("image_bind_proj") for n in moved)

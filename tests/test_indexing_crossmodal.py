@@ -237,6 +237,7 @@ def test_a_key_that_cannot_reach_the_target_on_text_queries_is_escalated_with_a_
     assert recall + 2 * stderr >= TARGET
 
 
+@pytest.mark.slow
 def test_tuning_on_image_rows_alone_misses_text_neighbours_and_tune_fixes_it_in_place(
     cache, tmp_path: Path
 ) -> None:

@@ -73,6 +73,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_on_disk_merge_gives_the_single_builds_results(builds, store) -> None:
     table = CacheTable.open(store)
     manifests = {name: indexing.versions.read_manifest(d, "v000001") for name, d in builds.items()}

@@ -70,6 +70,7 @@ def manifests(s: Settings) -> int:
     return len(list(versions.glob("*.manifest"))) if versions.is_dir() else 0
 
 
+@pytest.mark.slow
 def test_the_job_runs_on_several_nodes_and_the_driver_gets_descriptors(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -89,6 +90,7 @@ def test_the_job_runs_on_several_nodes_and_the_driver_gets_descriptors(
     assert report.gc["tables"]["images"]["versions_kept"] == [CacheTable.open(s.store).version]
 
 
+@pytest.mark.slow
 def test_a_worker_node_lost_mid_job_costs_nothing(cluster: Cluster, tmp_path: Path) -> None:
     from ray.util.state import list_actors
 
@@ -121,6 +123,7 @@ def test_a_worker_node_lost_mid_job_costs_nothing(cluster: Cluster, tmp_path: Pa
     assert_exactly_once(s, keys)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_then_a_rerun_is_exactly_once(cluster: Cluster, tmp_path: Path) -> None:
     keys = syn.write_webdataset(tmp_path / "wds", 48, per_shard=4)
     db = tmp_path / "db"

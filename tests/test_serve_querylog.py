@@ -330,6 +330,7 @@ def test_the_index_route_reports_recall_and_latency_per_query_set(tmp_path, cach
         service.stop()
 
 
+@pytest.mark.slow
 def test_a_manifest_from_before_query_sets_reports_its_held_out_image_recall(tmp_path, cache):
     class LegacyLoader(TableFlatLoader):
         def load(self) -> IndexSnapshot:
@@ -385,6 +386,7 @@ def run_index_tune(settings: Any) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(tmp_path):
     cache = build_demo_cache(tmp_path, rows=300, dim=DIM)
     svc = service_settings(

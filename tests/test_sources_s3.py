@@ -236,6 +236,7 @@ def local_ray(s3: S3Config) -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_embed_from_s3_into_a_table_on_s3_then_index_it(
     data: Path, s3: S3Config, local_ray: None, tmp_path: Path
 ) -> None:

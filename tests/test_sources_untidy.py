@@ -85,6 +85,7 @@ def test_the_untidy_values_keep_what_can_be_kept(untidy) -> None:
     assert {s.key: s.url for s in read_all(untidy["folder"])} == {"bad\\udcff": None, "u": "7"}
 
 
+@pytest.mark.slow
 def test_an_untidy_webdataset_embeds_every_sample(untidy, tmp_path: Path) -> None:
     s = embed_settings(tmp_path / "db", thumbnails=False)
     report = run_embed(untidy["webdataset"], s, progress=False)
@@ -139,6 +140,7 @@ def test_a_mapping_without_its_columns_is_refused_when_the_source_is_listed(
         list_partitions(spec)
 
 
+@pytest.mark.slow
 def test_a_row_group_cut_by_a_corrupt_page_accounts_for_every_row(tmp_path: Path) -> None:
     table = pa.table(
         {"key": [f"k{i}" for i in range(100)], "jpg": [syn.image_bytes(i) for i in range(100)]}

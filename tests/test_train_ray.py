@@ -60,6 +60,7 @@ def losses(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in log_lines(path)]
 
 
+@pytest.mark.slow
 def test_two_workers_end_where_one_worker_with_accumulation_ends(inputs, one_worker):
     root, llama, _ = inputs
     one = one_worker
@@ -121,6 +122,7 @@ def _train_worker_pids() -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_and_ends_where_the_whole_run_ends(inputs, one_worker):
     settings = settings_for(inputs, num_workers=1, accum_iter=2, run_name="killed", max_failures=1)
     out = Path(settings.train.output_dir)
@@ -169,6 +171,7 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_where_the_whole_run_ends(inputs
     assert all(torch.equal(v, a[k]) for k, v in adapter(again.output).items())
 
 
+@pytest.mark.slow
 def test_finetune_from_stage_one_on_instructions_trains_only_stage_two_tensors(inputs, one_worker):
     root, llama, _ = inputs
     items = [
