@@ -5,13 +5,10 @@ nothing else."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import httpx
 import pytest
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+from browser import chromium
 
 pytestmark = pytest.mark.served(rows=20)
 
@@ -28,28 +25,26 @@ def test_the_docs_pages_load_every_script_and_style_from_this_server(served, pat
     assert "cdn" not in page.headers["content-security-policy"]
 
 
-def test_swagger_ui_renders_the_operations_offline(served):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not shutil.which(CHROMIUM):
-        pytest.skip("no chromium binary (apt-get install -y chromium)")
+@pytest.fixture(scope="module")
+def browser():
+    yield from chromium()
+
+
+def test_swagger_ui_renders_the_operations_offline(served, browser):
     outside: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
+    page = browser.new_page()
 
-            def only_the_server(route) -> None:
-                if route.request.url.startswith(served.url):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
+    def only_the_server(route) -> None:
+        if route.request.url.startswith(served.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
 
-            page.route("**/*", only_the_server)
-            page.goto(served.url + "/docs")
-            page.wait_for_selector(".opblock-summary-path", timeout=60_000)
-            paths = page.locator(".opblock-summary-path").all_inner_texts()
-        finally:
-            browser.close()
+    page.route("**/*", only_the_server)
+    page.goto(served.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=60_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    page.close()
     assert "/v1/search" in paths and "/v1/chat/completions" in paths
     assert outside == []

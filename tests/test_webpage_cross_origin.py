@@ -4,18 +4,15 @@ Also the HTTP rules under it: preflights, signatures, expiry."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from browser import chromium
 
 from cachebind.serve.signing import signature
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 SECRET = "a signing secret known to this test"
 pytestmark = pytest.mark.served(rows=80, cursor_secret=SECRET)
@@ -76,13 +73,7 @@ def allowed(served, origin):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not shutil.which(CHROMIUM):
-        pytest.skip("no chromium binary (apt-get install -y chromium)")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
+    yield from chromium()
 
 
 def open_page(browser, origin: str, served) -> tuple:

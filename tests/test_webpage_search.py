@@ -7,26 +7,11 @@ Needs the Debian ``chromium`` package at /usr/bin/chromium and the ``playwright`
 from __future__ import annotations
 
 import io
-import shutil
 
 import httpx
 import pytest
+from browser import chromium
 from PIL import Image
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-sync_api = pytest.importorskip("playwright.sync_api")
-if not shutil.which(CHROMIUM):
-    pytest.skip("no chromium binary (apt-get install -y chromium)", allow_module_level=True)
-
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
 
 pytestmark = pytest.mark.served(rows=120)
 
@@ -38,10 +23,7 @@ def server(served):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
+    yield from chromium()
 
 
 @pytest.fixture

@@ -9,31 +9,22 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 
 import httpx
 import numpy as np
 import pytest
+from browser import chromium
 
 from cachebind.analysis.layout import compute_map
 from cachebind.analysis.zero_shot import classify_table
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-sync_api = pytest.importorskip("playwright.sync_api")
-if not shutil.which(CHROMIUM):
-    pytest.skip("no chromium binary (apt-get install -y chromium)", allow_module_level=True)
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 pytestmark = pytest.mark.served(rows=120, llm=True)
 LABELS = ["red", "green", "blue"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
+    yield from chromium()
 
 
 @pytest.fixture
