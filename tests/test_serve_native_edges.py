@@ -128,6 +128,58 @@ def test_search_enhance_and_generate_take_a_multipart_upload_like_their_json(htt
     assert uploaded.json()["text"] == whole["text"]
 
 
+def hits(r: httpx.Response) -> list[tuple[int, float]]:
+    assert r.status_code == 200, r.text
+    return [(int(h["id"]), h["score"]) for h in r.json()["results"]]
+
+
+def test_multipart_weights_pair_with_the_files_and_texts_in_order_like_json_weights(http):
+    texts = ["a dog", "at night"]
+    weighted = http.post(
+        "/v1/search",
+        json={"inputs": [{"modality": "text", "text": texts[0], "weight": 0.2},
+                         {"modality": "image", "data": B64, "weight": 3},
+                         {"modality": "text", "text": texts[1], "weight": 1.5}],
+              "k": 8},
+    )  # fmt: skip
+    form = http.post(
+        "/v1/search",
+        data={"modality": "image", "text": texts, "text_weight": ["0.2", "1.5"],
+              "file_weight": "3", "k": "8"},
+        files=[("file", ("q.png", IMAGE, "image/png"))],
+    )  # fmt: skip
+    unweighted = http.post(
+        "/v1/search",
+        data={"modality": "image", "text": texts, "k": "8"},
+        files=[("file", ("q.png", IMAGE, "image/png"))],
+    )
+    expected, got, plain = hits(weighted), hits(form), hits(unweighted)
+    assert [i for i, _ in got] == [i for i, _ in expected]
+    # Scores are cosines of unit vectors: float32 rounding is the only difference allowed.
+    assert np.allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-5)
+    assert not np.allclose([s for _, s in plain], [s for _, s in expected], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("weights", "named"),
+    [
+        ({"text_weight": ["1", "2"]}, "2 text_weight fields for 1 text part(s)"),
+        ({"file_weight": "heavy"}, "file_weight #1 is 'heavy'"),
+        ({"file_weight": "0"}, "a weight is a number > 0"),
+        ({"file_weight": "nan"}, "a weight is a number > 0"),
+        ({"text_weight": "-1"}, "text_weight #1 is '-1'"),
+    ],
+)
+def test_a_bad_multipart_weight_is_a_422_naming_it(http, weights, named):
+    r = http.post(
+        "/v1/search",
+        data={"modality": "image", "text": "a dog", **weights},
+        files=[("file", ("q.png", IMAGE, "image/png"))],
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "bad_form" and named in r.json()["detail"]
+
+
 def test_a_bad_multipart_form_is_a_422_naming_what_is_wrong(http):
     no_modality = http.post("/v1/search", files=[("file", ("q.png", IMAGE))])
     assert no_modality.status_code == 422 and "modality" in no_modality.json()["detail"]

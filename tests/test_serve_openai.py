@@ -6,29 +6,27 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
+from builders import TableFlatLoader, build_demo_cache, service_settings, tiny_runtime
 from fixtures_media import audio_bytes, image_bytes, video_bytes
+from openai_calls import ENCODER, LLM, SAMPLING, data_url, native_generate
 
 from cachebind.inject.prompts import format_prompt
+from cachebind.serve import start_server
 
 pytestmark = pytest.mark.served(rows=120, llm=True, max_text_bytes=4096, max_inputs=8)
 
-LLM = "imagebind-llm"
-ENCODER = "imagebind"
 IMAGE = image_bytes(seed=3)
 WAV = audio_bytes("wav", duration_s=1.0)
-SAMPLING = {"max_tokens": 12, "temperature": 0.8, "seed": 7}
-
-
-def data_url(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +42,6 @@ def http(served):
     headers = {"Authorization": f"Bearer {served.svc.user_key}"}
     with httpx.Client(base_url=served.url, headers=headers, timeout=120) as c:
         yield c
-
-
-def native_generate(http: httpx.Client, prompt: str, inputs: list[dict] | None = None) -> dict:
-    body = {
-        "prompt": prompt,
-        "inputs": inputs or [],
-        "stream": False,
-        "max_new_tokens": SAMPLING["max_tokens"],
-        "temperature": SAMPLING["temperature"],
-        "seed": SAMPLING["seed"],
-    }
-    r = http.post("/v1/generate", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def image_message(text: str) -> list[dict]:
@@ -487,3 +471,45 @@ def test_vllms_video_url_part_is_encoded_as_video_like_native_generate(client, h
     assert [n["id"] for n in r.model_extra["cachebind"]["neighbours"]] == [
         n["id"] for n in native["neighbours"]
     ]
+
+
+# ---------------------------------------------------------------- unexpected failures
+
+
+def test_an_internal_failure_on_an_openai_route_is_the_sdks_internal_server_error(tmp_path, caplog):
+    # Its own server: the failure is made by deleting the table under it.
+    cache = build_demo_cache(tmp_path, rows=50, dim=64)
+    svc = service_settings(tmp_path, cache, index_poll_s=0)
+    runtime = tiny_runtime(svc.settings, TableFlatLoader(cache.store))
+    enhanced = {"extra_body": {"cachebind": {"enhanced": True, "k": 3}}}
+    with (
+        start_server(svc.settings, runtime, port=0) as server,
+        openai.OpenAI(
+            base_url=f"{server.url}/v1", api_key=svc.user_key, max_retries=0, timeout=120
+        ) as sdk,
+    ):
+        assert sdk.embeddings.create(model=ENCODER, input="a dog", **enhanced).data
+        # The table's files vanish under the running server (a disk failure, an operator's rm):
+        # the neighbours of the enhanced embedding can no longer be read.
+        shutil.rmtree(Path(cache.store.uri) / "images.lance")
+        with pytest.raises(openai.InternalServerError) as err:
+            sdk.embeddings.create(model=ENCODER, input="a dog", **enhanced)
+        raw = httpx.post(
+            f"{server.url}/v1/embeddings",
+            json={"model": ENCODER, "input": "a dog", "cachebind": {"enhanced": True}},
+            headers={"Authorization": f"Bearer {svc.user_key}"},
+            timeout=120,
+        )
+        alive = sdk.models.list()
+    assert err.value.status_code == 500
+    assert err.value.body == {
+        "message": "the server failed; see its log",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+    assert raw.status_code == 500 and raw.headers["content-type"] == "application/json"
+    assert raw.json() == {"error": err.value.body}
+    assert "Traceback" not in raw.text
+    assert [m.id for m in alive] == [ENCODER]
+    assert any("unhandled error on POST /v1/embeddings" in m for m in caplog.messages)

@@ -4,6 +4,8 @@ Every error of the app (the key check, the size guard, validation, the handlers'
 the native ``{"error": tag, "detail": ...}``; ``OpenAIErrorShape`` rewrites the ones answered on
 these routes as ``{"error": {"message", "type", "param", "code"}}`` with a status the ``openai``
 SDK maps to its exception types: a request the server cannot take (invalid, too large) is a 400.
+An unexpected failure is answered here too, as a ``server_error`` 500: the app's catch-all
+handler sits in Starlette's outermost middleware, beyond the reach of this one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ TYPES = {
     503: "service_unavailable_error",
     504: "timeout_error",
 }
+
+
+# What a client learns of an unexpected failure (the details go to the log, never to it).
+INTERNAL = {"error": "internal_error", "detail": "the server failed; see its log"}
 
 
 def invalid(code: str, message: str, param: str | None = None, status: int = 400) -> ApiError:
@@ -68,34 +74,50 @@ class OpenAIErrorShape:
             return
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
+        started = False  # whether a response start has gone out to the client
+
+        async def send_out(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
         async def send_shaped(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 held["start"] = message
                 return
             if message["type"] != "http.response.body" or "start" not in held:
-                await send(message)
+                await send_out(message)
                 return
             chunks.append(message.get("body", b""))
             if message.get("more_body"):
                 return
-            start = held["start"]
             try:
                 native = json.loads(b"".join(chunks) or b"null")
             except ValueError:
                 native = None
-            status, body = openai_body(start["status"], native)
-            data = json.dumps(body).encode()
-            headers = [
-                (k, v)
-                for k, v in start.get("headers", [])
-                if k.lower() not in (b"content-length", b"content-type")
-            ]
-            headers += [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ]
-            await send({**start, "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": data})
+            await self._send_error(send_out, held["start"], native)
 
-        await self.app(scope, receive, send_shaped)
+        try:
+            await self.app(scope, receive, send_shaped)
+        except Exception:
+            if not started:
+                start = {"type": "http.response.start", "status": 500, "headers": []}
+                await self._send_error(send_out, start, INTERNAL)
+            # The app's catch-all handler still logs it; it sends nothing once we have.
+            raise
+
+    @staticmethod
+    async def _send_error(send: Any, start: dict[str, Any], native: Any) -> None:
+        status, body = openai_body(start["status"], native)
+        data = json.dumps(body).encode()
+        headers = [
+            (k, v)
+            for k, v in start.get("headers", [])
+            if k.lower() not in (b"content-length", b"content-type")
+        ]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+        ]
+        await send({**start, "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
