@@ -195,7 +195,7 @@ async def chat_completions(
         )
     )
     # The conversation is already rendered in the Alpaca template.
-    request_ = generation_request(
+    generation = generation_request(
         body,
         prompt,
         visual.visual,
@@ -203,7 +203,7 @@ async def chat_completions(
         stops=stops,
         template=False,
     )
-    scheduled = start_generation(state, request_)
+    scheduled = start_generation(state, generation)
     answer = Answer("chat.completion", body.model, cache_info(visual))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -234,7 +234,7 @@ async def completions(
     if not prompts[0]:
         raise invalid("empty_input", "prompt is empty", "prompt")
     check_text(limits, prompts[0], "prompt")
-    request_ = generation_request(
+    generation = generation_request(
         body,
         prompts[0],
         None,
@@ -242,7 +242,7 @@ async def completions(
         stops=stop_strings(body),
         template=body.cachebind.template,
     )
-    scheduled = start_generation(state, request_)
+    scheduled = start_generation(state, generation)
     answer = Answer("text_completion", body.model, cache_info(VisualPrompt()))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

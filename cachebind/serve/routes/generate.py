@@ -75,7 +75,7 @@ async def generate(
         visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
     )
     neighbours = prompt.neighbours
-    request_ = GenerationRequest(
+    generation = GenerationRequest(
         body.prompt,
         prompt.visual,
         max_new_tokens=body.max_new_tokens,
@@ -83,7 +83,7 @@ async def generate(
         top_p=body.top_p,
         seed=body.seed,
     )
-    scheduled = start_generation(state, request_)
+    scheduled = start_generation(state, generation)
     pieces = scheduled.pieces
     if not body.stream:
         text = await until_disconnected(request, collect(pieces))
