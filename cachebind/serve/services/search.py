@@ -59,8 +59,6 @@ class SearchService:
             search_batch,
             window_ms=config.batch_window_ms,
             max_batch=config.max_batch,
-            # Two batches at once: FAISS releases the GIL, and one slow filter widening must
-            # not hold every other search behind it.
             max_inflight=2,
             on_batch=lambda n: metrics.batch_size.labels(batcher="index").observe(n),
             name="index",
