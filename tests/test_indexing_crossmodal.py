@@ -316,7 +316,7 @@ def test_the_service_batches_queries_of_several_modalities_each_with_its_own_set
 ) -> None:
     from types import SimpleNamespace
 
-    from cachebind.serve.state import ServeState
+    from cachebind.serve.services.search import SearchQuery, search_batch
 
     index_dir, _ = built
     loaded = indexing.load_current(index_dir, cache.table, use_gpu="no")
@@ -324,8 +324,8 @@ def test_the_service_batches_queries_of_several_modalities_each_with_its_own_set
     labels = [("image",), ("text",), ("audio", "image"), (None,), ("image",)]
     queries = [cache.fresh["image"][0], cache.fresh["text"][0], cache.fresh["audio"][1]]
     queries += [cache.fresh["text"][2], cache.fresh["image"][3]]
-    batch = [(snap, q, 10, parts) for q, parts in zip(queries, labels, strict=True)]
-    out = ServeState._search_batch(batch)
+    batch = [SearchQuery(snap, q, 10, parts) for q, parts in zip(queries, labels, strict=True)]
+    out = search_batch(batch)
     for (scores, ids), q, parts in zip(out, queries, labels, strict=True):
         alone = loaded.search(q[None, :], 10, list(parts))
         assert np.array_equal(ids, alone[1][0]) and np.allclose(scores, alone[0][0])

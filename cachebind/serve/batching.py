@@ -68,6 +68,9 @@ class MicroBatcher(Generic[Item, Result]):
         self._inflight = 0
         self._queue: asyncio.Queue[_Pending[Item]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.running: set[asyncio.Task[None]] = set()
+        """The batches being executed. The event loop keeps only weak references to tasks, so
+        a batch nobody else holds could be collected mid-run: held here until done."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: Item) -> Result:
@@ -80,7 +83,7 @@ class MicroBatcher(Generic[Item, Result]):
             self._slots = asyncio.Semaphore(self.max_inflight)
             self._task = loop.create_task(self._run(), name=f"{self.name}-collector")
         assert self._queue is not None
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Result] = loop.create_future()
         await self._queue.put(_Pending(item, future))
         return await future
 
@@ -126,7 +129,9 @@ class MicroBatcher(Generic[Item, Result]):
                 self.on_batch(len(batch))
             self._inflight += 1
             # Run the batch without blocking the collection of the next one.
-            loop.create_task(self._execute(batch))
+            task = loop.create_task(self._execute(batch), name=f"{self.name}-batch")
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
 
     async def _execute(self, batch: list[_Pending[Item]]) -> None:
         assert self._slots is not None

@@ -19,6 +19,7 @@ from cachebind.serve.deps import Limits
 from cachebind.serve.inputs import embed_query
 from cachebind.serve.recall import recall_info
 from cachebind.serve.runtime import IndexSnapshot, Runtime
+from cachebind.serve.services.enhance import EnhanceQuery
 from cachebind.serve.state import ServeState
 
 
@@ -54,8 +55,8 @@ async def enhanced_of(
     limits.check_inputs(items, field)
     runtime, snap = state.require_snapshot()
     query = await embed_query(items, state.embed_one, runtime.dim, field)
-    enhanced = await state.enhance_batcher.submit(
-        (snap, query.f_m, k, t, alpha, tuple(query.labels))
+    enhanced = await state.enhance.enhance(
+        EnhanceQuery(snap, query.f_m, k, t, alpha, tuple(query.labels))
     )
     state.query_log.record(query.parts)
     recall = recall_info(snap.manifest, query.labels)

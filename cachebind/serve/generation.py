@@ -1,6 +1,6 @@
-"""Running one generation for a route: queue it on the scheduler, collect or stream its text,
-report its finish reason and token counts. Shared by ``/v1/generate`` and the OpenAI-compatible
-routes."""
+"""One generation for a route: queue it through the app's generate service, collect or stream
+its text, report its finish reason and token counts. Shared by ``/v1/generate`` and the
+OpenAI-compatible routes."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import Request
 
-from cachebind.errors import GenerationBusy
-from cachebind.serve.errors import ApiError
 from cachebind.serve.runtime import Runtime
+from cachebind.serve.services.generate import GenerationRequest
+from cachebind.serve.services.generate import require_generator as generator_of
 from cachebind.serve.state import ServeState
-from cachebind.serve.streaming import ScheduledStream, scheduled_stream
+from cachebind.serve.streaming import ScheduledStream
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 """The scheduler's end reasons as OpenAI's (and the native stream's) ``finish_reason``."""
@@ -25,28 +24,13 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 def require_generator(state: ServeState) -> Runtime:
     """The runtime, with a 503 ``no_llm`` when this server has no LLM."""
-    runtime = state.require_runtime()
-    if runtime.generator is None:
-        raise ApiError(503, "no_llm", "this server has no LLM configured (llm.llama_dir)")
-    return runtime
+    return generator_of(state.require_runtime())
 
 
-def start_generation(
-    state: ServeState,
-    prompt: str,
-    visual: np.ndarray | None,
-    options: dict[str, Any],
-) -> ScheduledStream:
-    """Queue a generation now: a full queue is a 429 ``busy`` with ``Retry-After`` before any
-    response starts. ``options``: the scheduler's (``max_new_tokens``, ``temperature``,
-    ``top_p``, ``seed``, ``stop``, ``template``); None values take the server's defaults."""
-    runtime = require_generator(state)
-    try:
-        return scheduled_stream(runtime, prompt, visual, options, state.config.request_timeout_s)
-    except GenerationBusy as exc:
-        raise ApiError(
-            429, "busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
-        ) from None
+def start_generation(state: ServeState, request: GenerationRequest) -> ScheduledStream:
+    """Queue ``request`` on this app's generate service (503 without an LLM, 429 with
+    ``Retry-After`` on a full queue, both before any response starts)."""
+    return state.generate.start(state.require_runtime(), request)
 
 
 @dataclass(frozen=True)

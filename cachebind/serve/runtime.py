@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -48,6 +48,11 @@ class IndexLoader(Protocol):
     def load(self) -> IndexSnapshot: ...
 
 
+if TYPE_CHECKING:  # at run time imported where used: the store pulls in lancedb
+    from cachebind.cache import CacheModel
+    from cachebind.store import CacheTable
+
+
 @dataclass(frozen=True)
 class IndexSnapshot:
     """One published index with the table version it was built from and its cache model.
@@ -58,15 +63,15 @@ class IndexSnapshot:
 
     version: str | None
     index: SearchIndex
-    table: Any  # cachebind.store.CacheTable
-    cache: Any  # cachebind.cache.CacheModel
+    table: CacheTable
+    cache: CacheModel
     rows: int
     """Row count of the pinned table version."""
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(
-        cls, index: SearchIndex, table: Any, version: str | None, manifest: dict[str, Any]
+        cls, index: SearchIndex, table: CacheTable, version: str | None, manifest: dict[str, Any]
     ) -> IndexSnapshot:
         from cachebind.cache import CacheModel
 

@@ -35,6 +35,7 @@ from cachebind.serve.openai.errors import invalid
 from cachebind.serve.openai.media import input_of, message_media
 from cachebind.serve.openai.render import render_chat, text_of
 from cachebind.serve.schemas import InputItem
+from cachebind.serve.services.generate import GenerationRequest
 from cachebind.serve.state import ServeState
 from cachebind.serve.streaming import ScheduledStream
 
@@ -108,17 +109,34 @@ def cache_info(prompt: VisualPrompt) -> dict[str, Any]:
     }
 
 
-def sampling_options(body: o.Sampling, max_tokens: int | None) -> dict[str, Any]:
+def stop_strings(body: o.Sampling) -> tuple[str, ...]:
+    """``body``'s stop strings, refused past ``MAX_STOPS`` (before any media is decoded)."""
     stops = body.stops()
     if len(stops) > MAX_STOPS:
         raise invalid("too_many_stops", f"stop holds {len(stops)}; at most {MAX_STOPS}", "stop")
-    return {
-        "max_new_tokens": max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-        "stop": stops,
-    }
+    return tuple(stops)
+
+
+def generation_request(
+    body: o.Sampling,
+    prompt: str,
+    visual: np.ndarray | None,
+    *,
+    max_tokens: int | None,
+    stops: tuple[str, ...],
+    template: bool,
+) -> GenerationRequest:
+    """The generation ``body`` asks for."""
+    return GenerationRequest(
+        prompt,
+        visual,
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stops,
+        template=template,
+    )
 
 
 # ---------------------------------------------------------------- /v1/models
@@ -168,7 +186,7 @@ async def chat_completions(
     check_model(body.model, state.config.openai.llm_model, "chat model")
     prompt = render_chat(body.messages)
     check_text(limits, prompt, "messages")
-    options = sampling_options(body, body.max_completion_tokens or body.max_tokens)
+    stops = stop_strings(body)
     cache = body.cachebind
     items = await limits.timed(media_inputs(state, limits, body.messages))
     visual = await limits.timed(
@@ -176,7 +194,16 @@ async def chat_completions(
             state, limits, items, cache.k, cache.t, cache.alpha, blend=cache.blend, field="media"
         )
     )
-    scheduled = start_generation(state, prompt, visual.visual, options | {"template": False})
+    # The conversation is already rendered in the Alpaca template.
+    generation = generation_request(
+        body,
+        prompt,
+        visual.visual,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        stops=stops,
+        template=False,
+    )
+    scheduled = start_generation(state, generation)
     answer = Answer("chat.completion", body.model, cache_info(visual))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -207,8 +234,15 @@ async def completions(
     if not prompts[0]:
         raise invalid("empty_input", "prompt is empty", "prompt")
     check_text(limits, prompts[0], "prompt")
-    options = sampling_options(body, body.max_tokens) | {"template": body.cachebind.template}
-    scheduled = start_generation(state, prompts[0], None, options)
+    generation = generation_request(
+        body,
+        prompts[0],
+        None,
+        max_tokens=body.max_tokens,
+        stops=stop_strings(body),
+        template=body.cachebind.template,
+    )
+    scheduled = start_generation(state, generation)
     answer = Answer("text_completion", body.model, cache_info(VisualPrompt()))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -23,6 +23,7 @@ from cachebind.serve.generation import (
     usage_of,
 )
 from cachebind.serve.multipart import form_schema
+from cachebind.serve.services.generate import GenerationRequest
 from cachebind.serve.streaming import sse
 
 log = logging.getLogger("cachebind.serve")
@@ -74,13 +75,15 @@ async def generate(
         visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
     )
     neighbours = prompt.neighbours
-    options = {
-        "max_new_tokens": body.max_new_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-    }
-    scheduled = start_generation(state, body.prompt, prompt.visual, options)
+    generation = GenerationRequest(
+        body.prompt,
+        prompt.visual,
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+    )
+    scheduled = start_generation(state, generation)
     pieces = scheduled.pieces
     if not body.stream:
         text = await until_disconnected(request, collect(pieces))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 
 from cachebind.serve import schemas as s
@@ -17,7 +16,6 @@ from cachebind.serve.inputs import embed_query
 from cachebind.serve.label_filter import label_where
 from cachebind.serve.multipart import form_schema
 from cachebind.serve.recall import recall_info
-from cachebind.serve.search import search as run_search
 from cachebind.serve.signing import signed_image_url
 
 router = APIRouter()
@@ -63,16 +61,11 @@ async def search(
 
     async def work() -> s.SearchResponse:
         query = await embed_query(body.inputs, state.embed_one, runtime.dim)
-
-        async def search_fn(q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-            return await state.index_batcher.submit((snap, q, n, tuple(query.labels)))
-
-        page = await run_search(
+        page = await state.search.page(
             snap,
             query.f_m,
+            tuple(query.labels),
             need=offset + body.k,
-            search_fn=search_fn,
-            run=asyncio.to_thread,
             where=where,
             dedup=body.dedup,
             max_widenings=limits.config.search_max_widenings,
