@@ -173,8 +173,8 @@ def bench_cachebind(store, work: Path, audio_tune: np.ndarray, evals, truth, x) 
     import indexing
     from cachebind.cache.model import blend
     from cachebind.config import IndexConfig
+    from cachebind.published.querylog import QueryLog, query_log_path
     from cachebind.store import CacheTable
-    from indexing.querylog import QueryLog, query_log_path
 
     cfg = IndexConfig(dir=work / "index", use_gpu="no", memory_budget_gb=16.0)
     qlog = QueryLog(10_000)

@@ -257,7 +257,7 @@ def gpu_mode(args: argparse.Namespace) -> dict:
     smoke test; its floors mean nothing there)."""
     import torch
 
-    from indexing.gpu import TorchExactSearch
+    from cachebind.published.gpu import TorchExactSearch
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -1,11 +1,12 @@
 """indexing: a tuned, verified, versioned FAISS index over the cache's image embeddings.
 
 select (autofaiss key under a memory budget) -> tune (recall target on held-out queries) ->
-build (single, or sharded on Ray) -> manifest -> publish (versions + atomic CURRENT) ->
-load (alignment check against the table).
+build (single, or sharded on Ray) -> manifest -> publish (versions + atomic CURRENT). Loading
+(with the alignment check against the table) is the reading side's,
+:mod:`cachebind.published.load`, re-exported here.
 
-The names below are imported on first use, so that a leaf module (``indexing.gpu`` on a bare
-GPU machine, say) imports without the whole stack (autofaiss, LanceDB, Ray).
+The names below are imported on first use, so that a leaf module (``indexing.params`` on a
+bare machine, say) imports without the whole stack (autofaiss, LanceDB, Ray).
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cachebind.published.layout import current_version, list_versions
+    from cachebind.published.load import LoadedIndex, load_current, load_version
+    from cachebind.published.manifest import (
+        check_alignment,
+        ids_checksum,
+        recall_for,
+        search_params_for,
+    )
+    from cachebind.published.querylog import QueryLog
     from indexing.add import add_rows
     from indexing.build import build_and_publish, build_index
-    from indexing.load import LoadedIndex, load_current, load_version
-    from indexing.manifest import check_alignment, ids_checksum, recall_for, search_params_for
-    from indexing.querylog import QueryLog
     from indexing.retune import tune_current
     from indexing.select import Selection, select_index
     from indexing.versions import (
-        current_version,
-        list_versions,
         prune,
         publish,
         set_current,
@@ -31,27 +36,29 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
-    "add_rows": "add",
-    "build_and_publish": "build",
-    "build_index": "build",
-    "LoadedIndex": "load",
-    "load_current": "load",
-    "load_version": "load",
-    "check_alignment": "manifest",
-    "ids_checksum": "manifest",
-    "recall_for": "manifest",
-    "search_params_for": "manifest",
-    "QueryLog": "querylog",
-    "tune_current": "retune",
-    "Selection": "select",
-    "select_index": "select",
-    "current_version": "versions",
-    "list_versions": "versions",
-    "prune": "versions",
-    "publish": "versions",
-    "set_current": "versions",
-    "verify_version": "versions",
+    "add_rows": "indexing.add",
+    "build_and_publish": "indexing.build",
+    "build_index": "indexing.build",
+    "LoadedIndex": "cachebind.published.load",
+    "load_current": "cachebind.published.load",
+    "load_version": "cachebind.published.load",
+    "check_alignment": "cachebind.published.manifest",
+    "ids_checksum": "cachebind.published.manifest",
+    "recall_for": "cachebind.published.manifest",
+    "search_params_for": "cachebind.published.manifest",
+    "QueryLog": "cachebind.published.querylog",
+    "tune_current": "indexing.retune",
+    "Selection": "indexing.select",
+    "select_index": "indexing.select",
+    "current_version": "cachebind.published.layout",
+    "list_versions": "cachebind.published.layout",
+    "prune": "indexing.versions",
+    "publish": "indexing.versions",
+    "set_current": "indexing.versions",
+    "verify_version": "indexing.versions",
 }
+"""Where each public name lives: the reading side (manifest, layout, loading, the query log)
+is :mod:`cachebind.published`, below both this package and the runtime."""
 
 __all__ = [
     "LoadedIndex",
@@ -80,6 +87,6 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in _HOME:
         raise AttributeError(f"module 'indexing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"indexing.{_HOME[name]}"), name)
+    value = getattr(importlib.import_module(_HOME[name]), name)
     globals()[name] = value
     return value

@@ -11,17 +11,18 @@ import faiss
 
 from cachebind.config import IndexConfig
 from cachebind.errors import IndexMismatchError
+from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
+from cachebind.published.layout import INDEX_FILE, current_version, versions_dir
+from cachebind.published.manifest import ids_checksum, read_manifest
 from cachebind.store import CacheTable
 from indexing.build import build_index, finish
-from indexing.gpu import gpu_memory_bytes, gpu_wanted
-from indexing.manifest import ids_checksum
-from indexing.ondisk import CopyOnWriteAdd, is_ondisk
+from indexing.ondisk import CopyOnWriteAdd
 from indexing.prepare import QueryFiles, prepare_work, select_for
 from indexing.retention import pinned
 from indexing.rows import add_range
 from indexing.select import outgrown
 from indexing.staging import StageHook
-from indexing.versions import INDEX_FILE, current_version, publish, read_manifest, versions_dir
+from indexing.versions import publish
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +84,19 @@ def _add_rows(
         raise FileNotFoundError(f"no published index in {index_dir}: build one first")
     old = read_manifest(index_dir, parent)
     folder = versions_dir(index_dir) / parent
-    n_old = int(old["table"]["row_count"])
+    n_old = old.table.row_count
     table_ids = table.ids()
-    if len(table_ids) < n_old or ids_checksum(table_ids[:n_old]) != old["table"]["ids_sha256"]:
+    if len(table_ids) < n_old or ids_checksum(table_ids[:n_old]) != old.table.ids_sha256:
         raise IndexMismatchError(
             f"the table (version {table.version}, {len(table_ids)} rows) does not extend the rows "
             f"index {parent} was built from ({n_old} rows, table version "
-            f"{old['table']['version']}): rows were changed or removed, rebuild the index"
+            f"{old.table.version}): rows were changed or removed, rebuild the index"
         )
     config = config.model_copy(update={"dir": index_dir})
     lineage: dict[str, Any] = {"parent_version": parent, "added_rows": int(len(table_ids) - n_old)}
     gpu_seen = gpu_wanted(config.use_gpu) and gpu_memory_bytes() is not None
     reason = outgrown(
-        old["selection"], select_for(len(table_ids), table.dim, config), gpu_seen=gpu_seen
+        old.selection, select_for(len(table_ids), table.dim, config), gpu_seen=gpu_seen
     )
     if reason is not None and config.rebuild_when_outgrown:
         log.info("rebuilding instead of adding: %s", reason)
@@ -110,13 +111,13 @@ def _add_rows(
             lineage=lineage | {"update": {"mode": "rebuilt", "reason": reason}},
         )
         version = publish(index_dir, staged, config.keep_versions)
-        return read_manifest(index_dir, version)
+        return read_manifest(index_dir, version).to_json()
     if reason is not None:
         log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
     work = prepare_work(table, config, None, query_files)
     # An on-disk version grows copy-on-write: new rows in memory, then merged with the parent's
     # lists into the new version's own ivfdata (indexing/ondisk.py).
-    grow = CopyOnWriteAdd(folder, old, index_dir, n_old) if is_ondisk(old) else None
+    grow = CopyOnWriteAdd(folder, old.storage, index_dir, n_old) if old.on_disk else None
     index = grow.adder if grow else faiss.read_index(str(folder / INDEX_FILE))
     t0 = time.perf_counter()
     ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
@@ -136,12 +137,12 @@ def _add_rows(
         work,
         index,
         ids,
-        old["selection"],
+        old.selection,
         progress=progress,
         on_stage=on_stage,
         extra=lineage | {"shards": 1, "update": update},
         staged=into,
-        may_escalate=old["selection"].get("reason") != "forced by the caller",
+        may_escalate=old.selection.get("reason") != "forced by the caller",
     )
     version = publish(index_dir, staged, config.keep_versions)
-    return read_manifest(index_dir, version)
+    return read_manifest(index_dir, version).to_json()

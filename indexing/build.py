@@ -31,10 +31,11 @@ import numpy as np
 
 from cachebind.arrays import Floats, Ints
 from cachebind.config import IndexConfig, StoreConfig
+from cachebind.published.gpu import to_gpu
+from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
 from indexing.bymodality import tune_and_measure
 from indexing.escalate import escalate, tune_index
-from indexing.gpu import to_gpu
 from indexing.measure import groups_of
 from indexing.ondisk import IVFDATA_FILE, plan_merge
 from indexing.prepare import QueryFiles, prepare_work, select_for
@@ -46,7 +47,7 @@ from indexing.select import Selection, train_size_for
 from indexing.staging import StageHook, write_staged
 from indexing.training import search_fn, train_index
 from indexing.tune import measure_latency
-from indexing.versions import new_staging_dir, publish, read_manifest
+from indexing.versions import new_staging_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,25 @@ def build_index(
     )
 
 
+SHARDED_FROM_ROWS = 1_000_000
+"""Tables from this size are built in parallel Ray tasks when no shard count is given."""
+
+
+def default_shards(
+    store_cfg: StoreConfig, table_version: int | None, ray_address: str | None
+) -> int:
+    """One task per cluster CPU for large tables; small ones are faster in one process."""
+    rows = CacheTable.open(store_cfg, version=table_version).count()
+    if rows < SHARDED_FROM_ROWS:
+        return 1
+    import ray
+
+    from cachebind.raycluster import start_or_join_ray
+
+    start_or_join_ray(ray_address, log_to_driver=False)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def build_and_publish(
     store_cfg: StoreConfig,
     index_cfg: IndexConfig,
@@ -256,4 +276,4 @@ def build_and_publish(
             query_files=query_files,
         )
         version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
-    return read_manifest(index_cfg.dir, version)
+    return read_manifest(index_cfg.dir, version).to_json()

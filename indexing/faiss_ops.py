@@ -5,6 +5,17 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from cachebind.published.faissio import has_exact_storage, ondisk_invlists
+
+__all__ = [
+    "from_bytes",
+    "has_exact_storage",
+    "merge_into",
+    "new_index",
+    "ondisk_invlists",
+    "to_bytes",
+]
+
 
 def new_index(dim: int, key: str) -> faiss.Index:
     """An empty index for ``key`` with the inner-product metric (cosine on unit vectors)."""
@@ -48,25 +59,3 @@ def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
         raise NotImplementedError(f"merging {type(d).__name__} indexes is not supported")
     if dst.ntotal != expected:
         raise RuntimeError(f"merge lost vectors: {dst.ntotal} != {expected}")
-
-
-def ondisk_invlists(index: faiss.Index) -> faiss.OnDiskInvertedLists | None:
-    """The on-disk (memory-mapped ``.ivfdata``) inverted lists of an IVF ``index``, if any."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or ivf.invlists is None:
-        return None
-    lists = faiss.downcast_InvertedLists(ivf.invlists)
-    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
-
-
-def has_exact_storage(index: faiss.Index) -> faiss.Index | None:
-    """The flat float32 store inside ``index`` (Flat itself, or RFlat's re-rank store), if any.
-
-    Vectors reconstructed from it are exact; PQ codes would be lossy and are never used.
-    """
-    top = faiss.downcast_index(index)
-    if isinstance(top, faiss.IndexRefine):
-        top = faiss.downcast_index(top.refine_index)
-    if isinstance(top, faiss.IndexFlat):
-        return top
-    return None

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +34,10 @@ import faiss
 import numpy as np
 
 from cachebind.config import IndexConfig
-from cachebind.errors import IndexMismatchError
-from indexing.faiss_ops import new_index, ondisk_invlists
-from indexing.versions import INDEX_FILE, new_staging_dir, version_files
+from cachebind.published.faissio import ondisk_invlists, read_index
+from cachebind.published.layout import INDEX_FILE
+from indexing.faiss_ops import new_index
+from indexing.versions import new_staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -303,46 +304,6 @@ def storage_of(index: faiss.Index, folder: Path) -> dict[str, Any]:
     }
 
 
-def is_ondisk(manifest: dict[str, Any]) -> bool:
-    return bool(version_files(manifest))
-
-
-def read_index(folder: Path, manifest: dict[str, Any]) -> faiss.Index:
-    """Read a version's index; an on-disk one maps its ivfdata read-only from ``folder``."""
-    folder = Path(folder)
-    if not is_ondisk(manifest):
-        return faiss.read_index(str(folder / INDEX_FILE))
-    storage = manifest["storage"]
-    name = storage["ivfdata"]
-    if Path(name).name != name:
-        raise IndexMismatchError(f"{folder}: ivfdata {name!r} must be a file in the version")
-    data = folder / name
-    try:
-        size = data.stat().st_size
-    except FileNotFoundError:
-        raise IndexMismatchError(f"{folder}: {name} is missing (incomplete version?)") from None
-    if size != int(storage["ivfdata_bytes"]):
-        raise IndexMismatchError(
-            f"{data} holds {size} bytes, its manifest says {storage['ivfdata_bytes']} (corrupt?)"
-        )
-    # SKIP_IVF_DATA: read the list offsets but map nothing yet (FAISS would map the stored
-    # bare name relative to the working directory; IO_FLAG_ONDISK_SAME_DIR does what we do
-    # here but prints to stdout on every load). READ_ONLY: map it PROT_READ, shared by every
-    # process serving this version, and never written.
-    index = faiss.read_index(
-        str(folder / INDEX_FILE), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY
-    )
-    lists = ondisk_invlists(index)
-    if lists is None or int(lists.totsize) != size:
-        raise IndexMismatchError(f"{folder / INDEX_FILE} does not describe {data}")
-    lists.filename = str(data)
-    # FAISS otherwise starts up to 32 threads per search to pre-read the probed lists; the
-    # search's own threads page them in just as well from a warm page cache.
-    lists.prefetch_nthread = 0
-    lists.do_mmap()
-    return index
-
-
 def empty_copy(folder: Path) -> faiss.Index:
     """The trained index of an on-disk version with empty in-memory lists (no data read)."""
     index = faiss.read_index(
@@ -365,10 +326,10 @@ class CopyOnWriteAdd:
     folder's ivfdata, the same merge a sharded build does. RAM: the new rows' codes only.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], index_dir: Path, first: int):
+    def __init__(self, folder: Path, storage: Mapping[str, Any], index_dir: Path, first: int):
         self.folder = Path(folder)
         self.index_dir = Path(index_dir)
-        self.parent = read_index(self.folder, manifest)
+        self.parent = read_index(self.folder, storage)
         self.rows = empty_copy(self.folder)
         self.adder = AddAtPositions(self.rows, first)
 

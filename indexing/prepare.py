@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cachebind.config import IndexConfig
+from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
 from cachebind.store import CacheTable
-from indexing.gpu import gpu_memory_bytes, gpu_wanted
 from indexing.measure import RECALL_KS
 from indexing.querysets import (
     FILE,

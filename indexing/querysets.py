@@ -8,7 +8,8 @@ out image rows misses far more of a text query's neighbours. A build therefore g
 * ``image:held_out``: table rows sampled with a fixed seed and kept out of training;
 * ``text:captions``: the caption embeddings stored beside the image vectors (``text_vector``,
   ``cachebind embed --caption-embeddings``), when the table has them;
-* ``<modality>:query_log``: the embeddings F_M the service answered (:mod:`indexing.querylog`);
+* ``<modality>:query_log``: the embeddings F_M the service answered
+  (:mod:`cachebind.published.querylog`);
 * ``<modality>:file:<basename>``: query embeddings a user supplies (``--queries text=q.npy``).
 
 Each set is at most ``IndexConfig.max_queries_per_set`` queries (a seeded uniform sample); a set
@@ -33,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from cachebind.errors import InputError
+from cachebind.published.querylog import MODALITY_RE, load_query_sets
 from cachebind.store.table import vectors_to_numpy
-from indexing.querylog import MODALITY_RE, load_query_sets
 
 log = logging.getLogger(__name__)
 

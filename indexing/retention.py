@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from cachebind.config import Settings, StoreConfig
+from cachebind.published.manifest import read_manifest
 from cachebind.storage import lance_options, protocol_of
 from cachebind.store import CacheTable
 from cachebind.store.gc import GcReport, collect_store, table_uri
-from indexing.versions import STALE_STAGING_S, list_versions, read_manifest
+from indexing.versions import STALE_STAGING_S, list_versions
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "cachebind-index-"
@@ -55,11 +56,11 @@ def published_table_versions(index_dir: Path, uri: str) -> dict[str, int]:
     found: dict[str, int] = {}
     for version in list_versions(index_dir):
         try:
-            table = read_manifest(index_dir, version)["table"]
-        except (OSError, ValueError, KeyError):
+            table = read_manifest(index_dir, version).table
+        except (OSError, ValueError):
             continue
-        if _same_table(table.get("uri"), uri):
-            found[version] = int(table["version"])
+        if _same_table(table.uri, uri):
+            found[version] = table.version
     return found
 
 

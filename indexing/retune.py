@@ -12,7 +12,6 @@ parent later removes only the parent's names for the shared files.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -24,12 +23,24 @@ from typing import Any
 import faiss
 
 from cachebind.config import IndexConfig
+from cachebind.published.faissio import read_index
+from cachebind.published.layout import (
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    current_version,
+    versions_dir,
+)
+from cachebind.published.manifest import (
+    check_alignment,
+    read_manifest,
+    recall_by_modality,
+    write_manifest,
+)
 from cachebind.store import CacheTable
 from indexing.bymodality import tune_and_measure
 from indexing.escalate import tune_index
-from indexing.manifest import check_alignment, recall_by_modality
 from indexing.measure import KIND, groups_of, worst_trusted
-from indexing.ondisk import read_index
 from indexing.prepare import QueryFiles, prepare_work
 from indexing.querysets import deciding
 from indexing.recall import drop_self
@@ -37,17 +48,7 @@ from indexing.rows import add_range
 from indexing.staging import target_of
 from indexing.training import search_fn
 from indexing.tune import measure_latency
-from indexing.versions import (
-    IDS_FILE,
-    INDEX_FILE,
-    MANIFEST_FILE,
-    current_version,
-    new_staging_dir,
-    publish,
-    read_manifest,
-    version_files,
-    versions_dir,
-)
+from indexing.versions import new_staging_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +90,21 @@ def tune_current(
     config = config.model_copy(update={"dir": index_dir})
     t0 = time.perf_counter()
     work = prepare_work(table, config, None, query_files)
-    index = read_index(folder, old)
+    index = read_index(folder, old.storage)
     # Ground truth needs one pass over the table; the index itself is only searched.
     add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
     work.timings["prepare_s"] = time.perf_counter() - t0
     truth = drop_self(work.exact.positions, work.query_positions, work.exact.k - 1)
     groups = groups_of(work.sets, deciding(work.sets))
     t0 = time.perf_counter()
-    tuned = tune_index(work, index, old["selection"], truth, groups, progress)
+    tuned = tune_index(work, index, old.selection, truth, groups, progress)
     work.timings["tune_s"] = time.perf_counter() - t0
     result = tuned.result
     if not tuned.reached(config.recall_target):
         log.warning(
             "%s cannot reach recall@%d %.3f on every trusted query set by its search "
             "parameters alone: `cachebind index build` may escalate to a stronger key",
-            old["index_key"],
+            old.index_key,
             config.recall_k,
             config.recall_target,
         )
@@ -114,7 +115,7 @@ def tune_current(
     latency = (
         measure_latency(search, probes, config.recall_k, progress=progress)
         if probes is not None
-        else old.get("latency_ms", {})
+        else old.latency_ms
     )
     work.timings["measure_s"] = time.perf_counter() - t0
     del index  # unmap an on-disk index's ivfdata before the version folder moves on
@@ -122,9 +123,9 @@ def tune_current(
 
     staged = new_staging_dir(index_dir)
     try:
-        names = [INDEX_FILE, IDS_FILE, *version_files(old)]
+        names = [INDEX_FILE, IDS_FILE, *old.data_files]
         how = {name: share_file(folder / name, staged / name) for name in names}
-        manifest = dict(old)
+        manifest = old.to_json()
         manifest |= {
             "version": None,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -141,7 +142,7 @@ def tune_current(
             "latency_ms": latency,
             "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
             | {"total_s": round(sum(work.timings.values()), 3)},
-            "software": old.get("software", {}) | {"faiss": faiss.__version__},
+            "software": old.software | {"faiss": faiss.__version__},
             "tuning_trials": [t.__dict__ for t in result.trials] if result else [],
             "parent_version": parent,
             "update": {
@@ -150,15 +151,15 @@ def tune_current(
                 f"index files shared with {parent} ("
                 + ", ".join(f"{n}: {h}" for n, h in how.items())
                 + ")",
-                "previous_search_params": old.get("search_params", {}),
+                "previous_search_params": old.search_params,
             },
         }
         manifest.pop("added_rows", None)
         # Same bytes as the parent's: its recorded sizes and digests still hold.
-        manifest["files"] = {n: old["files"][n] for n in names} if old.get("files") else {}
-        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        manifest["files"] = {n: old.files[n] for n in names} if old.files else {}
+        write_manifest(staged / MANIFEST_FILE, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     version = publish(index_dir, staged, config.keep_versions)
-    return read_manifest(index_dir, version)
+    return read_manifest(index_dir, version).to_json()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ import faiss
 import numpy as np
 
 from cachebind.config import IndexConfig
+from cachebind.published.manifest import write_manifest
 from cachebind.store import CacheTable
 from indexing.manifest import build_manifest, table_identity
 from indexing.measure import worst_trusted
@@ -107,4 +107,4 @@ def write_manifest_files(staged: Path, manifest: dict[str, Any]) -> None:
     # neighbours without any error.)
     files = [INDEX_FILE, IDS_FILE, *version_files(manifest)]
     manifest["files"] = file_digests(staged, files)
-    (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    write_manifest(staged / MANIFEST_FILE, manifest)

@@ -14,26 +14,48 @@ version, never a half-written one, and a build that dies at any point leaves ``C
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.npy"
-MANIFEST_FILE = "manifest.json"
-CURRENT_FILE = "CURRENT"
-VERSION_RE = re.compile(r"^v(\d{6})$")
+from cachebind.published.layout import (
+    CURRENT_FILE,
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    VERSION_RE,
+    current_version,
+    list_versions,
+    version_files,
+    version_number,
+    versions_dir,
+)
+from cachebind.published.manifest import read_manifest, read_manifest_file, write_manifest
+
+__all__ = [
+    "CURRENT_FILE",
+    "IDS_FILE",
+    "INDEX_FILE",
+    "MANIFEST_FILE",
+    "VERSION_RE",
+    "current_version",
+    "file_digests",
+    "list_versions",
+    "new_staging_dir",
+    "prune",
+    "publish",
+    "set_current",
+    "verify_version",
+    "version_files",
+    "version_number",
+    "versions_dir",
+]
+
 STALE_STAGING_S = 24 * 3600
 """Staging directories older than this are left-overs of killed builds and are removed."""
-
-
-def versions_dir(index_dir: Path) -> Path:
-    return Path(index_dir) / "versions"
 
 
 def new_staging_dir(index_dir: Path) -> Path:
@@ -43,40 +65,6 @@ def new_staging_dir(index_dir: Path) -> Path:
     return path
 
 
-def current_version(index_dir: Path) -> str | None:
-    """The published version name, or None. Cheap: one small file read (polled by serving)."""
-    try:
-        name = (Path(index_dir) / CURRENT_FILE).read_text().strip()
-    except FileNotFoundError:
-        return None
-    return name or None
-
-
-def version_number(name: str) -> int:
-    """The number of a version name (``v000012`` -> 12); ValueError for any other name."""
-    match = VERSION_RE.match(name)
-    if match is None:
-        raise ValueError(f"{name!r} is not a version name")
-    return int(match.group(1))
-
-
-def list_versions(index_dir: Path) -> list[str]:
-    """Complete versions, oldest first."""
-    root = versions_dir(index_dir)
-    if not root.is_dir():
-        return []
-    names = [p.name for p in root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
-    return sorted(names, key=version_number)
-
-
-def read_manifest(index_dir: Path, version: str) -> dict[str, Any]:
-    path = versions_dir(index_dir) / version / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object")
-    return manifest
-
-
 def _switch_current(index_dir: Path, version: str) -> None:
     tmp = Path(index_dir) / f"{CURRENT_FILE}.tmp.{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as f:
@@ -84,13 +72,6 @@ def _switch_current(index_dir: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, Path(index_dir) / CURRENT_FILE)
-
-
-def version_files(manifest: dict[str, Any]) -> list[str]:
-    """A version's files beyond index, ids and manifest: an on-disk index's ivfdata. They live
-    in the version's folder, so publishing moves them and pruning removes them with it."""
-    storage = manifest.get("storage") or {}
-    return [storage["ivfdata"]] if storage.get("invlists") == "ondisk" else []
 
 
 def file_digests(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -113,8 +94,7 @@ def verify_version(index_dir: Path, version: str) -> list[str]:
     step: a 100M-row version's ivfdata is ~14 GB. Loading checks sizes only.
     """
     folder = versions_dir(index_dir) / version
-    manifest = read_manifest(index_dir, version)
-    recorded = manifest.get("files")
+    recorded = read_manifest(index_dir, version).files
     if not recorded:
         return [f"{version}: no file checksums recorded (built by an older cachebind)"]
     problems = []
@@ -145,16 +125,15 @@ def publish(index_dir: Path, staged: Path, keep_versions: int = 3) -> str:
     root = versions_dir(index_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = staged / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text())
-    for name in version_files(manifest):
+    manifest = read_manifest_file(manifest_path)
+    for name in manifest.data_files:
         if not (staged / name).is_file():
             raise FileNotFoundError(f"incomplete build in {staged}: {name} is missing")
     existing = list_versions(index_dir)
     number = version_number(existing[-1]) + 1 if existing else 1
     while True:
         version = f"v{number:06d}"
-        manifest["version"] = version
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        write_manifest(manifest_path, manifest.with_version(version))
         try:
             os.rename(staged, root / version)
             break

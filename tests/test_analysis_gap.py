@@ -18,9 +18,9 @@ from tables import image_rows
 from cachebind.analysis.notebook import gap_report
 from cachebind.cli import main
 from cachebind.config import CacheConfig, IndexConfig, Settings, StoreConfig
+from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable
 from indexing.gapsets import known_query_groups
-from indexing.querylog import QueryLog, query_log_path
 
 DIM, PAIRED, UNPAIRED = 32, 240, 160
 OFFSET = 0.8  # norm of the shared text offset g

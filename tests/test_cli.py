@@ -166,3 +166,49 @@ def test_the_demos_serve_command_reproduces_what_the_demo_served(tmp_path, monke
             have = getattr(getattr(got, section), name)
             assert str(have) == str(want), f"{section}.{name}"
     assert got.serve.port == 8123
+
+
+def test_python_m_cachebind_is_the_cli_and_takes_the_config_after_the_stage(tmp_path) -> None:
+    """What ``ray job submit -- python -m cachebind index build --config F`` runs: a fresh
+    process, its own configuration file, the published manifest as JSON on stdout."""
+    import json
+
+    from tables import make_images_table
+
+    import indexing
+
+    store = make_images_table(tmp_path / "db", 600, 16, seed=0)
+    config = tmp_path / "cachebind.toml"
+    config.write_text(
+        f'[store]\nuri = "{store.uri}"\n[index]\ndir = "{tmp_path / "index"}"\nuse_gpu = "no"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "cachebind", "index", "build", "--config", str(config)]
+        + ["--json", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(done.stdout)
+    assert manifest["version"] == indexing.current_version(tmp_path / "index") == "v000001"
+    assert manifest["ntotal"] == 600 and manifest["shards"] == 1
+
+
+def test_the_ray_job_entry_modules_parse_their_flags_with_the_cli(capsys) -> None:
+    import jobs.train
+    from jobs.embed.__main__ import main as embed_main
+
+    def usage(run, argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    train_help = usage(jobs.train.main, ["--help"])
+    assert train_help == usage(lambda argv: build_parser().parse_args(argv), ["train", "--help"])
+    assert "--num-workers" in train_help and "--config" in train_help
+    embed_help = usage(embed_main, ["--help"])
+    assert embed_help.startswith("usage: cachebind embed")
+    for flag in ("--address", "--uri", "--flush-rows", "--no-progress", "--views", "--config"):
+        assert flag in embed_help

@@ -1,7 +1,14 @@
-"""Specification of the package structure: first-party modules import each other without cycles.
+"""Specification of the package structure: one direction between the three packages, no cycles.
 
-Every ``import`` counts, including those inside functions (a lazy import hides a cycle, it does
-not remove it). ``from pkg import sub`` depends on the submodule ``sub`` when there is one.
+``cachebind`` is the library and the runtime, ``indexing`` builds indexes, ``jobs`` holds the Ray
+job entry points. The flow runs one way: ``jobs`` may import ``indexing`` and ``cachebind``,
+``indexing`` may import ``cachebind``, and a ``cachebind`` library module imports neither
+(what the runtime reads of the builders' output is ``cachebind.published``). Only the
+composition roots (the CLI, the demo, ``python -m cachebind``) see all three.
+
+Every ``import`` counts, including those inside functions (a lazy import hides a dependency,
+it does not remove it), and so does every module reached through another.
+``from pkg import sub`` depends on the submodule ``sub`` when there is one.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ def module_files(package: str) -> dict[str, Path]:
     return files
 
 
+PACKAGES = ("cachebind", "indexing", "jobs")
+ROOTS = ("cachebind.cli", "cachebind.demo", "cachebind.__main__")
+"""The composition roots: the only ``cachebind`` modules that may see ``indexing`` and ``jobs``."""
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -37,6 +49,60 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 sub = f"{base}.{alias.name}"
                 found.add(sub if sub in known else base)
     return {m for m in found if m in known and m != name}
+
+
+def distribution_graph() -> dict[str, set[str]]:
+    """Every first-party module of the three packages -> the first-party modules it imports."""
+    files: dict[str, Path] = {}
+    for package in PACKAGES:
+        files |= module_files(package)
+    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> dict[str, str]:
+    """Every module ``start`` imports, directly or through others -> the module importing it."""
+    via: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        for nxt in graph[node]:
+            if nxt not in via and nxt != start:
+                via[nxt] = node
+                todo.append(nxt)
+    return via
+
+
+def chain(via: dict[str, str], start: str, end: str) -> list[str]:
+    path = [end]
+    while path[-1] != start:
+        path.append(via[path[-1]])
+    return path[::-1]
+
+
+def forbidden_imports(
+    graph: dict[str, set[str]], importers: list[str], forbidden: tuple[str, ...]
+) -> list[list[str]]:
+    """For each importer reaching a module of a ``forbidden`` package, one import chain."""
+    found = []
+    for start in importers:
+        via = reachable(graph, start)
+        for module in sorted(via):
+            if any(in_package(module, package) for package in forbidden):
+                found.append(chain(via, start, module))
+                break
+    return found
+
+
+def library_modules(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        name
+        for name in graph
+        if in_package(name, "cachebind") and not any(in_package(name, r) for r in ROOTS)
+    )
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -72,4 +138,34 @@ def test_package_has_no_import_cycle(package):
     files = module_files(package)
     graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
     assert len(graph) > 5  # the walk found the package
+    assert find_cycle(graph) is None
+
+
+def test_the_graph_sees_lazy_imports_and_reports_an_indirect_chain(tmp_path):
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("def f():\n    if True:\n        from indexing.build import x\n")
+    assert imports_of("cachebind.lazy", lazy, {"indexing.build"}) == {"indexing.build"}
+    graph = {"cachebind.a": {"cachebind.b"}, "cachebind.b": {"indexing.c"}, "indexing.c": set()}
+    assert forbidden_imports(graph, ["cachebind.a"], ("indexing",)) == [
+        ["cachebind.a", "cachebind.b", "indexing.c"]
+    ]
+
+
+def test_cachebind_library_modules_never_import_indexing_or_jobs_at_any_depth():
+    graph = distribution_graph()
+    library = library_modules(graph)
+    assert "cachebind.serve.runtime" in library and "cachebind.published.load" in library
+    assert not any(in_package(m, "cachebind.cli") for m in library)
+    assert forbidden_imports(graph, library, ("indexing", "jobs")) == []
+
+
+def test_indexing_never_imports_jobs():
+    graph = distribution_graph()
+    builders = sorted(name for name in graph if in_package(name, "indexing"))
+    assert forbidden_imports(graph, builders, ("jobs",)) == []
+
+
+def test_the_whole_distribution_has_no_import_cycle():
+    graph = distribution_graph()
+    assert {m.split(".")[0] for m in graph} == set(PACKAGES)
     assert find_cycle(graph) is None

@@ -13,8 +13,8 @@ from tables import make_images_table
 
 import indexing
 from cachebind.config import IndexConfig
+from cachebind.published.manifest import ids_checksum, read_manifest
 from cachebind.store import CacheTable
-from indexing.manifest import ids_checksum
 from indexing.synthetic import clustered_vectors
 
 DIM = 64
@@ -165,14 +165,14 @@ def test_a_latency_budget_constrains_the_choice_and_is_recorded(tmp_path: Path) 
     m = indexing.publish(
         roomy.dir, indexing.build_index(table, roomy, False, index_key="IVF32,PQ32x4fs,RFlat"), 3
     )
-    manifest = indexing.versions.read_manifest(roomy.dir, m)
-    assert manifest["target"]["latency_met"] is True and manifest["target"]["met"] is True
+    manifest = read_manifest(roomy.dir, m)
+    assert manifest.target["latency_met"] is True and manifest.target["met"] is True
     # Tighter than any search can be: recorded as missed, never silently "filled".
     tight = IndexConfig(dir=tmp_path / "b", use_gpu="no", latency_budget_ms=1e-6)
     staged = indexing.build_index(table, tight, False, index_key="IVF32,PQ32x4fs,RFlat")
-    manifest = indexing.versions.read_manifest(tight.dir, indexing.publish(tight.dir, staged, 3))
-    assert manifest["target"]["latency_met"] is False
-    assert manifest["target"]["latency_budget_ms"] == 1e-6
+    manifest = read_manifest(tight.dir, indexing.publish(tight.dir, staged, 3))
+    assert manifest.target["latency_met"] is False
+    assert manifest.target["latency_budget_ms"] == 1e-6
 
 
 def test_caller_supplied_queries_are_used_for_tuning(tmp_path: Path) -> None:

@@ -23,10 +23,11 @@ from tables import image_rows
 
 import indexing
 from cachebind.config import IndexConfig, StoreConfig
+from cachebind.published.layout import CURRENT_FILE, IDS_FILE, INDEX_FILE, versions_dir
+from cachebind.published.manifest import read_manifest
+from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable, images_schema
-from indexing.querylog import QueryLog, query_log_path
 from indexing.synthetic import clustered_vectors, crossmodal_queries, modality_direction
-from indexing.versions import CURRENT_FILE, IDS_FILE, INDEX_FILE, read_manifest, versions_dir
 
 N, DIM = 24_000, 128
 KEY = "IVF128,PQ64x4fs,RFlat"
@@ -227,12 +228,12 @@ def test_a_key_that_cannot_reach_the_target_on_text_queries_is_escalated_with_a_
         cache.table, config(tmp_path / "index"), False, index_key=weak, escalate_forced=True
     )
     manifest = read_manifest(tmp_path / "index", indexing.publish(tmp_path / "index", staged, 3))
-    assert manifest["index_key"] != weak
-    assert manifest["selection"]["key"] == manifest["index_key"]
-    reason = manifest["selection_reason"]
-    assert weak in reason and f"escalated to {manifest['index_key']}" in reason
-    assert manifest["target"]["met"] is True
-    assert all(s["recall_at_target_k_lower"] >= TARGET for s in manifest["query_sets"])
+    assert manifest.index_key != weak
+    assert manifest.selection["key"] == manifest.index_key
+    reason = manifest.selection_reason or ""
+    assert weak in reason and f"escalated to {manifest.index_key}" in reason
+    assert manifest.target["met"] is True
+    assert all(s["recall_at_target_k_lower"] >= TARGET for s in manifest.query_sets)
     recall, stderr = cache.fresh_recall(tmp_path / "index", "text")
     assert recall + 2 * stderr >= TARGET
 

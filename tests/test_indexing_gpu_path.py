@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from indexing.gpu import TorchExactSearch, gpu_wanted
+from cachebind.published.gpu import TorchExactSearch, gpu_wanted
 from indexing.synthetic import clustered_vectors
 
 
@@ -70,7 +70,7 @@ def test_the_gpu_search_imports_without_the_build_stack() -> None:
     import indexing
 
     code = (
-        "import sys, indexing.gpu; "
+        "import sys, cachebind.published.gpu; "
         "print([m for m in ('lancedb', 'autofaiss', 'ray', 'indexing.build') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

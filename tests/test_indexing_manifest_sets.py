@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from indexing.manifest import query_sets_of, recall_by_modality, recall_for
+from cachebind.published.manifest import query_sets_of, recall_by_modality, recall_for
 
 
 def qset(name: str, modality: str, r10: float, trusted: bool = True, n: int = 1000) -> dict:

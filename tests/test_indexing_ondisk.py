@@ -17,8 +17,9 @@ from tables import append_rows, make_images_table
 import indexing
 from cachebind.config import IndexConfig, StoreConfig
 from cachebind.errors import IndexMismatchError
+from cachebind.published.gpu import gpu_refusal, to_gpu
+from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.gpu import gpu_refusal, to_gpu
 from indexing.ondisk import IVFDATA_FILE, plan_merge, unsupported_reason, write_shard
 from indexing.params import apply_search_params
 from indexing.select import select_index
@@ -76,18 +77,18 @@ def sha256(path: Path) -> str:
 @pytest.mark.slow
 def test_on_disk_merge_gives_the_single_builds_results(builds, store) -> None:
     table = CacheTable.open(store)
-    manifests = {name: indexing.versions.read_manifest(d, "v000001") for name, d in builds.items()}
+    manifests = {name: read_manifest(d, "v000001") for name, d in builds.items()}
     disk = manifests["disk"]
     # (written from the driver's own index object: it was tuned with its lists on disk)
-    assert disk["storage"]["invlists"] == "ondisk" and disk["storage"]["ivfdata"] == IVFDATA_FILE
-    assert manifests["memory"]["storage"]["invlists"] == "memory"
-    assert set(disk["files"]) == {"index.faiss", "ids.npy", IVFDATA_FILE}  # all checksummed
+    assert disk.storage["invlists"] == "ondisk" and disk.storage["ivfdata"] == IVFDATA_FILE
+    assert manifests["memory"].storage["invlists"] == "memory"
+    assert set(disk.files or {}) == {"index.faiss", "ids.npy", IVFDATA_FILE}  # all checksummed
     assert indexing.verify_version(builds["disk"], "v000001") == []
-    assert disk["table"] == manifests["single"]["table"]  # same ids in the same order
+    assert disk.table == manifests["single"].table  # same ids in the same order
     # Tuning saw the same recall at every step in all three (timings may differ).
-    recalls = {name: [t["recall"] for t in m["tuning_trials"]] for name, m in manifests.items()}
+    recalls = {name: [t["recall"] for t in m.tuning_trials] for name, m in manifests.items()}
     assert recalls["disk"] == recalls["memory"] == recalls["single"]
-    params = manifests["single"]["search_params"]
+    params = manifests["single"].search_params
     expected_scores, expected_ids = search_all(builds["single"], table, params)
     for name in ("memory", "disk"):
         scores, ids = search_all(builds[name], table, params)
@@ -109,8 +110,8 @@ def test_a_loaded_on_disk_version_maps_its_codes_instead_of_holding_them(builds,
     assert (folder / "index.faiss").stat().st_size < ivfdata / 2
     assert len(faiss.serialize_index(loaded.index)) < ivfdata / 2
     manifest = loaded.manifest
-    assert manifest["memory_bytes"] < ivfdata
-    assert manifest["storage"]["ivfdata_bytes"] == ivfdata
+    assert manifest.memory_bytes < ivfdata
+    assert manifest.storage["ivfdata_bytes"] == ivfdata
     # The staging folder is gone, and so are the shard files.
     assert not any((builds["disk"] / "staging").iterdir())
     # The exact vectors handed to the blend still come from the table, not from the PQ codes.
@@ -120,7 +121,7 @@ def test_a_loaded_on_disk_version_maps_its_codes_instead_of_holding_them(builds,
 
 def test_the_version_folder_is_self_contained_and_relocatable(builds, store, tmp_path) -> None:
     table = CacheTable.open(store)
-    params = indexing.versions.read_manifest(builds["disk"], "v000001")["search_params"]
+    params = read_manifest(builds["disk"], "v000001").search_params
     expected = search_all(builds["disk"], table, params)
     index_file = builds["disk"] / "versions" / "v000001" / "index.faiss"
     assert b"staging" not in index_file.read_bytes()  # the ivfdata is named relative to it

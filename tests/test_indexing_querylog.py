@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexing import versions
-from indexing.querylog import (
+from cachebind.published.querylog import (
     QUERY_LOG_FILENAME,
     QueryLog,
     load_query_sets,
     query_log_path,
 )
+from indexing import versions
 
 DIM = 16
 
@@ -172,7 +172,7 @@ def test_a_save_replaces_the_file_atomically_and_a_failed_one_leaves_the_old(
     def crash(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("indexing.querylog.os.replace", crash)
+    monkeypatch.setattr("cachebind.published.querylog.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         qlog.save(path)
     monkeypatch.undo()

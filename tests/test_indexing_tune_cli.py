@@ -12,8 +12,8 @@ import pytest
 from tables import make_images_table
 
 from cachebind.cli import main
+from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable
-from indexing.querylog import QueryLog, query_log_path
 from indexing.synthetic import crossmodal_queries
 
 DIM = 32

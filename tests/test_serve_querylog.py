@@ -30,9 +30,9 @@ from PIL import Image
 
 import indexing
 from cachebind.config import load_config
+from cachebind.published.querylog import query_log_path, read_log_file
 from cachebind.serve import start_server
 from cachebind.serve.runtime import IndexSnapshot
-from indexing.querylog import query_log_path, read_log_file
 
 DIM = 64
 ROOT = Path(__file__).resolve().parents[1]

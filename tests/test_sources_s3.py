@@ -286,8 +286,8 @@ def test_embed_from_s3_into_a_table_on_s3_then_index_it(
     assert cli_main(["--config", str(config), "index", "--shards", "2", "--json"]) == 0
     table = CacheTable.open(settings.store)
     loaded = indexing.load_current(settings.index.dir, table, use_gpu="no")
-    assert loaded.manifest["table"]["uri"] == f"s3://{BUCKET}/cache/images.lance"
-    assert loaded.manifest["shards"] == 2 and loaded.manifest["ntotal"] == 24
+    assert loaded.manifest.table.uri == f"s3://{BUCKET}/cache/images.lance"
+    assert loaded.manifest.shards == 2 and loaded.manifest.ntotal == 24
     ids = table.ids()[[0, 11, 23]]
     _, found = loaded.search(table.vectors(ids.tolist()), 3)
     np.testing.assert_array_equal(found[:, 0], ids)  # each row finds itself first

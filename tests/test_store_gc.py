@@ -50,7 +50,7 @@ def test_gc_keeps_what_published_indexes_read_and_frees_the_rest(tmp_path: Path)
     assert report.bytes_freed == sum(t.bytes_freed for t in report.tables.values())
     # The index's version still reads, row for row.
     loaded = indexing.load_current(settings.index.dir, CacheTable.open(store, version=indexed))
-    assert loaded.manifest["table"]["row_count"] == 600
+    assert loaded.manifest.table.row_count == 600
     assert CacheTable.open(store, version=indexed).count() == 600
     # Appends only: nothing was rewritten, so the kept versions' files are all live.
     images = report.tables["images"]

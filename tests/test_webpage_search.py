@@ -120,9 +120,9 @@ def tuned(tmp_path_factory):
     from builders import build_demo_cache, service_settings
 
     import indexing
+    from cachebind.published.querylog import query_log_path, read_log_file
     from cachebind.serve import start_server
     from cachebind.store import CacheTable
-    from indexing.querylog import query_log_path, read_log_file
     from indexing.retune import tune_current
 
     root = tmp_path_factory.mktemp("tuned")

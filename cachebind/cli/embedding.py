@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cachebind.cli.options import CommonOptions, Subcommands, command
 from cachebind.config import Settings
@@ -29,6 +30,7 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
     p.add_argument("--vector-dtype", dest="store__vector_dtype", choices=["float16", "float32"])
     p.add_argument(
         "--ray-address",
+        "--address",
         dest="embed__ray_address",
         help="join an existing Ray cluster (auto or ray://host:10001)",
     )
@@ -52,11 +54,21 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
         "`train`; a table keeps the value it was created with (default 0: none)",
     )
     p.add_argument("--limit", type=int, help="embed at most this many samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--flush-rows",
+        type=int,
+        metavar="N",
+        help="commit every N rows (default: the job's)",
+    )
 
 
 def cmd_embed(settings: Settings, args: argparse.Namespace) -> int:
     from jobs.embed import run_embed
 
-    report = run_embed(args.source, settings, limit=args.limit)  # prints its summary
+    options: dict[str, Any] = {"limit": args.limit, "progress": not args.no_progress}
+    if args.flush_rows is not None:
+        options["flush_rows"] = args.flush_rows
+    report = run_embed(args.source, settings, **options)  # prints its summary
     print(f"report: {report.report_path}")
     return 0

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from cachebind.cli.options import CommonOptions, Subcommands, command
 from cachebind.config import Settings
+from cachebind.published.layout import (
+    MANIFEST_FILE,
+    current_version,
+    list_versions,
+    versions_dir,
+)
+from cachebind.published.manifest import Manifest, read_manifest
 
 INDEX_ACTIONS = ["build", "add", "tune", "list", "verify"]
 
@@ -46,6 +52,10 @@ def add_index(sub: Subcommands, common: CommonOptions) -> None:
         "Lance with a 'vector' or 'embedding' column); repeatable",
     )
     p.add_argument("--index-version", help="verify: this version instead of CURRENT")
+    p.add_argument(
+        "--table-version", type=int, help="build/add/tune: this table version, not the latest"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
 
@@ -95,7 +105,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "list":
         return _index_list(settings, args)
     if args.action == "verify":
-        version = args.index_version or indexing.current_version(settings.index.dir)
+        version = args.index_version or current_version(settings.index.dir)
         if version is None:
             print(f"no published index in {settings.index.dir}", file=sys.stderr)
             return 1
@@ -108,11 +118,12 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     from indexing.querysets import parse_query_spec
 
     query_files = [parse_query_spec(spec) for spec in args.queries or []]
+    progress = not args.no_progress
     if args.action in ("add", "tune"):
         from cachebind.store import CacheTable
         from cachebind.store.identity import check_encoder, configured_encoder
 
-        table = CacheTable.open(settings.store)
+        table = CacheTable.open(settings.store, version=args.table_version)
         if args.action == "add":
             check_encoder(
                 configured_encoder(settings.encoder, settings.weights),
@@ -122,22 +133,30 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             )
         if args.action == "tune":
             manifest = indexing.tune_current(
-                settings.index.dir, table, settings.index, query_files=query_files
+                settings.index.dir, table, settings.index, progress, query_files=query_files
             )
         else:
             manifest = indexing.add_rows(
                 settings.index.dir,
                 table,
                 settings.index,
+                progress,
                 shards=args.shards,
                 ray_address=args.ray_address,
                 query_files=query_files,
             )
     else:
+        from indexing.build import default_shards
+
+        shards = args.shards
+        if shards is None:
+            shards = default_shards(settings.store, args.table_version, args.ray_address)
         manifest = indexing.build_and_publish(
             settings.store,
             settings.index,
-            shards=args.shards,
+            progress=progress,
+            table_version=args.table_version,
+            shards=shards,
             ray_address=args.ray_address,
             index_key=args.index_key,
             query_files=query_files,
@@ -153,61 +172,63 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
         return 0
-    recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest["recall"].items())
-    latency = ", ".join(
-        f"{name.replace('_', ' ')} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms"
-        for name, v in manifest.get("latency_ms", {}).items()
-    )
-    update = manifest.get("update")
-    if update:
-        print(f"{update['mode']} (from {manifest['parent_version']}): {update['reason']}")
-    if manifest.get("selection_reason"):
-        print(f"escalated: {manifest['selection_reason']}")
-    print(
-        f"published {manifest['version']} (CURRENT) in {settings.index.dir}\n"
-        f"  index {manifest['index_key']} {manifest['search_params']} over "
-        f"{manifest['table']['row_count']} rows of table version {manifest['table']['version']}\n"
-        f"  {recall} (worst trusted query set)\n  latency: {latency}\n"
-        + "".join(f"  {line}\n" for line in _query_set_lines(manifest))
-        + f"  manifest: {Path(settings.index.dir) / 'versions' / manifest['version']}/manifest.json"
-    )
+    _print_published(settings, Manifest.from_json(manifest))
     return 0
 
 
-def _query_set_lines(manifest: dict) -> list[str]:
-    """One line per query set: recall@1/10/100, latency, and whether it is trusted."""
-    from indexing.manifest import query_sets_of
+def _print_published(settings: Settings, manifest: Manifest) -> None:
+    recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest.recall.items())
+    latency = ", ".join(
+        f"{name.replace('_', ' ')} p50 {v['p50']:.2f} ms p99 {v['p99']:.2f} ms"
+        for name, v in manifest.latency_ms.items()
+    )
+    if manifest.update:
+        print(
+            f"{manifest.update['mode']} (from {manifest.parent_version}): "
+            f"{manifest.update['reason']}"
+        )
+    if manifest.selection_reason:
+        print(f"escalated: {manifest.selection_reason}")
+    folder = versions_dir(settings.index.dir) / str(manifest.version)
+    print(
+        f"published {manifest.version} (CURRENT) in {settings.index.dir}\n"
+        f"  index {manifest.index_key} {manifest.search_params} over "
+        f"{manifest.table.row_count} rows of table version {manifest.table.version}\n"
+        f"  {recall} (worst trusted query set)\n  latency: {latency}\n"
+        + "".join(f"  {line}\n" for line in _query_set_lines(manifest))
+        + f"  manifest: {folder / MANIFEST_FILE}"
+    )
 
+
+def _query_set_lines(manifest: Manifest) -> list[str]:
+    """One line per query set: recall@1/10/100, latency, and whether it is trusted."""
     lines = []
-    for s in query_sets_of(manifest):
+    for s in manifest.query_sets:
         recall = " ".join(f"@{k} {v:.3f}" for k, v in (s.get("recall") or {}).items())
         b1 = (s.get("latency_ms") or {}).get("batch1_p50")
         own = s.get("search_params")
         lines.append(
             f"{s['name']:<28} n={s['n']:<5} recall {recall}"
             + (f"  b1 p50 {b1:.2f} ms" if isinstance(b1, float) else "")
-            + (f"  at {own}" if own and own != manifest.get("search_params") else "")
+            + (f"  at {own}" if own and own != manifest.search_params else "")
             + ("" if s.get("trusted") else "  (untrusted: too few queries)")
         )
     return lines
 
 
 def _index_list(settings: Settings, args: argparse.Namespace) -> int:
-    import indexing
-    from indexing.versions import read_manifest
-
-    current = indexing.current_version(settings.index.dir)
-    for version in indexing.list_versions(settings.index.dir):
+    current = current_version(settings.index.dir)
+    for version in list_versions(settings.index.dir):
         try:
             manifest = read_manifest(settings.index.dir, version)
         except (OSError, ValueError) as e:
             print(f"{version}  (manifest unreadable: {e})")
             continue
         mark = "*" if version == current else " "
-        update = (manifest.get("update") or {}).get("mode", "built")
+        update = (manifest.update or {}).get("mode", "built")
         print(
-            f"{mark} {version}  {manifest.get('index_key')} {manifest.get('search_params')}  "
-            f"{update}  {manifest.get('created_at', '')}"
+            f"{mark} {version}  {manifest.index_key} {manifest.search_params}  "
+            f"{update}  {manifest.created_at or ''}"
         )
         for line in _query_set_lines(manifest):
             print(f"    {line}")

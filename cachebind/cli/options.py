@@ -105,7 +105,11 @@ def _allow_mismatch(group: Any) -> None:
 def common_options() -> CommonOptions:
     table, g = _parent("cache table")
     g.add_argument(
-        "--table-uri", dest="store__uri", metavar="URI", help="LanceDB location (path or s3://…)"
+        "--table-uri",
+        "--uri",
+        dest="store__uri",
+        metavar="URI",
+        help="LanceDB location (path or s3://…)",
     )
     g.add_argument(
         "--table", dest="store__table", metavar="NAME", help="table name (default images)"
@@ -161,5 +165,8 @@ def command(
     p = sub.add_parser(
         name, help=help, description=description, epilog=EPILOG, parents=list(parents)
     )
+    # Also after the stage (`python -m cachebind embed SRC --config F`, as a Ray job's command
+    # line reads); when absent here, the top-level --config (or None) stands.
+    p.add_argument("--config", default=argparse.SUPPRESS, help="TOML configuration file")
     p.set_defaults(func=func)
     return p

@@ -67,6 +67,7 @@ def run_demo(
     from cachebind.client import CachebindClient, input_item
     from cachebind.demo.data import write_collection
     from cachebind.inject import build_tiny_llm
+    from cachebind.published.manifest import Manifest
     from cachebind.serve import start_server
     from cachebind.serve.auth import write_key_file
     from indexing import build_and_publish
@@ -102,11 +103,11 @@ def run_demo(
     run_embed(collection.webdataset_spec, settings)  # prints its own report
 
     _banner("3/6 building, verifying and publishing the index")
-    manifest = build_and_publish(settings.store, settings.index)
-    recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest.get("recall", {}).items())
+    manifest = Manifest.from_json(build_and_publish(settings.store, settings.index))
+    recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest.recall.items())
     print(
-        f"published version {manifest['version']}: {manifest['index_key']} over "
-        f"{manifest['table']['row_count']} rows (table version {manifest['table']['version']}); "
+        f"published version {manifest.version}: {manifest.index_key} over "
+        f"{manifest.table.row_count} rows (table version {manifest.table.version}); "
         f"measured {recall}"
     )
 
@@ -143,7 +144,7 @@ def run_demo(
         f"table:       {settings.store.uri} (table {settings.store.table!r}, errors table "
         f"{settings.store.errors_table_name!r})"
     )
-    print(f"index:       {settings.index.dir} (CURRENT -> {manifest['version']})")
+    print(f"index:       {settings.index.dir} (CURRENT -> {manifest.version})")
     print(f"LLM files:   {out / 'llm'}")
     print("\nto serve what the demo built (its user key is in no file; make one with")
     print(f"`cachebind keys create {settings.serve.api_keys_file}`):")

@@ -9,10 +9,10 @@ the client says which modality it embeds (``modality`` on the input) and
 ``serve.query_log.raw_embeddings`` is on; an unlabelled one is of no known distribution and is
 never logged. The raw input itself (text, bytes) is never kept.
 
-The sample lives in memory (``indexing.querylog.QueryLog``, thread-safe, bounded) and is written
-atomically to ``query_log_path(index.dir)`` every ``flush_interval_s`` when it changed, and on
-shutdown, in a worker thread. It is read back at start, so it survives a restart; an index reload
-swaps the snapshot, never the log.
+The sample lives in memory (``cachebind.published.querylog.QueryLog``, thread-safe, bounded)
+and is written atomically to ``query_log_path(index.dir)`` every ``flush_interval_s`` when it
+changed, and on shutdown, in a worker thread. It is read back at start, so it survives a
+restart; an index reload swaps the snapshot, never the log.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cachebind.config import QueryLogConfig
+from cachebind.published.querylog import QueryLog, query_log_path
 
 log = logging.getLogger("cachebind.serve")
 
@@ -35,8 +36,6 @@ class ServedQueryLog:
     """The query log of one app: ``record`` from handlers, ``flush_forever`` as a task."""
 
     def __init__(self, config: QueryLogConfig, index_dir: Path | str) -> None:
-        from indexing.querylog import QueryLog, query_log_path
-
         self.config = config
         self.path = query_log_path(index_dir)
         self.sample: QueryLog | None = None

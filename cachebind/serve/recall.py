@@ -1,15 +1,21 @@
 """What a served index version promises, per query set and per query: read from its manifest.
 
-``indexing.manifest`` owns the format (``query_sets``, ``recall_by_modality``, ``recall_for``);
-this module only turns it into the response models, so a manifest written before query sets
-existed reports its one held-out image set and an unmeasured index reports none.
+:mod:`cachebind.published.manifest` owns the format (the typed ``Manifest``, its query sets,
+``recall_for``); this module only turns it into the response models, so a manifest written
+before query sets existed reports its one held-out image set and an unmeasured index none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cachebind.published.manifest import (
+    Manifest,
+    query_sets_of,
+    recall_by_modality_of,
+    recall_for,
+)
 from cachebind.serve import schemas as s
 
 UNLABELLED = "embedding"
@@ -26,10 +32,11 @@ def _params(value: Any) -> dict[str, int] | None:
     return {str(k): int(v) for k, v in value.items() if isinstance(v, int | float)}
 
 
-def query_set_reports(manifest: dict[str, Any]) -> list[s.QuerySetReport]:
+def query_set_reports(manifest: Manifest | Mapping[str, Any]) -> list[s.QuerySetReport]:
     """Each query set of ``manifest`` with its recall@1/10/100 and latency."""
-    from indexing.manifest import query_sets_of
-
+    default_params = (
+        manifest.search_params if isinstance(manifest, Manifest) else manifest.get("search_params")
+    )
     reports = []
     for qs in query_sets_of(manifest):
         recall = qs.get("recall") or {}
@@ -48,19 +55,14 @@ def query_set_reports(manifest: dict[str, Any]) -> list[s.QuerySetReport]:
                     batch1_p50=_number(latency.get("batch1_p50")),
                     batch64_per_query=_number(latency.get("batch64_per_query")),
                 ),
-                search_params=_params(qs.get("search_params", manifest.get("search_params"))),
+                search_params=_params(qs.get("search_params", default_params)),
             )
         )
     return reports
 
 
-def recall_by_modality_report(manifest: dict[str, Any]) -> dict[str, s.RecallPart]:
+def recall_by_modality_report(manifest: Manifest | Mapping[str, Any]) -> dict[str, s.RecallPart]:
     """The worst trusted set of each modality the manifest measured."""
-    from indexing.manifest import query_sets_of, recall_by_modality
-
-    by_modality = manifest.get("recall_by_modality")
-    if not isinstance(by_modality, dict):
-        by_modality = recall_by_modality(query_sets_of(manifest))
     return {
         m: s.RecallPart(
             set=v.get("set"),
@@ -68,14 +70,14 @@ def recall_by_modality_report(manifest: dict[str, Any]) -> dict[str, s.RecallPar
             trusted=bool(v.get("trusted")),
             verified=True,
         )
-        for m, v in by_modality.items()
+        for m, v in recall_by_modality_of(manifest).items()
     }
 
 
-def recall_info(manifest: dict[str, Any], labels: Sequence[str | None]) -> s.RecallInfo:
+def recall_info(
+    manifest: Manifest | Mapping[str, Any], labels: Sequence[str | None]
+) -> s.RecallInfo:
     """The recall that applies to a query of these input modalities (None: unlabelled)."""
-    from indexing.manifest import recall_for
-
     found = recall_for(manifest, [label or UNLABELLED for label in labels])
     return s.RecallInfo(
         set=found["set"],

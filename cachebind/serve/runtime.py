@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,12 +28,15 @@ from cachebind.config import (
     StoreConfig,
 )
 from cachebind.modalities import Modality
+from cachebind.published.layout import current_version
+from cachebind.published.manifest import Manifest, read_manifest
 
 log = logging.getLogger("cachebind.serve")
 
 
 class SearchIndex(Protocol):
-    """What serving needs of an index (``indexing.LoadedIndex`` has this shape)."""
+    """What serving needs of an index (``cachebind.published.load.LoadedIndex`` has this
+    shape)."""
 
     def search(
         self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None
@@ -71,20 +74,27 @@ class IndexSnapshot:
 
     @classmethod
     def of(
-        cls, index: SearchIndex, table: CacheTable, version: str | None, manifest: dict[str, Any]
+        cls,
+        index: SearchIndex,
+        table: CacheTable,
+        version: str | None,
+        manifest: Manifest | Mapping[str, Any],
     ) -> IndexSnapshot:
+        """``manifest`` is kept as its JSON object: what ``GET /v1/index`` shows."""
         from cachebind.cache import CacheModel
 
         table.build_id_lookup()
-        return cls(version, index, table, CacheModel(index, table), table.count(), dict(manifest))
+        plain = manifest.to_json() if isinstance(manifest, Manifest) else dict(manifest)
+        return cls(version, index, table, CacheModel(index, table), table.count(), plain)
 
 
 class PublishedIndexLoader:
-    """Index versions published by ``indexing`` under ``index.dir`` (the CURRENT pointer).
+    """Index versions published under ``index.dir`` (the CURRENT pointer), read through
+    :mod:`cachebind.published`.
 
     A load opens the table at the version named in the index's manifest: the embedding job may
     have appended rows since the index was built, and the rows an index's ids point at are those
-    of the version it was built from. ``indexing.load_version`` still checks row count and ids
+    of the version it was built from. ``load_version`` still checks row count and ids
     (IndexMismatchError), which the reload loop reports while it keeps the old snapshot.
     """
 
@@ -94,21 +104,18 @@ class PublishedIndexLoader:
         self.store = store
 
     def current_version(self) -> str | None:
-        import indexing
-
-        return indexing.current_version(self.index_dir)
+        return current_version(self.index_dir)
 
     def load(self) -> IndexSnapshot:
-        import indexing
+        from cachebind.published.load import load_version
         from cachebind.store import CacheTable
-        from indexing.versions import read_manifest
 
-        version = indexing.current_version(self.index_dir)
+        version = current_version(self.index_dir)
         if version is None:
             raise FileNotFoundError(f"no index published in {self.index_dir}")
         manifest = read_manifest(self.index_dir, version)
-        table = CacheTable.open(self.store, version=int(manifest["table"]["version"]))
-        loaded = indexing.load_version(self.index_dir, version, table, use_gpu=self.use_gpu)
+        table = CacheTable.open(self.store, version=manifest.table.version)
+        loaded = load_version(self.index_dir, version, table, use_gpu=self.use_gpu)
         return IndexSnapshot.of(loaded, table, loaded.version, loaded.manifest)
 
 

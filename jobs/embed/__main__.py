@@ -1,49 +1,20 @@
-"""``python -m jobs.embed SOURCE …``: the entry point for ``ray job submit``."""
+"""``python -m jobs.embed SOURCE …``: ``cachebind embed`` as a Ray job entry module.
+
+    ray job submit --working-dir . -- python -m jobs.embed /data/cc3m --config cachebind.toml
+
+The same as ``python -m cachebind embed …``: the CLI parses the flags and runs the job.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from collections.abc import Sequence
 
-from cachebind.config import load_config
-from jobs.embed.runner import run_embed
+from cachebind.cli import main as cli_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.embed",
-        description="Embed a source's images with ImageBind into the cache's LanceDB table.",
-    )
-    parser.add_argument(
-        "source",
-        help="webdataset:/data/{00000..00331}.tar, a folder, a .parquet or cc3m:X.tsv?images=DIR",
-    )
-    parser.add_argument("--config", help="TOML configuration file")
-    parser.add_argument("--address", help="Ray cluster address (auto, ray://host:10001)")
-    parser.add_argument("--limit", type=int, help="stop after this many samples")
-    parser.add_argument("--uri", help="LanceDB database (overrides store.uri)")
-    parser.add_argument("--table", help="table name (overrides store.table)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--flush-rows", type=int, default=1024, help="commit every N rows (default 1024)"
-    )
-    parser.add_argument("--views", type=int, help="augmented views per image (embed.views)")
-    args = parser.parse_args(argv)
-    settings = load_config(
-        args.config,
-        embed={"ray_address": args.address, "views": args.views},
-        store={"uri": args.uri, "table": args.table},
-    )
-    report = run_embed(
-        args.source,
-        settings,
-        limit=args.limit,
-        progress=not args.no_progress,
-        flush_rows=args.flush_rows,
-    )
-    print(json.dumps({"report": report.report_path, "rows_written": report.rows_written}))
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(["embed", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import faiss
 import numpy as np
 
 from cachebind.arrays import Floats, Ints
-from indexing.faiss_ops import ondisk_invlists
-from indexing.params import GPU_MAX_K
+from cachebind.published.faissio import ondisk_invlists
+from cachebind.published.params import GPU_MAX_K
 
 log = logging.getLogger(__name__)
 

@@ -5,25 +5,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
 from cachebind.arrays import Floats, Ints
 from cachebind.errors import IndexMismatchError
-from cachebind.store import CacheTable
-from indexing.faiss_ops import has_exact_storage
-from indexing.gpu import TorchExactSearch, gpu_k_ok, gpu_wanted, to_gpu
-from indexing.manifest import check_alignment, ids_checksum, search_params_for
-from indexing.ondisk import read_index
-from indexing.params import CallParams, apply_search_params
-from indexing.versions import (
-    IDS_FILE,
-    current_version,
+from cachebind.published.faissio import has_exact_storage, read_index
+from cachebind.published.gpu import TorchExactSearch, gpu_k_ok, gpu_wanted, to_gpu
+from cachebind.published.layout import IDS_FILE, current_version, versions_dir
+from cachebind.published.manifest import (
+    Manifest,
+    check_alignment,
+    ids_checksum,
     read_manifest,
-    versions_dir,
+    search_params_for,
 )
+from cachebind.published.params import CallParams, apply_search_params
+from cachebind.store import CacheTable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class LoadedIndex:
         self,
         index: faiss.Index,
         ids: Ints,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         table: CacheTable,
         *,
         use_gpu: str = "no",
@@ -53,17 +52,19 @@ class LoadedIndex:
         self.index = index
         self.ids = ids
         self.manifest = manifest
-        self.version: str = manifest["version"]
+        if manifest.version is None:
+            raise ValueError("a loaded index is a published version: its manifest has none")
+        self.version: str = manifest.version
         self.table = table
-        self.dim: int = int(manifest["dim"])
-        apply_search_params(index, manifest.get("search_params", {}))
+        self.dim: int = manifest.dim
+        apply_search_params(index, manifest.search_params)
         self._exact = has_exact_storage(index)
-        self._default_params = dict(manifest.get("search_params") or {})
+        self._default_params = dict(manifest.search_params)
         self._call_params: dict[tuple[tuple[str, int], ...], CallParams] = {}
         self._sorter: Ints | None = None
-        self._gpu = to_gpu(index, manifest["index_key"]) if gpu_wanted(use_gpu) else None
+        self._gpu = to_gpu(index, manifest.index_key) if gpu_wanted(use_gpu) else None
         if self._gpu is not None:
-            apply_search_params(self._gpu, manifest.get("search_params", {}))
+            apply_search_params(self._gpu, manifest.search_params)
         self._cpu_matmul = None
         flat = faiss.downcast_index(index)
         if self._gpu is None and isinstance(flat, faiss.IndexFlat) and flat.ntotal:
@@ -81,7 +82,7 @@ class LoadedIndex:
 
     def params_for(self, parts: Sequence[str | None] | None) -> dict[str, int]:
         """The search setting for a query of these modalities (see
-        :func:`indexing.manifest.search_params_for`)."""
+        :func:`cachebind.published.manifest.search_params_for`)."""
         return search_params_for(self.manifest, parts)
 
     def search(
@@ -169,16 +170,16 @@ def load_version(
     """Load ``version``, after checking it was built from ``table`` (IndexMismatchError if not).
 
     The check runs before the (possibly large) index file is read. An on-disk version
-    (``manifest["storage"]["invlists"] == "ondisk"``) maps its ``index.ivfdata`` read-only from
+    (``manifest.storage["invlists"] == "ondisk"``) maps its ``index.ivfdata`` read-only from
     the version's folder: its codes are paged in by searches, not loaded.
     """
     folder = versions_dir(index_dir) / version
     manifest = read_manifest(index_dir, version)
     check_alignment(manifest, table, table.ids())
     ids = np.load(folder / IDS_FILE)
-    if ids_checksum(ids) != manifest["table"]["ids_sha256"]:
+    if ids_checksum(ids) != manifest.table.ids_sha256:
         raise IndexMismatchError(f"{folder / IDS_FILE} does not match its manifest (corrupt?)")
-    index = read_index(folder, manifest)
+    index = read_index(folder, manifest.storage)
     if index.ntotal != len(ids):
         raise IndexMismatchError(f"{folder}: index holds {index.ntotal} rows, ids.npy {len(ids)}")
     return LoadedIndex(index, ids, manifest, table, use_gpu=use_gpu)
