@@ -185,6 +185,47 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     assert {c.get_attribute("data-id") for c in page.query_selector_all(".result")} <= blue
 
 
+def legend(page) -> dict[str, int]:
+    """The map's legend as {category: count}, read from its "name (n)" items."""
+    items = [li.inner_text().rsplit(" (", 1) for li in page.query_selector_all("#map-legend li")]
+    return {name: int(n.rstrip(")")) for name, n in items}
+
+
+def test_the_map_is_coloured_by_shard_or_a_caption_word_as_the_analyst_chooses(
+    page, served, tmp_path
+):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    rows = served.runtime.snapshot.table.dataset.to_table(columns=["caption", "shard"])
+    shards = rows["shard"].to_pylist()
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+
+    page.select_option("#map-colour", "shard")
+    page.click("#map-recolour")
+    page.wait_for_selector("#map-canvas[data-colour='shard']")
+    assert legend(page) == {s: shards.count(s) for s in set(shards)}
+    page.screenshot(path=str(tmp_path / "workbench-map-shard.png"), full_page=True)
+
+    word = rows["caption"][0].as_py().split()[-1]
+    holding = sum(word in c.split() for c in rows["caption"].to_pylist())
+    page.select_option("#map-colour", "word")
+    page.fill("#map-word", word)
+    page.click("#map-recolour")
+    page.wait_for_selector(f"#map-canvas[data-colour='word:{word}']")
+    assert legend(page) == {word: holding, f"no {word}": 120 - holding}
+    assert f"coloured by word:{word}" in page.inner_text("#map-summary")
+
+    # Two words are refused with the server's reason; the map drawn stays.
+    page.fill("#map-word", "two words")
+    page.click("#map-recolour")
+    page.wait_for_selector("#status.error")
+    assert "one word" in page.inner_text("#status")
+    assert page.get_attribute("#map-canvas", "data-colour") == f"word:{word}"
+
+
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#show-generate")

@@ -1,5 +1,5 @@
 // The map of the collection (GET /v1/map): one dot per row on a canvas, coloured by its
-// zero-shot label; a click opens the nearest row. Loaded after app.js and workbench.js.
+// zero-shot label, its shard or a caption word; a click opens the nearest row. Loaded after app.js and workbench.js.
 "use strict";
 
 const MAP_PAD = 12; // pixels between the outermost dots and the canvas edge
@@ -129,16 +129,30 @@ function nearestPoint(x, y) {
   return best;
 }
 
-async function showMap() {
+// The `color` parameter of GET /v1/map for the page's choice ("" colours nothing).
+function mapColouring() {
+  const kind = $("#map-colour").value;
+  if (kind === "shard") return "shard";
+  if (kind === "word") {
+    const word = $("#map-word").value.trim();
+    return word ? `word:${word}` : "";
+  }
   const table = $("#label-table").value.trim();
+  return table ? `label:${table}` : "";
+}
+
+async function showMap() {
+  const colouring = mapColouring();
   try {
     setStatus("loading the map…");
-    const data = await api(`/v1/map${table ? `?labels=${encodeURIComponent(table)}` : ""}`);
+    const data = await api(`/v1/map${colouring ? `?color=${encodeURIComponent(colouring)}` : ""}`);
     $("#map-view").hidden = false;
     drawMap(data);
+    $("#map-canvas").dataset.colour = data.color || "";
     $("#map-summary").textContent =
       `${data.count} rows · ${data.method} · table version ${data.table_version}` +
-      (data.table_version !== data.served_version ? ` (served: ${data.served_version})` : "");
+      (data.table_version !== data.served_version ? ` (served: ${data.served_version})` : "") +
+      (data.color ? ` · coloured by ${data.color}` : "");
     setStatus(`map of ${data.count} rows`);
   } catch (error) {
     setStatus(error.message, true);
@@ -147,6 +161,7 @@ async function showMap() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#show-map").addEventListener("click", showMap);
+  $("#map-recolour").addEventListener("click", showMap);
   const canvas = $("#map-canvas");
   canvas.addEventListener("mousedown", (event) => {
     if (!event.shiftKey) return;
