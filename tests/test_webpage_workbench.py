@@ -226,6 +226,41 @@ def test_the_map_is_coloured_by_shard_or_a_caption_word_as_the_analyst_chooses(
     assert page.get_attribute("#map-canvas", "data-colour") == f"word:{word}"
 
 
+def test_the_current_results_and_the_query_are_placed_on_the_map(page, served, tmp_path):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    search_text(page, "a red dog", k=8)
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120'][data-results='8']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+    x, y = np.array(data["x"]), np.array(data["y"])
+    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+
+    def query_position() -> tuple[float, float]:
+        """The mean drawn position of the top five results (the page's transform)."""
+        ranked = [c.get_attribute("data-id") for c in page.query_selector_all(".result")]
+        top = [data["ids"].index(i) for i in ranked[:5]]
+        px = 12 + (x[top] - x.min()) * scale
+        py = height - 12 - (y[top] - y.min()) * scale
+        return float(px.mean()), float(py.mean())
+
+    def drawn_query() -> list[float]:
+        return [float(v) for v in page.get_attribute("#map-canvas", "data-query").split(",")]
+
+    assert drawn_query() == pytest.approx(query_position(), abs=0.01)
+    page.screenshot(path=str(tmp_path / "workbench-map-query.png"), full_page=True)
+
+    # A new search moves the rings and the query with it, on the map already drawn.
+    search_text(page, "a blue cat", k=3)
+    page.wait_for_selector("#map-canvas[data-results='3']")
+    assert drawn_query() == pytest.approx(query_position(), abs=0.01)
+
+
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#show-generate")

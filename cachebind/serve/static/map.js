@@ -6,7 +6,16 @@ const MAP_PAD = 12; // pixels between the outermost dots and the canvas edge
 const MAP_HIT = 8; // a click selects the nearest dot within this many pixels
 const PALETTE = ["#2f6fed", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#0c8599",
   "#e67700", "#5c940d", "#a61e4d", "#364fc7"];
-const mapState = { px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null };
+// The query is placed at the mean position of its top results on the map, an approximation
+// for either layout (the page never holds the query's embedding, and UMAP is not linear), but
+// it shows where in the collection the query landed.
+const MAP_QUERY_NEIGHBOURS = 5;
+const mapState = {
+  px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null,
+  at: new Map(), // row id -> its index on the map
+  results: [], // indices of the current results that the map holds
+  query: null, // [x, y] in canvas pixels, or null
+};
 
 // Uniform scale, y up: the layout's aspect ratio is kept.
 function mapTransform(xs, ys, width, height) {
@@ -33,7 +42,8 @@ function drawMap(data) {
   mapState.labels = labels;
   mapState.colours = labels.map(colour);
   mapState.selected = [];
-  paintMap();
+  mapState.at = new Map(data.ids.map((id, i) => [id, i]));
+  placeResults();
   const counts = new Map();
   for (const label of labels) counts.set(label, (counts.get(label) || 0) + 1);
   const legend = [...counts.entries()].map(([label, n]) => {
@@ -58,6 +68,24 @@ function paintMap(box = null) {
     const size = chosen.has(i) ? 6 : 4;
     ctx.fillRect(mapState.px[i] - size / 2, mapState.py[i] - size / 2, size, size);
   }
+  ctx.strokeStyle = "#1d2330";
+  ctx.lineWidth = 1.5;
+  for (const i of mapState.results) {
+    ctx.beginPath();
+    ctx.arc(mapState.px[i], mapState.py[i], 6, 0, 2 * Math.PI);
+    ctx.stroke();
+  }
+  if (mapState.query) {
+    const [qx, qy] = mapState.query;
+    ctx.lineWidth = 3;
+    ctx.beginPath();
+    ctx.moveTo(qx - 9, qy - 9);
+    ctx.lineTo(qx + 9, qy + 9);
+    ctx.moveTo(qx + 9, qy - 9);
+    ctx.lineTo(qx - 9, qy + 9);
+    ctx.stroke();
+  }
+  ctx.lineWidth = 1;
   if (box) {
     ctx.strokeStyle = "#1d2330";
     ctx.setLineDash([4, 3]);
@@ -72,6 +100,23 @@ function canvasPoint(event) {
     (event.clientX - rect.left) * (event.target.width / rect.width),
     (event.clientY - rect.top) * (event.target.height / rect.height),
   ];
+}
+
+// The results shown (in rank order) ringed on the map, and the query as a cross at the mean
+// position of the top ones.
+function placeResults() {
+  const ids = [...document.querySelectorAll("#results .result")].map((card) => card.dataset.id);
+  mapState.results = ids.map((id) => mapState.at.get(id)).filter((i) => i !== undefined);
+  const top = mapState.results.slice(0, MAP_QUERY_NEIGHBOURS);
+  mapState.query = top.length
+    ? [top.reduce((a, i) => a + mapState.px[i], 0) / top.length,
+      top.reduce((a, i) => a + mapState.py[i], 0) / top.length]
+    : null;
+  const canvas = $("#map-canvas");
+  canvas.dataset.results = String(mapState.results.length);
+  if (mapState.query) canvas.dataset.query = mapState.query.map((v) => v.toFixed(2)).join(",");
+  else delete canvas.dataset.query;
+  paintMap();
 }
 
 // Shift + drag draws a box; the dots inside it are the selection "Export selection" writes.
@@ -162,6 +207,10 @@ async function showMap() {
 document.addEventListener("DOMContentLoaded", () => {
   $("#show-map").addEventListener("click", showMap);
   $("#map-recolour").addEventListener("click", showMap);
+  // Every search (or "More results") changes the result cards: place them on the map drawn.
+  new MutationObserver(() => {
+    if (mapState.ids.length) placeResults();
+  }).observe($("#results"), { childList: true });
   const canvas = $("#map-canvas");
   canvas.addEventListener("mousedown", (event) => {
     if (!event.shiftKey) return;
