@@ -261,6 +261,65 @@ def test_the_current_results_and_the_query_are_placed_on_the_map(page, served, t
     assert drawn_query() == pytest.approx(query_position(), abs=0.01)
 
 
+def test_a_lasso_selects_the_dots_inside_a_freeform_polygon_and_exports_them(
+    page, served, tmp_path
+):
+    import pyarrow.parquet as pq
+    from matplotlib.path import Path
+
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+    box = page.query_selector("#map-canvas").bounding_box()
+    x, y = np.array(data["x"]), np.array(data["y"])
+    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+    drawn = np.stack([12 + (x - x.min()) * scale, height - 12 - (y - y.min()) * scale], 1)
+
+    def clearance(corners: list[tuple[float, float]]) -> float:
+        """The least distance in canvas pixels from a dot to the polygon's edges."""
+        ends = np.array([*corners, corners[0]])
+        a, b = ends[:-1], ends[1:]
+        t = ((drawn[:, None] - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1)
+        nearest = a + np.clip(t, 0, 1)[..., None] * (b - a)
+        return float(np.linalg.norm(drawn[:, None] - nearest, axis=-1).min())
+
+    # A triangle no box equals: the canvas's left side and a tip on its right edge, placed
+    # where no dot lies within 3 px of an edge (a pixel's rounding must not decide a dot).
+    corners = next(
+        c
+        for tip in np.linspace(0.3, 0.7, 41)
+        if clearance(c := [(2.0, 2.0), (width - 2.0, tip * height), (2.0, height - 2.0)]) > 3
+    )
+    inside = Path(corners).contains_points(drawn)
+    assert 0 < inside.sum() < len(inside)
+    page.select_option("#map-tool", "lasso")
+    page.keyboard.down("Shift")
+    to_page = [
+        (box["x"] + cx * box["width"] / width, box["y"] + cy * box["height"] / height)
+        for cx, cy in corners
+    ]
+    page.mouse.move(*to_page[0])
+    page.mouse.down()
+    for corner in [*to_page[1:], to_page[0]]:
+        page.mouse.move(*corner, steps=8)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_selector(f"#map-canvas[data-selected='{int(inside.sum())}']")
+    page.screenshot(path=str(tmp_path / "workbench-map-lasso.png"), full_page=True)
+    with page.expect_download() as info:
+        page.click("#map-export")
+    info.value.save_as(tmp_path / "lasso.parquet")
+    exported = {str(i) for i in pq.read_table(tmp_path / "lasso.parquet")["id"].to_pylist()}
+    assert exported == {i for i, keep in zip(data["ids"], inside, strict=True) if keep}
+
+
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#show-generate")

@@ -89,7 +89,14 @@ function paintMap(box = null) {
   if (box) {
     ctx.strokeStyle = "#1d2330";
     ctx.setLineDash([4, 3]);
-    ctx.strokeRect(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0);
+    if (box.path) {
+      ctx.beginPath();
+      box.path.forEach(([x, y], k) => (k ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.closePath();
+      ctx.stroke();
+    } else {
+      ctx.strokeRect(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0);
+    }
     ctx.setLineDash([]);
   }
 }
@@ -119,14 +126,27 @@ function placeResults() {
   paintMap();
 }
 
-// Shift + drag draws a box; the dots inside it are the selection "Export selection" writes.
-function selectInBox(box) {
-  const [xa, xb] = [Math.min(box.x0, box.x1), Math.max(box.x0, box.x1)];
-  const [ya, yb] = [Math.min(box.y0, box.y1), Math.max(box.y0, box.y1)];
+// Even-odd ray casting: is (x, y) inside the closed polygon `path`?
+function insidePolygon(x, y, path) {
+  let inside = false;
+  for (let a = 0, b = path.length - 1; a < path.length; b = a++) {
+    const [xa, ya] = path[a], [xb, yb] = path[b];
+    if ((ya > y) !== (yb > y) && x < ((xb - xa) * (y - ya)) / (yb - ya) + xa) inside = !inside;
+  }
+  return inside;
+}
+
+// Shift + drag draws a box, or a freeform lasso when "select with" says so; the dots inside it
+// are the selection "Export selection" writes.
+function selectInside(drag) {
+  const [xa, xb] = [Math.min(drag.x0, drag.x1), Math.max(drag.x0, drag.x1)];
+  const [ya, yb] = [Math.min(drag.y0, drag.y1), Math.max(drag.y0, drag.y1)];
+  const inside = drag.path
+    ? (x, y) => insidePolygon(x, y, drag.path)
+    : (x, y) => x >= xa && x <= xb && y >= ya && y <= yb;
   mapState.selected = [];
   for (let i = 0; i < mapState.ids.length; i++) {
-    const x = mapState.px[i], y = mapState.py[i];
-    if (x >= xa && x <= xb && y >= ya && y <= yb) mapState.selected.push(i);
+    if (inside(mapState.px[i], mapState.py[i])) mapState.selected.push(i);
   }
   const n = mapState.selected.length;
   $("#map-export").disabled = n === 0;
@@ -215,17 +235,20 @@ document.addEventListener("DOMContentLoaded", () => {
   canvas.addEventListener("mousedown", (event) => {
     if (!event.shiftKey) return;
     const [x, y] = canvasPoint(event);
-    mapState.drag = { x0: x, y0: y, x1: x, y1: y };
+    const lasso = $("#map-tool").value === "lasso";
+    mapState.drag = { x0: x, y0: y, x1: x, y1: y, path: lasso ? [[x, y]] : null };
   });
   canvas.addEventListener("mousemove", (event) => {
     if (!mapState.drag) return;
     [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
+    if (mapState.drag.path) mapState.drag.path.push([mapState.drag.x1, mapState.drag.y1]);
     paintMap(mapState.drag);
   });
   canvas.addEventListener("mouseup", (event) => {
     if (!mapState.drag) return;
     [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
-    selectInBox(mapState.drag);
+    if (mapState.drag.path) mapState.drag.path.push([mapState.drag.x1, mapState.drag.y1]);
+    selectInside(mapState.drag);
     mapState.drag = null;
   });
   canvas.addEventListener("click", (event) => {
