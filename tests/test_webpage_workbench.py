@@ -320,6 +320,32 @@ def test_a_lasso_selects_the_dots_inside_a_freeform_polygon_and_exports_them(
     assert exported == {i for i, keep in zip(data["ids"], inside, strict=True) if keep}
 
 
+def test_arrow_keys_move_a_ring_between_the_maps_points_and_enter_opens_one(page, served):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    position = {i: (x, y) for i, x, y in zip(data["ids"], data["x"], data["y"], strict=True)}
+    page.focus("#map-canvas")
+    page.keyboard.press("ArrowRight")  # the first press lands on a point
+    visited = [page.get_attribute("#map-canvas", "data-focus")]
+    # The layout's y points up, the canvas's down: ArrowUp moves to a larger layout y.
+    for key, axis, sign in [("ArrowRight", 0, 1), ("ArrowUp", 1, 1), ("ArrowLeft", 0, -1)]:
+        page.keyboard.press(key)
+        now = page.get_attribute("#map-canvas", "data-focus")
+        before = visited[-1]
+        assert now != before, key
+        assert sign * (position[now][axis] - position[before][axis]) > 0, key
+        visited.append(now)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#detail[open][data-id='{visited[-1]}']")
+
+
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#show-generate")

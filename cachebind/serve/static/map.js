@@ -15,7 +15,9 @@ const mapState = {
   at: new Map(), // row id -> its index on the map
   results: [], // indices of the current results that the map holds
   query: null, // [x, y] in canvas pixels, or null
+  focus: -1, // the point the arrow keys are on (-1: none yet)
 };
+const ARROWS = { ArrowRight: [1, 0], ArrowLeft: [-1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
 
 // Uniform scale, y up: the layout's aspect ratio is kept.
 function mapTransform(xs, ys, width, height) {
@@ -43,6 +45,7 @@ function drawMap(data) {
   mapState.colours = labels.map(colour);
   mapState.selected = [];
   mapState.at = new Map(data.ids.map((id, i) => [id, i]));
+  mapState.focus = -1;
   placeResults();
   const counts = new Map();
   for (const label of labels) counts.set(label, (counts.get(label) || 0) + 1);
@@ -83,6 +86,13 @@ function paintMap(box = null) {
     ctx.lineTo(qx + 9, qy + 9);
     ctx.moveTo(qx + 9, qy - 9);
     ctx.lineTo(qx - 9, qy + 9);
+    ctx.stroke();
+  }
+  if (mapState.focus >= 0) {
+    ctx.strokeStyle = "#e8590c";
+    ctx.lineWidth = 2.5;
+    ctx.beginPath();
+    ctx.arc(mapState.px[mapState.focus], mapState.py[mapState.focus], 9, 0, 2 * Math.PI);
     ctx.stroke();
   }
   ctx.lineWidth = 1;
@@ -181,6 +191,37 @@ async function exportSelection() {
   }
 }
 
+// The next point in an arrow's direction: ahead of the focus, nearest along the arrow, with
+// sideways distance counting double so that the ring moves roughly where the arrow points.
+// The first press lands on the point nearest the canvas centre.
+function stepFocus(key) {
+  const canvas = $("#map-canvas");
+  const from = mapState.focus;
+  let next = -1;
+  if (from < 0) {
+    let best = Infinity;
+    for (let i = 0; i < mapState.ids.length; i++) {
+      const d = (mapState.px[i] - canvas.width / 2) ** 2 + (mapState.py[i] - canvas.height / 2) ** 2;
+      if (d < best) [best, next] = [d, i];
+    }
+  } else {
+    const [dx, dy] = ARROWS[key];
+    let best = Infinity;
+    for (let i = 0; i < mapState.ids.length; i++) {
+      const ox = mapState.px[i] - mapState.px[from], oy = mapState.py[i] - mapState.py[from];
+      const ahead = ox * dx + oy * dy;
+      if (ahead <= 0) continue;
+      const cost = ahead + 2 * Math.abs(ox * dy - oy * dx);
+      if (cost < best) [best, next] = [cost, i];
+    }
+  }
+  if (next < 0) return; // nothing further that way: the ring stays
+  mapState.focus = next;
+  canvas.dataset.focus = mapState.ids[next];
+  $("#map-selection").textContent = `on ${mapState.labels[next] || "a row"} · Enter opens it`;
+  paintMap();
+}
+
 function nearestPoint(x, y) {
   let best = -1;
   let bestDistance = MAP_HIT * MAP_HIT;
@@ -258,4 +299,15 @@ document.addEventListener("DOMContentLoaded", () => {
     if (i >= 0) openDetail(mapState.ids[i], mapState.labels[i] || "", "from the map");
   });
   $("#map-export").addEventListener("click", exportSelection);
+  canvas.addEventListener("keydown", (event) => {
+    if (!mapState.ids.length) return;
+    if (event.key in ARROWS) {
+      event.preventDefault(); // the arrows move the ring, not the page
+      stepFocus(event.key);
+    } else if (event.key === "Enter" && mapState.focus >= 0) {
+      event.preventDefault();
+      const i = mapState.focus;
+      openDetail(mapState.ids[i], mapState.labels[i] || "", "from the map");
+    }
+  });
 });
