@@ -346,6 +346,40 @@ def test_arrow_keys_move_a_ring_between_the_maps_points_and_enter_opens_one(page
     page.wait_for_selector(f"#detail[open][data-id='{visited[-1]}']")
 
 
+def test_a_map_of_more_than_fifty_thousand_points_is_painted_as_a_density_image_of_their_colours(
+    page,
+):
+    # Two labelled halves of a 60,000-point layout, drawn by the page's own drawMap: each dot's
+    # 2 x 2 cell carries its label's colour, and the legend counts every point.
+    drawn = page.evaluate(
+        """() => {
+          const n = 60000, x = [], y = [], ids = [], labels = [];
+          for (let i = 0; i < n; i++) {
+            x.push((i % 300) / 300 + (i < n / 2 ? 0 : 2));
+            y.push(Math.floor(i / 300) / 200);
+            ids.push(String(i));
+            labels.push(i < n / 2 ? "left" : "right");
+          }
+          $("#map-view").hidden = false;
+          drawMap({ x, y, ids, labels, count: n });
+          const ctx = $("#map-canvas").getContext("2d");
+          const probe = (i) => [...ctx.getImageData(
+            Math.round(mapState.px[i]) - 1, Math.round(mapState.py[i]) - 1, 1, 1).data];
+          return { left: probe(150), right: probe(n - 150), colours: mapState.colours,
+                   points: $("#map-canvas").dataset.points };
+        }"""
+    )
+    assert drawn["points"] == "60000"
+    assert legend(page) == {"left": 30000, "right": 30000}
+    for side, i in [("left", 150), ("right", 60000 - 150)]:
+        colour = drawn["colours"][i]
+        rgb = [int(colour[k : k + 2], 16) for k in (1, 3, 5)]
+        # At least one dot's opacity (90 + 40 per dot, of 255) where the probed dot lies; the
+        # canvas stores premultiplied alpha, so a channel reads back within a rounding of 2.
+        assert np.abs(np.array(drawn[side][:3]) - rgb).max() <= 2, side
+        assert drawn[side][3] >= 130, side
+
+
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#show-generate")
