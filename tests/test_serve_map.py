@@ -35,3 +35,33 @@ def test_the_map_is_a_404_until_computed_then_every_row_with_its_label(served):
         assert set(body["labels"]) <= {"red", "green", "blue"}
         bad = http.get("/v1/map", params={"labels": "images_errors"})
         assert bad.status_code == 422 and bad.json()["error"] == "bad_labels"
+
+
+def test_the_map_is_coloured_by_shard_or_by_a_caption_word_and_bad_colourings_are_422(served):
+    headers = {"Authorization": f"Bearer {served.svc.user_key}"}
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    table = served.runtime.snapshot.table.dataset.to_table(columns=["id", "caption", "shard"])
+    rows = table.to_pandas().set_index(table["id"].cast("string").to_pandas())
+    caption, shard = rows["caption"].to_dict(), rows["shard"].to_dict()
+    with httpx.Client(base_url=served.url, headers=headers, timeout=120) as http:
+        by_shard = http.get("/v1/map", params={"color": "shard"}).json()
+        assert by_shard["color"] == "shard"
+        assert by_shard["labels"] == [shard[i] for i in by_shard["ids"]]
+
+        # A whole word of the caption, case-insensitively: the last word of the first caption.
+        word = caption[by_shard["ids"][0]].split()[-1]
+        by_word = http.get("/v1/map", params={"color": f"word:{word.upper()}"}).json()
+        assert by_word["color"] == f"word:{word}"
+        want = [word if word in caption[i].split() else f"no {word}" for i in by_word["ids"]]
+        assert by_word["labels"] == want
+        assert 0 < want.count(word) < len(want)
+
+        for bad in ["word:", "word:two words", "word:a;drop", "shard:x", "size", "label:x"]:
+            r = http.get("/v1/map", params={"color": bad})
+            assert r.status_code == 422 and r.json()["error"] == "bad_color", bad
+        both = http.get("/v1/map", params={"color": "shard", "labels": "images_labels_0"})
+        assert both.status_code == 422
+        missing = http.get("/v1/map", params={"color": "label:images_labels_0123456789ab"})
+        assert missing.status_code == 404 and "cachebind classify" in missing.json()["detail"]

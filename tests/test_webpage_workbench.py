@@ -185,6 +185,201 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     assert {c.get_attribute("data-id") for c in page.query_selector_all(".result")} <= blue
 
 
+def legend(page) -> dict[str, int]:
+    """The map's legend as {category: count}, read from its "name (n)" items."""
+    items = [li.inner_text().rsplit(" (", 1) for li in page.query_selector_all("#map-legend li")]
+    return {name: int(n.rstrip(")")) for name, n in items}
+
+
+def test_the_map_is_coloured_by_shard_or_a_caption_word_as_the_analyst_chooses(
+    page, served, tmp_path
+):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    rows = served.runtime.snapshot.table.dataset.to_table(columns=["caption", "shard"])
+    shards = rows["shard"].to_pylist()
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+
+    page.select_option("#map-colour", "shard")
+    page.click("#map-recolour")
+    page.wait_for_selector("#map-canvas[data-colour='shard']")
+    assert legend(page) == {s: shards.count(s) for s in set(shards)}
+    page.screenshot(path=str(tmp_path / "workbench-map-shard.png"), full_page=True)
+
+    word = rows["caption"][0].as_py().split()[-1]
+    holding = sum(word in c.split() for c in rows["caption"].to_pylist())
+    page.select_option("#map-colour", "word")
+    page.fill("#map-word", word)
+    page.click("#map-recolour")
+    page.wait_for_selector(f"#map-canvas[data-colour='word:{word}']")
+    assert legend(page) == {word: holding, f"no {word}": 120 - holding}
+    assert f"coloured by word:{word}" in page.inner_text("#map-summary")
+
+    # Two words are refused with the server's reason; the map drawn stays.
+    page.fill("#map-word", "two words")
+    page.click("#map-recolour")
+    page.wait_for_selector("#status.error")
+    assert "one word" in page.inner_text("#status")
+    assert page.get_attribute("#map-canvas", "data-colour") == f"word:{word}"
+
+
+def test_the_current_results_and_the_query_are_placed_on_the_map(page, served, tmp_path):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    search_text(page, "a red dog", k=8)
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120'][data-results='8']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+    x, y = np.array(data["x"]), np.array(data["y"])
+    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+
+    def query_position() -> tuple[float, float]:
+        """The mean drawn position of the top five results (the page's transform)."""
+        ranked = [c.get_attribute("data-id") for c in page.query_selector_all(".result")]
+        top = [data["ids"].index(i) for i in ranked[:5]]
+        px = 12 + (x[top] - x.min()) * scale
+        py = height - 12 - (y[top] - y.min()) * scale
+        return float(px.mean()), float(py.mean())
+
+    def drawn_query() -> list[float]:
+        return [float(v) for v in page.get_attribute("#map-canvas", "data-query").split(",")]
+
+    assert drawn_query() == pytest.approx(query_position(), abs=0.01)
+    page.screenshot(path=str(tmp_path / "workbench-map-query.png"), full_page=True)
+
+    # A new search moves the rings and the query with it, on the map already drawn.
+    search_text(page, "a blue cat", k=3)
+    page.wait_for_selector("#map-canvas[data-results='3']")
+    assert drawn_query() == pytest.approx(query_position(), abs=0.01)
+
+
+def test_a_lasso_selects_the_dots_inside_a_freeform_polygon_and_exports_them(
+    page, served, tmp_path
+):
+    import pyarrow.parquet as pq
+    from matplotlib.path import Path
+
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+    box = page.query_selector("#map-canvas").bounding_box()
+    x, y = np.array(data["x"]), np.array(data["y"])
+    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+    drawn = np.stack([12 + (x - x.min()) * scale, height - 12 - (y - y.min()) * scale], 1)
+
+    def clearance(corners: list[tuple[float, float]]) -> float:
+        """The least distance in canvas pixels from a dot to the polygon's edges."""
+        ends = np.array([*corners, corners[0]])
+        a, b = ends[:-1], ends[1:]
+        t = ((drawn[:, None] - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1)
+        nearest = a + np.clip(t, 0, 1)[..., None] * (b - a)
+        return float(np.linalg.norm(drawn[:, None] - nearest, axis=-1).min())
+
+    # A triangle no box equals: the canvas's left side and a tip on its right edge, placed
+    # where no dot lies within 3 px of an edge (a pixel's rounding must not decide a dot).
+    corners = next(
+        c
+        for tip in np.linspace(0.3, 0.7, 41)
+        if clearance(c := [(2.0, 2.0), (width - 2.0, tip * height), (2.0, height - 2.0)]) > 3
+    )
+    inside = Path(corners).contains_points(drawn)
+    assert 0 < inside.sum() < len(inside)
+    page.select_option("#map-tool", "lasso")
+    page.keyboard.down("Shift")
+    to_page = [
+        (box["x"] + cx * box["width"] / width, box["y"] + cy * box["height"] / height)
+        for cx, cy in corners
+    ]
+    page.mouse.move(*to_page[0])
+    page.mouse.down()
+    for corner in [*to_page[1:], to_page[0]]:
+        page.mouse.move(*corner, steps=8)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_selector(f"#map-canvas[data-selected='{int(inside.sum())}']")
+    page.screenshot(path=str(tmp_path / "workbench-map-lasso.png"), full_page=True)
+    with page.expect_download() as info:
+        page.click("#map-export")
+    info.value.save_as(tmp_path / "lasso.parquet")
+    exported = {str(i) for i in pq.read_table(tmp_path / "lasso.parquet")["id"].to_pylist()}
+    assert exported == {i for i, keep in zip(data["ids"], inside, strict=True) if keep}
+
+
+def test_arrow_keys_move_a_ring_between_the_maps_points_and_enter_opens_one(page, served):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    position = {i: (x, y) for i, x, y in zip(data["ids"], data["x"], data["y"], strict=True)}
+    page.focus("#map-canvas")
+    page.keyboard.press("ArrowRight")  # the first press lands on a point
+    visited = [page.get_attribute("#map-canvas", "data-focus")]
+    # The layout's y points up, the canvas's down: ArrowUp moves to a larger layout y.
+    for key, axis, sign in [("ArrowRight", 0, 1), ("ArrowUp", 1, 1), ("ArrowLeft", 0, -1)]:
+        page.keyboard.press(key)
+        now = page.get_attribute("#map-canvas", "data-focus")
+        before = visited[-1]
+        assert now != before, key
+        assert sign * (position[now][axis] - position[before][axis]) > 0, key
+        visited.append(now)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#detail[open][data-id='{visited[-1]}']")
+
+
+def test_a_map_of_more_than_fifty_thousand_points_is_painted_as_a_density_image_of_their_colours(
+    page,
+):
+    # Two labelled halves of a 60,000-point layout, drawn by the page's own drawMap: each dot's
+    # 2 x 2 cell carries its label's colour, and the legend counts every point.
+    drawn = page.evaluate(
+        """() => {
+          const n = 60000, x = [], y = [], ids = [], labels = [];
+          for (let i = 0; i < n; i++) {
+            x.push((i % 300) / 300 + (i < n / 2 ? 0 : 2));
+            y.push(Math.floor(i / 300) / 200);
+            ids.push(String(i));
+            labels.push(i < n / 2 ? "left" : "right");
+          }
+          $("#map-view").hidden = false;
+          drawMap({ x, y, ids, labels, count: n });
+          const ctx = $("#map-canvas").getContext("2d");
+          const probe = (i) => [...ctx.getImageData(
+            Math.round(mapState.px[i]) - 1, Math.round(mapState.py[i]) - 1, 1, 1).data];
+          return { left: probe(150), right: probe(n - 150), colours: mapState.colours,
+                   points: $("#map-canvas").dataset.points };
+        }"""
+    )
+    assert drawn["points"] == "60000"
+    assert legend(page) == {"left": 30000, "right": 30000}
+    for side, i in [("left", 150), ("right", 60000 - 150)]:
+        colour = drawn["colours"][i]
+        rgb = [int(colour[k : k + 2], 16) for k in (1, 3, 5)]
+        # At least one dot's opacity (90 + 40 per dot, of 255) where the probed dot lies; the
+        # canvas stores premultiplied alpha, so a channel reads back within a rounding of 2.
+        assert np.abs(np.array(drawn[side][:3]) - rgb).max() <= 2, side
+        assert drawn[side][3] >= 130, side
+
+
 def test_the_generate_view_streams_text_with_the_neighbours_used(page, served, tmp_path):
     page.fill(".input-row .input-text", "a red dog")
     page.click("#show-generate")

@@ -1,17 +1,38 @@
 // The map of the collection (GET /v1/map): one dot per row on a canvas, coloured by its
-// zero-shot label; a click opens the nearest row. Loaded after app.js and workbench.js.
+// zero-shot label, its shard or a caption word; a click opens the nearest row. Loaded after app.js and workbench.js.
 "use strict";
 
 const MAP_PAD = 12; // pixels between the outermost dots and the canvas edge
 const MAP_HIT = 8; // a click selects the nearest dot within this many pixels
 const PALETTE = ["#2f6fed", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#0c8599",
   "#e67700", "#5c940d", "#a61e4d", "#364fc7"];
-const mapState = { px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null };
+// The query is placed at the mean position of its top results on the map, an approximation
+// for either layout (the page never holds the query's embedding, and UMAP is not linear), but
+// it shows where in the collection the query landed.
+const MAP_QUERY_NEIGHBOURS = 5;
+const mapState = {
+  px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null,
+  at: new Map(), // row id -> its index on the map
+  results: [], // indices of the current results that the map holds
+  query: null, // [x, y] in canvas pixels, or null
+  focus: -1, // the point the arrow keys are on (-1: none yet)
+};
+// Above this many dots one fillRect each costs a second a frame (1M, headless Chromium): the
+// map is painted as a density image instead, each dot a 2x2 cell of its colour whose opacity
+// grows with the dots that share the cell.
+const MAP_DENSITY_ABOVE = 50_000;
+const ARROWS = { ArrowRight: [1, 0], ArrowLeft: [-1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
 
 // Uniform scale, y up: the layout's aspect ratio is kept.
 function mapTransform(xs, ys, width, height) {
-  const xmin = Math.min(...xs), xmax = Math.max(...xs);
-  const ymin = Math.min(...ys), ymax = Math.max(...ys);
+  // A loop, not Math.min(...xs): spreading a million arguments overflows the call stack.
+  let xmin = Infinity, xmax = -Infinity, ymin = Infinity, ymax = -Infinity;
+  for (let i = 0; i < xs.length; i++) {
+    if (xs[i] < xmin) xmin = xs[i];
+    if (xs[i] > xmax) xmax = xs[i];
+    if (ys[i] < ymin) ymin = ys[i];
+    if (ys[i] > ymax) ymax = ys[i];
+  }
   const scale = Math.min((width - 2 * MAP_PAD) / (xmax - xmin || 1),
     (height - 2 * MAP_PAD) / (ymax - ymin || 1));
   return [(x) => MAP_PAD + (x - xmin) * scale, (y) => height - MAP_PAD - (y - ymin) * scale];
@@ -33,7 +54,9 @@ function drawMap(data) {
   mapState.labels = labels;
   mapState.colours = labels.map(colour);
   mapState.selected = [];
-  paintMap();
+  mapState.at = new Map(data.ids.map((id, i) => [id, i]));
+  mapState.focus = -1;
+  placeResults();
   const counts = new Map();
   for (const label of labels) counts.set(label, (counts.get(label) || 0) + 1);
   const legend = [...counts.entries()].map(([label, n]) => {
@@ -53,17 +76,83 @@ function paintMap(box = null) {
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const chosen = new Set(mapState.selected);
-  for (let i = 0; i < mapState.ids.length; i++) {
-    ctx.fillStyle = mapState.colours[i];
-    const size = chosen.has(i) ? 6 : 4;
-    ctx.fillRect(mapState.px[i] - size / 2, mapState.py[i] - size / 2, size, size);
+  if (mapState.ids.length > MAP_DENSITY_ABOVE) {
+    paintDensity(ctx, canvas.width, canvas.height);
+    for (const i of mapState.selected) {
+      ctx.fillStyle = mapState.colours[i];
+      ctx.fillRect(mapState.px[i] - 3, mapState.py[i] - 3, 6, 6);
+    }
+  } else {
+    for (let i = 0; i < mapState.ids.length; i++) {
+      ctx.fillStyle = mapState.colours[i];
+      const size = chosen.has(i) ? 6 : 4;
+      ctx.fillRect(mapState.px[i] - size / 2, mapState.py[i] - size / 2, size, size);
+    }
   }
+  ctx.strokeStyle = "#1d2330";
+  ctx.lineWidth = 1.5;
+  for (const i of mapState.results) {
+    ctx.beginPath();
+    ctx.arc(mapState.px[i], mapState.py[i], 6, 0, 2 * Math.PI);
+    ctx.stroke();
+  }
+  if (mapState.query) {
+    const [qx, qy] = mapState.query;
+    ctx.lineWidth = 3;
+    ctx.beginPath();
+    ctx.moveTo(qx - 9, qy - 9);
+    ctx.lineTo(qx + 9, qy + 9);
+    ctx.moveTo(qx + 9, qy - 9);
+    ctx.lineTo(qx - 9, qy + 9);
+    ctx.stroke();
+  }
+  if (mapState.focus >= 0) {
+    ctx.strokeStyle = "#e8590c";
+    ctx.lineWidth = 2.5;
+    ctx.beginPath();
+    ctx.arc(mapState.px[mapState.focus], mapState.py[mapState.focus], 9, 0, 2 * Math.PI);
+    ctx.stroke();
+  }
+  ctx.lineWidth = 1;
   if (box) {
     ctx.strokeStyle = "#1d2330";
     ctx.setLineDash([4, 3]);
-    ctx.strokeRect(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0);
+    if (box.path) {
+      ctx.beginPath();
+      box.path.forEach(([x, y], k) => (k ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.closePath();
+      ctx.stroke();
+    } else {
+      ctx.strokeRect(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0);
+    }
     ctx.setLineDash([]);
   }
+}
+
+function paintDensity(ctx, width, height) {
+  const image = ctx.createImageData(width, height);
+  const pixels = image.data;
+  const counts = new Uint16Array(width * height);
+  const rgb = new Map();
+  for (const colour of new Set(mapState.colours)) {
+    rgb.set(colour, [1, 3, 5].map((k) => parseInt(colour.slice(k, k + 2), 16)));
+  }
+  for (let i = 0; i < mapState.ids.length; i++) {
+    const x0 = Math.round(mapState.px[i]) - 1, y0 = Math.round(mapState.py[i]) - 1;
+    const [r, g, b] = rgb.get(mapState.colours[i]);
+    for (let y = Math.max(0, y0); y < Math.min(height, y0 + 2); y++) {
+      for (let x = Math.max(0, x0); x < Math.min(width, x0 + 2); x++) {
+        const cell = y * width + x;
+        const n = Math.min(65535, counts[cell] + 1);
+        counts[cell] = n;
+        pixels[4 * cell] = r;
+        pixels[4 * cell + 1] = g;
+        pixels[4 * cell + 2] = b;
+        pixels[4 * cell + 3] = Math.min(255, 90 + 40 * n);
+      }
+    }
+  }
+  ctx.putImageData(image, 0, 0);
 }
 
 function canvasPoint(event) {
@@ -74,14 +163,44 @@ function canvasPoint(event) {
   ];
 }
 
-// Shift + drag draws a box; the dots inside it are the selection "Export selection" writes.
-function selectInBox(box) {
-  const [xa, xb] = [Math.min(box.x0, box.x1), Math.max(box.x0, box.x1)];
-  const [ya, yb] = [Math.min(box.y0, box.y1), Math.max(box.y0, box.y1)];
+// The results shown (in rank order) ringed on the map, and the query as a cross at the mean
+// position of the top ones.
+function placeResults() {
+  const ids = [...document.querySelectorAll("#results .result")].map((card) => card.dataset.id);
+  mapState.results = ids.map((id) => mapState.at.get(id)).filter((i) => i !== undefined);
+  const top = mapState.results.slice(0, MAP_QUERY_NEIGHBOURS);
+  mapState.query = top.length
+    ? [top.reduce((a, i) => a + mapState.px[i], 0) / top.length,
+      top.reduce((a, i) => a + mapState.py[i], 0) / top.length]
+    : null;
+  const canvas = $("#map-canvas");
+  canvas.dataset.results = String(mapState.results.length);
+  if (mapState.query) canvas.dataset.query = mapState.query.map((v) => v.toFixed(2)).join(",");
+  else delete canvas.dataset.query;
+  paintMap();
+}
+
+// Even-odd ray casting: is (x, y) inside the closed polygon `path`?
+function insidePolygon(x, y, path) {
+  let inside = false;
+  for (let a = 0, b = path.length - 1; a < path.length; b = a++) {
+    const [xa, ya] = path[a], [xb, yb] = path[b];
+    if ((ya > y) !== (yb > y) && x < ((xb - xa) * (y - ya)) / (yb - ya) + xa) inside = !inside;
+  }
+  return inside;
+}
+
+// Shift + drag draws a box, or a freeform lasso when "select with" says so; the dots inside it
+// are the selection "Export selection" writes.
+function selectInside(drag) {
+  const [xa, xb] = [Math.min(drag.x0, drag.x1), Math.max(drag.x0, drag.x1)];
+  const [ya, yb] = [Math.min(drag.y0, drag.y1), Math.max(drag.y0, drag.y1)];
+  const inside = drag.path
+    ? (x, y) => insidePolygon(x, y, drag.path)
+    : (x, y) => x >= xa && x <= xb && y >= ya && y <= yb;
   mapState.selected = [];
   for (let i = 0; i < mapState.ids.length; i++) {
-    const x = mapState.px[i], y = mapState.py[i];
-    if (x >= xa && x <= xb && y >= ya && y <= yb) mapState.selected.push(i);
+    if (inside(mapState.px[i], mapState.py[i])) mapState.selected.push(i);
   }
   const n = mapState.selected.length;
   $("#map-export").disabled = n === 0;
@@ -116,6 +235,37 @@ async function exportSelection() {
   }
 }
 
+// The next point in an arrow's direction: ahead of the focus, nearest along the arrow, with
+// sideways distance counting double so that the ring moves roughly where the arrow points.
+// The first press lands on the point nearest the canvas centre.
+function stepFocus(key) {
+  const canvas = $("#map-canvas");
+  const from = mapState.focus;
+  let next = -1;
+  if (from < 0) {
+    let best = Infinity;
+    for (let i = 0; i < mapState.ids.length; i++) {
+      const d = (mapState.px[i] - canvas.width / 2) ** 2 + (mapState.py[i] - canvas.height / 2) ** 2;
+      if (d < best) [best, next] = [d, i];
+    }
+  } else {
+    const [dx, dy] = ARROWS[key];
+    let best = Infinity;
+    for (let i = 0; i < mapState.ids.length; i++) {
+      const ox = mapState.px[i] - mapState.px[from], oy = mapState.py[i] - mapState.py[from];
+      const ahead = ox * dx + oy * dy;
+      if (ahead <= 0) continue;
+      const cost = ahead + 2 * Math.abs(ox * dy - oy * dx);
+      if (cost < best) [best, next] = [cost, i];
+    }
+  }
+  if (next < 0) return; // nothing further that way: the ring stays
+  mapState.focus = next;
+  canvas.dataset.focus = mapState.ids[next];
+  $("#map-selection").textContent = `on ${mapState.labels[next] || "a row"} · Enter opens it`;
+  paintMap();
+}
+
 function nearestPoint(x, y) {
   let best = -1;
   let bestDistance = MAP_HIT * MAP_HIT;
@@ -129,16 +279,30 @@ function nearestPoint(x, y) {
   return best;
 }
 
-async function showMap() {
+// The `color` parameter of GET /v1/map for the page's choice ("" colours nothing).
+function mapColouring() {
+  const kind = $("#map-colour").value;
+  if (kind === "shard") return "shard";
+  if (kind === "word") {
+    const word = $("#map-word").value.trim();
+    return word ? `word:${word}` : "";
+  }
   const table = $("#label-table").value.trim();
+  return table ? `label:${table}` : "";
+}
+
+async function showMap() {
+  const colouring = mapColouring();
   try {
     setStatus("loading the map…");
-    const data = await api(`/v1/map${table ? `?labels=${encodeURIComponent(table)}` : ""}`);
+    const data = await api(`/v1/map${colouring ? `?color=${encodeURIComponent(colouring)}` : ""}`);
     $("#map-view").hidden = false;
     drawMap(data);
+    $("#map-canvas").dataset.colour = data.color || "";
     $("#map-summary").textContent =
       `${data.count} rows · ${data.method} · table version ${data.table_version}` +
-      (data.table_version !== data.served_version ? ` (served: ${data.served_version})` : "");
+      (data.table_version !== data.served_version ? ` (served: ${data.served_version})` : "") +
+      (data.color ? ` · coloured by ${data.color}` : "");
     setStatus(`map of ${data.count} rows`);
   } catch (error) {
     setStatus(error.message, true);
@@ -147,21 +311,29 @@ async function showMap() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#show-map").addEventListener("click", showMap);
+  $("#map-recolour").addEventListener("click", showMap);
+  // Every search (or "More results") changes the result cards: place them on the map drawn.
+  new MutationObserver(() => {
+    if (mapState.ids.length) placeResults();
+  }).observe($("#results"), { childList: true });
   const canvas = $("#map-canvas");
   canvas.addEventListener("mousedown", (event) => {
     if (!event.shiftKey) return;
     const [x, y] = canvasPoint(event);
-    mapState.drag = { x0: x, y0: y, x1: x, y1: y };
+    const lasso = $("#map-tool").value === "lasso";
+    mapState.drag = { x0: x, y0: y, x1: x, y1: y, path: lasso ? [[x, y]] : null };
   });
   canvas.addEventListener("mousemove", (event) => {
     if (!mapState.drag) return;
     [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
+    if (mapState.drag.path) mapState.drag.path.push([mapState.drag.x1, mapState.drag.y1]);
     paintMap(mapState.drag);
   });
   canvas.addEventListener("mouseup", (event) => {
     if (!mapState.drag) return;
     [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
-    selectInBox(mapState.drag);
+    if (mapState.drag.path) mapState.drag.path.push([mapState.drag.x1, mapState.drag.y1]);
+    selectInside(mapState.drag);
     mapState.drag = null;
   });
   canvas.addEventListener("click", (event) => {
@@ -171,4 +343,15 @@ document.addEventListener("DOMContentLoaded", () => {
     if (i >= 0) openDetail(mapState.ids[i], mapState.labels[i] || "", "from the map");
   });
   $("#map-export").addEventListener("click", exportSelection);
+  canvas.addEventListener("keydown", (event) => {
+    if (!mapState.ids.length) return;
+    if (event.key in ARROWS) {
+      event.preventDefault(); // the arrows move the ring, not the page
+      stepFocus(event.key);
+    } else if (event.key === "Enter" && mapState.focus >= 0) {
+      event.preventDefault();
+      const i = mapState.focus;
+      openDetail(mapState.ids[i], mapState.labels[i] || "", "from the map");
+    }
+  });
 });
