@@ -183,10 +183,25 @@ def test_an_answer_that_is_not_plain_data_is_refused(pool: Sandbox) -> None:
     ]
 
 
+def wait_until_dead(pid: int, timeout: float = 60.0) -> None:
+    """Until the kernel has finished killing ``pid`` (a zombie, or reaped already): a loaded
+    machine can take longer than any fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still alive {timeout} s after SIGKILL")
+
+
 def test_a_worker_killed_while_idle_is_replaced_without_failing_the_next_task() -> None:
     with Sandbox(config(workers=1), preload=("sandbox_tasks",)) as sandbox:
         first = sandbox.run(tasks.pid, source="x")
         os.kill(first, signal.SIGKILL)
-        time.sleep(0.2)
+        wait_until_dead(first)  # dead while idle: before the next task is sent
         assert sandbox.run(tasks.echo, "fine", source="x") == "fine"
         assert sandbox.run(tasks.pid, source="x") != first
