@@ -321,7 +321,7 @@ def test_the_trainer_reads_views_when_the_table_has_them(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("ray_train_alone", "ray_session")
 def test_a_ray_train_run_on_a_table_embedded_with_views_trains_on_the_views(
     tmp_path: Path,
 ) -> None:

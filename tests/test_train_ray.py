@@ -28,7 +28,7 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, ray_train_alone):
     root = tmp_path_factory.mktemp("train")
     llama = tiny_llama(root / "llm")
     store = caption_table(root / "db", n=24)
