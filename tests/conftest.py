@@ -11,6 +11,8 @@ mark's settings): it starts before the module's first test and stops after its l
 from __future__ import annotations
 
 import fcntl
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,50 @@ def ray_train_alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+OTHER_CLUSTER = """
+import sys, time, urllib.request
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+deadline = time.monotonic() + 120
+while True:  # its state API answers: what makes it the cluster that look-ups ask
+    try:
+        urllib.request.urlopen(f"http://{cluster.webui_url}/api/v0/actors", timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.5)
+print(cluster.address, flush=True)
+sys.stdin.read()
+cluster.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def another_ray_is_current() -> Iterator[str]:
+    """A second Ray cluster, started the way ``ray start`` starts one, so that it is the machine's
+    latest (``/tmp/ray/ray_current_cluster``): what Ray's own look-ups find when nothing tells
+    them which cluster they belong to. Work on a test's local instance must not be disturbed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OTHER_CLUSTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        address = proc.stdout.readline().strip()
+        assert address, "the second Ray cluster did not start"
+        yield address
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 parameters as one worker accumulating the same global batch; a run whose training process is
 killed mid-epoch resumes from its latest checkpoint and ends exactly where the uninterrupted run
 ends, with the same loss curve; running the same command again finds the finished run; the
-result is the released layout and loads for generation unchanged."""
+result is the released layout and loads for generation unchanged. Every run here trains while
+another Ray cluster is the machine's latest, as on a machine where someone ran ``ray start``: Ray
+Train's own liveness check used to ask that cluster about this run and tear the run down."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, ray_train_alone):
+def inputs(tmp_path_factory, ray_train_alone, another_ray_is_current):
     root = tmp_path_factory.mktemp("train")
     llama = tiny_llama(root / "llm")
     store = caption_table(root / "db", n=24)

@@ -158,8 +158,9 @@ def plot_losses(log_file: Path) -> Path | None:
 
 def run_training(settings: Settings, phase: Phase) -> TrainResult:
     """Train ``phase`` on the cache table in ``settings.store``; resumable; returns the result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from cachebind.train.raytrain import ContainedTorchTrainer
 
     cfg = settings.train
     start_or_join_ray(cfg.ray_address, log_to_driver=True)
@@ -167,7 +168,7 @@ def run_training(settings: Settings, phase: Phase) -> TrainResult:
     plan = make_plan(settings, phase, world)
     use_gpu = _use_gpu(cfg)
     storage = (Path(cfg.output_dir) / "ray").resolve()
-    trainer = TorchTrainer(
+    trainer = ContainedTorchTrainer(
         # Ray hands train_loop_config to the loop unchanged; its annotations only allow a dict.
         train_loop,  # type: ignore[arg-type]
         train_loop_config=plan,  # type: ignore[arg-type]
