@@ -103,14 +103,25 @@ def test_a_worker_node_lost_mid_job_costs_nothing(cluster: Cluster, tmp_path: Pa
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if manifests(s) >= 2:  # rows are being committed: the job is flowing
-                for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+                # This cluster's own state API: without an address Ray asks the machine's
+                # latest cluster, which a parallel test may have started.
+                alive = list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+                for actor in alive:
                     if "MapWorker" in actor.class_name and actor.node_id in workers:
                         cluster.remove_node(workers[actor.node_id])
                         removed.append(actor.node_id)
                         return
             time.sleep(0.05)
 
-    thread = threading.Thread(target=remove_an_encoders_node, daemon=True)
+    failures: list[BaseException] = []
+
+    def remove_and_report() -> None:
+        try:
+            remove_an_encoders_node()
+        except BaseException as e:  # seen by the assertion below, not lost with the thread
+            failures.append(e)
+
+    thread = threading.Thread(target=remove_and_report, daemon=True)
     thread.start()
     try:
         report = run_embed(str(tmp_path / "wds"), s, progress=False, flush_rows=4)
@@ -118,6 +129,7 @@ def test_a_worker_node_lost_mid_job_costs_nothing(cluster: Cluster, tmp_path: Pa
         thread.join()
         cluster.add_node(num_cpus=WORKER_CPUS, **NODE)  # the module's next tests get three
         cluster.wait_for_nodes()
+    assert not failures, failures
     assert removed, "no encoder actor ran on a worker node"
     assert manifests(s) > 0 and report.partitions_finished == 16
     assert_exactly_once(s, keys)
