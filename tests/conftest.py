@@ -11,6 +11,7 @@ mark's settings): it starts before the module's first test and stops after its l
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,10 +61,15 @@ def ray_train_alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 OTHER_CLUSTER = """
-import sys, time, urllib.request
+import socket, sys, time, urllib.request
 from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-deadline = time.monotonic() + 120
+with socket.socket() as s:  # a free port: Ray's default 8265 is often another test's dashboard
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": port})
+if not cluster.webui_url:
+    sys.exit("its dashboard did not start")
+deadline = time.monotonic() + 300
 while True:  # its state API answers: what makes it the cluster that look-ups ask
     try:
         urllib.request.urlopen(f"http://{cluster.webui_url}/api/v0/actors", timeout=5)
@@ -78,13 +84,19 @@ cluster.shutdown()
 """
 
 
+DASHBOARD_TIMEOUTS = ("SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "STARTUP_TIMEOUT_S")
+
+
 @pytest.fixture(scope="module")
 def another_ray_is_current() -> Iterator[str]:
     """A second Ray cluster, started the way ``ray start`` starts one, so that it is the machine's
     latest (``/tmp/ray/ray_current_cluster``): what Ray's own look-ups find when nothing tells
     them which cluster they belong to. Work on a test's local instance must not be disturbed."""
+    # A dashboard's modules get 30 s to start by default, which a busy 2-core machine exceeds.
+    patient = {f"RAY_DASHBOARD_{name}": "300" for name in DASHBOARD_TIMEOUTS}
     proc = subprocess.Popen(
         [sys.executable, "-c", OTHER_CLUSTER],
+        env={**os.environ, **patient},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -48,7 +48,16 @@ def test_tuning_reaches_the_recall_target_and_records_it(ivf) -> None:
     trials = manifest["tuning_trials"]
     # "Meets" = reaches the target with ~90% confidence over the 1000 held-out queries.
     meeting = [t for t in trials if t["recall"] - 1.28 * t["stderr"] >= 0.95]
-    assert min(meeting, key=lambda t: t["ms_per_query"])["params"] == params
+
+    # A setting that probes and re-ranks at least as much as another meeting one does strictly
+    # more work: it is never chosen (only its first, noisy timing is recorded).
+    def more_work(a: dict, b: dict) -> bool:
+        return a != b and all(a[knob] >= b[knob] for knob in a)
+
+    candidates = [
+        t for t in meeting if not any(more_work(t["params"], o["params"]) for o in meeting)
+    ]
+    assert min(candidates, key=lambda t: t["ms_per_query"])["params"] == params
 
 
 def test_recall_holds_on_new_queries_against_brute_force(ivf) -> None:
