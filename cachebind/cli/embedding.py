@@ -53,6 +53,13 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
         "per sample): view_vectors [N, d] beside the centre vector, sampled per epoch by "
         "`train`; a table keeps the value it was created with (default 0: none)",
     )
+    p.add_argument(
+        "--view-set",
+        dest="embed__view_set",
+        choices=["random-crop", "sphinx"],
+        help="which views --views caches: random-crop (default) or sphinx, SPHINX's five "
+        "224-px views of the 448-px image (the whole, then its four corners; --views 5)",
+    )
     p.add_argument("--limit", type=int, help="embed at most this many samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

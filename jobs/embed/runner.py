@@ -68,9 +68,10 @@ def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
         PREPROCESS_VERSION = encoder.identity.get("preprocess_version")
     views: dict[str, Any] = {}
     if settings.embed.views:
-        from cachebind.preprocess.views import AUGMENTATION
+        from cachebind.preprocess.views import augmentation
 
-        views = {"views": {"count": settings.embed.views, "augmentation": AUGMENTATION}}
+        recorded = augmentation(settings.embed.view_set)
+        views = {"views": {"count": settings.embed.views, "augmentation": recorded}}
     return images_schema(
         dtype=settings.store.vector_dtype,
         dim=encoder.out_dim,
@@ -202,6 +203,7 @@ def _run_pipeline(
         sandbox=settings.sandbox.model_copy(update={"workers": 1}),
         limits=settings.input,
         views=cfg.views,
+        view_set=cfg.view_set,
     )
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
