@@ -181,6 +181,16 @@ class EmbedConfig(Section):
     bottom-left and bottom-right quarters; ``views`` must then be 5). Recorded in the table's
     metadata beside the count; a table keeps it."""
 
+    tokens: bool = False
+    """Also cache each image's patch tokens (``embed --tokens``): the vision trunk's hidden
+    state ``tokens_layer`` without its CLS token, float16, as ``patch_tokens`` beside the
+    global ``vector``, in the same pass and the same exactly-once row. A row holds patches x
+    width x 2 bytes: 256 x 1280 x 2 = 655,360 (0.66 MB, 655 GB per million rows) for
+    ImageBind-huge's ViT-H/14 at 224 px. A table keeps the setting it was created with."""
+    tokens_layer: int = -2
+    """The hidden state whose patch tokens ``tokens`` caches: 0 is the trunk's input, i the
+    output of block i, negative counts from the end (-2: LLaVA-1.5's second-to-last layer)."""
+
     @model_validator(mode="after")
     def _views_fit_the_view_set(self) -> EmbedConfig:
         if self.view_set == "sphinx" and self.views != SPHINX_VIEWS:
