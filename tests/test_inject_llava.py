@@ -3,6 +3,8 @@ tokens where ``<image>`` stands, and llava-hf checkpoint directories loaded stri
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from llava_checkpoints import (
@@ -13,6 +15,7 @@ from llava_checkpoints import (
     reference_llava,
     write_llava_hf,
 )
+from safetensors.torch import save_file
 
 from cachebind.errors import WeightsError
 from cachebind.inject.llava_load import load_llava
@@ -117,6 +120,43 @@ def test_a_checkpoint_that_differs_by_one_tensor_is_refused_naming_it(tmp_path, 
     with pytest.raises(WeightsError) as caught:
         load_llava(directory)
     assert named in str(caught.value)
+
+
+def test_a_sharded_checkpoint_with_older_writers_buffers_loads_and_gives_the_same_logits(
+    tmp_path,
+):
+    reference = reference_llava()
+    directory = tmp_path / "ckpt"
+    reference.save_pretrained(directory, max_shard_size="100KB")
+    shards = sorted(directory.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (directory / "model.safetensors.index.json").is_file()
+    # transformers 4.x saved CLIP's position ids; they are recomputed, not loaded.
+    save_file(
+        {"vision_tower.vision_model.embeddings.position_ids": torch.arange(10)[None]},
+        str(directory / "model-extra.safetensors"),
+    )
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["vision_tower.vision_model.embeddings.position_ids"] = (
+        "model-extra.safetensors"
+    )
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    ours = load_llava(directory)
+    ids, images = prompts(), pixels()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, pixel_values=images).logits
+        assert (ours(ids, pixel_values=images).logits - expected).abs().max() <= TOLERANCE
+
+
+def test_an_index_naming_a_file_outside_its_directory_is_refused(tmp_path):
+    directory = tmp_path / "ckpt"
+    reference_llava().save_pretrained(directory, max_shard_size="100KB")
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="is not a file of"):
+        load_llava(directory)
 
 
 def test_a_directory_without_a_llava_config_is_refused_with_the_reason(tmp_path):

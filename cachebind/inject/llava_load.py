@@ -8,7 +8,8 @@ The directory is what transformers writes for ``LlavaForConditionalGeneration``:
 deeper (``vision_tower.vision_model.*``, the layout of transformers 4.x), and transformers 5's
 in-memory names (``model.language_model.*``, ``lm_head.*``) are accepted too. Every tensor the
 model has must be present with its shape, and none may be left over: a difference is refused
-with the tensor's name, never loaded partially.
+with the tensor's name, never loaded partially. Only buffers the model recomputes (position ids,
+rotary frequencies, which older writers saved) are dropped unread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ NAME_PREFIXES = (
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 )
+# Buffers that older writers saved and the model recomputes (CLIP's position ids, LLaMA's
+# rotary frequencies): dropped, never compared, like Meta's ``rope.freqs``.
+DERIVED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
 LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
 
@@ -69,6 +73,8 @@ def canonical_state(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for name, tensor in tensors.items():
+        if name.endswith(DERIVED_SUFFIXES):
+            continue
         key = canonical_name(name)
         if key in out:
             raise WeightsError(f"{source}: {origin[key]} and {name} are both {key}")
