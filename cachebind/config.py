@@ -14,13 +14,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 def default_home() -> Path:
     """Where weights, tables and indexes live unless configured otherwise."""
     return Path(os.environ.get("CACHEBIND_HOME", Path.home() / ".cache" / "cachebind"))
+
+
+SPHINX_VIEWS = 5
+"""SPHINX's views of one image: the whole and its four corner quarters (``view_set``)."""
 
 
 class Section(BaseModel):
@@ -170,6 +174,31 @@ class EmbedConfig(Section):
     seeded per sample id and view), stored as ``view_vectors`` [N, d]. Each costs one more
     encoder pass and one more vector a row; 0 writes today's table (no such column). A table
     keeps the value it was created with."""
+    view_set: Literal["random-crop", "sphinx"] = "random-crop"
+    """What the ``views`` are (``embed --view-set``): ``random-crop``, the release's seeded
+    training crops above; ``sphinx``, SPHINX's five 224-px views of the image padded to a
+    square and resized to 448 px (the whole, resized to 224, then its top-left, top-right,
+    bottom-left and bottom-right quarters; ``views`` must then be 5). Recorded in the table's
+    metadata beside the count; a table keeps it."""
+
+    tokens: bool = False
+    """Also cache each image's patch tokens (``embed --tokens``): the vision trunk's hidden
+    state ``tokens_layer`` without its CLS token, float16, as ``patch_tokens`` beside the
+    global ``vector``, in the same pass and the same exactly-once row. A row holds patches x
+    width x 2 bytes: 256 x 1280 x 2 = 655,360 (0.66 MB, 655 GB per million rows) for
+    ImageBind-huge's ViT-H/14 at 224 px. A table keeps the setting it was created with."""
+    tokens_layer: int = -2
+    """The hidden state whose patch tokens ``tokens`` caches: 0 is the trunk's input, i the
+    output of block i, negative counts from the end (-2: LLaVA-1.5's second-to-last layer)."""
+
+    @model_validator(mode="after")
+    def _views_fit_the_view_set(self) -> EmbedConfig:
+        if self.view_set == "sphinx" and self.views != SPHINX_VIEWS:
+            raise ValueError(
+                f"embed.view_set 'sphinx' caches {SPHINX_VIEWS} views (the whole image and its "
+                f"four corners), but embed.views is {self.views}: give --views {SPHINX_VIEWS}"
+            )
+        return self
 
 
 class SandboxConfig(Section):

@@ -162,6 +162,44 @@ def test_a_views_0_table_is_todays_table_and_refuses_views(tmp_path: Path) -> No
     assert with_views.names == [*names[:-1], "view_vectors", "thumbnail"]
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_a_sphinx_views_job_stores_the_five_views_features_and_keeps_its_view_set(
+    tmp_path: Path,
+) -> None:
+    from cachebind.preprocess.subimages import SPHINX_AUGMENTATION, sphinx_views
+    from cachebind.store import EncoderMismatchError
+
+    n = 4
+    keys = syn.write_webdataset(tmp_path / "wds", n, per_shard=n)
+    source = str(tmp_path / "wds")
+    s = settings(tmp_path / "db", "sphinx", views=5, view_set="sphinx", sink="driver")
+    assert run_embed(source, s, progress=False).rows_written == n
+    table = CacheTable.open(s.store)
+    assert table.metadata["views"] == {"count": 5, "augmentation": SPHINX_AUGMENTATION}
+
+    encoder = Encoder.from_config(EncoderConfig(preset="tiny"), Settings().weights)
+    images = [load_image(syn.image_bytes(i)) for i in range(n)]
+    want = np.stack(
+        [
+            F.normalize(
+                encoder.encode(Modality.IMAGE, torch.stack(sphinx_views(img))), dim=-1
+            ).numpy()
+            for img in images
+        ]
+    )
+    ids = [row_id(k) for k in keys]
+    _, offsets = table.offsets(ids)
+    got = table.dataset.take(offsets.tolist(), columns=["view_vectors"])
+    views = vectors_to_numpy(got["view_vectors"]).reshape(n, 5, -1)
+    np.testing.assert_allclose(views, want, atol=2e-3)  # fp16 storage of unit vectors
+
+    # Random crops are another view set: the table refuses them, before any work.
+    crops = settings(tmp_path / "db", "sphinx", views=5)
+    with pytest.raises(EncoderMismatchError, match="views"):
+        run_embed(source, crops, progress=False)
+    assert CacheTable.open(s.store).count() == n
+
+
 def _probe():
     from jobs.embed import probe_encoder
 
@@ -201,13 +239,15 @@ def test_training_draws_a_view_per_row_and_epoch_deterministically(tmp_path: Pat
     assert math.isclose(float(plain[:, 1:].sum()), 0.0)
 
 
-def write_views_table(path: Path, centre: np.ndarray, views: np.ndarray) -> Any:
+def write_views_table(
+    path: Path, centre: np.ndarray, views: np.ndarray, metadata: dict[str, Any] | None = None
+) -> Any:
     """A Lance images table (float32, no thumbnails) of ``centre`` [n, d] and ``views``
-    [n, v, d], captioned ``caption i``."""
+    [n, v, d], captioned ``caption i`` (``metadata``: the table's cachebind metadata)."""
     import lance
 
     n, v, dim = views.shape
-    schema = images_schema(dtype="float32", dim=dim, views=v, thumbnail=False)
+    schema = images_schema(dtype="float32", dim=dim, views=v, thumbnail=False, metadata=metadata)
     rows = pa.table(
         {
             "id": pa.array(np.arange(n)),
@@ -224,12 +264,14 @@ def write_views_table(path: Path, centre: np.ndarray, views: np.ndarray) -> Any:
     return lance.write_dataset(rows, str(path))
 
 
-def views_table(path: Path, n: int, views: int, dim: int, seed: int = 0) -> tuple[Any, ...]:
+def views_table(
+    path: Path, n: int, views: int, dim: int, seed: int = 0, metadata: dict | None = None
+) -> tuple[Any, ...]:
     """A Lance images table with random unit ``vector`` and ``view_vectors`` and captions."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, views + 1, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=2, keepdims=True)
-    return write_views_table(path, x[:, 0], x[:, 1:]), x
+    return write_views_table(path, x[:, 0], x[:, 1:], metadata), x
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -318,6 +360,20 @@ def test_the_trainer_reads_views_when_the_table_has_them(tmp_path: Path) -> None
     assert on.source.views == 2
     off = make_plan(train_settings(tmp_path, store, llama, use_views=False), "pretrain", world=1)
     assert off.source.views == 0
+
+
+def test_the_trainer_does_not_draw_sphinx_quarters_as_an_epochs_image(tmp_path: Path) -> None:
+    from train_fixtures import tiny_llama, train_settings
+
+    from cachebind.preprocess.views import augmentation
+    from cachebind.train.trainer import make_plan
+
+    recorded = {"count": 5, "augmentation": augmentation("sphinx")}
+    views_table(tmp_path / "db" / "images.lance", 12, 5, 16, metadata={"views": recorded})
+    store = StoreConfig(uri=str(tmp_path / "db"), table="images", vector_dtype="float32")
+    llama = tiny_llama(tmp_path / "llama", dim=16, n_layers=1, n_heads=2)
+    plan = make_plan(train_settings(tmp_path, store, llama), "pretrain", world=1)
+    assert plan.source.views == 0  # each row's F_M is its whole-image vector
 
 
 @pytest.mark.slow

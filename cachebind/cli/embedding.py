@@ -53,6 +53,28 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
         "per sample): view_vectors [N, d] beside the centre vector, sampled per epoch by "
         "`train`; a table keeps the value it was created with (default 0: none)",
     )
+    p.add_argument(
+        "--view-set",
+        dest="embed__view_set",
+        choices=["random-crop", "sphinx"],
+        help="which views --views caches: random-crop (default) or sphinx, SPHINX's five "
+        "224-px views of the 448-px image (the whole, then its four corners; --views 5)",
+    )
+    p.add_argument(
+        "--tokens",
+        dest="embed__tokens",
+        action="store_const",
+        const=True,
+        help="also cache each image's patch tokens (float16, the vision trunk's hidden state "
+        "--tokens-layer without CLS) as patch_tokens beside the vector (docs/tokens.md)",
+    )
+    p.add_argument(
+        "--tokens-layer",
+        dest="embed__tokens_layer",
+        type=int,
+        metavar="L",
+        help="hidden state whose tokens --tokens caches (default -2, the second-to-last layer)",
+    )
     p.add_argument("--limit", type=int, help="embed at most this many samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

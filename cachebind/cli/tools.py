@@ -15,16 +15,47 @@ def add_weights(sub: Subcommands, common: CommonOptions) -> None:
         sub,
         "weights",
         cmd_weights,
-        "download and locate model weights",
+        "download, locate and mix model weights",
         "Download official checkpoints (resumable, size and sha256 checked, atomic). "
-        "ImageBind weights are licensed CC BY-NC 4.0 (non-commercial).",
+        "ImageBind weights are licensed CC BY-NC 4.0 (non-commercial). `weights mix` averages "
+        "two checkpoints of one architecture (SPHINX's weight mixing).",
     )
-    p.add_argument("action", choices=["download", "list", "path"])
-    p.add_argument("name", nargs="?", default="imagebind_huge")
-    p.add_argument("--dir", help="weights directory (default: weights.dir)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("download", "download official weights"),
+        ("list", "list the known weights and whether they are here"),
+        ("path", "print where a weights file is (or would be)"),
+    ):
+        a = actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            a.add_argument("name", nargs="?", default="imagebind_huge")
+        a.add_argument("--dir", help="weights directory (default: weights.dir)")
+    mix = actions.add_parser(
+        "mix",
+        help="theta = beta * A + (1 - beta) * B for two checkpoints of one architecture",
+        description="Mix two checkpoints (.pth / .safetensors files or checkpoint directories) "
+        "of one architecture tensor by tensor: theta = beta * theta_A + (1 - beta) * theta_B. "
+        "Refused, naming the tensors, when names, shapes or dtypes differ.",
+    )
+    mix.add_argument("a", metavar="A", help="checkpoint weighted by beta")
+    mix.add_argument("b", metavar="B", help="checkpoint weighted by 1 - beta")
+    mix.add_argument("--beta", type=float, required=True, help="weight of A, in [0, 1]")
+    mix.add_argument(
+        "--out",
+        required=True,
+        help="output: a .safetensors or .pth file, or a directory (model.safetensors and, "
+        "when A is a directory, A's other files)",
+    )
 
 
 def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "mix":
+        from cachebind.inject.mix import mix_checkpoints
+
+        written = mix_checkpoints(args.a, args.b, args.beta, args.out)
+        print(f"saved {written} (beta {args.beta} on {args.a}, {1 - args.beta:g} on {args.b})")
+        return 0
+
     from cachebind.encode import KNOWN_WEIGHTS, download_weights
 
     dest = Path(args.dir) if args.dir else settings.weights.dir

@@ -158,6 +158,23 @@ class Encoder:
             outs.append(out.float().cpu())
         return torch.cat(outs)
 
+    @torch.inference_mode()
+    def encode_image_tokens(self, batch: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """``encode(IMAGE, batch)`` and, from the same pass, the patch tokens of hidden state
+        ``layer`` (CLS dropped): ``[B, out_dim]`` float32 and ``[B, patches, width]`` float16,
+        on the CPU. float16 is what the cache stores."""
+        patches, width = self.model.vision_token_shape()
+        if batch.shape[0] == 0:
+            return torch.empty(0, self.out_dim), torch.empty(0, patches, width, dtype=torch.half)
+        outs, tokens = [], []
+        for chunk in self._chunks(batch):
+            chunk = chunk.float().to(self.device, non_blocking=True)
+            with self._autocast():
+                out, tok = self.model.vision_features_and_tokens(chunk, layer)
+            outs.append(out.float().cpu())
+            tokens.append(tok.to(torch.float16).cpu())
+        return torch.cat(outs), torch.cat(tokens)
+
     def embed(
         self,
         modality: Modality | str,

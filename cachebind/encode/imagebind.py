@@ -243,6 +243,41 @@ class ImageBindModel(nn.Module):
             return head(trunk(tokens, causal=True), eot)
         return head(trunk(pre(x)))
 
+    def vision_features_and_tokens(self, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """One vision pass: the postprocessed embedding ``[B, out_embed_dim]`` (as ``encode``)
+        and the patch tokens of hidden state ``layer`` ``[B, patches, vision_embed_dim]``.
+
+        Hidden state 0 is the trunk's input after its LayerNorm, state i the output of block
+        i (transformers' ``hidden_states`` convention, so -2 is LLaVA's second-to-last
+        layer); the CLS token (position 0) is dropped, LLaVA's ``"default"`` selection."""
+        trunk = cast(Transformer, self.modality_trunks["vision"])
+        wanted = self.token_state(layer)
+        h = trunk.pre_transformer_layer(self.modality_preprocessors["vision"](x))
+        tokens = h if wanted == 0 else None
+        for i, block in enumerate(trunk.blocks, start=1):
+            h = block(h)
+            if i == wanted:
+                tokens = h
+        assert tokens is not None
+        out = self.modality_postprocessors["vision"](self.modality_heads["vision"](h).float())
+        return out, tokens[:, 1:]
+
+    def token_state(self, layer: int) -> int:
+        """The non-negative index of hidden state ``layer`` of the vision trunk, or a
+        ``ValueError`` naming the range."""
+        n_states = len(cast(Transformer, self.modality_trunks["vision"]).blocks) + 1
+        if not -n_states <= layer < n_states:
+            raise ValueError(
+                f"token layer {layer} is outside the vision trunk's hidden states "
+                f"{-n_states}..{n_states - 1}"
+            )
+        return layer % n_states
+
+    def vision_token_shape(self) -> tuple[int, int]:
+        """(patches, width) of the vision trunk's patch tokens for one image."""
+        pre = cast(stems.VisionPreprocessor, self.modality_preprocessors["vision"])
+        return int(pre.num_patches), int(self.embed_dims["vision"])
+
     def vision_flops(self, frames: int = 1) -> float:
         """Analytic forward FLOPs of one image (``frames=1``) or one 2-frame clip (``frames=2``)
         through the vision encoder (~334 GFLOP for ``huge``)."""

@@ -256,7 +256,8 @@ def image_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def normalised_tensor(crop: Image.Image) -> torch.Tensor:
-    """An RGB 224 x 224 crop -> ToTensor (/255) then CLIP Normalize: float32 [3, 224, 224]."""
+    """An RGB image (a 224 x 224 crop; SPHINX's 448 square) -> ToTensor (/255) then CLIP
+    Normalize: float32 [3, H, W]."""
     x = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
     x = x.to(torch.float32).div_(255.0)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]

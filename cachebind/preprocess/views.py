@@ -12,11 +12,15 @@ centre crop clamped to ``ratio``; the box is then cut out and resized to 224 x 2
 (torchvision resizes PIL images with Pillow, as here). The random numbers come from
 ``numpy.random.default_rng([VIEW_SEED, id, view])`` instead of torch's global generator, so a
 resumed or re-run job crops, and therefore writes, exactly the same rows.
+
+``embed.view_set = "sphinx"`` stores SPHINX's five high-resolution views instead
+(``cachebind.preprocess.subimages``); ``view_set_tensors`` gives either set.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +28,7 @@ from PIL import Image
 
 from cachebind.preprocess.common import IMAGE_SIZE
 from cachebind.preprocess.image import normalised_tensor
+from cachebind.preprocess.subimages import SPHINX_AUGMENTATION, sphinx_views
 
 SCALE = (0.9, 1.0)
 RATIO = (0.75, 1.3333)  # the release writes 1.3333, not 4/3
@@ -84,3 +89,23 @@ def view_tensor(img: Image.Image, sid: int, view: int) -> torch.Tensor:
 def view_tensors(img: Image.Image, sid: int, views: int) -> list[torch.Tensor]:
     """Views ``0 .. views-1`` of sample ``sid``."""
     return [view_tensor(img, sid, v) for v in range(views)]
+
+
+def augmentation(view_set: str) -> dict[str, Any]:
+    """What a table records of its views (``views.augmentation``) for ``embed.view_set``."""
+    return SPHINX_AUGMENTATION if view_set == "sphinx" else AUGMENTATION
+
+
+def view_set_tensors(img: Image.Image, sid: int, views: int, view_set: str) -> list[torch.Tensor]:
+    """The ``views`` tensors of ``embed.view_set`` for sample ``sid``: seeded random crops, or
+    SPHINX's five views (the settings make ``views`` 5 for that set)."""
+    if view_set == "sphinx":
+        return sphinx_views(img)[:views]
+    return view_tensors(img, sid, views)
+
+
+def trainable_views(metadata_views: dict[str, Any] | None) -> bool:
+    """Whether training may draw an epoch's F_M from a table's views (its ``views`` metadata):
+    crops of the whole image may, SPHINX's sub-images (mostly quarters) may not."""
+    recorded = (metadata_views or {}).get("augmentation") or {}
+    return bool(recorded.get("transform") != SPHINX_AUGMENTATION["transform"])

@@ -43,11 +43,15 @@ def images_schema(
     text_vector: bool = False,
     thumbnail: bool = True,
     views: int = 0,
+    tokens: int = 0,
     metadata: dict[str, Any] | None = None,
 ) -> pa.Schema:
     """The ``images`` table: one row per cached sample, ``vector`` is F_key = F_value (the
     centre crop). ``views`` > 0 adds ``view_vectors`` [views · dim]: the features of augmented
-    crops, for training only (indexes and serving read ``vector``)."""
+    crops, for training only (indexes and serving read ``vector``). ``tokens`` > 0 adds
+    ``patch_tokens``: that many float16 values a row, the centre crop's patch tokens
+    [patches · width] one after another (``embed --tokens``; metadata ``tokens`` names the
+    layer and shape)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("key", pa.string(), nullable=False),
@@ -62,6 +66,8 @@ def images_schema(
         fields.append(pa.field("text_vector", vector_type(dtype, dim)))
     if views:
         fields.append(pa.field("view_vectors", views_type(views, dtype, dim), nullable=False))
+    if tokens:
+        fields.append(pa.field("patch_tokens", vector_type("float16", tokens), nullable=False))
     if thumbnail:
         fields.append(pa.field("thumbnail", pa.binary()))
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})})}

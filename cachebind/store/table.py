@@ -109,18 +109,41 @@ class CacheTable:
             return self.dataset.schema.empty_table().select(columns)
         return self.dataset.take(offsets.tolist(), columns=columns)
 
+    def present_offsets(self, ids: Sequence[int] | Ints) -> Ints:
+        """The row offsets of ``ids``; KeyError naming (up to 10) ids not in this version."""
+        found, offsets = self.offsets(ids)
+        if not found.all():
+            missing = np.asarray(ids, dtype=np.int64).ravel()[~found][:10].tolist()
+            raise KeyError(f"ids not in table version {self.version}: {missing}")
+        return offsets
+
     def vectors(self, ids: Sequence[int] | Ints) -> Floats:
         """The exact cached vectors F_value for ``ids`` (float32 [len(ids), d]).
 
         Raises KeyError naming the ids that are not in this table version.
         """
-        found, offsets = self.offsets(ids)
-        if not found.all():
-            missing = np.asarray(ids, dtype=np.int64).ravel()[~found][:10].tolist()
-            raise KeyError(f"ids not in table version {self.version}: {missing}")
+        offsets = self.present_offsets(ids)
         if len(offsets) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         return vectors_to_numpy(self.dataset.take(offsets.tolist(), columns=["vector"])["vector"])
+
+    def patch_tokens(self, ids: Sequence[int] | Ints) -> np.ndarray:
+        """The cached patch tokens of ``ids`` (``embed --tokens``): float16
+        [len(ids), patches, width]. KeyError for ids not in this version; ValueError on a
+        table embedded without tokens."""
+        shape = self.metadata.get("tokens")
+        if not shape or "patch_tokens" not in self.dataset.schema.names:
+            raise ValueError(f"table version {self.version} has no patch tokens (embed --tokens)")
+        offsets = self.present_offsets(ids)
+        patches, width = int(shape["patches"]), int(shape["width"])
+        if len(offsets) == 0:
+            return np.zeros((0, patches, width), dtype=np.float16)
+        column = self.dataset.take(offsets.tolist(), columns=["patch_tokens"])["patch_tokens"]
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        # A copy: Arrow's buffers are read-only, and training hands these to torch.
+        values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float16)
+        return values.reshape(-1, patches, width)
 
 
 def vectors_to_numpy(column: pa.ChunkedArray | pa.Array) -> Floats:

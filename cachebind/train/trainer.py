@@ -59,21 +59,24 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 
 def make_plan(settings: Settings, phase: Phase, world: int) -> Plan:
     """The run's plan from the settings and the cache table's pinned version."""
+    from cachebind.preprocess.views import trainable_views
     from cachebind.store import CacheTable
-    from cachebind.store.schema import view_count
+    from cachebind.store.schema import table_metadata, view_count
 
     cfg = settings.train
     llama_dir = cfg.llama_dir or settings.llm.llama_dir
     if llama_dir is None:
         raise TrainError("no base LLM: set train.llama_dir (or llm.llama_dir)")
     table = CacheTable.open(settings.store)
+    crops = trainable_views(table_metadata(table.table.schema).get("views"))
     run_dir = Path(cfg.output_dir) / cfg.run_name
     source = RowSource(
         uri=str(table.dataset.uri),
         version=int(table.version),
         storage_options=table.storage_options,
-        # embed --views: draw each row's F_M per epoch from its views too (train.use_views).
-        views=view_count(table.table.schema) if cfg.use_views else 0,
+        # embed --views: draw each row's F_M per epoch from its views too (train.use_views);
+        # SPHINX's views are not: four of the five are quarters of the image.
+        views=view_count(table.table.schema) if cfg.use_views and crops else 0,
     )
     n_rows = table.count()
     if phase == "finetune" and cfg.instructions is not None:

@@ -28,6 +28,7 @@ class EncodeActor:
         threads: int,
         target: FragmentTarget | None = None,
         views: int = 0,
+        tokens_layer: int | None = None,
     ) -> None:
         import torch
 
@@ -40,6 +41,9 @@ class EncodeActor:
         self.captions = captions
         self.target = target
         self.views = views
+        self.tokens_layer = tokens_layer  # embed --tokens: the hidden state cached, else None
+        patches, width = self.encoder.model.vision_token_shape()
+        self.token_values = patches * width if tokens_layer is not None else 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         dim = self.encoder.out_dim
@@ -51,10 +55,14 @@ class EncodeActor:
         has_text = np.zeros(n, dtype=bool)
         encode_s = np.zeros(n, dtype=np.float64)
         view_vectors = np.zeros((n, self.views, dim), dtype=np.float32)
+        patch_tokens = np.zeros((n, self.token_values), dtype=np.float16)
         if len(ok):
             start = time.perf_counter()
             x = pixel_batch(batch["pixels"], ok, self.pixel_dtype)
-            vectors[ok] = self._encode(x)
+            if self.tokens_layer is None:
+                vectors[ok] = self._encode(x)
+            else:  # the same pass yields the vector and the tokens
+                vectors[ok], patch_tokens[ok] = self._encode_with_tokens(x, self.tokens_layer)
             if self.views:
                 # One encoder pass per view, each of the batch's size: the actor's (GPU) memory
                 # holds what it holds without views.
@@ -69,6 +77,8 @@ class EncodeActor:
         if self.views:
             # [views · dim] a row: the table's layout (store.schema.views_type).
             out = out.append_column("view_vectors", _fixed_list(view_vectors.reshape(n, -1)))
+        if self.tokens_layer is not None:  # [patches · width] float16 a row
+            out = out.append_column("patch_tokens", _fixed_list(patch_tokens))
         if self.captions:
             out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
         out = out.append_column("encode_s", pa.array(encode_s))
@@ -86,6 +96,17 @@ class EncodeActor:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x))
         return F.normalize(feats.float(), dim=-1).numpy()
+
+    def _encode_with_tokens(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """F_M as ``_encode`` and the patch tokens of ``layer``: float16 [n, patches · width]."""
+        import torch
+        import torch.nn.functional as F
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            feats, tokens = self.encoder.encode_image_tokens(torch.from_numpy(x), layer)
+        flat = tokens.reshape(tokens.shape[0], -1).numpy()
+        return F.normalize(feats.float(), dim=-1).numpy(), flat
 
     def _embed_captions(self, batch: pa.Table, ok: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Caption embeddings (text encoder) into ``out``; returns which rows have one. A row

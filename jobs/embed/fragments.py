@@ -86,6 +86,8 @@ def image_rows(
         columns["text_vector"] = as_dtype(rows["text_vector"], dtype)
     if views:
         columns["view_vectors"] = as_dtype(rows["view_vectors"], dtype)  # [views · dim] a row
+    if "patch_tokens" in rows.column_names:  # embed --tokens: float16 whatever the vector's
+        columns["patch_tokens"] = rows["patch_tokens"]
     if thumbnails:
         columns["thumbnail"] = rows["thumbnail"]
     return pa.table(columns)

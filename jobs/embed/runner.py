@@ -68,17 +68,33 @@ def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
         PREPROCESS_VERSION = encoder.identity.get("preprocess_version")
     views: dict[str, Any] = {}
     if settings.embed.views:
-        from cachebind.preprocess.views import AUGMENTATION
+        from cachebind.preprocess.views import augmentation
 
-        views = {"views": {"count": settings.embed.views, "augmentation": AUGMENTATION}}
+        recorded = augmentation(settings.embed.view_set)
+        views = {"views": {"count": settings.embed.views, "augmentation": recorded}}
+    tokens: dict[str, Any] = {}
+    if settings.embed.tokens:
+        encoder.model.token_state(settings.embed.tokens_layer)  # refused before any work
+        patches, width = encoder.model.vision_token_shape()
+        tokens = {
+            "tokens": {
+                "layer": settings.embed.tokens_layer,
+                "patches": patches,
+                "width": width,
+                "dtype": "float16",
+                "cls": False,
+            }
+        }
     return images_schema(
         dtype=settings.store.vector_dtype,
         dim=encoder.out_dim,
         text_vector=settings.embed.caption_embeddings,
         thumbnail=settings.embed.thumbnails,
         views=settings.embed.views,
+        tokens=patches * width if tokens else 0,
         metadata={
             **views,
+            **tokens,
             "encoder": encoder.identity,
             "checkpoint": encoder.identity.get("weights"),
             "preprocess_version": str(PREPROCESS_VERSION),
@@ -202,6 +218,7 @@ def _run_pipeline(
         sandbox=settings.sandbox.model_copy(update={"workers": 1}),
         limits=settings.input,
         views=cfg.views,
+        view_set=cfg.view_set,
     )
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -223,6 +240,7 @@ def _run_pipeline(
             "pixel_dtype": plan.pixel_dtype,
             "captions": cfg.caption_embeddings,
             "views": cfg.views,
+            "tokens_layer": cfg.tokens_layer if cfg.tokens else None,
             "threads": int(plan.encoder_cpus),
             "target": target_for(settings, writer),
         },

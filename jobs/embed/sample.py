@@ -40,6 +40,8 @@ class DecodeOptions:
     views: int = 0
     """``embed.views``: augmented crops per sample (``cachebind.preprocess.views``), their
     pixels concatenated in ``view_pixels`` (N tensors beside the centre crop's ``pixels``)."""
+    view_set: str = "random-crop"
+    """``embed.view_set``: which views (seeded random crops, or SPHINX's five)."""
 
 
 def decode_samples(
@@ -90,11 +92,16 @@ def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> 
 
 
 def _view_pixels(img: Any, sid: int, options: DecodeOptions) -> bytes:
-    """The ``options.views`` augmented crops of ``img``, one after another, in the pixel dtype:
-    built one crop at a time, so the worker holds the image, one crop and the output bytes."""
-    from cachebind.preprocess.views import view_tensor
+    """The ``options.views`` views of ``img``, one after another, in the pixel dtype. Random
+    crops are built one at a time, so the worker holds the image, one crop and the output
+    bytes; SPHINX's five come from one 448-px resize, held with them."""
+    from cachebind.preprocess.views import view_set_tensors, view_tensor
 
     out = bytearray()
+    if options.view_set != "random-crop":
+        for x in view_set_tensors(img, sid, options.views, options.view_set):
+            out += x.numpy().astype(options.pixel_dtype, copy=False).tobytes()
+        return bytes(out)
     for view in range(options.views):
         out += view_tensor(img, sid, view).numpy().astype(options.pixel_dtype, copy=False).tobytes()
     return bytes(out)

@@ -1,0 +1,104 @@
+"""Load a llava-hf LLaVA-1.5 checkpoint directory strictly into ``LlavaTokensModel``.
+
+The directory is what transformers writes for ``LlavaForConditionalGeneration``:
+``config.json`` (``model_type: "llava"``) and ``model.safetensors`` or shards with their
+``model.safetensors.index.json``. Tensor names are ``vision_tower.*``,
+``multi_modal_projector.linear_1/linear_2.*``, ``language_model.model.*`` and
+``language_model.lm_head.weight``; the published llava-hf checkpoints nest the tower one level
+deeper (``vision_tower.vision_model.*``, the layout of transformers 4.x), and transformers 5's
+in-memory names (``model.language_model.*``, ``lm_head.*``) are accepted too. Every tensor the
+model has must be present with its shape, and none may be left over: a difference is refused
+with the tensor's name, never loaded partially. Only buffers the model recomputes (position ids,
+rotary frequencies, which older writers saved) are dropped unread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig
+
+from cachebind.encode.tensorfiles import read_tensors
+from cachebind.encode.weights import check_layout
+from cachebind.errors import WeightsError
+from cachebind.inject.llava import LlavaTokensModel
+
+# Alternative spellings of a name -> this module's name (applied until none matches).
+NAME_PREFIXES = (
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+# Buffers that older writers saved and the model recomputes (CLIP's position ids, LLaMA's
+# rotary frequencies): dropped, never compared, like Meta's ``rope.freqs``.
+DERIVED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
+LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.embed_tokens.weight"
+
+
+def canonical_name(name: str) -> str:
+    """The ``LlavaTokensModel`` name of a checkpoint tensor name."""
+    changed = True
+    while changed:
+        changed = False
+        for old, new in NAME_PREFIXES:
+            if name.startswith(old):
+                name, changed = new + name[len(old) :], True
+    return name
+
+
+def read_llava_config(directory: Path) -> LlavaConfig:
+    """The ``LlavaConfig`` of a checkpoint directory's ``config.json``, checked."""
+    path = directory / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: cannot read the model configuration ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("model_type") != "llava":
+        kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise WeightsError(f"{path}: model_type is {kind!r}, not 'llava'")
+    try:
+        config = LlavaConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise WeightsError(f"{path}: not a LLaVA configuration ({exc})") from exc
+    return config
+
+
+def canonical_state(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``tensors`` under this module's names; two file names for one tensor are refused."""
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(DERIVED_SUFFIXES):
+            continue
+        key = canonical_name(name)
+        if key in out:
+            raise WeightsError(f"{source}: {origin[key]} and {name} are both {key}")
+        out[key], origin[key] = tensor, name
+    return out
+
+
+def load_llava(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LlavaTokensModel:
+    """The LLaVA-1.5 model of a llava-hf checkpoint directory, in eval mode."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WeightsError(f"{directory}: not a checkpoint directory")
+    config = read_llava_config(directory)
+    try:
+        model = LlavaTokensModel(config)
+    except ValueError as exc:
+        raise WeightsError(f"{directory / 'config.json'}: {exc}") from exc
+    state = canonical_state(read_tensors(directory), str(directory))
+    if config.text_config.tie_word_embeddings and LM_HEAD not in state and EMBED in state:
+        state[LM_HEAD] = state[EMBED]  # a tied head is written once
+    check_layout(model, state, str(directory))
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
