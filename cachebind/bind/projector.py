@@ -28,4 +28,5 @@ class LlavaProjector(nn.Module):
         self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(patch_tokens)))
+        tokens: torch.Tensor = self.linear_2(self.act(self.linear_1(patch_tokens)))
+        return tokens

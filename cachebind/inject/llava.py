@@ -14,7 +14,13 @@ from typing import cast
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaConfig
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+)
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -45,6 +51,16 @@ def check_llava_config(config: LlavaConfig) -> None:
         )
 
 
+def vision_config(config: LlavaConfig) -> CLIPVisionConfig:
+    """The vision tower's sub-config (transformers types it as any sub-config)."""
+    return cast(CLIPVisionConfig, config.vision_config)
+
+
+def text_config(config: LlavaConfig) -> LlamaConfig:
+    """The language model's sub-config."""
+    return cast(LlamaConfig, config.text_config)
+
+
 class LlavaTokensModel(nn.Module):
     """Vision tower + LLaVA projector + LLaMA, built from a transformers ``LlavaConfig``."""
 
@@ -54,21 +70,22 @@ class LlavaTokensModel(nn.Module):
         self.config = config
         self.image_token_id = int(config.image_token_id)
         self.feature_layer = int(cast(int, config.vision_feature_layer))
-        self.strategy = cast(SelectStrategy, config.vision_feature_select_strategy)
-        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.strategy: SelectStrategy = config.vision_feature_select_strategy
+        self.vision_tower = CLIPVisionModel(vision_config(config))
         self.multi_modal_projector = LlavaProjector(
-            config.vision_config.hidden_size,
-            config.text_config.hidden_size,
+            vision_config(config).hidden_size,
+            text_config(config).hidden_size,
             act=config.projector_hidden_act,
             bias=config.multimodal_projector_bias,
         )
-        self.language_model = LlamaForCausalLM(config.text_config)
+        self.language_model = LlamaForCausalLM(text_config(config))
 
     @property
     def tokens_per_image(self) -> int:
         """Visual tokens one image becomes (576 for ViT-L/14 at 336 px, CLS dropped)."""
-        vc = self.config.vision_config
-        patches = (vc.image_size // vc.patch_size) ** 2
+        vc = vision_config(self.config)
+        # CLIP's vision config holds square sizes as ints (transformers types them loosely).
+        patches = (int(cast(int, vc.image_size)) // int(cast(int, vc.patch_size))) ** 2
         return patches + (1 if self.strategy == "full" else 0)
 
     def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:

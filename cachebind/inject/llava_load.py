@@ -23,7 +23,7 @@ from transformers import LlavaConfig
 from cachebind.encode.tensorfiles import read_tensors
 from cachebind.encode.weights import check_layout
 from cachebind.errors import WeightsError
-from cachebind.inject.llava import LlavaTokensModel
+from cachebind.inject.llava import LlavaTokensModel, text_config
 
 # Alternative spellings of a name -> this module's name (applied until none matches).
 NAME_PREFIXES = (
@@ -97,7 +97,7 @@ def load_llava(
     except ValueError as exc:
         raise WeightsError(f"{directory / 'config.json'}: {exc}") from exc
     state = canonical_state(read_tensors(directory), str(directory))
-    if config.text_config.tie_word_embeddings and LM_HEAD not in state and EMBED in state:
+    if text_config(config).tie_word_embeddings and LM_HEAD not in state and EMBED in state:
         state[LM_HEAD] = state[EMBED]  # a tied head is written once
     check_layout(model, state, str(directory))
     model.load_state_dict(state, strict=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import lancedb
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 from cachebind.arrays import Bools, Floats, Ints
@@ -127,7 +128,7 @@ class CacheTable:
             return np.zeros((0, self.dim), dtype=np.float32)
         return vectors_to_numpy(self.dataset.take(offsets.tolist(), columns=["vector"])["vector"])
 
-    def patch_tokens(self, ids: Sequence[int] | Ints) -> np.ndarray:
+    def patch_tokens(self, ids: Sequence[int] | Ints) -> npt.NDArray[np.float16]:
         """The cached patch tokens of ``ids`` (``embed --tokens``): float16
         [len(ids), patches, width]. KeyError for ids not in this version; ValueError on a
         table embedded without tokens."""
