@@ -42,7 +42,7 @@ def make_table(path: Path, rows: int, dim: int, chunk: int = 20_000) -> None:
 def run_map(path: Path, method: str, sample: int, batch: int) -> dict:
     code = (
         "import json, sys\n"
-        "from cachebind.analysis.layout import compute_map\n"
+        "from cachebind.analysis.map_run import compute_map\n"
         "from cachebind.config import Settings\n"
         f"s = Settings(store={{'uri': {str(path)!r}}}, analysis={{'map_sample': {sample}, "
         f"'batch_rows': {batch}}})\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cachebind.analysis.layout import compute_map
+from cachebind.analysis.map_run import compute_map
 from cachebind.analysis.zero_shot import classify_table
 
 pytestmark = pytest.mark.served(rows=90)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from browser import chromium
 
-from cachebind.analysis.layout import compute_map
+from cachebind.analysis.map_run import compute_map
 from cachebind.analysis.zero_shot import classify_table
 
 pytestmark = pytest.mark.served(rows=120, llm=True)
