@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -163,3 +165,40 @@ def test_a_query_equal_to_a_row_lands_near_that_rows_umap_position(tmp_path):
     extent = np.linalg.norm(want.max(0) - want.min(0))
     error = np.linalg.norm(placed - want, axis=1)
     assert np.median(error) < 0.05 * extent, (np.median(error), extent)
+
+
+def test_the_command_computes_the_map_locally_or_as_a_ray_job_and_prints_what_it_placed(
+    tmp_path, monkeypatch, capsys, ray_session
+):
+    from cachebind.cli import main
+
+    monkeypatch.setenv("CACHEBIND_HOME", str(tmp_path / "home"))
+    store = make_images_table(tmp_path / "db", n=90, dim=16, dtype="float32")
+    version = CacheTable.open(store).version
+    argv = ["map", "--table-uri", store.uri, "--method", "pca", "--sample", "40", "--json"]
+    assert main(argv) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert (local["rows"], local["placed"], local["sample"]) == (90, 90, 40)
+    want = positions(store, version)
+    assert main([*argv, "--ray"]) == 0
+    assert json.loads(capsys.readouterr().out)["placed"] == 90
+    pd.testing.assert_frame_equal(positions(store, version), want)
+    assert main(["map", "--table-uri", store.uri, "--method", "pca"]) == 0
+    assert "images_map_v" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_umap_map_placed_by_ray_tasks_equals_the_local_one(tmp_path, ray_session):
+    from jobs.map import run_map
+
+    store = make_images_table(tmp_path / "db", n=240, dim=16, seed=5, dtype="float32")
+    settings = settings_for(store, map_sample=120, map_neighbours=10, map_partition_rows=80)
+    version = CacheTable.open(store).version
+    compute_map(settings, "umap")
+    want = positions(store, version)
+    # Stop after the first range, so that the Ray tasks place the other two.
+    compute_map(settings, "umap", max_partitions=1)
+    assert run_map(settings, "umap").placed == 160
+    got = positions(store, version)
+    np.testing.assert_array_equal(got.index, want.index)
+    np.testing.assert_array_equal(got[["x", "y"]].to_numpy(), want[["x", "y"]].to_numpy())
