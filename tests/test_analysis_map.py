@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 from tables import append_rows, make_images_table
 
-from cachebind.analysis.layout import latest_map_version, load_projection, read_map
+from cachebind.analysis.layout import (
+    latest_map_version,
+    load_projection,
+    map_metadata,
+    read_map,
+)
 from cachebind.analysis.map_run import compute_map
 from cachebind.analysis.notebook import collection_map
 from cachebind.config import Settings
@@ -202,3 +207,19 @@ def test_a_umap_map_placed_by_ray_tasks_equals_the_local_one(tmp_path, ray_sessi
     got = positions(store, version)
     np.testing.assert_array_equal(got.index, want.index)
     np.testing.assert_array_equal(got[["x", "y"]].to_numpy(), want[["x", "y"]].to_numpy())
+
+
+def test_a_run_with_another_range_size_does_not_mix_its_ranges_with_a_stopped_ones(tmp_path):
+    from cachebind.analysis.labelling import table_names
+    from cachebind.store import connect
+
+    store = make_images_table(tmp_path / "db", n=100, dim=16, dtype="float32")
+    version = CacheTable.open(store).version
+    compute_map(settings_for(store, map_partition_rows=30), "pca", max_partitions=2)
+    done = compute_map(settings_for(store, map_partition_rows=40), "pca")
+    assert (done.rows, done.placed) == (100, 100)
+    got = positions(store, version)
+    assert got.index.is_unique and sorted(got.index) == sorted(CacheTable.open(store).ids())
+    # The finished map supersedes the stopped run: only the map and its model remain.
+    left = [n for n in table_names(connect(store)) if n.startswith(f"images_map_v{version}")]
+    assert sorted(left) == sorted([f"images_map_v{version}", map_metadata(store, version)["model"]])

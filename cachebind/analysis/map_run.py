@@ -50,7 +50,7 @@ class MapResult:
     table_version: int
     method: str
     rows: int
-    """Rows the map holds (the whole table version)."""
+    """Rows the map holds: the whole table version (0 while a stopped run is unfinished)."""
     placed: int
     """Rows this run placed (fewer when it resumed a stopped run)."""
     sample: int
@@ -152,8 +152,8 @@ class MapRun:
         return rows.num_rows
 
     def finish(self) -> MapResult:
-        """Copy the staged ranges to the map in one commit; drop the staging table and models
-        of other runs of this version."""
+        """Copy the staged ranges to the map in one commit; drop the staging tables and the
+        models of other runs of this version."""
         cfg = self.settings.analysis
         total = self.table.count()
         staged = self.staging.to_lance()
@@ -179,10 +179,11 @@ class MapRun:
         db = connect(self.settings.store)
         reader = pa.RecordBatchReader.from_batches(schema, copied())
         db.create_table(self.name, reader, schema=schema, mode="overwrite")
-        db.drop_table(self.staging.name, ignore_missing=True)
-        prefix = f"{self.name}_model_"
+        # Stopped runs of other settings are superseded by this map, and so are their models.
         for other in table_names(db):
-            if other.startswith(prefix) and other != self.model_name:
+            staging = other.startswith(f"{self.name}_part_")
+            model = other.startswith(f"{self.name}_model_") and other != self.model_name
+            if staging or model:
                 db.drop_table(other, ignore_missing=True)
         seconds = time.perf_counter() - self.started
         return MapResult(
@@ -206,7 +207,9 @@ def start_map(settings: Settings, method: Literal["umap", "pca"] | None = None) 
     name = map_table_name(settings.store.table, table.version)
     key = run_key(method, cfg.map_sample, cfg.seed, cfg.map_neighbours)
     model_name = model_table_name(name, key)
-    staging_name = f"{name}_part_{key}"
+    # The range size is part of the staging table's name: range p means other rows under
+    # another size, so a run with another size starts its own staging.
+    staging_name = f"{name}_part_{key}_{cfg.map_partition_rows}"
     db = connect(settings.store)
     sample = min(cfg.map_sample, table.count())
     existing = set(table_names(db))
