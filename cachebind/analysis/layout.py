@@ -70,6 +70,7 @@ class Projection:
         """PCA: its components and mean as an ``.npz`` (no pickle); UMAP: the pickled fitted
         object (umap-learn has no other format), which holds its fit sample."""
         if self.method == "pca":
+            assert self.mean is not None  # a PCA projection is made with its mean
             out = io.BytesIO()
             np.savez(out, components=self.model, mean=self.mean)
             return out.getvalue()
