@@ -60,8 +60,8 @@ function drawMap(data) {
   const names = [...new Set(labels.filter((l) => l !== null))].sort();
   const colour = (label) => (label === null ? "#8a93a3" : PALETTE[names.indexOf(label) % PALETTE.length]);
   mapState.layout = [tx, ty];
-  mapState.bx = data.x.map(tx);
-  mapState.by = data.y.map(ty);
+  mapState.bx = Float64Array.from(data.x, tx);
+  mapState.by = Float64Array.from(data.y, ty);
   mapState.view = { k: 1, ox: 0, oy: 0 };
   mapState.placedFor = null;
   mapState.queryBase = null;
@@ -182,8 +182,13 @@ function canvasPoint(event) {
 // The dots where the current view draws them, the view's scale and offset on the canvas.
 function projectView() {
   const { k, ox, oy } = mapState.view;
-  mapState.px = mapState.bx.map((x) => x * k + ox);
-  mapState.py = mapState.by.map((y) => y * k + oy);
+  const n = mapState.bx.length;
+  // Typed arrays written in place: a zoom frame at a million dots allocates nothing.
+  if (mapState.px.length !== n) [mapState.px, mapState.py] = [new Float64Array(n), new Float64Array(n)];
+  for (let i = 0; i < n; i++) {
+    mapState.px[i] = mapState.bx[i] * k + ox;
+    mapState.py[i] = mapState.by[i] * k + oy;
+  }
   mapState.query = mapState.queryBase
     ? [mapState.queryBase[0] * k + ox, mapState.queryBase[1] * k + oy]
     : null;
