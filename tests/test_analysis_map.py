@@ -155,7 +155,7 @@ def test_a_query_equal_to_a_row_lands_on_that_rows_pca_position(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_query_equal_to_a_row_lands_near_that_rows_umap_position(tmp_path):
+def test_a_query_equal_to_a_row_lands_on_that_rows_umap_position(tmp_path):
     store = make_images_table(tmp_path / "db", n=300, dim=16, seed=3, dtype="float32")
     settings = settings_for(store, map_sample=150, map_neighbours=10, map_partition_rows=100)
     compute_map(settings, "umap")
@@ -165,11 +165,13 @@ def test_a_query_equal_to_a_row_lands_near_that_rows_umap_position(tmp_path):
     ids, vectors = next(table.iter_vectors(1000))
     want = positions(store, table.version).loc[ids, ["x", "y"]].to_numpy()
     placed = projection.transform(vectors)
-    # The tolerance is 5% of the map's extent: a point transformed alone starts from the same
-    # neighbours as in its batch, but UMAP's optimisation draws other negative samples.
+    # umap-learn 0.5 transforms each point independently of the others in its batch (the
+    # measured error is 0); the tolerance, 0.1 % of the map's extent, allows float rounding.
     extent = np.linalg.norm(want.max(0) - want.min(0))
     error = np.linalg.norm(placed - want, axis=1)
-    assert np.median(error) < 0.05 * extent, (np.median(error), extent)
+    assert error.max() < 1e-3 * extent, (error.max(), extent)
+    alone = np.array([projection.transform(vectors[i : i + 1])[0] for i in (0, 150, 299)])
+    assert np.linalg.norm(alone - want[[0, 150, 299]], axis=1).max() < 1e-3 * extent
 
 
 def test_the_command_computes_the_map_locally_or_as_a_ray_job_and_prints_what_it_placed(
