@@ -4,8 +4,9 @@ Serves the page's static files on 127.0.0.1, generates ``--points`` clustered 2-
 page itself (no million-row JSON over the wire: what is measured is the page), and records:
 
 - first draw: ``drawMap`` (transform, colours, legend, paint) until the next animation frame;
-- repaint: one ``paintMap`` of every dot, the cost a pan or zoom frame would have (the page has
-  no pan/zoom yet: this is the frame time it would start from), median of ``--frames``.
+- repaint: one ``paintMap`` of every dot, median of ``--frames``;
+- zoom frame: one wheel step's ``zoomAt`` (every dot moved to the new view, then painted),
+  the cost of a pan or zoom frame, median of ``--frames``.
 
     python benchmarks/bench_map_page.py --points 1000000
 """
@@ -66,6 +67,20 @@ REPAINT = """async (frames) => {
 }"""
 
 
+ZOOM = """async (frames) => {
+  const canvas = $("#map-canvas");
+  const times = [];
+  for (let f = 0; f < frames; f++) {
+    const started = performance.now();
+    zoomAt(canvas.width / 2, canvas.height / 2, f % 2 ? 1 / 1.2 : 1.2);
+    await new Promise((done) => requestAnimationFrame(() => done()));
+    times.push(performance.now() - started);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}"""
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
         """Only the figures go to stdout/stderr."""
@@ -92,6 +107,7 @@ def main() -> None:
             first = page.evaluate(FIRST_DRAW)
             drawn = int(page.get_attribute("#map-canvas", "data-points"))
             repaint = page.evaluate(REPAINT, args.frames)
+            zoom = page.evaluate(ZOOM, args.frames)
             if args.screenshot:
                 page.query_selector("#map-view").screenshot(path=str(args.screenshot))
             browser.close()
@@ -104,6 +120,7 @@ def main() -> None:
                 "drawn": drawn,
                 "first_draw_ms": round(first),
                 "repaint_ms_median": round(repaint),
+                "zoom_frame_ms_median": round(zoom),
             }
         )
     )

@@ -380,6 +380,9 @@ class AnalysisConfig(Section):
     batches of ``batch_rows``, so memory follows the sample, not the table."""
     map_neighbours: int = Field(default=15, ge=2)
     """UMAP's n_neighbors."""
+    map_partition_rows: int = Field(default=131_072, ge=1)
+    """Rows of one map partition: the unit a Ray task places (in batches of ``batch_rows``)
+    and the unit a stopped map run resumes from."""
     map_max_points: int = Field(default=200_000, ge=1)
     """Points ``GET /v1/map`` sends at most (a seeded sample of larger maps)."""
     max_export_rows: int = Field(default=100_000, ge=1)

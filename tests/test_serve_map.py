@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 
-from cachebind.analysis.layout import compute_map
+from cachebind.analysis.map_run import compute_map
 from cachebind.analysis.zero_shot import classify_table
 
 pytestmark = pytest.mark.served(rows=90)
@@ -65,3 +66,31 @@ def test_the_map_is_coloured_by_shard_or_by_a_caption_word_and_bad_colourings_ar
         assert both.status_code == 422
         missing = http.get("/v1/map", params={"color": "label:images_labels_0123456789ab"})
         assert missing.status_code == 404 and "cachebind classify" in missing.json()["detail"]
+
+
+def test_a_query_equal_to_a_rows_vector_is_placed_on_that_rows_position(served):
+    headers = {"Authorization": f"Bearer {served.svc.user_key}"}
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    with httpx.Client(base_url=served.url, headers=headers, timeout=120) as http:
+        compute_map(settings)
+        body = http.get("/v1/map").json()
+        where = {i: (x, y) for i, x, y in zip(body["ids"], body["x"], body["y"], strict=True)}
+        table = served.runtime.snapshot.table
+        ids, vectors = next(table.iter_vectors(1000))
+        for i in (0, len(ids) // 2, len(ids) - 1):
+            v = vectors[i].astype(np.float64)
+            r = http.post("/v1/map/place", json={"inputs": [{"embedding": v.tolist()}]})
+            assert r.status_code == 200, r.text
+            placed = r.json()
+            assert placed["method"] == "pca" and placed["table_version"] == body["table_version"]
+            # The service places F_M, the unit-normalised query; the stored row (fp16) is off
+            # unit length by | |v| - 1 |, and PCA's orthonormal axes move it by at most that.
+            tolerance = abs(np.linalg.norm(v) - 1) + 1e-5
+            got = np.array([placed["x"], placed["y"]])
+            assert np.linalg.norm(got - np.array(where[str(ids[i])])) <= tolerance
+
+        bad = http.post("/v1/map/place", json={"inputs": [{"embedding": [0.1, 0.2]}]})
+        assert bad.status_code == 422 and "64" in bad.text
+        empty = http.post("/v1/map/place", json={"inputs": []})
+        assert empty.status_code == 422

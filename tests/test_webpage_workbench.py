@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from browser import chromium
 
-from cachebind.analysis.layout import compute_map
+from cachebind.analysis.map_run import compute_map
 from cachebind.analysis.zero_shot import classify_table
 
 pytestmark = pytest.mark.served(rows=120, llm=True)
@@ -242,22 +242,29 @@ def test_the_current_results_and_the_query_are_placed_on_the_map(page, served, t
     scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
 
     def query_position() -> tuple[float, float]:
-        """The mean drawn position of the top five results (the page's transform)."""
-        ranked = [c.get_attribute("data-id") for c in page.query_selector_all(".result")]
-        top = [data["ids"].index(i) for i in ranked[:5]]
-        px = 12 + (x[top] - x.min()) * scale
-        py = height - 12 - (y[top] - y.min()) * scale
-        return float(px.mean()), float(py.mean())
+        """Where the service places the page's query, drawn by the page's transform."""
+        inputs = page.evaluate("state.body.inputs")
+        placed = httpx.post(
+            f"{served.url}/v1/map/place",
+            json={"inputs": inputs},
+            headers={"Authorization": f"Bearer {served.svc.user_key}"},
+        ).json()
+        px = 12 + (placed["x"] - x.min()) * scale
+        py = height - 12 - (placed["y"] - y.min()) * scale
+        return float(px), float(py)
 
     def drawn_query() -> list[float]:
         return [float(v) for v in page.get_attribute("#map-canvas", "data-query").split(",")]
 
+    page.wait_for_selector("#map-canvas[data-query]")
     assert drawn_query() == pytest.approx(query_position(), abs=0.01)
     page.screenshot(path=str(tmp_path / "workbench-map-query.png"), full_page=True)
 
     # A new search moves the rings and the query with it, on the map already drawn.
+    before = page.get_attribute("#map-canvas", "data-query-layout")
     search_text(page, "a blue cat", k=3)
     page.wait_for_selector("#map-canvas[data-results='3']")
+    page.wait_for_selector(f"#map-canvas[data-query-layout]:not([data-query-layout='{before}'])")
     assert drawn_query() == pytest.approx(query_position(), abs=0.01)
 
 
@@ -431,3 +438,89 @@ def test_at_phone_width_nothing_is_wider_than_the_screen(browser, served, tmp_pa
     page.screenshot(path=str(tmp_path / "workbench-phone.png"), full_page=True)
     context.close()
     assert overflow <= 0
+
+
+def test_the_map_zooms_around_the_cursor_pans_by_drag_and_a_click_opens_the_item_zoomed_in(
+    page, served, tmp_path
+):
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector("#map-canvas[data-points='120'][data-zoom='1.0000']")
+    data = httpx.get(
+        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
+    ).json()
+    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+    box = page.query_selector("#map-canvas").bounding_box()
+    x, y = np.array(data["x"]), np.array(data["y"])
+    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+    base = np.stack([12 + (x - x.min()) * scale, height - 12 - (y - y.min()) * scale], 1)
+
+    def to_page(p: np.ndarray) -> tuple[float, float]:
+        return box["x"] + p[0] * box["width"] / width, box["y"] + p[1] * box["height"] / height
+
+    # A dot with a neighbour 10-60 px away at zoom 1: zoomed in around the dot, the neighbour
+    # moves away from the cursor by the zoom factor, and a click where it now is opens it.
+    gaps = np.linalg.norm(base[:, None] - base[None], axis=-1) + np.eye(len(base)) * 1e9
+    anchor, neighbour = next(
+        (int(i), int(np.argmin(gaps[i]))) for i in range(len(base)) if 10 < gaps[i].min() < 60
+    )
+    centre = base[anchor]
+    page.mouse.move(*to_page(centre))
+    for _ in range(3):  # one wheel step at a time: each is seen before the next is sent
+        before = page.get_attribute("#map-canvas", "data-zoom")
+        page.mouse.wheel(0, -300)
+        page.wait_for_selector(f"#map-canvas:not([data-zoom='{before}'])")
+    zoom = float(page.get_attribute("#map-canvas", "data-zoom"))
+    assert zoom > 3
+    zoomed = centre + (base - centre) * zoom  # the cursor's point stays where it was
+    target = zoomed[neighbour]
+    assert 0 < target[0] < width and 0 < target[1] < height
+    # Nothing else is drawn within a click's reach of it at this zoom.
+    assert np.sort(np.linalg.norm(zoomed - target, axis=1))[1] > 8
+    page.screenshot(path=str(tmp_path / "workbench-map-zoomed.png"), full_page=True)
+    page.mouse.click(*to_page(target))
+    page.wait_for_selector(f"#detail[open][data-id='{data['ids'][neighbour]}']")
+    page.click("#detail-close")
+
+    # A drag pans by its length and opens nothing; the dot moves with it and still opens.
+    start = np.array([width / 2, height / 2])
+    shift = np.array([-120.0, 80.0])
+    page.mouse.move(*to_page(start))
+    page.mouse.down()
+    page.mouse.move(*to_page(start + shift), steps=6)
+    page.mouse.up()
+    assert page.get_attribute("#detail", "open") is None
+    offset = [float(v) for v in page.get_attribute("#map-canvas", "data-offset").split(",")]
+    # Pointer events carry whole CSS pixels: the cursor was up to one (width / box width
+    # canvas pixels) off each point asked, and the zoom scales the anchor's part of that.
+    ratio = width / box["width"]
+    np.testing.assert_allclose(offset, centre * (1 - zoom) + shift, atol=(zoom + 1) * ratio)
+    target = target + shift
+    page.mouse.click(*to_page(target))
+    page.wait_for_selector(f"#detail[open][data-id='{data['ids'][neighbour]}']")
+    page.click("#detail-close")
+
+    # A box selection in the zoomed view takes the dots drawn inside it.
+    corner_a, corner_b = target - 30, target + 30
+    drawn = zoomed + shift
+    inside = ((drawn >= corner_a) & (drawn <= corner_b)).all(1)
+    page.keyboard.down("Shift")
+    page.mouse.move(*to_page(corner_a))
+    page.mouse.down()
+    page.mouse.move(*to_page(corner_b), steps=4)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_selector(f"#map-canvas[data-selected='{int(inside.sum())}']")
+
+    # The reset button, from the keyboard, shows the whole map again.
+    page.focus("#map-reset")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#map-canvas[data-zoom='1.0000'][data-offset='0.00,0.00']")
+    page.focus("#map-canvas")
+    page.keyboard.press("+")
+    page.wait_for_selector("#map-canvas[data-zoom='1.5000']")
+    page.keyboard.press("0")
+    page.wait_for_selector("#map-canvas[data-zoom='1.0000']")

@@ -1,17 +1,20 @@
 """A 2-D map of the collection: a layout fitted on a sample, every row placed by it.
 
 UMAP (umap-learn 0.5, cosine metric) or PCA is fitted on ``analysis.map_sample`` rows; the
-whole table is then transformed batch by batch, so memory follows the sample and the batch,
-not the table. The positions are stored as the table ``<table>_map_v<version>``: one map per
-images-table version, whose metadata records the method, sample and seed.
+whole table is then placed partition by partition (:mod:`cachebind.analysis.map_run`, or the
+Ray job ``jobs/map.py``). The positions are stored as the table ``<table>_map_v<version>``: one
+map per images-table version, whose metadata records the method, sample, seed and the table
+holding the fitted model (``<table>_map_v<version>_model_<run>``), which places a query on the
+map exactly as the rows were placed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import time
+import pickle
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,10 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from cachebind.analysis.labelling import open_side_table, table_names
-from cachebind.analysis.sampling import sample_images
-from cachebind.config import Settings, StoreConfig
-from cachebind.store import CacheTable, connect
-from cachebind.store.table import vectors_to_numpy
+from cachebind.config import StoreConfig
+from cachebind.store import connect
 
 METADATA_KEY = b"cachebind_map"
 MAP_SCHEMA_FIELDS = [
@@ -30,10 +31,23 @@ MAP_SCHEMA_FIELDS = [
     pa.field("x", pa.float32(), nullable=False),
     pa.field("y", pa.float32(), nullable=False),
 ]
+MODEL_SCHEMA = pa.schema(
+    [pa.field("method", pa.string(), nullable=False), pa.field("model", pa.large_binary())]
+)
 
 
 def map_table_name(table: str, version: int) -> str:
     return f"{table}_map_v{version}"
+
+
+def run_key(method: str, sample: int, seed: int, neighbours: int) -> str:
+    """Names what a layout was fitted with: a run resumes only a run with the same key."""
+    spec = json.dumps([method, sample, seed, neighbours])
+    return hashlib.blake2b(spec.encode("utf-8"), digest_size=6).hexdigest()
+
+
+def model_table_name(map_name: str, key: str) -> str:
+    return f"{map_name}_model_{key}"
 
 
 class Projection:
@@ -45,9 +59,33 @@ class Projection:
         self.mean = mean
 
     def transform(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, dtype=np.float32)
         if self.method == "pca":
             return ((vectors - self.mean) @ self.model).astype(np.float32)
-        return np.asarray(self.model.transform(vectors), dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return np.asarray(self.model.transform(vectors), dtype=np.float32)
+
+    def to_bytes(self) -> bytes:
+        """PCA: its components and mean as an ``.npz`` (no pickle); UMAP: the pickled fitted
+        object (umap-learn has no other format), which holds its fit sample."""
+        if self.method == "pca":
+            assert self.mean is not None  # a PCA projection is made with its mean
+            out = io.BytesIO()
+            np.savez(out, components=self.model, mean=self.mean)
+            return out.getvalue()
+        return pickle.dumps(self.model, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def from_bytes(cls, method: str, blob: bytes) -> Projection:
+        """The inverse of :meth:`to_bytes`. A UMAP model is unpickled: it must come from a
+        store this deployment writes (the map job's own model table), never from a request."""
+        if method == "pca":
+            arrays = np.load(io.BytesIO(blob), allow_pickle=False)
+            return cls("pca", arrays["components"], arrays["mean"])
+        if method != "umap":
+            raise ValueError(f"unknown map method {method!r}")
+        return cls("umap", pickle.loads(blob))  # noqa: S301 -- the store's own model table
 
 
 def fit_projection(
@@ -70,52 +108,49 @@ def fit_projection(
     return Projection("umap", model)
 
 
-@dataclass
-class MapResult:
-    name: str
-    table_version: int
-    method: str
-    rows: int
-    sample: int
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+def write_model(store: StoreConfig, name: str, projection: Projection) -> None:
+    """One row, one commit: a crash leaves the model table whole or absent."""
+    row = pa.table(
+        {"method": [projection.method], "model": [projection.to_bytes()]}, schema=MODEL_SCHEMA
+    )
+    connect(store).create_table(name, row, schema=MODEL_SCHEMA, mode="overwrite")
 
 
-def compute_map(settings: Settings, method: Literal["umap", "pca"] | None = None) -> MapResult:
-    """Fit the layout on a sample of the pinned table version, place every row, store it."""
-    started = time.perf_counter()
-    cfg = settings.analysis
-    method = method or cfg.map_method
-    table = CacheTable.open(settings.store)
-    positions, sample = sample_images(table, cfg.map_sample, cfg.seed)
-    projection = fit_projection(sample, method, cfg.map_neighbours, cfg.seed)
-    name = map_table_name(settings.store.table, table.version)
-    meta = {
-        "method": projection.method,
-        "table_version": table.version,
-        "sample": int(len(positions)),
-        "seed": cfg.seed,
-    }
-    schema = pa.schema(MAP_SCHEMA_FIELDS, metadata={METADATA_KEY: json.dumps(meta)})
-    rows = 0
+def read_model(store: StoreConfig, name: str) -> Projection | None:
+    """The fitted layout stored as ``name`` (None when there is none)."""
+    try:
+        handle = connect(store).open_table(name)
+    except ValueError:
+        return None
+    rows = handle.to_lance().to_table()
+    if rows.num_rows != 1:
+        return None
+    return Projection.from_bytes(rows["method"][0].as_py(), rows["model"][0].as_py())
 
-    def placed() -> Iterator[pa.RecordBatch]:
-        nonlocal rows
-        for batch in table.dataset.to_batches(columns=["id", "vector"], batch_size=cfg.batch_rows):
-            xy = projection.transform(vectors_to_numpy(batch.column("vector")))
-            rows += batch.num_rows
-            yield pa.RecordBatch.from_arrays(
-                [batch.column("id"), pa.array(xy[:, 0]), pa.array(xy[:, 1])], schema=schema
-            )
 
-    # One streamed write, one commit: a reader sees the previous map or the whole new one,
-    # and memory holds one batch.
-    reader = pa.RecordBatchReader.from_batches(schema, placed())
-    connect(settings.store).create_table(name, reader, schema=schema, mode="overwrite")
-    seconds = time.perf_counter() - started
-    return MapResult(name, table.version, projection.method, rows, len(positions), seconds)
+def map_metadata(store: StoreConfig, version: int) -> dict[str, Any]:
+    """What the stored map of ``version`` records (FileNotFoundError when there is none)."""
+    name = map_table_name(store.table, version)
+    try:
+        handle = connect(store).open_table(name)
+    except ValueError as exc:
+        raise FileNotFoundError(
+            f"no map of table version {version}: run `cachebind map` first"
+        ) from exc
+    return json.loads((handle.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+
+
+def load_projection(store: StoreConfig, version: int) -> Projection:
+    """The model the map of ``version`` was placed with (FileNotFoundError when the map, or a
+    model for it, is missing: maps computed before models were stored have none)."""
+    meta = map_metadata(store, version)
+    projection = read_model(store, meta["model"]) if meta.get("model") else None
+    if projection is None:
+        raise FileNotFoundError(
+            f"the map of table version {version} has no stored layout model: run "
+            "`cachebind map` again"
+        )
+    return projection
 
 
 @dataclass

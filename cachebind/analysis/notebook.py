@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from cachebind.analysis.gap import GapResult, QueryGroup, measure_gap
 from cachebind.analysis.gap_report import gap_figures, report_numbers, write_gap_report
 from cachebind.analysis.labelling import open_side_table
-from cachebind.analysis.layout import compute_map, latest_map_version, read_map
+from cachebind.analysis.layout import latest_map_version, read_map
+from cachebind.analysis.map_run import compute_map
 from cachebind.analysis.sampling import sample_images
 from cachebind.analysis.templates import LabelSetError
 from cachebind.analysis.zero_shot import ClassifyResult, classify_table

@@ -137,24 +137,38 @@ def add_map(sub: Subcommands, common: CommonOptions) -> None:
         "compute the 2-D map of the collection (UMAP or PCA) for the page and notebooks",
         "Fit a 2-D layout (UMAP, cosine, or PCA) on a seeded sample of the table "
         "(analysis.map_sample rows), place every row by it in batches, and store the "
-        "positions as <table>_map_v<version>, the table version they describe. The web "
-        "page draws the map of the served version.",
+        "positions as <table>_map_v<version>, the table version they describe, with the "
+        "fitted model (which places queries on the map). A stopped run started again "
+        "resumes. With --ray, the row ranges are placed as Ray tasks. The web page draws "
+        "the map of the served version.",
         parents=[common.table],
     )
     p.add_argument("--method", dest="analysis__map_method", choices=["umap", "pca"])
     p.add_argument("--sample", dest="analysis__map_sample", type=int, metavar="N")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as a Ray job, one task per analysis.map_partition_rows rows (large tables)",
+    )
+    p.add_argument("--ray-address", dest="embed__ray_address", help="join an existing Ray cluster")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def cmd_map(settings: Settings, args: argparse.Namespace) -> int:
-    from cachebind.analysis.layout import compute_map
+    if args.ray:
+        from jobs.map import run_map
 
-    result = compute_map(settings)
+        result = run_map(settings)
+    else:
+        from cachebind.analysis.map_run import compute_map
+
+        result = compute_map(settings)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
+        resumed = "" if result.placed == result.rows else f" ({result.placed} by this run)"
         print(
-            f"{result.name}: {result.rows} rows placed by {result.method} fitted on "
+            f"{result.name}: {result.rows} rows placed{resumed} by {result.method} fitted on "
             f"{result.sample} in {result.seconds:.1f}s"
         )
     return 0

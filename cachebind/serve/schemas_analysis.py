@@ -53,3 +53,18 @@ class ExportRequest(Strict):
         description="Row ids (decimal strings are accepted: JavaScript loses int64 digits).",
     )
     format: Literal["parquet", "csv"] = "parquet"
+
+
+class PlaceRequest(Strict):
+    """Where a query lands on the map: the query as ``POST /v1/search`` takes it."""
+
+    inputs: list[InputItem] = Field(
+        ..., min_length=1, max_length=MAX_INPUTS, description="One input, or a weighted mix."
+    )
+
+
+class PlaceResponse(BaseModel):
+    x: float
+    y: float
+    table_version: int = Field(description="The table version of the map the query is placed on.")
+    method: str = Field(description="The layout that placed it (pca or umap).")

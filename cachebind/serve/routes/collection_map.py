@@ -1,4 +1,5 @@
-"""``GET /v1/map``: the stored 2-D map of the served table version, for the web page."""
+"""``GET /v1/map``: the stored 2-D map of the served table version, for the web page;
+``POST /v1/map/place``: where a query lands on it, by the layout model stored with the map."""
 
 from __future__ import annotations
 
@@ -7,12 +8,26 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from cachebind.analysis.layout import latest_map_version, read_map
+from cachebind.analysis.layout import (
+    Projection,
+    latest_map_version,
+    load_projection,
+    map_metadata,
+    read_map,
+)
 from cachebind.analysis.map_colours import colour_points, parse_colouring
-from cachebind.serve.deps import State
+from cachebind.config import StoreConfig
+from cachebind.serve import schemas_analysis as sa
+from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.errors import ApiError, unprocessable
+from cachebind.serve.inputs import embed_query
 
 router = APIRouter()
+
+# A UMAP model is tens of megabytes to unpickle: the last few are kept, keyed by the model
+# table they came from (a recomputed map names another one).
+_MODELS: dict[tuple[str, str], Projection] = {}
+_MODELS_KEPT = 2
 
 
 @router.get("/v1/map", tags=["v1"])
@@ -78,3 +93,41 @@ async def collection_map(
         "color": None if colouring is None else str(colouring),
         "labels": categories,
     }
+
+
+def _projection(store: StoreConfig, version: int) -> Projection:
+    meta = map_metadata(store, version)
+    key = (store.uri, str(meta.get("model")))
+    if key not in _MODELS:
+        projection = load_projection(store, version)
+        while len(_MODELS) >= _MODELS_KEPT:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = projection
+    return _MODELS[key]
+
+
+@router.post("/v1/map/place", response_model=sa.PlaceResponse, tags=["v1"])
+async def place_on_map(
+    body: sa.PlaceRequest, state: State, limits: RequestLimits
+) -> sa.PlaceResponse:
+    """Where the query (any modality, a raw embedding, or a mix: F_M as search uses it) lands
+    on the map ``GET /v1/map`` serves, placed by the layout model fitted with that map."""
+    limits.check_inputs(body.inputs)
+    runtime, snap = state.require_snapshot()
+    store = state.settings.store
+    version = await asyncio.to_thread(latest_map_version, store, snap.table.version)
+    if version is None:
+        raise ApiError(404, "not_found", "no map of this table yet: run `cachebind map`")
+    try:
+        projection = await asyncio.to_thread(_projection, store, version)
+    except FileNotFoundError as exc:
+        raise ApiError(404, "not_found", str(exc)) from exc
+
+    async def work() -> sa.PlaceResponse:
+        query = await embed_query(body.inputs, state.embed_one, runtime.dim)
+        x, y = (await asyncio.to_thread(projection.transform, query.f_m[None, :]))[0]
+        return sa.PlaceResponse(
+            x=float(x), y=float(y), table_version=version, method=projection.method
+        )
+
+    return await limits.timed(work())

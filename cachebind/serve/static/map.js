@@ -1,20 +1,31 @@
 // The map of the collection (GET /v1/map): one dot per row on a canvas, coloured by its
-// zero-shot label, its shard or a caption word; a click opens the nearest row. Loaded after app.js and workbench.js.
+// zero-shot label, its shard or a caption word; a click opens the nearest row, the wheel zooms
+// around the cursor and a drag pans. The query is placed by the layout model stored with the
+// map (POST /v1/map/place). Loaded after app.js and workbench.js.
 "use strict";
 
 const MAP_PAD = 12; // pixels between the outermost dots and the canvas edge
 const MAP_HIT = 8; // a click selects the nearest dot within this many pixels
 const PALETTE = ["#2f6fed", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#0c8599",
   "#e67700", "#5c940d", "#a61e4d", "#364fc7"];
-// The query is placed at the mean position of its top results on the map, an approximation
-// for either layout (the page never holds the query's embedding, and UMAP is not linear), but
-// it shows where in the collection the query landed.
-const MAP_QUERY_NEIGHBOURS = 5;
+const MAP_ZOOM = [1, 400]; // the view's scale stays within these (1: the whole map)
+const MAP_WHEEL_RATE = 0.0015; // zoom factor per wheel delta unit, exp(-rate * deltaY)
+const MAP_KEY_ZOOM = 1.5; // one + or - key press
+const MAP_DRAG_SLOP = 3; // pixels a press may move and still count as a click
 const mapState = {
-  px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null,
+  // bx, by: each dot in canvas pixels at zoom 1; px, py: where the current view draws it
+  // (every hit test, the lasso and the arrow keys read px, py, so they work zoomed in).
+  bx: [], by: [], px: [], py: [], ids: [], labels: [], colours: [], selected: [], drag: null,
+  view: { k: 1, ox: 0, oy: 0 }, // drawn = base * k + offset
+  pan: null, // a drag in progress: where it started and the offset then
+  panned: false, // the press that just ended moved the view: it is not a click
+  layout: null, // [tx, ty]: layout coordinates to canvas pixels at zoom 1
+  queryBase: null, // the query at zoom 1, or null
+  queryLayout: null, // the query in layout coordinates, as POST /v1/map/place gave it
+  placedFor: null, // the search body the query was placed for
   at: new Map(), // row id -> its index on the map
   results: [], // indices of the current results that the map holds
-  query: null, // [x, y] in canvas pixels, or null
+  query: null, // [x, y] in canvas pixels in the current view, or null
   focus: -1, // the point the arrow keys are on (-1: none yet)
 };
 // Above this many dots one fillRect each costs a second a frame (1M, headless Chromium): the
@@ -48,14 +59,19 @@ function drawMap(data) {
   const labels = data.labels || data.ids.map(() => null);
   const names = [...new Set(labels.filter((l) => l !== null))].sort();
   const colour = (label) => (label === null ? "#8a93a3" : PALETTE[names.indexOf(label) % PALETTE.length]);
-  mapState.px = data.x.map(tx);
-  mapState.py = data.y.map(ty);
+  mapState.layout = [tx, ty];
+  mapState.bx = Float64Array.from(data.x, tx);
+  mapState.by = Float64Array.from(data.y, ty);
+  mapState.view = { k: 1, ox: 0, oy: 0 };
+  mapState.placedFor = null;
+  mapState.queryBase = null;
   mapState.ids = data.ids;
   mapState.labels = labels;
   mapState.colours = labels.map(colour);
   mapState.selected = [];
   mapState.at = new Map(data.ids.map((id, i) => [id, i]));
   mapState.focus = -1;
+  projectView();
   placeResults();
   const counts = new Map();
   for (const label of labels) counts.set(label, (counts.get(label) || 0) + 1);
@@ -163,20 +179,73 @@ function canvasPoint(event) {
   ];
 }
 
-// The results shown (in rank order) ringed on the map, and the query as a cross at the mean
-// position of the top ones.
+// The dots where the current view draws them, the view's scale and offset on the canvas.
+function projectView() {
+  const { k, ox, oy } = mapState.view;
+  const n = mapState.bx.length;
+  // Typed arrays written in place: a zoom frame at a million dots allocates nothing.
+  if (mapState.px.length !== n) [mapState.px, mapState.py] = [new Float64Array(n), new Float64Array(n)];
+  for (let i = 0; i < n; i++) {
+    mapState.px[i] = mapState.bx[i] * k + ox;
+    mapState.py[i] = mapState.by[i] * k + oy;
+  }
+  mapState.query = mapState.queryBase
+    ? [mapState.queryBase[0] * k + ox, mapState.queryBase[1] * k + oy]
+    : null;
+  const canvas = $("#map-canvas");
+  canvas.dataset.zoom = k.toFixed(4);
+  canvas.dataset.offset = `${ox.toFixed(2)},${oy.toFixed(2)}`;
+  if (mapState.query) canvas.dataset.query = mapState.query.map((v) => v.toFixed(2)).join(",");
+  else delete canvas.dataset.query;
+}
+
+// Scale the view by `factor` keeping the canvas point (cx, cy) where it is.
+function zoomAt(cx, cy, factor) {
+  const { k, ox, oy } = mapState.view;
+  const next = Math.min(MAP_ZOOM[1], Math.max(MAP_ZOOM[0], k * factor));
+  mapState.view = { k: next, ox: cx - (cx - ox) * (next / k), oy: cy - (cy - oy) * (next / k) };
+  projectView();
+  paintMap();
+}
+
+function resetView() {
+  mapState.view = { k: 1, ox: 0, oy: 0 };
+  projectView();
+  paintMap();
+}
+
+// The results shown (in rank order) ringed on the map, and the query placed on it.
 function placeResults() {
   const ids = [...document.querySelectorAll("#results .result")].map((card) => card.dataset.id);
   mapState.results = ids.map((id) => mapState.at.get(id)).filter((i) => i !== undefined);
-  const top = mapState.results.slice(0, MAP_QUERY_NEIGHBOURS);
-  mapState.query = top.length
-    ? [top.reduce((a, i) => a + mapState.px[i], 0) / top.length,
-      top.reduce((a, i) => a + mapState.py[i], 0) / top.length]
-    : null;
   const canvas = $("#map-canvas");
   canvas.dataset.results = String(mapState.results.length);
-  if (mapState.query) canvas.dataset.query = mapState.query.map((v) => v.toFixed(2)).join(",");
-  else delete canvas.dataset.query;
+  paintMap();
+  placeQuery();
+}
+
+// Where the current search's query lands, by the layout model fitted with the map: asked once
+// per query (and again when the map is redrawn); an answer for an older query is dropped.
+async function placeQuery() {
+  const body = state.body; // app.js: the query of the results shown
+  if (!body || !mapState.ids.length || mapState.placedFor === body) return;
+  mapState.placedFor = body;
+  const canvas = $("#map-canvas");
+  try {
+    const placed = await api("/v1/map/place", { inputs: body.inputs });
+    if (state.body !== body || mapState.placedFor !== body) return;
+    const [tx, ty] = mapState.layout;
+    mapState.queryLayout = [placed.x, placed.y];
+    mapState.queryBase = [tx(placed.x), ty(placed.y)];
+    canvas.dataset.queryLayout = `${placed.x},${placed.y}`;
+    delete canvas.dataset.queryError;
+  } catch (error) {
+    if (state.body !== body) return;
+    mapState.queryBase = null;
+    delete canvas.dataset.queryLayout;
+    canvas.dataset.queryError = error.message;
+  }
+  projectView();
   paintMap();
 }
 
@@ -318,18 +387,37 @@ document.addEventListener("DOMContentLoaded", () => {
   }).observe($("#results"), { childList: true });
   const canvas = $("#map-canvas");
   canvas.addEventListener("mousedown", (event) => {
-    if (!event.shiftKey) return;
     const [x, y] = canvasPoint(event);
+    if (!event.shiftKey) {
+      const { ox, oy } = mapState.view;
+      mapState.pan = { x, y, ox, oy, moved: false };
+      return;
+    }
     const lasso = $("#map-tool").value === "lasso";
     mapState.drag = { x0: x, y0: y, x1: x, y1: y, path: lasso ? [[x, y]] : null };
   });
   canvas.addEventListener("mousemove", (event) => {
+    if (mapState.pan) {
+      const [x, y] = canvasPoint(event);
+      const pan = mapState.pan;
+      pan.moved ||= Math.abs(x - pan.x) + Math.abs(y - pan.y) > MAP_DRAG_SLOP;
+      if (!pan.moved) return;
+      mapState.view = { ...mapState.view, ox: pan.ox + x - pan.x, oy: pan.oy + y - pan.y };
+      projectView();
+      paintMap();
+      return;
+    }
     if (!mapState.drag) return;
     [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
     if (mapState.drag.path) mapState.drag.path.push([mapState.drag.x1, mapState.drag.y1]);
     paintMap(mapState.drag);
   });
   canvas.addEventListener("mouseup", (event) => {
+    if (mapState.pan) {
+      mapState.panned = mapState.pan.moved;
+      mapState.pan = null;
+      return;
+    }
     if (!mapState.drag) return;
     [mapState.drag.x1, mapState.drag.y1] = canvasPoint(event);
     if (mapState.drag.path) mapState.drag.path.push([mapState.drag.x1, mapState.drag.y1]);
@@ -338,16 +426,43 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   canvas.addEventListener("click", (event) => {
     if (event.shiftKey) return; // the end of a box selection
+    if (mapState.panned) {
+      mapState.panned = false; // the end of a drag that panned
+      return;
+    }
     const [x, y] = canvasPoint(event);
     const i = nearestPoint(x, y);
     if (i >= 0) openDetail(mapState.ids[i], mapState.labels[i] || "", "from the map");
   });
+  canvas.addEventListener("mouseleave", () => {
+    mapState.pan = null;
+  });
+  canvas.addEventListener(
+    "wheel",
+    (event) => {
+      if (!mapState.ids.length) return;
+      event.preventDefault(); // the wheel zooms the map, not the page
+      const [x, y] = canvasPoint(event);
+      zoomAt(x, y, Math.exp(-MAP_WHEEL_RATE * event.deltaY));
+    },
+    { passive: false },
+  );
+  $("#map-reset").addEventListener("click", resetView);
   $("#map-export").addEventListener("click", exportSelection);
   canvas.addEventListener("keydown", (event) => {
     if (!mapState.ids.length) return;
     if (event.key in ARROWS) {
       event.preventDefault(); // the arrows move the ring, not the page
       stepFocus(event.key);
+    } else if (event.key === "+" || event.key === "=" || event.key === "-") {
+      event.preventDefault();
+      // Around the ring when there is one, else the canvas centre.
+      const i = mapState.focus;
+      const [cx, cy] = i >= 0 ? [mapState.px[i], mapState.py[i]] : [canvas.width / 2, canvas.height / 2];
+      zoomAt(cx, cy, event.key === "-" ? 1 / MAP_KEY_ZOOM : MAP_KEY_ZOOM);
+    } else if (event.key === "0") {
+      event.preventDefault();
+      resetView();
     } else if (event.key === "Enter" && mapState.focus >= 0) {
       event.preventDefault();
       const i = mapState.focus;
