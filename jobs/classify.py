@@ -2,6 +2,8 @@
 
     python -m jobs.classify --labels labels.txt [--templates FILE] [--top-k K] [--config FILE]
 
+It takes the same flags as ``cachebind classify`` (which it runs with ``--ray``).
+
 The unit of work is a Lance fragment of the pinned table version. The driver builds the class
 matrix once (text prompts only), skips fragments whose ids are all labelled already, keeps at
 most ``2 x CPUs`` fragment tasks in flight, and commits each task's rows through the same
@@ -10,8 +12,6 @@ exactly-once writer as the local run: a killed job started again labels only wha
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from cachebind.analysis.classify import label_rows
 from cachebind.analysis.zero_shot import ClassifyResult, start_run
-from cachebind.config import Settings, load_config
+from cachebind.config import Settings
 from cachebind.store.table import vectors_to_numpy
 from jobs.embed.plan import init_ray
 
@@ -112,26 +112,10 @@ def run_classify(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cachebind.analysis.templates import read_lines
+    """``python -m jobs.classify …`` is ``python -m cachebind classify --ray …``: the CLI parses."""
+    from cachebind.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.classify", description=__doc__)
-    parser.add_argument("--labels", required=True)
-    parser.add_argument("--templates")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--truth")
-    parser.add_argument("--config")
-    args = parser.parse_args(argv)
-    settings = load_config(args.config)
-    result = run_classify(
-        settings,
-        read_lines(args.labels, "labels"),
-        templates=read_lines(args.templates, "templates") if args.templates else None,
-        top_k=args.top_k,
-        truth_column=args.truth,
-    )
-    json.dump(result.to_dict(), sys.stdout, indent=2)
-    print()
-    return 0
+    return cli_main(["classify", "--ray", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

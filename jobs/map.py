@@ -2,6 +2,8 @@
 
     python -m jobs.map [--method umap|pca] [--sample N] [--config FILE]
 
+It takes the same flags as ``cachebind map`` (which it runs with ``--ray``).
+
 The driver fits the layout on a seeded sample (or reads back the model a stopped run stored),
 puts it in the object store once, and places the pinned table version's row ranges
 (``analysis.map_partition_rows``) as Ray tasks, at most ``2 x CPUs`` in flight; each task's rows
@@ -12,14 +14,12 @@ the ranges not staged yet, so each row is placed once; the positions equal a loc
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from cachebind.analysis.map_run import MapResult, place_partition, start_map
-from cachebind.config import Settings, load_config
+from cachebind.config import Settings
 from jobs.embed.plan import init_ray
 
 
@@ -49,17 +49,10 @@ def run_map(settings: Settings, method: Literal["umap", "pca"] | None = None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.map", description=__doc__)
-    parser.add_argument("--method", choices=["umap", "pca"])
-    parser.add_argument("--sample", type=int)
-    parser.add_argument("--config")
-    args = parser.parse_args(argv)
-    settings = load_config(args.config)
-    if args.sample is not None:
-        settings.analysis.map_sample = args.sample
-    json.dump(run_map(settings, args.method).to_dict(), sys.stdout, indent=2)
-    print()
-    return 0
+    """``python -m jobs.map …`` is ``python -m cachebind map --ray …``: the CLI parses."""
+    from cachebind.cli import main as cli_main
+
+    return cli_main(["map", "--ray", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
