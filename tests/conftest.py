@@ -10,7 +10,6 @@ mark's settings): it starts before the module's first test and stops after its l
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -44,20 +43,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     fill the gaps, instead of one worker finishing a long file alone at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
-
-
-@pytest.fixture(scope="module")
-def ray_train_alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One module at a time trains on Ray Train, across the test processes of a parallel run:
-    two runs at once (each on its own local Ray) had a training worker of one stopped by SIGTERM
-    as it joined its group. A lock file in the run's shared temporary root serialises them."""
-    root = tmp_path_factory.getbasetemp().parent  # the same folder for every xdist worker
-    with open(root / "ray-train.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 OTHER_CLUSTER = """

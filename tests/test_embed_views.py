@@ -377,7 +377,7 @@ def test_the_trainer_does_not_draw_sphinx_quarters_as_an_epochs_image(tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_train_alone", "ray_session")
+@pytest.mark.usefixtures("ray_session")
 def test_a_ray_train_run_on_a_table_embedded_with_views_trains_on_the_views(
     tmp_path: Path,
 ) -> None:

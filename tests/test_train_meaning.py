@@ -18,7 +18,6 @@ from cachebind.demo.train import train_on_cache
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_train_alone")
 def test_stage_one_from_the_cache_learns_to_name_the_colour_and_the_shape(tmp_path):
     store = demo_cache(tmp_path)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -30,7 +30,7 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, ray_train_alone, another_ray_is_current):
+def inputs(tmp_path_factory, another_ray_is_current):
     root = tmp_path_factory.mktemp("train")
     llama = tiny_llama(root / "llm")
     store = caption_table(root / "db", n=24)
