@@ -5,7 +5,7 @@ build (single, or sharded on Ray) -> manifest -> publish (versions + atomic CURR
 (with the alignment check against the table) is the reading side's,
 :mod:`cachebind.published.load`, re-exported here.
 
-The names below are imported on first use, so that a leaf module (``indexing.params`` on a
+The names below are imported on first use, so that a leaf module (``indexing.mechanics.params`` on a
 bare machine, say) imports without the whole stack (autofaiss, LanceDB, Ray).
 """
 

@@ -16,13 +16,13 @@ from cachebind.published.layout import INDEX_FILE, current_version, versions_dir
 from cachebind.published.manifest import ids_checksum, read_manifest
 from cachebind.store import CacheTable
 from indexing.build import build_index, finish
-from indexing.ondisk import CopyOnWriteAdd
+from indexing.mechanics.ondisk import CopyOnWriteAdd
 from indexing.prepare import QueryFiles, prepare_work, select_for
 from indexing.retention import pinned
 from indexing.rows import add_range
 from indexing.select import outgrown
 from indexing.staging import StageHook
-from indexing.versions import publish
+from indexing.versions import new_staging_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def _add_rows(
         log.warning("adding to an outgrown index (rebuild_when_outgrown is off): %s", reason)
     work = prepare_work(table, config, None, query_files)
     # An on-disk version grows copy-on-write: new rows in memory, then merged with the parent's
-    # lists into the new version's own ivfdata (indexing/ondisk.py).
-    grow = CopyOnWriteAdd(folder, old.storage, index_dir, n_old) if old.on_disk else None
+    # lists into the new version's own ivfdata (indexing/mechanics/ondisk.py).
+    grow = CopyOnWriteAdd(folder, old.storage, n_old) if old.on_disk else None
     index = grow.adder if grow else faiss.read_index(str(folder / INDEX_FILE))
     t0 = time.perf_counter()
     ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
@@ -126,7 +126,8 @@ def _add_rows(
         on_stage("added")
     into = None
     if grow is not None:
-        index, into = grow.merge()
+        into = new_staging_dir(index_dir)
+        index = grow.merge(into)
     update = {
         "mode": "added",
         "reason": f"added although outgrown (rebuild_when_outgrown is off): {reason}"

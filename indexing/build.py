@@ -8,7 +8,7 @@ the same steps:
   embeddings, the service's query log and the caller's query files; their exact top-100
   (leave-one-out for queries that are, or are paired with, a row: :mod:`indexing.recall`) is
   computed while the rows stream into the index, so the table is read once;
-* training on a sample (:mod:`indexing.training`), adding every row (:mod:`indexing.rows`, or
+* training on a sample (:mod:`indexing.mechanics.fit`), adding every row (:mod:`indexing.rows`, or
   :mod:`indexing.shards` on Ray);
 * tuning toward recall@k >= target on every trusted set (:mod:`indexing.escalate`,
   :mod:`indexing.tune`: the worst set decides), escalating to a stronger key when the chosen
@@ -37,15 +37,15 @@ from cachebind.store import CacheTable
 from indexing.bymodality import tune_and_measure
 from indexing.escalate import escalate, tune_index
 from indexing.measure import groups_of
-from indexing.ondisk import IVFDATA_FILE, plan_merge
-from indexing.prepare import QueryFiles, prepare_work, select_for
+from indexing.mechanics.fit import search_fn
+from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge
+from indexing.prepare import QueryFiles, fit_on_sample, prepare_work, select_for
 from indexing.querysets import deciding
 from indexing.recall import drop_self
 from indexing.retention import pinned
 from indexing.rows import Work, add_range, read_positions
 from indexing.select import Selection, train_size_for
 from indexing.staging import StageHook, write_staged
-from indexing.training import search_fn, train_index
 from indexing.tune import measure_latency
 from indexing.versions import new_staging_dir, publish
 
@@ -180,7 +180,7 @@ def build_index(
     # Decided before training, so a key that cannot be merged as asked fails fast.
     merge = plan_merge(selection.key, work.n, work.dim, config, int(shards or 1))
     log.info("shards merge %s: %s", "on disk" if merge.on_disk else "in memory", merge.reason)
-    index = train_index(work, selection, progress)
+    index = fit_on_sample(work, selection, progress)
     if on_stage:
         on_stage("trained")
 

@@ -8,7 +8,7 @@ trusted query sets is tuned again on its own sets, over settings no larger than 
 in either knob (``nprobe`` / ``efSearch`` and ``k_factor``); the manifest records the result as
 ``search_params_by_modality``. A query whose modality has no trusted set (or a raw embedding)
 keeps the global setting, and a mix of modalities takes each knob's largest value among its
-parts (:func:`indexing.params.strongest`), so every part reaches what it was tuned to.
+parts (:func:`indexing.mechanics.params.strongest`), so every part reaches what it was tuned to.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 
 from cachebind.arrays import Floats, Ints
 from indexing.measure import measure_sets
-from indexing.params import apply_search_params, search_grid
+from indexing.mechanics.fit import search_fn
+from indexing.mechanics.params import apply_search_params, search_grid
 from indexing.querysets import QuerySet
 from indexing.rows import Work
-from indexing.training import search_fn
 from indexing.tune import Groups, SearchFn, TuneResult, tune
 
 

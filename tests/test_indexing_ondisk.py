@@ -20,8 +20,8 @@ from cachebind.errors import IndexMismatchError
 from cachebind.published.gpu import gpu_refusal, to_gpu
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.ondisk import IVFDATA_FILE, plan_merge, unsupported_reason, write_shard
-from indexing.params import apply_search_params
+from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge, unsupported_reason, write_shard
+from indexing.mechanics.params import apply_search_params
 from indexing.select import select_index
 
 faiss.omp_set_num_threads(1)

@@ -13,6 +13,7 @@ from tables import make_images_table
 import indexing
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
+from indexing.mechanics.params import apply_search_params
 from indexing.shards import shard_ranges
 
 faiss.omp_set_num_threads(1)
@@ -54,7 +55,7 @@ def test_sharded_build_equals_single_build(tmp_path: Path, local_ray) -> None:
     a = indexing.load_current(single_cfg.dir, table, use_gpu="no")
     b = indexing.load_current(sharded_cfg.dir, table, use_gpu="no")
     params = single["search_params"]
-    indexing.params.apply_search_params(b.index, params)
+    apply_search_params(b.index, params)
     queries = table.vectors(table.ids()[::97].tolist())
     sa, ia = a.search(queries, 20)
     sb, ib = b.search(queries, 20)

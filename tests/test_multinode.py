@@ -28,6 +28,7 @@ import indexing
 from cachebind.config import EmbedConfig, EncoderConfig, IndexConfig, Settings, StoreConfig
 from cachebind.sources import synthetic as syn
 from cachebind.store import CacheTable, connect, row_id
+from indexing.mechanics.params import apply_search_params
 from jobs.embed import run_embed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +185,6 @@ def test_the_sharded_index_build_across_nodes_equals_a_single_build(
     assert sharded["shards"] == 5 and sharded["table"] == single["table"]
     a = indexing.load_current(single_cfg.dir, table, use_gpu="no")
     b = indexing.load_current(sharded_cfg.dir, table, use_gpu="no")
-    indexing.params.apply_search_params(b.index, single["search_params"])
+    apply_search_params(b.index, single["search_params"])
     queries = table.vectors(table.ids()[::61].tolist())
     np.testing.assert_array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])
