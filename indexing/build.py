@@ -3,17 +3,17 @@
 Every path (a single build, a sharded Ray build, an incremental add, :mod:`indexing.add`) runs
 the same steps:
 
-* query sets (:mod:`indexing.prepare`, :mod:`indexing.querysets`): ``N_QUERIES`` table rows
+* query sets (:mod:`indexing.prepare`, :mod:`indexing.quality.querysets`): ``N_QUERIES`` table rows
   sampled with a fixed seed and kept out of the training sample, the table's caption
   embeddings, the service's query log and the caller's query files; their exact top-100
-  (leave-one-out for queries that are, or are paired with, a row: :mod:`indexing.recall`) is
+  (leave-one-out for queries that are, or are paired with, a row: :mod:`indexing.quality.recall`) is
   computed while the rows stream into the index, so the table is read once;
 * training on a sample (:mod:`indexing.mechanics.fit`), adding every row (:mod:`indexing.rows`, or
   :mod:`indexing.shards` on Ray);
 * tuning toward recall@k >= target on every trusted set (:mod:`indexing.escalate`,
-  :mod:`indexing.tune`: the worst set decides), escalating to a stronger key when the chosen
+  :mod:`indexing.quality.tune`: the worst set decides), escalating to a stronger key when the chosen
   one cannot get there (:func:`indexing.select.stronger_keys`), then recall@1/10/100 and
-  latency per set measured with the chosen parameters (:mod:`indexing.measure`);
+  latency per set measured with the chosen parameters (:mod:`indexing.quality.measure`);
 * the files and the manifest are written (:mod:`indexing.staging`) into a staging directory
   that only :func:`indexing.versions.publish` moves into ``versions/``.
 """
@@ -34,19 +34,19 @@ from cachebind.config import IndexConfig, StoreConfig
 from cachebind.published.gpu import to_gpu
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.bymodality import tune_and_measure
 from indexing.escalate import escalate, tune_index
-from indexing.measure import groups_of
 from indexing.mechanics.fit import search_fn
 from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge
 from indexing.prepare import QueryFiles, fit_on_sample, prepare_work, select_for
-from indexing.querysets import deciding
-from indexing.recall import drop_self
+from indexing.quality.bymodality import tune_and_measure
+from indexing.quality.measure import groups_of
+from indexing.quality.querysets import deciding
+from indexing.quality.recall import drop_self
+from indexing.quality.tune import measure_latency
 from indexing.retention import pinned
 from indexing.rows import Work, add_range, read_positions
 from indexing.select import Selection, train_size_for
 from indexing.staging import StageHook, write_staged
-from indexing.tune import measure_latency
 from indexing.versions import new_staging_dir, publish
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,14 @@ from cachebind.arrays import Ints
 from cachebind.published.manifest import MANIFEST_FORMAT, ids_checksum, recall_by_modality
 from cachebind.store import CacheTable
 
+KIND = {
+    "held_out_rows": "held-out table rows, leave-one-out",
+    "captions": "caption embeddings, leave-one-out",
+    "query_log": "served queries (query log)",
+    "file": "caller-supplied queries",
+}
+"""The top-level ``recall_queries.kind`` of a manifest, by the headline set's source."""
+
 
 def table_identity(table: CacheTable, ids: Ints) -> dict[str, Any]:
     """The table facts a version is built from: where, which version, how many rows, which ids."""
@@ -49,8 +57,6 @@ def build_manifest(
     ``headline``: the query-set report the top-level ``recall`` / ``recall_queries`` describe
     (the worst trusted set), kept for readers from before query sets.
     """
-    from indexing.measure import KIND
-
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "version": None,

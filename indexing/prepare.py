@@ -1,10 +1,10 @@
 """What a build works on: its query sets, their exact top-k, the key selected for the table,
 and the sample the index is fitted on.
 
-The query sets (:mod:`indexing.querysets`): ``N_QUERIES`` table rows sampled with a fixed seed
-and kept out of the training sample, the table's caption embeddings, the service's query log and
-the caller's query files. Their exact top-100 (:class:`indexing.recall.ExactTopK`) is filled
-while the rows stream into the index, so the table is read once.
+The query sets (:mod:`indexing.quality.querysets`): ``N_QUERIES`` table rows sampled with a fixed
+seed and kept out of the training sample, the table's caption embeddings, the service's query log
+and the caller's query files. Their exact top-100 (:class:`indexing.quality.recall.ExactTopK`) is
+filled while the rows stream into the index, so the table is read once.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 from cachebind.config import IndexConfig
 from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
 from cachebind.store import CacheTable
-from indexing.measure import RECALL_KS
 from indexing.mechanics.faiss_ops import new_index
 from indexing.mechanics.fit import fit_index
-from indexing.querysets import (
+from indexing.quality.measure import RECALL_KS
+from indexing.quality.querysets import (
     FILE,
     HELD_OUT,
     QuerySet,
@@ -33,7 +33,7 @@ from indexing.querysets import (
     mark_trust,
     unique_names,
 )
-from indexing.recall import ExactTopK
+from indexing.quality.recall import ExactTopK
 from indexing.rows import Work, read_positions
 from indexing.select import Selection, select_index
 
@@ -52,7 +52,8 @@ def gather_sets(
     queries: np.ndarray | None = None,
     query_files: QueryFiles | None = None,
 ) -> tuple[list[QuerySet], np.ndarray]:
-    """(query sets, held-out positions) for a build of ``table`` (see :mod:`indexing.querysets`).
+    """(query sets, held-out positions) for a build of ``table`` (see
+    :mod:`indexing.quality.querysets`).
 
     ``queries``: the caller's own held-out queries, instead of sampled table rows.
     """

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
 from cachebind.store.table import vectors_to_numpy
-from indexing.querysets import QuerySet
-from indexing.recall import ExactTopK
+from indexing.quality.querysets import QuerySet
+from indexing.quality.recall import ExactTopK
 
 READ_BATCH = 32_768
 

@@ -39,7 +39,7 @@ from cachebind.raycluster import start_or_join_ray
 from cachebind.store import CacheTable
 from indexing.mechanics import ondisk
 from indexing.mechanics.faiss_ops import from_bytes, merge_into, to_bytes
-from indexing.recall import ExactTopK
+from indexing.quality.recall import ExactTopK
 from indexing.rows import Work, add_range
 
 log = logging.getLogger(__name__)

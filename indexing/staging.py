@@ -16,10 +16,10 @@ from cachebind.config import IndexConfig
 from cachebind.published.manifest import write_manifest
 from cachebind.store import CacheTable
 from indexing.manifest import build_manifest, table_identity
-from indexing.measure import worst_trusted
 from indexing.mechanics.ondisk import storage_of
 from indexing.mechanics.ondisk import write_index as write_version_index
-from indexing.tune import TuneResult
+from indexing.quality.measure import worst_trusted
+from indexing.quality.tune import TuneResult
 from indexing.versions import (
     IDS_FILE,
     INDEX_FILE,

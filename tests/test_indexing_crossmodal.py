@@ -333,7 +333,7 @@ def test_the_service_batches_queries_of_several_modalities_each_with_its_own_set
 
 
 def test_the_tuner_never_times_a_setting_that_does_strictly_more_work_than_another() -> None:
-    from indexing.tune import Trial, undominated
+    from indexing.quality.tune import Trial, undominated
 
     def trial(nprobe: int, k_factor: int) -> Trial:
         return Trial({"nprobe": nprobe, "k_factor": k_factor}, recall=0.96, ms_per_query=1.0)

@@ -112,8 +112,8 @@ def add_report(sub: Subcommands, common: CommonOptions) -> None:
 def cmd_report_gap(settings: Settings, args: argparse.Namespace) -> int:
     from cachebind.analysis.notebook import gap_report
     from cachebind.store import CacheTable
-    from indexing.gapsets import known_query_groups
-    from indexing.querysets import parse_query_spec
+    from indexing.quality.gapsets import known_query_groups
+    from indexing.quality.querysets import parse_query_spec
 
     files = [parse_query_spec(spec) for spec in args.queries or []]
     cfg = settings.analysis

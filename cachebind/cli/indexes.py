@@ -115,7 +115,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         if not problems:
             print(f"{version}: every file matches the manifest's sha256")
         return 1 if problems else 0
-    from indexing.querysets import parse_query_spec
+    from indexing.quality.querysets import parse_query_spec
 
     query_files = [parse_query_spec(spec) for spec in args.queries or []]
     progress = not args.no_progress
