@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from indexing.build import build_and_publish, build_index
     from indexing.retune import tune_current
     from indexing.select import Selection, select_index
-    from indexing.versions import (
+    from indexing.versions.publishing import (
         prune,
         publish,
         set_current,
@@ -52,10 +52,10 @@ _HOME = {
     "select_index": "indexing.select",
     "current_version": "cachebind.published.layout",
     "list_versions": "cachebind.published.layout",
-    "prune": "indexing.versions",
-    "publish": "indexing.versions",
-    "set_current": "indexing.versions",
-    "verify_version": "indexing.versions",
+    "prune": "indexing.versions.publishing",
+    "publish": "indexing.versions.publishing",
+    "set_current": "indexing.versions.publishing",
+    "verify_version": "indexing.versions.publishing",
 }
 """Where each public name lives: the reading side (manifest, layout, loading, the query log)
 is :mod:`cachebind.published`, below both this package and the runtime."""

@@ -18,11 +18,11 @@ from cachebind.store import CacheTable
 from indexing.build import build_index, finish
 from indexing.mechanics.ondisk import CopyOnWriteAdd
 from indexing.prepare import QueryFiles, prepare_work, select_for
-from indexing.retention import pinned
 from indexing.rows import add_range
 from indexing.select import outgrown
 from indexing.staging import StageHook
-from indexing.versions import new_staging_dir, publish
+from indexing.versions.publishing import new_staging_dir, publish
+from indexing.versions.retention import pinned
 
 log = logging.getLogger(__name__)
 

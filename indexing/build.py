@@ -15,7 +15,7 @@ the same steps:
   one cannot get there (:func:`indexing.select.stronger_keys`), then recall@1/10/100 and
   latency per set measured with the chosen parameters (:mod:`indexing.quality.measure`);
 * the files and the manifest are written (:mod:`indexing.staging`) into a staging directory
-  that only :func:`indexing.versions.publish` moves into ``versions/``.
+  that only :func:`indexing.versions.publishing.publish` moves into ``versions/``.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from indexing.quality.measure import groups_of
 from indexing.quality.querysets import deciding
 from indexing.quality.recall import drop_self
 from indexing.quality.tune import measure_latency
-from indexing.retention import pinned
 from indexing.rows import Work, add_range, read_positions
 from indexing.select import Selection, train_size_for
 from indexing.staging import StageHook, write_staged
-from indexing.versions import new_staging_dir, publish
+from indexing.versions.publishing import new_staging_dir, publish
+from indexing.versions.retention import pinned
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from cachebind.published.manifest import (
 )
 from cachebind.store import CacheTable
 from indexing.escalate import tune_index
-from indexing.manifest import KIND
 from indexing.mechanics.fit import search_fn
 from indexing.prepare import QueryFiles, prepare_work
 from indexing.quality.bymodality import tune_and_measure
@@ -49,7 +48,8 @@ from indexing.quality.recall import drop_self
 from indexing.quality.tune import measure_latency
 from indexing.rows import add_range
 from indexing.staging import target_of
-from indexing.versions import new_staging_dir, publish
+from indexing.versions.manifest import KIND
+from indexing.versions.publishing import new_staging_dir, publish
 
 log = logging.getLogger(__name__)
 

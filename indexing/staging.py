@@ -1,5 +1,5 @@
 """Write a version's files and manifest into a staging directory (only
-:func:`indexing.versions.publish` moves it into ``versions/``)."""
+:func:`indexing.versions.publishing.publish` moves it into ``versions/``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import numpy as np
 from cachebind.config import IndexConfig
 from cachebind.published.manifest import write_manifest
 from cachebind.store import CacheTable
-from indexing.manifest import build_manifest, table_identity
 from indexing.mechanics.ondisk import storage_of
 from indexing.mechanics.ondisk import write_index as write_version_index
 from indexing.quality.measure import worst_trusted
 from indexing.quality.tune import TuneResult
-from indexing.versions import (
+from indexing.versions.manifest import build_manifest, table_identity
+from indexing.versions.publishing import (
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,

@@ -15,7 +15,7 @@ from cachebind.config import IndexConfig, StoreConfig
 from cachebind.published.layout import version_number, versions_dir
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.versions import new_staging_dir
+from indexing.versions.publishing import new_staging_dir
 
 faiss.omp_set_num_threads(1)  # 2 shared cores: spinning OpenMP threads only slow tests down
 

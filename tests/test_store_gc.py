@@ -15,7 +15,7 @@ from cachebind.cli import main as cli_main
 from cachebind.config import IndexConfig, Settings
 from cachebind.store import CacheTable
 from cachebind.store.gc import collect_store
-from indexing.retention import collect, pinned, tag_prefix
+from indexing.versions.retention import collect, pinned, tag_prefix
 
 DIM = 16
 

@@ -161,7 +161,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             index_key=args.index_key,
             query_files=query_files,
         )
-    from indexing.retention import collect, protect_published
+    from indexing.versions.retention import collect, protect_published
 
     # The table version the new index version reads is tagged (kept by every gc); after an
     # `add`, versions the retention no longer needs are removed.
@@ -254,7 +254,7 @@ def add_store(sub: Subcommands, common: CommonOptions) -> None:
 
 
 def cmd_store(settings: Settings, args: argparse.Namespace) -> int:
-    from indexing.retention import collect
+    from indexing.versions.retention import collect
 
     report = collect(settings, retention_s=args.retention_s, orphans=args.orphans)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())

@@ -142,7 +142,7 @@ def run_embed(
     if writer.commits > COMPACT_ABOVE or writer.fragment_count() > COMPACT_ABOVE:
         writer.compact()
     if todo:
-        from indexing.retention import collect
+        from indexing.versions.retention import collect
 
         # The job's tasks are over: fragments never committed are garbage now (orphans).
         report.gc = collect(settings, orphans=True).to_dict()
