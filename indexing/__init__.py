@@ -24,10 +24,10 @@ if TYPE_CHECKING:
         search_params_for,
     )
     from cachebind.published.querylog import QueryLog
-    from indexing.add import add_rows
-    from indexing.build import build_and_publish, build_index
-    from indexing.retune import tune_current
-    from indexing.select import Selection, select_index
+    from indexing.steps.add import add_rows
+    from indexing.steps.build import build_and_publish, build_index
+    from indexing.steps.retune import tune_current
+    from indexing.steps.select import Selection, select_index
     from indexing.versions.publishing import (
         prune,
         publish,
@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
-    "add_rows": "indexing.add",
-    "build_and_publish": "indexing.build",
-    "build_index": "indexing.build",
+    "add_rows": "indexing.steps.add",
+    "build_and_publish": "indexing.steps.build",
+    "build_index": "indexing.steps.build",
     "LoadedIndex": "cachebind.published.load",
     "load_current": "cachebind.published.load",
     "load_version": "cachebind.published.load",
@@ -47,9 +47,9 @@ _HOME = {
     "recall_for": "cachebind.published.manifest",
     "search_params_for": "cachebind.published.manifest",
     "QueryLog": "cachebind.published.querylog",
-    "tune_current": "indexing.retune",
-    "Selection": "indexing.select",
-    "select_index": "indexing.select",
+    "tune_current": "indexing.steps.retune",
+    "Selection": "indexing.steps.select",
+    "select_index": "indexing.steps.select",
     "current_version": "cachebind.published.layout",
     "list_versions": "cachebind.published.layout",
     "prune": "indexing.versions.publishing",

@@ -71,7 +71,8 @@ def test_the_gpu_search_imports_without_the_build_stack() -> None:
 
     code = (
         "import sys, cachebind.published.gpu; "
-        "print([m for m in ('lancedb', 'autofaiss', 'ray', 'indexing.build') if m in sys.modules])"
+        "print([m for m in ('lancedb', 'autofaiss', 'ray', 'indexing.steps.build')"
+        " if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ import indexing
 from cachebind.config import IndexConfig
 from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
-from indexing.select import FLAT_MAX_ROWS, outgrown, select_index
+from indexing.steps.select import FLAT_MAX_ROWS, outgrown, select_index
 
 faiss.omp_set_num_threads(1)
 

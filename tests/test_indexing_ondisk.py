@@ -22,7 +22,7 @@ from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
 from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge, unsupported_reason, write_shard
 from indexing.mechanics.params import apply_search_params
-from indexing.select import select_index
+from indexing.steps.select import select_index
 
 faiss.omp_set_num_threads(1)
 

@@ -14,7 +14,7 @@ import indexing
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
 from indexing.mechanics.params import apply_search_params
-from indexing.shards import shard_ranges
+from indexing.steps.shards import shard_ranges
 
 faiss.omp_set_num_threads(1)
 

@@ -123,7 +123,7 @@ def tuned(tmp_path_factory):
     from cachebind.published.querylog import query_log_path, read_log_file
     from cachebind.serve import start_server
     from cachebind.store import CacheTable
-    from indexing.retune import tune_current
+    from indexing.steps.retune import tune_current
 
     root = tmp_path_factory.mktemp("tuned")
     cache = build_demo_cache(root, rows=200, dim=64)

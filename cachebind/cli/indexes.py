@@ -146,7 +146,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
                 query_files=query_files,
             )
     else:
-        from indexing.build import default_shards
+        from indexing.steps.build import default_shards
 
         shards = args.shards
         if shards is None:

@@ -2,7 +2,7 @@
 
 FAISS calls this "training"; it is named fitting here so it is never confused with training
 the LLM (:mod:`cachebind.train`). Which rows form the sample is the build's choice
-(:func:`indexing.prepare.fit_on_sample`).
+(:func:`indexing.steps.prepare.fit_on_sample`).
 """
 
 from __future__ import annotations

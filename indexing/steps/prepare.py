@@ -34,8 +34,8 @@ from indexing.quality.querysets import (
     unique_names,
 )
 from indexing.quality.recall import ExactTopK
-from indexing.rows import Work, read_positions
-from indexing.select import Selection, select_index
+from indexing.steps.rows import Work, read_positions
+from indexing.steps.select import Selection, select_index
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
 from cachebind.published.layout import INDEX_FILE, current_version, versions_dir
 from cachebind.published.manifest import ids_checksum, read_manifest
 from cachebind.store import CacheTable
-from indexing.build import build_index, finish
 from indexing.mechanics.ondisk import CopyOnWriteAdd
-from indexing.prepare import QueryFiles, prepare_work, select_for
-from indexing.rows import add_range
-from indexing.select import outgrown
-from indexing.staging import StageHook
+from indexing.steps.build import build_index, finish
+from indexing.steps.prepare import QueryFiles, prepare_work, select_for
+from indexing.steps.rows import add_range
+from indexing.steps.select import outgrown
+from indexing.steps.staging import StageHook
 from indexing.versions.publishing import new_staging_dir, publish
 from indexing.versions.retention import pinned
 
@@ -46,7 +46,7 @@ def add_rows(
     search parameters are re-tuned and recall re-measured on the grown index, on every query
     set a build uses (held-out rows, captions, the query log, ``query_files``).
 
-    When the grown table has outgrown the current index (:func:`indexing.select.outgrown`: a
+    When the grown table has outgrown the current index (:func:`indexing.steps.select.outgrown`: a
     Flat index past the exact-search size, an IVF sized for a sixteenth of the rows, a key
     that no longer fits the memory budget), a full build replaces it instead, unless
     ``config.rebuild_when_outgrown`` is off; the manifest's ``update`` says which happened and

@@ -1,6 +1,6 @@
 """Tune a trained index on every query set, and move to a stronger key when it cannot reach the
 target: the worst deciding set decides (:mod:`indexing.quality.tune`), and the stronger keys come
-from :func:`indexing.select.stronger_keys`."""
+from :func:`indexing.steps.select.stronger_keys`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import numpy as np
 
 from indexing.mechanics.fit import search_fn
 from indexing.mechanics.params import apply_search_params, search_grid
-from indexing.prepare import fit_on_sample
 from indexing.quality.tune import Groups, TuneResult, tune
-from indexing.rows import Work, add_range
-from indexing.select import Selection, stronger_keys, train_size_for
+from indexing.steps.prepare import fit_on_sample
+from indexing.steps.rows import Work, add_range
+from indexing.steps.select import Selection, stronger_keys, train_size_for
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,16 @@ from cachebind.published.manifest import (
     write_manifest,
 )
 from cachebind.store import CacheTable
-from indexing.escalate import tune_index
 from indexing.mechanics.fit import search_fn
-from indexing.prepare import QueryFiles, prepare_work
 from indexing.quality.bymodality import tune_and_measure
 from indexing.quality.measure import groups_of, worst_trusted
 from indexing.quality.querysets import deciding
 from indexing.quality.recall import drop_self
 from indexing.quality.tune import measure_latency
-from indexing.rows import add_range
-from indexing.staging import target_of
+from indexing.steps.escalate import tune_index
+from indexing.steps.prepare import QueryFiles, prepare_work
+from indexing.steps.rows import add_range
+from indexing.steps.staging import target_of
 from indexing.versions.manifest import KIND
 from indexing.versions.publishing import new_staging_dir, publish
 

@@ -1,21 +1,23 @@
-"""Build a version: select -> train -> add -> tune -> measure -> write (staged), then publish.
+"""Build a version: select -> fit -> add -> tune -> measure -> write (staged), then publish.
 
-Every path (a single build, a sharded Ray build, an incremental add, :mod:`indexing.add`) runs
-the same steps:
+Every path (a single build, a sharded Ray build, an incremental add, :mod:`indexing.steps.add`)
+runs the same steps:
 
-* query sets (:mod:`indexing.prepare`, :mod:`indexing.quality.querysets`): ``N_QUERIES`` table rows
-  sampled with a fixed seed and kept out of the training sample, the table's caption
+* query sets (:mod:`indexing.steps.prepare`, :mod:`indexing.quality.querysets`): ``N_QUERIES``
+  table rows sampled with a fixed seed and kept out of the fitting sample, the table's caption
   embeddings, the service's query log and the caller's query files; their exact top-100
-  (leave-one-out for queries that are, or are paired with, a row: :mod:`indexing.quality.recall`) is
-  computed while the rows stream into the index, so the table is read once;
-* training on a sample (:mod:`indexing.mechanics.fit`), adding every row (:mod:`indexing.rows`, or
-  :mod:`indexing.shards` on Ray);
-* tuning toward recall@k >= target on every trusted set (:mod:`indexing.escalate`,
-  :mod:`indexing.quality.tune`: the worst set decides), escalating to a stronger key when the chosen
-  one cannot get there (:func:`indexing.select.stronger_keys`), then recall@1/10/100 and
-  latency per set measured with the chosen parameters (:mod:`indexing.quality.measure`);
-* the files and the manifest are written (:mod:`indexing.staging`) into a staging directory
-  that only :func:`indexing.versions.publishing.publish` moves into ``versions/``.
+  (leave-one-out for queries that are, or are paired with, a row:
+  :mod:`indexing.quality.recall`) is computed while the rows stream into the index, so the
+  table is read once;
+* fitting on a sample (:func:`indexing.steps.prepare.fit_on_sample`,
+  :mod:`indexing.mechanics.fit`), adding every row (:mod:`indexing.steps.rows`, or
+  :mod:`indexing.steps.shards` on Ray);
+* tuning toward recall@k >= target on every trusted set (:mod:`indexing.steps.escalate`,
+  :mod:`indexing.quality.tune`: the worst set decides), escalating to a stronger key when the
+  chosen one cannot get there (:func:`indexing.steps.select.stronger_keys`), then recall@1/10/100
+  and latency per set measured with the chosen parameters (:mod:`indexing.quality.measure`);
+* the files and the manifest are written (:mod:`indexing.steps.staging`) into a staging
+  directory that only :func:`indexing.versions.publishing.publish` moves into ``versions/``.
 """
 
 from __future__ import annotations
@@ -34,18 +36,18 @@ from cachebind.config import IndexConfig, StoreConfig
 from cachebind.published.gpu import to_gpu
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.escalate import escalate, tune_index
 from indexing.mechanics.fit import search_fn
 from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge
-from indexing.prepare import QueryFiles, fit_on_sample, prepare_work, select_for
 from indexing.quality.bymodality import tune_and_measure
 from indexing.quality.measure import groups_of
 from indexing.quality.querysets import deciding
 from indexing.quality.recall import drop_self
 from indexing.quality.tune import measure_latency
-from indexing.rows import Work, add_range, read_positions
-from indexing.select import Selection, train_size_for
-from indexing.staging import StageHook, write_staged
+from indexing.steps.escalate import escalate, tune_index
+from indexing.steps.prepare import QueryFiles, fit_on_sample, prepare_work, select_for
+from indexing.steps.rows import Work, add_range, read_positions
+from indexing.steps.select import Selection, train_size_for
+from indexing.steps.staging import StageHook, write_staged
 from indexing.versions.publishing import new_staging_dir, publish
 from indexing.versions.retention import pinned
 
@@ -158,11 +160,11 @@ def build_index(
 
     Nothing is published (see :func:`publish`). ``queries``: held-out queries to tune on instead
     of sampled table rows. ``query_files``: more query sets, ``[(modality, path)]``. ``shards``
-    > 1 adds the rows in parallel Ray tasks (:mod:`indexing.shards`) after training once on the
-    driver. ``index_key`` forces a FAISS factory key instead of the selection (it is still
-    tuned, and only escalated with ``escalate_forced``). ``on_stage`` is called as the build
-    passes each stage (progress reporting; tests use it to crash a build mid-way).
-    ``lineage``: manifest fields saying where this build came from (a rebuild by ``add_rows``).
+    > 1 adds the rows in parallel Ray tasks (:mod:`indexing.steps.shards`) after training once on
+    the driver. ``index_key`` forces a FAISS factory key instead of the selection (it is still
+    tuned, and only escalated with ``escalate_forced``). ``on_stage`` is called as the build passes
+    each stage (progress reporting; tests use it to crash a build mid-way). ``lineage``: manifest
+    fields saying where this build came from (a rebuild by ``add_rows``).
     """
     t0 = time.perf_counter()
     work = prepare_work(table, config, queries, query_files)
@@ -189,7 +191,7 @@ def build_index(
     try:
         t0 = time.perf_counter()
         if shards and shards > 1:
-            from indexing.shards import add_sharded
+            from indexing.steps.shards import add_sharded
 
             index, ids = add_sharded(
                 index,

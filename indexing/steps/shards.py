@@ -1,6 +1,6 @@
 """The sharded build on a Ray cluster: train once, add shards in parallel, merge in order.
 
-The driver trains the index on a sample (:mod:`indexing.build`) and puts the trained,
+The driver trains the index on a sample (:mod:`indexing.steps.build`) and puts the trained,
 empty index in the object store. Each Ray task opens the table at the pinned version, streams
 its row range into its own copy (and computes the exact top-k of the held-out queries over its
 rows). The driver then merges the shards in row order, which gives the same index a single
@@ -40,7 +40,7 @@ from cachebind.store import CacheTable
 from indexing.mechanics import ondisk
 from indexing.mechanics.faiss_ops import from_bytes, merge_into, to_bytes
 from indexing.quality.recall import ExactTopK
-from indexing.rows import Work, add_range
+from indexing.steps.rows import Work, add_range
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Reading table rows into an index: what a build carries between its steps, shared by the
-single build (:mod:`indexing.build`), the Ray shards (:mod:`indexing.shards`) and an incremental
-add (:mod:`indexing.add`). A leaf module: it knows the table and FAISS, none of its callers."""
+single build (:mod:`indexing.steps.build`), the Ray shards (:mod:`indexing.steps.shards`) and an
+incremental add (:mod:`indexing.steps.add`). A leaf module: it knows the table and FAISS, none of
+its callers."""
 
 from __future__ import annotations
 
