@@ -64,10 +64,10 @@ def make_table(uri: Path, rows: int, seed: int) -> tuple[object, np.ndarray, np.
     """The table (fp16 vectors), the float32 matrix as stored, and held-out queries."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import lancedb
+    from clustered_embeddings import clustered_vectors
     from tables import image_rows
 
     from cachebind.store import images_schema
-    from indexing.synthetic import clustered_vectors
 
     x = clustered_vectors(rows + N_QUERIES, DIM, seed=seed)
     queries = x[rows:].copy()

@@ -9,13 +9,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from clustered_embeddings import clustered_vectors
 from tables import make_images_table
 
 import indexing
 from cachebind.config import IndexConfig
 from cachebind.published.manifest import ids_checksum, read_manifest
 from cachebind.store import CacheTable
-from indexing.synthetic import clustered_vectors
 
 DIM = 64
 IVF_KEY = "IVF64,PQ32x4fs,RFlat"

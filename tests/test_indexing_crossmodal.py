@@ -19,6 +19,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+from clustered_embeddings import clustered_vectors, crossmodal_queries, modality_direction
 from tables import image_rows
 
 import indexing
@@ -27,7 +28,6 @@ from cachebind.published.layout import CURRENT_FILE, IDS_FILE, INDEX_FILE, versi
 from cachebind.published.manifest import read_manifest
 from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable, images_schema
-from indexing.synthetic import clustered_vectors, crossmodal_queries, modality_direction
 
 N, DIM = 24_000, 128
 KEY = "IVF128,PQ64x4fs,RFlat"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+from clustered_embeddings import clustered_vectors
 
 from cachebind.published.gpu import TorchExactSearch, gpu_wanted
-from indexing.synthetic import clustered_vectors
 
 
 def test_torch_exact_search_matches_faiss_flat() -> None:
