@@ -181,7 +181,7 @@ def bench_cachebind(store, work: Path, audio_tune: np.ndarray, evals, truth, x) 
     qlog.add("audio", audio_tune)
     qlog.save(query_log_path(cfg.dir))
     t0 = time.perf_counter()
-    manifest = indexing.build_and_publish(store, cfg, progress=False)
+    manifest = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     build_s = time.perf_counter() - t0
     table = CacheTable.open(store)
     loaded = indexing.load_current(cfg.dir, table, use_gpu="no")

@@ -84,8 +84,10 @@ def child(args: argparse.Namespace) -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    manifest = indexing.build_and_publish(
-        store, cfg, progress=False, index_key=args.key, shards=args.shards
+    manifest = indexing.build(
+        CacheTable.open(store),
+        cfg,
+        indexing.BuildOptions(progress=False, index_key=args.key, shards=args.shards),
     )
     build_s = time.perf_counter() - t0
     done.set()

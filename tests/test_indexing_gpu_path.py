@@ -50,7 +50,7 @@ def test_loaded_flat_index_batches_through_the_matrix_product(tmp_path) -> None:
 
     store = make_images_table(tmp_path / "db", 2_000, 32, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    indexing.build_and_publish(store, cfg, progress=False)
+    indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     loaded = indexing.load_current(cfg.dir, CacheTable.open(store), use_gpu="no")
     assert loaded._cpu_matmul is not None
     queries = clustered_vectors(2_050, 32, seed=0)[2_000:]

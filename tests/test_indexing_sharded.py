@@ -39,9 +39,13 @@ def test_sharded_build_equals_single_build(tmp_path: Path, local_ray) -> None:
     table = CacheTable.open(store)
     single_cfg = IndexConfig(dir=tmp_path / "single", use_gpu="no")
     sharded_cfg = IndexConfig(dir=tmp_path / "sharded", use_gpu="no")
-    single = indexing.build_and_publish(store, single_cfg, progress=False, index_key=KEY)
-    sharded = indexing.build_and_publish(
-        store, sharded_cfg, progress=False, index_key=KEY, shards=3
+    single = indexing.build(
+        CacheTable.open(store), single_cfg, indexing.BuildOptions(progress=False, index_key=KEY)
+    )
+    sharded = indexing.build(
+        CacheTable.open(store),
+        sharded_cfg,
+        indexing.BuildOptions(progress=False, index_key=KEY, shards=3),
     )
     assert sharded["shards"] == 3 and sharded["ntotal"] == 4_000
     assert sharded["table"] == single["table"]  # same ids in the same order

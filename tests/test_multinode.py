@@ -178,9 +178,13 @@ def test_the_sharded_index_build_across_nodes_equals_a_single_build(
     key = "IVF16,Flat"
     single_cfg = IndexConfig(dir=tmp_path / "single", use_gpu="no")
     sharded_cfg = IndexConfig(dir=tmp_path / "sharded", use_gpu="no")
-    single = indexing.build_and_publish(store, single_cfg, progress=False, index_key=key)
-    sharded = indexing.build_and_publish(
-        store, sharded_cfg, progress=False, index_key=key, shards=5
+    single = indexing.build(
+        CacheTable.open(store), single_cfg, indexing.BuildOptions(progress=False, index_key=key)
+    )
+    sharded = indexing.build(
+        CacheTable.open(store),
+        sharded_cfg,
+        indexing.BuildOptions(progress=False, index_key=key, shards=5),
     )
     assert sharded["shards"] == 5 and sharded["table"] == single["table"]
     a = indexing.load_current(single_cfg.dir, table, use_gpu="no")

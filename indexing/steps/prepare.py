@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 N_QUERIES = 1000
 """Held-out queries for tuning and recall: enough for +-1% on recall@10."""
 SEED = 0
-QueryFiles = list[tuple[str, Path]]
+QueryFiles = Sequence[tuple[str, Path]]
 """``[(modality, path)]``: the caller's query files (``--queries text=q.npy``)."""
 
 

@@ -45,7 +45,8 @@ from indexing.quality.querysets import deciding
 from indexing.quality.recall import drop_self
 from indexing.quality.tune import measure_latency
 from indexing.steps.escalate import tune_index
-from indexing.steps.prepare import QueryFiles, prepare_work
+from indexing.steps.options import BuildOptions
+from indexing.steps.prepare import prepare_work
 from indexing.steps.rows import add_range
 from indexing.steps.staging import target_of
 from indexing.versions.manifest import KIND
@@ -66,31 +67,28 @@ def share_file(src: Path, dst: Path) -> str:
         return "copy"
 
 
-def tune_current(
-    index_dir: Path,
-    table: CacheTable,
-    config: IndexConfig,
-    progress: bool = True,
-    *,
-    query_files: QueryFiles | None = None,
+def tune(
+    table: CacheTable, config: IndexConfig, options: BuildOptions | None = None
 ) -> dict[str, Any]:
-    """Publish CURRENT re-tuned on the latest query sets (log, captions, files, held-out rows).
+    """Publish ``config.dir``'s CURRENT re-tuned on the latest query sets (log, captions,
+    ``options.query_files``, held-out rows), without rebuilding (``cachebind index tune``).
 
     The table must be the one CURRENT was built from (IndexMismatchError otherwise: rows added
     since want ``index add``). Returns the new version's manifest. When no setting reaches the
     target, the version still records what was measured (``target.met`` False) and a warning
     says to rebuild, which may escalate to a stronger key (``index build``).
     """
-    index_dir = Path(index_dir)
+    options = options or BuildOptions()
+    progress = options.progress
+    index_dir = Path(config.dir)
     parent = current_version(index_dir)
     if parent is None:
         raise FileNotFoundError(f"no published index in {index_dir}: build one first")
     old = read_manifest(index_dir, parent)
     folder = versions_dir(index_dir) / parent
     check_alignment(old, table, table.ids())
-    config = config.model_copy(update={"dir": index_dir})
     t0 = time.perf_counter()
-    work = prepare_work(table, config, None, query_files)
+    work = prepare_work(table, config, None, options.query_files)
     index = read_index(folder, old.storage)
     # Ground truth needs one pass over the table; the index itself is only searched.
     add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
