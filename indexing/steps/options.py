@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-
+from cachebind.arrays import Floats
 from indexing.steps.prepare import QueryFiles
 from indexing.steps.staging import StageHook
 
@@ -40,7 +39,7 @@ class BuildOptions:
     index_key: str | None = None
     escalate_forced: bool = False
     query_files: QueryFiles = field(default=())
-    queries: np.ndarray | None = field(default=None, compare=False)
+    queries: Floats | None = field(default=None, compare=False)
     on_stage: StageHook | None = None
 
     def __post_init__(self) -> None:
