@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from indexing.steps.options import BuildOptions
 from indexing.steps.prepare import prepare_work
 from indexing.steps.rows import add_range
 from indexing.steps.staging import target_of
-from indexing.versions.manifest import KIND
+from indexing.versions.manifest import build_times, headline_fields, now
 from indexing.versions.publishing import new_staging_dir, publish
 
 log = logging.getLogger(__name__)
@@ -124,27 +124,23 @@ def tune(
     try:
         names = [INDEX_FILE, IDS_FILE, *old.data_files]
         how = {name: share_file(folder / name, staged / name) for name in names}
-        manifest = old.to_json()
-        manifest |= {
-            "version": None,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "search_params": result.params if result else {},
-            "search_params_by_modality": by_modality,
-            "target": target_of(config, result),
-            "recall": dict(headline["recall"]) if headline else {},
-            "recall_queries": {
-                "count": headline["n"] if headline else 0,
-                "kind": KIND.get(headline["source"], headline["source"]) if headline else "none",
-            },
-            "query_sets": sets,
-            "recall_by_modality": recall_by_modality(sets),
-            "latency_ms": latency,
-            "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
-            | {"total_s": round(sum(work.timings.values()), 3)},
-            "software": old.software | {"faiss": faiss.__version__},
-            "tuning_trials": [t.__dict__ for t in result.trials] if result else [],
-            "parent_version": parent,
-            "update": {
+        manifest = replace(
+            old,
+            version=None,
+            created_at=now(),
+            search_params=result.params if result else {},
+            search_params_by_modality=by_modality,
+            target=target_of(config, result),
+            **headline_fields(headline),
+            query_sets=sets,
+            recall_by_modality=recall_by_modality(sets),
+            latency_ms=latency,
+            build_time_s=build_times(work.timings),
+            software=old.software | {"faiss": faiss.__version__},
+            tuning_trials=[t.__dict__ for t in result.trials] if result else [],
+            parent_version=parent,
+            added_rows=None,
+            update={
                 "mode": "retuned",
                 "reason": f"search parameters re-tuned on {len(work.sets)} query sets; "
                 f"index files shared with {parent} ("
@@ -152,10 +148,9 @@ def tune(
                 + ")",
                 "previous_search_params": old.search_params,
             },
-        }
-        manifest.pop("added_rows", None)
-        # Same bytes as the parent's: its recorded sizes and digests still hold.
-        manifest["files"] = {n: old.files[n] for n in names} if old.files else {}
+            # Same bytes as the parent's: its recorded sizes and digests still hold.
+            files={n: old.files[n] for n in names} if old.files else {},
+        )
         write_manifest(staged / MANIFEST_FILE, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
