@@ -317,7 +317,7 @@ def empty_copy(folder: Path) -> faiss.Index:
 
 
 class CopyOnWriteAdd:
-    """``add_rows`` on an on-disk version, without writing the published version's files.
+    """``indexing.add`` on an on-disk version, without writing the published version's files.
 
     Servers may have its ivfdata mapped, and a version is immutable once published, so the
     appended rows go to an in-memory copy of the trained index (``adder``, positions from
