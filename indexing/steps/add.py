@@ -19,9 +19,9 @@ from cachebind.store import CacheTable
 from indexing.mechanics.ondisk import CopyOnWriteAdd
 from indexing.steps.build import build_index, finish
 from indexing.steps.options import BuildOptions
-from indexing.steps.prepare import prepare_work, select_for
+from indexing.steps.prepare import prepare_work
 from indexing.steps.rows import add_range
-from indexing.steps.select import outgrown
+from indexing.steps.select import outgrown, select_for
 from indexing.versions.publishing import new_staging_dir, publish
 from indexing.versions.retention import pinned
 

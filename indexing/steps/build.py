@@ -45,9 +45,9 @@ from indexing.quality.recall import drop_self
 from indexing.quality.tune import measure_latency
 from indexing.steps.escalate import escalate, tune_index
 from indexing.steps.options import BuildOptions
-from indexing.steps.prepare import fit_on_sample, prepare_work, select_for
+from indexing.steps.prepare import fit_on_sample, prepare_work
 from indexing.steps.rows import Work, add_range, read_positions
-from indexing.steps.select import Selection, train_size_for
+from indexing.steps.select import select_for
 from indexing.steps.staging import StageHook, write_staged
 from indexing.versions.publishing import new_staging_dir, publish
 from indexing.versions.retention import pinned
@@ -164,15 +164,7 @@ def build_index(
     shards = (
         default_shards(work.n, options.ray_address) if options.shards == "auto" else options.shards
     )
-    selection = select_for(work.n, work.dim, config)
-    if index_key is not None:
-        budget = config.memory_budget_gb * 2**30
-        selection = Selection(
-            index_key,
-            "forced by the caller",
-            train_size_for(index_key, work.n, work.dim, budget),
-            selection.autofaiss_keys,
-        )
+    selection = select_for(work.n, work.dim, config, forced=index_key)
     log.info("index for %d x %d: %s (%s)", work.n, work.dim, selection.key, selection.reason)
     # Decided before training, so a key that cannot be merged as asked fails fast.
     merge = plan_merge(selection.key, work.n, work.dim, config, max(shards, 1))

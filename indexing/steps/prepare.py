@@ -1,5 +1,5 @@
-"""What a build works on: its query sets, their exact top-k, the key selected for the table,
-and the sample the index is fitted on.
+"""What a build works on: its query sets, their exact top-k, and the sample the index is fitted
+on.
 
 The query sets (:mod:`indexing.quality.querysets`): ``N_QUERIES`` table rows sampled with a fixed
 seed and kept out of the training sample, the table's caption embeddings, the service's query log
@@ -18,7 +18,6 @@ import faiss
 import numpy as np
 
 from cachebind.config import IndexConfig
-from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
 from cachebind.store import CacheTable
 from indexing.mechanics.faiss_ops import new_index
 from indexing.mechanics.fit import fit_index
@@ -36,7 +35,7 @@ from indexing.quality.querysets import (
 )
 from indexing.quality.recall import ExactTopK
 from indexing.steps.rows import Work, read_positions
-from indexing.steps.select import Selection, select_index
+from indexing.steps.select import Selection
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +101,6 @@ def prepare_work(
     for s in sets:
         log.info("query set %s: %d queries%s", s.name, len(s), "" if s.trusted else " (untrusted)")
     return Work(table, config, n, dim, sets, held, ExactTopK(stacked, k_truth))
-
-
-def select_for(n: int, dim: int, config: IndexConfig) -> Selection:
-    gpu_bytes = gpu_memory_bytes() if gpu_wanted(config.use_gpu) else None
-    return select_index(n, dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
 
 
 def fit_on_sample(work: Work, selection: Selection, progress: bool) -> faiss.Index:
