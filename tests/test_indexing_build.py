@@ -3,6 +3,7 @@ search returns table ids, and the vectors handed to the blend are the exact cach
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -200,3 +201,19 @@ def test_caller_supplied_queries_are_used_for_tuning(tmp_path: Path) -> None:
     manifest = json.loads((staged / "manifest.json").read_text())
     assert manifest["recall_queries"] == {"count": 200, "kind": "caller-supplied queries"}
     assert manifest["target"]["met"] is True
+
+
+def test_automatic_shards_build_a_small_table_in_one_process_and_options_stay_frozen(
+    tmp_path: Path,
+) -> None:
+    store = make_images_table(tmp_path / "db", 200, DIM, seed=4)
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
+    files: list[tuple[str, Path]] = []
+    options = indexing.BuildOptions(progress=False, shards="auto", query_files=files)
+    files.append(("text", tmp_path / "later.npy"))  # the caller's list, changed afterwards
+    manifest = indexing.build(CacheTable.open(store), cfg, options)
+    # Below indexing.steps.build.SHARDED_FROM_ROWS rows "auto" adds the rows in this process.
+    assert manifest["shards"] == 1 and manifest["ntotal"] == 200
+    assert options.query_files == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.shards = 4  # type: ignore[misc]
