@@ -6,7 +6,7 @@ with a caption embedding per row in ``text_vector``):
 * tuning query sets, the ones a build gathers: held-out image rows, the captions
   (``text:captions``), and an ``audio`` query log of 1000 served queries;
 * evaluation query sets, never seen by any tuning: 1000 new image rows, 1000 new text-like and
-  1000 new audio-like queries (:func:`indexing.synthetic.crossmodal_queries`: tied to a random
+  1000 new audio-like queries (:func:`clustered_embeddings.crossmodal_queries`: tied to a random
   image at cosine 0.3, offset along the modality's direction; evaluation seeds differ from the
   tuning ones); exact top-10 over the table as ground truth.
 
@@ -71,11 +71,11 @@ def make_data(work: Path, rows: int, seed: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import lancedb
     import pyarrow as pa
+    from clustered_embeddings import clustered_vectors, crossmodal_queries, modality_direction
     from tables import image_rows
 
     from cachebind.config import StoreConfig
     from cachebind.store import images_schema
-    from indexing.synthetic import clustered_vectors, crossmodal_queries, modality_direction
 
     x = clustered_vectors(rows + N_EVAL, DIM, seed=seed)
     x = x.astype(np.float16).astype(np.float32)  # what the table holds
@@ -181,7 +181,7 @@ def bench_cachebind(store, work: Path, audio_tune: np.ndarray, evals, truth, x) 
     qlog.add("audio", audio_tune)
     qlog.save(query_log_path(cfg.dir))
     t0 = time.perf_counter()
-    manifest = indexing.build_and_publish(store, cfg, progress=False)
+    manifest = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     build_s = time.perf_counter() - t0
     table = CacheTable.open(store)
     loaded = indexing.load_current(cfg.dir, table, use_gpu="no")

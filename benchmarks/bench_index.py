@@ -4,7 +4,7 @@ CPU mode (default): ``--rows`` (1M) clustered 1024-d unit vectors in a LanceDB t
 the cache stores them), 1000 new held-out queries from the same distribution.
 
 * exact: brute-force inner product (faiss.knn over the float32 matrix) -> the ground truth;
-* ours: ``indexing.build_and_publish`` (selection + recall-targeted tuning), loaded and timed;
+* ours: ``indexing.build`` (selection + recall-targeted tuning), loaded and timed;
 * LanceDB IVF_PQ (its defaults, metric dot), its ``nprobes`` / ``refine_factor`` tuned to the
   cheapest setting reaching the same recall@10 target.
 
@@ -64,10 +64,10 @@ def make_table(uri: Path, rows: int, seed: int) -> tuple[object, np.ndarray, np.
     """The table (fp16 vectors), the float32 matrix as stored, and held-out queries."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import lancedb
+    from clustered_embeddings import clustered_vectors
     from tables import image_rows
 
     from cachebind.store import images_schema
-    from indexing.synthetic import clustered_vectors
 
     x = clustered_vectors(rows + N_QUERIES, DIM, seed=seed)
     queries = x[rows:].copy()
@@ -112,7 +112,7 @@ def bench_ours(store, index_dir: Path, queries: np.ndarray, truth: np.ndarray) -
 
     cfg = IndexConfig(dir=index_dir, use_gpu="no", memory_budget_gb=16.0)
     t0 = time.perf_counter()
-    manifest = indexing.build_and_publish(store, cfg, progress=False)
+    manifest = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     build_s = time.perf_counter() - t0
     loaded = indexing.load_current(index_dir, CacheTable.open(store), use_gpu="no")
 

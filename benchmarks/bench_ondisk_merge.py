@@ -42,10 +42,10 @@ def status_kib(field: str) -> int:
 def make_table(uri: Path, rows: int, seed: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import lancedb
+    from clustered_embeddings import clustered_vectors
     from tables import image_rows
 
     from cachebind.store import images_schema
-    from indexing.synthetic import clustered_vectors
 
     table = lancedb.connect(str(uri)).create_table(
         "images", schema=images_schema(dim=DIM, thumbnail=False)
@@ -84,8 +84,10 @@ def child(args: argparse.Namespace) -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    manifest = indexing.build_and_publish(
-        store, cfg, progress=False, index_key=args.key, shards=args.shards
+    manifest = indexing.build(
+        CacheTable.open(store),
+        cfg,
+        indexing.BuildOptions(progress=False, index_key=args.key, shards=args.shards),
     )
     build_s = time.perf_counter() - t0
     done.set()

@@ -46,6 +46,7 @@ def free_port() -> int:
 def prepare(root: Path, rows: int) -> tuple[Any, str]:
     """A LanceDB table of ``rows`` generated rows, an index published by ``indexing``, settings."""
     import indexing
+    from cachebind.store import CacheTable
 
     # The demo-cache builders are test code (tests/builders.py), not part of the package.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -55,7 +56,9 @@ def prepare(root: Path, rows: int) -> tuple[Any, str]:
     svc = service_settings(root, cache, index_poll_s=0)
     svc.settings.index.use_gpu = "no"
     svc.settings.serve.port = free_port()
-    manifest = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    manifest = indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     return svc, manifest["index_key"]
 
 

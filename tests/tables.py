@@ -11,10 +11,10 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
+from clustered_embeddings import clustered_vectors
 
 from cachebind.config import StoreConfig
 from cachebind.store import images_schema, row_id
-from indexing.synthetic import clustered_vectors
 
 
 def image_rows(

@@ -20,7 +20,7 @@ from cachebind.cli import main
 from cachebind.config import CacheConfig, IndexConfig, Settings, StoreConfig
 from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable
-from indexing.gapsets import known_query_groups
+from indexing.quality.gapsets import known_query_groups
 
 DIM, PAIRED, UNPAIRED = 32, 240, 160
 OFFSET = 0.8  # norm of the shared text offset g

@@ -18,7 +18,7 @@ from PIL import Image
 
 import indexing
 from cachebind.client import CachebindAPIError, CachebindClient, input_item
-from cachebind.store import row_id
+from cachebind.store import CacheTable, row_id
 
 
 def png(colour=(10, 120, 200)) -> bytes:
@@ -119,7 +119,9 @@ def test_in_process_client_serves_the_published_index(tmp_path):
     cache = build_demo_cache(tmp_path, rows=60, dim=64)
     settings = service_settings(tmp_path, cache).settings
     settings.index.use_gpu = "no"
-    indexing.build_and_publish(cache.store, settings.index, progress=False)
+    indexing.build(
+        CacheTable.open(cache.store), settings.index, indexing.BuildOptions(progress=False)
+    )
     with CachebindClient.in_process(settings) as client:
         hits = client.search([input_item("text", "a green tree")], k=3)
         assert len(hits["results"]) == 3

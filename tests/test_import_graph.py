@@ -143,8 +143,8 @@ def test_package_has_no_import_cycle(package):
 
 def test_the_graph_sees_lazy_imports_and_reports_an_indirect_chain(tmp_path):
     lazy = tmp_path / "lazy.py"
-    lazy.write_text("def f():\n    if True:\n        from indexing.build import x\n")
-    assert imports_of("cachebind.lazy", lazy, {"indexing.build"}) == {"indexing.build"}
+    lazy.write_text("def f():\n    if True:\n        from indexing.steps.build import x\n")
+    assert imports_of("cachebind.lazy", lazy, {"indexing.steps.build"}) == {"indexing.steps.build"}
     graph = {"cachebind.a": {"cachebind.b"}, "cachebind.b": {"indexing.c"}, "indexing.c": set()}
     assert forbidden_imports(graph, ["cachebind.a"], ("indexing",)) == [
         ["cachebind.a", "cachebind.b", "indexing.c"]
@@ -169,3 +169,70 @@ def test_the_whole_distribution_has_no_import_cycle():
     graph = distribution_graph()
     assert {m.split(".")[0] for m in graph} == set(PACKAGES)
     assert find_cycle(graph) is None
+
+
+ROOMS = {
+    "indexing.mechanics": (),
+    "indexing.quality": ("indexing.mechanics",),
+    "indexing.versions": (),
+    "indexing.steps": ("indexing.mechanics", "indexing.quality", "indexing.versions"),
+}
+"""The rooms of ``indexing`` -> the rooms each may use. FAISS mechanics know no other room; the
+quality loop uses only the mechanics; the published versions' writing side uses neither the
+quality loop nor the steps; the build steps use them all. No room imports the package's doors
+(``indexing`` itself), which import the steps."""
+
+
+def room_of(module: str) -> str | None:
+    return next((room for room in ROOMS if in_package(module, room)), None)
+
+
+def out_of_bounds(module: str, allowed: set[str | None]) -> bool:
+    """The doors, or a module of a room not in ``allowed``."""
+    return module == "indexing" or (
+        in_package(module, "indexing") and room_of(module) not in allowed
+    )
+
+
+def room_violations(graph: dict[str, set[str]]) -> list[list[str]]:
+    """For each module reaching a room it may not use (or the doors), one import chain."""
+    found = []
+    for start in sorted(graph):
+        room = room_of(start)
+        if room is None:
+            continue
+        allowed: set[str | None] = {room, *ROOMS[room]}
+        via = reachable(graph, start)
+        for module in sorted(via):
+            if out_of_bounds(module, allowed):
+                path = chain(via, start, module)
+                # Up to the first step out of bounds: that import is the one to remove.
+                first = next(i for i, m in enumerate(path) if out_of_bounds(m, allowed))
+                found.append(path[: first + 1])
+                break
+    return found
+
+
+def test_every_indexing_module_lives_in_exactly_one_room():
+    modules = [m for m in distribution_graph() if in_package(m, "indexing") and m != "indexing"]
+    assert len(modules) > 20  # the walk found the rooms' modules
+    assert [m for m in modules if sum(in_package(m, room) for room in ROOMS) != 1] == []
+
+
+def test_the_rooms_of_indexing_import_each_other_in_one_direction():
+    assert room_violations(distribution_graph()) == []
+
+
+def test_a_room_importing_against_the_direction_is_reported():
+    graph = {
+        "indexing": {"indexing.steps.build"},
+        "indexing.steps.build": {"indexing.versions.publishing"},
+        "indexing.versions.publishing": {"indexing.quality.tune"},
+        "indexing.quality.tune": {"indexing.mechanics.fit"},
+        "indexing.mechanics.fit": set(),
+        "indexing.mechanics.ondisk": {"indexing"},
+    }
+    assert room_violations(graph) == [
+        ["indexing.mechanics.ondisk", "indexing"],
+        ["indexing.versions.publishing", "indexing.quality.tune"],
+    ]

@@ -25,7 +25,7 @@ N = 1_500
 def built(tmp_path: Path):
     store = make_images_table(tmp_path / "db", N, DIM, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    manifest = indexing.build_and_publish(store, cfg, progress=False)
+    manifest = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     return store, cfg, manifest
 
 

@@ -3,19 +3,21 @@ search returns table ids, and the vectors handed to the blend are the exact cach
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from clustered_embeddings import clustered_vectors
 from tables import make_images_table
 
 import indexing
 from cachebind.config import IndexConfig
 from cachebind.published.manifest import ids_checksum, read_manifest
 from cachebind.store import CacheTable
-from indexing.synthetic import clustered_vectors
+from indexing.steps.build import build_index
 
 DIM = 64
 IVF_KEY = "IVF64,PQ32x4fs,RFlat"
@@ -27,7 +29,9 @@ def ivf(tmp_path_factory: pytest.TempPathFactory) -> tuple[CacheTable, IndexConf
     root = tmp_path_factory.mktemp("ivf")
     store = make_images_table(root / "db", 12_000, DIM, seed=1)
     cfg = IndexConfig(dir=root / "index", use_gpu="no", recall_target=0.95, recall_k=10)
-    manifest = indexing.build_and_publish(store, cfg, progress=False, index_key=IVF_KEY)
+    manifest = indexing.build(
+        CacheTable.open(store), cfg, indexing.BuildOptions(progress=False, index_key=IVF_KEY)
+    )
     return CacheTable.open(store), cfg, manifest
 
 
@@ -121,7 +125,9 @@ def test_vectors_are_the_exact_cached_values(ivf) -> None:
 def test_vectors_of_a_pq_index_come_from_the_table_not_the_codes(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 3_000, DIM, seed=2)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    indexing.build_and_publish(store, cfg, progress=False, index_key="IVF16,PQ8x4")
+    indexing.build(
+        CacheTable.open(store), cfg, indexing.BuildOptions(progress=False, index_key="IVF16,PQ8x4")
+    )
     table = CacheTable.open(store)
     loaded = indexing.load_current(cfg.dir, table, use_gpu="no")
     ids = table.ids()[:20]
@@ -136,7 +142,7 @@ def test_vectors_of_a_pq_index_come_from_the_table_not_the_codes(tmp_path: Path)
 def test_small_table_is_exact_and_pads_with_minus_one(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 5, DIM, seed=3)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    manifest = indexing.build_and_publish(store, cfg, progress=False)
+    manifest = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert manifest["index_key"] == "Flat"
     assert manifest["recall"]["1"] == 1.0
     table = CacheTable.open(store)
@@ -153,7 +159,9 @@ def test_a_forced_ivf_key_trains_on_a_table_smaller_than_the_held_out_queries(
 ) -> None:
     store = make_images_table(tmp_path / "db", 180, DIM, seed=4)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    manifest = indexing.build_and_publish(store, cfg, progress=False, index_key="IVF4,Flat")
+    manifest = indexing.build(
+        CacheTable.open(store), cfg, indexing.BuildOptions(progress=False, index_key="IVF4,Flat")
+    )
     assert manifest["index_key"] == "IVF4,Flat"
     assert manifest["recall"]["10"] >= 0.95
 
@@ -161,7 +169,7 @@ def test_a_forced_ivf_key_trains_on_a_table_smaller_than_the_held_out_queries(
 def test_natural_selection_above_the_flat_threshold_builds_ivf(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 52_000, 32, seed=4)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", recall_target=0.9)
-    manifest = indexing.build_and_publish(store, cfg, progress=False)
+    manifest = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert manifest["index_key"].startswith("IVF") and manifest["index_key"].endswith("RFlat")
     assert manifest["selection"]["autofaiss_keys"]
     assert manifest["recall"]["10"] >= 0.9
@@ -172,13 +180,19 @@ def test_a_latency_budget_constrains_the_choice_and_is_recorded(tmp_path: Path) 
     table = CacheTable.open(store)
     roomy = IndexConfig(dir=tmp_path / "a", use_gpu="no", latency_budget_ms=1_000.0)
     m = indexing.publish(
-        roomy.dir, indexing.build_index(table, roomy, False, index_key="IVF32,PQ32x4fs,RFlat"), 3
+        roomy.dir,
+        build_index(
+            table, roomy, indexing.BuildOptions(index_key="IVF32,PQ32x4fs,RFlat", progress=False)
+        ),
+        3,
     )
     manifest = read_manifest(roomy.dir, m)
     assert manifest.target["latency_met"] is True and manifest.target["met"] is True
     # Tighter than any search can be: recorded as missed, never silently "filled".
     tight = IndexConfig(dir=tmp_path / "b", use_gpu="no", latency_budget_ms=1e-6)
-    staged = indexing.build_index(table, tight, False, index_key="IVF32,PQ32x4fs,RFlat")
+    staged = build_index(
+        table, tight, indexing.BuildOptions(index_key="IVF32,PQ32x4fs,RFlat", progress=False)
+    )
     manifest = read_manifest(tight.dir, indexing.publish(tight.dir, staged, 3))
     assert manifest.target["latency_met"] is False
     assert manifest.target["latency_budget_ms"] == 1e-6
@@ -188,9 +202,27 @@ def test_caller_supplied_queries_are_used_for_tuning(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 3_000, DIM, seed=6)
     queries = clustered_vectors(3_200, DIM, seed=6, n_clusters=int(np.sqrt(3_000)))[3_000:]
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    staged = indexing.build_index(
-        CacheTable.open(store), cfg, False, queries=queries, index_key="IVF16,PQ32x4fs,RFlat"
+    staged = build_index(
+        CacheTable.open(store),
+        cfg,
+        indexing.BuildOptions(queries=queries, index_key="IVF16,PQ32x4fs,RFlat", progress=False),
     )
     manifest = json.loads((staged / "manifest.json").read_text())
     assert manifest["recall_queries"] == {"count": 200, "kind": "caller-supplied queries"}
     assert manifest["target"]["met"] is True
+
+
+def test_automatic_shards_build_a_small_table_in_one_process_and_options_stay_frozen(
+    tmp_path: Path,
+) -> None:
+    store = make_images_table(tmp_path / "db", 200, DIM, seed=4)
+    cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
+    files: list[tuple[str, Path]] = []
+    options = indexing.BuildOptions(progress=False, shards="auto", query_files=files)
+    files.append(("text", tmp_path / "later.npy"))  # the caller's list, changed afterwards
+    manifest = indexing.build(CacheTable.open(store), cfg, options)
+    # Below indexing.steps.build.SHARDED_FROM_ROWS rows "auto" adds the rows in this process.
+    assert manifest["shards"] == 1 and manifest["ntotal"] == 200
+    assert options.query_files == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.shards = 4  # type: ignore[misc]

@@ -19,6 +19,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+from clustered_embeddings import clustered_vectors, crossmodal_queries, modality_direction
 from tables import image_rows
 
 import indexing
@@ -27,7 +28,7 @@ from cachebind.published.layout import CURRENT_FILE, IDS_FILE, INDEX_FILE, versi
 from cachebind.published.manifest import read_manifest
 from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable, images_schema
-from indexing.synthetic import clustered_vectors, crossmodal_queries, modality_direction
+from indexing.steps.build import build_index
 
 N, DIM = 24_000, 128
 KEY = "IVF128,PQ64x4fs,RFlat"
@@ -104,8 +105,10 @@ def built(cache: Cache, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     cache.write_log(index_dir)
     tiny = index_dir.parent / "tiny.npy"
     np.save(tiny, cache.queries("text", 20, 7)[0])
-    manifest = indexing.build_and_publish(
-        cache.store, config(index_dir), progress=False, index_key=KEY, query_files=[("text", tiny)]
+    manifest = indexing.build(
+        CacheTable.open(cache.store),
+        config(index_dir),
+        indexing.BuildOptions(progress=False, index_key=KEY, query_files=[("text", tiny)]),
     )
     return index_dir, manifest
 
@@ -224,8 +227,10 @@ def test_a_key_that_cannot_reach_the_target_on_text_queries_is_escalated_with_a_
     # 8-byte PQ codes with no exact re-rank: text queries' neighbours all sit at cosine
     # ~0.25-0.3, closer together than the codes can tell apart.
     weak = "IVF64,PQ16x4"
-    staged = indexing.build_index(
-        cache.table, config(tmp_path / "index"), False, index_key=weak, escalate_forced=True
+    staged = build_index(
+        cache.table,
+        config(tmp_path / "index"),
+        indexing.BuildOptions(index_key=weak, escalate_forced=True, progress=False),
     )
     manifest = read_manifest(tmp_path / "index", indexing.publish(tmp_path / "index", staged, 3))
     assert manifest.index_key != weak
@@ -244,7 +249,11 @@ def test_tuning_on_image_rows_alone_misses_text_neighbours_and_tune_fixes_it_in_
 ) -> None:
     index_dir = tmp_path / "index"
     image_only = config(index_dir, caption_queries=False, query_log=False)
-    first = indexing.build_and_publish(cache.store, image_only, progress=False, index_key=KEY)
+    first = indexing.build(
+        CacheTable.open(cache.store),
+        image_only,
+        indexing.BuildOptions(progress=False, index_key=KEY),
+    )
     assert [s["name"] for s in first["query_sets"]] == ["image:held_out"]
     assert first["recall"]["10"] >= TARGET
     # What the manifest above would have hidden: text queries miss the target by more than
@@ -267,7 +276,9 @@ def test_tuning_on_image_rows_alone_misses_text_neighbours_and_tune_fixes_it_in_
     poller = threading.Thread(target=reader)
     poller.start()
     try:
-        retuned = indexing.tune_current(index_dir, cache.table, config(index_dir), progress=False)
+        retuned = indexing.tune(
+            cache.table, config(index_dir), indexing.BuildOptions(progress=False)
+        )
     finally:
         stop.set()
         poller.join(timeout=30)
@@ -306,10 +317,12 @@ def test_tune_refuses_a_table_the_version_was_not_built_from(cache, tmp_path: Pa
     store = StoreConfig(uri=str(root / "db2"), table="images", vector_dtype="float16")
     db = lancedb.connect(store.uri)
     db.create_table("images", image_rows(cache.x[:3000]))
-    indexing.build_and_publish(store, config(root / "index"), progress=False)
+    indexing.build(
+        CacheTable.open(store), config(root / "index"), indexing.BuildOptions(progress=False)
+    )
     append_rows(store, 10, DIM, seed=9, start=3000)
     with pytest.raises(IndexMismatchError, match="index add|rebuild"):
-        indexing.tune_current(root / "index", CacheTable.open(store), config(root / "index"))
+        indexing.tune(CacheTable.open(store), config(root / "index"))
 
 
 def test_the_service_batches_queries_of_several_modalities_each_with_its_own_setting(
@@ -333,7 +346,7 @@ def test_the_service_batches_queries_of_several_modalities_each_with_its_own_set
 
 
 def test_the_tuner_never_times_a_setting_that_does_strictly_more_work_than_another() -> None:
-    from indexing.tune import Trial, undominated
+    from indexing.quality.tune import Trial, undominated
 
     def trial(nprobe: int, k_factor: int) -> Trial:
         return Trial({"nprobe": nprobe, "k_factor": k_factor}, recall=0.96, ms_per_query=1.0)

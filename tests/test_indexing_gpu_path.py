@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+from clustered_embeddings import clustered_vectors
 
 from cachebind.published.gpu import TorchExactSearch, gpu_wanted
-from indexing.synthetic import clustered_vectors
 
 
 def test_torch_exact_search_matches_faiss_flat() -> None:
@@ -50,7 +50,7 @@ def test_loaded_flat_index_batches_through_the_matrix_product(tmp_path) -> None:
 
     store = make_images_table(tmp_path / "db", 2_000, 32, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    indexing.build_and_publish(store, cfg, progress=False)
+    indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     loaded = indexing.load_current(cfg.dir, CacheTable.open(store), use_gpu="no")
     assert loaded._cpu_matmul is not None
     queries = clustered_vectors(2_050, 32, seed=0)[2_000:]
@@ -71,7 +71,8 @@ def test_the_gpu_search_imports_without_the_build_stack() -> None:
 
     code = (
         "import sys, cachebind.published.gpu; "
-        "print([m for m in ('lancedb', 'autofaiss', 'ray', 'indexing.build') if m in sys.modules])"
+        "print([m for m in ('lancedb', 'autofaiss', 'ray', 'indexing.steps.build')"
+        " if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

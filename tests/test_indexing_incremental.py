@@ -14,7 +14,7 @@ import indexing
 from cachebind.config import IndexConfig
 from cachebind.errors import IndexMismatchError
 from cachebind.store import CacheTable
-from indexing.select import FLAT_MAX_ROWS, outgrown, select_index
+from indexing.steps.select import FLAT_MAX_ROWS, outgrown, select_index
 
 faiss.omp_set_num_threads(1)
 
@@ -25,13 +25,15 @@ KEY = "IVF32,PQ16x4fs,RFlat"
 def test_appended_rows_are_added_without_retraining(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 4_000, DIM, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", recall_target=0.9)
-    first = indexing.build_and_publish(store, cfg, progress=False, index_key=KEY)
+    first = indexing.build(
+        CacheTable.open(store), cfg, indexing.BuildOptions(progress=False, index_key=KEY)
+    )
     before = indexing.load_current(cfg.dir, CacheTable.open(store), use_gpu="no")
     centroids = faiss.extract_index_ivf(before.index).quantizer.reconstruct_n(0, 32)
 
     append_rows(store, 1_000, DIM, seed=5, start=4_000)
     table = CacheTable.open(store)
-    second = indexing.add_rows(cfg.dir, table, cfg, progress=False)
+    second = indexing.add(table, cfg, indexing.BuildOptions(progress=False))
 
     assert second["version"] == "v000002" and second["parent_version"] == first["version"]
     assert second["added_rows"] == 1_000 and second["ntotal"] == 5_000
@@ -55,24 +57,24 @@ def test_appended_rows_are_added_without_retraining(tmp_path: Path) -> None:
 def test_a_rewritten_table_needs_a_rebuild(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 1_000, DIM, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no")
-    indexing.build_and_publish(store, cfg, progress=False)
+    indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     first_id = int(CacheTable.open(store).ids()[0])
     lancedb.connect(store.uri).open_table(store.table).delete(f"id = {first_id}")
     append_rows(store, 10, DIM, seed=5, start=1_000)
     with pytest.raises(IndexMismatchError, match="rebuild"):
-        indexing.add_rows(cfg.dir, CacheTable.open(store), cfg, progress=False)
+        indexing.add(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert indexing.list_versions(cfg.dir) == ["v000001"]
 
 
 def test_a_flat_index_outgrown_by_the_table_is_rebuilt_as_ivf(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", FLAT_MAX_ROWS - 2_000, DIM, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", recall_target=0.9)
-    first = indexing.build_and_publish(store, cfg, progress=False)
+    first = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert first["index_key"] == "Flat"
 
     append_rows(store, 4_000, DIM, seed=5, start=FLAT_MAX_ROWS - 2_000)
     table = CacheTable.open(store)
-    second = indexing.add_rows(cfg.dir, table, cfg, progress=False)
+    second = indexing.add(table, cfg, indexing.BuildOptions(progress=False))
 
     assert second["update"]["mode"] == "rebuilt"
     assert "Flat" in second["update"]["reason"] and "IVF" in second["update"]["reason"]
@@ -86,11 +88,11 @@ def test_a_flat_index_outgrown_by_the_table_is_rebuilt_as_ivf(tmp_path: Path) ->
 def test_with_rebuild_off_an_outgrown_index_is_added_to_and_says_so(tmp_path: Path) -> None:
     store = make_images_table(tmp_path / "db", 3_000, DIM, seed=0)
     cfg = IndexConfig(dir=tmp_path / "index", use_gpu="no", rebuild_when_outgrown=False)
-    indexing.build_and_publish(store, cfg, progress=False)
+    indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     # A budget the grown table's float32 vectors no longer fit asks for a quantized key.
     append_rows(store, 1_000, DIM, seed=5, start=3_000)
     tight = cfg.model_copy(update={"memory_budget_gb": 3_500 * DIM * 4 / 2**30})
-    second = indexing.add_rows(cfg.dir, CacheTable.open(store), tight, progress=False)
+    second = indexing.add(CacheTable.open(store), tight, indexing.BuildOptions(progress=False))
 
     assert second["index_key"] == "Flat" and second["update"]["mode"] == "added"
     assert "rebuild_when_outgrown is off" in second["update"]["reason"]

@@ -20,9 +20,10 @@ from cachebind.errors import IndexMismatchError
 from cachebind.published.gpu import gpu_refusal, to_gpu
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.ondisk import IVFDATA_FILE, plan_merge, unsupported_reason, write_shard
-from indexing.params import apply_search_params
-from indexing.select import select_index
+from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge, unsupported_reason, write_shard
+from indexing.mechanics.params import apply_search_params
+from indexing.steps.build import build_index
+from indexing.steps.select import select_index
 
 faiss.omp_set_num_threads(1)
 
@@ -48,9 +49,11 @@ def config(index_dir: Path, **kw) -> IndexConfig:
     return IndexConfig(dir=index_dir, use_gpu="no", **kw)
 
 
-def build(store: StoreConfig, index_dir: Path, shards: int | None = None, **kw) -> dict:
-    return indexing.build_and_publish(
-        store, config(index_dir, **kw), progress=False, index_key=KEY, shards=shards
+def build(store: StoreConfig, index_dir: Path, shards: int = 1, **kw) -> dict:
+    return indexing.build(
+        CacheTable.open(store),
+        config(index_dir, **kw),
+        indexing.BuildOptions(progress=False, index_key=KEY, shards=shards),
     )
 
 
@@ -159,8 +162,10 @@ def test_a_crash_during_the_on_disk_merge_leaves_current_alone(
             raise RuntimeError(f"driver died after {at}")
 
     with pytest.raises(RuntimeError, match="driver died"):
-        staged = indexing.build_index(
-            CacheTable.open(store), cfg, False, index_key=KEY, shards=2, on_stage=crash
+        staged = build_index(
+            CacheTable.open(store),
+            cfg,
+            indexing.BuildOptions(index_key=KEY, shards=2, on_stage=crash, progress=False),
         )
         indexing.publish(cfg.dir, staged, cfg.keep_versions)
     assert indexing.current_version(cfg.dir) == "v000001"
@@ -183,8 +188,10 @@ def test_a_shard_file_cut_short_fails_the_merge_cleanly(store, tmp_path, local_r
                 f.truncate(victim.stat().st_size // 2)
 
     with pytest.raises(RuntimeError, match="its task wrote"):
-        indexing.build_index(
-            CacheTable.open(store), cfg, False, index_key=KEY, shards=2, on_stage=cut
+        build_index(
+            CacheTable.open(store),
+            cfg,
+            indexing.BuildOptions(index_key=KEY, shards=2, on_stage=cut, progress=False),
         )
     assert indexing.current_version(cfg.dir) is None
     assert not any((cfg.dir / "staging").iterdir()) and not any(shared.iterdir())
@@ -226,7 +233,7 @@ def test_adding_rows_to_an_on_disk_version_copies_on_write(tmp_path, local_ray) 
         before = {p.name: sha256(p) for p in parent.iterdir()}
         append_rows(store, 600, DIM, seed=7, start=3_000)
         table = CacheTable.open(store)
-        grown = indexing.add_rows(index_dir, table, config(index_dir), progress=False)
+        grown = indexing.add(table, config(index_dir), indexing.BuildOptions(progress=False))
         assert grown["parent_version"] == "v000001" and grown["ntotal"] == 3_600
         assert {p.name: sha256(p) for p in parent.iterdir()} == before
         assert not any((index_dir / "staging").iterdir())

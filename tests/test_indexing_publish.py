@@ -15,7 +15,8 @@ from cachebind.config import IndexConfig, StoreConfig
 from cachebind.published.layout import version_number, versions_dir
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.versions import new_staging_dir
+from indexing.steps.build import build_index
+from indexing.versions.publishing import new_staging_dir
 
 faiss.omp_set_num_threads(1)  # 2 shared cores: spinning OpenMP threads only slow tests down
 
@@ -39,11 +40,11 @@ def versions_on_disk(index_dir: Path) -> list[str]:
 def test_publish_creates_a_version_and_points_current_at_it(tmp_path: Path, store) -> None:
     cfg = config(tmp_path)
     assert indexing.current_version(cfg.dir) is None
-    m1 = indexing.build_and_publish(store, cfg, progress=False)
+    m1 = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert indexing.current_version(cfg.dir) == m1["version"] == "v000001"
     folder = cfg.dir / "versions" / "v000001"
     assert sorted(p.name for p in folder.iterdir()) == ["ids.npy", "index.faiss", "manifest.json"]
-    m2 = indexing.build_and_publish(store, cfg, progress=False)
+    m2 = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert m2["version"] == "v000002"
     assert indexing.current_version(cfg.dir) == "v000002"
     assert indexing.list_versions(cfg.dir) == ["v000001", "v000002"]
@@ -55,7 +56,7 @@ def test_publish_creates_a_version_and_points_current_at_it(tmp_path: Path, stor
 @pytest.mark.parametrize("stage", ["trained", "added", "tuned", "index_written"])
 def test_a_crashed_build_changes_nothing(tmp_path: Path, store, stage: str) -> None:
     cfg = config(tmp_path)
-    first = indexing.build_and_publish(store, cfg, progress=False)
+    first = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     before = versions_on_disk(cfg.dir)
 
     def crash(at: str) -> None:
@@ -64,8 +65,10 @@ def test_a_crashed_build_changes_nothing(tmp_path: Path, store, stage: str) -> N
 
     table = CacheTable.open(store)
     with pytest.raises(RuntimeError, match="worker died"):
-        staged = indexing.build_index(
-            table, cfg, progress=False, index_key="IVF8,PQ16x4fs,RFlat", on_stage=crash
+        staged = build_index(
+            table,
+            cfg,
+            indexing.BuildOptions(progress=False, index_key="IVF8,PQ16x4fs,RFlat", on_stage=crash),
         )
         indexing.publish(cfg.dir, staged, cfg.keep_versions)
     assert indexing.current_version(cfg.dir) == first["version"]
@@ -108,11 +111,11 @@ def test_versions_are_listed_in_number_order_and_other_names_are_not_versions(
 def test_old_versions_are_pruned_by_count_but_never_the_current_one(tmp_path: Path, store) -> None:
     cfg = config(tmp_path, keep_versions=2)
     for _ in range(4):
-        indexing.build_and_publish(store, cfg, progress=False)
+        indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     assert indexing.list_versions(cfg.dir) == ["v000003", "v000004"]
     # Roll back to the older one, then publish twice more: the rolled-back current survives.
     indexing.set_current(cfg.dir, "v000003")
-    staged = indexing.build_index(CacheTable.open(store), cfg, progress=False)
+    staged = build_index(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     indexing.publish(cfg.dir, staged, keep_versions=1)
     assert indexing.list_versions(cfg.dir) == ["v000005"]
     indexing.set_current(cfg.dir, "v000005")
@@ -122,7 +125,7 @@ def test_old_versions_are_pruned_by_count_but_never_the_current_one(tmp_path: Pa
 def test_pruning_keeps_a_current_that_is_older_than_the_kept_window(tmp_path: Path, store) -> None:
     cfg = config(tmp_path, keep_versions=3)
     for _ in range(3):
-        indexing.build_and_publish(store, cfg, progress=False)
+        indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     indexing.set_current(cfg.dir, "v000001")
     indexing.prune(cfg.dir, keep_versions=1)
     assert indexing.list_versions(cfg.dir) == ["v000001", "v000003"]
@@ -131,7 +134,7 @@ def test_pruning_keeps_a_current_that_is_older_than_the_kept_window(tmp_path: Pa
 
 def test_version_manifest_is_json_with_its_own_name(tmp_path: Path, store) -> None:
     cfg = config(tmp_path)
-    m = indexing.build_and_publish(store, cfg, progress=False)
+    m = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     on_disk = json.loads((cfg.dir / "versions" / m["version"] / "manifest.json").read_text())
     assert on_disk["version"] == m["version"]
     ids = np.load(cfg.dir / "versions" / m["version"] / "ids.npy")
@@ -145,7 +148,7 @@ def test_a_killed_build_process_leaves_current_alone(tmp_path: Path, store) -> N
     import textwrap
 
     cfg = config(tmp_path)
-    first = indexing.build_and_publish(store, cfg, progress=False)
+    first = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     script = textwrap.dedent(
         f"""
         import os
@@ -153,12 +156,14 @@ def test_a_killed_build_process_leaves_current_alone(tmp_path: Path, store) -> N
         import indexing
         from cachebind.config import IndexConfig, StoreConfig
         from cachebind.store import CacheTable
+        from indexing.steps.build import build_index
         store = StoreConfig(uri={store.uri!r}, table={store.table!r})
         cfg = IndexConfig(dir=Path({str(cfg.dir)!r}), use_gpu="no")
         def die(stage):
             if stage == "index_written":
                 os._exit(9)
-        staged = indexing.build_index(CacheTable.open(store), cfg, progress=False, on_stage=die)
+        options = indexing.BuildOptions(progress=False, on_stage=die)
+        staged = build_index(CacheTable.open(store), cfg, options)
         indexing.publish(cfg.dir, staged, 3)
         """
     )
@@ -176,7 +181,7 @@ def test_a_version_records_its_files_checksums_and_verify_finds_a_flipped_byte(
     from cachebind.cli import main as cli_main
 
     cfg = config(tmp_path)
-    m = indexing.build_and_publish(store, cfg, progress=False)
+    m = indexing.build(CacheTable.open(store), cfg, indexing.BuildOptions(progress=False))
     folder = cfg.dir / "versions" / m["version"]
     assert set(m["files"]) == {"index.faiss", "ids.npy"}
     assert m["files"]["ids.npy"]["bytes"] == (folder / "ids.npy").stat().st_size

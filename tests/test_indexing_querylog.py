@@ -19,7 +19,7 @@ from cachebind.published.querylog import (
     load_query_sets,
     query_log_path,
 )
-from indexing import versions
+from indexing.versions import publishing
 
 DIM = 16
 
@@ -182,12 +182,12 @@ def test_a_save_replaces_the_file_atomically_and_a_failed_one_leaves_the_old(
 
 def test_version_listing_and_pruning_ignore_the_log(tmp_path: Path) -> None:
     for name in ("v000001", "v000002", "v000003"):
-        (versions.versions_dir(tmp_path) / name).mkdir(parents=True)
-    (tmp_path / versions.CURRENT_FILE).write_text("v000003\n")
+        (publishing.versions_dir(tmp_path) / name).mkdir(parents=True)
+    (tmp_path / publishing.CURRENT_FILE).write_text("v000003\n")
     qlog = QueryLog(10)
     qlog.add("text", unit(2, 0))
     qlog.save(query_log_path(tmp_path))
-    assert versions.list_versions(tmp_path) == ["v000001", "v000002", "v000003"]
-    assert versions.prune(tmp_path, 1) == ["v000001", "v000002"]
+    assert publishing.list_versions(tmp_path) == ["v000001", "v000002", "v000003"]
+    assert publishing.prune(tmp_path, 1) == ["v000001", "v000002"]
     assert query_log_path(tmp_path).is_file()
     assert QueryLog.load(query_log_path(tmp_path), 10).counts()["text"]["seen"] == 2

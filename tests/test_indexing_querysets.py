@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cachebind.errors import InputError
-from indexing.querysets import parse_query_spec, read_query_file
+from indexing.quality.querysets import parse_query_spec, read_query_file
 
 DIM = 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from autofaiss.external.optimize import get_optimal_index_keys_v2
 
-from indexing.select import FLAT_MAX_ROWS, nb_lists, select_index
+from indexing.steps.select import FLAT_MAX_ROWS, nb_lists, select_index
 
 
 def test_small_tables_get_exact_flat_search() -> None:

@@ -13,7 +13,8 @@ from tables import make_images_table
 import indexing
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
-from indexing.shards import shard_ranges
+from indexing.mechanics.params import apply_search_params
+from indexing.steps.shards import shard_ranges
 
 faiss.omp_set_num_threads(1)
 
@@ -38,9 +39,13 @@ def test_sharded_build_equals_single_build(tmp_path: Path, local_ray) -> None:
     table = CacheTable.open(store)
     single_cfg = IndexConfig(dir=tmp_path / "single", use_gpu="no")
     sharded_cfg = IndexConfig(dir=tmp_path / "sharded", use_gpu="no")
-    single = indexing.build_and_publish(store, single_cfg, progress=False, index_key=KEY)
-    sharded = indexing.build_and_publish(
-        store, sharded_cfg, progress=False, index_key=KEY, shards=3
+    single = indexing.build(
+        CacheTable.open(store), single_cfg, indexing.BuildOptions(progress=False, index_key=KEY)
+    )
+    sharded = indexing.build(
+        CacheTable.open(store),
+        sharded_cfg,
+        indexing.BuildOptions(progress=False, index_key=KEY, shards=3),
     )
     assert sharded["shards"] == 3 and sharded["ntotal"] == 4_000
     assert sharded["table"] == single["table"]  # same ids in the same order
@@ -54,7 +59,7 @@ def test_sharded_build_equals_single_build(tmp_path: Path, local_ray) -> None:
     a = indexing.load_current(single_cfg.dir, table, use_gpu="no")
     b = indexing.load_current(sharded_cfg.dir, table, use_gpu="no")
     params = single["search_params"]
-    indexing.params.apply_search_params(b.index, params)
+    apply_search_params(b.index, params)
     queries = table.vectors(table.ids()[::97].tolist())
     sa, ia = a.search(queries, 20)
     sb, ib = b.search(queries, 20)

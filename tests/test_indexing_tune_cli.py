@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clustered_embeddings import crossmodal_queries
 from tables import make_images_table
 
 from cachebind.cli import main
 from cachebind.published.querylog import QueryLog, query_log_path
 from cachebind.store import CacheTable
-from indexing.synthetic import crossmodal_queries
 
 DIM = 32
 

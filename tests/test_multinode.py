@@ -28,6 +28,7 @@ import indexing
 from cachebind.config import EmbedConfig, EncoderConfig, IndexConfig, Settings, StoreConfig
 from cachebind.sources import synthetic as syn
 from cachebind.store import CacheTable, connect, row_id
+from indexing.mechanics.params import apply_search_params
 from jobs.embed import run_embed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,13 +178,17 @@ def test_the_sharded_index_build_across_nodes_equals_a_single_build(
     key = "IVF16,Flat"
     single_cfg = IndexConfig(dir=tmp_path / "single", use_gpu="no")
     sharded_cfg = IndexConfig(dir=tmp_path / "sharded", use_gpu="no")
-    single = indexing.build_and_publish(store, single_cfg, progress=False, index_key=key)
-    sharded = indexing.build_and_publish(
-        store, sharded_cfg, progress=False, index_key=key, shards=5
+    single = indexing.build(
+        CacheTable.open(store), single_cfg, indexing.BuildOptions(progress=False, index_key=key)
+    )
+    sharded = indexing.build(
+        CacheTable.open(store),
+        sharded_cfg,
+        indexing.BuildOptions(progress=False, index_key=key, shards=5),
     )
     assert sharded["shards"] == 5 and sharded["table"] == single["table"]
     a = indexing.load_current(single_cfg.dir, table, use_gpu="no")
     b = indexing.load_current(sharded_cfg.dir, table, use_gpu="no")
-    indexing.params.apply_search_params(b.index, single["search_params"])
+    apply_search_params(b.index, single["search_params"])
     queries = table.vectors(table.ids()[::61].tolist())
     np.testing.assert_array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])

@@ -37,7 +37,9 @@ def published(tmp_path: Path) -> tuple[Any, Any, dict[str, Any]]:
     cache = build_demo_cache(tmp_path, rows=200, dim=64)
     svc = service_settings(tmp_path, cache, index_poll_s=0)
     svc.settings.index.use_gpu = "no"
-    manifest = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    manifest = indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     return cache, svc, manifest
 
 

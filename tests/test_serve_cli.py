@@ -18,6 +18,7 @@ import indexing
 from cachebind.cli import main
 from cachebind.config import EncoderConfig, IndexConfig, WeightsConfig
 from cachebind.serve.auth import create_key
+from cachebind.store import CacheTable
 from cachebind.store.identity import configured_encoder
 
 
@@ -30,8 +31,10 @@ def free_port() -> int:
 def test_cachebind_serve_command(tmp_path):
     cache = build_demo_cache(tmp_path, rows=50, dim=64)
     index_dir = tmp_path / "index"
-    indexing.build_and_publish(
-        cache.store, IndexConfig(dir=index_dir, use_gpu="no"), progress=False
+    indexing.build(
+        CacheTable.open(cache.store),
+        IndexConfig(dir=index_dir, use_gpu="no"),
+        indexing.BuildOptions(progress=False),
     )
     users, admins = tmp_path / "users.txt", tmp_path / "admins.txt"
     key, admin_key = create_key(users), create_key(admins)
@@ -90,8 +93,10 @@ def small_table(tmp_path, monkeypatch):
     small = configured_encoder(EncoderConfig(preset="small"), weights)
     cache = build_demo_cache(tmp_path, rows=50, dim=64, encoder=small)
     index_dir = tmp_path / "index"
-    indexing.build_and_publish(
-        cache.store, IndexConfig(dir=index_dir, use_gpu="no"), progress=False
+    indexing.build(
+        CacheTable.open(cache.store),
+        IndexConfig(dir=index_dir, use_gpu="no"),
+        indexing.BuildOptions(progress=False),
     )
     for name, value in {
         "CACHEBIND_HOME": str(tmp_path / "home"),

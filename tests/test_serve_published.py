@@ -27,7 +27,9 @@ def published(tmp_path):
     cache = build_demo_cache(tmp_path, rows=200, dim=64)
     svc = service_settings(tmp_path, cache, index_poll_s=0)
     svc.settings.index.use_gpu = "no"
-    manifest = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    manifest = indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     return cache, svc, manifest
 
 
@@ -63,7 +65,9 @@ def test_server_loads_from_settings_and_reloads_a_newly_published_version(publis
         assert before.json()["results"][0]["key"] != new_key
         assert http.get("/v1/index").json()["rows"] == 200
 
-        second = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        second = indexing.build(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+        )
         assert second["version"] != first["version"]
         r = http.post("/v1/admin/reload", headers=admin)
         assert r.json() == {"reloaded": True, "version": second["version"], "detail": ""}
@@ -90,7 +94,9 @@ def test_server_without_a_published_index_is_alive_but_not_ready(tmp_path):
         r = http.post("/v1/embed", json={"inputs": [{"modality": "text", "text": "a dog"}]})
         assert r.status_code == 200
         # Publishing one makes the server ready without a restart (the poll loop).
-        manifest = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        manifest = indexing.build(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+        )
         for _ in range(100):
             if http.get("/readyz").status_code == 200:
                 break
@@ -113,7 +119,9 @@ def published_with(tmp_path, preset: str, **serve):
     cache = build_demo_cache(tmp_path, rows=60, dim=64, encoder=encoder_of(preset, tmp_path))
     svc = service_settings(tmp_path, cache, index_poll_s=0, **serve)
     svc.settings.index.use_gpu = "no"
-    indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     return cache, svc
 
 
@@ -166,7 +174,9 @@ def test_a_reload_to_another_encoders_table_is_refused_and_the_old_version_serve
         serving = http.get("/v1/index").json()["version"]
         # The table is re-embedded (overwritten) with another preset and a new index published.
         build_demo_cache(tmp_path, rows=60, dim=64, encoder=encoder_of("small", tmp_path))
-        newer = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        newer = indexing.build(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+        )
         r = http.post("/v1/admin/reload")
         assert r.status_code == 409 and r.json()["error"] == "encoder_mismatch"
         assert "preset 'small'" in r.json()["detail"] and newer["version"] in r.json()["detail"]
@@ -185,7 +195,9 @@ def test_a_first_index_over_another_encoders_table_leaves_the_server_not_ready_s
     with start_server(svc.settings, port=0) as server:
         http = httpx.Client(base_url=server.url, headers={"X-API-Key": svc.user_key})
         assert http.get("/readyz").status_code == 503  # no index yet: polling for one
-        indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        indexing.build(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+        )
         for _ in range(600):  # the poll loop finds it and refuses it
             ready = http.get("/readyz").json()
             if ready.get("error"):

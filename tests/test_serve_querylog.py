@@ -33,6 +33,7 @@ from cachebind.config import load_config
 from cachebind.published.querylog import query_log_path, read_log_file
 from cachebind.serve import start_server
 from cachebind.serve.runtime import IndexSnapshot
+from cachebind.store import CacheTable
 
 DIM = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,7 +399,9 @@ def test_a_tune_from_the_query_log_is_picked_up_by_a_running_server_under_load(t
     )
     svc.settings.index.use_gpu = "no"
     svc.settings.index.min_queries_per_set = 40
-    first = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    first = indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     assert [s["name"] for s in first["query_sets"]] == ["image:held_out"]
     log_path = query_log_path(svc.settings.index.dir)
     server = start_server(svc.settings, port=0)

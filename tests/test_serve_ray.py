@@ -38,7 +38,9 @@ def test_ray_serve_deployment_serves_search(tmp_path):
     cache = build_demo_cache(tmp_path, rows=100, dim=64)
     svc = service_settings(tmp_path, cache, index_poll_s=0)
     svc.settings.index.use_gpu = "no"
-    indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = run_on_ray(

@@ -22,6 +22,7 @@ from builders import (
 
 import indexing
 from cachebind.serve import start_server
+from cachebind.store import CacheTable
 
 
 def test_new_index_versions_are_picked_up_under_load_without_a_failed_request(tmp_path):
@@ -29,7 +30,9 @@ def test_new_index_versions_are_picked_up_under_load_without_a_failed_request(tm
     cache = build_demo_cache(tmp_path, rows=200, dim=64)
     svc = service_settings(tmp_path, cache, index_poll_s=0.2, batch_window_ms=3)
     svc.settings.index.use_gpu = "no"
-    first = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    first = indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     server = start_server(svc.settings, port=0)
     runtime = server.app.state.serve.runtime
     probe = runtime.snapshot.table.vectors(runtime.snapshot.table.ids()[:4].tolist())
@@ -65,10 +68,14 @@ def test_new_index_versions_are_picked_up_under_load_without_a_failed_request(tm
             t.start()
         time.sleep(0.5)
         append_rows(cache, 50, seed=1)  # the embedding job adds rows, then a new index
-        second = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        second = indexing.build(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+        )
         time.sleep(0.5)
         append_rows(cache, 50, seed=2)
-        third = indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+        third = indexing.build(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+        )
         # Wait on the state, not a clock: the server has switched and a request saw it.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

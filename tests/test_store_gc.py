@@ -15,7 +15,7 @@ from cachebind.cli import main as cli_main
 from cachebind.config import IndexConfig, Settings
 from cachebind.store import CacheTable
 from cachebind.store.gc import collect_store
-from indexing.retention import collect, pinned, tag_prefix
+from indexing.versions.retention import collect, pinned, tag_prefix
 
 DIM = 16
 
@@ -31,7 +31,11 @@ def test_gc_keeps_what_published_indexes_read_and_frees_the_rest(tmp_path: Path)
     settings = Settings(store=store, index=IndexConfig(dir=tmp_path / "index", use_gpu="no"))
     uri = f"{store.uri}/images.lance"
     indexed = CacheTable.open(store).version
-    manifest = indexing.build_and_publish(store, settings.index, progress=False, index_key="Flat")
+    manifest = indexing.build(
+        CacheTable.open(store),
+        settings.index,
+        indexing.BuildOptions(progress=False, index_key="Flat"),
+    )
     assert manifest["table"]["version"] == indexed
     for i in range(3):
         append_rows(store, 100, DIM, seed=10 + i, start=600 + 100 * i)
@@ -58,10 +62,11 @@ def test_gc_keeps_what_published_indexes_read_and_frees_the_rest(tmp_path: Path)
 
     # The index version is pruned (a newer one published): its tag goes, and so does the
     # table version at the next gc.
-    newer = indexing.build_and_publish(
-        store, settings.index.model_copy(update={"keep_versions": 1}), progress=False,
-        index_key="Flat",
-    )  # fmt: skip
+    newer = indexing.build(
+        CacheTable.open(store),
+        settings.index.model_copy(update={"keep_versions": 1}),
+        indexing.BuildOptions(progress=False, index_key="Flat"),
+    )
     assert indexing.list_versions(settings.index.dir) == [newer["version"]]
     again = collect(settings, retention_s=0.0)
     assert versions(uri) == [latest] and again.tables["images"].tagged == [latest]

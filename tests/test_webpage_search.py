@@ -123,14 +123,15 @@ def tuned(tmp_path_factory):
     from cachebind.published.querylog import query_log_path, read_log_file
     from cachebind.serve import start_server
     from cachebind.store import CacheTable
-    from indexing.retune import tune_current
 
     root = tmp_path_factory.mktemp("tuned")
     cache = build_demo_cache(root, rows=200, dim=64)
     svc = service_settings(root, cache, index_poll_s=0.1, query_log={"flush_interval_s": 0.2})
     svc.settings.index.use_gpu = "no"
     svc.settings.index.min_queries_per_set = 20
-    indexing.build_and_publish(cache.store, svc.settings.index, progress=False)
+    indexing.build(
+        CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
+    )
     with start_server(svc.settings, port=0) as handle:
         headers = {"X-API-Key": svc.user_key}
         for i in range(25):
@@ -142,8 +143,8 @@ def tuned(tmp_path_factory):
             if log.exists() and len(read_log_file(log)[1].get("text", [])) >= 25:
                 break
             time.sleep(0.05)
-        manifest = tune_current(
-            svc.settings.index.dir, CacheTable.open(cache.store), svc.settings.index, False
+        manifest = indexing.tune(
+            CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
         )
         deadline = time.monotonic() + 10
         while handle.app.state.serve.runtime.snapshot.version != manifest["version"]:

@@ -112,7 +112,7 @@ def gap_report(
 ) -> GapReport:
     """Measure the gap of ``groups`` against a sample of the image rows, before and after the
     blend with the served ``cache`` settings; with ``out_dir``, also write gap.html, gap.json
-    and the PNGs. ``indexing.gapsets.known_query_groups`` gives the index's query sets."""
+    and the PNGs. ``indexing.quality.gapsets.known_query_groups`` gives the index's query sets."""
     if not groups:
         raise LabelSetError(
             "no query set to measure: the table has no caption embeddings (embed "

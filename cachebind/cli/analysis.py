@@ -110,15 +110,16 @@ def add_report(sub: Subcommands, common: CommonOptions) -> None:
 
 
 def cmd_report_gap(settings: Settings, args: argparse.Namespace) -> int:
+    import indexing
     from cachebind.analysis.notebook import gap_report
     from cachebind.store import CacheTable
-    from indexing.gapsets import known_query_groups
-    from indexing.querysets import parse_query_spec
 
-    files = [parse_query_spec(spec) for spec in args.queries or []]
+    files = [indexing.parse_query_spec(spec) for spec in args.queries or []]
     cfg = settings.analysis
     table = CacheTable.open(settings.store)
-    groups = known_query_groups(table, settings.index.dir, files, cfg.gap_queries, cfg.seed)
+    groups = indexing.known_query_groups(
+        table, settings.index.dir, files, cfg.gap_queries, cfg.seed
+    )
     from cachebind.analysis.gap_report import REPORT_DIR
 
     out = args.out or settings.index.dir / REPORT_DIR

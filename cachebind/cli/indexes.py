@@ -115,60 +115,38 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         if not problems:
             print(f"{version}: every file matches the manifest's sha256")
         return 1 if problems else 0
-    from indexing.querysets import parse_query_spec
+    from cachebind.store import CacheTable
 
-    query_files = [parse_query_spec(spec) for spec in args.queries or []]
-    progress = not args.no_progress
-    if args.action in ("add", "tune"):
-        from cachebind.store import CacheTable
+    query_files = [indexing.parse_query_spec(spec) for spec in args.queries or []]
+    options = indexing.BuildOptions(
+        progress=not args.no_progress,
+        # A build without --shards adds a large table in one Ray task per cluster CPU.
+        shards=args.shards if args.shards is not None else "auto" if args.action == "build" else 1,
+        ray_address=args.ray_address,
+        index_key=args.index_key,
+        query_files=query_files,
+    )
+    table = CacheTable.open(settings.store, version=args.table_version)
+    if args.action == "add":
         from cachebind.store.identity import check_encoder, configured_encoder
 
-        table = CacheTable.open(settings.store, version=args.table_version)
-        if args.action == "add":
-            check_encoder(
-                configured_encoder(settings.encoder, settings.weights),
-                table.metadata,
-                f"{settings.store.uri}/{settings.store.table}",
-                allow=settings.encoder.allow_mismatch,
-            )
-        if args.action == "tune":
-            manifest = indexing.tune_current(
-                settings.index.dir, table, settings.index, progress, query_files=query_files
-            )
-        else:
-            manifest = indexing.add_rows(
-                settings.index.dir,
-                table,
-                settings.index,
-                progress,
-                shards=args.shards,
-                ray_address=args.ray_address,
-                query_files=query_files,
-            )
-    else:
-        from indexing.build import default_shards
-
-        shards = args.shards
-        if shards is None:
-            shards = default_shards(settings.store, args.table_version, args.ray_address)
-        manifest = indexing.build_and_publish(
-            settings.store,
-            settings.index,
-            progress=progress,
-            table_version=args.table_version,
-            shards=shards,
-            ray_address=args.ray_address,
-            index_key=args.index_key,
-            query_files=query_files,
+        check_encoder(
+            configured_encoder(settings.encoder, settings.weights),
+            table.metadata,
+            f"{settings.store.uri}/{settings.store.table}",
+            allow=settings.encoder.allow_mismatch,
         )
-    from indexing.retention import collect, protect_published
-
+        manifest = indexing.add(table, settings.index, options)
+    elif args.action == "tune":
+        manifest = indexing.tune(table, settings.index, options)
+    else:
+        manifest = indexing.build(table, settings.index, options)
     # The table version the new index version reads is tagged (kept by every gc); after an
     # `add`, versions the retention no longer needs are removed.
     if args.action == "add":
-        print(collect(settings).summary(), file=sys.stderr)
+        print(indexing.collect(settings).summary(), file=sys.stderr)
     else:
-        protect_published(settings.index.dir, settings.store)
+        indexing.protect_published(settings.index.dir, settings.store)
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
         return 0
@@ -254,8 +232,8 @@ def add_store(sub: Subcommands, common: CommonOptions) -> None:
 
 
 def cmd_store(settings: Settings, args: argparse.Namespace) -> int:
-    from indexing.retention import collect
+    import indexing
 
-    report = collect(settings, retention_s=args.retention_s, orphans=args.orphans)
+    report = indexing.collect(settings, retention_s=args.retention_s, orphans=args.orphans)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0

@@ -64,13 +64,14 @@ def run_demo(
     images: int = 240,
     train: bool = False,
 ) -> int:
+    import indexing
     from cachebind.client import CachebindClient, input_item
     from cachebind.demo.data import write_collection
     from cachebind.inject import build_tiny_llm
     from cachebind.published.manifest import Manifest
     from cachebind.serve import start_server
     from cachebind.serve.auth import write_key_file
-    from indexing import build_and_publish
+    from cachebind.store import CacheTable
     from jobs.embed import run_embed
 
     started = time.perf_counter()
@@ -103,7 +104,7 @@ def run_demo(
     run_embed(collection.webdataset_spec, settings)  # prints its own report
 
     _banner("3/6 building, verifying and publishing the index")
-    manifest = Manifest.from_json(build_and_publish(settings.store, settings.index))
+    manifest = Manifest.from_json(indexing.build(CacheTable.open(settings.store), settings.index))
     recall = ", ".join(f"recall@{k} {v:.3f}" for k, v in manifest.recall.items())
     print(
         f"published version {manifest.version}: {manifest.index_key} over "

@@ -1,8 +1,8 @@
 """Reading a version's FAISS files: its index, with on-disk inverted lists mapped read-only.
 
-An on-disk version (``indexing.ondisk`` builds one) holds ``index.faiss`` with the ivfdata's
-bare file name and ``index.ivfdata`` beside it; a reader maps the ivfdata read-only and pages
-codes in as searches touch their lists, shared by every process serving the version.
+An on-disk version (``indexing.mechanics.ondisk`` builds one) holds ``index.faiss`` with the
+ivfdata's bare file name and ``index.ivfdata`` beside it; a reader maps the ivfdata read-only
+and pages codes in as searches touch their lists, shared by every process serving the version.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 (and ``index.ivfdata`` for an index whose inverted lists are on disk), and the ``CURRENT`` file
 naming the published one.
 
-Writers (``indexing.versions``) switch ``CURRENT`` atomically; readers here only look, so a
-reader sees either the old or the new version, never a half-written one.
+Writers (``indexing.versions.publishing``) switch ``CURRENT`` atomically; readers here only look, so
+a reader sees either the old or the new version, never a half-written one.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ its many small fragments the table directory holds the data twice (the fragments
 referenced by the old versions, and the compacted files). :func:`collect_store` removes the
 versions of the images, errors and progress tables that are older than ``retention_s`` and not
 tagged (a published index version tags the table version it was built from,
-:mod:`indexing.retention`); Lance never removes the latest version or a tagged one. With
+:mod:`indexing.versions.retention`); Lance never removes the latest version or a tagged one. With
 ``orphans`` it also removes data files no version references (fragments written by workers
 whose descriptors were never committed): only safe while no job writes to the table.
 """

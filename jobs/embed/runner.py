@@ -158,10 +158,10 @@ def run_embed(
     if writer.commits > COMPACT_ABOVE or writer.fragment_count() > COMPACT_ABOVE:
         writer.compact()
     if todo:
-        from indexing.retention import collect
+        import indexing
 
         # The job's tasks are over: fragments never committed are garbage now (orphans).
-        report.gc = collect(settings, orphans=True).to_dict()
+        report.gc = indexing.collect(settings, orphans=True).to_dict()
     report.wall_s = round(time.time() - started, 3)
     processed = report.rows_written + report.errors_written
     report.samples_per_s = round(processed / report.wall_s, 2) if report.wall_s else 0.0

@@ -1,10 +1,11 @@
 """Write a version's files and manifest into a staging directory (only
-:func:`indexing.versions.publish` moves it into ``versions/``)."""
+:func:`indexing.versions.publishing.publish` moves it into ``versions/``)."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +14,19 @@ import faiss
 import numpy as np
 
 from cachebind.config import IndexConfig
-from cachebind.published.manifest import write_manifest
+from cachebind.published.manifest import Manifest, write_manifest
 from cachebind.store import CacheTable
-from indexing.manifest import build_manifest, table_identity
-from indexing.measure import worst_trusted
-from indexing.ondisk import storage_of
-from indexing.ondisk import write_index as write_version_index
-from indexing.tune import TuneResult
-from indexing.versions import (
+from indexing.mechanics.ondisk import storage_of
+from indexing.mechanics.ondisk import write_index as write_version_index
+from indexing.quality.measure import worst_trusted
+from indexing.quality.tune import TuneResult
+from indexing.versions.manifest import build_manifest, table_identity
+from indexing.versions.publishing import (
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
     file_digests,
     new_staging_dir,
-    version_files,
 )
 
 StageHook = Callable[[str], None]
@@ -72,39 +72,36 @@ def write_staged(
         # in from its memory-mapped file as searches touch them.
         memory = (staged / INDEX_FILE).stat().st_size + (staged / IDS_FILE).stat().st_size
         storage = storage_of(index, staged) | extra.get("storage", {})
-        manifest = (
-            build_manifest(
-                key=selection["key"],
-                dim=int(index.d),
-                ntotal=int(index.ntotal),
-                search_params=result.params if result else {},
-                selection=selection,
-                target=target_of(cfg, result),
-                query_sets=sets,
-                headline=worst_trusted(sets, cfg.recall_k),
-                latency=latency,
-                memory_bytes=memory,
-                timings=timings,
-                table=table_identity(table, ids),
-                software={"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
-                trials=[t.__dict__ for t in result.trials] if result else [],
-                selection_reason=selection_reason,
-                search_params_by_modality=by_modality,
-            )
-            | extra
-            | {"storage": storage}
+        built = build_manifest(
+            key=selection["key"],
+            dim=int(index.d),
+            ntotal=int(index.ntotal),
+            search_params=result.params if result else {},
+            selection=selection,
+            target=target_of(cfg, result),
+            query_sets=sets,
+            headline=worst_trusted(sets, cfg.recall_k),
+            latency=latency,
+            memory_bytes=memory,
+            timings=timings,
+            table=table_identity(table, ids),
+            software={"faiss": faiss.__version__, "autofaiss": autofaiss.__version__},
+            trials=[t.__dict__ for t in result.trials] if result else [],
+            selection_reason=selection_reason,
+            search_params_by_modality=by_modality,
         )
-        write_manifest_files(staged, manifest)
+        # The lineage fields (parent_version, shards, added_rows, update) of this build.
+        lineage = {k: v for k, v in extra.items() if k != "storage"}
+        write_manifest_files(staged, replace(built, storage=storage, **lineage))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return staged
 
 
-def write_manifest_files(staged: Path, manifest: dict[str, Any]) -> None:
+def write_manifest_files(staged: Path, manifest: Manifest) -> None:
     """Record the checksums of the version's files and write its manifest."""
     # (`cachebind index verify`: an index that loads but has a flipped bit returns wrong
     # neighbours without any error.)
-    files = [INDEX_FILE, IDS_FILE, *version_files(manifest)]
-    manifest["files"] = file_digests(staged, files)
-    write_manifest(staged / MANIFEST_FILE, manifest)
+    files = [INDEX_FILE, IDS_FILE, *manifest.data_files]
+    write_manifest(staged / MANIFEST_FILE, replace(manifest, files=file_digests(staged, files)))

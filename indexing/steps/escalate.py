@@ -1,6 +1,6 @@
 """Tune a trained index on every query set, and move to a stronger key when it cannot reach the
-target: the worst deciding set decides (:mod:`indexing.tune`), and the stronger keys come from
-:func:`indexing.select.stronger_keys`."""
+target: the worst deciding set decides (:mod:`indexing.quality.tune`), and the stronger keys come
+from :func:`indexing.steps.select.stronger_keys`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexing.params import apply_search_params, search_grid
-from indexing.rows import Work, add_range
-from indexing.select import Selection, stronger_keys, train_size_for
-from indexing.training import search_fn, train_index
-from indexing.tune import Groups, TuneResult, tune
+from indexing.mechanics.fit import search_fn
+from indexing.mechanics.params import apply_search_params, search_grid
+from indexing.quality.tune import Groups, TuneResult, tune
+from indexing.steps.prepare import fit_on_sample
+from indexing.steps.rows import Work, add_range
+from indexing.steps.select import Selection, stronger_keys, train_size_for
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def escalate(
         )
         log.info("escalating %s -> %s: %s", key, candidate, shortfall)
         t0 = time.perf_counter()
-        index = train_index(work, selection, progress)
+        index = fit_on_sample(work, selection, progress)
         add_range(index, work.table.dataset, 0, work.n, None, progress=progress)
         work.timings["escalate_s"] = work.timings.get("escalate_s", 0.0) + time.perf_counter() - t0
         tuned = tune_index(work, index, selection.to_dict(), truth, groups, progress)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from indexing.recall import drop_self, per_query_recall
+from indexing.quality.recall import drop_self, per_query_recall
 
 CONFIDENCE_Z = 1.28
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]

@@ -30,7 +30,7 @@ from cachebind.published.manifest import read_manifest
 from cachebind.storage import lance_options, protocol_of
 from cachebind.store import CacheTable
 from cachebind.store.gc import GcReport, collect_store, table_uri
-from indexing.versions import STALE_STAGING_S, list_versions
+from indexing.versions.publishing import STALE_STAGING_S, list_versions
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "cachebind-index-"

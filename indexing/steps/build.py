@@ -1,21 +1,23 @@
-"""Build a version: select -> train -> add -> tune -> measure -> write (staged), then publish.
+"""Build a version: select -> fit -> add -> tune -> measure -> write (staged), then publish.
 
-Every path (a single build, a sharded Ray build, an incremental add, :mod:`indexing.add`) runs
-the same steps:
+Every path (a single build, a sharded Ray build, an incremental add, :mod:`indexing.steps.add`)
+runs the same steps:
 
-* query sets (:mod:`indexing.prepare`, :mod:`indexing.querysets`): ``N_QUERIES`` table rows
-  sampled with a fixed seed and kept out of the training sample, the table's caption
+* query sets (:mod:`indexing.steps.prepare`, :mod:`indexing.quality.querysets`): ``N_QUERIES``
+  table rows sampled with a fixed seed and kept out of the fitting sample, the table's caption
   embeddings, the service's query log and the caller's query files; their exact top-100
-  (leave-one-out for queries that are, or are paired with, a row: :mod:`indexing.recall`) is
-  computed while the rows stream into the index, so the table is read once;
-* training on a sample (:mod:`indexing.training`), adding every row (:mod:`indexing.rows`, or
-  :mod:`indexing.shards` on Ray);
-* tuning toward recall@k >= target on every trusted set (:mod:`indexing.escalate`,
-  :mod:`indexing.tune`: the worst set decides), escalating to a stronger key when the chosen
-  one cannot get there (:func:`indexing.select.stronger_keys`), then recall@1/10/100 and
-  latency per set measured with the chosen parameters (:mod:`indexing.measure`);
-* the files and the manifest are written (:mod:`indexing.staging`) into a staging directory
-  that only :func:`indexing.versions.publish` moves into ``versions/``.
+  (leave-one-out for queries that are, or are paired with, a row:
+  :mod:`indexing.quality.recall`) is computed while the rows stream into the index, so the
+  table is read once;
+* fitting on a sample (:func:`indexing.steps.prepare.fit_on_sample`,
+  :mod:`indexing.mechanics.fit`), adding every row (:mod:`indexing.steps.rows`, or
+  :mod:`indexing.steps.shards` on Ray);
+* tuning toward recall@k >= target on every trusted set (:mod:`indexing.steps.escalate`,
+  :mod:`indexing.quality.tune`: the worst set decides), escalating to a stronger key when the
+  chosen one cannot get there (:func:`indexing.steps.select.stronger_keys`), then recall@1/10/100
+  and latency per set measured with the chosen parameters (:mod:`indexing.quality.measure`);
+* the files and the manifest are written (:mod:`indexing.steps.staging`) into a staging
+  directory that only :func:`indexing.versions.publishing.publish` moves into ``versions/``.
 """
 
 from __future__ import annotations
@@ -30,24 +32,25 @@ import faiss
 import numpy as np
 
 from cachebind.arrays import Floats, Ints
-from cachebind.config import IndexConfig, StoreConfig
+from cachebind.config import IndexConfig
 from cachebind.published.gpu import to_gpu
 from cachebind.published.manifest import read_manifest
 from cachebind.store import CacheTable
-from indexing.bymodality import tune_and_measure
-from indexing.escalate import escalate, tune_index
-from indexing.measure import groups_of
-from indexing.ondisk import IVFDATA_FILE, plan_merge
-from indexing.prepare import QueryFiles, prepare_work, select_for
-from indexing.querysets import deciding
-from indexing.recall import drop_self
-from indexing.retention import pinned
-from indexing.rows import Work, add_range, read_positions
-from indexing.select import Selection, train_size_for
-from indexing.staging import StageHook, write_staged
-from indexing.training import search_fn, train_index
-from indexing.tune import measure_latency
-from indexing.versions import new_staging_dir, publish
+from indexing.mechanics.fit import search_fn
+from indexing.mechanics.ondisk import IVFDATA_FILE, plan_merge
+from indexing.quality.bymodality import tune_and_measure
+from indexing.quality.measure import groups_of
+from indexing.quality.querysets import deciding
+from indexing.quality.recall import drop_self
+from indexing.quality.tune import measure_latency
+from indexing.steps.escalate import escalate, tune_index
+from indexing.steps.options import BuildOptions
+from indexing.steps.prepare import fit_on_sample, prepare_work
+from indexing.steps.rows import Work, add_range, read_positions
+from indexing.steps.select import select_for
+from indexing.steps.staging import StageHook, write_staged
+from indexing.versions.publishing import new_staging_dir, publish
+from indexing.versions.retention import pinned
 
 log = logging.getLogger(__name__)
 
@@ -143,44 +146,30 @@ def _probe(work: Work) -> Floats:
 def build_index(
     table: CacheTable,
     config: IndexConfig,
-    progress: bool = True,
+    options: BuildOptions | None = None,
     *,
-    queries: Floats | None = None,
-    query_files: QueryFiles | None = None,
-    shards: int | None = None,
-    ray_address: str | None = None,
-    index_key: str | None = None,
-    on_stage: StageHook | None = None,
     lineage: dict[str, Any] | None = None,
-    escalate_forced: bool = False,
 ) -> Path:
     """Build, tune and verify a new index of ``table``; returns its complete staging directory.
 
-    Nothing is published (see :func:`publish`). ``queries``: held-out queries to tune on instead
-    of sampled table rows. ``query_files``: more query sets, ``[(modality, path)]``. ``shards``
-    > 1 adds the rows in parallel Ray tasks (:mod:`indexing.shards`) after training once on the
-    driver. ``index_key`` forces a FAISS factory key instead of the selection (it is still
-    tuned, and only escalated with ``escalate_forced``). ``on_stage`` is called as the build
-    passes each stage (progress reporting; tests use it to crash a build mid-way).
-    ``lineage``: manifest fields saying where this build came from (a rebuild by ``add_rows``).
+    Nothing is published (see :func:`publish`). ``options``: :class:`BuildOptions` (sharded on
+    Ray, a forced key, the caller's query sets, stage hooks). ``lineage``: manifest fields
+    saying where this build came from (a rebuild by :func:`indexing.add`).
     """
+    options = options or BuildOptions()
+    progress, on_stage, index_key = options.progress, options.on_stage, options.index_key
     t0 = time.perf_counter()
-    work = prepare_work(table, config, queries, query_files)
+    work = prepare_work(table, config, options.queries, options.query_files)
     work.timings["prepare_s"] = time.perf_counter() - t0
-    selection = select_for(work.n, work.dim, config)
-    if index_key is not None:
-        budget = config.memory_budget_gb * 2**30
-        selection = Selection(
-            index_key,
-            "forced by the caller",
-            train_size_for(index_key, work.n, work.dim, budget),
-            selection.autofaiss_keys,
-        )
+    shards = (
+        default_shards(work.n, options.ray_address) if options.shards == "auto" else options.shards
+    )
+    selection = select_for(work.n, work.dim, config, forced=index_key)
     log.info("index for %d x %d: %s (%s)", work.n, work.dim, selection.key, selection.reason)
     # Decided before training, so a key that cannot be merged as asked fails fast.
-    merge = plan_merge(selection.key, work.n, work.dim, config, int(shards or 1))
+    merge = plan_merge(selection.key, work.n, work.dim, config, max(shards, 1))
     log.info("shards merge %s: %s", "on disk" if merge.on_disk else "in memory", merge.reason)
-    index = train_index(work, selection, progress)
+    index = fit_on_sample(work, selection, progress)
     if on_stage:
         on_stage("trained")
 
@@ -188,15 +177,15 @@ def build_index(
     staged = new_staging_dir(config.dir) if merge.on_disk else None
     try:
         t0 = time.perf_counter()
-        if shards and shards > 1:
-            from indexing.shards import add_sharded
+        if shards > 1:
+            from indexing.steps.shards import add_sharded
 
             index, ids = add_sharded(
                 index,
                 table,
                 work,
                 shards,
-                ray_address=ray_address,
+                ray_address=options.ray_address,
                 progress=progress,
                 ivfdata=staged / IVFDATA_FILE if staged is not None else None,
                 shard_dir=config.shard_dir,
@@ -220,24 +209,21 @@ def build_index(
         on_stage=on_stage,
         extra={
             "parent_version": None,
-            "shards": int(shards or 1),
+            "shards": max(shards, 1),
             "storage": {"reason": merge.reason},
         }
         | (lineage or {}),
         staged=staged,
-        may_escalate=index_key is None or escalate_forced,
+        may_escalate=index_key is None or options.escalate_forced,
     )
 
 
 SHARDED_FROM_ROWS = 1_000_000
-"""Tables from this size are built in parallel Ray tasks when no shard count is given."""
+"""Tables from this size are built in parallel Ray tasks when the shards are ``"auto"``."""
 
 
-def default_shards(
-    store_cfg: StoreConfig, table_version: int | None, ray_address: str | None
-) -> int:
+def default_shards(rows: int, ray_address: str | None) -> int:
     """One task per cluster CPU for large tables; small ones are faster in one process."""
-    rows = CacheTable.open(store_cfg, version=table_version).count()
     if rows < SHARDED_FROM_ROWS:
         return 1
     import ray
@@ -248,32 +234,17 @@ def default_shards(
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def build_and_publish(
-    store_cfg: StoreConfig,
-    index_cfg: IndexConfig,
-    *,
-    progress: bool = True,
-    table_version: int | None = None,
-    shards: int | None = None,
-    ray_address: str | None = None,
-    index_key: str | None = None,
-    query_files: QueryFiles | None = None,
+def build(
+    table: CacheTable, config: IndexConfig, options: BuildOptions | None = None
 ) -> dict[str, Any]:
-    """``cachebind index``: build a new version of the table's index and make it CURRENT.
+    """Build a new version of ``table``'s index and make it CURRENT (``cachebind index build``).
 
-    Returns the published manifest.
+    Selects the key for the table under ``config``'s budgets, fits it, adds every row, tunes it
+    to the recall target on every query set (escalating to a stronger key when needed), writes
+    the version and publishes it atomically. Returns the published manifest (JSON).
     """
-    table = CacheTable.open(store_cfg, version=table_version)
     # The table version being read is tagged while this runs: a gc meanwhile keeps it.
     with pinned(table):
-        staged = build_index(
-            table,
-            index_cfg,
-            progress,
-            shards=shards,
-            ray_address=ray_address,
-            index_key=index_key,
-            query_files=query_files,
-        )
-        version = publish(index_cfg.dir, staged, index_cfg.keep_versions)
-    return read_manifest(index_cfg.dir, version).to_json()
+        staged = build_index(table, config, options)
+        version = publish(config.dir, staged, config.keep_versions)
+    return read_manifest(config.dir, version).to_json()

@@ -36,8 +36,7 @@ import numpy as np
 from cachebind.config import IndexConfig
 from cachebind.published.faissio import ondisk_invlists, read_index
 from cachebind.published.layout import INDEX_FILE
-from indexing.faiss_ops import new_index
-from indexing.versions import new_staging_dir
+from indexing.mechanics.faiss_ops import new_index
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +317,7 @@ def empty_copy(folder: Path) -> faiss.Index:
 
 
 class CopyOnWriteAdd:
-    """``add_rows`` on an on-disk version, without writing the published version's files.
+    """``indexing.add`` on an on-disk version, without writing the published version's files.
 
     Servers may have its ivfdata mapped, and a version is immutable once published, so the
     appended rows go to an in-memory copy of the trained index (``adder``, positions from
@@ -326,16 +325,15 @@ class CopyOnWriteAdd:
     folder's ivfdata, the same merge a sharded build does. RAM: the new rows' codes only.
     """
 
-    def __init__(self, folder: Path, storage: Mapping[str, Any], index_dir: Path, first: int):
+    def __init__(self, folder: Path, storage: Mapping[str, Any], first: int):
         self.folder = Path(folder)
-        self.index_dir = Path(index_dir)
         self.parent = read_index(self.folder, storage)
         self.rows = empty_copy(self.folder)
         self.adder = AddAtPositions(self.rows, first)
 
-    def merge(self) -> tuple[faiss.Index, Path]:
-        """(the grown on-disk index, the staging folder holding its ivfdata)."""
-        staged = new_staging_dir(self.index_dir)
+    def merge(self, staged: Path) -> faiss.Index:
+        """The grown on-disk index, its ivfdata merged into the new staging folder ``staged``
+        (removed if the merge fails)."""
         try:
             index = merge(
                 empty_copy(self.folder),
@@ -347,4 +345,4 @@ class CopyOnWriteAdd:
             raise
         finally:
             del self.parent, self.rows, self.adder  # unmap the parent, free the new codes
-        return index, staged
+        return index

@@ -1,23 +1,28 @@
-"""What a build works on: its query sets, their exact top-k, and the key selected for the table.
+"""What a build works on: its query sets, their exact top-k, and the sample the index is fitted
+on.
 
-The query sets (:mod:`indexing.querysets`): ``N_QUERIES`` table rows sampled with a fixed seed
-and kept out of the training sample, the table's caption embeddings, the service's query log and
-the caller's query files. Their exact top-100 (:class:`indexing.recall.ExactTopK`) is filled
-while the rows stream into the index, so the table is read once.
+The query sets (:mod:`indexing.quality.querysets`): ``N_QUERIES`` table rows sampled with a fixed
+seed and kept out of the training sample, the table's caption embeddings, the service's query log
+and the caller's query files. Their exact top-100 (:class:`indexing.quality.recall.ExactTopK`) is
+filled while the rows stream into the index, so the table is read once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from cachebind.config import IndexConfig
-from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
 from cachebind.store import CacheTable
-from indexing.measure import RECALL_KS
-from indexing.querysets import (
+from indexing.mechanics.faiss_ops import new_index
+from indexing.mechanics.fit import fit_index
+from indexing.quality.measure import RECALL_KS
+from indexing.quality.querysets import (
     FILE,
     HELD_OUT,
     QuerySet,
@@ -28,16 +33,16 @@ from indexing.querysets import (
     mark_trust,
     unique_names,
 )
-from indexing.recall import ExactTopK
-from indexing.rows import Work, read_positions
-from indexing.select import Selection, select_index
+from indexing.quality.recall import ExactTopK
+from indexing.steps.rows import Work, read_positions
+from indexing.steps.select import Selection
 
 log = logging.getLogger(__name__)
 
 N_QUERIES = 1000
 """Held-out queries for tuning and recall: enough for +-1% on recall@10."""
 SEED = 0
-QueryFiles = list[tuple[str, Path]]
+QueryFiles = Sequence[tuple[str, Path]]
 """``[(modality, path)]``: the caller's query files (``--queries text=q.npy``)."""
 
 
@@ -47,7 +52,8 @@ def gather_sets(
     queries: np.ndarray | None = None,
     query_files: QueryFiles | None = None,
 ) -> tuple[list[QuerySet], np.ndarray]:
-    """(query sets, held-out positions) for a build of ``table`` (see :mod:`indexing.querysets`).
+    """(query sets, held-out positions) for a build of ``table`` (see
+    :mod:`indexing.quality.querysets`).
 
     ``queries``: the caller's own held-out queries, instead of sampled table rows.
     """
@@ -97,6 +103,22 @@ def prepare_work(
     return Work(table, config, n, dim, sets, held, ExactTopK(stacked, k_truth))
 
 
-def select_for(n: int, dim: int, config: IndexConfig) -> Selection:
-    gpu_bytes = gpu_memory_bytes() if gpu_wanted(config.use_gpu) else None
-    return select_index(n, dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
+def fit_on_sample(work: Work, selection: Selection, progress: bool) -> faiss.Index:
+    """A new index of the selected key, fitted on a sample of the table's rows (never the
+    held-out ones)."""
+    index = new_index(work.dim, selection.key)
+    if selection.train_size and not index.is_trained:
+        rng = np.random.default_rng(SEED + 1)
+        pool = np.setdiff1d(np.arange(work.n), work.held_out, assume_unique=True)
+        if len(pool) < selection.train_size:
+            # A small table is mostly held-out queries: train on every row rather than on too
+            # few (k-means needs at least one point per list).
+            pool = np.arange(work.n)
+        size = min(selection.train_size, len(pool))
+        positions = np.sort(rng.choice(pool, size, replace=False))
+        t0 = time.perf_counter()
+        xt = read_positions(work.table.dataset, positions)
+        log.info("training %s on %d vectors", selection.key, len(xt))
+        fit_index(index, selection.key, xt, progress)
+        work.timings["train_s"] = work.timings.get("train_s", 0.0) + time.perf_counter() - t0
+    return index

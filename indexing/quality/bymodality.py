@@ -1,6 +1,6 @@
 """Search parameters per query modality: each modality pays only for the recall it needs.
 
-The worst query set decides the version's ``search_params`` (:mod:`indexing.tune`), and a
+The worst query set decides the version's ``search_params`` (:mod:`indexing.quality.tune`), and a
 text or audio query far from every centroid needs several times the lists probed and the
 candidates re-ranked that an image query needs. Searching image queries with the cross-modal
 setting would spend that cost for nothing, so after the global tuning each modality with
@@ -8,22 +8,37 @@ trusted query sets is tuned again on its own sets, over settings no larger than 
 in either knob (``nprobe`` / ``efSearch`` and ``k_factor``); the manifest records the result as
 ``search_params_by_modality``. A query whose modality has no trusted set (or a raw embedding)
 keeps the global setting, and a mix of modalities takes each knob's largest value among its
-parts (:func:`indexing.params.strongest`), so every part reaches what it was tuned to.
+parts (:func:`indexing.mechanics.params.strongest`), so every part reaches what it was tuned to.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from cachebind.arrays import Floats, Ints
-from indexing.measure import measure_sets
-from indexing.params import apply_search_params, search_grid
-from indexing.querysets import QuerySet
-from indexing.rows import Work
-from indexing.training import search_fn
-from indexing.tune import Groups, SearchFn, TuneResult, tune
+from cachebind.config import IndexConfig
+from indexing.mechanics.fit import search_fn
+from indexing.mechanics.params import apply_search_params, search_grid
+from indexing.quality.measure import measure_sets
+from indexing.quality.querysets import QuerySet
+from indexing.quality.tune import Groups, SearchFn, TuneResult, tune
+
+
+class Measured(Protocol):
+    """What tuning and measuring read of a build's work (the build steps' ``Work``)."""
+
+    @property
+    def config(self) -> IndexConfig: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def sets(self) -> list[QuerySet]: ...
+    @property
+    def queries(self) -> Floats: ...
+    @property
+    def query_positions(self) -> Ints: ...
 
 
 def modality_members(sets: list[QuerySet], groups: Groups) -> dict[str, list[int]]:
@@ -99,7 +114,7 @@ def tune_by_modality(
 
 
 def tune_and_measure(
-    work: Work,
+    work: Measured,
     index: Any,
     result: TuneResult | None,
     groups: Groups,

@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from indexing.querysets import QuerySet
-from indexing.tune import CONFIDENCE_Z, Groups, SearchFn, batch1_p50_ms, leave_one_out_recall
+from indexing.quality.querysets import QuerySet
+from indexing.quality.tune import (
+    CONFIDENCE_Z,
+    Groups,
+    SearchFn,
+    batch1_p50_ms,
+    leave_one_out_recall,
+)
 
 RECALL_KS = (1, 10, 100)
-KIND = {
-    "held_out_rows": "held-out table rows, leave-one-out",
-    "captions": "caption embeddings, leave-one-out",
-    "query_log": "served queries (query log)",
-    "file": "caller-supplied queries",
-}
 
 
 def groups_of(sets: list[QuerySet], deciding: list[int]) -> Groups:

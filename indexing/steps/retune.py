@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +38,19 @@ from cachebind.published.manifest import (
     write_manifest,
 )
 from cachebind.store import CacheTable
-from indexing.bymodality import tune_and_measure
-from indexing.escalate import tune_index
-from indexing.measure import KIND, groups_of, worst_trusted
-from indexing.prepare import QueryFiles, prepare_work
-from indexing.querysets import deciding
-from indexing.recall import drop_self
-from indexing.rows import add_range
-from indexing.staging import target_of
-from indexing.training import search_fn
-from indexing.tune import measure_latency
-from indexing.versions import new_staging_dir, publish
+from indexing.mechanics.fit import search_fn
+from indexing.quality.bymodality import tune_and_measure
+from indexing.quality.measure import groups_of, worst_trusted
+from indexing.quality.querysets import deciding
+from indexing.quality.recall import drop_self
+from indexing.quality.tune import measure_latency
+from indexing.steps.escalate import tune_index
+from indexing.steps.options import BuildOptions
+from indexing.steps.prepare import prepare_work
+from indexing.steps.rows import add_range
+from indexing.steps.staging import target_of
+from indexing.versions.manifest import build_times, headline_fields, now
+from indexing.versions.publishing import new_staging_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +67,28 @@ def share_file(src: Path, dst: Path) -> str:
         return "copy"
 
 
-def tune_current(
-    index_dir: Path,
-    table: CacheTable,
-    config: IndexConfig,
-    progress: bool = True,
-    *,
-    query_files: QueryFiles | None = None,
+def tune(
+    table: CacheTable, config: IndexConfig, options: BuildOptions | None = None
 ) -> dict[str, Any]:
-    """Publish CURRENT re-tuned on the latest query sets (log, captions, files, held-out rows).
+    """Publish ``config.dir``'s CURRENT re-tuned on the latest query sets (log, captions,
+    ``options.query_files``, held-out rows), without rebuilding (``cachebind index tune``).
 
     The table must be the one CURRENT was built from (IndexMismatchError otherwise: rows added
     since want ``index add``). Returns the new version's manifest. When no setting reaches the
     target, the version still records what was measured (``target.met`` False) and a warning
     says to rebuild, which may escalate to a stronger key (``index build``).
     """
-    index_dir = Path(index_dir)
+    options = options or BuildOptions()
+    progress = options.progress
+    index_dir = Path(config.dir)
     parent = current_version(index_dir)
     if parent is None:
         raise FileNotFoundError(f"no published index in {index_dir}: build one first")
     old = read_manifest(index_dir, parent)
     folder = versions_dir(index_dir) / parent
     check_alignment(old, table, table.ids())
-    config = config.model_copy(update={"dir": index_dir})
     t0 = time.perf_counter()
-    work = prepare_work(table, config, None, query_files)
+    work = prepare_work(table, config, None, options.query_files)
     index = read_index(folder, old.storage)
     # Ground truth needs one pass over the table; the index itself is only searched.
     add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
@@ -125,27 +124,23 @@ def tune_current(
     try:
         names = [INDEX_FILE, IDS_FILE, *old.data_files]
         how = {name: share_file(folder / name, staged / name) for name in names}
-        manifest = old.to_json()
-        manifest |= {
-            "version": None,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "search_params": result.params if result else {},
-            "search_params_by_modality": by_modality,
-            "target": target_of(config, result),
-            "recall": dict(headline["recall"]) if headline else {},
-            "recall_queries": {
-                "count": headline["n"] if headline else 0,
-                "kind": KIND.get(headline["source"], headline["source"]) if headline else "none",
-            },
-            "query_sets": sets,
-            "recall_by_modality": recall_by_modality(sets),
-            "latency_ms": latency,
-            "build_time_s": {k: round(v, 3) for k, v in work.timings.items()}
-            | {"total_s": round(sum(work.timings.values()), 3)},
-            "software": old.software | {"faiss": faiss.__version__},
-            "tuning_trials": [t.__dict__ for t in result.trials] if result else [],
-            "parent_version": parent,
-            "update": {
+        manifest = replace(
+            old,
+            version=None,
+            created_at=now(),
+            search_params=result.params if result else {},
+            search_params_by_modality=by_modality,
+            target=target_of(config, result),
+            **headline_fields(headline),
+            query_sets=sets,
+            recall_by_modality=recall_by_modality(sets),
+            latency_ms=latency,
+            build_time_s=build_times(work.timings),
+            software=old.software | {"faiss": faiss.__version__},
+            tuning_trials=[t.__dict__ for t in result.trials] if result else [],
+            parent_version=parent,
+            added_rows=None,
+            update={
                 "mode": "retuned",
                 "reason": f"search parameters re-tuned on {len(work.sets)} query sets; "
                 f"index files shared with {parent} ("
@@ -153,10 +148,9 @@ def tune_current(
                 + ")",
                 "previous_search_params": old.search_params,
             },
-        }
-        manifest.pop("added_rows", None)
-        # Same bytes as the parent's: its recorded sizes and digests still hold.
-        manifest["files"] = {n: old.files[n] for n in names} if old.files else {}
+            # Same bytes as the parent's: its recorded sizes and digests still hold.
+            files={n: old.files[n] for n in names} if old.files else {},
+        )
         write_manifest(staged / MANIFEST_FILE, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -1,21 +1,21 @@
 """The sharded build on a Ray cluster: train once, add shards in parallel, merge in order.
 
-The driver trains the index on a sample (:mod:`indexing.build`) and puts the trained,
+The driver trains the index on a sample (:mod:`indexing.steps.build`) and puts the trained,
 empty index in the object store. Each Ray task opens the table at the pinned version, streams
 its row range into its own copy (and computes the exact top-k of the held-out queries over its
 rows). The driver then merges the shards in row order, which gives the same index a single
-build produces, in one of two ways (:func:`indexing.ondisk.plan_merge` chooses):
+build produces, in one of two ways (:func:`indexing.mechanics.ondisk.plan_merge` chooses):
 
 * in memory: each task returns its filled index serialised and the driver appends them
-  (:func:`indexing.faiss_ops.merge_into`: inverted lists appended, labels shifted). Simple, and
-  the only way for indexes without on-disk inverted lists (Flat, fast-scan, ``RFlat``), but the
-  driver holds every shard and the merged index at once;
+  (:func:`indexing.mechanics.faiss_ops.merge_into`: inverted lists appended, labels shifted).
+  Simple, and the only way for indexes without on-disk inverted lists (Flat, fast-scan,
+  ``RFlat``), but the driver holds every shard and the merged index at once;
 * on disk (IVF indexes): each task stores its rows under their table positions and writes only
   its inverted lists to a file, on ``IndexConfig.shard_dir`` (a shared file system) or, unset,
   through the object store to the driver, which spools them one at a time into the staging
   folder. The driver memory-maps the files and merges them into the version's ``index.ivfdata``
-  (:mod:`indexing.ondisk`), so a 100M-row cache is built by as many workers as the cluster has,
-  with one shard per task in memory and none of the codes in the driver's.
+  (:mod:`indexing.mechanics.ondisk`), so a 100M-row cache is built by as many workers as the
+  cluster has, with one shard per task in memory and none of the codes in the driver's.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from cachebind.raycluster import start_or_join_ray
 from cachebind.store import CacheTable
-from indexing import ondisk
-from indexing.faiss_ops import from_bytes, merge_into, to_bytes
-from indexing.recall import ExactTopK
-from indexing.rows import Work, add_range
+from indexing.mechanics import ondisk
+from indexing.mechanics.faiss_ops import from_bytes, merge_into, to_bytes
+from indexing.quality.recall import ExactTopK
+from indexing.steps.rows import Work, add_range
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def add_shard(
 
     The payload is the filled index serialised; with ``invlists``, only its inverted lists
     (rows stored under their table positions): written to ``out_path`` (a
-    :class:`~indexing.ondisk.ShardLists`), or without one, ``(file bytes, ShardLists)``.
+    :class:`~indexing.mechanics.ondisk.ShardLists`), or without one, ``(file bytes, ShardLists)``.
     """
     faiss.omp_set_num_threads(1)  # one CPU per task, as Ray scheduled it
     index = from_bytes(trained)

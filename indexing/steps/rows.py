@@ -1,6 +1,7 @@
 """Reading table rows into an index: what a build carries between its steps, shared by the
-single build (:mod:`indexing.build`), the Ray shards (:mod:`indexing.shards`) and an incremental
-add (:mod:`indexing.add`). A leaf module: it knows the table and FAISS, none of its callers."""
+single build (:mod:`indexing.steps.build`), the Ray shards (:mod:`indexing.steps.shards`) and an
+incremental add (:mod:`indexing.steps.add`). A leaf module: it knows the table and FAISS, none of
+its callers."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from tqdm.auto import tqdm
 from cachebind.config import IndexConfig
 from cachebind.store import CacheTable
 from cachebind.store.table import vectors_to_numpy
-from indexing.querysets import QuerySet
-from indexing.recall import ExactTopK
+from indexing.quality.querysets import QuerySet
+from indexing.quality.recall import ExactTopK
 
 READ_BATCH = 32_768
 

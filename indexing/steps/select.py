@@ -1,4 +1,6 @@
-"""Choose the index key for a table under a memory budget.
+"""Choose the index key for a table under a memory budget: the one place a key is chosen
+(:func:`select_for`; when tuning cannot reach the target, :mod:`indexing.steps.escalate` walks
+:func:`stronger_keys`).
 
 The rules, measured on 2 CPU cores with clustered 1024-d vectors (benchmarks/bench_index.py):
 
@@ -21,6 +23,9 @@ import re
 from dataclasses import asdict, dataclass
 
 from autofaiss.external.optimize import get_optimal_index_keys_v2, get_optimal_quantization
+
+from cachebind.config import IndexConfig
+from cachebind.published.gpu import gpu_memory_bytes, gpu_wanted
 
 FLAT_MAX_ROWS = 50_000
 """Below this many rows an exact scan is fast enough that an approximate index is not worth it."""
@@ -144,6 +149,22 @@ def select_index(
         f"{memory_budget_gb} GiB budget: autofaiss's quantized key",
         train_size_for(key, n, dim, budget),
         proposed,
+    )
+
+
+def select_for(n: int, dim: int, config: IndexConfig, forced: str | None = None) -> Selection:
+    """The key for ``n`` rows under ``config`` (the GPU's memory counted when it is wanted);
+    ``forced``: the caller's key instead, still sized for the budget."""
+    gpu_bytes = gpu_memory_bytes() if gpu_wanted(config.use_gpu) else None
+    selection = select_index(n, dim, config.memory_budget_gb, gpu_memory_bytes=gpu_bytes)
+    if forced is None:
+        return selection
+    budget = config.memory_budget_gb * 2**30
+    return Selection(
+        forced,
+        "forced by the caller",
+        train_size_for(forced, n, dim, budget),
+        selection.autofaiss_keys,
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from cachebind.analysis.gap import QueryGroup
 from cachebind.analysis.sampling import vectors_at
 from cachebind.store import CacheTable
-from indexing.querysets import caption_set, file_set, log_sets
+from indexing.quality.querysets import caption_set, file_set, log_sets
 
 
 def known_query_groups(

@@ -1,5 +1,6 @@
 """The version directory: ``<index_dir>/versions/<version>/{index.faiss, ids.npy, manifest.json}``
-(and ``index.ivfdata`` for an index whose inverted lists are on disk, :mod:`indexing.ondisk`).
+(and ``index.ivfdata`` for an index whose inverted lists are on disk,
+:mod:`indexing.mechanics.ondisk`).
 
 Publishing is crash-safe in two steps, each atomic on a POSIX file system:
 
