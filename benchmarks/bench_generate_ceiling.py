@@ -231,15 +231,35 @@ class ProfiledScheduler(Scheduler):
             self.profile.disable()
 
 
-def profile_decode(gen: Generator, args: argparse.Namespace, visual: np.ndarray) -> str:
-    sched = ProfiledScheduler(gen, max_batch=args.streams, max_queue=args.streams)
-    concurrently(args.streams, scheduler_request(sched, args.tokens, visual))
+def profiled(gen: Generator, streams: int, tokens: int, visual: np.ndarray) -> pstats.Stats:
+    sched = ProfiledScheduler(gen, max_batch=streams, max_queue=streams)
+    concurrently(streams, scheduler_request(sched, tokens, visual))
     sched.close()
+    return pstats.Stats(sched.profile, stream=io.StringIO())
+
+
+def decode_calls(stats: pstats.Stats) -> dict[str, float]:
+    """Python function calls and torch ops per decode step (their count, unlike their time,
+    does not depend on the machine's load): what a step costs besides the matmuls."""
+    per_function = stats.stats  # type: ignore[attr-defined]
+    steps = next(v[1] for k, v in per_function.items() if k[2] == "_decode")
+    calls = sum(v[1] for v in per_function.values())
+    torch_ops = sum(v[1] for k, v in per_function.items() if k[0] == "~" and "torch" in k[2])
+    return {"decode_steps": steps, "calls_per_step": round(calls / steps, 1),
+            "torch_builtin_calls_per_step": round(torch_ops / steps, 1)}  # fmt: skip
+
+
+def profile_decode(gen: Generator, args: argparse.Namespace, visual: np.ndarray) -> str:
+    """Where a step's time goes at N streams, and how its call count grows from 1 to N."""
+    one = decode_calls(profiled(gen, 1, args.tokens, visual))
+    stats = profiled(gen, args.streams, args.tokens, visual)
+    many = decode_calls(stats)
     out = io.StringIO()
-    stats = pstats.Stats(sched.profile, stream=out)
+    stats.stream = out  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(25)
-    return out.getvalue()
+    counts = {"1": one, str(args.streams): many}
+    return out.getvalue() + "calls per step (prefill steps included): " + json.dumps(counts)
 
 
 def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:

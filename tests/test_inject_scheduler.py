@@ -18,6 +18,7 @@ import torch
 
 from cachebind.errors import GenerationBusy, InputError
 from cachebind.inject import Generator, build_tiny_llm
+from cachebind.inject.prompts import format_prompt
 from cachebind.inject.scheduler import GenerationTimeout, Scheduler
 from cachebind.inject.slots import KVMemoryError
 
@@ -279,5 +280,27 @@ def test_a_cancelled_row_frees_its_slot_and_its_cache_memory_at_the_next_step(ge
         list(other)
         wait_until(lambda: sched.running == 0)
         assert sched.kv_bytes_in_use == 0 and sched.cache.nbytes == allocated
+    finally:
+        sched.close()
+
+
+def test_text_prompts_sharing_the_template_reuse_its_cache_and_still_get_their_lone_tokens(gen):
+    sched = Scheduler(gen, max_batch=2, max_queue=4, prefill_chunk=16)
+    try:
+        prompts = ["Describe the image.", "What is this?", "Two people sitting under a tree"]
+        expected = [gen.generate([p], None, 12, temperature=0.0)[0] for p in prompts]
+        first = sched.submit(prompts[0], max_new_tokens=12, temperature=0.0)
+        assert "".join(first) == expected[0]
+        assert sched.prefix.reused_tokens == 0  # nothing stored before the first prompt
+        later = [sched.submit(p, max_new_tokens=12, temperature=0.0) for p in prompts[1:]]
+        assert ["".join(h) for h in later] == expected[1:]
+        head = len(gen.tokenizer.encode(format_prompt(""), bos=True)) // 2
+        assert sched.prefix.reused_tokens >= 2 * head  # each took the template's head
+        # A visual row neither gives nor takes: its K and V depend on its own visual query.
+        before = sched.prefix.reused_tokens
+        visual = unit(1, 1024, seed=5)[0]
+        seen = sched.submit(prompts[1], visual, max_new_tokens=12, temperature=0.0)
+        assert "".join(seen) == gen.generate([prompts[1]], visual, 12, temperature=0.0)[0]
+        assert sched.prefix.reused_tokens == before
     finally:
         sched.close()

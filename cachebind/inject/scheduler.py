@@ -53,6 +53,7 @@ from cachebind.inject.handles import (
     SchedulerObserver,
     Sink,
 )
+from cachebind.inject.prefix import PrefixCache
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.sampling import sample_rows
 from cachebind.inject.slots import (
@@ -118,8 +119,11 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len or generator.max_seq_len
-        check_kv_memory(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
+        check_kv_memory(
+            model.cfg, max_batch, self.max_seq_len, model.dtype, model.device, spare_slots=1
+        )
         self.cache = SlotCache(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
+        self.prefix = PrefixCache(self.cache)
         self.inputs = SlotInputs(max_batch, model.cfg.dim, model.dtype, model.device)
         self.delivery = DeliveryThread(self.tokenizer, observer or NullObserver())
         self.steps = 0  # steps done (each: leavers, joiners, one decode, one prefill chunk)
@@ -285,6 +289,8 @@ class Scheduler:
                 if row.f_m is not None:
                     row.visual = self.model.visual_query(row.f_m[None])[0]
                     self._visual_slots.add(row.slot)
+                else:
+                    row.prefilled = self.prefix.reuse(row.slot, row.ids)
                 self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
 
     def _prefill(self) -> None:
@@ -326,6 +332,8 @@ class Scheduler:
             row.prefilled += n
             if row.prefilled == len(row.ids):
                 done.append(i)
+                if row.visual is None:
+                    self.prefix.offer(row.slot, row.ids)
         if not done:
             return
         rows = [chunks[i][0] for i in done]

@@ -56,9 +56,11 @@ def check_kv_memory(
     dtype: torch.dtype,
     device: torch.device,
     headroom: float = 0.9,
+    spare_slots: int = 0,
 ) -> int:
-    """The KV cache's size in bytes, or a ``KVMemoryError`` saying what to lower."""
-    need = kv_cache_bytes(cfg, max_batch, max_seq_len, dtype)
+    """The KV cache's size in bytes (with ``spare_slots`` more slots' worth: the stored
+    prompt prefix), or a ``KVMemoryError`` saying what to lower."""
+    need = kv_cache_bytes(cfg, max_batch + spare_slots, max_seq_len, dtype)
     have = available_bytes(device)
     if need > headroom * have:
         raise KVMemoryError(
