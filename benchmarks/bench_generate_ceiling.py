@@ -9,13 +9,15 @@ Parts, each as tokens/s and as a fraction of the hand-stepped ceiling at N:
 * ceiling: ``AdapterLlama.forward`` on one token per row with a ``DynamicCache``, greedy, a
   visual query per row (the adapter on), stepped by hand at batch 1 and at batch N;
 * scheduler: N concurrent in-process requests on ``inject.scheduler.Scheduler`` (half of
-  them text-only, half with a visual query; greedy; EOS ignored), and 1 alone;
+  them text-only, half with a visual query; greedy; EOS ignored), and 1 alone (a visual one,
+  the heavier kind: request 0 of every run has the visual query);
 * http: N concurrent streaming requests through a real server on 127.0.0.1, native
   ``/v1/generate`` and OpenAI ``/v1/chat/completions`` (half of them with an image), and 1.
   Tokens are the server's own ``usage`` counts (an answer may end at EOS before ``--tokens``).
 
 TTFT is reported at N and at 1 stream (p50). ``--profile``: cProfile of the scheduler's
-thread over decode steps at N streams, top entries by own time and by cumulative time.
+decode steps at N streams, top entries by own time and by cumulative time, and the Python and
+torch calls per decode step at 1 and N streams (counts, which the machine's load does not move).
 ``--device cuda``: the same parts on the GPU (``--preset 7b``: LLaMA-7B-shaped random fp16
 weights, the tiny tokenizer folded; otherwise the small model moved to the GPU); the lent GPU
 machine lacks the server's dependencies, so its runbook passes ``--no-http``.
@@ -147,7 +149,7 @@ def scheduler_request(sched: Scheduler, tokens: int, visual: np.ndarray):
     def one(i: int) -> tuple[int, float]:
         handle = sched.submit(
             PROMPTS[i % len(PROMPTS)],
-            visual[i] if i % 2 else None,
+            visual[i] if i % 2 == 0 else None,
             max_new_tokens=tokens,
             temperature=0.0,
             ignore_eos=True,
@@ -166,7 +168,7 @@ def native_request(client_of: Callable[[], httpx.Client], tokens: int, image: st
             "max_new_tokens": tokens,
             "temperature": 0.0,
         }
-        if i % 2:
+        if i % 2 == 0:
             body["inputs"] = [{"modality": "image", "data": image}]
         start, first, count = time.perf_counter(), float("nan"), 0
         with client_of() as c, c.stream("POST", "/v1/generate", json=body) as r:
@@ -189,7 +191,7 @@ def native_request(client_of: Callable[[], httpx.Client], tokens: int, image: st
 def chat_request(client_of: Callable[[], httpx.Client], tokens: int, image: str):
     def one(i: int) -> tuple[int, float]:
         content: list[dict[str, Any]] = [{"type": "text", "text": PROMPTS[i % len(PROMPTS)]}]
-        if i % 2:
+        if i % 2 == 0:
             url = f"data:image/png;base64,{image}"
             content.insert(0, {"type": "image_url", "image_url": {"url": url}})
         body = {
@@ -218,15 +220,19 @@ def chat_request(client_of: Callable[[], httpx.Client], tokens: int, image: str)
 
 
 class ProfiledScheduler(Scheduler):
-    """A scheduler whose own thread runs under cProfile (the thread the decode steps run in)."""
+    """A scheduler whose decode steps (the batched forward, sampling, bookkeeping and the
+    hand-over to the delivery thread) run under cProfile; prefill chunks do not."""
 
     profile: cProfile.Profile
 
     def _run(self) -> None:
         self.profile = cProfile.Profile()
+        super()._run()
+
+    def _decode(self, rows: list) -> None:
         self.profile.enable()
         try:
-            super()._run()
+            super()._decode(rows)
         finally:
             self.profile.disable()
 
@@ -239,7 +245,7 @@ def profiled(gen: Generator, streams: int, tokens: int, visual: np.ndarray) -> p
 
 
 def decode_calls(stats: pstats.Stats) -> dict[str, float]:
-    """Python function calls and torch ops per decode step (their count, unlike their time,
+    """Python function calls and torch calls per decode step (their count, unlike their time,
     does not depend on the machine's load): what a step costs besides the matmuls."""
     per_function = stats.stats  # type: ignore[attr-defined]
     steps = next(v[1] for k, v in per_function.items() if k[2] == "_decode")
@@ -259,7 +265,7 @@ def profile_decode(gen: Generator, args: argparse.Namespace, visual: np.ndarray)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(25)
     counts = {"1": one, str(args.streams): many}
-    return out.getvalue() + "calls per step (prefill steps included): " + json.dumps(counts)
+    return out.getvalue() + "calls per decode step: " + json.dumps(counts)
 
 
 def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:
@@ -296,7 +302,7 @@ def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, An
         try:
             for name, route in (("native", native_request), ("openai_chat", chat_request)):
                 request = route(client_of, args.tokens, image)
-                request(1)  # warm: the image path, the route, the connection
+                request(0)  # warm: the image path, the route, the connection
                 one = concurrently(1, request)
                 many = concurrently(n, request)
                 out[name] = {"1": one, str(n): many}
@@ -343,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     sched = Scheduler(gen, max_batch=n, max_queue=n)
     request = scheduler_request(sched, args.tokens, visual_np)
-    request(1)  # warm
+    request(0)  # warm
     result["scheduler"] = {"1": concurrently(1, request), str(n): concurrently(n, request)}
     sched.close()
     if not args.no_http:
