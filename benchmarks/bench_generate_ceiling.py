@@ -219,6 +219,50 @@ def chat_request(client_of: Callable[[], httpx.Client], tokens: int, image: str)
     return one
 
 
+class _TimedModel:
+    """The scheduler's model, timing each forward call (synchronised on a GPU)."""
+
+    def __init__(self, model: torch.nn.Module, spent: list[float]) -> None:
+        self.inner, self.spent = model, spent
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        sync(self.inner.device)
+        self.spent.append(time.perf_counter() - start)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class TimedScheduler(Scheduler):
+    """Records each decode step's wall time and its model forward's: the rest is the step's
+    overhead (inputs, sampling, bookkeeping, the hand-over to the delivery thread)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._forwards: list[float] = []
+        self.steps_s: list[tuple[int, float, float]] = []  # (rows, step, forward)
+        self.model = _TimedModel(self.model, self._forwards)  # type: ignore[assignment]
+
+    def _decode(self, rows: list) -> None:
+        start = time.perf_counter()
+        super()._decode(rows)
+        self.steps_s.append((len(rows), time.perf_counter() - start, self._forwards[-1]))
+
+    def overhead(self, rows: int) -> dict[str, float]:
+        """Median step and overhead (step minus forward) over the steps that decoded ``rows``."""
+        full = [(step, step - fwd) for n, step, fwd in self.steps_s if n == rows]
+        if not full:
+            return {}
+        return {
+            "decode_steps": len(full),
+            "step_ms_p50": round(1000 * statistics.median(s for s, _ in full), 2),
+            "overhead_ms_p50": round(1000 * statistics.median(o for _, o in full), 3),
+        }
+
+
 class ProfiledScheduler(Scheduler):
     """A scheduler whose decode steps (the batched forward, sampling, bookkeeping and the
     hand-over to the delivery thread) run under cProfile; prefill chunks do not."""
@@ -347,10 +391,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         str(n): round(ceiling_n, 1),
         "batching_x": round(ceiling_n / ceiling_1, 2),
     }
-    sched = Scheduler(gen, max_batch=n, max_queue=n)
+    sched = TimedScheduler(gen, max_batch=n, max_queue=n)
     request = scheduler_request(sched, args.tokens, visual_np)
     request(0)  # warm
-    result["scheduler"] = {"1": concurrently(1, request), str(n): concurrently(n, request)}
+    result["scheduler"] = {}
+    for streams in (1, n):
+        sched.steps_s.clear()
+        result["scheduler"][str(streams)] = concurrently(streams, request)
+        result["scheduler"][str(streams)] |= sched.overhead(streams)
     sched.close()
     if not args.no_http:
         result["http"] = http_parts(gen, args, n)
