@@ -94,11 +94,22 @@ def scheduled_stream(
     handle = runtime.submit_generation(prompt, visual, sink=sink, timeout_s=timeout_s, **options)
 
     async def pieces() -> AsyncGenerator[str, None]:
+        after: tuple[str, Any] | None = None  # an end or error read behind pieces
         try:
             while True:
-                kind, value = await queue.get()
+                kind, value = after or await queue.get()
+                after = None
                 if kind == "piece":
-                    yield value
+                    # Pieces that arrived together (a client or loop that fell behind the
+                    # decoder) go out as one: one write per wake-up, not one per token.
+                    text = [value]
+                    while not queue.empty():
+                        item = queue.get_nowait()
+                        if item[0] != "piece":
+                            after = item
+                            break
+                        text.append(item[1])
+                    yield "".join(text)
                 elif kind == "error":
                     raise value
                 else:
