@@ -39,6 +39,12 @@ run generate_7b 300 benchmarks/bench_generate.py --gpu yes
 # (targets: >= 10x the serial aggregate at 16 streams; batch-1 decode within 1.3x of ~4 ms/token).
 run generate_serve_7b 420 benchmarks/bench_generate.py --serve --gpu yes --streams 1,4,16,32 \
   --tokens 64
+# Generation against its ceiling: the hand-stepped model at batch 1 and 16 and the scheduler at
+# 16 streams (the HTTP parts need the server's wheels, which do not travel here).
+run generate_ceiling_7b 420 benchmarks/bench_generate_ceiling.py --device cuda --preset 7b \
+  --streams 16 --tokens 64 --no-http
+run generate_ceiling_profile_7b 240 benchmarks/bench_generate_ceiling.py --device cuda \
+  --preset 7b --streams 16 --tokens 32 --profile
 # Training: stage-1 training samples/s from the cache vs through the huge encoder (released
 # way), 7B-shaped LLaMA, bf16 autocast, same step (target: >= 10x on a GPU).
 run train_7b_from_cache 300 benchmarks/bench_train.py --device cuda --preset huge --llm 7b \

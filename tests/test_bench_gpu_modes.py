@@ -72,3 +72,18 @@ def test_serving_mode_batches_a_7b_shaped_model_built_small_on_the_cpu(tmp_path)
     finally:
         sched.close()
     assert run["tokens"] == 18 and run["tokens_per_s"] > 0 and run["ttft_p99_s"] > 0
+
+
+def test_the_ceiling_benchmark_runs_as_the_gpu_runbook_calls_it_small_on_the_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import bench_generate_ceiling
+
+    small = ["--dim", "64", "--layers", "2", "--heads", "4", "--streams", "2", "--tokens", "4"]
+    bench_generate_ceiling.main([*small, "--no-http", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["ceiling"]["1"] > 0 and result["ceiling"]["2"] > 0
+    scheduler = result["scheduler"]
+    assert scheduler["1"]["tokens"] == 4 and scheduler["2"]["tokens"] == 8  # EOS ignored
+    assert result["summary"]["scheduler"]["of_ceiling"] > 0
+    assert "http" not in result

@@ -18,6 +18,7 @@ import torch
 
 from cachebind.errors import GenerationBusy, InputError
 from cachebind.inject import Generator, build_tiny_llm
+from cachebind.inject.prompts import format_prompt
 from cachebind.inject.scheduler import GenerationTimeout, Scheduler
 from cachebind.inject.slots import KVMemoryError
 
@@ -221,3 +222,85 @@ def test_a_vanishing_temperature_samples_greedily_and_costs_nobody_else_anything
     ]
     # A huge temperature is as good as uniform, and finite too.
     assert "".join(scheduler.submit("Hello", max_new_tokens=4, temperature=1e308, seed=1))
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9, "seed": 11}],
+    ids=["greedy", "seeded-sampling"],
+)
+@pytest.mark.parametrize("visual", [True, False], ids=["visual-joiner", "text-joiner"])
+def test_a_row_that_joins_while_others_decode_gets_the_tokens_it_gets_alone(
+    gen, scheduler, sampling, visual
+):
+    reqs = requests(3)  # a visual row, a text-only row, and the joiner's prompt
+    reqs[1]["visual"] = None
+    joiner = {**reqs[2], "max_new_tokens": 30}
+    joiner["visual"] = unit(1, 1024, seed=21)[0] if visual else None
+    expected = alone(gen, joiner, **sampling, ignore_eos=True)
+    lone = scheduler.submit(**joiner, **sampling, ignore_eos=True)
+    assert "".join(lone) == expected
+    # Every row advances one token per step, so rows with 300 to go outlast the joiner's
+    # prefill and 30 tokens: it joins and leaves while they decode, whatever the machine's pace.
+    running = [
+        scheduler.submit(r["prompt"], r["visual"], max_new_tokens=300, ignore_eos=True)
+        for r in reqs[:2]
+    ]
+    wait_until(lambda: all(len(h.tokens) >= 3 for h in running))
+    late = scheduler.submit(**joiner, **sampling, ignore_eos=True)
+    assert "".join(late) == expected
+    assert late.tokens == lone.tokens
+    assert [h.finish_reason for h in running] == [None, None]
+    for h in running:
+        h.cancel()
+        list(h)
+
+
+def test_a_cancelled_row_frees_its_slot_and_its_cache_memory_at_the_next_step(gen):
+    sched = Scheduler(gen, max_batch=2, max_queue=2, prefill_chunk=64)
+    try:
+        allocated = sched.cache.nbytes
+        assert sched.kv_bytes_in_use == 0 and sched.running == 0
+        doomed = sched.submit("Describe the image.", max_new_tokens=400, ignore_eos=True)
+        other = sched.submit("What is this?", max_new_tokens=400, ignore_eos=True)
+        wait_until(lambda: len(doomed.tokens) >= 2 and len(other.tokens) >= 2)
+        assert sched.kv_bytes_in_use == 2 * sched.cache.slot_nbytes
+        at_cancel = len(doomed.tokens)
+        doomed.cancel()
+        assert list(doomed) is not None and doomed.finish_reason == "cancelled"
+        # Freed by the first step that began after the cancel: at most the token of the step
+        # under way was added, and only the other row's slot holds cache memory now.
+        assert len(doomed.tokens) <= at_cancel + 1
+        assert sched.running == 1
+        assert sched.kv_bytes_in_use == sched.cache.slot_nbytes
+        # Its slot is the next request's, in the same preallocated memory: nothing grew.
+        joiner = sched.submit("Hello", max_new_tokens=3, temperature=0.0)
+        assert "".join(joiner) == gen.generate(["Hello"], None, 3, temperature=0.0)[0]
+        other.cancel()
+        list(other)
+        wait_until(lambda: sched.running == 0)
+        assert sched.kv_bytes_in_use == 0 and sched.cache.nbytes == allocated
+    finally:
+        sched.close()
+
+
+def test_text_prompts_sharing_the_template_reuse_its_cache_and_still_get_their_lone_tokens(gen):
+    sched = Scheduler(gen, max_batch=2, max_queue=4, prefill_chunk=16)
+    try:
+        prompts = ["Describe the image.", "What is this?", "Two people sitting under a tree"]
+        expected = [gen.generate([p], None, 12, temperature=0.0)[0] for p in prompts]
+        first = sched.submit(prompts[0], max_new_tokens=12, temperature=0.0)
+        assert "".join(first) == expected[0]
+        assert sched.prefix.reused_tokens == 0  # nothing stored before the first prompt
+        later = [sched.submit(p, max_new_tokens=12, temperature=0.0) for p in prompts[1:]]
+        assert ["".join(h) for h in later] == expected[1:]
+        head = len(gen.tokenizer.encode(format_prompt(""), bos=True)) // 2
+        assert sched.prefix.reused_tokens >= 2 * head  # each took the template's head
+        # A visual row neither gives nor takes: its K and V depend on its own visual query.
+        before = sched.prefix.reused_tokens
+        visual = unit(1, 1024, seed=5)[0]
+        seen = sched.submit(prompts[1], visual, max_new_tokens=12, temperature=0.0)
+        assert "".join(seen) == gen.generate([prompts[1]], visual, 12, temperature=0.0)[0]
+        assert sched.prefix.reused_tokens == before
+    finally:
+        sched.close()

@@ -218,3 +218,47 @@ def test_a_lone_request_to_an_idle_model_does_not_wait_for_the_window():
         return elapsed
 
     assert asyncio.run(main()) < 60.0  # half the window: it did not wait for it
+
+
+# --------------------------------------------------------------------------- generation streams
+
+
+def test_one_decode_step_wakes_the_event_loop_once_for_all_its_streams():
+    from cachebind.inject.handles import one_wakeup
+    from cachebind.serve.streaming import mailbox_of
+
+    loop = asyncio.new_event_loop()
+    wakeups: list[object] = []
+    threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):  # the only way another thread can wake a loop
+        wakeups.append(callback)
+        return threadsafe(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+    asked_during_burst: list[int] = []
+
+    def delivery_step(box, queues, n: int) -> None:  # what the scheduler's delivery does
+        before = len(wakeups)
+        with one_wakeup():
+            for q in queues:
+                box.post(q, ("piece", f"token {n}"))
+            asked_during_burst.append(len(wakeups) - before)
+
+    async def streams() -> None:
+        box = mailbox_of(asyncio.get_running_loop())
+        queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(16)]
+        for n in range(3):
+            step = threading.Thread(target=delivery_step, args=(box, queues, n))
+            step.start()
+            got = [await asyncio.wait_for(q.get(), 60) for q in queues]
+            step.join()
+            assert got == [("piece", f"token {n}")] * 16
+
+    try:
+        loop.run_until_complete(streams())
+    finally:
+        loop.close()
+    assert asked_during_burst == [0, 0, 0]  # the step's posts wait for its end
+    assert len(wakeups) == 3  # one per step, not one per stream and token

@@ -29,33 +29,10 @@ from cachebind.errors import InputError, WeightsError
 from cachebind.inject.load import LoadReport, load_adapter_llama
 from cachebind.inject.model import AdapterLlama
 from cachebind.inject.prompts import format_prompt
+from cachebind.inject.sampling import sample_top_p, tempered_probs
 from cachebind.inject.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``softmax(logits / temperature)`` over the last axis, finite for any temperature > 0.
-
-    Shifted by the row's largest logit first (softmax does not change): a tiny temperature
-    (1e-300) would otherwise overflow every logit to ±inf and the softmax to NaN, and a
-    request asking for it would fail the whole decode batch. In the limit it is greedy."""
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    # Below float32's smallest normal the temperature itself would round to 0 (0 / 0 = NaN).
-    return torch.softmax(shifted / max(temperature, torch.finfo(logits.dtype).tiny), dim=-1)
-
-
-def sample_top_p(
-    probs: torch.Tensor, p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Nucleus sampling as released: keep the smallest prefix of the sorted distribution whose
-    mass *before* a token is at most p, renormalise, draw. [B, V] -> [B]."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, choice).squeeze(-1)
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

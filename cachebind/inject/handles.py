@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from cachebind.errors import CachebindError, GenerationBusy
@@ -15,6 +16,32 @@ Sink = Callable[[str, Any], None]
 
 
 SchedulerBusy = GenerationBusy  # the queue is full (defined without torch, for the service)
+
+_burst = threading.local()
+
+
+@contextmanager
+def one_wakeup() -> Iterator[None]:
+    """Sinks called inside defer their callers' wake-ups (``wake_later``) to its end, where
+    each distinct wake-up runs once: one per event loop per decode step, however many rows."""
+    wakes: dict[object, Callable[[], None]] = {}
+    _burst.wakes = wakes
+    try:
+        yield
+    finally:
+        _burst.wakes = None
+        for wake in wakes.values():
+            wake()
+
+
+def wake_later(key: object, wake: Callable[[], None]) -> bool:
+    """Run ``wake`` once at the end of the current ``one_wakeup`` burst of this thread;
+    False (nothing deferred) outside one, where the caller wakes now."""
+    wakes = getattr(_burst, "wakes", None)
+    if wakes is None:
+        return False
+    wakes.setdefault(key, wake)
+    return True
 
 
 class GenerationTimeout(CachebindError, TimeoutError):
@@ -83,4 +110,12 @@ class GenerationHandle:
             self.cancel()
 
 
-__all__ = ["GenerationHandle", "GenerationTimeout", "SchedulerBusy", "SchedulerObserver", "Sink"]
+__all__ = [
+    "GenerationHandle",
+    "GenerationTimeout",
+    "SchedulerBusy",
+    "SchedulerObserver",
+    "Sink",
+    "one_wakeup",
+    "wake_later",
+]

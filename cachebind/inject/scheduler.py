@@ -1,11 +1,19 @@
 """In-flight (continuous) batching: one thread owns the model and decodes every running request
-in each step.
+in each step; a second thread (``inject.delivery``) turns the tokens into text for the callers.
 
 A request waits in a bounded queue, takes a free slot of the preallocated KV cache
 (``inject.slots``), has its prompt prefilled in chunks of at most ``prefill_chunk`` tokens per
 step (so a long prompt delays the running rows by one chunk per step, not by its whole length),
 then joins the batched decode step. It leaves on EOS, its token budget, a stop string, a cancel
 or its deadline, and its slot is free for the next request at the next step.
+
+A decode step costs the same bookkeeping whatever the batch: the slots' last tokens,
+positions, visual queries and sampling settings stay on the device (``SlotInputs``) and are
+written only when a row joins or leaves; the inputs, the mask and the advance of every row are
+a handful of tensor operations over slots 0 … highest decoding slot; the whole batch is sampled
+in one call (``sampling.sample_rows``: only a sampled row's draw uses its own generator); the
+step ends with one list of new tokens handed to the delivery thread, which detokenises and wakes
+each event loop once for all its streams.
 
 Each row is computed as it would be alone: its own slot (BOS at position 0, no left padding),
 its own positions and mask, its own visual query T_I = bind(F~_M) (or none: a text-only row gets
@@ -35,7 +43,8 @@ from cachebind.config import (
     RELEASED_TOP_P,
 )
 from cachebind.errors import InputError
-from cachebind.inject.generate import Generator, check_sampling, sample_top_p, tempered_probs
+from cachebind.inject.delivery import Delivery, DeliveryThread, ended, text_of
+from cachebind.inject.generate import Generator, check_sampling
 from cachebind.inject.handles import (
     GenerationHandle,
     GenerationTimeout,
@@ -44,8 +53,16 @@ from cachebind.inject.handles import (
     SchedulerObserver,
     Sink,
 )
+from cachebind.inject.prefix import PrefixCache
 from cachebind.inject.prompts import format_prompt
-from cachebind.inject.slots import SlotCache, check_kv_memory, decode_mask, prefill_inputs
+from cachebind.inject.sampling import sample_rows
+from cachebind.inject.slots import (
+    SlotCache,
+    SlotInputs,
+    check_kv_memory,
+    decode_mask,
+    prefill_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +119,16 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len or generator.max_seq_len
-        self.observer: SchedulerObserver = observer or NullObserver()
-        check_kv_memory(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
+        check_kv_memory(
+            model.cfg, max_batch, self.max_seq_len, model.dtype, model.device, spare_slots=1
+        )
         self.cache = SlotCache(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
+        self.prefix = PrefixCache(self.cache)
+        self.inputs = SlotInputs(max_batch, model.cfg.dim, model.dtype, model.device)
+        self.delivery = DeliveryThread(self.tokenizer, observer or NullObserver())
+        self.steps = 0  # steps done (each: leavers, joiners, one decode, one prefill chunk)
+        self._outbox: list[Delivery] = []  # this step's deliveries, handed over at its end
+        self._visual_slots: set[int] = set()
         # torch's intra-op thread count is per thread (OpenMP's nthreads ICV): the scheduler's
         # own thread gets the creating thread's setting explicitly rather than whatever OpenMP
         # gives a new thread.
@@ -170,6 +194,20 @@ class Scheduler:
         return handle
 
     @property
+    def observer(self) -> SchedulerObserver:
+        """Where the load is reported (the scheduler's thread and the delivery's)."""
+        return self.delivery.observer
+
+    @observer.setter
+    def observer(self, observer: SchedulerObserver) -> None:
+        self.delivery.observer = observer
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of the KV cache that the running requests' slots hold (the rest is free)."""
+        return self.cache.slot_nbytes * self.running
+
+    @property
     def queued(self) -> int:
         return len(self._queue)
 
@@ -182,6 +220,7 @@ class Scheduler:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self.delivery.close()
 
     def _features(self, visual: torch.Tensor | np.ndarray | None) -> torch.Tensor | None:
         if visual is None:
@@ -212,11 +251,16 @@ class Scheduler:
                     log.exception("generation step failed")
                     for row in self._slots:
                         if row is not None:
-                            self._free(row, "error", exc)
+                            self._free(row, exc)
+                self.delivery.post(self._outbox)
+                self._outbox = []
+                self.steps += 1
                 self.observer.scheduler_state(self.queued, self.running)
+        closed = RuntimeError("the scheduler was closed")
         for row in [*self._slots, *self._queue]:
             if row is not None:
-                row.handle.sink("error", RuntimeError("the scheduler was closed"))
+                self._outbox.append(ended(row.handle, closed))
+        self.delivery.post(self._outbox)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -226,7 +270,7 @@ class Scheduler:
             if row.handle.cancelled.is_set():
                 self._free(row, "cancelled")
             elif row.deadline is not None and now > row.deadline:
-                self._free(row, "error", GenerationTimeout("the generation passed its deadline"))
+                self._free(row, GenerationTimeout("the generation passed its deadline"))
         self._admit()
         decoding = [r for r in self._slots if r is not None and r.ready]
         if decoding:
@@ -238,13 +282,16 @@ class Scheduler:
             while self._queue and None in self._slots:
                 row = self._queue.popleft()
                 if row.handle.cancelled.is_set():
-                    row.handle.sink("end", "cancelled")
-                    self.observer.finished("cancelled")
+                    self._outbox.append(ended(row.handle, "cancelled"))
                     continue
                 row.slot = self._slots.index(None)  # lowest free: keeps the batch short
                 self._slots[row.slot] = row
                 if row.f_m is not None:
                     row.visual = self.model.visual_query(row.f_m[None])[0]
+                    self._visual_slots.add(row.slot)
+                else:
+                    row.prefilled = self.prefix.reuse(row.slot, row.ids)
+                self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
 
     def _prefill(self) -> None:
         """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
@@ -280,114 +327,112 @@ class Scheduler:
             past_key_values=self.cache,
             logits_to_keep=1,
         )
+        done = []
         for i, (row, _, n) in enumerate(chunks):
             row.prefilled += n
             if row.prefilled == len(row.ids):
-                row.ready = True
-                row.handle.first_token_s = time.perf_counter() - row.submitted
-                self.observer.first_token(row.handle.first_token_s)
-                self._next(row, out.logits[i, -1])
+                done.append(i)
+                if row.visual is None:
+                    self.prefix.offer(row.slot, row.ids)
+        if not done:
+            return
+        rows = [chunks[i][0] for i in done]
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        _, tokens, bad = sample_rows(
+            out.logits[done, -1],
+            self.inputs.temperature[slots],
+            self.inputs.top_p[slots],
+            self.inputs.ignore_eos[slots],
+            [self._generator_of(r) for r in rows],
+            self.tokenizer.eos_id,
+        )
+        for row, token, is_bad in zip(rows, tokens, bad, strict=True):
+            row.ready = True
+            row.handle.first_token_s = time.perf_counter() - row.submitted
+            self.observer.first_token(row.handle.first_token_s)
+            if self._take(row, token, is_bad):
+                self.inputs.start(row.slot, token, row.position)
+        eos = self.tokenizer.eos_id
+        self.observer.tokens(sum(not b and t != eos for t, b in zip(tokens, bad, strict=True)))
 
-    def _visual_of(self, rows: list[_Row | None]) -> tuple[torch.Tensor | None, ...]:
-        """T_I per batch row [b, dim] and which rows use it [b] (None, None: no row does)."""
-        if all(r is None or r.visual is None for r in rows):
+    def _visual_of(self, rows: list[_Row]) -> tuple[torch.Tensor | None, ...]:
+        """T_I per prefill row [b, dim] and which rows use it [b] (None, None: no row does)."""
+        if all(r.visual is None for r in rows):
             return None, None
         device = self.model.device
         visual = torch.zeros(len(rows), self.model.cfg.dim, dtype=self.model.dtype, device=device)
         visual_rows = torch.zeros(len(rows), device=device)
         for i, r in enumerate(rows):
-            if r is not None and r.visual is not None:
+            if r.visual is not None:
                 visual[i] = r.visual
                 visual_rows[i] = 1.0
         return visual, visual_rows
 
+    def _generator_of(self, row: _Row) -> torch.Generator | None:
+        return row.rng if row.temperature > 0 else None
+
     def _decode(self, rows: list[_Row]) -> None:
         """One token for every ready row, in one forward over slots 0 … highest ready slot."""
-        device = self.model.device
         width = max(r.slot for r in rows) + 1
-        tokens = torch.zeros(width, dtype=torch.long, device=device)
-        # An idle or prefilling slot in the batch writes at the last position, which no prompt
-        # reaches and which its owner overwrites before it reads it.
-        write_at = torch.full((width,), self.max_seq_len - 1, dtype=torch.long, device=device)
-        see = torch.zeros(width, dtype=torch.long, device=device)
-        by_slot: list[_Row | None] = [None] * width
-        for r in rows:
-            tokens[r.slot] = r.handle.tokens[-1]
-            write_at[r.slot] = see[r.slot] = r.position
-            by_slot[r.slot] = r
-        visual, visual_rows = self._visual_of(by_slot)
-        kv_len = int(see.max()) + 1
+        tokens, write_at, see = self.inputs.decode_inputs(width, self.max_seq_len - 1)
+        kv_len = max(r.position for r in rows) + 1
         self.cache.bind_decode(width, write_at, kv_len)
+        # Text-only batches skip the adapter; in a mixed one a text row's term is multiplied
+        # by 0.0 (exact), as alone it has none.
+        visual = any(s < width for s in self._visual_slots)
         out = self.model(
-            tokens[:, None],
-            visual=visual,
-            visual_rows=visual_rows,
+            tokens,
+            visual=self.inputs.visual[:width] if visual else None,
+            visual_rows=self.inputs.visual_on[:width] if visual else None,
             attention_mask=decode_mask(see, kv_len),
             position_ids=see[:, None],
             past_key_values=self.cache,
             logits_to_keep=1,
         )
+        generators: list[torch.Generator | None] = [None] * width
         for r in rows:
-            self._next(r, out.logits[r.slot, -1])
+            generators[r.slot] = self._generator_of(r)
+        sampled, tokens_list, bad = sample_rows(
+            out.logits[:, -1],
+            self.inputs.temperature[:width],
+            self.inputs.top_p[:width],
+            self.inputs.ignore_eos[:width],
+            generators,
+            self.tokenizer.eos_id,
+        )
+        self.inputs.advance(width, sampled)
+        for r in rows:
+            self._take(r, tokens_list[r.slot], bad[r.slot])
+        eos = self.tokenizer.eos_id
+        self.observer.tokens(sum(not bad[r.slot] and tokens_list[r.slot] != eos for r in rows))
 
-    def _next(self, row: _Row, logits: torch.Tensor) -> None:
-        """Sample and record one row's next token. Logits that cannot be sampled end that row
-        alone: the batch's other rows are other clients' generations."""
-        try:
-            token = self._sample(row, logits)
-        except RuntimeError as exc:
-            self._free(row, "error", InputError("generation", "not_finite", str(exc)))
-            return
-        self._take(row, token)
-
-    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
-        """The released sampling (``Generator.stream``) on one row with its own generator."""
-        logits = logits.float()[None]
-        if torch.isnan(logits).any():
-            raise RuntimeError("the model's logits for this generation hold NaN")
-        if row.ignore_eos:
-            logits[:, self.tokenizer.eos_id] = -float("inf")
-        if row.temperature > 0:
-            probs = tempered_probs(logits, row.temperature)
-            return int(sample_top_p(probs, row.top_p, row.rng)[0])
-        return int(torch.argmax(logits, dim=-1)[0])
-
-    def _take(self, row: _Row, token: int) -> None:
-        """Record a sampled token, send the new text, and end the row when it is done."""
+    def _take(self, row: _Row, token: int, bad: bool) -> bool:
+        """Record a sampled token and hand it to the delivery; end the row when it is done.
+        True while the row goes on. Logits that cannot be sampled end that row alone: the
+        batch's other rows are other clients' generations."""
+        if bad:
+            error = "the model's logits for this generation hold NaN"
+            self._free(row, InputError("generation", "not_finite", error))
+            return False
+        tokens = row.handle.tokens
         if token == self.tokenizer.eos_id:
-            self._emit(row, final=True)
             self._free(row, "eos")
-            return
-        row.handle.tokens.append(token)
-        self.observer.tokens(1)
-        final = len(row.handle.tokens) >= row.budget
-        if self._emit(row, final=final):
+            return False
+        tokens.append(token)
+        if row.stop and text_of(self.tokenizer, row, len(tokens))[1]:
             self._free(row, "stop")
-        elif final:
+            return False
+        if len(tokens) >= row.budget:
             self._free(row, "length")
+            return False
+        self._outbox.append(Delivery(row, len(tokens)))
+        return True
 
-    def _emit(self, row: _Row, final: bool) -> bool:
-        """Send the text decoded since the last piece; True when a stop string was reached."""
-        text = self.tokenizer.decode(row.handle.tokens)
-        stopped = False
-        for s in row.stop:
-            at = text.find(s, max(0, len(row.emitted) - len(s)))
-            if at >= 0:
-                text, stopped, final = text[:at], True, True
-        if not final and text.endswith("\ufffd"):  # half of a multi-byte character: wait
-            text = text.rstrip("\ufffd")
-        if text.startswith(row.emitted) and len(text) > len(row.emitted):
-            row.handle.sink("piece", text[len(row.emitted) :])
-            row.emitted = text
-        return stopped
-
-    def _free(self, row: _Row, reason: str, error: BaseException | None = None) -> None:
+    def _free(self, row: _Row, end: str | BaseException) -> None:
+        """The row leaves: its slot (and the slot's KV memory) is free for the next step."""
         self._slots[row.slot] = None
-        row.handle.finish_reason = reason
+        self.inputs.leave(row.slot)
+        self._visual_slots.discard(row.slot)
         elapsed = time.perf_counter() - row.submitted
         self._request_s = 0.8 * self._request_s + 0.2 * elapsed
-        self.observer.finished(reason)
-        if error is not None:
-            row.handle.sink("error", error)
-        else:
-            row.handle.sink("end", reason)
+        self._outbox.append(Delivery(row, len(row.handle.tokens), end))

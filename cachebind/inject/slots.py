@@ -19,6 +19,7 @@ import os
 import torch
 
 from cachebind.inject.model import AdapterLlamaConfig
+from cachebind.inject.sampling import storable
 
 
 class KVMemoryError(RuntimeError):
@@ -55,9 +56,11 @@ def check_kv_memory(
     dtype: torch.dtype,
     device: torch.device,
     headroom: float = 0.9,
+    spare_slots: int = 0,
 ) -> int:
-    """The KV cache's size in bytes, or a ``KVMemoryError`` saying what to lower."""
-    need = kv_cache_bytes(cfg, max_batch, max_seq_len, dtype)
+    """The KV cache's size in bytes (with ``spare_slots`` more slots' worth: the stored
+    prompt prefix), or a ``KVMemoryError`` saying what to lower."""
+    need = kv_cache_bytes(cfg, max_batch + spare_slots, max_seq_len, dtype)
     have = available_bytes(device)
     if need > headroom * have:
         raise KVMemoryError(
@@ -94,6 +97,11 @@ class SlotCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of K and V that one slot holds (every layer and position)."""
+        return self.nbytes // self.max_batch
 
     def bind_decode(self, n_rows: int, positions: torch.Tensor, kv_len: int) -> None:
         """The next call decodes one token for slots 0 … n_rows - 1, slot i at positions[i]."""
@@ -151,3 +159,66 @@ def prefill_inputs(
     keys = torch.arange(kv_len, device=device)
     mask = keys[None, None, :] <= positions[:, :, None]  # [b, width, kv_len]
     return positions, mask[:, None]
+
+
+class SlotInputs:
+    """Per-slot decode inputs kept on the device between steps: each slot's last token and the
+    position it goes to, whether it decodes, its visual query T_I and its sampling settings.
+
+    A row's entries are written when it joins (``join``) and cleared when it leaves
+    (``leave``); a decode step reads slices [:width] and advances every decoding slot with two
+    tensor operations (``advance``), whatever the batch."""
+
+    def __init__(self, max_batch: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.last = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.active = torch.zeros(max_batch, dtype=torch.bool, device=device)
+        self.visual = torch.zeros(max_batch, dim, dtype=dtype, device=device)
+        self.visual_on = torch.zeros(max_batch, device=device)
+        self.temperature = torch.zeros(max_batch, 1, device=device)
+        self.top_p = torch.ones(max_batch, 1, device=device)
+        self.ignore_eos = torch.zeros(max_batch, dtype=torch.bool, device=device)
+
+    def join(
+        self,
+        slot: int,
+        visual: torch.Tensor | None,
+        temperature: float,
+        top_p: float,
+        ignore_eos: bool,
+    ) -> None:
+        """A row takes ``slot`` (its prompt is yet to be prefilled: it does not decode)."""
+        self.active[slot] = False
+        self.visual_on[slot] = 0.0 if visual is None else 1.0
+        if visual is not None:
+            self.visual[slot] = visual
+        self.temperature[slot] = storable(temperature)
+        self.top_p[slot] = top_p
+        self.ignore_eos[slot] = ignore_eos
+
+    def start(self, slot: int, token: int, position: int) -> None:
+        """The row's prompt is in the cache and its first token sampled: it decodes from now."""
+        self.last[slot] = token
+        self.position[slot] = position
+        self.active[slot] = True
+
+    def leave(self, slot: int) -> None:
+        self.active[slot] = False
+        self.visual_on[slot] = 0.0
+
+    def decode_inputs(
+        self, width: int, idle_at: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [width, 1], the positions they are written at [width] (an idle slot writes
+        at ``idle_at``, which no prompt reaches and its owner overwrites before reading), and
+        the last position each slot sees [width] (an idle slot sees position 0 only)."""
+        active, position = self.active[:width], self.position[:width]
+        write_at = torch.where(active, position, idle_at)
+        see = torch.where(active, position, 0)
+        return self.last[:width, None], write_at, see
+
+    def advance(self, width: int, tokens: torch.Tensor) -> None:
+        """Every decoding slot of [:width] takes its sampled token, one position further."""
+        active = self.active[:width]
+        self.last[:width] = torch.where(active, tokens, self.last[:width])
+        self.position[:width] += active

@@ -1,0 +1,436 @@
+"""Generation against its ceiling: what the model itself does at batch 1 and N, against what
+the scheduler and the HTTP service make of it, in one run on the same model.
+
+    .venv/bin/python benchmarks/bench_generate_ceiling.py [--streams 16] [--tokens 48]
+        [--dim 512 --layers 8 --heads 8] [--threads 1] [--profile] [--device cuda]
+
+Parts, each as tokens/s and as a fraction of the hand-stepped ceiling at N:
+
+* ceiling: ``AdapterLlama.forward`` on one token per row with a ``DynamicCache``, greedy, a
+  visual query per row (the adapter on), stepped by hand at batch 1 and at batch N;
+* scheduler: N concurrent in-process requests on ``inject.scheduler.Scheduler`` (half of
+  them text-only, half with a visual query; greedy; EOS ignored), and 1 alone (a visual one,
+  the heavier kind: request 0 of every run has the visual query);
+* http: N concurrent streaming requests through a real server on 127.0.0.1, native
+  ``/v1/generate`` and OpenAI ``/v1/chat/completions`` (half of them with an image), and 1.
+  Tokens are the server's own ``usage`` counts (an answer may end at EOS before ``--tokens``).
+
+TTFT is reported at N and at 1 stream (p50). ``--profile``: cProfile of the scheduler's
+decode steps at N streams, top entries by own time and by cumulative time, and the Python and
+torch calls per decode step at 1 and N streams (counts, which the machine's load does not move).
+``--device cuda``: the same parts on the GPU (``--preset 7b``: LLaMA-7B-shaped random fp16
+weights, the tiny tokenizer folded; otherwise the small model moved to the GPU); the lent GPU
+machine lacks the server's dependencies, so its runbook passes ``--no-http``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+# The demo-cache and media builders are test code, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from cachebind.inject import Generator  # noqa: E402
+from cachebind.inject.prompts import format_prompt  # noqa: E402
+from cachebind.inject.scheduler import Scheduler  # noqa: E402
+
+if TYPE_CHECKING:  # the GPU machine has no HTTP client: the HTTP parts import it when run
+    import httpx
+
+VISUAL_DIM = 64  # the tiny encoder's output, which the HTTP service feeds the bind network
+PROMPTS = [
+    "Describe the image.",
+    "What is in this picture?",
+    "Two dogs are playing near the river: what else is there?",
+    "Describe the sound.",
+]
+
+
+def build(args: argparse.Namespace, workdir: Path) -> Generator:
+    from cachebind.inject import build_tiny_llm
+
+    if args.preset == "7b":
+        from bench_generate_serve import gpu_generator
+
+        from cachebind.inject.model import AdapterLlamaConfig
+
+        return gpu_generator(workdir, AdapterLlamaConfig(bind_in_dim=VISUAL_DIM), args.device)
+    gen = build_tiny_llm(
+        workdir, dim=args.dim, n_layers=args.layers, n_heads=args.heads, visual_dim=VISUAL_DIM
+    )
+    if args.device != "cpu":
+        gen.model.to(args.device)
+    return gen
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> float:
+    """Tokens/s of the model stepped by hand: one token per row per forward, greedy."""
+    from transformers.cache_utils import DynamicCache
+
+    model, device = gen.model, gen.model.device
+    # The prompt as the service feeds it (the Alpaca template): the same cache lengths.
+    ids = gen.tokenizer.encode(format_prompt(PROMPTS[0]), bos=True)
+    prompt = torch.tensor([ids] * batch, device=device)
+    t_i = model.visual_query(visual[:batch].to(device))
+    best = float("inf")
+    for _ in range(2):  # the first run warms the allocator and the kernels
+        cache = DynamicCache(config=model.llm.config)
+        out = model(prompt, visual=t_i, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        start = time.perf_counter()
+        for step in range(tokens):
+            pos = torch.full((batch, 1), len(ids) + step, device=device)
+            out = model(
+                token,
+                visual=t_i,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return batch * tokens / best
+
+
+def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, Any]:
+    """n client threads released at once; ``one(i)`` returns (tokens, seconds to first)."""
+    results: list[tuple[int, float]] = [(0, float("nan"))] * n
+    gate = threading.Barrier(n + 1)
+
+    def client(i: int) -> None:
+        gate.wait()
+        results[i] = one(i)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    gate.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(r[0] for r in results)
+    return {
+        "streams": n,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_s": round(statistics.median(r[1] for r in results), 4),
+    }
+
+
+def scheduler_request(sched: Scheduler, tokens: int, visual: np.ndarray):
+    def one(i: int) -> tuple[int, float]:
+        handle = sched.submit(
+            PROMPTS[i % len(PROMPTS)],
+            visual[i] if i % 2 == 0 else None,
+            max_new_tokens=tokens,
+            temperature=0.0,
+            ignore_eos=True,
+        )
+        for _ in handle:
+            pass
+        return len(handle.tokens), float(handle.first_token_s or float("nan"))
+
+    return one
+
+
+def native_request(client_of: Callable[[], httpx.Client], tokens: int, image: str):
+    def one(i: int) -> tuple[int, float]:
+        body: dict[str, Any] = {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_new_tokens": tokens,
+            "temperature": 0.0,
+        }
+        if i % 2 == 0:
+            body["inputs"] = [{"modality": "image", "data": image}]
+        start, first, count = time.perf_counter(), float("nan"), 0
+        with client_of() as c, c.stream("POST", "/v1/generate", json=body) as r:
+            assert r.status_code == 200, r.read()
+            done = False
+            for line in r.iter_lines():
+                if line.startswith("event: done"):
+                    done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if done:
+                        count = event["usage"]["completion_tokens"]
+                    elif "text" in event and first != first:
+                        first = time.perf_counter() - start
+        return count, first
+
+    return one
+
+
+def chat_request(client_of: Callable[[], httpx.Client], tokens: int, image: str):
+    def one(i: int) -> tuple[int, float]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": PROMPTS[i % len(PROMPTS)]}]
+        if i % 2 == 0:
+            url = f"data:image/png;base64,{image}"
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+        body = {
+            "model": "imagebind-llm",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        start, first, count = time.perf_counter(), float("nan"), 0
+        with client_of() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    count = chunk["usage"]["completion_tokens"]
+                choices = chunk.get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content") and first != first:
+                    first = time.perf_counter() - start
+        return count, first
+
+    return one
+
+
+class _TimedModel:
+    """The scheduler's model, timing each forward call (synchronised on a GPU)."""
+
+    def __init__(self, model: torch.nn.Module, spent: list[float]) -> None:
+        self.inner, self.spent = model, spent
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        sync(self.inner.device)
+        self.spent.append(time.perf_counter() - start)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class TimedScheduler(Scheduler):
+    """Records each decode step's wall time and its model forward's: the rest is the step's
+    overhead (inputs, sampling, bookkeeping, the hand-over to the delivery thread)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._forwards: list[float] = []
+        self.steps_s: list[tuple[int, float, float]] = []  # (rows, step, forward)
+        self.model = _TimedModel(self.model, self._forwards)  # type: ignore[assignment]
+
+    def _decode(self, rows: list) -> None:
+        start = time.perf_counter()
+        super()._decode(rows)
+        self.steps_s.append((len(rows), time.perf_counter() - start, self._forwards[-1]))
+
+    def overhead(self, rows: int) -> dict[str, float]:
+        """Median step and overhead (step minus forward) over the steps that decoded ``rows``."""
+        full = [(step, step - fwd) for n, step, fwd in self.steps_s if n == rows]
+        if not full:
+            return {}
+        return {
+            "decode_steps": len(full),
+            "step_ms_p50": round(1000 * statistics.median(s for s, _ in full), 2),
+            "overhead_ms_p50": round(1000 * statistics.median(o for _, o in full), 3),
+        }
+
+
+class ProfiledScheduler(Scheduler):
+    """A scheduler whose decode steps (the batched forward, sampling, bookkeeping and the
+    hand-over to the delivery thread) run under cProfile; prefill chunks do not."""
+
+    profile: cProfile.Profile
+
+    def _run(self) -> None:
+        self.profile = cProfile.Profile()
+        super()._run()
+
+    def _decode(self, rows: list) -> None:
+        self.profile.enable()
+        try:
+            super()._decode(rows)
+        finally:
+            self.profile.disable()
+
+
+def profiled(gen: Generator, streams: int, tokens: int, visual: np.ndarray) -> pstats.Stats:
+    sched = ProfiledScheduler(gen, max_batch=streams, max_queue=streams)
+    concurrently(streams, scheduler_request(sched, tokens, visual))
+    sched.close()
+    return pstats.Stats(sched.profile, stream=io.StringIO())
+
+
+def decode_calls(stats: pstats.Stats) -> dict[str, float]:
+    """Python function calls and torch calls per decode step (their count, unlike their time,
+    does not depend on the machine's load): what a step costs besides the matmuls."""
+    per_function = stats.stats  # type: ignore[attr-defined]
+    steps = next(v[1] for k, v in per_function.items() if k[2] == "_decode")
+    calls = sum(v[1] for v in per_function.values())
+    torch_ops = sum(v[1] for k, v in per_function.items() if k[0] == "~" and "torch" in k[2])
+    return {"decode_steps": steps, "calls_per_step": round(calls / steps, 1),
+            "torch_builtin_calls_per_step": round(torch_ops / steps, 1)}  # fmt: skip
+
+
+def profile_decode(gen: Generator, args: argparse.Namespace, visual: np.ndarray) -> str:
+    """Where a step's time goes at N streams, and how its call count grows from 1 to N."""
+    one = decode_calls(profiled(gen, 1, args.tokens, visual))
+    stats = profiled(gen, args.streams, args.tokens, visual)
+    many = decode_calls(stats)
+    out = io.StringIO()
+    stats.stream = out  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(25)
+    counts = {"1": one, str(args.streams): many}
+    return out.getvalue() + "calls per decode step: " + json.dumps(counts)
+
+
+def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:
+    import httpx
+    from builders import TableFlatLoader, build_demo_cache, service_settings
+    from fixtures_media import image_bytes
+
+    from cachebind.config import LLMConfig
+    from cachebind.encode import Encoder
+    from cachebind.serve import start_server
+    from cachebind.serve.runtime import Runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = build_demo_cache(root, rows=200, dim=VISUAL_DIM)
+        svc = service_settings(root, cache, index_poll_s=0)
+        loader = TableFlatLoader(cache.store)
+        runtime = Runtime(
+            Encoder.from_config(svc.settings.encoder, svc.settings.weights),
+            snapshot=loader.load(),
+            loader=loader,
+            generator=gen,
+            cache_config=svc.settings.cache,
+            llm_config=LLMConfig(max_batch=n, max_queue=n),
+        )
+        server = start_server(svc.settings, runtime, port=0)
+        image = base64.b64encode(image_bytes(seed=3)).decode()
+        headers = {"Authorization": f"Bearer {svc.user_key}"}
+
+        def client_of() -> httpx.Client:
+            return httpx.Client(base_url=server.url, headers=headers, timeout=600)
+
+        out: dict[str, Any] = {}
+        try:
+            for name, route in (("native", native_request), ("openai_chat", chat_request)):
+                request = route(client_of, args.tokens, image)
+                request(0)  # warm: the image path, the route, the connection
+                one = concurrently(1, request)
+                many = concurrently(n, request)
+                out[name] = {"1": one, str(n): many}
+        finally:
+            server.stop()
+            if runtime.scheduler is not None:
+                runtime.scheduler.close()
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    n = args.streams
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = build(args, Path(tmp))
+    visual_np = np.random.default_rng(0).standard_normal((n, VISUAL_DIM)).astype(np.float32)
+    visual = torch.from_numpy(visual_np)
+    result: dict[str, Any] = {
+        "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "device": str(gen.device),
+        "model": {
+            "preset": args.preset,
+            "dim": gen.model.cfg.dim,
+            "layers": gen.model.cfg.n_layers,
+            "heads": gen.model.cfg.n_heads,
+            "dtype": str(gen.model.dtype),
+            "params_m": round(sum(p.numel() for p in gen.model.parameters()) / 1e6, 1),
+        },
+        "threads": args.threads,
+        "streams": n,
+        "tokens_per_request": args.tokens,
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    if args.profile:
+        print(profile_decode(gen, args, visual_np))
+        result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        return result
+    ceiling_1 = ceiling(gen, 1, args.tokens, visual)
+    ceiling_n = ceiling(gen, n, args.tokens, visual)
+    result["ceiling"] = {
+        "1": round(ceiling_1, 1),
+        str(n): round(ceiling_n, 1),
+        "batching_x": round(ceiling_n / ceiling_1, 2),
+    }
+    sched = TimedScheduler(gen, max_batch=n, max_queue=n)
+    request = scheduler_request(sched, args.tokens, visual_np)
+    request(0)  # warm
+    result["scheduler"] = {}
+    for streams in (1, n):
+        sched.steps_s.clear()
+        result["scheduler"][str(streams)] = concurrently(streams, request)
+        result["scheduler"][str(streams)] |= sched.overhead(streams)
+    sched.close()
+    if not args.no_http:
+        result["http"] = http_parts(gen, args, n)
+    parts = {"scheduler": result["scheduler"], **result.get("http", {})}
+    result["summary"] = {
+        name: {
+            "tokens_per_s": part[str(n)]["tokens_per_s"],
+            "of_ceiling": round(part[str(n)]["tokens_per_s"] / ceiling_n, 3),
+            "x_one_stream": round(part[str(n)]["tokens_per_s"] / part["1"]["tokens_per_s"], 2),
+            "ttft_n_over_1": round(part[str(n)]["ttft_p50_s"] / part["1"]["ttft_p50_s"], 2),
+        }
+        for name, part in parts.items()
+    }
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--preset", choices=["small", "7b"], default="small")
+    parser.add_argument("--profile", action="store_true", help="cProfile the decode steps")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP parts")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
