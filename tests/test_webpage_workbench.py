@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -42,6 +44,58 @@ def search_text(page, text: str, k: int = 6) -> None:
     page.fill("#k", str(k))
     page.click("#search")
     page.wait_for_selector(f"#results .result[data-thumb] >> nth={k - 1}")
+
+
+@dataclass(frozen=True)
+class MapView:
+    """The map as the page drew it: the service's positions and the page's transform (uniform
+    scale, 12 px padding, y up) from layout to canvas pixels, and from canvas to page pixels."""
+
+    data: dict[str, Any]
+    width: float
+    height: float
+    box: dict[str, float]
+
+    @classmethod
+    def read(cls, page: Any, served: Any, **params: str) -> MapView:
+        data = httpx.get(
+            f"{served.url}/v1/map",
+            params=params,
+            headers={"Authorization": f"Bearer {served.svc.user_key}"},
+        ).json()
+        width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
+        return cls(data, width, height, page.query_selector("#map-canvas").bounding_box())
+
+    @property
+    def x(self) -> np.ndarray:
+        return np.array(self.data["x"])
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.array(self.data["y"])
+
+    @property
+    def scale(self) -> float:
+        x, y = self.x, self.y
+        return float(min((self.width - 24) / np.ptp(x), (self.height - 24) / np.ptp(y)))
+
+    def to_canvas(self, x: Any, y: Any) -> np.ndarray:
+        """Layout positions -> canvas pixels [..., 2]."""
+        px = 12 + (np.asarray(x) - self.x.min()) * self.scale
+        py = self.height - 12 - (np.asarray(y) - self.y.min()) * self.scale
+        return np.stack([px, py], -1)
+
+    def drawn(self) -> np.ndarray:
+        """Every dot's canvas position [n, 2] at zoom 1."""
+        return self.to_canvas(self.x, self.y)
+
+    def to_page(self, p: Any) -> tuple[float, float]:
+        """A canvas pixel -> the page coordinates a mouse event needs."""
+        box = self.box
+        return (
+            box["x"] + float(p[0]) * box["width"] / self.width,
+            box["y"] + float(p[1]) * box["height"] / self.height,
+        )
 
 
 def test_keyboard_only_search_reaches_a_result_and_opens_its_detail(page, tmp_path):
@@ -143,18 +197,9 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     )
     page.screenshot(path=str(tmp_path / "workbench-map.png"), full_page=True)
     # Click the first point where the page drew it (its transform: uniform scale, 12 px pad).
-    data = httpx.get(
-        f"{served.url}/v1/map",
-        params={"labels": labels.name},
-        headers={"Authorization": f"Bearer {served.svc.user_key}"},
-    ).json()
-    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
-    box = page.query_selector("#map-canvas").bounding_box()
-    x, y = np.array(data["x"]), np.array(data["y"])
-    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
-    px = 12 + (x[0] - x.min()) * scale
-    py = height - 12 - (y[0] - y.min()) * scale
-    page.mouse.click(box["x"] + px * box["width"] / width, box["y"] + py * box["height"] / height)
+    view = MapView.read(page, served, labels=labels.name)
+    data, x, y, scale = view.data, view.x, view.y, view.scale
+    page.mouse.click(*view.to_page(view.to_canvas(x[0], y[0])))
     page.wait_for_selector("#detail[open][data-thumb]")
     opened = page.get_attribute("#detail", "data-id")
     page.click("#detail-close")
@@ -166,6 +211,7 @@ def test_the_map_renders_coloured_by_label_and_a_click_opens_an_item(page, serve
     import pyarrow.parquet as pq
 
     page.keyboard.down("Shift")
+    box = view.box
     page.mouse.move(box["x"] + 1, box["y"] + 1)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] - 1, steps=4)
@@ -234,12 +280,7 @@ def test_the_current_results_and_the_query_are_placed_on_the_map(page, served, t
     search_text(page, "a red dog", k=8)
     page.click("#show-map")
     page.wait_for_selector("#map-canvas[data-points='120'][data-results='8']")
-    data = httpx.get(
-        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
-    ).json()
-    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
-    x, y = np.array(data["x"]), np.array(data["y"])
-    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
+    view = MapView.read(page, served)
 
     def query_position() -> tuple[float, float]:
         """Where the service places the page's query, drawn by the page's transform."""
@@ -249,8 +290,7 @@ def test_the_current_results_and_the_query_are_placed_on_the_map(page, served, t
             json={"inputs": inputs},
             headers={"Authorization": f"Bearer {served.svc.user_key}"},
         ).json()
-        px = 12 + (placed["x"] - x.min()) * scale
-        py = height - 12 - (placed["y"] - y.min()) * scale
+        px, py = view.to_canvas(placed["x"], placed["y"])
         return float(px), float(py)
 
     def drawn_query() -> list[float]:
@@ -280,14 +320,8 @@ def test_a_lasso_selects_the_dots_inside_a_freeform_polygon_and_exports_them(
     page.set_viewport_size({"width": 1280, "height": 1400})
     page.click("#show-map")
     page.wait_for_selector("#map-canvas[data-points='120']")
-    data = httpx.get(
-        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
-    ).json()
-    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
-    box = page.query_selector("#map-canvas").bounding_box()
-    x, y = np.array(data["x"]), np.array(data["y"])
-    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
-    drawn = np.stack([12 + (x - x.min()) * scale, height - 12 - (y - y.min()) * scale], 1)
+    view = MapView.read(page, served)
+    data, width, height, drawn = view.data, view.width, view.height, view.drawn()
 
     def clearance(corners: list[tuple[float, float]]) -> float:
         """The least distance in canvas pixels from a dot to the polygon's edges."""
@@ -308,10 +342,7 @@ def test_a_lasso_selects_the_dots_inside_a_freeform_polygon_and_exports_them(
     assert 0 < inside.sum() < len(inside)
     page.select_option("#map-tool", "lasso")
     page.keyboard.down("Shift")
-    to_page = [
-        (box["x"] + cx * box["width"] / width, box["y"] + cy * box["height"] / height)
-        for cx, cy in corners
-    ]
+    to_page = [view.to_page(corner) for corner in corners]
     page.mouse.move(*to_page[0])
     page.mouse.down()
     for corner in [*to_page[1:], to_page[0]]:
@@ -449,17 +480,9 @@ def test_the_map_zooms_around_the_cursor_pans_by_drag_and_a_click_opens_the_item
     page.set_viewport_size({"width": 1280, "height": 1400})
     page.click("#show-map")
     page.wait_for_selector("#map-canvas[data-points='120'][data-zoom='1.0000']")
-    data = httpx.get(
-        f"{served.url}/v1/map", headers={"Authorization": f"Bearer {served.svc.user_key}"}
-    ).json()
-    width, height = page.evaluate("[$('#map-canvas').width, $('#map-canvas').height]")
-    box = page.query_selector("#map-canvas").bounding_box()
-    x, y = np.array(data["x"]), np.array(data["y"])
-    scale = min((width - 24) / np.ptp(x), (height - 24) / np.ptp(y))
-    base = np.stack([12 + (x - x.min()) * scale, height - 12 - (y - y.min()) * scale], 1)
-
-    def to_page(p: np.ndarray) -> tuple[float, float]:
-        return box["x"] + p[0] * box["width"] / width, box["y"] + p[1] * box["height"] / height
+    view = MapView.read(page, served)
+    data, width, height, box, base = view.data, view.width, view.height, view.box, view.drawn()
+    to_page = view.to_page
 
     # A dot with a neighbour 10-60 px away at zoom 1: zoomed in around the dot, the neighbour
     # moves away from the cursor by the zoom factor, and a click where it now is opens it.
