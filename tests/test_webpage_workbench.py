@@ -98,6 +98,18 @@ class MapView:
         )
 
 
+def show_pca_map(page: Any, served: Any, drawn: str) -> MapView:
+    """Compute a PCA map of the served table, show it on the page (whole canvas in view) and
+    wait until ``drawn`` (a selector on the canvas's state) holds."""
+    settings = served.svc.settings.model_copy(deep=True)
+    settings.analysis.map_method = "pca"
+    compute_map(settings)
+    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.click("#show-map")
+    page.wait_for_selector(drawn)
+    return MapView.read(page, served)
+
+
 def test_keyboard_only_search_reaches_a_result_and_opens_its_detail(page, tmp_path):
     page.focus(".input-row .input-text")
     page.keyboard.type("a green boat")
@@ -314,13 +326,7 @@ def test_a_lasso_selects_the_dots_inside_a_freeform_polygon_and_exports_them(
     import pyarrow.parquet as pq
     from matplotlib.path import Path
 
-    settings = served.svc.settings.model_copy(deep=True)
-    settings.analysis.map_method = "pca"
-    compute_map(settings)
-    page.set_viewport_size({"width": 1280, "height": 1400})
-    page.click("#show-map")
-    page.wait_for_selector("#map-canvas[data-points='120']")
-    view = MapView.read(page, served)
+    view = show_pca_map(page, served, "#map-canvas[data-points='120']")
     data, width, height, drawn = view.data, view.width, view.height, view.drawn()
 
     def clearance(corners: list[tuple[float, float]]) -> float:
@@ -474,13 +480,7 @@ def test_at_phone_width_nothing_is_wider_than_the_screen(browser, served, tmp_pa
 def test_the_map_zooms_around_the_cursor_pans_by_drag_and_a_click_opens_the_item_zoomed_in(
     page, served, tmp_path
 ):
-    settings = served.svc.settings.model_copy(deep=True)
-    settings.analysis.map_method = "pca"
-    compute_map(settings)
-    page.set_viewport_size({"width": 1280, "height": 1400})
-    page.click("#show-map")
-    page.wait_for_selector("#map-canvas[data-points='120'][data-zoom='1.0000']")
-    view = MapView.read(page, served)
+    view = show_pca_map(page, served, "#map-canvas[data-points='120'][data-zoom='1.0000']")
     data, width, height, box, base = view.data, view.width, view.height, view.box, view.drawn()
     to_page = view.to_page
 
