@@ -137,7 +137,7 @@ def _tune_and_write(
 
 def _probe(work: Work) -> Floats:
     """Latency probes for a table too small for held-out queries (one row)."""
-    return read_positions(work.table.dataset, np.arange(min(work.n, 64)))
+    return read_positions(work.table.dataset, np.arange(min(work.n, 64)), work.table.column)
 
 
 def build_index(
@@ -203,7 +203,9 @@ def build_index(
                 on_stage=on_stage,
             )
         else:
-            ids = add_range(index, table.dataset, 0, work.n, work.exact, progress=progress)
+            ids = add_range(
+                index, table.dataset, 0, work.n, work.exact, progress=progress, column=table.column
+            )
         work.timings["add_s"] = time.perf_counter() - t0
         if on_stage:
             on_stage("added")
@@ -263,7 +265,7 @@ def build_and_publish(
 
     Returns the published manifest.
     """
-    table = CacheTable.open(store_cfg, version=table_version)
+    table = CacheTable.open(store_cfg, version=table_version, column=index_cfg.column)
     # The table version being read is tagged while this runs: a gc meanwhile keeps it.
     with pinned(table):
         staged = build_index(

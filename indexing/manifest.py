@@ -22,6 +22,7 @@ def table_identity(table: CacheTable, ids: Ints) -> dict[str, Any]:
         "version": int(table.version),
         "row_count": int(len(ids)),
         "ids_sha256": ids_checksum(ids),
+        **({"column": table.column} if table.column != "vector" else {}),
     }
 
 

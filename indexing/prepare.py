@@ -63,13 +63,15 @@ def gather_sets(
     else:
         held = held_out_positions(n, min(N_QUERIES, size), SEED)
         if len(held):
-            rows = read_positions(table.dataset, held)
+            rows = read_positions(table.dataset, held, table.column)
             sets.append(QuerySet("image:held_out", "image", HELD_OUT, rows, held))
-    if config.caption_queries:
+    # Captions and logged queries are ImageBind's embeddings: no queries of another column.
+    imagebind = table.column == "vector"
+    if config.caption_queries and imagebind:
         captions = caption_set(table.dataset, size, SEED + 2)
         if captions is not None:
             sets.append(captions)
-    if config.query_log:
+    if config.query_log and imagebind:
         sets.extend(log_sets(config.dir, dim, size, SEED + 3))
     for modality, path in query_files or []:
         sets.append(file_set(modality, path, dim, size, SEED + 4))

@@ -32,7 +32,7 @@ def train_index(work: Work, selection: Selection, progress: bool) -> faiss.Index
         size = min(selection.train_size, len(pool))
         positions = np.sort(rng.choice(pool, size, replace=False))
         t0 = time.perf_counter()
-        xt = read_positions(work.table.dataset, positions)
+        xt = read_positions(work.table.dataset, positions, work.table.column)
         log.info("training %s on %d vectors", selection.key, len(xt))
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
