@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -65,10 +66,11 @@ def extra_table(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     root = tmp_path_factory.mktemp("extra")
     write_clip(root / "clip")
     write_dinov2(root / "dinov2")
-    keys = syn.write_webdataset(root / "wds", N_IMAGES, per_shard=4)
+    bad = syn.bad_samples()  # each a clear error row; the good rows keep every column
+    keys = syn.write_webdataset(root / "wds", N_IMAGES, per_shard=4, bad=bad)
     settings = extra_settings(root, "whole", sink="driver")
     report = run_embed(str(root / "wds"), settings, progress=False)
-    assert report.rows_written == N_IMAGES
+    assert (report.rows_written, report.errors_written) == (N_IMAGES, len(bad))
     return {"root": root, "settings": settings, "ids": [row_id(k) for k in keys]}
 
 
@@ -127,7 +129,8 @@ def test_the_jobs_extra_vectors_and_tokens_are_transformers_own_outputs(extra_ta
         want = torch.nn.functional.normalize(glob, dim=-1).numpy()
         got = column(table, f"vector_{name}", ids)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-        tokens = column(table, f"patch_tokens_{name}", ids).reshape(N_IMAGES, patches, WIDTH)
+        tokens = table.patch_tokens(ids, encoder=name).astype(np.float32)
+        assert tokens.shape == (N_IMAGES, patches, WIDTH)
         want_tokens = out.hidden_states[-2][:, 1:].numpy()  # LLaVA's layer, CLS dropped
         step = float(np.abs(want_tokens).max()) * 2.0**-10  # one float16 rounding step
         assert np.abs(tokens - want_tokens).max() <= step
@@ -138,6 +141,16 @@ def test_the_jobs_extra_vectors_and_tokens_are_transformers_own_outputs(extra_ta
     assert recorded["dinov2"]["preprocess"]["center_crop"] == 224
     assert recorded["clip336"]["tokens"]["patches"] == CLIP_PATCHES
     assert all(r["weights"].startswith("sha256:") for r in recorded.values())
+    with pytest.raises(ValueError, match="no patch_tokens_clip"):
+        table.patch_tokens(ids, encoder="clip")
+
+
+def resumed_errors(settings: Settings) -> int:
+    """Distinct ids in the table's errors table."""
+    db = lancedb.connect(settings.store.uri)
+    ids = db.open_table(settings.store.errors_table_name).to_arrow()["id"].to_pylist()
+    assert len(ids) == len(set(ids))  # each bad sample recorded once
+    return len(ids)
 
 
 def test_a_resumed_job_writes_every_column_of_every_row_exactly_once(extra_table):
@@ -150,6 +163,7 @@ def test_a_resumed_job_writes_every_column_of_every_row_exactly_once(extra_table
     a = CacheTable.open(whole.store).table.to_arrow().sort_by("id")
     b = CacheTable.open(resumed.store).table.to_arrow().sort_by("id")
     assert b.num_rows == N_IMAGES and len(set(b["id"].to_pylist())) == N_IMAGES
+    assert resumed_errors(resumed) == resumed_errors(whole) == len(syn.bad_samples())
     names = [n for n in a.column_names if n.startswith(("vector", "patch_tokens"))]
     assert set(names) >= {"vector_clip336", "patch_tokens_dinov2"}
     for name in ("id", "key", *names):

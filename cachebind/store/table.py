@@ -142,18 +142,28 @@ class CacheTable:
         taken = self.dataset.take(offsets.tolist(), columns=[self.column])
         return vectors_to_numpy(taken[self.column])
 
-    def patch_tokens(self, ids: Sequence[int] | Ints) -> npt.NDArray[np.float16]:
+    def patch_tokens(
+        self, ids: Sequence[int] | Ints, encoder: str | None = None
+    ) -> npt.NDArray[np.float16]:
         """The cached patch tokens of ``ids`` (``embed --tokens``): float16
-        [len(ids), patches, width]. KeyError for ids not in this version; ValueError on a
-        table embedded without tokens."""
-        shape = self.metadata.get("tokens")
-        if not shape or "patch_tokens" not in self.dataset.schema.names:
-            raise ValueError(f"table version {self.version} has no patch tokens (embed --tokens)")
+        [len(ids), patches, width]; ``encoder`` names an extra encoder's
+        (``patch_tokens_<name>``, e.g. ``clip336``: LLaVA-1.5's), else ImageBind's. KeyError for
+        ids not in this version; ValueError on a table embedded without those tokens."""
+        name = "patch_tokens" if encoder is None else f"patch_tokens_{encoder}"
+        if encoder is None:
+            shape = self.metadata.get("tokens")
+        else:
+            shape = ((self.metadata.get("extra_encoders") or {}).get(encoder) or {}).get("tokens")
+        if not shape or name not in self.dataset.schema.names:
+            raise ValueError(
+                f"table version {self.version} has no {name} (embed --tokens"
+                + (f" --extra-encoder {encoder}=DIR)" if encoder else ")")
+            )
         offsets = self.present_offsets(ids)
         patches, width = int(shape["patches"]), int(shape["width"])
         if len(offsets) == 0:
             return np.zeros((0, patches, width), dtype=np.float16)
-        column = self.dataset.take(offsets.tolist(), columns=["patch_tokens"])["patch_tokens"]
+        column = self.dataset.take(offsets.tolist(), columns=[name])[name]
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         # A copy: Arrow's buffers are read-only, and training hands these to torch.
