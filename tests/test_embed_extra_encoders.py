@@ -251,3 +251,10 @@ def test_a_whole_clip_models_directory_gives_its_vision_tower_and_projection(tmp
         want = model.get_image_features(pixel_values=pixels)
     want = getattr(want, "pooler_output", want)  # a tensor, or an output holding it
     torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=-1), rtol=0, atol=1e-5)
+    # Run one image at a time, the same vectors and tokens as the batch.
+    whole, tokens = encoder.encode(pixels, -2)
+    one_by_one, tokens_one = encoder.encode(pixels, -2, batch_size=1)
+    assert tokens is not None and tokens_one is not None and tokens.shape[0] == 2
+    torch.testing.assert_close(one_by_one, whole, rtol=0, atol=1e-6)
+    step = float(tokens.float().abs().max()) * 2.0**-10  # one float16 rounding step
+    assert float((tokens_one.float() - tokens.float()).abs().max()) <= step

@@ -50,6 +50,10 @@ DINOV2_RENAMES = (
 """Published DINOv2 checkpoints' attention names -> transformers 5's in-memory names (its
 ``save_pretrained`` writes the published ones back)."""
 
+CHUNK = 64
+"""Images an extra encoder runs at once: a CLIP ViT-L/14-336 chunk in float32 keeps its
+activations to a few GB."""
+
 # Tensors transformers derives rather than loads (buffers of older checkpoints).
 DERIVED_SUFFIXES = ("position_ids",)
 
@@ -200,14 +204,22 @@ class ExtraEncoder:
         return cls(name, moved.eval(), extra_shape(name, config), device)
 
     @torch.inference_mode()
-    def encode(self, pixels: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor | None]:
+    def encode(
+        self, pixels: Tensor, layer: int | None = None, batch_size: int = CHUNK
+    ) -> tuple[Tensor, Tensor | None]:
         """L2-normalised global vectors float32 ``[B, out_dim]`` and, with ``layer``, the patch
-        tokens of that hidden state without CLS, float16 ``[B, patches, width]`` (CPU)."""
-        x = pixels.to(self.device, torch.float32)
-        out = self.model(pixel_values=x, output_hidden_states=layer is not None)
-        glob = out.image_embeds if self.name == "clip336" else out.pooler_output
-        vectors = F.normalize(glob.float(), dim=-1).cpu()
-        if layer is None:
-            return vectors, None
-        state = self.shape.token_state(layer, self.name)
-        return vectors, out.hidden_states[state][:, 1:].to(torch.float16).cpu()
+        tokens of that hidden state without CLS, float16 ``[B, patches, width]`` (CPU), run
+        ``batch_size`` images at a time (a job's block may be larger than a device holds)."""
+        state = None if layer is None else self.shape.token_state(layer, self.name)
+        vectors, tokens = [], []
+        for chunk in pixels.split(batch_size):
+            x = chunk.to(self.device, torch.float32)
+            out = self.model(pixel_values=x, output_hidden_states=state is not None)
+            glob = out.image_embeds if self.name == "clip336" else out.pooler_output
+            vectors.append(F.normalize(glob.float(), dim=-1).cpu())
+            if state is not None:
+                tokens.append(out.hidden_states[state][:, 1:].to(torch.float16).cpu())
+        if not vectors:  # no images: empty results of the right widths
+            empty = torch.empty(0, self.shape.patches, self.shape.width, dtype=torch.float16)
+            return torch.empty(0, self.shape.out_dim), None if state is None else empty
+        return torch.cat(vectors), torch.cat(tokens) if tokens else None
