@@ -26,6 +26,10 @@ def default_home() -> Path:
 SPHINX_VIEWS = 5
 """SPHINX's views of one image: the whole and its four corner quarters (``view_set``)."""
 
+ExtraEncoderName = Literal["clip336", "dinov2"]
+"""The encoders ``embed --extra-encoder`` adds beside ImageBind's: ``clip336``, CLIP
+ViT-L/14-336 (LLaVA-1.5's tower), and ``dinov2``, DINOv2 (``cachebind.encode.extra``)."""
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -191,6 +195,31 @@ class EmbedConfig(Section):
     """The hidden state whose patch tokens ``tokens`` caches: 0 is the trunk's input, i the
     output of block i, negative counts from the end (-2: LLaVA-1.5's second-to-last layer)."""
 
+    extra_encoders: dict[ExtraEncoderName, Path] = Field(default_factory=dict)
+    """More encoders of the same images in the same table (``embed --extra-encoder
+    NAME=DIR``): each name's Hugging Face checkpoint directory (``config.json`` and its
+    weights, as transformers writes them). Each writes the global column ``vector_<name>``
+    (L2-normalised) and, with ``tokens``, ``patch_tokens_<name>`` (hidden state
+    ``tokens_layer`` without CLS), from its own preprocessing of the image. A table keeps the
+    set (and each encoder's identity) it was created with."""
+
+    @field_validator("extra_encoders", mode="before")
+    @classmethod
+    def _name_equals_dir(cls, value: Any) -> Any:
+        # The CLI and environment give NAME=DIR strings; a config file gives a table.
+        if not isinstance(value, list | tuple):
+            return value
+        out: dict[str, str] = {}
+        for item in value:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                example = "e.g. clip336=/models/clip"
+                raise ValueError(f"extra encoder {item!r} is not NAME=DIR ({example})")
+            if name in out:
+                raise ValueError(f"extra encoder {name!r} is given twice")
+            out[name] = path
+        return out
+
     @model_validator(mode="after")
     def _views_fit_the_view_set(self) -> EmbedConfig:
         if self.view_set == "sphinx" and self.views != SPHINX_VIEWS:
@@ -279,6 +308,12 @@ class IndexConfig(Section):
 
     dir: Path = Field(default_factory=lambda: default_home() / "index")
     """A local directory (or a mounted network file system), never an object-store URI."""
+    column: str = Field(default="vector", pattern=r"^vector(_[a-z0-9]+)?$")
+    """The table's global column the index holds (``index --column``): ``vector``,
+    ImageBind's, or an extra encoder's ``vector_<name>`` (``embed --extra-encoder``), whose
+    queries must come from that encoder. Such an index is built without the caption and
+    query-log query sets (ImageBind's space) and is refused by a table handle of another
+    column, the service's included; give it its own ``dir``."""
     memory_budget_gb: float = 16.0
     recall_target: float = 0.95
     recall_k: int = 10

@@ -75,6 +75,15 @@ def add_embed(sub: Subcommands, common: CommonOptions) -> None:
         metavar="L",
         help="hidden state whose tokens --tokens caches (default -2, the second-to-last layer)",
     )
+    p.add_argument(
+        "--extra-encoder",
+        dest="embed__extra_encoders",
+        action="append",
+        metavar="NAME=DIR",
+        help="also encode each image with NAME (clip336: CLIP ViT-L/14-336; dinov2: DINOv2) "
+        "from its Hugging Face checkpoint directory DIR, as the column vector_NAME (and "
+        "patch_tokens_NAME with --tokens); repeatable (docs/tokens.md)",
+    )
     p.add_argument("--limit", type=int, help="embed at most this many samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

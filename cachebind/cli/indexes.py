@@ -51,6 +51,14 @@ def add_index(sub: Subcommands, common: CommonOptions) -> None:
         help="build/add/tune: also tune and verify on these query embeddings (.npy, parquet or "
         "Lance with a 'vector' or 'embedding' column); repeatable",
     )
+    p.add_argument(
+        "--column",
+        dest="index__column",
+        metavar="NAME",
+        help="the table's vector column to index: vector (ImageBind's, the default) or an "
+        "extra encoder's, e.g. vector_dinov2 (embed --extra-encoder); give it its own "
+        "--index-dir",
+    )
     p.add_argument("--index-version", help="verify: this version instead of CURRENT")
     p.add_argument(
         "--table-version", type=int, help="build/add/tune: this table version, not the latest"
@@ -126,7 +134,9 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         index_key=args.index_key,
         query_files=query_files,
     )
-    table = CacheTable.open(settings.store, version=args.table_version)
+    table = CacheTable.open(
+        settings.store, version=args.table_version, column=settings.index.column
+    )
     if args.action == "add":
         from cachebind.store.identity import check_encoder, configured_encoder
 

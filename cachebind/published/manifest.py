@@ -44,6 +44,8 @@ class TableRef:
     version: int
     row_count: int
     ids_sha256: str
+    column: str = "vector"
+    """The table's global column the index holds (an extra encoder's ``vector_<name>``)."""
 
     @classmethod
     def from_json(cls, obj: Any) -> TableRef:
@@ -55,17 +57,21 @@ class TableRef:
                 version=int(obj["version"]),
                 row_count=int(obj["row_count"]),
                 ids_sha256=str(obj["ids_sha256"]),
+                column=str(obj.get("column", "vector")),
             )
         except KeyError as exc:
             raise ValueError(f"manifest 'table' has no {exc.args[0]!r}") from None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "uri": self.uri,
             "version": self.version,
             "row_count": self.row_count,
             "ids_sha256": self.ids_sha256,
         }
+        if self.column != "vector":  # ImageBind's index reads as it always did
+            out["column"] = self.column
+        return out
 
 
 _OPTIONAL = ("selection_reason", "files", "added_rows", "shards", "update")
@@ -218,6 +224,13 @@ def check_alignment(
     m = as_manifest(manifest)
     built = m.table
     version = m.version or "?"
+    if built.column != table.column:
+        # Another encoder's vectors: its neighbours of a query of this column mean nothing.
+        raise IndexMismatchError(
+            f"index {version} holds the table's {built.column!r} vectors, but they are read "
+            f"as {table.column!r} here: open the table with that column (index.column / "
+            f"--column {built.column}), or use the index of {table.column!r}"
+        )
     if built.version != int(table.version):
         raise IndexMismatchError(
             f"index {version} was built from table version {built.version}, but the table "

@@ -44,6 +44,7 @@ def images_schema(
     thumbnail: bool = True,
     views: int = 0,
     tokens: int = 0,
+    extra: dict[str, tuple[int, int]] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> pa.Schema:
     """The ``images`` table: one row per cached sample, ``vector`` is F_key = F_value (the
@@ -51,7 +52,9 @@ def images_schema(
     crops, for training only (indexes and serving read ``vector``). ``tokens`` > 0 adds
     ``patch_tokens``: that many float16 values a row, the centre crop's patch tokens
     [patches · width] one after another (``embed --tokens``; metadata ``tokens`` names the
-    layer and shape)."""
+    layer and shape). ``extra`` maps each extra encoder (``embed --extra-encoder``) to its
+    (dim, token values): ``vector_<name>`` [dim] and, when token values > 0,
+    ``patch_tokens_<name>`` float16 (metadata ``extra_encoders`` records each identity)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("key", pa.string(), nullable=False),
@@ -68,6 +71,11 @@ def images_schema(
         fields.append(pa.field("view_vectors", views_type(views, dtype, dim), nullable=False))
     if tokens:
         fields.append(pa.field("patch_tokens", vector_type("float16", tokens), nullable=False))
+    for name, (extra_dim, extra_tokens) in sorted((extra or {}).items()):
+        fields.append(pa.field(f"vector_{name}", vector_type(dtype, extra_dim), nullable=False))
+        if extra_tokens:
+            column = vector_type("float16", extra_tokens)
+            fields.append(pa.field(f"patch_tokens_{name}", column, nullable=False))
     if thumbnail:
         fields.append(pa.field("thumbnail", pa.binary()))
     meta = {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})})}

@@ -38,12 +38,17 @@ class CacheTable:
     storage_options: dict[str, str] | None = field(default=None, repr=False)
     """Lance's options for the table's object store (credentials: never shown), for processes
     that open the dataset again by its URI (the sharded index build)."""
+    column: str = "vector"
+    """The global vector column this handle reads as ``vector`` (``dim``, ``vectors``,
+    ``iter_vectors``): ``vector`` or an extra encoder's ``vector_<name>``."""
     _dataset: Any = field(default=None, repr=False)
     _by_id: tuple[Ints, Ints] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def open(cls, config: StoreConfig, version: int | None = None) -> CacheTable:
+    def open(
+        cls, config: StoreConfig, version: int | None = None, column: str = "vector"
+    ) -> CacheTable:
         try:
             table = connect(config).open_table(config.table)
         except ValueError as exc:  # lancedb's "Table 'x' was not found"
@@ -53,7 +58,14 @@ class CacheTable:
         if version is not None:
             table.checkout(version)
         options = lance_options(config.uri, config.s3)
-        return cls(table=table, version=table.version, storage_options=options)
+        names = table.schema.names
+        if column not in names:
+            have = [n for n in names if n == "vector" or n.startswith("vector_")]
+            raise ValueError(
+                f"table {config.table!r} has no column {column!r}; its vector columns are "
+                f"{have} (an extra encoder's is written by `embed --extra-encoder`)"
+            )
+        return cls(table=table, version=table.version, storage_options=options, column=column)
 
     @property
     def dataset(self) -> Any:  # lance.LanceDataset at the pinned version
@@ -68,15 +80,16 @@ class CacheTable:
 
     @property
     def dim(self) -> int:
-        return int(self.table.schema.field("vector").type.list_size)
+        return int(self.table.schema.field(self.column).type.list_size)
 
     def count(self) -> int:
         return int(self.dataset.count_rows())
 
     def iter_vectors(self, batch_size: int = 65_536) -> Iterator[tuple[Ints, Floats]]:
         """Yield (ids int64 [n], vectors float32 [n, d]) in table order."""
-        for batch in self.dataset.to_batches(columns=["id", "vector"], batch_size=batch_size):
-            yield batch.column("id").to_numpy(), vectors_to_numpy(batch.column("vector"))
+        column = self.column
+        for batch in self.dataset.to_batches(columns=["id", column], batch_size=batch_size):
+            yield batch.column("id").to_numpy(), vectors_to_numpy(batch.column(column))
 
     def ids(self) -> Ints:
         ids: Ints = self.dataset.to_table(columns=["id"]).column("id").to_numpy()
@@ -126,20 +139,31 @@ class CacheTable:
         offsets = self.present_offsets(ids)
         if len(offsets) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return vectors_to_numpy(self.dataset.take(offsets.tolist(), columns=["vector"])["vector"])
+        taken = self.dataset.take(offsets.tolist(), columns=[self.column])
+        return vectors_to_numpy(taken[self.column])
 
-    def patch_tokens(self, ids: Sequence[int] | Ints) -> npt.NDArray[np.float16]:
+    def patch_tokens(
+        self, ids: Sequence[int] | Ints, encoder: str | None = None
+    ) -> npt.NDArray[np.float16]:
         """The cached patch tokens of ``ids`` (``embed --tokens``): float16
-        [len(ids), patches, width]. KeyError for ids not in this version; ValueError on a
-        table embedded without tokens."""
-        shape = self.metadata.get("tokens")
-        if not shape or "patch_tokens" not in self.dataset.schema.names:
-            raise ValueError(f"table version {self.version} has no patch tokens (embed --tokens)")
+        [len(ids), patches, width]; ``encoder`` names an extra encoder's
+        (``patch_tokens_<name>``, e.g. ``clip336``: LLaVA-1.5's), else ImageBind's. KeyError for
+        ids not in this version; ValueError on a table embedded without those tokens."""
+        name = "patch_tokens" if encoder is None else f"patch_tokens_{encoder}"
+        if encoder is None:
+            shape = self.metadata.get("tokens")
+        else:
+            shape = ((self.metadata.get("extra_encoders") or {}).get(encoder) or {}).get("tokens")
+        if not shape or name not in self.dataset.schema.names:
+            raise ValueError(
+                f"table version {self.version} has no {name} (embed --tokens"
+                + (f" --extra-encoder {encoder}=DIR)" if encoder else ")")
+            )
         offsets = self.present_offsets(ids)
         patches, width = int(shape["patches"]), int(shape["width"])
         if len(offsets) == 0:
             return np.zeros((0, patches, width), dtype=np.float16)
-        column = self.dataset.take(offsets.tolist(), columns=["patch_tokens"])["patch_tokens"]
+        column = self.dataset.take(offsets.tolist(), columns=[name])[name]
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         # A copy: Arrow's buffers are read-only, and training hands these to torch.

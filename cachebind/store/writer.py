@@ -42,9 +42,10 @@ PROGRESS_SCHEMA = pa.schema(
 
 # What must agree between a table and the job appending to it besides the encoder (other
 # metadata, such as the source or the creation time, may differ between runs).
-IDENTITY_KEYS = ("views", "tokens")
-"""``views`` (embed --views: count and augmentation) and ``tokens`` (embed --tokens: layer and
-shape) are absent, so equal, on tables without."""
+IDENTITY_KEYS = ("views", "tokens", "extra_encoders")
+"""``views`` (embed --views: count and augmentation), ``tokens`` (embed --tokens: layer and
+shape) and ``extra_encoders`` (embed --extra-encoder: each one's identity and shape) are
+absent, so equal, on tables without."""
 
 
 def progress_table_name(table: str) -> str:

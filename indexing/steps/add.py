@@ -93,7 +93,16 @@ def _add(table: CacheTable, config: IndexConfig, options: BuildOptions) -> dict[
     grow = CopyOnWriteAdd(folder, old.storage, n_old) if old.on_disk else None
     index = grow.adder if grow else faiss.read_index(str(folder / INDEX_FILE))
     t0 = time.perf_counter()
-    ids = add_range(index, table.dataset, 0, work.n, work.exact, add_from=n_old, progress=progress)
+    ids = add_range(
+        index,
+        table.dataset,
+        0,
+        work.n,
+        work.exact,
+        add_from=n_old,
+        progress=progress,
+        column=table.column,
+    )
     work.timings["add_s"] = time.perf_counter() - t0
     if on_stage:
         on_stage("added")

@@ -140,7 +140,7 @@ def _tune_and_write(
 
 def _probe(work: Work) -> Floats:
     """Latency probes for a table too small for held-out queries (one row)."""
-    return read_positions(work.table.dataset, np.arange(min(work.n, 64)))
+    return read_positions(work.table.dataset, np.arange(min(work.n, 64)), work.table.column)
 
 
 def build_index(
@@ -192,7 +192,9 @@ def build_index(
                 on_stage=on_stage,
             )
         else:
-            ids = add_range(index, table.dataset, 0, work.n, work.exact, progress=progress)
+            ids = add_range(
+                index, table.dataset, 0, work.n, work.exact, progress=progress, column=table.column
+            )
         work.timings["add_s"] = time.perf_counter() - t0
         if on_stage:
             on_stage("added")
@@ -243,6 +245,11 @@ def build(
     to the recall target on every query set (escalating to a stronger key when needed), writes
     the version and publishes it atomically. Returns the published manifest (JSON).
     """
+    if table.column != config.column:
+        raise ValueError(
+            f"index.column is {config.column!r} but the table handle reads {table.column!r}: "
+            "open the table with column=config.column"
+        )
     # The table version being read is tagged while this runs: a gc meanwhile keeps it.
     with pinned(table):
         staged = build_index(table, config, options)

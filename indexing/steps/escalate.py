@@ -105,7 +105,9 @@ def escalate(
         log.info("escalating %s -> %s: %s", key, candidate, shortfall)
         t0 = time.perf_counter()
         index = fit_on_sample(work, selection, progress)
-        add_range(index, work.table.dataset, 0, work.n, None, progress=progress)
+        add_range(
+            index, work.table.dataset, 0, work.n, None, progress=progress, column=work.table.column
+        )
         work.timings["escalate_s"] = work.timings.get("escalate_s", 0.0) + time.perf_counter() - t0
         tuned = tune_index(work, index, selection.to_dict(), truth, groups, progress)
         tried.append(candidate)

@@ -69,13 +69,15 @@ def gather_sets(
     else:
         held = held_out_positions(n, min(N_QUERIES, size), SEED)
         if len(held):
-            rows = read_positions(table.dataset, held)
+            rows = read_positions(table.dataset, held, table.column)
             sets.append(QuerySet("image:held_out", "image", HELD_OUT, rows, held))
-    if config.caption_queries:
+    # Captions and logged queries are ImageBind's embeddings: no queries of another column.
+    imagebind = table.column == "vector"
+    if config.caption_queries and imagebind:
         captions = caption_set(table.dataset, size, SEED + 2)
         if captions is not None:
             sets.append(captions)
-    if config.query_log:
+    if config.query_log and imagebind:
         sets.extend(log_sets(config.dir, dim, size, SEED + 3))
     for modality, path in query_files or []:
         sets.append(file_set(modality, path, dim, size, SEED + 4))
@@ -117,7 +119,7 @@ def fit_on_sample(work: Work, selection: Selection, progress: bool) -> faiss.Ind
         size = min(selection.train_size, len(pool))
         positions = np.sort(rng.choice(pool, size, replace=False))
         t0 = time.perf_counter()
-        xt = read_positions(work.table.dataset, positions)
+        xt = read_positions(work.table.dataset, positions, work.table.column)
         log.info("training %s on %d vectors", selection.key, len(xt))
         fit_index(index, selection.key, xt, progress)
         work.timings["train_s"] = work.timings.get("train_s", 0.0) + time.perf_counter() - t0

@@ -91,7 +91,7 @@ def tune(
     work = prepare_work(table, config, None, options.query_files)
     index = read_index(folder, old.storage)
     # Ground truth needs one pass over the table; the index itself is only searched.
-    add_range(None, table.dataset, 0, work.n, work.exact, progress=progress)
+    add_range(None, table.dataset, 0, work.n, work.exact, progress=progress, column=table.column)
     work.timings["prepare_s"] = time.perf_counter() - t0
     truth = drop_self(work.exact.positions, work.query_positions, work.exact.k - 1)
     groups = groups_of(work.sets, deciding(work.sets))

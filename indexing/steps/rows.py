@@ -52,7 +52,7 @@ class Work:
         return np.concatenate([s.self_positions for s in self.sets])
 
 
-def read_positions(dataset: Any, positions: np.ndarray, column: str = "vector") -> np.ndarray:
+def read_positions(dataset: Any, positions: np.ndarray, column: str) -> np.ndarray:
     """Vectors (float32) of the rows at ``positions`` (sorted), in that order."""
     out = []
     for s in range(0, len(positions), READ_BATCH):
@@ -73,18 +73,20 @@ def add_range(
     add_from: int = 0,
     progress: bool = False,
     desc: str = "adding",
+    column: str,
 ) -> np.ndarray:
     """Stream rows [start, stop) in table order: add those at ``>= add_from`` to ``index``,
-    feed all to the exact ground truth; return the ids of the rows read."""
+    feed all to the exact ground truth; return the ids of the rows read. ``column``: the
+    table's vector column the index holds (``CacheTable.column``)."""
     ids = []
     bar = tqdm(total=stop - start, desc=desc, unit="row", disable=not progress, leave=False)
     position = start
     for batch in dataset.to_batches(
-        columns=["id", "vector"], offset=start, limit=stop - start, batch_size=READ_BATCH
+        columns=["id", column], offset=start, limit=stop - start, batch_size=READ_BATCH
     ):
         if batch.num_rows == 0:
             continue
-        x = np.ascontiguousarray(vectors_to_numpy(batch.column("vector")))
+        x = np.ascontiguousarray(vectors_to_numpy(batch.column(column)))
         if index is not None and position + len(x) > add_from:
             index.add(x[max(0, add_from - position) :])
         if exact is not None:

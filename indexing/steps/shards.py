@@ -65,6 +65,7 @@ def add_shard(
     k_truth: int,
     invlists: bool = False,
     out_path: str | None = None,
+    column: str = "vector",
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     """Rows [start, stop) of the table at ``version`` -> (payload, ids, truth D, truth I).
 
@@ -76,7 +77,8 @@ def add_shard(
     index = from_bytes(trained)
     exact = ExactTopK(queries, k_truth)
     target = ondisk.AddAtPositions(index, start) if invlists else index
-    ids = add_range(target, _open_dataset(uri, version, storage_options), start, stop, exact)
+    dataset = _open_dataset(uri, version, storage_options)
+    ids = add_range(target, dataset, start, stop, exact, column=column)
     payload: Any
     if not invlists:
         payload = to_bytes(index)
@@ -145,6 +147,7 @@ def add_sharded(
             work.exact.k,
             on_disk,
             out_path(i) if shared else None,
+            table.column,
         ): i
         for i, (a, b) in enumerate(ranges)
     }

@@ -32,7 +32,11 @@ def table_identity(table: CacheTable, ids: Ints) -> TableRef:
     except Exception:  # a remote table without a local URI
         uri = None
     return TableRef(
-        uri=uri, version=int(table.version), row_count=int(len(ids)), ids_sha256=ids_checksum(ids)
+        uri=uri,
+        version=int(table.version),
+        row_count=int(len(ids)),
+        ids_sha256=ids_checksum(ids),
+        column=table.column,
     )
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
 
-from cachebind.config import SandboxConfig
+from cachebind.config import ExtraEncoderName, SandboxConfig
 from cachebind.errors import InputError
 from cachebind.sandbox import Sandbox
 from cachebind.sources import Partition, Sample, StorageOptions, read_partition
@@ -56,6 +56,8 @@ STAGE_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("pixels", pa.binary()),
         pa.field("view_pixels", pa.binary()),  # embed.views > 0: N more tensors like pixels
+        # embed.extra_encoders: each one's own preprocessing (cachebind.preprocess.extra)
+        *(pa.field(f"pixels_{name}", pa.binary()) for name in get_args(ExtraEncoderName)),
         pa.field("thumbnail", pa.binary()),
         pa.field("count", pa.int64()),
         pa.field("decode_s", pa.float64()),
@@ -73,7 +75,12 @@ __all__ = [
     "thumbnail_jpeg",
 ]
 
-SANDBOX_PRELOAD = ("cachebind.preprocess.image", "cachebind.preprocess.views", "jobs.embed.sample")
+SANDBOX_PRELOAD = (
+    "cachebind.preprocess.image",
+    "cachebind.preprocess.views",
+    "cachebind.preprocess.extra",
+    "jobs.embed.sample",
+)
 _SANDBOXES: dict[str, Sandbox] = {}
 """One sandbox per Ray worker process (and configuration), reused by the tasks it runs."""
 

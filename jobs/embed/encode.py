@@ -29,6 +29,7 @@ class EncodeActor:
         target: FragmentTarget | None = None,
         views: int = 0,
         tokens_layer: int | None = None,
+        extra: dict[str, str] | None = None,
     ) -> None:
         import torch
 
@@ -44,6 +45,11 @@ class EncodeActor:
         self.tokens_layer = tokens_layer  # embed --tokens: the hidden state cached, else None
         patches, width = self.encoder.model.vision_token_shape()
         self.token_values = patches * width if tokens_layer is not None else 0
+        from cachebind.encode.extra import ExtraEncoder
+
+        # embed.extra_encoders: each reads its own pixels (pixels_<name>) on this actor's device
+        device = str(self.encoder.device)
+        self.extra = {n: ExtraEncoder.load(n, d, device) for n, d in sorted((extra or {}).items())}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         dim = self.encoder.out_dim
@@ -56,6 +62,7 @@ class EncodeActor:
         encode_s = np.zeros(n, dtype=np.float64)
         view_vectors = np.zeros((n, self.views, dim), dtype=np.float32)
         patch_tokens = np.zeros((n, self.token_values), dtype=np.float16)
+        extra_out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         if len(ok):
             start = time.perf_counter()
             x = pixel_batch(batch["pixels"], ok, self.pixel_dtype)
@@ -69,16 +76,23 @@ class EncodeActor:
                 xs = pixel_batch(batch["view_pixels"], ok, self.pixel_dtype, self.views)
                 for v in range(self.views):
                     view_vectors[ok, v] = self._encode(np.ascontiguousarray(xs[:, v]))
+            extra_out = self._encode_extra(batch, ok)
             if self.captions:
                 has_text = self._embed_captions(batch, ok, text_vectors)
             encode_s[ok] = (time.perf_counter() - start) / len(ok)
-        out = batch.drop_columns([c for c in ("pixels", "view_pixels") if c in batch.column_names])
+        pixels = [c for c in batch.column_names if c == "view_pixels" or c.startswith("pixels")]
+        out = batch.drop_columns(pixels)
         out = out.append_column("vector", _fixed_list(vectors))
         if self.views:
             # [views · dim] a row: the table's layout (store.schema.views_type).
             out = out.append_column("view_vectors", _fixed_list(view_vectors.reshape(n, -1)))
         if self.tokens_layer is not None:  # [patches · width] float16 a row
             out = out.append_column("patch_tokens", _fixed_list(patch_tokens))
+        for name in self.extra:
+            vec, tok = extra_out.get(name) or self._empty_extra(name, n)
+            out = out.append_column(f"vector_{name}", _fixed_list(vec))
+            if tok is not None:
+                out = out.append_column(f"patch_tokens_{name}", _fixed_list(tok))
         if self.captions:
             out = out.append_column("text_vector", _fixed_list(text_vectors, valid=has_text))
         out = out.append_column("encode_s", pa.array(encode_s))
@@ -96,6 +110,35 @@ class EncodeActor:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             feats = self.encoder.encode(Modality.IMAGE, torch.from_numpy(x))
         return F.normalize(feats.float(), dim=-1).numpy()
+
+    def _empty_extra(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        shape = self.extra[name].shape
+        tok = None
+        if self.tokens_layer is not None:
+            tok = np.zeros((n, shape.patches * shape.width), dtype=np.float16)
+        return np.zeros((n, shape.out_dim), dtype=np.float32), tok
+
+    def _encode_extra(
+        self, batch: pa.Table, ok: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Each extra encoder's vectors (and tokens) of the ``ok`` rows, zero elsewhere: the
+        rows of a block are written whole, the error rows of it go to the errors table."""
+        import torch
+
+        out = {}
+        for name, extra in self.extra.items():
+            vec, tok = self._empty_extra(name, batch.num_rows)
+            pixels = pixel_batch(
+                batch[f"pixels_{name}"], ok, self.pixel_dtype, shape=extra.preprocess.shape
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                v, t = extra.encode(torch.from_numpy(pixels), self.tokens_layer)
+            vec[ok] = v.numpy()
+            if tok is not None and t is not None:
+                tok[ok] = t.reshape(len(ok), -1).numpy()
+            out[name] = (vec, tok)
+        return out
 
     def _encode_with_tokens(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """F_M as ``_encode`` and the patch tokens of ``layer``: float16 [n, patches · width]."""
@@ -132,14 +175,19 @@ class EncodeActor:
 
 
 def pixel_batch(
-    column: pa.ChunkedArray | pa.Array, rows: np.ndarray, dtype: str, per_row: int = 0
+    column: pa.ChunkedArray | pa.Array,
+    rows: np.ndarray,
+    dtype: str,
+    per_row: int = 0,
+    shape: tuple[int, ...] = PIXELS,
 ) -> np.ndarray:
     """The ``rows`` of a binary column of pixel tensors as one ``[len(rows), *PIXELS]`` array
     (``[len(rows), per_row, *PIXELS]`` when each row holds ``per_row`` tensors: view pixels).
 
     A view of Arrow's buffer when every row is taken (the usual batch), else one copy by
     ``take``: going through Python ``bytes`` would copy each batch three times, ~0.15 ms an
-    image at 256 images a batch, a sixth of what a GPU spends encoding one.
+    image at 256 images a batch, a sixth of what a GPU spends encoding one. ``shape`` is one
+    tensor's (an extra encoder's preprocessing has its own).
     """
     column = column if len(rows) == len(column) else column.take(pa.array(rows))
     if isinstance(column, pa.ChunkedArray):
@@ -148,8 +196,8 @@ def pixel_batch(
     offsets = np.frombuffer(column.buffers()[1], dtype=width)
     first, last = int(offsets[column.offset]), int(offsets[column.offset + len(column)])
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[first:last]
-    shape = (len(column), per_row, *PIXELS) if per_row else (len(column), *PIXELS)
-    return data.view(dtype).reshape(shape)
+    full = (len(column), per_row, *shape) if per_row else (len(column), *shape)
+    return data.view(dtype).reshape(full)
 
 
 def _fixed_list(values: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:

@@ -88,6 +88,11 @@ def image_rows(
         columns["view_vectors"] = as_dtype(rows["view_vectors"], dtype)  # [views · dim] a row
     if "patch_tokens" in rows.column_names:  # embed --tokens: float16 whatever the vector's
         columns["patch_tokens"] = rows["patch_tokens"]
+    for name in rows.column_names:  # embed --extra-encoder, in the table's (sorted) order
+        if name.startswith("vector_"):
+            columns[name] = as_dtype(rows[name], dtype)
+        elif name.startswith("patch_tokens_"):
+            columns[name] = rows[name]
     if thumbnails:
         columns["thumbnail"] = rows["thumbnail"]
     return pa.table(columns)

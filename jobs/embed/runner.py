@@ -85,6 +85,7 @@ def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
                 "cls": False,
             }
         }
+    extra, extra_meta = extra_columns(settings)
     return images_schema(
         dtype=settings.store.vector_dtype,
         dim=encoder.out_dim,
@@ -92,9 +93,11 @@ def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
         thumbnail=settings.embed.thumbnails,
         views=settings.embed.views,
         tokens=patches * width if tokens else 0,
+        extra=extra,
         metadata={
             **views,
             **tokens,
+            **extra_meta,
             "encoder": encoder.identity,
             "checkpoint": encoder.identity.get("weights"),
             "preprocess_version": str(PREPROCESS_VERSION),
@@ -103,6 +106,44 @@ def table_schema(settings: Settings, encoder: Any, source: str) -> pa.Schema:
             "created_at": datetime.now(UTC).isoformat(),
         },
     )
+
+
+def extra_columns(settings: Settings) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """``embed.extra_encoders``' columns ({name: (dim, token values)}) and what the table
+    records of them: ``extra_encoders`` (identities and token shapes, compared on append) and
+    ``extra_checkpoints`` (their directories here, not compared). Each checkpoint is loaded
+    once here, so that a bad one (a missing tensor, a token layer it lacks) is refused by
+    name before any work rather than by every encoder actor Ray restarts."""
+    from cachebind.encode.extra import ExtraEncoder, extra_identity, extra_shape, read_config
+    from cachebind.errors import WeightsError
+
+    columns: dict[str, tuple[int, int]] = {}
+    identities: dict[str, Any] = {}
+    checkpoints: dict[str, str] = {}
+    for name, directory in sorted(settings.embed.extra_encoders.items()):
+        if not directory.is_dir():
+            raise WeightsError(f"{name}: {directory} is not a checkpoint directory")
+        config = read_config(name, directory)
+        del ExtraEncoder.load(name, directory, "cpu").model  # refused here if it is bad
+        shape = extra_shape(name, config)
+        identity = extra_identity(name, directory, config)
+        values = 0
+        if settings.embed.tokens:
+            shape.token_state(settings.embed.tokens_layer, name)
+            values = shape.patches * shape.width
+            identity["tokens"] = {
+                "layer": settings.embed.tokens_layer,
+                "patches": shape.patches,
+                "width": shape.width,
+                "dtype": "float16",
+                "cls": False,
+            }
+        columns[name] = (shape.out_dim, values)
+        identities[name] = identity
+        checkpoints[name] = str(directory.resolve())
+    if not columns:
+        return {}, {}
+    return columns, {"extra_encoders": identities, "extra_checkpoints": checkpoints}
 
 
 def run_embed(
@@ -219,6 +260,7 @@ def _run_pipeline(
         limits=settings.input,
         views=cfg.views,
         view_set=cfg.view_set,
+        extra=tuple(sorted(cfg.extra_encoders)),
     )
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -241,6 +283,7 @@ def _run_pipeline(
             "captions": cfg.caption_embeddings,
             "views": cfg.views,
             "tokens_layer": cfg.tokens_layer if cfg.tokens else None,
+            "extra": {name: str(path) for name, path in cfg.extra_encoders.items()},
             "threads": int(plan.encoder_cpus),
             "target": target_for(settings, writer),
         },

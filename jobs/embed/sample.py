@@ -42,6 +42,9 @@ class DecodeOptions:
     pixels concatenated in ``view_pixels`` (N tensors beside the centre crop's ``pixels``)."""
     view_set: str = "random-crop"
     """``embed.view_set``: which views (seeded random crops, or SPHINX's five)."""
+    extra: tuple[str, ...] = ()
+    """``embed.extra_encoders``' names: each one's own preprocessing of the image
+    (``cachebind.preprocess.extra``) travels as ``pixels_<name>``."""
 
 
 def decode_samples(
@@ -70,6 +73,7 @@ def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> 
         )
         pixels = image_tensor(img).numpy().astype(options.pixel_dtype, copy=False)
         view_pixels = _view_pixels(img, sid, options) if options.views else None
+        extra_pixels = {f"pixels_{n}": _extra_pixels(img, n, options) for n in options.extra}
         thumb = thumbnail_jpeg(img, options.thumbnail_size) if options.thumbnails else None
     except InputError as exc:
         return error_row(sid, sample.key, shard, "decode", exc.reason, exc.detail, base)
@@ -86,6 +90,7 @@ def decode_sample(sample: Any, sid: int, shard: str, options: DecodeOptions) -> 
         "height": img.height,
         "pixels": pixels.tobytes(),
         "view_pixels": view_pixels,
+        **extra_pixels,
         "thumbnail": thumb,
         "decode_s": time.perf_counter() - start,
     }
@@ -105,6 +110,12 @@ def _view_pixels(img: Any, sid: int, options: DecodeOptions) -> bytes:
     for view in range(options.views):
         out += view_tensor(img, sid, view).numpy().astype(options.pixel_dtype, copy=False).tobytes()
     return bytes(out)
+
+
+def _extra_pixels(img: Any, name: str, options: DecodeOptions) -> bytes:
+    from cachebind.preprocess.extra import extra_tensor
+
+    return extra_tensor(img, name).numpy().astype(options.pixel_dtype, copy=False).tobytes()
 
 
 def thumbnail_jpeg(img: Any, size: int) -> bytes:
