@@ -12,7 +12,6 @@ exactly-once writer as the local run: a killed job started again labels only wha
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,14 +108,3 @@ def run_classify(
         if started_ray:
             ray.shutdown()
     return run.finish(labelled, truth_column)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jobs.classify …`` is ``python -m cachebind classify --ray …``: the CLI parses."""
-    from cachebind.cli import main as cli_main
-
-    return cli_main(["classify", "--ray", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,8 +14,6 @@ the ranges not staged yet, so each row is placed once; the positions equal a loc
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from cachebind.analysis.map_run import MapResult, place_partition, start_map
@@ -46,14 +44,3 @@ def run_map(settings: Settings, method: Literal["umap", "pca"] | None = None) ->
         if started_ray:
             ray.shutdown()
     return run.finish()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jobs.map …`` is ``python -m cachebind map --ray …``: the CLI parses."""
-    from cachebind.cli import main as cli_main
-
-    return cli_main(["map", "--ray", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
