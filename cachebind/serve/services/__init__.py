@@ -7,6 +7,7 @@ and shape responses around them; ``ServeState`` creates and closes them and noth
 - ``encode``: raw input -> F_M, decoded in the sandbox, micro-batched per modality.
 - ``search``: nearest rows of a snapshot's index, micro-batched across requests.
 - ``enhance``: F_M -> F~_M through a snapshot's cache model, micro-batched across requests.
+- ``batchers``: the micro-batcher each service builds (window, size, batch-size metric).
 - ``generate``: a generation queued on the runtime's scheduler (its continuous batcher).
 """
 

@@ -16,6 +16,7 @@ from cachebind.serve.batching import MicroBatcher
 from cachebind.serve.decoding import MediaDecoder
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.runtime import Runtime
+from cachebind.serve.services.batchers import service_batcher
 
 
 class EncodeService:
@@ -34,15 +35,12 @@ class EncodeService:
         """The batcher of ``modality``, created on its first input."""
         batcher = self.batchers.get(modality)
         if batcher is None:
-            batcher = self.batchers[modality] = MicroBatcher(
+            batcher = self.batchers[modality] = service_batcher(
                 lambda tensors: list(runtime.encode_batch(modality, tensors)),
-                window_ms=self.config.batch_window_ms,
-                max_batch=self.config.max_batch,
+                self.config,
+                self.metrics,
+                f"encoder:{modality.value}",
                 executor=self.executor,
-                on_batch=lambda n: self.metrics.batch_size.labels(
-                    batcher=f"encoder:{modality.value}"
-                ).observe(n),
-                name=f"encoder-{modality.value}",
             )
         return batcher
 

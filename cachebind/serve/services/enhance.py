@@ -12,6 +12,7 @@ from cachebind.config import ServeConfig
 from cachebind.serve.batching import ItemError, MicroBatcher
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.runtime import IndexSnapshot
+from cachebind.serve.services.batchers import service_batcher
 from cachebind.serve.services.parts import Parts, part_key
 
 
@@ -49,13 +50,8 @@ class EnhanceService:
     """Owns the enhance micro-batcher; ``enhance`` is one request's share of a batch."""
 
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
-        self.batcher: MicroBatcher[EnhanceQuery, Enhanced] = MicroBatcher(
-            enhance_batch,
-            window_ms=config.batch_window_ms,
-            max_batch=config.max_batch,
-            max_inflight=2,
-            on_batch=lambda n: metrics.batch_size.labels(batcher="enhance").observe(n),
-            name="enhance",
+        self.batcher: MicroBatcher[EnhanceQuery, Enhanced] = service_batcher(
+            enhance_batch, config, metrics, "enhance", max_inflight=2
         )
 
     async def enhance(self, query: EnhanceQuery) -> Enhanced:

@@ -15,6 +15,7 @@ from cachebind.serve.batching import ItemError, MicroBatcher
 from cachebind.serve.metrics import Metrics
 from cachebind.serve.runtime import IndexSnapshot
 from cachebind.serve.search import SearchPage, search
+from cachebind.serve.services.batchers import service_batcher
 from cachebind.serve.services.parts import Parts, part_key
 
 Ranked = tuple[Floats, Ints]
@@ -55,13 +56,8 @@ class SearchService:
     """Owns the index micro-batcher; ``nearest`` is one request's share of a batch."""
 
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
-        self.batcher: MicroBatcher[SearchQuery, Ranked] = MicroBatcher(
-            search_batch,
-            window_ms=config.batch_window_ms,
-            max_batch=config.max_batch,
-            max_inflight=2,
-            on_batch=lambda n: metrics.batch_size.labels(batcher="index").observe(n),
-            name="index",
+        self.batcher: MicroBatcher[SearchQuery, Ranked] = service_batcher(
+            search_batch, config, metrics, "index", max_inflight=2
         )
 
     async def nearest(self, query: SearchQuery) -> Ranked:
