@@ -21,6 +21,7 @@ from PIL import Image
 
 from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
 from cachebind.demo.data import COLOURS
+from cachebind.published.manifest import Manifest, TableRef, ids_checksum
 from cachebind.serve.runtime import IndexSnapshot
 from cachebind.store import CacheTable, connect, images_schema, row_id
 
@@ -121,12 +122,14 @@ class FlatIndex:
         for ids, vectors in table.iter_vectors():
             self.index.add_with_ids(np.ascontiguousarray(vectors), ids)
         self.version = f"flat-v{table.version}"
-        self.manifest: dict[str, Any] = {
-            "version": self.version,
-            "index_key": "Flat",
-            "table_version": table.version,
-            "rows": int(self.index.ntotal),
-        }
+        ids = faiss.vector_to_array(self.index.id_map)
+        self.manifest = Manifest(
+            index_key="Flat",
+            dim=table.dim,
+            table=TableRef(table.dataset.uri, int(table.version), len(ids), ids_checksum(ids)),
+            version=self.version,
+            ntotal=int(self.index.ntotal),
+        )
 
     def search(
         self, queries: np.ndarray, k: int, parts: Sequence[str | None] | None = None

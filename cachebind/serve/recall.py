@@ -27,7 +27,7 @@ def _number(value: Any) -> float | None:
 
 
 def _params(value: Any) -> dict[str, int] | None:
-    if not isinstance(value, dict):
+    if not isinstance(value, dict) or not value:  # none recorded: an exact index has none
         return None
     return {str(k): int(v) for k, v in value.items() if isinstance(v, int | float)}
 

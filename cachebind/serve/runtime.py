@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,7 +29,7 @@ from cachebind.config import (
 )
 from cachebind.modalities import Modality
 from cachebind.published.layout import current_version
-from cachebind.published.manifest import Manifest, read_manifest
+from cachebind.published.manifest import Manifest, as_manifest, read_manifest
 
 log = logging.getLogger("cachebind.serve")
 
@@ -70,7 +70,8 @@ class IndexSnapshot:
     cache: CacheModel
     rows: int
     """Row count of the pinned table version."""
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest
+    """The version's manifest (``GET /v1/index`` shows its JSON object)."""
 
     @classmethod
     def of(
@@ -80,12 +81,12 @@ class IndexSnapshot:
         version: str | None,
         manifest: Manifest | Mapping[str, Any],
     ) -> IndexSnapshot:
-        """``manifest`` is kept as its JSON object: what ``GET /v1/index`` shows."""
+        """``manifest`` typed (a JSON object is read as :meth:`Manifest.from_json` reads one)."""
         from cachebind.cache import CacheModel
 
         table.build_id_lookup()
-        plain = manifest.to_json() if isinstance(manifest, Manifest) else dict(manifest)
-        return cls(version, index, table, CacheModel(index, table), table.count(), plain)
+        cache = CacheModel(index, table)
+        return cls(version, index, table, cache, table.count(), as_manifest(manifest))
 
 
 class PublishedIndexLoader:

@@ -73,7 +73,7 @@ async def index_info(state: State, role: Annotated[Role, Depends(require_user)])
     rows = snap.rows
     return s.IndexInfo(
         version=snap.version,
-        manifest=_manifest_for(snap.manifest, role),
+        manifest=_manifest_for(snap.manifest.to_json(), role),
         table_version=int(snap.table.version),
         rows=rows,
         dim=int(snap.table.dim),
