@@ -14,13 +14,16 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from cachebind.config import Settings
-from cachebind.store import CacheWriter, fragments
+from cachebind.store import fragments
+
+if TYPE_CHECKING:
+    from cachebind.store import CacheWriter
 
 DESCRIPTOR_SCHEMA = pa.schema(
     [
