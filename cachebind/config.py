@@ -431,11 +431,23 @@ RELEASED_TOP_P = 0.75
 in the settings and in the library's signatures, is one of these."""
 PREFILL_CHUNK = 256
 """Prompt tokens prefilled per decode step, unless ``llm.prefill_chunk`` says otherwise."""
+LLAVA_MAX_SEQ_LEN = 2048
+"""LLaVA-1.5's training length (``--model_max_length 2048``): prompt, visual tokens and answer."""
 
 
 class LLMConfig(Section):
-    """LLaMA with the ImageBind-LLM adapter."""
+    """The served LLM: LLaMA with the ImageBind-LLM adapter, or LLaVA-1.5 (tokens mode)."""
 
+    mode: Literal["adapter", "llava"] = "adapter"
+    """``adapter``: LLaMA + the ImageBind-LLM adapter (``llama_dir``, ``adapter_checkpoint``),
+    one cache-blended feature F~_M per request. ``llava``: a llava-hf LLaVA-1.5 directory
+    (``llava_dir``), each image's projected CLIP patch tokens placed in the prompt."""
+    llava_dir: Path | None = None
+    """A llava-hf LLaVA-1.5 directory (``config.json``, safetensors, ``tokenizer.model``) for
+    ``mode = "llava"``."""
+    llava_max_seq_len: int = Field(default=LLAVA_MAX_SEQ_LEN, ge=2)
+    """Positions per generation in llava mode (each image takes 576 of them at 336 px); the
+    KV cache holds ``max_batch`` slots of this many, capped at the model's own limit."""
     llama_dir: Path | None = None
     """A Meta-format (consolidated.*.pth, params.json, tokenizer.model) or Hugging Face LLaMA."""
     adapter_checkpoint: Path | None = None

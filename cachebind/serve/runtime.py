@@ -189,10 +189,11 @@ class Runtime:
         else:
             log.warning("no index published under %s yet; polling for one", settings.index.dir)
         generator = None
-        if with_generator and settings.llm.llama_dir is not None:
-            from cachebind.inject import load_generator
+        llm = settings.llm
+        if with_generator and (llm.llama_dir is not None or llm.mode == "llava"):
+            from cachebind.inject.llava_serve import load_served_llm
 
-            generator = load_generator(settings.llm)
+            generator = load_served_llm(llm)
         return cls(
             encoder,
             snapshot=snapshot,
@@ -286,6 +287,12 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def llm_mode(self) -> str | None:
+        """``adapter`` (F~_M into the adapter), ``llava`` (visual tokens in the prompt) or None
+        (no LLM)."""
+        return None if self.generator is None else str(getattr(self.generator, "mode", "adapter"))
+
     def submit_generation(
         self,
         prompt: str,
@@ -293,16 +300,20 @@ class Runtime:
         *,
         sink: Any = None,
         timeout_s: float | None = None,
+        images: Any = None,
         **options: Any,
     ) -> Any:
         """Queue a generation on the scheduler (``inject.scheduler.GenerationHandle``).
 
-        ``visual`` is F~_M ([1, d] or [d]; None: plain LLaMA). Raises ``SchedulerBusy`` when
+        ``visual`` is F~_M ([1, d] or [d]; None: plain LLaMA); ``images`` the prompt's images
+        in llava mode (``inject.llava_serve.PromptImages``). Raises ``SchedulerBusy`` when
         ``llm.max_queue`` generations already wait, ``InputError`` on bad options.
         """
         if self.scheduler is None:
             raise RuntimeError("no LLM configured (set llm.llama_dir)")
         opts = {**self.generation_defaults, **{k: v for k, v in options.items() if v is not None}}
+        if images is not None:
+            opts["images"] = images
         return self.scheduler.submit(prompt, visual, sink=sink, timeout_s=timeout_s, **opts)
 
     def generate_stream(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cachebind.serve import schemas as s
-from cachebind.serve.blend import visual_prompt
+from cachebind.serve.blend import VisualPrompt, visual_prompt
 from cachebind.serve.deps import RequestLimits, State
 from cachebind.serve.generation import (
     collect,
@@ -22,6 +22,7 @@ from cachebind.serve.generation import (
     until_disconnected,
     usage_of,
 )
+from cachebind.serve.llava import llava_of, prompt_images, refuse_blend
 from cachebind.serve.multipart import form_schema
 from cachebind.serve.services.generate import GenerationRequest
 from cachebind.serve.streaming import sse
@@ -63,7 +64,9 @@ router = APIRouter()
 async def generate(
     body: s.GenerateRequest, state: State, limits: RequestLimits, request: Request
 ) -> Any:
-    """Text from LLaMA with the cache-enhanced visual feature F~_M injected.
+    """Text from LLaMA with the cache-enhanced visual feature F~_M injected (adapter mode),
+    or from LLaVA-1.5 with each image's visual tokens in the prompt (llava mode; no
+    neighbours).
 
     ``stream: true`` (default) answers ``text/event-stream``: ``event: neighbours``, then
     ``data: {"text": piece}`` events, then ``event: done`` with the whole text, the finish
@@ -71,9 +74,16 @@ async def generate(
     """
     require_generator(state)
     limits.check_inputs(body.inputs)
-    prompt = await limits.timed(
-        visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
-    )
+    llava = llava_of(state)
+    if llava is not None:  # tokens mode: the images' visual tokens stand in the prompt
+        refuse_blend(k=body.k, t=body.t, alpha=body.alpha)
+        images = await limits.timed(prompt_images(state, limits, llava, body.inputs))
+        prompt = VisualPrompt()
+    else:
+        images = None
+        prompt = await limits.timed(
+            visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
+        )
     neighbours = prompt.neighbours
     generation = GenerationRequest(
         body.prompt,
@@ -82,6 +92,7 @@ async def generate(
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
+        images=images,
     )
     scheduled = start_generation(state, generation)
     pieces = scheduled.pieces
