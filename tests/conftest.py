@@ -130,16 +130,16 @@ def served(
     svc = service_settings(root, cache, **options)
     svc.settings.llm = svc.settings.llm.model_copy(update=llm_settings)
     generator: Any = None
-    if llm == "llava":  # tokens mode: a small random LLaVA-1.5 in the llava-hf layout
-        from llava_checkpoints import write_served_llava
+    if llm == "llava":  # tokens mode: a small random LLaVA-1.5 over a table of its tokens
+        from llava_checkpoints import write_served_llava, write_tokens_cache
 
         from cachebind.inject.llava_serve import load_llava_generator
 
         directory, _ = write_served_llava(root / "llava")
-        svc.settings.llm = svc.settings.llm.model_copy(
-            update={"mode": "llava", "llava_dir": directory, "device": "cpu", "dtype": "float32"}
-        )
+        update = {"mode": "llava", "llava_dir": directory, "device": "cpu", "dtype": "float32"}
+        svc.settings.llm = svc.settings.llm.model_copy(update=update)
         generator = load_llava_generator(svc.settings.llm)
+        cache = write_tokens_cache(root, generator, rows)
     elif llm:
         from cachebind.inject.tiny import build_tiny_llm
 

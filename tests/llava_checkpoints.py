@@ -7,10 +7,17 @@ published llava-hf checkpoints, whose vision tower is nested as ``vision_tower.v
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import sentencepiece as spm
 import torch
+from builders import DemoCache, demo_rows
+from fixtures_media import image_bytes
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPImageProcessor,
@@ -20,7 +27,10 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from cachebind.config import StoreConfig
 from cachebind.inject.tiny import train_tokenizer
+from cachebind.preprocess.extra import spec_tensor
+from cachebind.store import connect, images_schema
 
 IMAGE_TOKEN = 99
 VOCAB = 100
@@ -112,3 +122,39 @@ def write_served_llava(
         directory
     )
     return directory, reference
+
+
+CACHED_IMAGES = (image_bytes(size=(64, 48), seed=5), image_bytes(size=(50, 70), seed=9))
+"""Images a served llava table holds the tower's tokens of (rows 0 and 1); resized and
+centre-cropped to the small tower's 42 px."""
+RECORDED = {"layer": -2, "patches": PATCHES, "width": 32, "dtype": "float16", "cls": False}
+"""What ``embed --tokens --extra-encoder clip336=DIR`` records of the small tower's tokens."""
+
+
+def write_tokens_cache(root: Path, generator: Any, rows: int = 12) -> DemoCache:
+    """A table in the embedding job's layout whose ``patch_tokens_clip336`` are the served
+    model's tower's tokens (float16): row i < 2 of ``CACHED_IMAGES[i]``, the rest random."""
+    base = demo_rows(0, rows, 64, seed=0)
+    pixels = torch.stack(
+        [spec_tensor(Image.open(io.BytesIO(b)), generator.preprocess) for b in CACHED_IMAGES]
+    )
+    with torch.no_grad():
+        known = generator.llava.patch_tokens(pixels).to(torch.float16).numpy()
+    rng = np.random.default_rng(0)
+    rest = rng.standard_normal((rows - len(known), *known.shape[1:])).astype(np.float16)
+    tokens = np.concatenate([known, rest]).reshape(rows, -1)
+    vectors = rng.standard_normal((rows, 8)).astype(np.float16)
+    schema = images_schema(
+        dtype="float16",
+        dim=64,
+        extra={"clip336": (8, tokens.shape[1])},
+        metadata={"encoder": "fixture", "extra_encoders": {"clip336": {"tokens": RECORDED}}},
+    )
+    columns = {name: base[name] for name in base.schema.names}
+    columns["vector_clip336"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8)
+    columns["patch_tokens_clip336"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(tokens.ravel()), tokens.shape[1]
+    )
+    store = StoreConfig(uri=str(root / "lancedb"), table="images")
+    connect(store).create_table(store.table, pa.table(columns, schema=schema), mode="overwrite")
+    return DemoCache(store=store, dim=64, rows=rows)

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 import torch
-from fixtures_media import audio_bytes, image_bytes
-from llava_checkpoints import write_served_llava
+from fixtures_media import audio_bytes
+from llava_checkpoints import CACHED_IMAGES, RECORDED, write_served_llava
 from openai_calls import LLM, data_url
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
@@ -25,13 +25,14 @@ from cachebind.errors import WeightsError
 from cachebind.inject.llava_prompt import llava_prompt
 from cachebind.inject.llava_serve import PromptImages, load_llava_generator
 from cachebind.inject.scheduler import Scheduler
+from cachebind.serve.errors import ApiError
+from cachebind.serve.llava import check_recorded
 from cachebind.serve.runtime import Runtime
 
-pytestmark = pytest.mark.served(rows=40, llm="llava", max_inputs=4)
-
-IMAGE = image_bytes(size=(64, 48), seed=5)  # resized and centre-cropped to the tower's 42 px
-OTHER = image_bytes(size=(50, 70), seed=9)
 GREEDY = 10
+pytestmark = pytest.mark.served(rows=12, llm="llava", max_inputs=4)
+
+IMAGE, OTHER = CACHED_IMAGES
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_an_image_prompt_gets_the_tokens_transformers_llava_generates_greedily(
     generator = served.runtime.generator
     prompt = "What is in the picture?"
     ids = generator.prompt_ids(
-        prompt, template=True, images=PromptImages(torch.zeros(1, 3, 42, 42))
+        prompt, template=True, images=PromptImages.of_pixels(torch.zeros(1, 3, 42, 42))
     )
     expected = transformers_greedy(reference, ids, IMAGE)
     r = generate(http, prompt, [IMAGE])
@@ -125,7 +126,9 @@ def test_rows_batched_together_get_exactly_what_they_get_alone(served):
     that cut through the image positions: each row's tokens are those of its lone run."""
     generator = served.runtime.generator
     pixels = [
-        PromptImages(torch.randn(1, 3, 42, 42, generator=torch.Generator().manual_seed(s)))
+        PromptImages.of_pixels(
+            torch.randn(1, 3, 42, 42, generator=torch.Generator().manual_seed(s))
+        )
         for s in (1, 2)
     ]
     requests = [
@@ -267,3 +270,74 @@ def test_serve_settings_load_a_llava_directory_and_name_a_missing_one(tmp_path):
         runtime.scheduler.close()
     with pytest.raises(WeightsError, match="llm.llava_dir"):
         load_llava_generator(settings.llm.model_copy(update={"llava_dir": None}))
+
+
+def row_id_of(served, row: int) -> int:
+    return int(served.runtime.snapshot.table.ids()[row])
+
+
+def test_a_cached_row_gives_the_tokens_of_sending_its_image_without_the_encoder(http, served):
+    tower = served.runtime.generator.llava.vision_tower
+    calls = []
+    hook = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        sent = generate(http, "What is shown?", [IMAGE]).json()["text"]
+        assert len(calls) == 1  # the tower encoded the sent image
+        r = generate(http, "What is shown?", [], image_ids=[row_id_of(served, 0)])
+        assert r.status_code == 200, r.text
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": f"cachebind://rows/{row_id_of(served, 0)}"},
+                    },
+                    {"type": "text", "text": "What is shown?"},
+                ],
+            }
+        ]
+        chat = http.post(
+            "/v1/chat/completions",
+            json={"model": LLM, "messages": messages, "max_tokens": GREEDY, "temperature": 0.0},
+        )
+        assert chat.status_code == 200, chat.text
+        assert len(calls) == 1  # the cached rows ran no encoder
+    finally:
+        hook.remove()
+    assert r.json()["text"] == sent == chat.json()["choices"][0]["message"]["content"]
+    # A cached row and a sent image in one prompt: the row's tokens first, then the image's.
+    both = generate(http, "Compare them.", [OTHER], image_ids=[row_id_of(served, 0)])
+    sent_both = generate(http, "Compare them.", [IMAGE, OTHER])
+    assert both.status_code == 200 and both.json()["text"] == sent_both.json()["text"]
+
+
+def test_a_row_that_is_not_in_the_cache_is_a_404_naming_it(http):
+    r = generate(http, "What is shown?", [], image_ids=[12345])
+    assert r.status_code == 404, r.text
+    assert "image_ids[0]" in r.json()["detail"]
+    url = {"url": "cachebind://rows/twelve"}
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": url}]}]
+    bad = http.post("/v1/chat/completions", json={"model": LLM, "messages": messages})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_row_id"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"layer": -1}, "hidden state -1"), ({"cls": True}, "cls True"), ({"width": 1024}, "x 1024")],
+    ids=["another-layer", "with-cls", "another-width"],
+)
+def test_cached_tokens_of_another_layout_are_refused_naming_both(served, change, named):
+    generator = served.runtime.generator
+    with pytest.raises(ApiError) as refused:
+        check_recorded(
+            RECORDED | change, generator.layout, generator.tower_states, "patch_tokens_clip336"
+        )
+    assert refused.value.status == 422 and refused.value.error == "token_mismatch"
+    assert (
+        named in refused.value.detail
+        and "hidden state -2 (cls False) as 9 x 32" in refused.value.detail
+    )
+    check_recorded(
+        RECORDED | {"layer": 2}, generator.layout, generator.tower_states, "x"
+    )  # -2 of 4

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PromptImages:
-    """The images of one prompt, in order: decoded pixels [n, 3, H, W] or patch tokens read
-    from the cache [n, tokens, width] (the encoder step already done)."""
+class PromptImage:
+    """One image of a prompt: decoded pixels [3, H, W], or its patch tokens read from the
+    cache [tokens, width] (the encoder step already done)."""
 
     pixels: torch.Tensor | None = None
     patch_tokens: torch.Tensor | None = None
@@ -50,11 +50,26 @@ class PromptImages:
         if (self.pixels is None) == (self.patch_tokens is None):
             raise ValueError("give pixels or patch tokens")
 
+
+@dataclass(frozen=True)
+class PromptImages:
+    """The images of one prompt, in the order of their ``<image>`` positions."""
+
+    images: tuple[PromptImage, ...]
+
+    @classmethod
+    def of_pixels(cls, pixels: torch.Tensor) -> PromptImages:
+        """Images from decoded pixels [n, 3, H, W]."""
+        return cls(tuple(PromptImage(pixels=p) for p in pixels))
+
+    @classmethod
+    def of_tokens(cls, tokens: torch.Tensor) -> PromptImages:
+        """Images from cached patch tokens [n, tokens, width]."""
+        return cls(tuple(PromptImage(patch_tokens=t) for t in tokens))
+
     @property
     def count(self) -> int:
-        tensor = self.pixels if self.pixels is not None else self.patch_tokens
-        assert tensor is not None
-        return int(tensor.shape[0])
+        return len(self.images)
 
 
 @dataclass(frozen=True)
@@ -174,6 +189,11 @@ class LlavaGenerator:
             int(vc.hidden_size),
         )
 
+    @property
+    def tower_states(self) -> int:
+        """Hidden states the tower gives (its input and each layer's output)."""
+        return int(vision_config(self.llava.config).num_hidden_layers) + 1
+
     def prompt_ids(self, prompt: str, *, template: bool, images: PromptImages | None) -> list[int]:
         """The prompt's ids: in the LLaVA-1.5 template (its images first) unless ``template``
         is off, in which case ``prompt`` holds one ``<image>`` per image where it stands."""
@@ -185,30 +205,30 @@ class LlavaGenerator:
 
     def check_images(self, images: PromptImages) -> None:
         """Refuse images whose shape is not what this model's tower takes or gives."""
-        if images.pixels is not None:
-            want: tuple[int, ...] = self.preprocess.shape
-            got = tuple(images.pixels.shape[1:])
-            what = "pixels"
-        else:
-            assert images.patch_tokens is not None
-            want = (self.llava.tokens_per_image, self.layout.width)
-            got = tuple(images.patch_tokens.shape[1:])
-            what = "patch tokens"
-        if got != want:
-            detail = f"{what} {list(got)}; the model takes {list(want)}"
-            raise InputError("images", "wrong_shape", detail)
+        tokens = (self.llava.tokens_per_image, self.layout.width)
+        for i, image in enumerate(images.images):
+            if image.pixels is not None:
+                want, got, what = self.preprocess.shape, tuple(image.pixels.shape), "pixels"
+            else:
+                assert image.patch_tokens is not None
+                want, got, what = tokens, tuple(image.patch_tokens.shape), "patch tokens"
+            if got != want:
+                detail = f"image {i}: {what} {list(got)}; the model takes {list(want)}"
+                raise InputError("images", "wrong_shape", detail)
 
     def prompt_embeds(self, ids: list[int], images: PromptImages) -> torch.Tensor:
         """Input embeddings [S, dim] of a prompt: text embeddings, with the images' visual
-        tokens at the image-token positions (the tower runs here for pixels)."""
+        tokens at the image-token positions (the tower runs here for pixels, once for all of
+        the prompt's decoded images; cached tokens skip it)."""
         device = self.device
         row = torch.tensor([ids], device=device)
-        if images.pixels is not None:
-            patches = self.llava.patch_tokens(images.pixels.to(device))
-        else:
-            assert images.patch_tokens is not None
-            patches = images.patch_tokens.to(device)
-        visual = self.llava.visual_tokens(patches)
+        decoded = [im.pixels for im in images.images if im.pixels is not None]
+        encoded = iter(self.llava.patch_tokens(torch.stack(decoded).to(device)) if decoded else [])
+        patches = [
+            next(encoded) if im.patch_tokens is None else im.patch_tokens.to(device)
+            for im in images.images
+        ]
+        visual = self.llava.visual_tokens(torch.stack([p.float() for p in patches]))
         embeds = place_visual_tokens(self.model.embed(row), row, self.llava.image_token_id, visual)
         return embeds[0]
 

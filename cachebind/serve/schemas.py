@@ -210,6 +210,12 @@ class GenerateRequest(Strict):
         max_length=MAX_INPUTS,
         description="Visual context (a mix); none for text only.",
     )
+    image_ids: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_INPUTS,
+        description="llava mode: cached rows (ids of the served table) whose stored patch "
+        "tokens stand for images, before the images of inputs; no encoder runs for them.",
+    )
     k: int | None = Field(None, ge=1)
     t: float | None = Field(None, gt=0)
     alpha: float | None = Field(None, ge=0, le=1)

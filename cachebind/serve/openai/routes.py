@@ -31,10 +31,10 @@ from cachebind.serve.generation import (
     usage_of,
 )
 from cachebind.serve.inputs import embed_items, embed_query
-from cachebind.serve.llava import llava_of, prompt_images, refuse_blend
+from cachebind.serve.llava import ImageSource, llava_of, prompt_images, refuse_blend
 from cachebind.serve.openai import schemas as o
 from cachebind.serve.openai.errors import invalid
-from cachebind.serve.openai.media import input_of, message_media
+from cachebind.serve.openai.media import MediaRef, cached_row, input_of, message_media
 from cachebind.serve.openai.render import render_chat, render_llava_chat, text_of
 from cachebind.serve.schemas import InputItem
 from cachebind.serve.services.generate import GenerationRequest
@@ -96,6 +96,27 @@ async def media_inputs(
         )
     config, budget = state.config.openai, state.settings.input
     return list(await asyncio.gather(*(input_of(r, config, budget) for r in refs)))
+
+
+async def image_sources(
+    state: ServeState, limits: Limits, messages: list[o.Message]
+) -> list[ImageSource]:
+    """llava mode: the conversation's images in order, a ``cachebind://rows/<id>`` URL
+    naming a cached row (its stored patch tokens), any other read as ``media_inputs`` reads it."""
+    refs = message_media(messages)
+    if len(refs) > limits.config.max_inputs:
+        raise invalid(
+            "too_many_inputs",
+            f"the messages hold {len(refs)} media; the limit is {limits.config.max_inputs}",
+            "messages",
+        )
+    config, budget = state.config.openai, state.settings.input
+
+    async def source(ref: MediaRef) -> ImageSource:
+        row = cached_row(ref)
+        return row if row is not None else await input_of(ref, config, budget)
+
+    return list(await asyncio.gather(*(source(r) for r in refs)))
 
 
 def cache_info(prompt: VisualPrompt) -> dict[str, Any]:
@@ -198,13 +219,14 @@ async def chat_completions(
     check_text(limits, prompt, "messages")
     stops = stop_strings(body)
     cache = body.cachebind
-    items = await limits.timed(media_inputs(state, limits, body.messages))
     images = None
     if llava is not None:  # each image's visual tokens where its <image> stands
         refuse_blend(k=cache.k, t=cache.t, alpha=cache.alpha)
-        images = await limits.timed(prompt_images(state, limits, llava, items, "media"))
+        sources = await limits.timed(image_sources(state, limits, body.messages))
+        images = await limits.timed(prompt_images(state, limits, llava, sources, "media"))
         visual = VisualPrompt()
     else:
+        items = await limits.timed(media_inputs(state, limits, body.messages))
         blend = visual_prompt(
             state, limits, items, cache.k, cache.t, cache.alpha, blend=cache.blend, field="media"
         )

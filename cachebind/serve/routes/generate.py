@@ -14,6 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from cachebind.serve import schemas as s
 from cachebind.serve.blend import VisualPrompt, visual_prompt
 from cachebind.serve.deps import RequestLimits, State
+from cachebind.serve.errors import unprocessable
 from cachebind.serve.generation import (
     collect,
     finish_reason_of,
@@ -22,7 +23,7 @@ from cachebind.serve.generation import (
     until_disconnected,
     usage_of,
 )
-from cachebind.serve.llava import llava_of, prompt_images, refuse_blend
+from cachebind.serve.llava import CachedRow, llava_of, prompt_images, refuse_blend
 from cachebind.serve.multipart import form_schema
 from cachebind.serve.services.generate import GenerationRequest
 from cachebind.serve.streaming import sse
@@ -77,9 +78,16 @@ async def generate(
     llava = llava_of(state)
     if llava is not None:  # tokens mode: the images' visual tokens stand in the prompt
         refuse_blend(k=body.k, t=body.t, alpha=body.alpha)
-        images = await limits.timed(prompt_images(state, limits, llava, body.inputs))
+        rows = [CachedRow(i, f"image_ids[{n}]") for n, i in enumerate(body.image_ids)]
+        images = await limits.timed(prompt_images(state, limits, llava, [*rows, *body.inputs]))
         prompt = VisualPrompt()
     else:
+        if body.image_ids:
+            raise unprocessable(
+                "unsupported_input",
+                "image_ids: cached rows stand for images in llava mode (llm.mode); this "
+                "server runs the adapter, whose visual feature is the blend of inputs",
+            )
         images = None
         prompt = await limits.timed(
             visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
