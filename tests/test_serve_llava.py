@@ -11,6 +11,8 @@ import json
 import time
 
 import httpx
+import jinja2
+import jinja2.ext
 import openai
 import pytest
 import torch
@@ -27,6 +29,8 @@ from cachebind.inject.llava_serve import PromptImages, load_llava_generator
 from cachebind.inject.scheduler import Scheduler
 from cachebind.serve.errors import ApiError
 from cachebind.serve.llava import check_recorded
+from cachebind.serve.openai.render import render_llava_chat
+from cachebind.serve.openai.schemas import Message
 from cachebind.serve.runtime import Runtime
 
 GREEDY = 10
@@ -106,6 +110,14 @@ def test_an_image_prompt_gets_the_tokens_transformers_llava_generates_greedily(
         "total_tokens": len(ids) + len(expected),
     }
     assert answer["neighbours"] == []  # no cache blend in tokens mode
+    form = {"prompt": prompt, "stream": "false", "max_new_tokens": str(GREEDY), "temperature": "0"}
+    upload = http.post(
+        "/v1/generate",
+        data={**form, "modality": "image"},
+        files=[("file", ("picture.png", IMAGE, "image/png"))],
+    )
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["text"] == answer["text"]
     # The prompt is LLaVA-1.5's template with one image token per visual token.
     image_token = generator.llava.image_token_id
     assert ids.count(image_token) == generator.llava.tokens_per_image == 9
@@ -316,6 +328,8 @@ def test_a_row_that_is_not_in_the_cache_is_a_404_naming_it(http):
     r = generate(http, "What is shown?", [], image_ids=[12345])
     assert r.status_code == 404, r.text
     assert "image_ids[0]" in r.json()["detail"]
+    past_int64 = generate(http, "What is shown?", [], image_ids=[2**63])
+    assert past_int64.status_code == 422 and "image_ids" in past_int64.text
     url = {"url": "cachebind://rows/twelve"}
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": url}]}]
     bad = http.post("/v1/chat/completions", json={"model": LLM, "messages": messages})
@@ -341,3 +355,53 @@ def test_cached_tokens_of_another_layout_are_refused_naming_both(served, change,
     check_recorded(
         RECORDED | {"layer": 2}, generator.layout, generator.tower_states, "x"
     )  # -2 of 4
+
+
+# llava-hf/llava-1.5-7b-hf's published chat template (its chat_template.json).
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_a_conversation_renders_as_the_llava_hf_chat_template_renders_it():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
+        {"role": "user", "content": [image, {"type": "text", "text": "And"}, image,
+                                     {"type": "text", "text": "this?"}]},
+    ]  # fmt: skip
+    hf = [
+        {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_url" else p
+                                        for p in m["content"]]}
+        for m in messages
+    ]  # fmt: skip
+    env = jinja2.Environment(extensions=[GenerationTag])
+    expected = env.from_string(LLAVA_HF_TEMPLATE).render(messages=hf, add_generation_prompt=True)
+    ours = render_llava_chat([Message.model_validate(m) for m in messages])
+    assert ours == expected
+    assert ours.startswith("Be brief. USER: <image>\nWhat is it? ASSISTANT: A dog. USER: ")
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """transformers' ``{% generation %}`` block (it marks the assistant's text; renders it)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()

@@ -210,7 +210,7 @@ class GenerateRequest(Strict):
         max_length=MAX_INPUTS,
         description="Visual context (a mix); none for text only.",
     )
-    image_ids: list[int] = Field(
+    image_ids: list[Annotated[int, Field(ge=-(2**63), lt=2**63)]] = Field(
         default_factory=list,
         max_length=MAX_INPUTS,
         description="llava mode: cached rows (ids of the served table) whose stored patch "
