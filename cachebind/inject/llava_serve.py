@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -206,6 +207,7 @@ class LlavaGenerator:
     def check_images(self, images: PromptImages) -> None:
         """Refuse images whose shape is not what this model's tower takes or gives."""
         tokens = (self.llava.tokens_per_image, self.layout.width)
+        want: tuple[int, ...]
         for i, image in enumerate(images.images):
             if image.pixels is not None:
                 want, got, what = self.preprocess.shape, tuple(image.pixels.shape), "pixels"
@@ -223,7 +225,9 @@ class LlavaGenerator:
         device = self.device
         row = torch.tensor([ids], device=device)
         decoded = [im.pixels for im in images.images if im.pixels is not None]
-        encoded = iter(self.llava.patch_tokens(torch.stack(decoded).to(device)) if decoded else [])
+        encoded: Iterator[torch.Tensor] = iter(
+            self.llava.patch_tokens(torch.stack(decoded).to(device)) if decoded else []
+        )
         patches = [
             next(encoded) if im.patch_tokens is None else im.patch_tokens.to(device)
             for im in images.images
