@@ -590,6 +590,11 @@ class ServeConfig(Section):
     max_text_bytes: int = Field(default=1024 * 1024, ge=1)
     """Total UTF-8 bytes of the texts of one request: 413 ``text_too_large`` past it."""
     max_k: int = 1000
+    extra_indexes: dict[ExtraEncoderName, Path] = Field(default_factory=dict)
+    """Indexes of extra encoders' columns the service searches (``POST /v1/search/{name}``):
+    each name's index directory (``cachebind index --column vector_<name> --index-dir DIR``),
+    its queries encoded by that encoder, loaded from ``embed.extra_encoders[name]``. Loaded
+    at start-up, beside ImageBind's index."""
     request_timeout_s: float = 60.0
     """Budget of one request's work; past it 504 ``timeout`` and its queued work is dropped."""
     header_timeout_s: float = Field(default=10.0, gt=0)

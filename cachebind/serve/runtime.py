@@ -137,6 +137,7 @@ class Runtime:
         generation_defaults: dict[str, Any] | None = None,
         llm_config: LLMConfig | None = None,
         allow_encoder_mismatch: bool = False,
+        extra_search: dict[str, Any] | None = None,
     ) -> None:
         visual_dim = getattr(generator, "visual_dim", None)
         if generator is not None and visual_dim is not None and visual_dim != encoder.out_dim:
@@ -148,6 +149,8 @@ class Runtime:
             )
         self.encoder = encoder
         self.allow_encoder_mismatch = allow_encoder_mismatch
+        # Extra encoders' indexes by name (``serve.extra_search.ExtraSearch``).
+        self.extra_search = dict(extra_search or {})
         if snapshot is not None:
             self.check_encoder(snapshot)
         self.loader = loader
@@ -194,11 +197,17 @@ class Runtime:
             from cachebind.inject.llava_serve import load_served_llm
 
             generator = load_served_llm(llm)
+        extra_search = None
+        if settings.serve.extra_indexes:
+            from cachebind.serve.extra_search import load_extra_searches
+
+            extra_search = load_extra_searches(settings)
         return cls(
             encoder,
             snapshot=snapshot,
             loader=loader,
             generator=generator,
+            extra_search=extra_search,
             cache_config=settings.cache,
             generation_defaults={
                 "max_new_tokens": settings.llm.max_new_tokens,

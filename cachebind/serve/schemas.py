@@ -158,6 +158,20 @@ class RecallInfo(BaseModel):
     )
 
 
+class ExtraSearchRequest(Strict):
+    """Nearest cached rows to an extra encoder's vector of one image."""
+
+    input: InputItem = Field(description="One image (base64 or a data: URL).")
+    k: int = Field(10, ge=1, description="Results (at most the server's max_k).")
+
+
+class ExtraSearchResponse(BaseModel):
+    encoder: str = Field(description="The extra encoder whose column was searched.")
+    column: str
+    index_version: str | None
+    results: list[SearchHit]
+
+
 class SearchResponse(BaseModel):
     results: list[SearchHit]
     offset: int
