@@ -292,6 +292,7 @@ class Scheduler:
         self._prefill()
 
     def _admit(self) -> None:
+        joined = []
         with self._cv:
             while self._queue and None in self._slots:
                 row = self._queue.popleft()
@@ -300,15 +301,24 @@ class Scheduler:
                     continue
                 row.slot = self._slots.index(None)  # lowest free: keeps the batch short
                 self._slots[row.slot] = row
-                if row.f_m is not None:
-                    row.visual = self.model.visual_query(row.f_m[None])[0]
-                    self._visual_slots.add(row.slot)
-                elif row.images is not None:  # its K and V depend on its images: no reuse
+                joined.append(row)
+        # Outside the lock: a submitter (an event loop) never waits on a joiner's model work.
+        for row in joined:
+            if row.f_m is not None:
+                row.visual = self.model.visual_query(row.f_m[None])[0]
+                self._visual_slots.add(row.slot)
+            elif row.images is not None:  # its K and V depend on its images: no reuse
+                try:
                     row.embeds = self.generator.prompt_embeds(row.ids, row.images)
+                except Exception as exc:  # this row's images alone: the batch goes on
+                    log.exception("visual tokens of a prompt failed")
+                    self._free(row, exc)
+                    continue
+                finally:
                     row.images = None
-                else:
-                    row.prefilled = self.prefix.reuse(row.slot, row.ids)
-                self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
+            else:
+                row.prefilled = self.prefix.reuse(row.slot, row.ids)
+            self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
 
     def _prefill(self) -> None:
         """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
