@@ -22,6 +22,7 @@ from openai_calls import LLM, data_url
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
+from cachebind.cli import build_parser, overrides_from
 from cachebind.config import Settings
 from cachebind.errors import WeightsError
 from cachebind.inject.llava_prompt import llava_prompt
@@ -405,3 +406,8 @@ class GenerationTag(jinja2.ext.Extension):
 
     def _render(self, caller):
         return caller()
+
+
+def test_the_llava_dir_flag_of_serve_chooses_llava_mode(tmp_path):
+    args = build_parser().parse_args(["serve", "--llava-dir", str(tmp_path)])
+    assert overrides_from(args)["llm"] == {"llava_dir": str(tmp_path), "mode": "llava"}
