@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ class LlavaGenerator:
         self.preprocess = preprocess
         self.max_seq_len = max_seq_len
         self.seed = seed
+        self._tower = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -217,6 +219,13 @@ class LlavaGenerator:
             if got != want:
                 detail = f"image {i}: {what} {list(got)}; the model takes {list(want)}"
                 raise InputError("images", "wrong_shape", detail)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's patch tokens of decoded pixels [n, 3, H, W] -> [n, tokens,
+        width] (CPU), one call at a time: the service runs it on a request's thread, so that
+        the scheduler's steps never wait for a tower forward."""
+        with self._tower, torch.inference_mode():
+            return self.llava.patch_tokens(pixels.to(self.device)).cpu()
 
     def prompt_embeds(self, ids: list[int], images: PromptImages) -> torch.Tensor:
         """Input embeddings [S, dim] of a prompt: text embeddings, with the images' visual

@@ -12,7 +12,7 @@ not averaged).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,17 +175,19 @@ async def prompt_images(
         for m, raw, where in decoded
     ]
     try:
-        pixels = iter(await asyncio.gather(*tasks))
+        pixels = await asyncio.gather(*tasks)
     except BaseException:
         for task in tasks:
             task.cancel()
         raise
+    # The tower runs here, on a worker thread: the scheduler's steps only project tokens.
+    encoded: Iterator[torch.Tensor] = iter([])
+    if pixels:
+        encoded = iter(await asyncio.to_thread(llava.encode_images, torch.stack(pixels)))
     stored = iter(tokens)
     return PromptImages(
         tuple(
-            PromptImage(patch_tokens=next(stored))
-            if isinstance(source, CachedRow)
-            else PromptImage(pixels=next(pixels))
+            PromptImage(patch_tokens=next(stored if isinstance(source, CachedRow) else encoded))
             for source in sources
         )
     )
