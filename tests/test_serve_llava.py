@@ -132,6 +132,16 @@ def test_a_text_only_prompt_gets_the_tokens_transformers_generates(http, served,
     r = generate(http, "Describe a red dog.", [])
     assert r.status_code == 200, r.text
     assert r.json()["text"] == generator.tokenizer.decode(expected)
+    body = {
+        "model": LLM,
+        "prompt": "Describe a red dog.",
+        "max_tokens": GREEDY,
+        "temperature": 0.0,
+        "cachebind": {"template": True},  # LLaVA-1.5's template in llava mode
+    }
+    completion = http.post("/v1/completions", json=body)
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["text"] == r.json()["text"]
 
 
 def test_rows_batched_together_get_exactly_what_they_get_alone(served):
