@@ -39,7 +39,10 @@ PATCHES = 9
 
 
 def small_llava_config(
-    strategy: str = "default", vocab: int = VOCAB, image_token: int = IMAGE_TOKEN
+    strategy: str = "default",
+    vocab: int = VOCAB,
+    image_token: int = IMAGE_TOKEN,
+    positions: int = 128,
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -55,7 +58,7 @@ def small_llava_config(
         num_hidden_layers=2,
         num_attention_heads=4,
         vocab_size=vocab,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
@@ -72,11 +75,16 @@ def small_llava_config(
 
 
 def reference_llava(
-    seed: int = 0, strategy: str = "default", vocab: int = VOCAB, image_token: int = IMAGE_TOKEN
+    seed: int = 0,
+    strategy: str = "default",
+    vocab: int = VOCAB,
+    image_token: int = IMAGE_TOKEN,
+    positions: int = 128,
 ) -> LlavaForConditionalGeneration:
     """transformers' LLaVA with random weights (biases and norms too, so none is trivially 0/1)."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(small_llava_config(strategy, vocab, image_token)).eval()
+    config = small_llava_config(strategy, vocab, image_token, positions)
+    model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -114,7 +122,8 @@ def write_served_llava(
     id after them, as llava-hf adds it), and that ``tokenizer.model``."""
     tok = train_tokenizer(directory / "tokenizer.model", seed=seed)
     pieces = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
-    reference = reference_llava(seed, vocab=pieces + 1, image_token=pieces)
+    # 1024 positions: room for generations long enough to hold every slot a while.
+    reference = reference_llava(seed, vocab=pieces + 1, image_token=pieces, positions=1024)
     write_llava_hf(reference, directory)
     # llava-hf's processor settings (CLIP's at 336 px) at the small tower's size.
     crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}

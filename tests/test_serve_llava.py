@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 
 import httpx
@@ -277,6 +278,7 @@ def test_serve_settings_load_a_llava_directory_and_name_a_missing_one(tmp_path):
         "device": "cpu",
         "dtype": "float32",
         "max_batch": 1,
+        "llava_max_seq_len": 256,  # below the model's 1024 positions: the setting holds
     }
     settings = Settings(
         weights={"dir": str(tmp_path / "weights")},
@@ -288,7 +290,7 @@ def test_serve_settings_load_a_llava_directory_and_name_a_missing_one(tmp_path):
     runtime = Runtime.from_settings(settings)
     try:
         assert runtime.llm_mode == "llava"
-        assert runtime.scheduler is not None and runtime.scheduler.max_seq_len == 128
+        assert runtime.scheduler is not None and runtime.scheduler.max_seq_len == 256
     finally:
         runtime.scheduler.close()
     with pytest.raises(WeightsError, match="llm.llava_dir"):
@@ -421,3 +423,41 @@ class GenerationTag(jinja2.ext.Extension):
 def test_the_llava_dir_flag_of_serve_chooses_llava_mode(tmp_path):
     args = build_parser().parse_args(["serve", "--llava-dir", str(tmp_path)])
     assert overrides_from(args)["llm"] == {"llava_dir": str(tmp_path), "mode": "llava"}
+
+
+def metric(http: httpx.Client, name: str, labels: str = "") -> float:
+    found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", http.get("/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_image_rows_share_the_schedulers_admission_429_cancellation_and_metrics(http, served):
+    scheduler = served.runtime.scheduler
+    image = PromptImages.of_pixels(torch.zeros(1, 3, 42, 42))
+    label = '{reason="cancelled"}'
+    cancelled = metric(http, "cachebind_generate_finished_total", label)
+    hogs = [
+        scheduler.submit("Describe it.", images=image, max_new_tokens=900, ignore_eos=True)
+        for _ in range(scheduler.max_batch)
+    ]
+    old_queue, scheduler.max_queue = scheduler.max_queue, 0
+    try:
+        wait_until(lambda: scheduler.running == scheduler.max_batch)
+        r = generate(http, "What is shown?", [IMAGE])
+        assert r.status_code == 429 and r.json()["error"] == "busy", r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        occupancy = "cachebind_generate_batch_occupancy"
+        wait_until(lambda: metric(http, occupancy) == scheduler.max_batch)
+    finally:
+        scheduler.max_queue = old_queue
+        for hog in hogs:
+            hog.cancel()
+    wait_until(lambda: scheduler.running == 0)
+    finished = "cachebind_generate_finished_total"
+    wait_until(lambda: metric(http, finished, label) >= cancelled + scheduler.max_batch)
