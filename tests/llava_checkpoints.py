@@ -122,8 +122,8 @@ def write_served_llava(
     id after them, as llava-hf adds it), and that ``tokenizer.model``."""
     tok = train_tokenizer(directory / "tokenizer.model", seed=seed)
     pieces = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()
-    # 1024 positions: room for generations long enough to hold every slot a while.
-    reference = reference_llava(seed, vocab=pieces + 1, image_token=pieces, positions=1024)
+    # 4096 positions: room for generations long enough to hold every slot a while.
+    reference = reference_llava(seed, vocab=pieces + 1, image_token=pieces, positions=4096)
     write_llava_hf(reference, directory)
     # llava-hf's processor settings (CLIP's at 336 px) at the small tower's size.
     crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}

@@ -278,7 +278,7 @@ def test_serve_settings_load_a_llava_directory_and_name_a_missing_one(tmp_path):
         "device": "cpu",
         "dtype": "float32",
         "max_batch": 1,
-        "llava_max_seq_len": 256,  # below the model's 1024 positions: the setting holds
+        "llava_max_seq_len": 256,  # below the model's 4096 positions: the setting holds
     }
     settings = Settings(
         weights={"dir": str(tmp_path / "weights")},
@@ -443,7 +443,7 @@ def test_image_rows_share_the_schedulers_admission_429_cancellation_and_metrics(
     label = '{reason="cancelled"}'
     cancelled = metric(http, "cachebind_generate_finished_total", label)
     hogs = [
-        scheduler.submit("Describe it.", images=image, max_new_tokens=900, ignore_eos=True)
+        scheduler.submit("Describe it.", images=image, max_new_tokens=4000, ignore_eos=True)
         for _ in range(scheduler.max_batch)
     ]
     old_queue, scheduler.max_queue = scheduler.max_queue, 0
