@@ -431,11 +431,23 @@ RELEASED_TOP_P = 0.75
 in the settings and in the library's signatures, is one of these."""
 PREFILL_CHUNK = 256
 """Prompt tokens prefilled per decode step, unless ``llm.prefill_chunk`` says otherwise."""
+LLAVA_MAX_SEQ_LEN = 2048
+"""LLaVA-1.5's training length (``--model_max_length 2048``): prompt, visual tokens and answer."""
 
 
 class LLMConfig(Section):
-    """LLaMA with the ImageBind-LLM adapter."""
+    """The served LLM: LLaMA with the ImageBind-LLM adapter, or LLaVA-1.5 (tokens mode)."""
 
+    mode: Literal["adapter", "llava"] = "adapter"
+    """``adapter``: LLaMA + the ImageBind-LLM adapter (``llama_dir``, ``adapter_checkpoint``),
+    one cache-blended feature F~_M per request. ``llava``: a llava-hf LLaVA-1.5 directory
+    (``llava_dir``), each image's projected CLIP patch tokens placed in the prompt."""
+    llava_dir: Path | None = None
+    """A llava-hf LLaVA-1.5 directory (``config.json``, safetensors, ``tokenizer.model``) for
+    ``mode = "llava"``."""
+    llava_max_seq_len: int = Field(default=LLAVA_MAX_SEQ_LEN, ge=2)
+    """Positions per generation in llava mode (each image takes 576 of them at 336 px); the
+    KV cache holds ``max_batch`` slots of this many, capped at the model's own limit."""
     llama_dir: Path | None = None
     """A Meta-format (consolidated.*.pth, params.json, tokenizer.model) or Hugging Face LLaMA."""
     adapter_checkpoint: Path | None = None
@@ -578,6 +590,11 @@ class ServeConfig(Section):
     max_text_bytes: int = Field(default=1024 * 1024, ge=1)
     """Total UTF-8 bytes of the texts of one request: 413 ``text_too_large`` past it."""
     max_k: int = 1000
+    extra_indexes: dict[ExtraEncoderName, Path] = Field(default_factory=dict)
+    """Indexes of extra encoders' columns the service searches (``POST /v1/search/{name}``):
+    each name's index directory (``cachebind index --column vector_<name> --index-dir DIR``),
+    its queries encoded by that encoder, loaded from ``embed.extra_encoders[name]``. Loaded
+    at start-up, beside ImageBind's index."""
     request_timeout_s: float = 60.0
     """Budget of one request's work; past it 504 ``timeout`` and its queued work is dropped."""
     header_timeout_s: float = Field(default=10.0, gt=0)

@@ -129,8 +129,18 @@ def served(
     cache = build_demo_cache(root, rows=rows, dim=64)
     svc = service_settings(root, cache, **options)
     svc.settings.llm = svc.settings.llm.model_copy(update=llm_settings)
-    generator = None
-    if llm:
+    generator: Any = None
+    if llm == "llava":  # tokens mode: a small random LLaVA-1.5 over a table of its tokens
+        from llava_checkpoints import write_served_llava, write_tokens_cache
+
+        from cachebind.inject.llava_serve import load_llava_generator
+
+        directory, _ = write_served_llava(root / "llava")
+        update = {"mode": "llava", "llava_dir": directory, "device": "cpu", "dtype": "float32"}
+        svc.settings.llm = svc.settings.llm.model_copy(update=update)
+        generator = load_llava_generator(svc.settings.llm)
+        cache = write_tokens_cache(root, generator, rows)
+    elif llm:
         from cachebind.inject.tiny import build_tiny_llm
 
         generator = build_tiny_llm(root / "llm", visual_dim=64)

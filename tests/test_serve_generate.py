@@ -93,3 +93,19 @@ def test_a_client_that_leaves_frees_its_slot(http, served, stream):
         timeout_s=30,
     )
     wait_until(lambda: metric(http, "cachebind_generate_batch_occupancy") == 0)
+
+
+def test_cached_image_rows_are_refused_by_the_adapter_mode_naming_llava(http):
+    body = {"prompt": "Describe it.", "stream": False, "image_ids": [1]}
+    r = http.post("/v1/generate", json=body)
+    assert r.status_code == 422 and r.json()["error"] == "unsupported_input"
+    assert "llava mode" in r.json()["detail"]
+    url = {"url": "cachebind://rows/1"}
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": url}],
+        }
+    ]
+    chat = http.post("/v1/chat/completions", json={"model": "imagebind-llm", "messages": messages})
+    assert chat.status_code == 400 and "llava mode" in chat.json()["error"]["message"]

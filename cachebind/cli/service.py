@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from cachebind.cli.options import CommonOptions, Subcommands, command
 from cachebind.config import Settings
@@ -45,6 +46,28 @@ def add_serve(sub: Subcommands, common: CommonOptions) -> None:
         metavar="FILE",
         help="the ImageBind-LLM adapter checkpoint as released (e.g. 7B.pth)",
     )
+    p.add_argument(
+        "--llava-dir",
+        dest="llm__llava_dir",
+        metavar="DIR",
+        action=LlavaDir,
+        help="serve a llava-hf LLaVA-1.5 directory in tokens mode instead (sets llm.mode=llava)",
+    )
+
+
+class LlavaDir(argparse.Action):
+    """``--llava-dir DIR`` is ``llm.llava_dir = DIR`` and ``llm.mode = "llava"``: naming the
+    directory is choosing the mode."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.llm__mode = "llava"
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

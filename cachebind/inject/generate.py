@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,9 +76,26 @@ class Generator:
         self.load_report = load_report
         self.visual_dim = model.cfg.bind_in_dim
 
+    mode = "adapter"
+
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def prompt_ids(self, prompt: str, *, template: bool, images: Any = None) -> list[int]:
+        """BOS and the prompt's ids, in the release's Alpaca template unless ``template`` is
+        off. The adapter takes one feature F~_M, never images in the prompt."""
+        if images is not None:
+            raise InputError(
+                "images", "unsupported", "the adapter mode takes F~_M, not images in the prompt"
+            )
+        return self.tokenizer.encode(format_prompt(prompt) if template else prompt, bos=True)
+
+    def check_images(self, images: Any) -> None:
+        raise InputError("images", "unsupported", "the adapter mode takes no images in prompts")
+
+    def prompt_embeds(self, ids: list[int], images: Any) -> torch.Tensor:
+        raise InputError("images", "unsupported", "the adapter mode takes no images in prompts")
 
     def generate(
         self,

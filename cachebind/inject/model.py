@@ -228,6 +228,11 @@ class AdapterLlama(nn.Module):
         """T_I = bind(F~_M): [B, bind_in_dim] -> [B, dim]."""
         return self.bind(f_m.to(device=self.device, dtype=self.dtype))
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of ``ids`` [B, S] -> [B, S, dim]."""
+        embeds: torch.Tensor = self.llm.get_input_embeddings()(ids)
+        return embeds
+
     def adapters(self, t_i: torch.Tensor) -> torch.Tensor:
         """adapter_i = T_I + prefix_query_i for every adapted layer: [query_layer, B, dim]."""
         return t_i[None, :, :] + self.prefix_query.weight[:, None, :]

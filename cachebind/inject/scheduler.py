@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +54,8 @@ from cachebind.inject.handles import (
     SchedulerObserver,
     Sink,
 )
+from cachebind.inject.llava_serve import LlavaGenerator
 from cachebind.inject.prefix import PrefixCache
-from cachebind.inject.prompts import format_prompt
 from cachebind.inject.sampling import sample_rows
 from cachebind.inject.slots import (
     SlotCache,
@@ -85,6 +86,8 @@ class _Row:
     ready: bool = False  # prompt prefilled and a first token sampled: decodes each step
     emitted: str = ""
     visual: torch.Tensor | None = None  # T_I = bind(F~_M) [dim], computed on admission
+    images: Any = None  # tokens mode: the prompt's images (``llava_serve.PromptImages``)
+    embeds: torch.Tensor | None = None  # tokens mode: the prompt's input embeddings [S, dim]
 
     @property
     def position(self) -> int:  # where the last sampled token goes when it is fed
@@ -100,7 +103,7 @@ class Scheduler:
 
     def __init__(
         self,
-        generator: Generator,
+        generator: Generator | LlavaGenerator,
         *,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -157,10 +160,16 @@ class Scheduler:
         ignore_eos: bool = False,
         timeout_s: float | None = None,
         sink: Sink | None = None,
+        images: Any = None,
     ) -> GenerationHandle:
-        """Queue one request; raises ``InputError`` on bad input, ``SchedulerBusy`` when full."""
+        """Queue one request; raises ``InputError`` on bad input, ``SchedulerBusy`` when full.
+
+        ``images`` (tokens mode): the prompt's images, whose visual tokens stand at its
+        image-token positions; the row is prefilled from input embeddings."""
         check_sampling(temperature, top_p, max_new_tokens)
-        ids = self.tokenizer.encode(format_prompt(prompt) if template else prompt, bos=True)
+        ids = self.generator.prompt_ids(prompt, template=template, images=images)
+        if images is not None:
+            self.generator.check_images(images)
         if len(ids) >= self.max_seq_len:
             raise InputError(
                 "prompt", "too_long", f"{len(ids)} tokens; the limit is {self.max_seq_len - 1}"
@@ -182,6 +191,7 @@ class Scheduler:
             stop=tuple(s for s in stop if s),
             ignore_eos=ignore_eos,
             deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+            images=images,
         )
         with self._cv:
             if self._closed:
@@ -225,6 +235,10 @@ class Scheduler:
     def _features(self, visual: torch.Tensor | np.ndarray | None) -> torch.Tensor | None:
         if visual is None:
             return None
+        if self.generator.visual_dim is None:
+            raise InputError(
+                "visual", "unsupported", f"the {self.generator.mode} mode takes no feature F~_M"
+            )
         f = torch.as_tensor(np.asarray(visual, dtype=np.float32)).float().reshape(-1)
         if f.shape[0] != self.generator.visual_dim:
             raise InputError(
@@ -278,6 +292,7 @@ class Scheduler:
         self._prefill()
 
     def _admit(self) -> None:
+        joined = []
         with self._cv:
             while self._queue and None in self._slots:
                 row = self._queue.popleft()
@@ -286,12 +301,24 @@ class Scheduler:
                     continue
                 row.slot = self._slots.index(None)  # lowest free: keeps the batch short
                 self._slots[row.slot] = row
-                if row.f_m is not None:
-                    row.visual = self.model.visual_query(row.f_m[None])[0]
-                    self._visual_slots.add(row.slot)
-                else:
-                    row.prefilled = self.prefix.reuse(row.slot, row.ids)
-                self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
+                joined.append(row)
+        # Outside the lock: a submitter (an event loop) never waits on a joiner's model work.
+        for row in joined:
+            if row.f_m is not None:
+                row.visual = self.model.visual_query(row.f_m[None])[0]
+                self._visual_slots.add(row.slot)
+            elif row.images is not None:  # its K and V depend on its images: no reuse
+                try:
+                    row.embeds = self.generator.prompt_embeds(row.ids, row.images)
+                except Exception as exc:  # this row's images alone: the batch goes on
+                    log.exception("visual tokens of a prompt failed")
+                    self._free(row, exc)
+                    continue
+                finally:
+                    row.images = None
+            else:
+                row.prefilled = self.prefix.reuse(row.slot, row.ids)
+            self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
 
     def _prefill(self) -> None:
         """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
@@ -317,6 +344,7 @@ class Scheduler:
         starts, lengths = [c[1] for c in chunks], [c[2] for c in chunks]
         positions, mask = prefill_inputs(starts, lengths, device)
         visual, visual_rows = self._visual_of([row for row, _, _ in chunks])
+        embeds = self._embeds_of(chunks, ids)
         self.cache.bind_prefill([row.slot for row, _, _ in chunks], starts, lengths)
         out = self.model(
             ids,
@@ -326,14 +354,16 @@ class Scheduler:
             position_ids=positions,
             past_key_values=self.cache,
             logits_to_keep=1,
+            **({} if embeds is None else {"inputs_embeds": embeds}),
         )
         done = []
         for i, (row, _, n) in enumerate(chunks):
             row.prefilled += n
             if row.prefilled == len(row.ids):
                 done.append(i)
-                if row.visual is None:
+                if row.visual is None and row.embeds is None:
                     self.prefix.offer(row.slot, row.ids)
+                row.embeds = None
         if not done:
             return
         rows = [chunks[i][0] for i in done]
@@ -367,6 +397,20 @@ class Scheduler:
                 visual[i] = r.visual
                 visual_rows[i] = 1.0
         return visual, visual_rows
+
+    def _embeds_of(
+        self, chunks: list[tuple[_Row, int, int]], ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Input embeddings of the left-padded chunks [b, width, dim] when a row has visual
+        tokens in its prompt (None: the ids are fed): its own embeddings, the others' ids'."""
+        if all(row.embeds is None for row, _, _ in chunks):
+            return None
+        embeds = self.model.embed(ids)
+        width = ids.shape[1]
+        for i, (row, start, n) in enumerate(chunks):
+            if row.embeds is not None:
+                embeds[i, width - n :] = row.embeds[start : start + n]
+        return embeds
 
     def _generator_of(self, row: _Row) -> torch.Generator | None:
         return row.rng if row.temperature > 0 else None

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cachebind.config import InputLimits
+from cachebind.errors import InputError
 from cachebind.preprocess.common import center_crop_box, resize_center_crop
-from cachebind.preprocess.image import CLIP_MEAN, CLIP_STD
+from cachebind.preprocess.image import CLIP_MEAN, CLIP_STD, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +60,26 @@ PREPROCESS: dict[str, ExtraPreprocess] = {
 
 def extra_tensor(img: Image.Image, name: str) -> torch.Tensor:
     """The RGB image ``img`` as encoder ``name`` takes it: float32 [3, crop, crop]."""
-    spec = PREPROCESS[name]
+    return spec_tensor(img, PREPROCESS[name])
+
+
+def image_pixels(
+    modality: str,
+    data: bytes,
+    *,
+    limits: InputLimits,
+    spec: ExtraPreprocess,
+    source: str = "<input>",
+) -> torch.Tensor:
+    """An untrusted image's bytes as ``spec`` prepares it (a decode-sandbox task: module-level,
+    decoded under ``limits`` like every served image)."""
+    if modality != "image":
+        raise InputError(source, "unsupported_format", f"{modality} input is not an image")
+    return spec_tensor(load_image(data, source, limits=limits), spec)
+
+
+def spec_tensor(img: Image.Image, spec: ExtraPreprocess) -> torch.Tensor:
+    """The RGB image ``img`` through ``spec``: float32 [3, crop, crop]."""
     resized = resize_center_crop(img.convert("RGB"), spec.resize)
     if spec.crop != spec.resize:
         # A centre crop of the centre crop is the centre crop of the resized image: the

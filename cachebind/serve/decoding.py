@@ -114,9 +114,17 @@ class MediaDecoder:
 
     # ---------------------------------------------------------------- decoding
 
-    async def decode(self, modality: Modality, raw: Any, source: str) -> Any:
-        """One input's model tensor. Cancelling the caller (a request past its time budget)
-        kills the worker decoding it, or takes it off the queue."""
+    async def decode(
+        self,
+        modality: Modality,
+        raw: Any,
+        source: str,
+        decoder: DecodeFn | None = None,
+        **options: Any,
+    ) -> Any:
+        """One input's model tensor (``decoder``: another module-level function than the
+        modality's, called with ``options`` too). Cancelling the caller (a request past its
+        time budget) kills the worker decoding it, or takes it off the queue."""
         if modality is Modality.TEXT:
             loop = asyncio.get_running_loop()
             work = functools.partial(preprocess, modality, raw, source=source, limits=self.limits)
@@ -126,7 +134,12 @@ class MediaDecoder:
             raise unavailable("the decode pool is not running")
         try:
             return await sandbox.run_async(
-                self.decoders[modality], modality.value, raw, source=source, limits=self.limits
+                decoder or self.decoders[modality],
+                modality.value,
+                raw,
+                source=source,
+                limits=self.limits,
+                **options,
             )
         except SandboxBusy as exc:
             raise ApiError(

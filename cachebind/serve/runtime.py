@@ -138,6 +138,7 @@ class Runtime:
         generation_defaults: dict[str, Any] | None = None,
         llm_config: LLMConfig | None = None,
         allow_encoder_mismatch: bool = False,
+        extra_search: dict[str, Any] | None = None,
     ) -> None:
         visual_dim = getattr(generator, "visual_dim", None)
         if generator is not None and visual_dim is not None and visual_dim != encoder.out_dim:
@@ -149,6 +150,8 @@ class Runtime:
             )
         self.encoder = encoder
         self.allow_encoder_mismatch = allow_encoder_mismatch
+        # Extra encoders' indexes by name (``serve.extra_search.ExtraSearch``).
+        self.extra_search = dict(extra_search or {})
         if snapshot is not None:
             self.check_encoder(snapshot)
         self.loader = loader
@@ -190,15 +193,22 @@ class Runtime:
         else:
             log.warning("no index published under %s yet; polling for one", settings.index.dir)
         generator = None
-        if with_generator and settings.llm.llama_dir is not None:
-            from cachebind.inject import load_generator
+        llm = settings.llm
+        if with_generator and (llm.llama_dir is not None or llm.mode == "llava"):
+            from cachebind.inject.llava_serve import load_served_llm
 
-            generator = load_generator(settings.llm)
+            generator = load_served_llm(llm)
+        extra_search = None
+        if settings.serve.extra_indexes:
+            from cachebind.serve.extra_search import load_extra_searches
+
+            extra_search = load_extra_searches(settings)
         return cls(
             encoder,
             snapshot=snapshot,
             loader=loader,
             generator=generator,
+            extra_search=extra_search,
             cache_config=settings.cache,
             generation_defaults={
                 "max_new_tokens": settings.llm.max_new_tokens,
@@ -287,6 +297,12 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def llm_mode(self) -> str | None:
+        """``adapter`` (F~_M into the adapter), ``llava`` (visual tokens in the prompt) or None
+        (no LLM)."""
+        return None if self.generator is None else str(getattr(self.generator, "mode", "adapter"))
+
     def submit_generation(
         self,
         prompt: str,
@@ -294,16 +310,20 @@ class Runtime:
         *,
         sink: Any = None,
         timeout_s: float | None = None,
+        images: Any = None,
         **options: Any,
     ) -> Any:
         """Queue a generation on the scheduler (``inject.scheduler.GenerationHandle``).
 
-        ``visual`` is F~_M ([1, d] or [d]; None: plain LLaMA). Raises ``SchedulerBusy`` when
+        ``visual`` is F~_M ([1, d] or [d]; None: plain LLaMA); ``images`` the prompt's images
+        in llava mode (``inject.llava_serve.PromptImages``). Raises ``SchedulerBusy`` when
         ``llm.max_queue`` generations already wait, ``InputError`` on bad options.
         """
         if self.scheduler is None:
             raise RuntimeError("no LLM configured (set llm.llama_dir)")
         opts = {**self.generation_defaults, **{k: v for k, v in options.items() if v is not None}}
+        if images is not None:
+            opts["images"] = images
         return self.scheduler.submit(prompt, visual, sink=sink, timeout_s=timeout_s, **opts)
 
     def generate_stream(

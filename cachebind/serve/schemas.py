@@ -158,6 +158,20 @@ class RecallInfo(BaseModel):
     )
 
 
+class ExtraSearchRequest(Strict):
+    """Nearest cached rows to an extra encoder's vector of one image."""
+
+    input: InputItem = Field(description="One image (base64 or a data: URL).")
+    k: int = Field(10, ge=1, description="Results (at most the server's max_k).")
+
+
+class ExtraSearchResponse(BaseModel):
+    encoder: str = Field(description="The extra encoder whose column was searched.")
+    column: str
+    index_version: str | None
+    results: list[SearchHit]
+
+
 class SearchResponse(BaseModel):
     results: list[SearchHit]
     offset: int
@@ -209,6 +223,12 @@ class GenerateRequest(Strict):
         default_factory=list,
         max_length=MAX_INPUTS,
         description="Visual context (a mix); none for text only.",
+    )
+    image_ids: list[Annotated[int, Field(ge=-(2**63), lt=2**63)]] = Field(
+        default_factory=list,
+        max_length=MAX_INPUTS,
+        description="llava mode: cached rows (ids of the served table) whose stored patch "
+        "tokens stand for images, before the images of inputs; no encoder runs for them.",
     )
     k: int | None = Field(None, ge=1)
     t: float | None = Field(None, gt=0)

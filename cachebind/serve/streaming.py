@@ -78,6 +78,7 @@ def scheduled_stream(
     visual: np.ndarray | None,
     options: dict[str, Any],
     timeout_s: float | None = None,
+    images: Any = None,
 ) -> ScheduledStream:
     """Queue the generation now (``SchedulerBusy`` / ``InputError`` raise here, before any
     response starts) and return its text pieces as the scheduler's thread produces them.
@@ -91,7 +92,9 @@ def scheduled_stream(
     def sink(kind: str, value: Any) -> None:  # called on the scheduler's delivery thread
         mailbox.post(queue, (kind, value))
 
-    handle = runtime.submit_generation(prompt, visual, sink=sink, timeout_s=timeout_s, **options)
+    handle = runtime.submit_generation(
+        prompt, visual, sink=sink, timeout_s=timeout_s, images=images, **options
+    )
 
     async def pieces() -> AsyncGenerator[str, None]:
         after: tuple[str, Any] | None = None  # an end or error read behind pieces

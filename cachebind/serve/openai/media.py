@@ -13,6 +13,7 @@ import httpx
 from cachebind.config import InputLimits, OpenAIConfig
 from cachebind.modalities import Modality
 from cachebind.serve.errors import ApiError
+from cachebind.serve.llava import CachedRow
 from cachebind.serve.openai.errors import invalid
 from cachebind.serve.openai.schemas import (
     AudioUrlPart,
@@ -62,6 +63,26 @@ def message_media(messages: list[Message], field: str = "messages") -> list[Medi
     return refs
 
 
+CACHED_ROWS = "cachebind://rows/"
+"""The URL prefix of an image that is a row of the served cache (``cachebind://rows/<id>``)."""
+
+
+def cached_row(ref: MediaRef) -> CachedRow | None:
+    """The cached row an image URL names (None for any other URL)."""
+    if ref.url is None or not ref.url.lower().startswith(CACHED_ROWS):
+        return None
+    if ref.modality is not Modality.IMAGE:
+        raise invalid("unsupported_url", f"{ref.where}: a cached row is an image", ref.where)
+    text = ref.url[len(CACHED_ROWS) :]
+    try:
+        row = int(text)
+    except ValueError:
+        row = None
+    if row is None or not -(2**63) <= row < 2**63 or not text.lstrip("-").isdigit():
+        raise invalid("bad_row_id", f"{ref.where}: {text[:40]!r} is not a row id", ref.where)
+    return CachedRow(row, ref.where)
+
+
 async def input_of(ref: MediaRef, config: OpenAIConfig, limits: InputLimits) -> InputItem:
     """The query input of one medium (its bytes as base64; decoding happens in the sandbox)."""
     if ref.data is not None:
@@ -70,6 +91,12 @@ async def input_of(ref: MediaRef, config: OpenAIConfig, limits: InputLimits) -> 
     scheme = ref.url.split(":", 1)[0].lower()
     if scheme == "data":  # decoded where every medium's data is (serve.inputs.media_bytes)
         return InputItem(modality=ref.modality, data=ref.url)
+    if scheme == "cachebind":
+        raise invalid(
+            "unsupported_url",
+            f"{ref.where}: cached rows stand for images in llava mode (llm.mode) only",
+            ref.where,
+        )
     if scheme not in ("http", "https"):
         raise invalid(
             "unsupported_url", f"{ref.where}: only data:, http: and https: URLs are read", ref.where

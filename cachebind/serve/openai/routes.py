@@ -18,6 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from cachebind.inject.llava_serve import PromptImages
 from cachebind.modalities import Modality
 from cachebind.serve.blend import VisualPrompt, enhanced_of, neighbours_of, visual_prompt
 from cachebind.serve.deps import Limits, RequestLimits, State
@@ -30,10 +31,11 @@ from cachebind.serve.generation import (
     usage_of,
 )
 from cachebind.serve.inputs import embed_items, embed_query
+from cachebind.serve.llava import ImageSource, llava_of, prompt_images, refuse_blend
 from cachebind.serve.openai import schemas as o
 from cachebind.serve.openai.errors import invalid
-from cachebind.serve.openai.media import input_of, message_media
-from cachebind.serve.openai.render import render_chat, text_of
+from cachebind.serve.openai.media import MediaRef, cached_row, input_of, message_media
+from cachebind.serve.openai.render import render_chat, render_llava_chat, text_of
 from cachebind.serve.schemas import InputItem
 from cachebind.serve.services.generate import GenerationRequest
 from cachebind.serve.state import ServeState
@@ -96,6 +98,27 @@ async def media_inputs(
     return list(await asyncio.gather(*(input_of(r, config, budget) for r in refs)))
 
 
+async def image_sources(
+    state: ServeState, limits: Limits, messages: list[o.Message]
+) -> list[ImageSource]:
+    """llava mode: the conversation's images in order, a ``cachebind://rows/<id>`` URL
+    naming a cached row (its stored patch tokens), any other read as ``media_inputs`` reads it."""
+    refs = message_media(messages)
+    if len(refs) > limits.config.max_inputs:
+        raise invalid(
+            "too_many_inputs",
+            f"the messages hold {len(refs)} media; the limit is {limits.config.max_inputs}",
+            "messages",
+        )
+    config, budget = state.config.openai, state.settings.input
+
+    async def source(ref: MediaRef) -> ImageSource:
+        row = cached_row(ref)
+        return row if row is not None else await input_of(ref, config, budget)
+
+    return list(await asyncio.gather(*(source(r) for r in refs)))
+
+
 def cache_info(prompt: VisualPrompt) -> dict[str, Any]:
     """The ``cachebind`` extension of an answer: the blend used and its neighbours."""
     q = prompt.query
@@ -125,6 +148,7 @@ def generation_request(
     max_tokens: int | None,
     stops: tuple[str, ...],
     template: bool,
+    images: PromptImages | None = None,
 ) -> GenerationRequest:
     """The generation ``body`` asks for."""
     return GenerationRequest(
@@ -136,10 +160,16 @@ def generation_request(
         seed=body.seed,
         stop=stops,
         template=template,
+        images=images,
     )
 
 
 # ---------------------------------------------------------------- /v1/models
+
+
+def llm_kind(runtime: Any) -> dict[str, str]:
+    """What the served LLM is: the adapter's release, or LLaVA-1.5."""
+    return {"model": "llava-1.5"} if runtime.llm_mode == "llava" else {"adapter": "imagebind-llm"}
 
 
 @router.get("/v1/models")
@@ -166,7 +196,7 @@ async def models(state: State) -> dict[str, Any]:
                 "object": "model",
                 "created": created,
                 "owned_by": "cachebind",
-                "cachebind": {"kind": "llm", "adapter": "imagebind-llm"},
+                "cachebind": {"kind": "llm", "mode": runtime.llm_mode, **llm_kind(runtime)},
             },
         )
     return {"object": "list", "data": data}
@@ -184,17 +214,24 @@ async def chat_completions(
     refuse_unsupported(body)
     require_generator(state)
     check_model(body.model, state.config.openai.llm_model, "chat model")
-    prompt = render_chat(body.messages)
+    llava = llava_of(state)
+    prompt = render_llava_chat(body.messages) if llava else render_chat(body.messages)
     check_text(limits, prompt, "messages")
     stops = stop_strings(body)
     cache = body.cachebind
-    items = await limits.timed(media_inputs(state, limits, body.messages))
-    visual = await limits.timed(
-        visual_prompt(
+    images = None
+    if llava is not None:  # each image's visual tokens where its <image> stands
+        refuse_blend(k=cache.k, t=cache.t, alpha=cache.alpha)
+        sources = await limits.timed(image_sources(state, limits, body.messages))
+        images = await limits.timed(prompt_images(state, limits, llava, sources, "media"))
+        visual = VisualPrompt()
+    else:
+        items = await limits.timed(media_inputs(state, limits, body.messages))
+        blend = visual_prompt(
             state, limits, items, cache.k, cache.t, cache.alpha, blend=cache.blend, field="media"
         )
-    )
-    # The conversation is already rendered in the Alpaca template.
+        visual = await limits.timed(blend)
+    # The conversation is already rendered in its template.
     generation = generation_request(
         body,
         prompt,
@@ -202,6 +239,7 @@ async def chat_completions(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         stops=stops,
         template=False,
+        images=images,
     )
     scheduled = start_generation(state, generation)
     answer = Answer("chat.completion", body.model, cache_info(visual))

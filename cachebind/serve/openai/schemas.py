@@ -81,8 +81,8 @@ class CacheOptions(Closed):
     )
     template: StrictBool = Field(
         False,
-        description="/v1/completions only: wrap the prompt in the release's Alpaca template, "
-        "as /v1/generate does.",
+        description="/v1/completions only: wrap the prompt in the served model's template "
+        "(the release's Alpaca one; LLaVA-1.5's in llava mode), as /v1/generate does.",
     )
 
 

@@ -12,8 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cachebind.serve import schemas as s
-from cachebind.serve.blend import visual_prompt
+from cachebind.serve.blend import VisualPrompt, visual_prompt
 from cachebind.serve.deps import RequestLimits, State
+from cachebind.serve.errors import unprocessable
 from cachebind.serve.generation import (
     collect,
     finish_reason_of,
@@ -22,6 +23,7 @@ from cachebind.serve.generation import (
     until_disconnected,
     usage_of,
 )
+from cachebind.serve.llava import CachedRow, llava_of, prompt_images, refuse_blend
 from cachebind.serve.multipart import form_schema
 from cachebind.serve.services.generate import GenerationRequest
 from cachebind.serve.streaming import sse
@@ -63,7 +65,9 @@ router = APIRouter()
 async def generate(
     body: s.GenerateRequest, state: State, limits: RequestLimits, request: Request
 ) -> Any:
-    """Text from LLaMA with the cache-enhanced visual feature F~_M injected.
+    """Text from LLaMA with the cache-enhanced visual feature F~_M injected (adapter mode),
+    or from LLaVA-1.5 with each image's visual tokens in the prompt (llava mode; no
+    neighbours).
 
     ``stream: true`` (default) answers ``text/event-stream``: ``event: neighbours``, then
     ``data: {"text": piece}`` events, then ``event: done`` with the whole text, the finish
@@ -71,9 +75,23 @@ async def generate(
     """
     require_generator(state)
     limits.check_inputs(body.inputs)
-    prompt = await limits.timed(
-        visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
-    )
+    llava = llava_of(state)
+    if llava is not None:  # tokens mode: the images' visual tokens stand in the prompt
+        refuse_blend(k=body.k, t=body.t, alpha=body.alpha)
+        rows = [CachedRow(i, f"image_ids[{n}]") for n, i in enumerate(body.image_ids)]
+        images = await limits.timed(prompt_images(state, limits, llava, [*rows, *body.inputs]))
+        prompt = VisualPrompt()
+    else:
+        if body.image_ids:
+            raise unprocessable(
+                "unsupported_input",
+                "image_ids: cached rows stand for images in llava mode (llm.mode); this "
+                "server runs the adapter, whose visual feature is the blend of inputs",
+            )
+        images = None
+        prompt = await limits.timed(
+            visual_prompt(state, limits, body.inputs, body.k, body.t, body.alpha)
+        )
     neighbours = prompt.neighbours
     generation = GenerationRequest(
         body.prompt,
@@ -82,6 +100,7 @@ async def generate(
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
+        images=images,
     )
     scheduled = start_generation(state, generation)
     pieces = scheduled.pieces

@@ -33,11 +33,13 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     template: bool | None = None
-    """Wrap the prompt in the release's Alpaca template (None: the scheduler's default, on)."""
+    """Wrap the prompt in the mode's template (Alpaca, or LLaVA-1.5's; None: on)."""
+    images: Any = None
+    """llava mode: the prompt's images (``inject.llava_serve.PromptImages``); None: text."""
 
     def options(self) -> dict[str, Any]:
         """The scheduler's keyword options (the prompt and visual feature left out)."""
-        # Not dataclasses.asdict: it would deep-copy the visual feature for nothing.
+        # Not dataclasses.asdict: it would deep-copy the visual feature and images for nothing.
         return {
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
@@ -51,7 +53,9 @@ class GenerationRequest:
 def require_generator(runtime: Runtime) -> Runtime:
     """``runtime``, with a 503 ``no_llm`` when this server has no LLM."""
     if runtime.generator is None:
-        raise ApiError(503, "no_llm", "this server has no LLM configured (llm.llama_dir)")
+        raise ApiError(
+            503, "no_llm", "this server has no LLM configured (llm.llama_dir or llm.llava_dir)"
+        )
     return runtime
 
 
@@ -74,7 +78,12 @@ class GenerateService:
         require_generator(runtime)
         try:
             return scheduled_stream(
-                runtime, request.prompt, request.visual, request.options(), self.timeout_s
+                runtime,
+                request.prompt,
+                request.visual,
+                request.options(),
+                self.timeout_s,
+                images=request.images,
             )
         except GenerationBusy as exc:
             raise ApiError(
