@@ -30,6 +30,7 @@ import base64
 import cProfile
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -137,11 +138,14 @@ def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, A
         t.join()
     wall = time.perf_counter() - start
     tokens = sum(r[0] for r in results)
+    ttft = sorted(r[1] for r in results)
     return {
         "streams": n,
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
-        "ttft_p50_s": round(statistics.median(r[1] for r in results), 4),
+        "ttft_p50_s": round(statistics.median(ttft), 4),
+        "ttft_mean_s": round(statistics.fmean(ttft), 4),
+        "ttft_p90_s": round(ttft[min(n - 1, math.ceil(0.9 * n) - 1)], 4),
     }
 
 
@@ -236,9 +240,10 @@ class _TimedModel:
         return getattr(self.inner, name)
 
 
-class TimedScheduler(Scheduler):
-    """Records each decode step's wall time and its model forward's: the rest is the step's
-    overhead (inputs, sampling, bookkeeping, the hand-over to the delivery thread)."""
+class Timed:
+    """Mixed into a scheduler class: records each decode step's wall time and its model
+    forward's; the rest is the step's overhead (inputs, sampling, bookkeeping, the hand-over
+    to the delivery thread)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -261,6 +266,10 @@ class TimedScheduler(Scheduler):
             "step_ms_p50": round(1000 * statistics.median(s for s, _ in full), 2),
             "overhead_ms_p50": round(1000 * statistics.median(o for _, o in full), 3),
         }
+
+
+class TimedScheduler(Timed, Scheduler):
+    """The scheduler of this tree, timed."""
 
 
 class ProfiledScheduler(Scheduler):

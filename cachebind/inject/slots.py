@@ -163,18 +163,26 @@ def prefill_inputs(
 
 class SlotInputs:
     """Per-slot decode inputs kept on the device between steps: each slot's last token and the
-    position it goes to, whether it decodes, its visual query T_I and its sampling settings.
+    position it goes to, whether it decodes, its adapter terms and its sampling settings.
 
     A row's entries are written when it joins (``join``) and cleared when it leaves
     (``leave``); a decode step reads slices [:width] and advances every decoding slot with two
     tensor operations (``advance``), whatever the batch."""
 
-    def __init__(self, max_batch: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        dim: int,
+        adapted_layers: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.last = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.position = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=device)
-        self.visual = torch.zeros(max_batch, dim, dtype=dtype, device=device)
-        self.visual_on = torch.zeros(max_batch, device=device)
+        # Each adapted layer's adapter term per slot (``AdapterLlama.adapter_terms``), zeros for
+        # a text-only row: computed once when the row joins, read by every step after.
+        self.terms = torch.zeros(adapted_layers, max_batch, 1, dim, dtype=dtype, device=device)
         self.temperature = torch.zeros(max_batch, 1, device=device)
         self.top_p = torch.ones(max_batch, 1, device=device)
         self.ignore_eos = torch.zeros(max_batch, dtype=torch.bool, device=device)
@@ -182,16 +190,18 @@ class SlotInputs:
     def join(
         self,
         slot: int,
-        visual: torch.Tensor | None,
+        terms: torch.Tensor | None,
         temperature: float,
         top_p: float,
         ignore_eos: bool,
     ) -> None:
-        """A row takes ``slot`` (its prompt is yet to be prefilled: it does not decode)."""
+        """A row takes ``slot`` (its prompt is yet to be prefilled: it does not decode);
+        ``terms`` [adapted_layers, 1, 1, dim] are its adapter terms (None: text only)."""
         self.active[slot] = False
-        self.visual_on[slot] = 0.0 if visual is None else 1.0
-        if visual is not None:
-            self.visual[slot] = visual
+        if terms is None:
+            self.terms[:, slot].zero_()
+        else:
+            self.terms[:, slot] = terms[:, 0]
         self.temperature[slot] = storable(temperature)
         self.top_p[slot] = top_p
         self.ignore_eos[slot] = ignore_eos
@@ -204,7 +214,6 @@ class SlotInputs:
 
     def leave(self, slot: int) -> None:
         self.active[slot] = False
-        self.visual_on[slot] = 0.0
 
     def decode_inputs(
         self, width: int, idle_at: int
