@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 sched = cls(gen, max_batch=n, max_queue=n)
                 request = scheduler_request(sched, args.tokens, visual)
                 request(0)  # warm
-                sched.steps_s.clear()
+                sched.reset()
                 part = concurrently(n, request) | sched.overhead(n)
                 sched.close()
                 part |= {"round": r, "engine": name, "load": round(os.getloadavg()[0], 2)}

@@ -120,23 +120,50 @@ def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> fl
     return batch * tokens / best
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each thread of this process has used, keyed by the Python
+    thread's name ("native" for threads Python did not start: torch's pools); read from
+    /proc, so it is the work done, whatever the load."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(task.name), "native")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, Any]:
-    """n client threads released at once; ``one(i)`` returns (tokens, seconds to first)."""
+    """n client threads released at once; ``one(i)`` returns (tokens, seconds to first).
+    Also the CPU seconds each kind of thread spent meanwhile (``cpu_s``, see thread_cpu_s)."""
     results: list[tuple[int, float]] = [(0, float("nan"))] * n
+    client_cpu = [0.0] * n  # a joined thread leaves /proc: each client counts its own
     gate = threading.Barrier(n + 1)
 
     def client(i: int) -> None:
         gate.wait()
+        start = time.thread_time()
         results[i] = one(i)
+        client_cpu[i] = time.thread_time() - start
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(n)
+    ]
     for t in threads:
         t.start()
     gate.wait()
+    cpu_before = thread_cpu_s()
     start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu_after = thread_cpu_s()
+    cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()}
+    cpu["client"] = round(sum(client_cpu), 2)
     tokens = sum(r[0] for r in results)
     ttft = sorted(r[1] for r in results)
     return {
@@ -146,6 +173,8 @@ def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, A
         "ttft_p50_s": round(statistics.median(ttft), 4),
         "ttft_mean_s": round(statistics.fmean(ttft), 4),
         "ttft_p90_s": round(ttft[min(n - 1, math.ceil(0.9 * n) - 1)], 4),
+        "wall_s": round(wall, 2),
+        "cpu_s": {k: v for k, v in sorted(cpu.items()) if v > 0},
     }
 
 
@@ -228,12 +257,14 @@ class _TimedModel:
 
     def __init__(self, model: torch.nn.Module, spent: list[float]) -> None:
         self.inner, self.spent = model, spent
+        self.columns = 0  # token columns computed, padding included (decode and prefill)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         out = self.inner(*args, **kwargs)
         sync(self.inner.device)
         self.spent.append(time.perf_counter() - start)
+        self.columns += args[0].numel()
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -249,19 +280,28 @@ class Timed:
         super().__init__(*args, **kwargs)
         self._forwards: list[float] = []
         self.steps_s: list[tuple[int, float, float]] = []  # (rows, step, forward)
+        self.decode_columns = 0
         self.model = _TimedModel(self.model, self._forwards)  # type: ignore[assignment]
 
     def _decode(self, rows: list) -> None:
         start = time.perf_counter()
+        columns = self.model.columns
         super()._decode(rows)
+        self.decode_columns += self.model.columns - columns
         self.steps_s.append((len(rows), time.perf_counter() - start, self._forwards[-1]))
 
+    def reset(self) -> None:
+        self.steps_s.clear()
+        self.model.columns = self.decode_columns = 0
+
     def overhead(self, rows: int) -> dict[str, float]:
-        """Median step and overhead (step minus forward) over the steps that decoded ``rows``."""
+        """Median step and overhead (step minus forward) over the steps that decoded ``rows``,
+        and the prompt columns prefilled since ``reset`` (padding included)."""
         full = [(step, step - fwd) for n, step, fwd in self.steps_s if n == rows]
         if not full:
             return {}
         return {
+            "prefill_columns": self.model.columns - self.decode_columns,
             "decode_steps": len(full),
             "step_ms_p50": round(1000 * statistics.median(s for s, _ in full), 2),
             "overhead_ms_p50": round(1000 * statistics.median(o for _, o in full), 3),
@@ -405,7 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     request(0)  # warm
     result["scheduler"] = {}
     for streams in (1, n):
-        sched.steps_s.clear()
+        sched.reset()
         result["scheduler"][str(streams)] = concurrently(streams, request)
         result["scheduler"][str(streams)] |= sched.overhead(streams)
     sched.close()

@@ -431,6 +431,9 @@ RELEASED_TOP_P = 0.75
 in the settings and in the library's signatures, is one of these."""
 PREFILL_CHUNK = 256
 """Prompt tokens prefilled per decode step, unless ``llm.prefill_chunk`` says otherwise."""
+PREFILL_PAD_WASTE = 0.25
+"""The share of a prefill forward's columns that may be left padding: the step's chunks are
+split into forwards of similar lengths beyond it (a padding column costs a token's compute)."""
 
 
 class LLMConfig(Section):

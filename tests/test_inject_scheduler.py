@@ -20,7 +20,7 @@ from cachebind.errors import GenerationBusy, InputError
 from cachebind.inject import Generator, build_tiny_llm
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.scheduler import GenerationTimeout, Scheduler
-from cachebind.inject.slots import KVMemoryError
+from cachebind.inject.slots import KVMemoryError, pad_groups
 
 PROMPTS = [
     "Describe the image.",
@@ -304,3 +304,32 @@ def test_text_prompts_sharing_the_template_reuse_its_cache_and_still_get_their_l
         assert sched.prefix.reused_tokens == before
     finally:
         sched.close()
+
+
+def test_text_prompts_arriving_together_prefill_the_template_once_and_get_their_lone_tokens(gen):
+    sched = Scheduler(gen, max_batch=3, max_queue=4, prefill_chunk=16)
+    try:
+        prompts = ["Describe the image.", "What is this?", "Two people sitting under a tree"]
+        expected = [gen.generate([p], None, 10, temperature=0.0)[0] for p in prompts]
+        handles = [sched.submit(p, max_new_tokens=10, temperature=0.0) for p in prompts]
+        assert ["".join(h) for h in handles] == expected
+        # The first stores the template as it finishes; the others waited for it instead of
+        # prefilling it again beside it.
+        head = len(gen.tokenizer.encode(format_prompt(""), bos=True)) // 2
+        assert sched.prefix.reused_tokens >= 2 * head
+    finally:
+        sched.close()
+
+
+def test_a_steps_prefill_chunks_are_split_so_that_padding_stays_under_its_share():
+    lengths = [95, 8, 95, 9, 40, 95, 1]
+    groups = pad_groups(lengths, waste=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        real = sum(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * width * 0.75 <= real
+    assert {0, 2, 5} <= set(groups[0])  # the long prompts share one forward, the short
+    assert not {1, 3, 6} & set(groups[0])  # ones another: 95 columns each would be waste
+    assert pad_groups([7, 7, 7], waste=0.0) == [[0, 1, 2]]
+    assert pad_groups([], waste=0.25) == []

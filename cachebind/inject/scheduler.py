@@ -38,6 +38,7 @@ import torch
 
 from cachebind.config import (
     PREFILL_CHUNK,
+    PREFILL_PAD_WASTE,
     RELEASED_MAX_NEW_TOKENS,
     RELEASED_TEMPERATURE,
     RELEASED_TOP_P,
@@ -53,7 +54,7 @@ from cachebind.inject.handles import (
     SchedulerObserver,
     Sink,
 )
-from cachebind.inject.prefix import PrefixCache
+from cachebind.inject.prefix import PrefixCache, common_prefix
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.sampling import sample_rows
 from cachebind.inject.slots import (
@@ -61,6 +62,7 @@ from cachebind.inject.slots import (
     SlotInputs,
     check_kv_memory,
     decode_mask,
+    pad_groups,
     prefill_inputs,
 )
 
@@ -292,26 +294,42 @@ class Scheduler:
                 if row.f_m is not None:  # the adapter's side of every step, once per row
                     row.terms = self.model.adapter_terms(self.model.visual_query(row.f_m[None]))
                     self._visual_slots.add(row.slot)
-                else:
-                    row.prefilled = self.prefix.reuse(row.slot, row.ids)
                 self.inputs.join(row.slot, row.terms, row.temperature, row.top_p, row.ignore_eos)
 
     def _prefill(self) -> None:
         """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
-        joining rows' chunks in one forward (left-padded so each row's last token is last)."""
+        joining rows' chunks in as few forwards as keep padding under PREFILL_PAD_WASTE
+        (chunks of one forward are left-padded so each row's last token is last)."""
         budget = self.prefill_chunk
         waiting = sorted(
             (r for r in self._slots if r is not None and not r.ready), key=lambda r: r.submitted
         )
         chunks: list[tuple[_Row, int, int]] = []
-        for row in waiting:
+        for k, row in enumerate(waiting):
             if budget <= 0:
                 break
+            if row.prefilled == 0 and row.terms is None:
+                if self._shares_more_with(row, waiting[:k]):
+                    continue  # it would compute again what an older row is computing
+                # The stored prefix as it is when the row starts, not when it was admitted:
+                # rows that arrived together find the template that the first of them stored.
+                row.prefilled = self.prefix.reuse(row.slot, row.ids)
             n = min(budget, len(row.ids) - row.prefilled)
             chunks.append((row, row.prefilled, n))
             budget -= n
-        if not chunks:
-            return
+        for group in pad_groups([n for _, _, n in chunks], PREFILL_PAD_WASTE):
+            self._prefill_forward([chunks[i] for i in group])
+
+    def _shares_more_with(self, row: _Row, older: list[_Row]) -> bool:
+        """Whether an older text row still prefilling shares more of ``row``'s prompt than the
+        stored prefix does: ``row`` then waits for it to be stored (a step or a few), rather
+        than prefill the same positions a second time."""
+        stored = common_prefix(self.prefix.ids, row.ids)
+        return any(o.terms is None and common_prefix(o.ids, row.ids) > stored for o in older)
+
+    def _prefill_forward(self, chunks: list[tuple[_Row, int, int]]) -> None:
+        """One forward over (row, start, length) chunks; rows whose prompt it completes
+        sample their first token."""
         device = self.model.device
         width = max(n for _, _, n in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long, device=device)

@@ -144,6 +144,28 @@ def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     return (keys[None, :] <= positions[:, None])[:, None, None, :]
 
 
+def pad_groups(lengths: list[int], waste: float) -> list[list[int]]:
+    """Indices of ``lengths`` in groups that each pad to their longest with at most ``waste``
+    of their cells being padding (a group of one never pads), longest first.
+
+    A left-padded chunk computes every padding column like a real token: a 95-token prompt
+    beside four 8-token ones would cost 5 x 95 columns for 127 tokens' work."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            group = groups[-1]
+            width = lengths[group[0]]  # the longest of the group: its first
+            if (len(group) + 1) * width * (1.0 - waste) <= real + lengths[i]:
+                group.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
 def prefill_inputs(
     starts: list[int], lengths: list[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
