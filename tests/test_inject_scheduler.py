@@ -18,9 +18,10 @@ import torch
 
 from cachebind.errors import GenerationBusy, InputError
 from cachebind.inject import Generator, build_tiny_llm
+from cachebind.inject.model import AdapterLlamaConfig
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.scheduler import GenerationTimeout, Scheduler
-from cachebind.inject.slots import KVMemoryError, pad_groups
+from cachebind.inject.slots import KVMemoryError, SlotCache, decode_mask, pad_groups
 
 PROMPTS = [
     "Describe the image.",
@@ -333,3 +334,18 @@ def test_a_steps_prefill_chunks_are_split_so_that_padding_stays_under_its_share(
     assert not {1, 3, 6} & set(groups[0])  # ones another: 95 columns each would be waste
     assert pad_groups([7, 7, 7], waste=0.0) == [[0, 1, 2]]
     assert pad_groups([], waste=0.25) == []
+
+
+def test_a_decode_step_attends_over_a_view_of_the_slots_up_to_the_longest_row_not_a_copy():
+    cfg = AdapterLlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=50, ffn_hidden=64)
+    cache = SlotCache(cfg, max_batch=4, max_seq_len=64, dtype=torch.float32, device="cpu")
+    seen = torch.tensor([9, 3, 63])  # slot 2 is idle: it writes at the last position
+    cache.bind_decode(3, seen, kv_len=10)
+    new_k, new_v = torch.randn(3, 4, 1, 8), torch.randn(3, 4, 1, 8)
+    k, v = cache.update(new_k, new_v, layer_idx=1)
+    assert k.shape == v.shape == (3, 4, 10, 8)
+    assert k.data_ptr() == cache.k[1].data_ptr() and v.data_ptr() == cache.v[1].data_ptr()
+    assert torch.equal(k[0, :, 9], new_k[0, :, 0]) and torch.equal(k[1, :, 3], new_k[1, :, 0])
+    mask = decode_mask(torch.tensor([9, 3, 0]), kv_len=10)
+    assert mask.shape == (3, 1, 1, 10) and mask.dtype == torch.bool
+    assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 6
