@@ -12,8 +12,13 @@ Parts, each as tokens/s and as a fraction of the hand-stepped ceiling at N:
   them text-only, half with a visual query; greedy; EOS ignored), and 1 alone (a visual one,
   the heavier kind: request 0 of every run has the visual query);
 * http: N concurrent streaming requests through a real server on 127.0.0.1, native
-  ``/v1/generate`` and OpenAI ``/v1/chat/completions`` (half of them with an image), and 1.
-  Tokens are the server's own ``usage`` counts (an answer may end at EOS before ``--tokens``).
+  ``/v1/generate`` and OpenAI ``/v1/chat/completions`` (half of them with an image), and 1,
+  the clients in a process of their own. Tokens are the server's own ``usage`` counts (an
+  answer may end at EOS before ``--tokens``).
+
+Every part also gives the CPU seconds each thread spent (``cpu_s``; for HTTP the server
+process's threads and the clients'): the work done, which the machine's load moves far less
+than the wall time.
 
 TTFT is reported at N and at 1 stream (p50). ``--profile``: cProfile of the scheduler's
 decode steps at N streams, top entries by own time and by cumulative time, and the Python and
@@ -28,9 +33,11 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import platform
 import pstats
@@ -40,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -361,8 +369,37 @@ def profile_decode(gen: Generator, args: argparse.Namespace, visual: np.ndarray)
     return out.getvalue() + "calls per decode step: " + json.dumps(counts)
 
 
-def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:
+def http_clients(url: str, key: str, route: str, tokens: int, image: str, n: int) -> dict:
+    """In the client process: n concurrent requests to ``route`` (n = 0: one, to warm)."""
     import httpx
+
+    def client_of() -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.Client(base_url=url, headers=headers, timeout=600)
+
+    kind = {"native": native_request, "openai_chat": chat_request}[route]
+    request = kind(client_of, tokens, image)
+    if n == 0:
+        request(0)
+        return {}
+    return concurrently(n, request)
+
+
+def served(clients: Executor, call: Callable[[int], dict], n: int) -> dict[str, Any]:
+    """``call(n)`` in the client process, with the CPU seconds each thread of this (the
+    server's) process spent meanwhile."""
+    before = thread_cpu_s()
+    part = clients.submit(call, n).result()
+    after = thread_cpu_s()
+    part["client_cpu_s"] = part.pop("cpu_s")
+    server = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+    part["server_cpu_s"] = {k: v for k, v in sorted(server.items()) if v > 0}
+    return part
+
+
+def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """The service on 127.0.0.1, its clients in a process of their own: 16 Python clients
+    parsing SSE beside the server would take the GIL and a core from the service measured."""
     from builders import TableFlatLoader, build_demo_cache, service_settings
     from fixtures_media import image_bytes
 
@@ -386,19 +423,16 @@ def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, An
         )
         server = start_server(svc.settings, runtime, port=0)
         image = base64.b64encode(image_bytes(seed=3)).decode()
-        headers = {"Authorization": f"Bearer {svc.user_key}"}
-
-        def client_of() -> httpx.Client:
-            return httpx.Client(base_url=server.url, headers=headers, timeout=600)
-
         out: dict[str, Any] = {}
+        spawn = multiprocessing.get_context("spawn")
         try:
-            for name, route in (("native", native_request), ("openai_chat", chat_request)):
-                request = route(client_of, args.tokens, image)
-                request(0)  # warm: the image path, the route, the connection
-                one = concurrently(1, request)
-                many = concurrently(n, request)
-                out[name] = {"1": one, str(n): many}
+            with ProcessPoolExecutor(1, mp_context=spawn) as clients:
+                for name in ("native", "openai_chat"):
+                    call = functools.partial(
+                        http_clients, server.url, svc.user_key, name, args.tokens, image
+                    )
+                    clients.submit(call, 0).result()  # warm: the image path, the route
+                    out[name] = {str(k): served(clients, call, k) for k in (1, n)}
         finally:
             server.stop()
             if runtime.scheduler is not None:
