@@ -3,13 +3,15 @@ model: on a shared machine the load moves between two runs, not between two roun
 apart, so only an alternating comparison says which engine is faster.
 
     .venv/bin/python benchmarks/bench_engine_ab.py --old <commit> [--rounds 3] [--streams 16]
-        [--tokens 32] [--dim 512 --layers 8 --heads 8] [--threads 1]
+        [--tokens 32] [--dim 512 --layers 8 --heads 8] [--threads 1] [--chunks 64,256,2048]
 
 The old engine is the old commit's ``inject/{scheduler,slots,delivery,prefix,sampling,handles}.py``
 loaded as a package of its own beside ``cachebind``; the model, tokenizer and generator are this
 tree's, shared by both. Each round runs N concurrent in-process requests on each engine (half
 text-only, greedy, EOS ignored) and prints tokens/s, TTFT (mean, p90) and the median decode
-step and its overhead at N rows, with the load average.
+step and its overhead at N rows, with the load average. ``--chunks``: this tree's engine at
+each ``prefill_chunk`` instead (2048: every arrival's prompt in the first step; 64: short
+chunks between decode steps), no old commit needed.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def old_scheduler(commit: str, into: Path) -> type:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", required=True, help="the commit whose scheduler to compare")
+    parser.add_argument("--old", help="the commit whose scheduler to compare")
+    parser.add_argument("--chunks", help="prefill_chunk values to compare (comma-separated)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
@@ -79,13 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     n = args.streams
     with tempfile.TemporaryDirectory() as tmp:
         gen = build(args, Path(tmp))
-        old = type("TimedOld", (Timed, old_scheduler(args.old, Path(tmp))), {})
         visual = np.random.default_rng(0).standard_normal((n, VISUAL_DIM)).astype(np.float32)
-        engines: dict[str, type] = {"old": old, "new": TimedScheduler}
+        engines: dict[str, tuple[type, dict[str, int]]] = {}
+        if args.old:
+            old = type("TimedOld", (Timed, old_scheduler(args.old, Path(tmp))), {})
+            engines = {"old": (old, {}), "new": (TimedScheduler, {})}
+        for chunk in args.chunks.split(",") if args.chunks else ():
+            engines[f"chunk {chunk}"] = (TimedScheduler, {"prefill_chunk": int(chunk)})
+        if not engines:
+            parser.error("say --old, --chunks or both")
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            for name, cls in engines.items():
-                sched = cls(gen, max_batch=n, max_queue=n)
+            for name, (cls, options) in engines.items():
+                sched = cls(gen, max_batch=n, max_queue=n, **options)
                 request = scheduler_request(sched, args.tokens, visual)
                 request(0)  # warm
                 sched.reset()

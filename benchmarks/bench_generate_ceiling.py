@@ -279,6 +279,25 @@ class _TimedModel:
         return getattr(self.inner, name)
 
 
+class _FirstTokensCpu:
+    """The scheduler thread's CPU clock at each first token (called on that thread)."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def first_token(self, seconds: float) -> None:
+        self.at.append(time.thread_time())
+
+    def scheduler_state(self, queued: int, running: int) -> None:
+        pass
+
+    def tokens(self, n: int) -> None:
+        pass
+
+    def finished(self, reason: str) -> None:
+        pass
+
+
 class Timed:
     """Mixed into a scheduler class: records each decode step's wall time and its model
     forward's; the rest is the step's overhead (inputs, sampling, bookkeeping, the hand-over
@@ -289,6 +308,10 @@ class Timed:
         self._forwards: list[float] = []
         self.steps_s: list[tuple[int, float, float]] = []  # (rows, step, forward)
         self.decode_columns = 0
+        self.firsts = _FirstTokensCpu()
+        self.observer = self.firsts
+        self._cpu_clock = time.pthread_getcpuclockid(self._thread.ident)
+        self._cpu_at_reset = 0.0
         self.model = _TimedModel(self.model, self._forwards)  # type: ignore[assignment]
 
     def _decode(self, rows: list) -> None:
@@ -299,16 +322,25 @@ class Timed:
         self.steps_s.append((len(rows), time.perf_counter() - start, self._forwards[-1]))
 
     def reset(self) -> None:
+        """Before a burst of requests submitted at once (the scheduler idle)."""
         self.steps_s.clear()
         self.model.columns = self.decode_columns = 0
+        self.firsts.at.clear()
+        self._cpu_at_reset = time.clock_gettime(self._cpu_clock)
 
     def overhead(self, rows: int) -> dict[str, float]:
         """Median step and overhead (step minus forward) over the steps that decoded ``rows``,
-        and the prompt columns prefilled since ``reset`` (padding included)."""
+        TTFT in CPU seconds and the prompt columns prefilled since ``reset`` (padding
+        included)."""
         full = [(step, step - fwd) for n, step, fwd in self.steps_s if n == rows]
         if not full:
             return {}
+        # TTFT in the scheduler thread's CPU seconds: the work done before each first token,
+        # which the other processes on the machine do not stretch as they stretch wall time.
+        ttft = sorted(t - self._cpu_at_reset for t in self.firsts.at)
         return {
+            "ttft_cpu_mean_s": round(statistics.fmean(ttft), 4),
+            "ttft_cpu_p90_s": round(ttft[min(len(ttft), math.ceil(0.9 * len(ttft))) - 1], 4),
             "prefill_columns": self.model.columns - self.decode_columns,
             "decode_steps": len(full),
             "step_ms_p50": round(1000 * statistics.median(s for s, _ in full), 2),
