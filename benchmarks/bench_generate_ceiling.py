@@ -8,6 +8,9 @@ Parts, each as tokens/s and as a fraction of the hand-stepped ceiling at N:
 
 * ceiling: ``AdapterLlama.forward`` on one token per row with a ``DynamicCache``, greedy, a
   visual query per row (the adapter on), stepped by hand at batch 1 and at batch N;
+* prefill: prompt tokens/s of one forward over 1 and N templated visual prompts, and the
+  bound it puts on TTFT: the last of N prompts arriving together cannot have its first token
+  before N / (the batching gain) times one prompt's prefill;
 * scheduler: N concurrent in-process requests on ``inject.scheduler.Scheduler`` (half of
   them text-only, half with a visual query; greedy; EOS ignored), and 1 alone (a visual one,
   the heavier kind: request 0 of every run has the visual query);
@@ -96,8 +99,10 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> float:
-    """Tokens/s of the model stepped by hand: one token per row per forward, greedy."""
+def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> tuple[float, float]:
+    """Tokens/s of the model stepped by hand: one token per row per forward, greedy; per
+    wall second and per CPU second of this thread (on a CPU with one intra-op thread, the
+    work itself, which the machine's load stretches far less)."""
     from transformers.cache_utils import DynamicCache
 
     model, device = gen.model, gen.model.device
@@ -105,13 +110,13 @@ def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> fl
     ids = gen.tokenizer.encode(format_prompt(PROMPTS[0]), bos=True)
     prompt = torch.tensor([ids] * batch, device=device)
     t_i = model.visual_query(visual[:batch].to(device))
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(2):  # the first run warms the allocator and the kernels
         cache = DynamicCache(config=model.llm.config)
         out = model(prompt, visual=t_i, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for step in range(tokens):
             pos = torch.full((batch, 1), len(ids) + step, device=device)
             out = model(
@@ -125,7 +130,8 @@ def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> fl
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return batch * tokens / best
+        best_cpu = min(best_cpu, time.thread_time() - start_cpu)
+    return batch * tokens / best, batch * tokens / best_cpu
 
 
 def thread_cpu_s() -> dict[str, float]:
@@ -143,6 +149,23 @@ def thread_cpu_s() -> dict[str, float]:
         name = names.get(int(task.name), "native")
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+@torch.inference_mode()
+def prefill_rate(gen: Generator, batch: int, visual: torch.Tensor) -> float:
+    """Prompt tokens/s of one forward over ``batch`` templated visual prompts (best of 3)."""
+    model, device = gen.model, gen.model.device
+    ids = gen.tokenizer.encode(format_prompt(PROMPTS[0]), bos=True)
+    prompt = torch.tensor([ids] * batch, device=device)
+    t_i = model.visual_query(visual[:batch].to(device))
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        model(prompt, visual=t_i, logits_to_keep=1)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return batch * len(ids) / best
 
 
 def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, Any]:
@@ -499,12 +522,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(profile_decode(gen, args, visual_np))
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         return result
-    ceiling_1 = ceiling(gen, 1, args.tokens, visual)
-    ceiling_n = ceiling(gen, n, args.tokens, visual)
+    ceiling_1, cpu_1 = ceiling(gen, 1, args.tokens, visual)
+    ceiling_n, cpu_n = ceiling(gen, n, args.tokens, visual)
     result["ceiling"] = {
         "1": round(ceiling_1, 1),
         str(n): round(ceiling_n, 1),
         "batching_x": round(ceiling_n / ceiling_1, 2),
+        "per_cpu_s": {"1": round(cpu_1, 1), str(n): round(cpu_n, 1)},
+    }
+    # What physics allows TTFT: N prompts' prefill cannot cost less than N / (its batching
+    # gain) times one prompt's, and the last of N arrivals waits for all of it.
+    prefill_1, prefill_n = prefill_rate(gen, 1, visual), prefill_rate(gen, n, visual)
+    result["prefill_tokens_per_s"] = {
+        "1": round(prefill_1, 1),
+        str(n): round(prefill_n, 1),
+        "last_ttft_bound_n_over_1": round(n * prefill_1 / prefill_n, 2),
     }
     sched = TimedScheduler(gen, max_batch=n, max_queue=n)
     request = scheduler_request(sched, args.tokens, visual_np)
@@ -527,6 +559,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, part in parts.items()
     }
+    for name, part in parts.items():  # the engine's work per token against the ceiling's
+        many = part[str(n)]
+        cpu = many.get("server_cpu_s", many["cpu_s"])
+        if args.device == "cpu" and args.threads == 1:
+            work = sum(v for k, v in cpu.items() if k != "client")
+            result["summary"][name]["of_ceiling_cpu"] = round(many["tokens"] / work / cpu_n, 3)
+    one, many = result["scheduler"]["1"], result["scheduler"][str(n)]
+    if "ttft_cpu_mean_s" in many:  # in CPU seconds: what the load moves least
+        result["summary"]["scheduler"] |= {
+            "ttft_cpu_mean_n_over_1": round(many["ttft_cpu_mean_s"] / one["ttft_cpu_mean_s"], 2),
+            "ttft_cpu_p90_n_over_1": round(many["ttft_cpu_p90_s"] / one["ttft_cpu_mean_s"], 2),
+        }
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
