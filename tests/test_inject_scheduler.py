@@ -349,3 +349,43 @@ def test_a_decode_step_attends_over_a_view_of_the_slots_up_to_the_longest_row_no
     mask = decode_mask(torch.tensor([9, 3, 0]), kv_len=10)
     assert mask.shape == (3, 1, 1, 10) and mask.dtype == torch.bool
     assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 6
+
+
+class _ChunkLog(Scheduler):
+    """The scheduler as it is, noting the chunk lengths of each prefill forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.forwards: list[list[int]] = []
+        super().__init__(*args, **kwargs)
+
+    def _prefill_forward(self, chunks) -> None:
+        self.forwards.append([n for _, _, n in chunks])
+        super()._prefill_forward(chunks)
+
+
+def test_long_and_short_prompts_in_one_step_prefill_in_separate_forwards_and_get_lone_tokens(
+    gen,
+):
+    sched = _ChunkLog(gen, max_batch=4, max_queue=4, prefill_chunk=1024)
+    try:
+        list(sched.submit("Describe the image.", max_new_tokens=2))  # stores the template
+        visual = unit(2, 1024, seed=31)
+        reqs = [
+            {"prompt": PROMPTS[0], "visual": visual[0], "max_new_tokens": 8},
+            {"prompt": PROMPTS[1], "visual": None, "max_new_tokens": 8},
+            {"prompt": PROMPTS[2], "visual": visual[1], "max_new_tokens": 8},
+            {"prompt": PROMPTS[3], "visual": None, "max_new_tokens": 8},
+        ]
+        expected = [alone(gen, r, temperature=0.0) for r in reqs]
+        sched.forwards.clear()
+        handles = [sched.submit(**r, temperature=0.0) for r in reqs]
+        assert ["".join(h) for h in handles] == expected
+        # Whatever steps the four were admitted in, no forward padded a text row's few
+        # remaining tokens to a whole visual prompt's length.
+        for lengths in sched.forwards:
+            assert len(lengths) * max(lengths) * 0.75 <= sum(lengths) or len(lengths) == 1
+        assert max(n for lengths in sched.forwards for n in lengths) > 4 * min(
+            n for lengths in sched.forwards for n in lengths
+        )  # long and short prompts did prefill here
+    finally:
+        sched.close()
