@@ -321,11 +321,16 @@ class Scheduler:
             self._prefill_forward([chunks[i] for i in group])
 
     def _shares_more_with(self, row: _Row, older: list[_Row]) -> bool:
-        """Whether an older text row still prefilling shares more of ``row``'s prompt than the
-        stored prefix does: ``row`` then waits for it to be stored (a step or a few), rather
-        than prefill the same positions a second time."""
+        """Whether an older text row still prefilling, whose prompt the prefix cache will
+        store, shares more of ``row``'s prompt than the stored one does: ``row`` then waits
+        for it (a step or a few), rather than prefill the same positions a second time."""
         stored = common_prefix(self.prefix.ids, row.ids)
-        return any(o.terms is None and common_prefix(o.ids, row.ids) > stored for o in older)
+        return any(
+            o.terms is None
+            and common_prefix(o.ids, row.ids) > stored
+            and self.prefix.would_store(o.ids)
+            for o in older
+        )
 
     def _prefill_forward(self, chunks: list[tuple[_Row, int, int]]) -> None:
         """One forward over (row, start, length) chunks; rows whose prompt it completes
