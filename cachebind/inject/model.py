@@ -178,6 +178,7 @@ class AdapterAttention(LlamaAttention):
             )
         if terms is not None:  # computed ahead; a text-only row's are zeros (x + 0.0 is exact)
             return (out + terms[self.adapter_index].to(out.dtype),)
+        assert adapters is not None  # one of the two is set, checked above
         term = self.adapter_term(adapters[self.adapter_index])
         rows = adapter_rows.get()
         if rows is not None:  # x * 1.0 is exact: a visual row is what it is alone
