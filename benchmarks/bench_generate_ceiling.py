@@ -8,12 +8,20 @@ Parts, each as tokens/s and as a fraction of the hand-stepped ceiling at N:
 
 * ceiling: ``AdapterLlama.forward`` on one token per row with a ``DynamicCache``, greedy, a
   visual query per row (the adapter on), stepped by hand at batch 1 and at batch N;
+* prefill: prompt tokens/s of one forward over 1 and N templated visual prompts, and the
+  bound it puts on TTFT: the last of N prompts arriving together cannot have its first token
+  before N / (the batching gain) times one prompt's prefill;
 * scheduler: N concurrent in-process requests on ``inject.scheduler.Scheduler`` (half of
   them text-only, half with a visual query; greedy; EOS ignored), and 1 alone (a visual one,
   the heavier kind: request 0 of every run has the visual query);
 * http: N concurrent streaming requests through a real server on 127.0.0.1, native
-  ``/v1/generate`` and OpenAI ``/v1/chat/completions`` (half of them with an image), and 1.
-  Tokens are the server's own ``usage`` counts (an answer may end at EOS before ``--tokens``).
+  ``/v1/generate`` and OpenAI ``/v1/chat/completions`` (half of them with an image), and 1,
+  the clients in a process of their own. Tokens are the server's own ``usage`` counts (an
+  answer may end at EOS before ``--tokens``).
+
+Every part also gives the CPU seconds each thread spent (``cpu_s``; for HTTP the server
+process's threads and the clients'): the work done, which the machine's load moves far less
+than the wall time.
 
 TTFT is reported at N and at 1 stream (p50). ``--profile``: cProfile of the scheduler's
 decode steps at N streams, top entries by own time and by cumulative time, and the Python and
@@ -28,8 +36,11 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import functools
 import io
 import json
+import math
+import multiprocessing
 import os
 import platform
 import pstats
@@ -39,6 +50,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +99,10 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> float:
-    """Tokens/s of the model stepped by hand: one token per row per forward, greedy."""
+def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> tuple[float, float]:
+    """Tokens/s of the model stepped by hand: one token per row per forward, greedy; per
+    wall second and per CPU second of this thread (on a CPU with one intra-op thread, the
+    work itself, which the machine's load stretches far less)."""
     from transformers.cache_utils import DynamicCache
 
     model, device = gen.model, gen.model.device
@@ -96,13 +110,13 @@ def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> fl
     ids = gen.tokenizer.encode(format_prompt(PROMPTS[0]), bos=True)
     prompt = torch.tensor([ids] * batch, device=device)
     t_i = model.visual_query(visual[:batch].to(device))
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(2):  # the first run warms the allocator and the kernels
         cache = DynamicCache(config=model.llm.config)
         out = model(prompt, visual=t_i, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for step in range(tokens):
             pos = torch.full((batch, 1), len(ids) + step, device=device)
             out = model(
@@ -116,32 +130,84 @@ def ceiling(gen: Generator, batch: int, tokens: int, visual: torch.Tensor) -> fl
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return batch * tokens / best
+        best_cpu = min(best_cpu, time.thread_time() - start_cpu)
+    return batch * tokens / best, batch * tokens / best_cpu
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each thread of this process has used, keyed by the Python
+    thread's name ("native" for threads Python did not start: torch's pools); read from
+    /proc, so it is the work done, whatever the load."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(task.name), "native")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+@torch.inference_mode()
+def prefill_rate(gen: Generator, batch: int, visual: torch.Tensor) -> tuple[float, float]:
+    """Prompt tokens/s of one forward over ``batch`` templated visual prompts (best of 3),
+    per wall second and per CPU second of this thread."""
+    model, device = gen.model, gen.model.device
+    ids = gen.tokenizer.encode(format_prompt(PROMPTS[0]), bos=True)
+    prompt = torch.tensor([ids] * batch, device=device)
+    t_i = model.visual_query(visual[:batch].to(device))
+    best = best_cpu = float("inf")
+    for _ in range(3):
+        sync(device)
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        model(prompt, visual=t_i, logits_to_keep=1)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.thread_time() - start_cpu)
+    return batch * len(ids) / best, batch * len(ids) / best_cpu
 
 
 def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, Any]:
-    """n client threads released at once; ``one(i)`` returns (tokens, seconds to first)."""
+    """n client threads released at once; ``one(i)`` returns (tokens, seconds to first).
+    Also the CPU seconds each kind of thread spent meanwhile (``cpu_s``, see thread_cpu_s)."""
     results: list[tuple[int, float]] = [(0, float("nan"))] * n
+    client_cpu = [0.0] * n  # a joined thread leaves /proc: each client counts its own
     gate = threading.Barrier(n + 1)
 
     def client(i: int) -> None:
         gate.wait()
+        start = time.thread_time()
         results[i] = one(i)
+        client_cpu[i] = time.thread_time() - start
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(n)
+    ]
     for t in threads:
         t.start()
     gate.wait()
+    cpu_before = thread_cpu_s()
     start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu_after = thread_cpu_s()
+    cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()}
+    cpu["client"] = round(sum(client_cpu), 2)
     tokens = sum(r[0] for r in results)
+    ttft = sorted(r[1] for r in results)
     return {
         "streams": n,
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
-        "ttft_p50_s": round(statistics.median(r[1] for r in results), 4),
+        "ttft_p50_s": round(statistics.median(ttft), 4),
+        "ttft_mean_s": round(statistics.fmean(ttft), 4),
+        "ttft_p90_s": round(ttft[min(n - 1, math.ceil(0.9 * n) - 1)], 4),
+        "wall_s": round(wall, 2),
+        "cpu_s": {k: v for k, v in sorted(cpu.items()) if v > 0},
     }
 
 
@@ -224,43 +290,91 @@ class _TimedModel:
 
     def __init__(self, model: torch.nn.Module, spent: list[float]) -> None:
         self.inner, self.spent = model, spent
+        self.columns = 0  # token columns computed, padding included (decode and prefill)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         out = self.inner(*args, **kwargs)
         sync(self.inner.device)
         self.spent.append(time.perf_counter() - start)
+        self.columns += args[0].numel()
         return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-class TimedScheduler(Scheduler):
-    """Records each decode step's wall time and its model forward's: the rest is the step's
-    overhead (inputs, sampling, bookkeeping, the hand-over to the delivery thread)."""
+class _FirstTokensCpu:
+    """The scheduler thread's CPU clock at each first token (called on that thread)."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def first_token(self, seconds: float) -> None:
+        self.at.append(time.thread_time())
+
+    def scheduler_state(self, queued: int, running: int) -> None:
+        pass
+
+    def tokens(self, n: int) -> None:
+        pass
+
+    def finished(self, reason: str) -> None:
+        pass
+
+
+class Timed:
+    """Mixed into a scheduler class: records each decode step's wall time and its model
+    forward's; the rest is the step's overhead (inputs, sampling, bookkeeping, the hand-over
+    to the delivery thread)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._forwards: list[float] = []
         self.steps_s: list[tuple[int, float, float]] = []  # (rows, step, forward)
+        self.decode_columns = 0
+        self.firsts = _FirstTokensCpu()
+        self.observer = self.firsts
+        self._cpu_clock = time.pthread_getcpuclockid(self._thread.ident)
+        self._cpu_at_reset = 0.0
         self.model = _TimedModel(self.model, self._forwards)  # type: ignore[assignment]
 
     def _decode(self, rows: list) -> None:
         start = time.perf_counter()
+        columns = self.model.columns
         super()._decode(rows)
+        self.decode_columns += self.model.columns - columns
         self.steps_s.append((len(rows), time.perf_counter() - start, self._forwards[-1]))
 
+    def reset(self) -> None:
+        """Before a burst of requests submitted at once (the scheduler idle)."""
+        self.steps_s.clear()
+        self.model.columns = self.decode_columns = 0
+        self.firsts.at.clear()
+        self._cpu_at_reset = time.clock_gettime(self._cpu_clock)
+
     def overhead(self, rows: int) -> dict[str, float]:
-        """Median step and overhead (step minus forward) over the steps that decoded ``rows``."""
+        """Median step and overhead (step minus forward) over the steps that decoded ``rows``,
+        TTFT in CPU seconds and the prompt columns prefilled since ``reset`` (padding
+        included)."""
         full = [(step, step - fwd) for n, step, fwd in self.steps_s if n == rows]
         if not full:
             return {}
+        # TTFT in the scheduler thread's CPU seconds: the work done before each first token,
+        # which the other processes on the machine do not stretch as they stretch wall time.
+        ttft = sorted(t - self._cpu_at_reset for t in self.firsts.at)
         return {
+            "ttft_cpu_mean_s": round(statistics.fmean(ttft), 4),
+            "ttft_cpu_p90_s": round(ttft[min(len(ttft), math.ceil(0.9 * len(ttft))) - 1], 4),
+            "prefill_columns": self.model.columns - self.decode_columns,
             "decode_steps": len(full),
             "step_ms_p50": round(1000 * statistics.median(s for s, _ in full), 2),
             "overhead_ms_p50": round(1000 * statistics.median(o for _, o in full), 3),
         }
+
+
+class TimedScheduler(Timed, Scheduler):
+    """The scheduler of this tree, timed."""
 
 
 class ProfiledScheduler(Scheduler):
@@ -312,8 +426,37 @@ def profile_decode(gen: Generator, args: argparse.Namespace, visual: np.ndarray)
     return out.getvalue() + "calls per decode step: " + json.dumps(counts)
 
 
-def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:
+def http_clients(url: str, key: str, route: str, tokens: int, image: str, n: int) -> dict:
+    """In the client process: n concurrent requests to ``route`` (n = 0: one, to warm)."""
     import httpx
+
+    def client_of() -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.Client(base_url=url, headers=headers, timeout=600)
+
+    kind = {"native": native_request, "openai_chat": chat_request}[route]
+    request = kind(client_of, tokens, image)
+    if n == 0:
+        request(0)
+        return {}
+    return concurrently(n, request)
+
+
+def served(clients: Executor, call: Callable[[int], dict], n: int) -> dict[str, Any]:
+    """``call(n)`` in the client process, with the CPU seconds each thread of this (the
+    server's) process spent meanwhile."""
+    before = thread_cpu_s()
+    part = clients.submit(call, n).result()
+    after = thread_cpu_s()
+    part["client_cpu_s"] = part.pop("cpu_s")
+    server = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+    part["server_cpu_s"] = {k: v for k, v in sorted(server.items()) if v > 0}
+    return part
+
+
+def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """The service on 127.0.0.1, its clients in a process of their own: 16 Python clients
+    parsing SSE beside the server would take the GIL and a core from the service measured."""
     from builders import TableFlatLoader, build_demo_cache, service_settings
     from fixtures_media import image_bytes
 
@@ -337,19 +480,16 @@ def http_parts(gen: Generator, args: argparse.Namespace, n: int) -> dict[str, An
         )
         server = start_server(svc.settings, runtime, port=0)
         image = base64.b64encode(image_bytes(seed=3)).decode()
-        headers = {"Authorization": f"Bearer {svc.user_key}"}
-
-        def client_of() -> httpx.Client:
-            return httpx.Client(base_url=server.url, headers=headers, timeout=600)
-
         out: dict[str, Any] = {}
+        spawn = multiprocessing.get_context("spawn")
         try:
-            for name, route in (("native", native_request), ("openai_chat", chat_request)):
-                request = route(client_of, args.tokens, image)
-                request(0)  # warm: the image path, the route, the connection
-                one = concurrently(1, request)
-                many = concurrently(n, request)
-                out[name] = {"1": one, str(n): many}
+            with ProcessPoolExecutor(1, mp_context=spawn) as clients:
+                for name in ("native", "openai_chat"):
+                    call = functools.partial(
+                        http_clients, server.url, svc.user_key, name, args.tokens, image
+                    )
+                    clients.submit(call, 0).result()  # warm: the image path, the route
+                    out[name] = {str(k): served(clients, call, k) for k in (1, n)}
         finally:
             server.stop()
             if runtime.scheduler is not None:
@@ -384,19 +524,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(profile_decode(gen, args, visual_np))
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         return result
-    ceiling_1 = ceiling(gen, 1, args.tokens, visual)
-    ceiling_n = ceiling(gen, n, args.tokens, visual)
+    ceiling_1, cpu_1 = ceiling(gen, 1, args.tokens, visual)
+    ceiling_n, cpu_n = ceiling(gen, n, args.tokens, visual)
     result["ceiling"] = {
         "1": round(ceiling_1, 1),
         str(n): round(ceiling_n, 1),
         "batching_x": round(ceiling_n / ceiling_1, 2),
+        "per_cpu_s": {"1": round(cpu_1, 1), str(n): round(cpu_n, 1)},
+    }
+    # What physics allows TTFT: N prompts' prefill cannot cost less than N / (its batching
+    # gain) times one prompt's, and the last of N arrivals waits for all of it.
+    (prefill_1, prefill_cpu_1), (prefill_n, prefill_cpu_n) = (
+        prefill_rate(gen, 1, visual),
+        prefill_rate(gen, n, visual),
+    )
+    result["prefill_tokens_per_s"] = {
+        "1": round(prefill_1, 1),
+        str(n): round(prefill_n, 1),
+        "per_cpu_s": {"1": round(prefill_cpu_1, 1), str(n): round(prefill_cpu_n, 1)},
+        "last_ttft_bound_n_over_1": round(n * prefill_1 / prefill_n, 2),
     }
     sched = TimedScheduler(gen, max_batch=n, max_queue=n)
     request = scheduler_request(sched, args.tokens, visual_np)
     request(0)  # warm
     result["scheduler"] = {}
     for streams in (1, n):
-        sched.steps_s.clear()
+        sched.reset()
         result["scheduler"][str(streams)] = concurrently(streams, request)
         result["scheduler"][str(streams)] |= sched.overhead(streams)
     sched.close()
@@ -412,6 +565,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, part in parts.items()
     }
+    for name, part in parts.items():  # the engine's work per token against the ceiling's
+        many = part[str(n)]
+        cpu = many["server_cpu_s"] if "server_cpu_s" in many else many["cpu_s"]
+        if args.device == "cpu" and args.threads == 1:
+            work = sum(v for k, v in cpu.items() if k != "client")
+            result["summary"][name]["of_ceiling_cpu"] = round(many["tokens"] / work / cpu_n, 3)
+    one, many = result["scheduler"]["1"], result["scheduler"][str(n)]
+    if "ttft_cpu_mean_s" in many:  # in CPU seconds: what the load moves least
+        result["summary"]["scheduler"] |= {
+            "ttft_cpu_mean_n_over_1": round(many["ttft_cpu_mean_s"] / one["ttft_cpu_mean_s"], 2),
+            "ttft_cpu_p90_n_over_1": round(many["ttft_cpu_p90_s"] / one["ttft_cpu_mean_s"], 2),
+        }
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
 

@@ -433,6 +433,9 @@ PREFILL_CHUNK = 256
 """Prompt tokens prefilled per decode step, unless ``llm.prefill_chunk`` says otherwise."""
 LLAVA_MAX_SEQ_LEN = 2048
 """LLaVA-1.5's training length (``--model_max_length 2048``): prompt, visual tokens and answer."""
+PREFILL_PAD_WASTE = 0.25
+"""The share of a prefill forward's columns that may be left padding: the step's chunks are
+split into forwards of similar lengths beyond it (a padding column costs a token's compute)."""
 
 
 class LLMConfig(Section):

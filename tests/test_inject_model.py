@@ -155,3 +155,21 @@ def test_concurrent_calls_see_only_their_own_visual_query():
             together = list(pool.map(lambda q: adapted(ids, visual=q).logits, queries * 5))
     for i, logits in enumerate(together):
         assert torch.equal(logits, alone[i % 4])
+
+
+def test_adapter_terms_computed_ahead_give_the_visual_querys_logits_and_zeros_no_adapters():
+    adapted, _ = model_pair(n_layers=3, query_layer=2)
+    with torch.no_grad():
+        for layer in adapted.llm.model.layers:
+            layer.self_attn.gate.normal_()
+        adapted.prefix_query.weight.normal_()
+    ids = torch.randint(0, 97, (1, 7))
+    t_i = torch.randn(1, 64)
+    with torch.no_grad():
+        terms = adapted.adapter_terms(t_i)
+        assert terms.shape == (2, 1, 1, 64)  # the two adapted layers, one row
+        want = adapted(ids, visual=t_i).logits
+        assert torch.equal(adapted(ids, terms=terms).logits, want)
+        without = adapted(ids).logits
+        assert (want - without).abs().max() > 1e-2  # the adapter is in play
+        assert torch.equal(adapted(ids, terms=torch.zeros_like(terms)).logits, without)

@@ -18,9 +18,10 @@ import torch
 
 from cachebind.errors import GenerationBusy, InputError
 from cachebind.inject import Generator, build_tiny_llm
+from cachebind.inject.model import AdapterLlamaConfig
 from cachebind.inject.prompts import format_prompt
 from cachebind.inject.scheduler import GenerationTimeout, Scheduler
-from cachebind.inject.slots import KVMemoryError
+from cachebind.inject.slots import KVMemoryError, SlotCache, decode_mask, pad_groups
 
 PROMPTS = [
     "Describe the image.",
@@ -302,5 +303,89 @@ def test_text_prompts_sharing_the_template_reuse_its_cache_and_still_get_their_l
         seen = sched.submit(prompts[1], visual, max_new_tokens=12, temperature=0.0)
         assert "".join(seen) == gen.generate([prompts[1]], visual, 12, temperature=0.0)[0]
         assert sched.prefix.reused_tokens == before
+    finally:
+        sched.close()
+
+
+def test_text_prompts_arriving_together_prefill_the_template_once_and_get_their_lone_tokens(gen):
+    sched = Scheduler(gen, max_batch=3, max_queue=4, prefill_chunk=16)
+    try:
+        prompts = ["Describe the image.", "What is this?", "Two people sitting under a tree"]
+        expected = [gen.generate([p], None, 10, temperature=0.0)[0] for p in prompts]
+        handles = [sched.submit(p, max_new_tokens=10, temperature=0.0) for p in prompts]
+        assert ["".join(h) for h in handles] == expected
+        # The first stores the template as it finishes; the others waited for it instead of
+        # prefilling it again beside it.
+        head = len(gen.tokenizer.encode(format_prompt(""), bos=True)) // 2
+        assert sched.prefix.reused_tokens >= 2 * head
+    finally:
+        sched.close()
+
+
+def test_a_steps_prefill_chunks_are_split_so_that_padding_stays_under_its_share():
+    lengths = [95, 8, 95, 9, 40, 95, 1]
+    groups = pad_groups(lengths, waste=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        real = sum(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * width * 0.75 <= real
+    assert {0, 2, 5} <= set(groups[0])  # the long prompts share one forward, the short
+    assert not {1, 3, 6} & set(groups[0])  # ones another: 95 columns each would be waste
+    assert pad_groups([7, 7, 7], waste=0.0) == [[0, 1, 2]]
+    assert pad_groups([], waste=0.25) == []
+
+
+def test_a_decode_step_attends_over_a_view_of_the_slots_up_to_the_longest_row_not_a_copy():
+    cfg = AdapterLlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=50, ffn_hidden=64)
+    cache = SlotCache(cfg, max_batch=4, max_seq_len=64, dtype=torch.float32, device="cpu")
+    seen = torch.tensor([9, 3, 63])  # slot 2 is idle: it writes at the last position
+    cache.bind_decode(3, seen, kv_len=10)
+    new_k, new_v = torch.randn(3, 4, 1, 8), torch.randn(3, 4, 1, 8)
+    k, v = cache.update(new_k, new_v, layer_idx=1)
+    assert k.shape == v.shape == (3, 4, 10, 8)
+    assert k.data_ptr() == cache.k[1].data_ptr() and v.data_ptr() == cache.v[1].data_ptr()
+    assert torch.equal(k[0, :, 9], new_k[0, :, 0]) and torch.equal(k[1, :, 3], new_k[1, :, 0])
+    mask = decode_mask(torch.tensor([9, 3, 0]), kv_len=10)
+    assert mask.shape == (3, 1, 1, 10) and mask.dtype == torch.bool
+    assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 6
+
+
+class _ChunkLog(Scheduler):
+    """The scheduler as it is, noting the chunk lengths of each prefill forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.forwards: list[list[int]] = []
+        super().__init__(*args, **kwargs)
+
+    def _prefill_forward(self, chunks) -> None:
+        self.forwards.append([n for _, _, n in chunks])
+        super()._prefill_forward(chunks)
+
+
+def test_long_and_short_prompts_in_one_step_prefill_in_separate_forwards_and_get_lone_tokens(
+    gen,
+):
+    sched = _ChunkLog(gen, max_batch=4, max_queue=4, prefill_chunk=1024)
+    try:
+        list(sched.submit("Describe the image.", max_new_tokens=2))  # stores the template
+        visual = unit(2, 1024, seed=31)
+        reqs = [
+            {"prompt": PROMPTS[0], "visual": visual[0], "max_new_tokens": 8},
+            {"prompt": PROMPTS[1], "visual": None, "max_new_tokens": 8},
+            {"prompt": PROMPTS[2], "visual": visual[1], "max_new_tokens": 8},
+            {"prompt": PROMPTS[3], "visual": None, "max_new_tokens": 8},
+        ]
+        expected = [alone(gen, r, temperature=0.0) for r in reqs]
+        sched.forwards.clear()
+        handles = [sched.submit(**r, temperature=0.0) for r in reqs]
+        assert ["".join(h) for h in handles] == expected
+        # Whatever steps the four were admitted in, no forward padded a text row's few
+        # remaining tokens to a whole visual prompt's length.
+        for lengths in sched.forwards:
+            assert len(lengths) * max(lengths) * 0.75 <= sum(lengths) or len(lengths) == 1
+        assert max(n for lengths in sched.forwards for n in lengths) > 4 * min(
+            n for lengths in sched.forwards for n in lengths
+        )  # long and short prompts did prefill here
     finally:
         sched.close()

@@ -124,9 +124,10 @@ class LlavaLM(torch.nn.Module):
         logits_to_keep: int = 0,
         visual_rows: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        terms: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits of ``input_ids`` or of ``inputs_embeds`` (a prefill with visual tokens)."""
-        if visual is not None:
+        if visual is not None or terms is not None:
             raise ValueError("LLaVA takes visual tokens in the prompt, not an adapter query")
         return cast(
             CausalLMOutputWithPast,
@@ -143,6 +144,9 @@ class LlavaLM(torch.nn.Module):
 
     def visual_query(self, f_m: torch.Tensor) -> torch.Tensor:
         raise ValueError("LLaVA takes visual tokens in the prompt, not an adapter query F~_M")
+
+    def adapter_terms(self, t_i: torch.Tensor) -> torch.Tensor:
+        raise ValueError("LLaVA takes visual tokens in the prompt, not adapter terms")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings of ``ids`` [B, S] -> [B, S, dim]."""

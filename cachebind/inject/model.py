@@ -40,6 +40,9 @@ from cachebind.bind import BindNetwork, Variant
 adapter_tokens: ContextVar[torch.Tensor | None] = ContextVar("adapter_tokens", default=None)
 # [B] 1.0 for a row with a visual query, 0.0 for a text-only row of a mixed batch (None: all 1).
 adapter_rows: ContextVar[torch.Tensor | None] = ContextVar("adapter_rows", default=None)
+# [query_layer, B, 1, n_heads * head_dim] terms computed ahead (``AdapterLlama.adapter_terms``):
+# a decoder keeps them per row, since they depend on the row's visual query alone.
+terms_ahead: ContextVar[torch.Tensor | None] = ContextVar("terms_ahead", default=None)
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,8 @@ class AdapterAttention(LlamaAttention):
         return (self.gate.tanh().view(1, heads, 1) * adapter_v).view(batch, 1, -1)
 
     def _inject(self, o_proj: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
-        adapters = adapter_tokens.get()
-        if adapters is None:
+        adapters, terms = adapter_tokens.get(), terms_ahead.get()
+        if adapters is None and terms is None:
             return None
         (out,) = args  # [B, S, n_heads * head_dim]: the attention output before W_o
         if out.shape[-1] != self.gate.shape[1] * self.head_dim:
@@ -173,6 +176,9 @@ class AdapterAttention(LlamaAttention):
                 f"o_proj input {tuple(out.shape)} is not [B, S, n_heads * head_dim]: "
                 "the installed transformers changed LlamaAttention"
             )
+        if terms is not None:  # computed ahead; a text-only row's are zeros (x + 0.0 is exact)
+            return (out + terms[self.adapter_index].to(out.dtype),)
+        assert adapters is not None  # one of the two is set, checked above
         term = self.adapter_term(adapters[self.adapter_index])
         rows = adapter_rows.get()
         if rows is not None:  # x * 1.0 is exact: a visual row is what it is alone
@@ -237,6 +243,16 @@ class AdapterLlama(nn.Module):
         """adapter_i = T_I + prefix_query_i for every adapted layer: [query_layer, B, dim]."""
         return t_i[None, :, :] + self.prefix_query.weight[:, None, :]
 
+    def adapter_terms(self, t_i: torch.Tensor) -> torch.Tensor:
+        """Every adapted layer's tanh(gate) · W_v(T_I + prefix_query_i):
+        [B, dim] -> [query_layer, B, 1, n_heads · head_dim]. They depend on T_I alone, so a
+        decoder computes them once per row and passes them to ``forward`` on every step."""
+        adapters = self.adapters(t_i)
+        attentions = [layer.self_attn for layer in self.llm.model.layers]
+        adapted = [a for a in attentions if a.adapter_index is not None]
+        adapted.sort(key=lambda a: a.adapter_index)
+        return torch.stack([a.adapter_term(adapters[a.adapter_index]) for a in adapted])
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -247,13 +263,19 @@ class AdapterLlama(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         visual_rows: torch.Tensor | None = None,
+        terms: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits for ``input_ids`` [B, S]; ``visual`` is T_I [B, dim] (None: plain LLaMA).
 
         ``visual_rows`` [B] (1: adapter on, 0: off) lets text-only rows share a batch with
-        visual ones: an off row gets no adapter term at all, as plain LLaMA."""
+        visual ones: an off row gets no adapter term at all, as plain LLaMA. ``terms``
+        (from ``adapter_terms``, a text-only row's all zeros) replaces ``visual``: the same
+        logits without recomputing each layer's W_v(adapter) on every call."""
+        if terms is not None and visual is not None:
+            raise ValueError("pass the visual query or its adapter terms, not both")
         token = adapter_tokens.set(self.adapters(visual) if visual is not None else None)
         rows_token = adapter_rows.set(visual_rows if visual is not None else None)
+        terms_token = terms_ahead.set(terms)
         try:
             return self.llm(
                 input_ids=input_ids,
@@ -264,5 +286,6 @@ class AdapterLlama(nn.Module):
                 logits_to_keep=logits_to_keep,
             )
         finally:
+            terms_ahead.reset(terms_token)
             adapter_rows.reset(rows_token)
             adapter_tokens.reset(token)

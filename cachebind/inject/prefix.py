@@ -49,10 +49,14 @@ class PrefixCache:
             self.reused_tokens += m
         return m
 
+    def would_store(self, ids: list[int]) -> bool:
+        """Whether ``offer`` keeps ``ids``: the stored prompt is of little use to prompts like
+        it (shares less than half of the shorter), or nothing is stored."""
+        return not self.ids or common_prefix(self.ids, ids) < min(len(self.ids), len(ids)) // 2
+
     def offer(self, slot: int, ids: list[int]) -> None:
-        """A text-only prompt was just prefilled into ``slot``: keep it if the stored one is
-        of little use to prompts like it (shares less than half of the shorter)."""
-        if common_prefix(self.ids, ids) >= min(len(self.ids), len(ids)) // 2 and self.ids:
+        """A text-only prompt was just prefilled into ``slot``: keep it if ``would_store``."""
+        if not self.would_store(ids):
             return
         n = len(ids)
         self.k[:, :, :n] = self.cache.k[:, slot, :, :n]

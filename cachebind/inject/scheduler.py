@@ -8,7 +8,7 @@ then joins the batched decode step. It leaves on EOS, its token budget, a stop s
 or its deadline, and its slot is free for the next request at the next step.
 
 A decode step costs the same bookkeeping whatever the batch: the slots' last tokens,
-positions, visual queries and sampling settings stay on the device (``SlotInputs``) and are
+positions, adapter terms and sampling settings stay on the device (``SlotInputs``) and are
 written only when a row joins or leaves; the inputs, the mask and the advance of every row are
 a handful of tensor operations over slots 0 … highest decoding slot; the whole batch is sampled
 in one call (``sampling.sample_rows``: only a sampled row's draw uses its own generator); the
@@ -16,8 +16,8 @@ step ends with one list of new tokens handed to the delivery thread, which detok
 each event loop once for all its streams.
 
 Each row is computed as it would be alone: its own slot (BOS at position 0, no left padding),
-its own positions and mask, its own visual query T_I = bind(F~_M) (or none: a text-only row gets
-no adapter term, see ``AdapterLlama.forward``'s ``visual_rows``), and its own temperature, top_p
+its own positions and mask, its own adapter terms from T_I = bind(F~_M), computed once when it
+joins (or none: a text-only row's are zeros, as alone it has none), and its own temperature, top_p
 and ``torch.Generator`` seeded per request. What differs from a lone run is only the shape of
 the matmuls, which on a CPU may change the last bits of a logit; tokens stay equal unless two
 logits tie to those bits (the tests compare tokens).
@@ -39,6 +39,7 @@ import torch
 
 from cachebind.config import (
     PREFILL_CHUNK,
+    PREFILL_PAD_WASTE,
     RELEASED_MAX_NEW_TOKENS,
     RELEASED_TEMPERATURE,
     RELEASED_TOP_P,
@@ -55,13 +56,14 @@ from cachebind.inject.handles import (
     Sink,
 )
 from cachebind.inject.llava_serve import LlavaGenerator
-from cachebind.inject.prefix import PrefixCache
+from cachebind.inject.prefix import PrefixCache, common_prefix
 from cachebind.inject.sampling import sample_rows
 from cachebind.inject.slots import (
     SlotCache,
     SlotInputs,
     check_kv_memory,
     decode_mask,
+    pad_groups,
     prefill_inputs,
 )
 
@@ -85,7 +87,8 @@ class _Row:
     prefilled: int = 0
     ready: bool = False  # prompt prefilled and a first token sampled: decodes each step
     emitted: str = ""
-    visual: torch.Tensor | None = None  # T_I = bind(F~_M) [dim], computed on admission
+    # tanh(gate) · W_v(T_I + prefix_query) per adapted layer [L, 1, 1, dim], on admission
+    terms: torch.Tensor | None = None
     images: Any = None  # tokens mode: the prompt's images (``llava_serve.PromptImages``)
     embeds: torch.Tensor | None = None  # tokens mode: the prompt's input embeddings [S, dim]
 
@@ -127,7 +130,9 @@ class Scheduler:
         )
         self.cache = SlotCache(model.cfg, max_batch, self.max_seq_len, model.dtype, model.device)
         self.prefix = PrefixCache(self.cache)
-        self.inputs = SlotInputs(max_batch, model.cfg.dim, model.dtype, model.device)
+        self.inputs = SlotInputs(
+            max_batch, model.cfg.dim, model.cfg.query_layer, model.dtype, model.device
+        )
         self.delivery = DeliveryThread(self.tokenizer, observer or NullObserver())
         self.steps = 0  # steps done (each: leavers, joiners, one decode, one prefill chunk)
         self._outbox: list[Delivery] = []  # this step's deliveries, handed over at its end
@@ -304,8 +309,8 @@ class Scheduler:
                 joined.append(row)
         # Outside the lock: a submitter (an event loop) never waits on a joiner's model work.
         for row in joined:
-            if row.f_m is not None:
-                row.visual = self.model.visual_query(row.f_m[None])[0]
+            if row.f_m is not None:  # the adapter's side of every step, once per row
+                row.terms = self.model.adapter_terms(self.model.visual_query(row.f_m[None]))
                 self._visual_slots.add(row.slot)
             elif row.images is not None:  # its K and V depend on its images: no reuse
                 try:
@@ -316,26 +321,48 @@ class Scheduler:
                     continue
                 finally:
                     row.images = None
-            else:
-                row.prefilled = self.prefix.reuse(row.slot, row.ids)
-            self.inputs.join(row.slot, row.visual, row.temperature, row.top_p, row.ignore_eos)
+            self.inputs.join(row.slot, row.terms, row.temperature, row.top_p, row.ignore_eos)
 
     def _prefill(self) -> None:
         """At most ``prefill_chunk`` prompt tokens this step, oldest request first, the
-        joining rows' chunks in one forward (left-padded so each row's last token is last)."""
+        joining rows' chunks in as few forwards as keep padding under PREFILL_PAD_WASTE
+        (chunks of one forward are left-padded so each row's last token is last)."""
         budget = self.prefill_chunk
         waiting = sorted(
             (r for r in self._slots if r is not None and not r.ready), key=lambda r: r.submitted
         )
         chunks: list[tuple[_Row, int, int]] = []
-        for row in waiting:
+        for k, row in enumerate(waiting):
             if budget <= 0:
                 break
+            if row.prefilled == 0 and row.terms is None and row.embeds is None:
+                if self._shares_more_with(row, waiting[:k]):
+                    continue  # it would compute again what an older row is computing
+                # The stored prefix as it is when the row starts, not when it was admitted:
+                # rows that arrived together find the template that the first of them stored.
+                row.prefilled = self.prefix.reuse(row.slot, row.ids)
             n = min(budget, len(row.ids) - row.prefilled)
             chunks.append((row, row.prefilled, n))
             budget -= n
-        if not chunks:
-            return
+        for group in pad_groups([n for _, _, n in chunks], PREFILL_PAD_WASTE):
+            self._prefill_forward([chunks[i] for i in group])
+
+    def _shares_more_with(self, row: _Row, older: list[_Row]) -> bool:
+        """Whether an older text row still prefilling, whose prompt the prefix cache will
+        store, shares more of ``row``'s prompt than the stored one does: ``row`` then waits
+        for it (a step or a few), rather than prefill the same positions a second time."""
+        stored = common_prefix(self.prefix.ids, row.ids)
+        return any(
+            o.terms is None
+            and o.embeds is None
+            and common_prefix(o.ids, row.ids) > stored
+            and self.prefix.would_store(o.ids)
+            for o in older
+        )
+
+    def _prefill_forward(self, chunks: list[tuple[_Row, int, int]]) -> None:
+        """One forward over (row, start, length) chunks; rows whose prompt it completes
+        sample their first token."""
         device = self.model.device
         width = max(n for _, _, n in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
@@ -343,13 +370,12 @@ class Scheduler:
             ids[i, width - n :] = torch.tensor(row.ids[start : start + n], device=device)
         starts, lengths = [c[1] for c in chunks], [c[2] for c in chunks]
         positions, mask = prefill_inputs(starts, lengths, device)
-        visual, visual_rows = self._visual_of([row for row, _, _ in chunks])
+        terms = self._terms_of([row for row, _, _ in chunks])
         embeds = self._embeds_of(chunks, ids)
         self.cache.bind_prefill([row.slot for row, _, _ in chunks], starts, lengths)
         out = self.model(
             ids,
-            visual=visual,
-            visual_rows=visual_rows,
+            terms=terms,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,
@@ -361,7 +387,7 @@ class Scheduler:
             row.prefilled += n
             if row.prefilled == len(row.ids):
                 done.append(i)
-                if row.visual is None and row.embeds is None:
+                if row.terms is None and row.embeds is None:
                     self.prefix.offer(row.slot, row.ids)
                 row.embeds = None
         if not done:
@@ -385,18 +411,12 @@ class Scheduler:
         eos = self.tokenizer.eos_id
         self.observer.tokens(sum(not b and t != eos for t, b in zip(tokens, bad, strict=True)))
 
-    def _visual_of(self, rows: list[_Row]) -> tuple[torch.Tensor | None, ...]:
-        """T_I per prefill row [b, dim] and which rows use it [b] (None, None: no row does)."""
-        if all(r.visual is None for r in rows):
-            return None, None
-        device = self.model.device
-        visual = torch.zeros(len(rows), self.model.cfg.dim, dtype=self.model.dtype, device=device)
-        visual_rows = torch.zeros(len(rows), device=device)
-        for i, r in enumerate(rows):
-            if r.visual is not None:
-                visual[i] = r.visual
-                visual_rows[i] = 1.0
-        return visual, visual_rows
+    def _terms_of(self, rows: list[_Row]) -> torch.Tensor | None:
+        """The prefill rows' adapter terms [L, b, 1, dim] (None: no row has a visual query)."""
+        if all(r.terms is None for r in rows):
+            return None
+        slots = torch.tensor([r.slot for r in rows], device=self.model.device)
+        return self.inputs.terms[:, slots]
 
     def _embeds_of(
         self, chunks: list[tuple[_Row, int, int]], ids: torch.Tensor
@@ -421,13 +441,12 @@ class Scheduler:
         tokens, write_at, see = self.inputs.decode_inputs(width, self.max_seq_len - 1)
         kv_len = max(r.position for r in rows) + 1
         self.cache.bind_decode(width, write_at, kv_len)
-        # Text-only batches skip the adapter; in a mixed one a text row's term is multiplied
-        # by 0.0 (exact), as alone it has none.
+        # Text-only batches skip the adapter; in a mixed one a text row's terms are zeros
+        # (x + 0.0 is exact), as alone it has none.
         visual = any(s < width for s in self._visual_slots)
         out = self.model(
             tokens,
-            visual=self.inputs.visual[:width] if visual else None,
-            visual_rows=self.inputs.visual_on[:width] if visual else None,
+            terms=self.inputs.terms[:, :width] if visual else None,
             attention_mask=decode_mask(see, kv_len),
             position_ids=see[:, None],
             past_key_values=self.cache,
