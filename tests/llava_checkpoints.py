@@ -19,7 +19,7 @@ IMAGE_SIZE = 42  # 3 x 3 patches of 14 px
 PATCHES = 9
 
 
-def small_llava_config(strategy: str = "default") -> LlavaConfig:
+def small_llava_config(strategy: str = "default", vocab: int = VOCAB) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -33,7 +33,7 @@ def small_llava_config(strategy: str = "default") -> LlavaConfig:
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
@@ -50,10 +50,12 @@ def small_llava_config(strategy: str = "default") -> LlavaConfig:
     return config
 
 
-def reference_llava(seed: int = 0, strategy: str = "default") -> LlavaForConditionalGeneration:
+def reference_llava(
+    seed: int = 0, strategy: str = "default", vocab: int = VOCAB
+) -> LlavaForConditionalGeneration:
     """transformers' LLaVA with random weights (biases and norms too, so none is trivially 0/1)."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(small_llava_config(strategy)).eval()
+    model = LlavaForConditionalGeneration(small_llava_config(strategy, vocab)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -58,3 +58,39 @@ def train_settings(root: Path, store: StoreConfig, llama_dir: Path, **train) -> 
         **train,
     }
     return Settings(store=store.model_dump(), train=values)
+
+
+def token_caption_table(
+    uri: Path, encoder: str, n: int, patches: int, width: int, seed: int = 0
+) -> StoreConfig:
+    """An images table whose cached patch tokens (``patch_tokens_<encoder>``, float16) carry
+    their caption's colour and shape (one direction each, every patch) plus noise, so that a
+    caption can be learned from the tokens alone."""
+    import lance
+
+    from cachebind.store import images_schema
+
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((width, width)))[0][: len(COLOURS) + len(SHAPES)]
+    captions, tokens = [], []
+    for i in range(n):
+        c, s = i % len(COLOURS), (i // len(COLOURS)) % len(SHAPES)
+        captions.append(f"a {COLOURS[c]} {SHAPES[s]}")
+        noise = 0.1 * rng.standard_normal((patches, width))
+        tokens.append(2.0 * (basis[c] + basis[len(COLOURS) + s]) + noise)
+    flat = np.asarray(tokens, dtype=np.float16).reshape(-1)
+    shape = {"layer": -2, "patches": patches, "width": width, "dtype": "float16", "cls": False}
+    schema = images_schema(
+        dtype="float32", dim=4, thumbnail=False, extra={encoder: (4, patches * width)},
+        metadata={"extra_encoders": {encoder: {"tokens": shape}}},
+    )  # fmt: skip
+    rows = image_rows(rng.standard_normal((n, 4)).astype(np.float32), dtype="float32")
+    rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", pa.array(captions))
+    rows = rows.append_column(
+        f"vector_{encoder}", pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * 4, "f4")), 4)
+    ).append_column(
+        f"patch_tokens_{encoder}",
+        pa.FixedSizeListArray.from_arrays(pa.array(flat), patches * width),
+    )
+    lance.write_dataset(rows.cast(schema), str(uri / "images.lance"))
+    return StoreConfig(uri=str(uri), table="images", vector_dtype="float32")

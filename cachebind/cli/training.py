@@ -1,4 +1,4 @@
-"""`cachebind train pretrain | finetune`: ImageBind-LLM from the cache on Ray Train."""
+"""`cachebind train pretrain | finetune | llava-pretrain`: training from the cache on Ray Train."""
 
 from __future__ import annotations
 
@@ -19,16 +19,46 @@ def add_train(sub: Subcommands, common: CommonOptions) -> None:
         "pretrain: stage 1 (bind network, prefix queries, gates) on the cache's image features "
         "and captions, without running ImageBind. finetune: stage 2 (norms, biases, LoRA). "
         "DDP on Ray Train; checkpoints every --checkpoint-every steps; re-running the same "
-        "command resumes. Writes the released {'model': ...} layout that generate/serve load.",
+        "command resumes. Writes the released {'model': ...} layout that generate/serve load. "
+        "llava-pretrain: LLaVA-1.5 stage 1 (the projector alone) from cached patch tokens "
+        "(embed --tokens), writing LLaVA's mm_projector.bin.",
         parents=[common.table],
     )
-    p.add_argument("phase", choices=["pretrain", "finetune"])
+    p.add_argument("phase", choices=["pretrain", "finetune", "llava-pretrain"])
     add_flags(p)
+    p.add_argument(
+        "--llava-dir",
+        dest="tokens_train__llava_dir",
+        metavar="DIR",
+        help="llava-hf LLaVA-1.5 directory whose LLM the projector is trained for",
+    )
+    p.add_argument(
+        "--tokens-encoder",
+        dest="tokens_train__encoder",
+        metavar="NAME",
+        help="cached tokens to read: clip336 (default), dinov2 ..., or imagebind",
+    )
+    p.add_argument(
+        "--init-projector",
+        dest="tokens_train__init_projector",
+        metavar="FILE",
+        help="start from this mm_projector.bin",
+    )
+    p.add_argument("--global-batch", dest="tokens_train__pretrain_batch", type=int,
+                   metavar="N", help="llava-pretrain's global batch")  # fmt: skip
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from cachebind.train.report import print_result
+    from cachebind.train.report import print_result, print_tokens_result
     from cachebind.train.trainer import run_training
 
+    if args.phase == "llava-pretrain":
+        from cachebind.train.tokens_trainer import run_tokens_training
+
+        if settings.tokens_train.llava_dir is None and settings.tokens_train.llama_dir is None:
+            # --llama-dir names the base LLM of both kinds of run.
+            settings.tokens_train.llama_dir = settings.train.llama_dir
+        print_tokens_result(run_tokens_training(settings, "pretrain"))
+        return 0
     print_result(run_training(settings, args.phase))
     return 0

@@ -36,7 +36,9 @@ def stage1_loss(
     into the image-token positions of ``input_ids`` [B, S]."""
     weight = projector.linear_1.weight
     tokens = patch_tokens.to(TOKEN_DTYPE).to(device=weight.device, dtype=weight.dtype)
-    embeds = llm.get_input_embeddings()(input_ids)
+    # A negative image id (LLaVA's IMAGE_TOKEN_INDEX, -200) is no row of the embedding table:
+    # those positions are overwritten by the visual tokens, so any row stands in for them.
+    embeds = llm.get_input_embeddings()(input_ids.clamp(min=0))
     embeds = place_visual_tokens(embeds, input_ids, image_token_id, projector(tokens))
     logits = llm(inputs_embeds=embeds).logits
     output, target = logits[:, :-1, :], labels[:, 1:]

@@ -1,0 +1,168 @@
+"""The driver side of ``cachebind train llava-pretrain``: plan, Ray Train, LLaVA's output.
+
+Layout under ``train.output_dir``::
+
+    <run_name>/start.pth          the projector the run starts from (seeded, or init_projector)
+    <run_name>/loss.jsonl         one line per optimiser step (rank 0), as ``train pretrain``
+    <run_name>/loss.png           the curve, when matplotlib is installed
+    <run_name>/mm_projector.bin   the result, LLaVA's stage-1 layout (model.mm_projector.0/2.*)
+    ray/<run_name>/checkpoint_*   Ray Train checkpoints (state.pt + mm_projector.bin)
+
+Running the same command again resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from cachebind.bind.projector import LlavaProjector
+from cachebind.config import Settings
+from cachebind.raycluster import start_or_join_ray
+from cachebind.train.data import steps_per_epoch
+from cachebind.train.rows import RowSource
+from cachebind.train.tokens_data import min_length
+from cachebind.train.tokens_loop import MM_PROJECTOR_FILE, TokensPlan, train_tokens_loop
+from cachebind.train.tokens_model import LlmSource, Stage, llm_source
+from cachebind.train.trainer import TrainError, TrainResult, fit_on_ray, plot_losses
+
+
+def tokens_column(encoder: str) -> str:
+    """The cache column of ``encoder``'s patch tokens."""
+    return "patch_tokens" if encoder == "imagebind" else f"patch_tokens_{encoder}"
+
+
+def token_shape(table, encoder: str) -> tuple[int, int]:
+    """(patches, width) the table records for ``encoder``'s tokens; refused when it has none."""
+    column = tokens_column(encoder)
+    if encoder == "imagebind":
+        shape = table.metadata.get("tokens")
+    else:
+        shape = ((table.metadata.get("extra_encoders") or {}).get(encoder) or {}).get("tokens")
+    if not shape or column not in table.dataset.schema.names:
+        hint = "--tokens" if encoder == "imagebind" else f"--tokens --extra-encoder {encoder}=DIR"
+        raise TrainError(f"table version {table.version} has no {column} (embed {hint})")
+    return int(shape["patches"]), int(shape["width"])
+
+
+def write_projector_start(
+    path: Path, source: LlmSource, width: int, init: Path | None, seed: int
+) -> Path:
+    """The start projector (``init``'s mm_projector.bin, else a seeded fresh one), atomically."""
+    projector = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
+    if init is not None:
+        from cachebind.inject.llava_load import read_mm_projector, replace_projector
+
+        have = {"multi_modal_projector." + k: v for k, v in projector.state_dict().items()}
+        state = replace_projector(have, read_mm_projector(Path(init)), str(init))
+        projector.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+    else:
+        torch.manual_seed(seed)  # nn.Linear's own init, reproducible
+        projector = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    state = {k: v.float().contiguous() for k, v in projector.state_dict().items()}
+    torch.save({"projector": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan:
+    """The run's plan from the settings and the cache table's pinned version."""
+    from cachebind.store import CacheTable
+
+    cfg, tt = settings.train, settings.tokens_train
+    source = llm_source(tt.llava_dir, tt.llama_dir)
+    table = CacheTable.open(settings.store)
+    patches, width = token_shape(table, tt.encoder)
+    if source.vision_width is not None and source.vision_width != width:
+        raise TrainError(
+            f"the cache's {tokens_column(tt.encoder)} are {width} wide, {source.directory}'s "
+            f"projector takes {source.vision_width}"
+        )
+    if tt.max_length < min_length(patches):
+        raise TrainError(
+            f"tokens_train.max_length {tt.max_length} cannot hold BOS, {patches} visual tokens "
+            "and a caption token"
+        )
+    missing = table.dataset.count_rows(filter="caption IS NULL")
+    if missing:
+        raise TrainError(f"{missing} rows of the table have no caption to train on")
+    n_rows = table.count()
+    global_batch = tt.pretrain_batch if stage == "pretrain" else tt.finetune_batch
+    per_pass = cfg.batch_size * world
+    if global_batch % per_pass:
+        raise TrainError(
+            f"global batch {global_batch} is not a multiple of batch_size {cfg.batch_size} x "
+            f"{world} workers"
+        )
+    spe = steps_per_epoch(n_rows, global_batch)
+    if spe == 0:
+        raise TrainError(f"{n_rows} rows are fewer than one global batch of {global_batch}")
+    scheduled = max(int(tt.epochs * spe), 1)  # the schedule's length, whatever max_steps says
+    total = min(scheduled, cfg.max_steps) if cfg.max_steps is not None else scheduled
+    warmup_steps = math.ceil(tt.warmup_ratio * scheduled)  # transformers' get_warmup_steps
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    start = write_projector_start(run_dir / "start.pth", source, width, tt.init_projector, cfg.seed)
+    return TokensPlan(
+        stage=stage,
+        llm=source,
+        start_file=str(start.resolve()),
+        source=RowSource(
+            uri=str(table.dataset.uri),
+            version=int(table.version),
+            storage_options=table.storage_options,
+            columns=(tokens_column(tt.encoder), "caption"),
+        ),
+        tokens_column=tokens_column(tt.encoder),
+        patches=patches,
+        width=width,
+        n_rows=n_rows,
+        steps_per_epoch=spe,
+        total_steps=total,
+        epochs=scheduled / spe,
+        warmup_epochs=warmup_steps / spe,
+        lr=tt.pretrain_lr if stage == "pretrain" else tt.finetune_lr,
+        weight_decay=tt.weight_decay,
+        max_grad_norm=tt.max_grad_norm,
+        batch_size=cfg.batch_size,
+        accum_iter=global_batch // per_pass,
+        max_length=tt.max_length,
+        seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        data_cpus=cfg.data_cpus,
+        output_dtype=cfg.output_dtype,
+        log_file=str((run_dir / "loss.jsonl").resolve()),
+    )
+
+
+def run_tokens_training(settings: Settings, stage: Stage = "pretrain") -> TrainResult:
+    """Train LLaVA-1.5's ``stage`` from the cache's patch tokens; resumable."""
+    cfg = settings.train
+    start_or_join_ray(cfg.ray_address, log_to_driver=True)
+    plan = make_tokens_plan(settings, stage, cfg.num_workers)
+    result = fit_on_ray(cfg, train_tokens_loop, plan)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    output = run_dir / MM_PROJECTOR_FILE
+    with result.checkpoint.as_directory() as d:
+        tmp = output.with_name(f".{output.name}.tmp")
+        shutil.copyfile(Path(d) / MM_PROJECTOR_FILE, tmp)
+        tmp.replace(output)
+    log_file = Path(plan.log_file)
+    losses = [json.loads(x)["loss"] for x in log_file.read_text().splitlines() if x]
+    return TrainResult(
+        phase=stage,
+        output=output,
+        steps=plan.total_steps,
+        effective_batch=plan.batch_size * plan.accum_iter * cfg.num_workers,
+        lr=plan.lr,
+        final_loss=losses[-1] if losses else None,
+        log_file=log_file,
+        plot=plot_losses(log_file) if losses else None,
+        checkpoint_dir=(Path(cfg.output_dir) / "ray" / cfg.run_name).resolve(),
+    )

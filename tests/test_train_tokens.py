@@ -1,0 +1,136 @@
+"""Specification of ``cachebind train llava-pretrain``: LLaVA-1.5's stage 1 on Ray Train from
+cached patch tokens (CPU, gloo). The projector alone learns captions that the tokens determine;
+a run stopped part-way and run again ends with exactly the weights and loss curve of an
+uninterrupted run; the result is LLaVA's ``mm_projector.bin`` and loads back into cachebind's
+LLaVA path as llava-hf's projector."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from llava_checkpoints import PATCHES, reference_llava, write_llava_hf
+from train_fixtures import token_caption_table
+
+from cachebind.config import Settings
+from cachebind.errors import WeightsError
+from cachebind.inject.llava_load import load_llava
+from cachebind.inject.tiny import train_tokenizer
+from cachebind.inject.tokenizer import Tokenizer
+from cachebind.train.tokens_data import IMAGE_INDEX, plain_example
+from cachebind.train.tokens_trainer import make_tokens_plan, run_tokens_training
+from cachebind.train.trainer import TrainError
+
+WIDTH = 32  # the small LLaVA's vision width (tests/llava_checkpoints.py)
+ROWS = 32
+# Global batch 8 from micro-batches of 4 (two accumulated): 4 steps an epoch, 3 epochs.
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokens-train")
+    tokenizer = train_tokenizer(root / "tokenizer.model", vocab_size=512)
+    llava = write_llava_hf(reference_llava(vocab=Tokenizer(tokenizer).n_words), root / "llava")
+    shutil.copy(tokenizer, llava / "tokenizer.model")
+    (root / "db").mkdir()
+    token_caption_table(root / "db", "clip336", ROWS, PATCHES, WIDTH)
+    return {"root": root, "llava": llava, "db": root / "db"}
+
+
+def settings_for(inputs: dict[str, Path], run_name: str, **train: object) -> Settings:
+    return Settings(
+        store={"uri": str(inputs["db"]), "table": "images", "vector_dtype": "float32"},
+        train={
+            "output_dir": str(inputs["root"] / "train"), "run_name": run_name,
+            "batch_size": 4, "checkpoint_every": 3, "progress": False, "data_cpus": 0.1,
+            **train,
+        },
+        tokens_train={
+            "llava_dir": str(inputs["llava"]), "encoder": "clip336", "pretrain_batch": 8,
+            "epochs": 3.0, "pretrain_lr": 5e-2, "max_length": 64,
+        },
+    )  # fmt: skip
+
+
+def losses(log: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines() if line]
+
+
+def test_a_caption_becomes_bos_the_visual_tokens_and_the_caption_labelled_alone(inputs):
+    tok = Tokenizer(inputs["llava"] / "tokenizer.model")
+    ids, labels = plain_example(tok, "a red circle", PATCHES, max_length=64)
+    caption = tok.encode("a red circle\n", bos=False, eos=False)
+    assert ids == [tok.bos_id, *[IMAGE_INDEX] * PATCHES, *caption]
+    assert labels == [-100] * (1 + PATCHES) + caption
+    cut_ids, cut_labels = plain_example(tok, "a red circle", PATCHES, max_length=PATCHES + 2)
+    assert cut_ids == ids[: PATCHES + 2] and cut_labels == labels[: PATCHES + 2]
+
+
+def test_the_plan_follows_the_recipe_and_refuses_what_it_cannot_train(inputs):
+    plan = make_tokens_plan(settings_for(inputs, "plan"), "pretrain", world=1)
+    assert (plan.total_steps, plan.steps_per_epoch, plan.accum_iter) == (STEPS, 4, 2)
+    assert plan.tokens_column == "patch_tokens_clip336" and (plan.patches, plan.width) == (9, 32)
+    assert plan.warmup_epochs == pytest.approx(1 / 4)  # ceil(0.03 x 12) = 1 step
+    recipe = Settings().tokens_train  # LLaVA-1.5's pretrain.sh
+    assert (recipe.pretrain_lr, recipe.pretrain_batch, recipe.epochs) == (1e-3, 256, 1.0)
+    assert (recipe.warmup_ratio, recipe.weight_decay) == (0.03, 0.0)
+
+    imagebind = settings_for(inputs, "plan")
+    imagebind.tokens_train.encoder = "imagebind"
+    with pytest.raises(TrainError, match="has no patch_tokens "):
+        make_tokens_plan(imagebind, "pretrain", world=1)
+    odd = settings_for(inputs, "plan", batch_size=3)
+    with pytest.raises(TrainError, match="not a multiple of batch_size 3"):
+        make_tokens_plan(odd, "pretrain", world=1)
+    none = settings_for(inputs, "plan")
+    none.tokens_train.llava_dir = None
+    with pytest.raises(WeightsError, match="no LLM"):
+        make_tokens_plan(none, "pretrain", world=1)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_stage_1_learns_the_captions_resumes_exactly_and_writes_llavas_projector(
+    inputs, ray_session
+):
+    whole = run_tokens_training(settings_for(inputs, "whole"), "pretrain")
+    curve = losses(whole.log_file)
+    assert whole.steps == STEPS and len(curve) == STEPS and whole.effective_batch == 8
+    # The LLM is frozen: only the projected tokens can lower the caption loss. An epoch is all
+    # 32 rows, so the first and the last epoch's means are over the same examples.
+    assert np.mean(curve[-4:]) < np.mean(curve[:4]) - 0.25, curve
+
+    # Stopped after step 5 (its last checkpoint), then the same run again: it resumes there.
+    stopped = run_tokens_training(settings_for(inputs, "resumed", max_steps=5), "pretrain")
+    assert len(losses(stopped.log_file)) == 5
+    resumed = run_tokens_training(settings_for(inputs, "resumed"), "pretrain")
+    assert losses(resumed.log_file) == curve
+    a = torch.load(resumed.output, weights_only=True)
+    b = torch.load(whole.output, weights_only=True)
+    assert sorted(a) == [
+        "model.mm_projector.0.bias", "model.mm_projector.0.weight",
+        "model.mm_projector.2.bias", "model.mm_projector.2.weight",
+    ]  # fmt: skip
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The output is llava-hf's projector once loaded into cachebind's LLaVA path.
+    before = load_llava(inputs["llava"])
+    model = load_llava(inputs["llava"], projector=whole.output)
+    state = model.multi_modal_projector.state_dict()
+    for name, index in (("linear_1", 0), ("linear_2", 2)):
+        assert torch.equal(state[f"{name}.weight"], b[f"model.mm_projector.{index}.weight"])
+        assert torch.equal(state[f"{name}.bias"], b[f"model.mm_projector.{index}.bias"])
+    llm_before = before.language_model.state_dict()
+    assert all(torch.equal(v, llm_before[k]) for k, v in model.language_model.state_dict().items())
