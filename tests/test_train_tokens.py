@@ -22,9 +22,10 @@ from cachebind.errors import WeightsError
 from cachebind.inject.llava_load import load_llava
 from cachebind.inject.tiny import train_tokenizer
 from cachebind.inject.tokenizer import Tokenizer
-from cachebind.train.tokens_data import IMAGE_INDEX, plain_example
+from cachebind.train.instruct import InstructionError
+from cachebind.train.tokens_data import IMAGE_INDEX, conversation_example, plain_example
 from cachebind.train.tokens_trainer import make_tokens_plan, run_tokens_training
-from cachebind.train.trainer import TrainError
+from cachebind.train.trainer import TrainError, TrainResult
 
 WIDTH = 32  # the small LLaVA's vision width (tests/llava_checkpoints.py)
 ROWS = 32
@@ -101,11 +102,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def stage1(inputs, ray_session) -> TrainResult:
+    return run_tokens_training(settings_for(inputs, "whole"), "pretrain")
+
+
 @pytest.mark.slow
-def test_stage_1_learns_the_captions_resumes_exactly_and_writes_llavas_projector(
-    inputs, ray_session
-):
-    whole = run_tokens_training(settings_for(inputs, "whole"), "pretrain")
+def test_stage_1_learns_the_captions_resumes_exactly_and_writes_llavas_projector(inputs, stage1):
+    whole = stage1
     curve = losses(whole.log_file)
     assert whole.steps == STEPS and len(curve) == STEPS and whole.effective_batch == 8
     # The LLM is frozen: only the projected tokens can lower the caption loss. An epoch is all
@@ -134,3 +138,55 @@ def test_stage_1_learns_the_captions_resumes_exactly_and_writes_llavas_projector
         assert torch.equal(state[f"{name}.bias"], b[f"model.mm_projector.{index}.bias"])
     llm_before = before.language_model.state_dict()
     assert all(torch.equal(v, llm_before[k]) for k, v in model.language_model.state_dict().items())
+
+
+def test_a_conversation_is_labelled_on_its_answers_and_their_end_of_sequence(inputs):
+    tok = Tokenizer(inputs["llava"] / "tokenizer.model")
+    turns = [("<image>\nWhat colour?", "Red."), ("And the shape?", "A star.")]
+    ids, labels = conversation_example(tok, turns, PATCHES, has_image=True, max_length=512)
+    assert ids.count(IMAGE_INDEX) == PATCHES and len(ids) == len(labels)
+    labelled = [i for i, x in zip(ids, labels, strict=True) if x != -100]
+    red, star = tok.encode("Red.", bos=False), tok.encode("A star.", bos=False)
+    assert labelled == [*red, tok.eos_id, *star, tok.eos_id]
+    assert [x for x in labels if x != -100] == labelled
+    text_only, _ = conversation_example(tok, turns, PATCHES, has_image=False, max_length=512)
+    assert IMAGE_INDEX not in text_only
+    short, _ = conversation_example(tok, turns, PATCHES, has_image=True, max_length=4)
+    assert short.count(IMAGE_INDEX) == PATCHES and short[-1] == IMAGE_INDEX  # never cut inside
+
+
+@pytest.mark.slow
+def test_stage_2_trains_projector_and_llm_on_instructions_into_a_llava_hf_directory(inputs, stage1):
+    items = [
+        {"image": f"images/img-{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"},
+            {"from": "gpt", "value": f"It is {('red', 'green', 'blue', 'white')[i % 4]}."}]}
+        for i in range(7)
+    ] + [{"conversations": [{"from": "human", "value": "Hello?"},
+                            {"from": "gpt", "value": "Hello."}]}]  # fmt: skip
+    (inputs["root"] / "instructions.json").write_text(json.dumps(items))
+    settings = settings_for(inputs, "stage2")
+    settings.tokens_train.instructions = inputs["root"] / "instructions.json"
+    settings.tokens_train.init_projector = stage1.output
+    settings.tokens_train.finetune_batch = 4
+    settings.tokens_train.max_length = 256  # the v1 system prompt and two turns
+    result = run_tokens_training(settings, "finetune")
+    assert (
+        result.steps == 2 * 3 and len(losses(result.log_file)) == result.steps
+    )  # 8 items, 3 epochs
+
+    original = load_llava(inputs["llava"])
+    trained = load_llava(result.output)  # strict: every tensor present, none left over
+    tower = original.vision_tower.state_dict()
+    assert all(torch.equal(v, tower[k]) for k, v in trained.vision_tower.state_dict().items())
+    llm = original.language_model.state_dict()
+    moved = [not torch.equal(v, llm[k]) for k, v in trained.language_model.state_dict().items()]
+    assert any(moved)  # the LLM trains in stage 2
+    start = torch.load(stage1.output, weights_only=True)["model.mm_projector.0.weight"]
+    assert not torch.equal(trained.multi_modal_projector.linear_1.weight, start)
+
+    missing = [{"image": "nowhere.jpg", "conversations": items[0]["conversations"]}]
+    (inputs["root"] / "missing.json").write_text(json.dumps(missing))
+    settings.tokens_train.instructions = inputs["root"] / "missing.json"
+    with pytest.raises(InstructionError, match="not in the cache: \\['nowhere.jpg'\\]"):
+        make_tokens_plan(settings, "finetune", world=1)

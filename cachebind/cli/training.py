@@ -21,10 +21,11 @@ def add_train(sub: Subcommands, common: CommonOptions) -> None:
         "DDP on Ray Train; checkpoints every --checkpoint-every steps; re-running the same "
         "command resumes. Writes the released {'model': ...} layout that generate/serve load. "
         "llava-pretrain: LLaVA-1.5 stage 1 (the projector alone) from cached patch tokens "
-        "(embed --tokens), writing LLaVA's mm_projector.bin.",
+        "(embed --tokens), writing LLaVA's mm_projector.bin. llava-finetune: stage 2 (projector "
+        "and LLM) on --instructions, writing a llava-hf directory.",
         parents=[common.table],
     )
-    p.add_argument("phase", choices=["pretrain", "finetune", "llava-pretrain"])
+    p.add_argument("phase", choices=["pretrain", "finetune", "llava-pretrain", "llava-finetune"])
     add_flags(p)
     p.add_argument(
         "--llava-dir",
@@ -52,13 +53,17 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from cachebind.train.report import print_result, print_tokens_result
     from cachebind.train.trainer import run_training
 
-    if args.phase == "llava-pretrain":
+    if args.phase.startswith("llava-"):
         from cachebind.train.tokens_trainer import run_tokens_training
 
-        if settings.tokens_train.llava_dir is None and settings.tokens_train.llama_dir is None:
-            # --llama-dir names the base LLM of both kinds of run.
-            settings.tokens_train.llama_dir = settings.train.llama_dir
-        print_tokens_result(run_tokens_training(settings, "pretrain"))
+        tt = settings.tokens_train
+        # --llama-dir and --instructions name the base LLM and stage 2's data of both kinds.
+        if tt.llava_dir is None and tt.llama_dir is None:
+            tt.llama_dir = settings.train.llama_dir
+        if tt.instructions is None:
+            tt.instructions = settings.train.instructions
+        stage = "pretrain" if args.phase == "llava-pretrain" else "finetune"
+        print_tokens_result(run_tokens_training(settings, stage))
         return 0
     print_result(run_training(settings, args.phase))
     return 0

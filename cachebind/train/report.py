@@ -88,7 +88,8 @@ def print_tokens_result(result: TrainResult) -> None:
         f"llava {s['phase']}: {s['steps']} steps at global batch {s['effective_batch']} "
         f"(lr {result.lr:.3g}), final loss {result.final_loss}"
     )
-    print(f"projector:   {s['output']}  (LLaVA's mm_projector.bin; load_llava(projector=...))")
+    kind = "llava-hf directory" if result.phase == "finetune" else "LLaVA's mm_projector.bin"
+    print(f"model:       {s['output']}  ({kind}; cachebind.inject.llava_load.load_llava)")
     print(f"loss log:    {s['loss_log']}" + (f"  plot: {s['loss_plot']}" if s["loss_plot"] else ""))
     print(f"checkpoints: {s['checkpoints']}")
     print(json.dumps(s))

@@ -87,3 +87,62 @@ def collate_captions(
     flat = np.array(tokens, dtype=np.float16)  # a copy: Arrow buffers are read-only
     patch_tokens = torch.from_numpy(flat.reshape(len(examples), patches, -1))
     return TokensBatch(patch_tokens, input_ids, labels)
+
+
+# LLaVA-1.5's stage-2 conversation (``conv_vicuna_v1``): system, "USER: ... ASSISTANT: ...</s>".
+V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+IMAGE_TAG = "<image>"
+
+
+def conversation_example(
+    tok: Tokenizer, turns: Sequence[tuple[str, str]], patches: int, has_image: bool, max_length: int
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a stage-2 conversation [(question, answer), ...] in LLaVA-1.5's
+    ``v1`` template, the loss on each answer and its ``</s>``. With an image, ``<image>\\n``
+    leads the first question (LLaVA's ``preprocess_multimodal`` moves it there) and stands as
+    ``patches`` visual tokens. Turns are tokenised one piece at a time (LLaVA tokenises the
+    conversation whole and masks by round lengths: a piece boundary may split differently).
+    The example is cut at ``max_length``, or after the image's last token if that is later."""
+    ids: list[int] = [tok.bos_id]
+    labels: list[int] = [LLAVA_IGNORE]
+    for i, (question, answer) in enumerate(turns):
+        question = question.replace(IMAGE_TAG, "").strip()
+        head = f"{V1_SYSTEM} USER: " if i == 0 else "USER: "
+        if i == 0 and has_image:
+            before = tok.encode(head, bos=False, eos=False)
+            after = tok.encode(f"\n{question} ASSISTANT:", bos=False, eos=False)
+            prompt = [*before, *([IMAGE_INDEX] * patches), *after]
+        else:
+            prompt = tok.encode(f"{head}{question} ASSISTANT:", bos=False, eos=False)
+        reply = [*tok.encode(str(answer), bos=False, eos=False), tok.eos_id]
+        ids += prompt + reply
+        labels += [LLAVA_IGNORE] * len(prompt) + reply
+    # Cut at max_length but never inside the image: its tokens are placed whole or not at all.
+    cut = max(max_length, ids.index(IMAGE_INDEX) + patches) if has_image else max_length
+    return ids[:cut], labels[:cut]
+
+
+def collate_conversations(
+    tok: Tokenizer,
+    tokens: np.ndarray,
+    conversations: Sequence[str],
+    has_image: np.ndarray,
+    patches: int,
+    max_length: int,
+) -> TokensBatch:
+    """A stage-2 micro-batch: ``conversations`` JSON lists of [question, answer] pairs; only
+    rows with an image contribute tokens (a text-only row has no image positions)."""
+    import json
+
+    flags = np.asarray(has_image, dtype=bool)
+    examples = [
+        conversation_example(tok, json.loads(c), patches, bool(f), max_length)
+        for c, f in zip(conversations, flags, strict=True)
+    ]
+    input_ids, labels = pad_examples(examples, tok.sp.unk_id())
+    flat = np.array(tokens, dtype=np.float16)[flags]  # a copy: Arrow buffers are read-only
+    patch_tokens = torch.from_numpy(flat.reshape(int(flags.sum()), patches, -1))
+    return TokensBatch(patch_tokens, input_ids, labels)

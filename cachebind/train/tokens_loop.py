@@ -22,7 +22,12 @@ from cachebind.train.loop import all_mean, report_checkpoint, restore, scheduled
 from cachebind.train.rows import RowSource
 from cachebind.train.schedule import learning_rate, set_lr
 from cachebind.train.step import optimizer_step
-from cachebind.train.tokens_data import IMAGE_INDEX, collate_captions
+from cachebind.train.tokens_data import (
+    IMAGE_INDEX,
+    TokensBatch,
+    collate_captions,
+    collate_conversations,
+)
 from cachebind.train.tokens_model import (
     LlmSource,
     Stage,
@@ -42,7 +47,7 @@ class TokensPlan:
     stage: Stage
     llm: LlmSource
     start_file: str
-    """``{"projector": LlavaProjector state}`` the run starts from."""
+    """``{"projector": LlavaProjector state}`` the run starts from (None: llava_dir's own)."""
     source: RowSource
     tokens_column: str
     patches: int
@@ -67,11 +72,25 @@ class TokensPlan:
 
 def build_module(plan: TokensPlan, device: torch.device, dtype: torch.dtype) -> TokensLoss:
     """The LLM and the start projector, on ``device``."""
-    llm = load_llm(plan.llm, dtype, device)
-    projector = LlavaProjector(plan.width, plan.llm.hidden, act=plan.llm.act, bias=plan.llm.bias)
+    llm, own = load_llm(plan.llm, dtype, device)
     start = torch.load(plan.start_file, map_location="cpu", weights_only=True)["projector"]
+    if start is None and own is not None:
+        return TokensLoss(own, llm, IMAGE_INDEX)
+    projector = LlavaProjector(plan.width, plan.llm.hidden, act=plan.llm.act, bias=plan.llm.bias)
     projector.load_state_dict(start, strict=True)
     return TokensLoss(projector.to(device), llm, IMAGE_INDEX)
+
+
+def collate(plan: TokensPlan, tok, rows: dict) -> TokensBatch:
+    """Stage 1's caption rows or stage 2's conversations."""
+    if "conversation" in rows:
+        return collate_conversations(
+            tok, rows[plan.tokens_column], rows["conversation"], rows["has_image"],
+            plan.patches, plan.max_length,
+        )  # fmt: skip
+    return collate_captions(
+        tok, rows[plan.tokens_column], rows["caption"], plan.patches, plan.max_length
+    )
 
 
 def projector_export(module: TokensLoss, dtype: torch.dtype):
@@ -117,12 +136,7 @@ def train_tokens_loop(plan: TokensPlan) -> None:
             epoch, lr=plan.lr, min_lr=0.0, warmup_epochs=plan.warmup_epochs, epochs=plan.epochs
         )
         set_lr(optimizer, lr)
-        batches = [
-            collate_captions(
-                tok, rows[plan.tokens_column], rows["caption"], plan.patches, plan.max_length
-            ).to(device)
-            for rows in group
-        ]
+        batches = [collate(plan, tok, rows).to(device) for rows in group]
         autocast = torch.bfloat16 if cuda else None
         loss = optimizer_step(wrapped, optimizer, batches, autocast, plan.max_grad_norm)
         loss = all_mean(loss, device)

@@ -81,15 +81,17 @@ def _tokenizer(directory: Path) -> Path:
     return path
 
 
-def load_llm(source: LlmSource, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """The source's LLM, in ``dtype`` on ``device``."""
+def load_llm(
+    source: LlmSource, dtype: torch.dtype, device: torch.device
+) -> tuple[LlamaForCausalLM, LlavaProjector | None]:
+    """The source's LLM in ``dtype`` on ``device``, and a llava-hf directory's projector."""
     if source.kind == "llava":
         from cachebind.inject.llava_load import load_llava
 
-        llm = load_llava(source.directory, dtype=dtype).language_model  # tower dropped here
-        return llm.to(device)
+        llava = load_llava(source.directory, dtype=dtype)  # its tower is dropped with it
+        return llava.language_model.to(device), llava.multi_modal_projector.to(device)
     model = LlamaForCausalLM.from_pretrained(source.directory, torch_dtype=dtype)
-    return model.to(device)
+    return model.to(device), None
 
 
 class TokensLoss(nn.Module):

@@ -1,11 +1,15 @@
-"""The driver side of ``cachebind train llava-pretrain``: plan, Ray Train, LLaVA's output.
+"""The driver side of ``cachebind train llava-pretrain | llava-finetune``: plan, Ray Train,
+LLaVA's outputs.
 
 Layout under ``train.output_dir``::
 
     <run_name>/start.pth          the projector the run starts from (seeded, or init_projector)
     <run_name>/loss.jsonl         one line per optimiser step (rank 0), as ``train pretrain``
     <run_name>/loss.png           the curve, when matplotlib is installed
-    <run_name>/mm_projector.bin   the result, LLaVA's stage-1 layout (model.mm_projector.0/2.*)
+    <run_name>/mm_projector.bin   the projector, LLaVA's stage-1 layout (model.mm_projector.0/2.*)
+    <run_name>/llava-hf/          stage 2: a llava-hf directory (llava_dir's tower and files,
+                                  the trained projector and LLM) that ``load_llava`` loads
+    <run_name>/llava_instructions.lance   stage 2's examples resolved against the cache
     ray/<run_name>/checkpoint_*   Ray Train checkpoints (state.pt + mm_projector.bin)
 
 Running the same command again resumes from the latest checkpoint.
@@ -27,6 +31,7 @@ from cachebind.raycluster import start_or_join_ray
 from cachebind.train.data import steps_per_epoch
 from cachebind.train.rows import RowSource
 from cachebind.train.tokens_data import min_length
+from cachebind.train.tokens_instruct import instruction_source
 from cachebind.train.tokens_loop import MM_PROJECTOR_FILE, TokensPlan, train_tokens_loop
 from cachebind.train.tokens_model import LlmSource, Stage, llm_source
 from cachebind.train.trainer import TrainError, TrainResult, fit_on_ray, plot_losses
@@ -51,9 +56,16 @@ def token_shape(table, encoder: str) -> tuple[int, int]:
 
 
 def write_projector_start(
-    path: Path, source: LlmSource, width: int, init: Path | None, seed: int
+    path: Path, source: LlmSource, width: int, init: Path | None, seed: int, stage: Stage
 ) -> Path:
-    """The start projector (``init``'s mm_projector.bin, else a seeded fresh one), atomically."""
+    """The start projector (``init``'s mm_projector.bin, else in stage 2 the llava-hf
+    directory's own, recorded as None, else a seeded fresh one), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if init is None and stage == "finetune":
+        torch.save({"projector": None}, tmp)
+        os.replace(tmp, path)
+        return path
     projector = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
     if init is not None:
         from cachebind.inject.llava_load import read_mm_projector, replace_projector
@@ -64,8 +76,6 @@ def write_projector_start(
     else:
         torch.manual_seed(seed)  # nn.Linear's own init, reproducible
         projector = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.float().contiguous() for k, v in projector.state_dict().items()}
     torch.save({"projector": state}, tmp)
     os.replace(tmp, path)
@@ -90,10 +100,30 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
             f"tokens_train.max_length {tt.max_length} cannot hold BOS, {patches} visual tokens "
             "and a caption token"
         )
-    missing = table.dataset.count_rows(filter="caption IS NULL")
-    if missing:
-        raise TrainError(f"{missing} rows of the table have no caption to train on")
-    n_rows = table.count()
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    column = tokens_column(tt.encoder)
+    rows: RowSource
+    if stage == "finetune":
+        if source.kind != "llava" or tt.instructions is None:
+            raise TrainError(
+                "llava-finetune needs tokens_train.llava_dir (its tower goes into the output) "
+                "and tokens_train.instructions"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows, n_rows = instruction_source(
+            Path(tt.instructions), table, run_dir, column, patches * width
+        )
+    else:
+        missing = table.dataset.count_rows(filter="caption IS NULL")
+        if missing:
+            raise TrainError(f"{missing} rows of the table have no caption to train on")
+        n_rows = table.count()
+        rows = RowSource(
+            uri=str(table.dataset.uri),
+            version=int(table.version),
+            storage_options=table.storage_options,
+            columns=(column, "caption"),
+        )
     global_batch = tt.pretrain_batch if stage == "pretrain" else tt.finetune_batch
     per_pass = cfg.batch_size * world
     if global_batch % per_pass:
@@ -107,19 +137,15 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
     scheduled = max(int(tt.epochs * spe), 1)  # the schedule's length, whatever max_steps says
     total = min(scheduled, cfg.max_steps) if cfg.max_steps is not None else scheduled
     warmup_steps = math.ceil(tt.warmup_ratio * scheduled)  # transformers' get_warmup_steps
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    start = write_projector_start(run_dir / "start.pth", source, width, tt.init_projector, cfg.seed)
+    start = write_projector_start(
+        run_dir / "start.pth", source, width, tt.init_projector, cfg.seed, stage
+    )
     return TokensPlan(
         stage=stage,
         llm=source,
         start_file=str(start.resolve()),
-        source=RowSource(
-            uri=str(table.dataset.uri),
-            version=int(table.version),
-            storage_options=table.storage_options,
-            columns=(tokens_column(tt.encoder), "caption"),
-        ),
-        tokens_column=tokens_column(tt.encoder),
+        source=rows,
+        tokens_column=column,
         patches=patches,
         width=width,
         n_rows=n_rows,
@@ -153,6 +179,10 @@ def run_tokens_training(settings: Settings, stage: Stage = "pretrain") -> TrainR
         tmp = output.with_name(f".{output.name}.tmp")
         shutil.copyfile(Path(d) / MM_PROJECTOR_FILE, tmp)
         tmp.replace(output)
+        if stage == "finetune":
+            output = write_llava_hf(
+                Path(plan.llm.directory), Path(d) / "state.pt", run_dir / "llava-hf"
+            )
     log_file = Path(plan.log_file)
     losses = [json.loads(x)["loss"] for x in log_file.read_text().splitlines() if x]
     return TrainResult(
@@ -166,3 +196,40 @@ def run_tokens_training(settings: Settings, stage: Stage = "pretrain") -> TrainR
         plot=plot_losses(log_file) if losses else None,
         checkpoint_dir=(Path(cfg.output_dir) / "ray" / cfg.run_name).resolve(),
     )
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pth", "model.safetensors.index.json")
+
+
+def write_llava_hf(llava_dir: Path, state_file: Path, out: Path) -> Path:
+    """A llava-hf directory: ``llava_dir``'s files and vision tower, the trained projector and
+    LLM of ``state_file`` (a checkpoint's ``state.pt``), as one ``model.safetensors``. Written
+    beside ``out`` and renamed into place, so a reader never sees half of it."""
+    from safetensors.torch import save_file
+
+    from cachebind.encode.tensorfiles import read_tensors
+    from cachebind.inject.llava_load import canonical_state
+
+    trained = torch.load(state_file, map_location="cpu", weights_only=True)["trainable"]
+    names = {"projector.": "multi_modal_projector.", "llm.": "language_model."}
+    tensors = {
+        k: v for k, v in canonical_state(read_tensors(llava_dir), str(llava_dir)).items()
+        if k.startswith("vision_tower.")
+    }  # fmt: skip
+    for name, tensor in trained.items():
+        prefix = next(p for p in names if name.startswith(p))
+        tensors[names[prefix] + name[len(prefix) :]] = tensor
+    # A tied head shares the embedding's storage: safetensors wants each tensor its own.
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {p for pattern in WEIGHT_FILES for p in llava_dir.glob(pattern)}
+    for f in llava_dir.iterdir():
+        if f.is_file() and f not in weights:
+            shutil.copy2(f, tmp / f.name)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
