@@ -66,10 +66,6 @@ def token_caption_table(
     """An images table whose cached patch tokens (``patch_tokens_<encoder>``, float16) carry
     their caption's colour and shape (one direction each, every patch) plus noise, so that a
     caption can be learned from the tokens alone."""
-    import lance
-
-    from cachebind.store import images_schema
-
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((width, width)))[0][: len(COLOURS) + len(SHAPES)]
     captions, tokens = [], []
@@ -78,19 +74,35 @@ def token_caption_table(
         captions.append(f"a {COLOURS[c]} {SHAPES[s]}")
         noise = 0.1 * rng.standard_normal((patches, width))
         tokens.append(2.0 * (basis[c] + basis[len(COLOURS) + s]) + noise)
-    flat = np.asarray(tokens, dtype=np.float16).reshape(-1)
-    shape = {"layer": -2, "patches": patches, "width": width, "dtype": "float16", "cls": False}
+    return tokens_table(uri, {encoder: np.asarray(tokens)}, captions)
+
+
+def tokens_table(uri: Path, tokens: dict[str, np.ndarray], captions: list[str]) -> StoreConfig:
+    """An images table (keys ``img-<i>``) holding each extra encoder's tokens [n, patches,
+    width] as its ``patch_tokens_<name>`` column (float16), recorded in the metadata as
+    ``embed --tokens --extra-encoder`` records them."""
+    import lance
+
+    from cachebind.store import images_schema
+
+    n = len(captions)
+    extra, meta, columns = {}, {}, {}
+    for name, values in tokens.items():
+        _, patches, width = values.shape
+        extra[name] = (4, patches * width)
+        meta[name] = {"tokens": {"layer": -2, "patches": patches, "width": width,
+                                 "dtype": "float16", "cls": False}}  # fmt: skip
+        flat = pa.array(np.asarray(values, dtype=np.float16).reshape(-1))
+        columns[f"vector_{name}"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ones(n * 4, "f4")), 4
+        )
+        columns[f"patch_tokens_{name}"] = pa.FixedSizeListArray.from_arrays(flat, patches * width)
     schema = images_schema(
-        dtype="float32", dim=4, thumbnail=False, extra={encoder: (4, patches * width)},
-        metadata={"extra_encoders": {encoder: {"tokens": shape}}},
-    )  # fmt: skip
-    rows = image_rows(rng.standard_normal((n, 4)).astype(np.float32), dtype="float32")
-    rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", pa.array(captions))
-    rows = rows.append_column(
-        f"vector_{encoder}", pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * 4, "f4")), 4)
-    ).append_column(
-        f"patch_tokens_{encoder}",
-        pa.FixedSizeListArray.from_arrays(pa.array(flat), patches * width),
+        dtype="float32", dim=4, thumbnail=False, extra=extra, metadata={"extra_encoders": meta}
     )
-    lance.write_dataset(rows.cast(schema), str(uri / "images.lance"))
+    rows = image_rows(np.ones((n, 4), dtype=np.float32), dtype="float32")
+    rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", pa.array(captions))
+    for name, column in columns.items():
+        rows = rows.append_column(name, column)
+    lance.write_dataset(rows.select(schema.names).cast(schema), str(uri / "images.lance"))
     return StoreConfig(uri=str(uri), table="images", vector_dtype="float32")
