@@ -560,6 +560,12 @@ class TokensTrainConfig(Section):
     """Global gradient-norm clip (transformers' default, under which LLaVA trains); None: off."""
     max_length: int = Field(default=2048, ge=8)
     """Tokens an example keeps, its visual tokens included (``model_max_length``)."""
+    mix: list[str] = Field(default_factory=list)
+    """SPHINX's mixed embedding (stage 1 only): the encoders (names as ``encoder``) whose cached
+    tokens are concatenated channel by channel, in this order, and projected by
+    ``bind.mixed.MixedProjector`` instead of LLaVA's projector; empty: LLaVA's over ``encoder``."""
+    mix_side: int | None = Field(default=None, ge=1)
+    """The common grid's side the mixed encoders are resampled to; unset: the first one's."""
 
 
 MAX_INPUTS = 4096

@@ -40,7 +40,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     llava = write_llava_hf(reference_llava(vocab=Tokenizer(tokenizer).n_words), root / "llava")
     shutil.copy(tokenizer, llava / "tokenizer.model")
     (root / "db").mkdir()
-    token_caption_table(root / "db", "clip336", ROWS, PATCHES, WIDTH)
+    token_caption_table(root / "db", "clip336", ROWS, PATCHES, WIDTH, also={"dinov2": (4, 16)})
     return {"root": root, "llava": llava, "db": root / "db"}
 
 
@@ -190,3 +190,27 @@ def test_stage_2_trains_projector_and_llm_on_instructions_into_a_llava_hf_direct
     settings.tokens_train.instructions = inputs["root"] / "missing.json"
     with pytest.raises(InstructionError, match="not in the cache: \\['nowhere.jpg'\\]"):
         make_tokens_plan(settings, "finetune", world=1)
+
+
+@pytest.mark.slow
+def test_sphinx_mixed_projector_trains_in_the_stage_1_loop_on_two_cached_encoders(
+    inputs, ray_session
+):
+    settings = settings_for(inputs, "mixed", max_steps=2, checkpoint_every=2)
+    settings.tokens_train.mix = ["clip336", "dinov2"]  # 3 x 3 and 2 x 2 grids
+    settings.tokens_train.mix_side = 3
+    plan = make_tokens_plan(settings, "pretrain", world=1)
+    assert plan.patches == 9 and plan.mix_columns == ("patch_tokens_clip336", "patch_tokens_dinov2")
+    result = run_tokens_training(settings, "pretrain")
+    assert result.output.name == "mixed_projector.pth"
+    assert all(np.isfinite(losses(result.log_file))) and len(losses(result.log_file)) == 2
+    saved = torch.load(result.output, weights_only=True)
+    assert saved["channel_order"] == [("clip336", 0, 32), ("dinov2", 32, 48)]
+    assert saved["side"] == 3 and saved["state"]["visual_proj.0.weight"].shape == (48, 48)
+    start = torch.load(inputs["root"] / "train" / "mixed" / "start.pth", weights_only=True)
+    assert not torch.equal(saved["state"]["visual_proj.0.weight"],
+                           start["projector"]["visual_proj.0.weight"])  # fmt: skip
+
+    settings.tokens_train.init_projector = result.output
+    with pytest.raises(TrainError, match="stage 1 only"):
+        make_tokens_plan(settings, "pretrain", world=1)

@@ -61,11 +61,18 @@ def train_settings(root: Path, store: StoreConfig, llama_dir: Path, **train) -> 
 
 
 def token_caption_table(
-    uri: Path, encoder: str, n: int, patches: int, width: int, seed: int = 0
+    uri: Path,
+    encoder: str,
+    n: int,
+    patches: int,
+    width: int,
+    seed: int = 0,
+    also: dict[str, tuple[int, int]] | None = None,
 ) -> StoreConfig:
     """An images table whose cached patch tokens (``patch_tokens_<encoder>``, float16) carry
     their caption's colour and shape (one direction each, every patch) plus noise, so that a
-    caption can be learned from the tokens alone."""
+    caption can be learned from the tokens alone; ``also`` adds encoders of (patches, width)
+    whose tokens are noise."""
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.standard_normal((width, width)))[0][: len(COLOURS) + len(SHAPES)]
     captions, tokens = [], []
@@ -74,7 +81,10 @@ def token_caption_table(
         captions.append(f"a {COLOURS[c]} {SHAPES[s]}")
         noise = 0.1 * rng.standard_normal((patches, width))
         tokens.append(2.0 * (basis[c] + basis[len(COLOURS) + s]) + noise)
-    return tokens_table(uri, {encoder: np.asarray(tokens)}, captions)
+    columns = {encoder: np.asarray(tokens)}
+    for name, shape in (also or {}).items():
+        columns[name] = rng.standard_normal((n, *shape))
+    return tokens_table(uri, columns, captions)
 
 
 def tokens_table(uri: Path, tokens: dict[str, np.ndarray], captions: list[str]) -> StoreConfig:

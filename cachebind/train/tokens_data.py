@@ -80,12 +80,15 @@ def collate_captions(
     captions: Sequence[str],
     patches: int,
     max_length: int,
+    flat: bool = False,
 ) -> TokensBatch:
-    """A stage-1 micro-batch from cache rows: ``tokens`` [B, patches · width] float16."""
+    """A stage-1 micro-batch from cache rows: ``tokens`` [B, patches · width] float16, given
+    as [B, patches, width] (``flat``: as they are, the mixed projector's input)."""
     examples = [plain_example(tok, c, patches, max_length) for c in captions]
     input_ids, labels = pad_examples(examples, tok.sp.unk_id())
-    flat = np.array(tokens, dtype=np.float16)  # a copy: Arrow buffers are read-only
-    patch_tokens = torch.from_numpy(flat.reshape(len(examples), patches, -1))
+    values = np.array(tokens, dtype=np.float16)  # a copy: Arrow buffers are read-only
+    shape = (len(examples), -1) if flat else (len(examples), patches, -1)
+    patch_tokens = torch.from_numpy(values.reshape(shape))
     return TokensBatch(patch_tokens, input_ids, labels)
 
 

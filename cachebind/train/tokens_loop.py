@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from cachebind.bind.projector import LlavaProjector, to_mm_projector
+from cachebind.bind.mixed import MixedProjector, TokenSource
+from cachebind.bind.projector import to_mm_projector
 from cachebind.train.loop import all_mean, report_checkpoint, restore, scheduled_rows, trim_log
 from cachebind.train.rows import RowSource
 from cachebind.train.schedule import learning_rate, set_lr
@@ -33,11 +35,13 @@ from cachebind.train.tokens_model import (
     Stage,
     TokensLoss,
     load_llm,
+    make_projector,
     make_tokens_optimizer,
     set_stage_trainability,
 )
 
 MM_PROJECTOR_FILE = "mm_projector.bin"  # LLaVA's stage-1 output name
+MIXED_PROJECTOR_FILE = "mixed_projector.pth"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,10 @@ class TokensPlan:
     data_cpus: float
     output_dtype: str
     log_file: str
+    mix: tuple[TokenSource, ...] = ()
+    """SPHINX's mixed embedding: the encoders whose columns (``mix_columns``) are concatenated."""
+    mix_columns: tuple[str, ...] = ()
+    mix_side: int = 0
 
 
 def build_module(plan: TokensPlan, device: torch.device, dtype: torch.dtype) -> TokensLoss:
@@ -76,7 +84,7 @@ def build_module(plan: TokensPlan, device: torch.device, dtype: torch.dtype) -> 
     start = torch.load(plan.start_file, map_location="cpu", weights_only=True)["projector"]
     if start is None and own is not None:
         return TokensLoss(own, llm, IMAGE_INDEX)
-    projector = LlavaProjector(plan.width, plan.llm.hidden, act=plan.llm.act, bias=plan.llm.bias)
+    projector = make_projector(plan.llm, plan.width, plan.mix, plan.mix_side)
     projector.load_state_dict(start, strict=True)
     return TokensLoss(projector.to(device), llm, IMAGE_INDEX)
 
@@ -88,16 +96,34 @@ def collate(plan: TokensPlan, tok, rows: dict) -> TokensBatch:
             tok, rows[plan.tokens_column], rows["conversation"], rows["has_image"],
             plan.patches, plan.max_length,
         )  # fmt: skip
+    if plan.mix:  # the encoders' tokens side by side, split again by the projector
+        tokens = np.concatenate([np.asarray(rows[c]) for c in plan.mix_columns], axis=1)
+        return collate_captions(
+            tok, tokens, rows["caption"], plan.patches, plan.max_length, flat=True
+        )
     return collate_captions(
         tok, rows[plan.tokens_column], rows["caption"], plan.patches, plan.max_length
     )
 
 
 def projector_export(module: TokensLoss, dtype: torch.dtype):
-    """``export(directory)`` writing the projector as LLaVA's ``mm_projector.bin``."""
+    """``export(directory)`` writing the projector: LLaVA's as ``mm_projector.bin``, SPHINX's
+    mixed one as ``mixed_projector.pth`` with its channel order and grid."""
 
     def export(directory: Path) -> None:
-        state = {k: v.detach().to("cpu", dtype) for k, v in module.projector.state_dict().items()}
+        projector = module.projector
+        state = {k: v.detach().to("cpu", dtype) for k, v in projector.state_dict().items()}
+        if isinstance(projector, MixedProjector):
+            torch.save(
+                {
+                    "state": state,
+                    "channel_order": projector.channel_order,
+                    "sources": [(s.name, s.patches, s.width) for s in projector.sources],
+                    "side": projector.side,
+                },
+                directory / MIXED_PROJECTOR_FILE,
+            )
+            return
         torch.save(to_mm_projector(state), directory / MM_PROJECTOR_FILE)
 
     return export

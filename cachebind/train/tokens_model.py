@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from cachebind.bind.mixed import MixedProjector, TokenSource
 from cachebind.bind.projector import LlavaProjector
 from cachebind.errors import WeightsError
 from cachebind.train.tokens_step import stage1_loss
@@ -94,10 +95,19 @@ def load_llm(
     return model.to(device), None
 
 
+def make_projector(
+    source: LlmSource, width: int, mix: tuple[TokenSource, ...] = (), side: int = 0
+) -> nn.Module:
+    """LLaVA's projector (vision ``width`` -> LLM width), or SPHINX's over ``mix``."""
+    if mix:
+        return MixedProjector(mix, source.hidden, side or None)
+    return LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
+
+
 class TokensLoss(nn.Module):
     """``forward(patch_tokens, input_ids, labels) -> loss``: the unit DDP wraps."""
 
-    def __init__(self, projector: LlavaProjector, llm: LlamaForCausalLM, image_id: int) -> None:
+    def __init__(self, projector: nn.Module, llm: LlamaForCausalLM, image_id: int) -> None:
         super().__init__()
         self.projector = projector
         self.llm = llm

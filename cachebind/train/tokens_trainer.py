@@ -7,6 +7,8 @@ Layout under ``train.output_dir``::
     <run_name>/loss.jsonl         one line per optimiser step (rank 0), as ``train pretrain``
     <run_name>/loss.png           the curve, when matplotlib is installed
     <run_name>/mm_projector.bin   the projector, LLaVA's stage-1 layout (model.mm_projector.0/2.*)
+    <run_name>/mixed_projector.pth   instead, with tokens_train.mix: SPHINX's projector
+                                  ({"state", "channel_order", "sources", "side"})
     <run_name>/llava-hf/          stage 2: a llava-hf directory (llava_dir's tower and files,
                                   the trained projector and LLM) that ``load_llava`` loads
     <run_name>/llava_instructions.lance   stage 2's examples resolved against the cache
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cachebind.bind.mixed import TokenSource
 from cachebind.bind.projector import LlavaProjector
 from cachebind.config import Settings
 from cachebind.raycluster import start_or_join_ray
@@ -32,8 +35,13 @@ from cachebind.train.data import steps_per_epoch
 from cachebind.train.rows import RowSource
 from cachebind.train.tokens_data import min_length
 from cachebind.train.tokens_instruct import instruction_source
-from cachebind.train.tokens_loop import MM_PROJECTOR_FILE, TokensPlan, train_tokens_loop
-from cachebind.train.tokens_model import LlmSource, Stage, llm_source
+from cachebind.train.tokens_loop import (
+    MIXED_PROJECTOR_FILE,
+    MM_PROJECTOR_FILE,
+    TokensPlan,
+    train_tokens_loop,
+)
+from cachebind.train.tokens_model import LlmSource, Stage, llm_source, make_projector
 from cachebind.train.trainer import TrainError, TrainResult, fit_on_ray, plot_losses
 
 
@@ -56,7 +64,14 @@ def token_shape(table, encoder: str) -> tuple[int, int]:
 
 
 def write_projector_start(
-    path: Path, source: LlmSource, width: int, init: Path | None, seed: int, stage: Stage
+    path: Path,
+    source: LlmSource,
+    width: int,
+    init: Path | None,
+    seed: int,
+    stage: Stage,
+    mix: tuple[TokenSource, ...] = (),
+    side: int = 0,
 ) -> Path:
     """The start projector (``init``'s mm_projector.bin, else in stage 2 the llava-hf
     directory's own, recorded as None, else a seeded fresh one), atomically."""
@@ -75,7 +90,7 @@ def write_projector_start(
         projector.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
     else:
         torch.manual_seed(seed)  # nn.Linear's own init, reproducible
-        projector = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
+        projector = make_projector(source, width, mix, side)
     state = {k: v.float().contiguous() for k, v in projector.state_dict().items()}
     torch.save({"projector": state}, tmp)
     os.replace(tmp, path)
@@ -89,8 +104,17 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
     cfg, tt = settings.train, settings.tokens_train
     source = llm_source(tt.llava_dir, tt.llama_dir)
     table = CacheTable.open(settings.store)
-    patches, width = token_shape(table, tt.encoder)
-    if source.vision_width is not None and source.vision_width != width:
+    mix = tuple(TokenSource(n, *token_shape(table, n)) for n in tt.mix)
+    if mix and (stage == "finetune" or tt.init_projector is not None):
+        raise TrainError(
+            "tokens_train.mix trains a fresh SPHINX projector in stage 1 only "
+            "(no stage 2, no init_projector)"
+        )
+    patches, width = token_shape(table, mix[0].name if mix else tt.encoder)
+    side = (tt.mix_side or mix[0].side) if mix else 0
+    if mix:
+        patches = side * side  # the visual tokens an image becomes on the common grid
+    elif source.vision_width is not None and source.vision_width != width:
         raise TrainError(
             f"the cache's {tokens_column(tt.encoder)} are {width} wide, {source.directory}'s "
             f"projector takes {source.vision_width}"
@@ -101,7 +125,8 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
             "and a caption token"
         )
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    column = tokens_column(tt.encoder)
+    column = tokens_column(mix[0].name if mix else tt.encoder)
+    mix_columns = tuple(tokens_column(m.name) for m in mix)
     rows: RowSource
     if stage == "finetune":
         if source.kind != "llava" or tt.instructions is None:
@@ -122,7 +147,7 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
             uri=str(table.dataset.uri),
             version=int(table.version),
             storage_options=table.storage_options,
-            columns=(column, "caption"),
+            columns=(*(mix_columns or (column,)), "caption"),
         )
     global_batch = tt.pretrain_batch if stage == "pretrain" else tt.finetune_batch
     per_pass = cfg.batch_size * world
@@ -138,7 +163,7 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
     total = min(scheduled, cfg.max_steps) if cfg.max_steps is not None else scheduled
     warmup_steps = math.ceil(tt.warmup_ratio * scheduled)  # transformers' get_warmup_steps
     start = write_projector_start(
-        run_dir / "start.pth", source, width, tt.init_projector, cfg.seed, stage
+        run_dir / "start.pth", source, width, tt.init_projector, cfg.seed, stage, mix, side
     )
     return TokensPlan(
         stage=stage,
@@ -164,6 +189,9 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
         data_cpus=cfg.data_cpus,
         output_dtype=cfg.output_dtype,
         log_file=str((run_dir / "loss.jsonl").resolve()),
+        mix=mix,
+        mix_columns=mix_columns,
+        mix_side=side,
     )
 
 
@@ -174,10 +202,10 @@ def run_tokens_training(settings: Settings, stage: Stage = "pretrain") -> TrainR
     plan = make_tokens_plan(settings, stage, cfg.num_workers)
     result = fit_on_ray(cfg, train_tokens_loop, plan)
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    output = run_dir / MM_PROJECTOR_FILE
+    output = run_dir / (MIXED_PROJECTOR_FILE if plan.mix else MM_PROJECTOR_FILE)
     with result.checkpoint.as_directory() as d:
         tmp = output.with_name(f".{output.name}.tmp")
-        shutil.copyfile(Path(d) / MM_PROJECTOR_FILE, tmp)
+        shutil.copyfile(Path(d) / output.name, tmp)
         tmp.replace(output)
         if stage == "finetune":
             output = write_llava_hf(
