@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 
 from cachebind.cli.options import CommonOptions, Subcommands, command
 from cachebind.config import Settings
@@ -49,6 +50,16 @@ def add_train(sub: Subcommands, common: CommonOptions) -> None:
                    metavar="N", help="llava-pretrain's global batch")  # fmt: skip
 
 
+def tokens_defaults(settings: Settings) -> None:
+    """``--llama-dir`` and ``--instructions`` (the [train] section's) name the base LLM and
+    stage 2's data of the llava runs too, unless [tokens_train] names its own."""
+    tt = settings.tokens_train
+    if tt.llava_dir is None and tt.llama_dir is None:
+        tt.llama_dir = settings.train.llama_dir
+    if tt.instructions is None:
+        tt.instructions = settings.train.instructions
+
+
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from cachebind.train.report import print_result, print_tokens_result
     from cachebind.train.trainer import run_training
@@ -56,13 +67,10 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     if args.phase.startswith("llava-"):
         from cachebind.train.tokens_trainer import run_tokens_training
 
-        tt = settings.tokens_train
-        # --llama-dir and --instructions name the base LLM and stage 2's data of both kinds.
-        if tt.llava_dir is None and tt.llama_dir is None:
-            tt.llama_dir = settings.train.llama_dir
-        if tt.instructions is None:
-            tt.instructions = settings.train.instructions
-        stage = "pretrain" if args.phase == "llava-pretrain" else "finetune"
+        tokens_defaults(settings)
+        stage: Literal["pretrain", "finetune"] = (
+            "pretrain" if args.phase == "llava-pretrain" else "finetune"
+        )
         print_tokens_result(run_tokens_training(settings, stage))
         return 0
     print_result(run_training(settings, args.phase))

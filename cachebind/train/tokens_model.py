@@ -89,10 +89,11 @@ def load_llm(
     if source.kind == "llava":
         from cachebind.inject.llava_load import load_llava
 
-        llava = load_llava(source.directory, dtype=dtype)  # its tower is dropped with it
-        return llava.language_model.to(device), llava.multi_modal_projector.to(device)
+        llava = load_llava(source.directory, dtype=dtype, device=device)  # its tower is dropped
+        return llava.language_model, llava.multi_modal_projector
     model = LlamaForCausalLM.from_pretrained(source.directory, torch_dtype=dtype)
-    return model.to(device), None
+    nn.Module.to(model, device)  # in place; transformers' typing of ``to`` is narrower
+    return model, None
 
 
 def make_projector(

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cachebind.bind.mixed import TokenSource
 from cachebind.bind.projector import LlavaProjector
@@ -81,7 +82,7 @@ def write_projector_start(
         torch.save({"projector": None}, tmp)
         os.replace(tmp, path)
         return path
-    projector = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
+    projector: nn.Module = LlavaProjector(width, source.hidden, act=source.act, bias=source.bias)
     if init is not None:
         from cachebind.inject.llava_load import read_mm_projector, replace_projector
 
