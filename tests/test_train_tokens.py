@@ -1,13 +1,15 @@
-"""Specification of ``cachebind train llava-pretrain``: LLaVA-1.5's stage 1 on Ray Train from
-cached patch tokens (CPU, gloo). The projector alone learns captions that the tokens determine;
-a run stopped part-way and run again ends with exactly the weights and loss curve of an
-uninterrupted run; the result is LLaVA's ``mm_projector.bin`` and loads back into cachebind's
-LLaVA path as llava-hf's projector."""
+"""Specification of ``cachebind train llava-pretrain | llava-finetune``: LLaVA-1.5's stages on
+Ray Train from cached patch tokens (CPU, gloo). The projector alone learns captions that the
+tokens determine; a run whose training worker is killed part-way resumes from its checkpoint
+and ends with exactly the weights and loss curve of an uninterrupted run; the result is LLaVA's
+``mm_projector.bin`` and loads back into cachebind's LLaVA path as llava-hf's projector; stage 2
+writes a llava-hf directory; SPHINX's mixed projector trains in the same loop."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import ray
 import torch
 from llava_checkpoints import PATCHES, reference_llava, write_llava_hf
+from ray_kill import MANAGER_SNAPSHOT, kill_after_a_checkpoint
 from train_fixtures import token_caption_table
 
 from cachebind.config import Settings
@@ -49,7 +52,7 @@ def settings_for(inputs: dict[str, Path], run_name: str, **train: object) -> Set
         store={"uri": str(inputs["db"]), "table": "images", "vector_dtype": "float32"},
         train={
             "output_dir": str(inputs["root"] / "train"), "run_name": run_name,
-            "batch_size": 4, "checkpoint_every": 3, "progress": False, "data_cpus": 0.1,
+            "batch_size": 4, "checkpoint_every": 2, "progress": False, "data_cpus": 0.1,
             **train,
         },
         tokens_train={
@@ -116,10 +119,23 @@ def test_stage_1_learns_the_captions_resumes_exactly_and_writes_llavas_projector
     # 32 rows, so the first and the last epoch's means are over the same examples.
     assert np.mean(curve[-4:]) < np.mean(curve[:4]) - 0.25, curve
 
-    # Stopped after step 5 (its last checkpoint), then the same run again: it resumes there.
-    stopped = run_tokens_training(settings_for(inputs, "resumed", max_steps=5), "pretrain")
-    assert len(losses(stopped.log_file)) == 5
-    resumed = run_tokens_training(settings_for(inputs, "resumed"), "pretrain")
+    # Killed (SIGKILL to its training worker) once it has a checkpoint: Ray Train restarts
+    # the worker, which resumes there and ends where the uninterrupted run ends.
+    settings = settings_for(inputs, "killed", max_failures=1)
+    out = Path(settings.train.output_dir)
+    log, snapshot = out / "killed" / "loss.jsonl", out / "ray" / "killed" / MANAGER_SNAPSHOT
+    result: dict[str, TrainResult] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(out=run_tokens_training(settings, "pretrain")), daemon=True
+    )
+    thread.start()
+    resumed_at, before = kill_after_a_checkpoint(log, snapshot, thread)
+    assert 2 <= resumed_at <= len(before) < STEPS, (resumed_at, before)
+    thread.join(timeout=900)  # the restarted run's own time, which a busy machine stretches
+    assert not thread.is_alive(), "the resumed run did not finish"
+    resumed = result["out"]
+    lines = log.read_text().splitlines()
+    assert lines[:resumed_at] == before[:resumed_at]  # resumed, not restarted
     assert losses(resumed.log_file) == curve
     a = torch.load(resumed.output, weights_only=True)
     b = torch.load(whole.output, weights_only=True)
