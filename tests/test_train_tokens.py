@@ -212,7 +212,7 @@ def test_stage_2_trains_projector_and_llm_on_instructions_into_a_llava_hf_direct
 def test_sphinx_mixed_projector_trains_in_the_stage_1_loop_on_two_cached_encoders(
     inputs, ray_session
 ):
-    settings = settings_for(inputs, "mixed", max_steps=2, checkpoint_every=2)
+    settings = settings_for(inputs, "mixed", max_steps=2, checkpoint_every=2, progress=True)
     settings.tokens_train.mix = ["clip336", "dinov2"]  # 3 x 3 and 2 x 2 grids
     settings.tokens_train.mix_side = 3
     plan = make_tokens_plan(settings, "pretrain", world=1)

@@ -187,6 +187,20 @@ def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
         yield step, [collate_rows(tok, rows, plan.max_words) for rows in group]
 
 
+def progress_bar(total: int, start: int, desc: str, enabled: bool) -> Any:
+    """Rank 0's tqdm bar over the optimiser steps (None when ``enabled`` is False)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, mininterval=2.0, unit="step")
+
+
+def advance(bar: Any, loss: float, lr: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+
 def train_loop(plan: Plan) -> None:
     """``train_loop_per_worker``."""
     import ray.train
@@ -217,17 +231,7 @@ def train_loop(plan: Plan) -> None:
     module = ray.train.torch.prepare_model(
         LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": unused}
     )
-    bar = None
-    if rank == 0 and plan.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=plan.total_steps,
-            initial=start,
-            desc=f"train {plan.phase}",
-            mininterval=2.0,
-            unit="step",
-        )
+    bar = progress_bar(plan.total_steps, start, f"train {plan.phase}", rank == 0 and plan.progress)
     global_batch = plan.batch_size * plan.accum_iter * world
     started = time.perf_counter()
     metrics: dict[str, float] = {"step": start}
@@ -253,8 +257,7 @@ def train_loop(plan: Plan) -> None:
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                advance(bar, loss, lr)
         if done % plan.checkpoint_every == 0 or done == plan.total_steps:
             _checkpoint(model, optimizer, trainable, plan, done, metrics)
     if bar is not None:

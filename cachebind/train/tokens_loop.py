@@ -20,7 +20,15 @@ import torch
 
 from cachebind.bind.mixed import MixedProjector, TokenSource
 from cachebind.bind.projector import to_mm_projector
-from cachebind.train.loop import all_mean, report_checkpoint, restore, scheduled_rows, trim_log
+from cachebind.train.loop import (
+    advance,
+    all_mean,
+    progress_bar,
+    report_checkpoint,
+    restore,
+    scheduled_rows,
+    trim_log,
+)
 from cachebind.train.rows import RowSource
 from cachebind.train.schedule import learning_rate, set_lr
 from cachebind.train.step import optimizer_step
@@ -76,6 +84,7 @@ class TokensPlan:
     """SPHINX's mixed embedding: the encoders whose columns (``mix_columns``) are concatenated."""
     mix_columns: tuple[str, ...] = ()
     mix_side: int = 0
+    progress: bool = True
 
 
 def build_module(plan: TokensPlan, device: torch.device, dtype: torch.dtype) -> TokensLoss:
@@ -153,6 +162,8 @@ def train_tokens_loop(plan: TokensPlan) -> None:
         trim_log(log, start)
     wrapped = ray.train.torch.prepare_model(module)
     export = projector_export(module, getattr(torch, plan.output_dtype))
+    desc, shown = f"train llava-{plan.stage}", rank == 0 and plan.progress
+    bar = progress_bar(plan.total_steps, start, desc, shown)
     global_batch = plan.batch_size * plan.accum_iter * world
     started = time.perf_counter()
     metrics: dict[str, float] = {"step": start}
@@ -173,5 +184,9 @@ def train_tokens_loop(plan: TokensPlan) -> None:
             line = {**metrics, "samples": done * global_batch, "elapsed_s": elapsed}
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
+            if bar is not None:
+                advance(bar, loss, lr)
         if done % plan.checkpoint_every == 0 or done == plan.total_steps:
             report_checkpoint(optimizer, trainable, done, metrics, export)
+    if bar is not None:
+        bar.close()

@@ -193,6 +193,7 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
         mix=mix,
         mix_columns=mix_columns,
         mix_side=side,
+        progress=cfg.progress,
     )
 
 
