@@ -1,6 +1,6 @@
-"""LLaVA-1.5 stage-1 throughput (samples/s) from cached patch tokens against through the frozen
-encoder, the same projector, LLM, batch and step, timed alternately in one run; and the bytes a
-cached row of tokens takes.
+"""LLaVA-1.5 stage-1 training throughput (samples/s) from cached patch tokens against through the
+frozen encoder, the same projector, LLM, batch and step of ``cachebind train llava-pretrain``'s
+loop, timed alternately in one run; and the bytes a cached row of tokens takes.
 
 CPU (default, small shapes that run on 2 cores)::
 
@@ -10,10 +10,15 @@ GPU (ImageBind-huge's trunk, a 7B-shaped LLaMA, bf16; random weights)::
 
     python benchmarks/bench_tokens.py --device cuda --preset huge --llm 7b --batch-size 8
 
-The cached side reads the batch's tokens from a Lance table written beforehand in a temporary
-directory (``CacheTable.patch_tokens``: the read is timed); the other side runs the encoder's
-vision pass under ``no_grad`` on preprocessed pixels (decoding is not counted, which flatters
-it). Both then run ``cachebind.train.tokens_step.stage1_step``.
+The cached side reads the batch's rows (tokens and captions) from a Lance table written
+beforehand in a temporary directory with the loop's reader (``train.rows.RowSource.take``) and
+collates them as the loop does (``tokens_data.collate_captions``: the plain conversation); the
+read and the collation are timed. The other side runs the encoder's vision pass under
+``no_grad`` on preprocessed pixels (decoding is not counted, which flatters it) and the same
+captions. Both then take the loop's optimiser step: ``TokensLoss`` (projector -> placed tokens
+-> frozen LLM), ``step.optimizer_step`` with the recipe's gradient clipping, AdamW as
+``make_tokens_optimizer``, bf16 autocast on a GPU. Ray Train's orchestration (one process per
+GPU, the read-ahead) is not part of either side.
 """
 
 from __future__ import annotations
@@ -36,11 +41,25 @@ sys.path.insert(0, str(ROOT))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cachebind.bind.projector import LlavaProjector  # noqa: E402
-from cachebind.config import StoreConfig  # noqa: E402
+from cachebind.config import StoreConfig, TokensTrainConfig  # noqa: E402
 from cachebind.encode.imagebind import PRESETS, ImageBindModel  # noqa: E402
-from cachebind.inject.placement import expand_image_placeholders  # noqa: E402
+from cachebind.inject.tiny import train_tokenizer  # noqa: E402
+from cachebind.inject.tokenizer import Tokenizer  # noqa: E402
 from cachebind.store import CacheTable, images_schema  # noqa: E402
-from cachebind.train.tokens_step import LLAVA_IGNORE, stage1_step  # noqa: E402
+from cachebind.train.rows import RowSource  # noqa: E402
+from cachebind.train.step import optimizer_step  # noqa: E402
+from cachebind.train.tokens_data import (  # noqa: E402
+    IMAGE_INDEX,
+    TokensBatch,
+    collate_captions,
+    pad_examples,
+    plain_example,
+)
+from cachebind.train.tokens_model import (  # noqa: E402
+    TokensLoss,
+    make_tokens_optimizer,
+    set_stage_trainability,
+)
 
 LLMS = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -48,10 +67,12 @@ LLMS = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, vocab_size=32000),
 }  # fmt: skip
-CAPTION = 24  # caption tokens an example (LLaVA's BLIP captions are short)
+CAPTION_WORDS = 12  # LLaVA's BLIP captions are short
 
 
-def write_tokens_table(root: Path, tokens: np.ndarray, dim: int) -> CacheTable:
+def write_tokens_table(
+    root: Path, tokens: np.ndarray, dim: int, captions: list[str] | None = None
+) -> CacheTable:
     """A Lance images table whose rows hold ``tokens`` [n, patches, width] as patch_tokens."""
     import lance
 
@@ -66,7 +87,7 @@ def write_tokens_table(root: Path, tokens: np.ndarray, dim: int) -> CacheTable:
         {
             "id": pa.array(np.arange(n)),
             "key": pa.array([str(i) for i in range(n)]),
-            "caption": pa.nulls(n, pa.string()),
+            "caption": pa.array(captions) if captions else pa.nulls(n, pa.string()),
             "url": pa.nulls(n, pa.string()),
             "width": pa.nulls(n, pa.int32()),
             "height": pa.nulls(n, pa.int32()),
@@ -97,40 +118,49 @@ def run(argv: list[str] | None = None) -> dict[str, object]:
     encoder = ImageBindModel(**PRESETS[args.preset]).to(device=device, dtype=dtype).eval()
     encoder.requires_grad_(False)
     patches, width = encoder.vision_token_shape()
-    llm_config = LlamaConfig(**LLMS[args.llm], max_position_embeddings=patches + CAPTION + 8)
+    recipe = TokensTrainConfig()
+    tmp = tempfile.TemporaryDirectory()
+    tok = Tokenizer(train_tokenizer(Path(tmp.name) / "tokenizer.model", vocab_size=512))
+    llm_config = LlamaConfig(**LLMS[args.llm], max_position_embeddings=patches + 64)
     with torch.device(device):
         llm = LlamaForCausalLM(llm_config).to(dtype)
-        projector = LlavaProjector(width, llm_config.hidden_size).to(dtype)
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=1e-3)
+        projector = LlavaProjector(width, llm_config.hidden_size)
+    module = TokensLoss(projector, llm, IMAGE_INDEX)
+    trainable = set_stage_trainability(module, "pretrain")
+    optimizer = make_tokens_optimizer(trainable, recipe.pretrain_lr, recipe.weight_decay)
+    autocast = torch.bfloat16 if cuda else None
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(b, 3, 224, 224, generator=g).to(device=device, dtype=dtype)
-    image_token = llm_config.vocab_size - 1
-    captions = torch.randint(3, image_token, (b, CAPTION), generator=g).tolist()
-    ids = [
-        expand_image_placeholders([1, image_token, *c, 2], image_token, patches) for c in captions
-    ]
-    labels = [[LLAVA_IGNORE] * (1 + patches) + c + [2] for c in captions]
-    input_ids, label_ids = torch.tensor(ids).to(device), torch.tensor(labels).to(device)
+    words = torch.randint(0, 1000, (b, CAPTION_WORDS), generator=g).tolist()
+    captions = [" ".join(f"w{w}" for w in row) for row in words]
 
     with torch.no_grad():
         _, fresh = encoder.vision_features_and_tokens(images, -2)
-    tmp = tempfile.TemporaryDirectory()
-    table = write_tokens_table(Path(tmp.name), fresh.float().cpu().numpy(), dim=16)
-    row_ids = list(range(b))
+    table = write_tokens_table(Path(tmp.name), fresh.float().cpu().numpy(), 16, captions)
+    source = RowSource(
+        uri=str(table.dataset.uri), version=int(table.version), columns=("patch_tokens", "caption")
+    )
+    offsets = np.arange(b)
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    def step(batch: TokensBatch) -> None:
+        optimizer_step(module, optimizer, [batch.to(device)], autocast, recipe.max_grad_norm)
+
     def from_cache() -> None:
-        tokens = torch.from_numpy(table.patch_tokens(row_ids)).to(device)
-        stage1_step(projector, llm, optimizer, tokens, input_ids, label_ids, image_token)
+        rows = source.take(offsets)
+        step(collate_captions(tok, rows["patch_tokens"], rows["caption"], patches,
+                              recipe.max_length))  # fmt: skip
 
     def through_encoder() -> None:
         with torch.no_grad():
             _, tokens = encoder.vision_features_and_tokens(images, -2)
-        stage1_step(projector, llm, optimizer, tokens, input_ids, label_ids, image_token)
+        examples = [plain_example(tok, c, patches, recipe.max_length) for c in captions]
+        input_ids, labels = pad_examples(examples, tok.sp.unk_id())
+        step(TokensBatch(tokens.to(torch.float16), input_ids, labels))
 
     times: dict[str, list[float]] = {"cache": [], "encoder": []}
     for fn in (from_cache, through_encoder):  # warm-up

@@ -537,6 +537,52 @@ class TrainConfig(Section):
     from the cache); False always trains on the centre ``vector``."""
 
 
+class TokensTrainConfig(Section):
+    """Training LLaVA-1.5's connector from cached patch tokens (``cachebind train
+    llava-pretrain | llava-finetune``). The run itself (workers, output_dir, run_name, micro
+    batch ``batch_size``, checkpoints, seed, max_steps) is ``train``'s; this section holds what
+    differs: the model, the tokens' column and LLaVA-1.5's recipe (``scripts/v1_5/pretrain.sh``
+    and ``finetune.sh``: AdamW, warmup ratio 0.03 then cosine to 0, no weight decay, gradient
+    norm clipped at 1 as transformers' Trainer does)."""
+
+    llava_dir: Path | None = None
+    """A llava-hf LLaVA-1.5 directory (``config.json`` with ``model_type: "llava"``, weights,
+    ``tokenizer.model``): its LLM is trained against; stage 2 needs it (its vision tower goes
+    into the output directory unchanged)."""
+    llama_dir: Path | None = None
+    """Stage 1 without ``llava_dir``: a transformers LLaMA/Vicuna directory (``config.json``,
+    safetensors, ``tokenizer.model``) and a fresh projector."""
+    encoder: str = Field(default="clip336", min_length=1)
+    """Whose cached tokens: ``imagebind`` reads ``patch_tokens``, any other name the extra
+    encoder's ``patch_tokens_<name>`` (``clip336`` is LLaVA-1.5's tower)."""
+    init_projector: Path | None = None
+    """An ``mm_projector.bin`` to start from (stage 2 from stage 1's); unset: stage 1 starts
+    from a seeded fresh projector, stage 2 from ``llava_dir``'s."""
+    instructions: Path | None = None
+    """Stage 2's LLaVA instruction JSON (``image`` a cache key, ``conversations`` human/gpt
+    turns with ``<image>`` in the first)."""
+    pretrain_lr: float = Field(default=1e-3, gt=0)
+    finetune_lr: float = Field(default=2e-5, gt=0)
+    pretrain_batch: int = Field(default=256, ge=1)
+    """Global batch of stage 1 (8 GPUs x 32); micro-batches are accumulated to reach it."""
+    finetune_batch: int = Field(default=128, ge=1)
+    """Global batch of stage 2 (8 GPUs x 16)."""
+    epochs: float = Field(default=1.0, gt=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    """Linear warmup over the first ceil(ratio x steps) steps (transformers' cosine schedule)."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Global gradient-norm clip (transformers' default, under which LLaVA trains); None: off."""
+    max_length: int = Field(default=2048, ge=8)
+    """Tokens an example keeps, its visual tokens included (``model_max_length``)."""
+    mix: list[str] = Field(default_factory=list)
+    """SPHINX's mixed embedding (stage 1 only): the encoders (names as ``encoder``) whose cached
+    tokens are concatenated channel by channel, in this order, and projected by
+    ``bind.mixed.MixedProjector`` instead of LLaVA's projector; empty: LLaVA's over ``encoder``."""
+    mix_side: int | None = Field(default=None, ge=1)
+    """The common grid's side the mixed encoders are resampled to; unset: the first one's."""
+
+
 MAX_INPUTS = 4096
 """The request schemas' own ceiling on inputs per request (``serve.max_inputs`` is at most this),
 so that a body of 100k inputs is refused before each one is validated."""
@@ -660,6 +706,7 @@ class Settings(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tokens_train: TokensTrainConfig = Field(default_factory=TokensTrainConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     input: InputLimits = Field(default_factory=InputLimits)
     """Budgets for untrusted input, shared by the service and the embedding job."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cachebind.cli import build_parser, overrides_from
+from cachebind.cli.training import tokens_defaults
 from cachebind.config import load_config
 
 
@@ -19,3 +20,25 @@ def test_train_flags_override_the_train_section(tmp_path, monkeypatch):
     assert (t.batch_size, t.accum_iter, t.num_workers, t.use_gpu) == (3, 5, 2, "no")
     assert t.llama_dir == tmp_path and t.progress is False
     assert settings.store.table == "imgs"
+
+
+def test_llava_flags_fill_the_tokens_train_section_and_share_the_base_llm_and_instructions(
+    tmp_path,
+):
+    args = build_parser().parse_args(
+        ["train", "llava-pretrain", "--llama-dir", str(tmp_path), "--tokens-encoder", "dinov2",
+         "--global-batch", "64", "--init-projector", str(tmp_path / "mm_projector.bin"),
+         "--instructions", str(tmp_path / "mix.json")]
+    )  # fmt: skip
+    settings = load_config(None, **overrides_from(args))
+    tokens_defaults(settings)
+    tt = settings.tokens_train
+    assert (args.phase, tt.encoder, tt.pretrain_batch) == ("llava-pretrain", "dinov2", 64)
+    assert tt.init_projector == tmp_path / "mm_projector.bin"
+    assert tt.llama_dir == tmp_path and tt.instructions == tmp_path / "mix.json"
+    assert tt.finetune_batch == 128 and tt.finetune_lr == 2e-5  # LLaVA's finetune.sh
+
+    llava = build_parser().parse_args(["train", "llava-finetune", "--llava-dir", str(tmp_path)])
+    settings = load_config(None, **overrides_from(llava))
+    tokens_defaults(settings)
+    assert settings.tokens_train.llava_dir == tmp_path and settings.tokens_train.llama_dir is None

@@ -9,15 +9,13 @@ Train's own liveness check used to ask that cluster about this run and tear the 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from ray_kill import MANAGER_SNAPSHOT, kill_after_a_checkpoint
 from train_fixtures import caption_table, tiny_llama, train_settings
 
 from cachebind.config import LLMConfig
@@ -88,42 +86,6 @@ def test_two_workers_end_where_one_worker_with_accumulation_ends(inputs, one_wor
     assert report.config.lora_rank == 0 and not report.config.w_bias and not report.unused
 
 
-MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def registered_step(snapshot: Path) -> int | None:
-    """The step of the latest checkpoint Ray Train's controller has registered."""
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-    except (OSError, ValueError):
-        return None
-    return None if latest is None else int(latest["metrics"]["step"])
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        return (Path("/proc") / pid / "cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _train_worker_pids() -> set[int]:
-    """This test's Ray training worker processes: children of its own raylet (found by the
-    session directory in the raylet's command line), titled ``ray::RayTrainWorker``."""
-    session = ray.nodes()[0]["RayletSocketName"].split("/sockets/")[0].encode()
-    pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
-    raylets = {p for p in pids if b"raylet" in _cmdline(p) and session in _cmdline(p)}
-    found = set()
-    for pid in pids:
-        try:
-            ppid = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
-        except (OSError, IndexError):
-            continue
-        if ppid in raylets and b"RayTrainWorker" in _cmdline(pid):
-            found.add(int(pid))
-    return found
-
-
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_and_ends_where_the_whole_run_ends(inputs, one_worker):
     settings = settings_for(inputs, num_workers=1, accum_iter=2, run_name="killed", max_failures=1)
@@ -134,26 +96,8 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_where_the_whole_run_ends(inputs
         target=lambda: result.update(out=run_training(settings, "pretrain")), daemon=True
     )
     thread.start()
-    # Kill as soon as Ray Train has registered a checkpoint (its controller does so when it
-    # polls the workers, every 2 s). The worker is found first, so that the kill follows the
-    # registration at once: the loop may run at most a checkpoint or two past it (a report waits
-    # for the controller to take the previous one), never to the end of the run.
-    deadline = time.monotonic() + 120
-    pids: set[int] = set()
-    while not pids and thread.is_alive() and time.monotonic() < deadline:
-        # Once this run has logged a step, its worker is up (an earlier run's are gone).
-        pids = _train_worker_pids() if log.is_file() else set()
-        time.sleep(0.05)
-    assert pids, "no training worker process found"
-    while registered_step(snapshot) is None and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    # Read after the kill: nothing more can be registered, so this is the checkpoint the
-    # restarted worker resumes from.
-    resumed_at = registered_step(snapshot)
-    before = log_lines(log)
-    assert resumed_at is not None and 4 <= resumed_at <= len(before) < STEPS, (resumed_at, before)
+    resumed_at, before = kill_after_a_checkpoint(log, snapshot, thread)
+    assert 4 <= resumed_at <= len(before) < STEPS, (resumed_at, before)
     thread.join(timeout=900)  # the restarted run's own time, which a busy machine stretches
     assert not thread.is_alive(), "the resumed run did not finish"
     killed = result["out"]

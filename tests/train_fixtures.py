@@ -58,3 +58,61 @@ def train_settings(root: Path, store: StoreConfig, llama_dir: Path, **train) -> 
         **train,
     }
     return Settings(store=store.model_dump(), train=values)
+
+
+def token_caption_table(
+    uri: Path,
+    encoder: str,
+    n: int,
+    patches: int,
+    width: int,
+    seed: int = 0,
+    also: dict[str, tuple[int, int]] | None = None,
+) -> StoreConfig:
+    """An images table whose cached patch tokens (``patch_tokens_<encoder>``, float16) carry
+    their caption's colour and shape (one direction each, every patch) plus noise, so that a
+    caption can be learned from the tokens alone; ``also`` adds encoders of (patches, width)
+    whose tokens are noise."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((width, width)))[0][: len(COLOURS) + len(SHAPES)]
+    captions, tokens = [], []
+    for i in range(n):
+        c, s = i % len(COLOURS), (i // len(COLOURS)) % len(SHAPES)
+        captions.append(f"a {COLOURS[c]} {SHAPES[s]}")
+        noise = 0.1 * rng.standard_normal((patches, width))
+        tokens.append(2.0 * (basis[c] + basis[len(COLOURS) + s]) + noise)
+    columns = {encoder: np.asarray(tokens)}
+    for name, shape in (also or {}).items():
+        columns[name] = rng.standard_normal((n, *shape))
+    return tokens_table(uri, columns, captions)
+
+
+def tokens_table(uri: Path, tokens: dict[str, np.ndarray], captions: list[str]) -> StoreConfig:
+    """An images table (keys ``img-<i>``) holding each extra encoder's tokens [n, patches,
+    width] as its ``patch_tokens_<name>`` column (float16), recorded in the metadata as
+    ``embed --tokens --extra-encoder`` records them."""
+    import lance
+
+    from cachebind.store import images_schema
+
+    n = len(captions)
+    extra, meta, columns = {}, {}, {}
+    for name, values in tokens.items():
+        _, patches, width = values.shape
+        extra[name] = (4, patches * width)
+        meta[name] = {"tokens": {"layer": -2, "patches": patches, "width": width,
+                                 "dtype": "float16", "cls": False}}  # fmt: skip
+        flat = pa.array(np.asarray(values, dtype=np.float16).reshape(-1))
+        columns[f"vector_{name}"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ones(n * 4, "f4")), 4
+        )
+        columns[f"patch_tokens_{name}"] = pa.FixedSizeListArray.from_arrays(flat, patches * width)
+    schema = images_schema(
+        dtype="float32", dim=4, thumbnail=False, extra=extra, metadata={"extra_encoders": meta}
+    )
+    rows = image_rows(np.ones((n, 4), dtype=np.float32), dtype="float32")
+    rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", pa.array(captions))
+    for name, column in columns.items():
+        rows = rows.append_column(name, column)
+    lance.write_dataset(rows.select(schema.names).cast(schema), str(uri / "images.lance"))
+    return StoreConfig(uri=str(uri), table="images", vector_dtype="float32")

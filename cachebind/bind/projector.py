@@ -30,3 +30,33 @@ class LlavaProjector(nn.Module):
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         tokens: torch.Tensor = self.linear_2(self.act(self.linear_1(patch_tokens)))
         return tokens
+
+
+# LLaVA's own ``mlp2x_gelu`` is ``nn.Sequential(Linear, GELU, Linear)`` under ``model.mm_projector``
+# (what stage 1 writes to ``mm_projector.bin``); llava-hf names the same tensors
+# ``multi_modal_projector.linear_1`` / ``linear_2``.
+MM_PROJECTOR = "model.mm_projector."
+_ORIGINAL_INDEX = {"linear_1": "0", "linear_2": "2"}
+
+
+def to_mm_projector(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``LlavaProjector`` state (``linear_1.weight`` ...) -> ``mm_projector.bin``'s names."""
+    out = {}
+    for name, tensor in state.items():
+        layer, _, param = name.partition(".")
+        if layer not in _ORIGINAL_INDEX:
+            raise ValueError(f"{name!r} is not a tensor of LLaVA's two-layer projector")
+        out[f"{MM_PROJECTOR}{_ORIGINAL_INDEX[layer]}.{param}"] = tensor
+    return out
+
+
+def from_mm_projector(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``mm_projector.bin``'s names -> ``LlavaProjector`` state; anything else is refused."""
+    back = {v: k for k, v in _ORIGINAL_INDEX.items()}
+    out = {}
+    for name, tensor in state.items():
+        index, _, param = name.removeprefix(MM_PROJECTOR).partition(".")
+        if not name.startswith(MM_PROJECTOR) or index not in back:
+            raise ValueError(f"{source}: {name!r} is not a tensor of LLaVA's mlp2x_gelu projector")
+        out[f"{back[index]}.{param}"] = tensor
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig
 
+from cachebind.bind.projector import from_mm_projector
 from cachebind.encode.tensorfiles import read_tensors
 from cachebind.encode.weights import check_layout
 from cachebind.errors import WeightsError
@@ -82,12 +83,48 @@ def canonical_state(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
     return out
 
 
+def read_mm_projector(path: Path) -> dict[str, torch.Tensor]:
+    """LLaVA's stage-1 ``mm_projector.bin`` (``model.mm_projector.0/2.*``) as ``LlavaProjector``
+    tensors (``linear_1/linear_2.*``)."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - name the unreadable file
+        raise WeightsError(f"{path}: cannot read the projector ({exc})") from exc
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    try:
+        return from_mm_projector(raw, str(path))
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from exc
+
+
+def replace_projector(
+    state: dict[str, torch.Tensor], projector: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """``state`` with its ``multi_modal_projector.*`` tensors replaced by ``projector``'s, which
+    must be exactly those tensors in those shapes."""
+    prefix = "multi_modal_projector."
+    have = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if set(projector) != set(have):
+        raise WeightsError(
+            f"{source} holds {sorted(projector)}, the model's projector {sorted(have)}"
+        )
+    for name, tensor in projector.items():
+        if tuple(tensor.shape) != tuple(have[name].shape):
+            raise WeightsError(
+                f"{source}: {name} is {tuple(tensor.shape)}, the model's {tuple(have[name].shape)}"
+            )
+    return {**state, **{prefix + k: v for k, v in projector.items()}}
+
+
 def load_llava(
     directory: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    projector: str | Path | None = None,
 ) -> LlavaTokensModel:
-    """The LLaVA-1.5 model of a llava-hf checkpoint directory, in eval mode."""
+    """The LLaVA-1.5 model of a llava-hf checkpoint directory, in eval mode; ``projector``: an
+    ``mm_projector.bin`` (LLaVA's stage-1 output) replacing the directory's projector."""
     directory = Path(directory)
     if not directory.is_dir():
         raise WeightsError(f"{directory}: not a checkpoint directory")
@@ -99,6 +136,8 @@ def load_llava(
     state = canonical_state(read_tensors(directory), str(directory))
     if text_config(config).tie_word_embeddings and LM_HEAD not in state and EMBED in state:
         state[LM_HEAD] = state[EMBED]  # a tied head is written once
+    if projector is not None:
+        state = replace_projector(state, read_mm_projector(Path(projector)), str(projector))
     check_layout(model, state, str(directory))
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()

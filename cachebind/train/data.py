@@ -40,6 +40,10 @@ class Batch:
     tokens: torch.Tensor
     labels: torch.Tensor
 
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """``LossModule.forward``'s arguments."""
+        return self.f_m, self.tokens, self.labels
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.f_m.to(device), self.tokens.to(device), self.labels.to(device))
 

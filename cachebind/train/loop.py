@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from cachebind.train.data import collate_rows, epoch_order, view_choices, worker_offsets
@@ -56,7 +58,7 @@ class Plan:
     progress: bool
 
 
-def _all_mean(value: float, device: torch.device) -> float:
+def all_mean(value: float, device: torch.device) -> float:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -66,7 +68,7 @@ def _all_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict) -> int:
+def restore(optimizer: torch.optim.Optimizer, trainable: dict) -> int:
     """Load the latest Ray Train checkpoint, if any; returns the step to start at."""
     import ray.train
 
@@ -82,7 +84,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable
     return int(state["step"])
 
 
-def _trim_log(path: Path, step: int) -> None:
+def trim_log(path: Path, step: int) -> None:
     """Drop log lines past ``step`` (a killed run logged steps its checkpoint does not hold)."""
     if not path.is_file():
         return
@@ -90,7 +92,15 @@ def _trim_log(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def _checkpoint(model, optimizer, trainable, plan: Plan, step: int, metrics: dict) -> None:
+def report_checkpoint(
+    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.nn.Parameter],
+    step: int,
+    metrics: dict,
+    export: Callable[[Path], object],
+) -> None:
+    """Every rank reports ``metrics``; rank 0 with a checkpoint: ``state.pt`` (trainable
+    tensors, optimiser state, step) and what ``export(directory)`` writes beside it."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -104,13 +114,48 @@ def _checkpoint(model, optimizer, trainable, plan: Plan, step: int, metrics: dic
             "step": step,
         }
         torch.save(state, Path(d) / "state.pt")
-        save_released(model, plan.phase, Path(d) / "adapter.pth", getattr(torch, plan.output_dtype))
+        export(Path(d))
         # Ray Train persists the directory and only then counts it as a checkpoint (atomic).
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
-    """Yield (step, [Batch] * accum_iter) from optimiser step ``start`` to the end."""
+def _checkpoint(model, optimizer, trainable, plan: Plan, step: int, metrics: dict) -> None:
+    dtype = getattr(torch, plan.output_dtype)
+    report_checkpoint(
+        optimizer,
+        trainable,
+        step,
+        metrics,
+        lambda d: save_released(model, plan.phase, d / "adapter.pth", dtype),
+    )
+
+
+class Schedule(Protocol):
+    """What ``scheduled_rows`` reads of a plan (this module's ``Plan`` and the tokens plan)."""
+
+    @property
+    def source(self) -> RowSource: ...
+    @property
+    def n_rows(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
+    @property
+    def total_steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def accum_iter(self) -> int: ...
+    @property
+    def data_cpus(self) -> float: ...
+
+
+def scheduled_rows(
+    plan: Schedule, rank: int, world: int, start: int
+) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
+    """Yield (step, [rows] * accum_iter) from optimiser step ``start`` to the end: the rows
+    ``data.worker_offsets`` assigns this worker, whatever model they train."""
     step = start
     while step < plan.total_steps:
         epoch, first = divmod(step, plan.steps_per_epoch)
@@ -129,12 +174,31 @@ def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
         if plan.source.views:  # the epoch's augmented view of each row (embed --views)
             choices = view_choices(plan.n_rows, plan.seed, epoch, plan.source.views)[offsets]
         group = []
-        rows_in = stream_rows(plan.source, offsets, plan.batch_size, plan.data_cpus, choices)
-        for rows in rows_in:
-            group.append(collate_rows(tok, rows, plan.max_words))
+        for rows in stream_rows(plan.source, offsets, plan.batch_size, plan.data_cpus, choices):
+            group.append(rows)
             if len(group) == plan.accum_iter:
                 yield step, group
                 group, step = [], step + 1
+
+
+def micro_batches(plan: Plan, tok: Any, rank: int, world: int, start: int):
+    """Yield (step, [Batch] * accum_iter) from optimiser step ``start`` to the end."""
+    for step, group in scheduled_rows(plan, rank, world, start):
+        yield step, [collate_rows(tok, rows, plan.max_words) for rows in group]
+
+
+def progress_bar(total: int, start: int, desc: str, enabled: bool) -> Any:
+    """Rank 0's tqdm bar over the optimiser steps (None when ``enabled`` is False)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, mininterval=2.0, unit="step")
+
+
+def advance(bar: Any, loss: float, lr: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
 
 def train_loop(plan: Plan) -> None:
@@ -158,26 +222,16 @@ def train_loop(plan: Plan) -> None:
     model.train()
     trainable = set_trainability(model, plan.phase)
     optimizer = make_optimizer(trainable, plan.lr, plan.weight_decay)
-    start = _restore(model, optimizer, trainable)
+    start = restore(optimizer, trainable)
     log = Path(plan.log_file)
     if rank == 0:
         log.parent.mkdir(parents=True, exist_ok=True)
-        _trim_log(log, start)
+        trim_log(log, start)
     unused = model.cfg.query_layer < model.cfg.n_layers  # gates of plain layers get no grad
     module = ray.train.torch.prepare_model(
         LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": unused}
     )
-    bar = None
-    if rank == 0 and plan.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=plan.total_steps,
-            initial=start,
-            desc=f"train {plan.phase}",
-            mininterval=2.0,
-            unit="step",
-        )
+    bar = progress_bar(plan.total_steps, start, f"train {plan.phase}", rank == 0 and plan.progress)
     global_batch = plan.batch_size * plan.accum_iter * world
     started = time.perf_counter()
     metrics: dict[str, float] = {"step": start}
@@ -192,7 +246,7 @@ def train_loop(plan: Plan) -> None:
         )
         set_lr(optimizer, lr)
         batches = [b.to(device) for b in group]
-        loss = _all_mean(
+        loss = all_mean(
             optimizer_step(module, optimizer, batches, torch.bfloat16 if cuda else None), device
         )
         done = step + 1
@@ -203,8 +257,7 @@ def train_loop(plan: Plan) -> None:
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                advance(bar, loss, lr)
         if done % plan.checkpoint_every == 0 or done == plan.total_steps:
             _checkpoint(model, optimizer, trainable, plan, done, metrics)
     if bar is not None:

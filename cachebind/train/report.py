@@ -79,3 +79,17 @@ def print_result(result: TrainResult) -> None:
     print(f"loss log:    {s['loss_log']}" + (f"  plot: {s['loss_plot']}" if s["loss_plot"] else ""))
     print(f"checkpoints: {s['checkpoints']}")
     print(json.dumps(s))
+
+
+def print_tokens_result(result: TrainResult) -> None:
+    """What ``train llava-pretrain`` prints: LLaVA's output, not the adapter layout."""
+    s = summary(result)
+    print(
+        f"llava {s['phase']}: {s['steps']} steps at global batch {s['effective_batch']} "
+        f"(lr {result.lr:.3g}), final loss {result.final_loss}"
+    )
+    kind = "llava-hf directory" if result.phase == "finetune" else "LLaVA's mm_projector.bin"
+    print(f"model:       {s['output']}  ({kind}; cachebind.inject.llava_load.load_llava)")
+    print(f"loss log:    {s['loss_log']}" + (f"  plot: {s['loss_plot']}" if s["loss_plot"] else ""))
+    print(f"checkpoints: {s['checkpoints']}")
+    print(json.dumps(s))

@@ -40,7 +40,8 @@ class RowSource:
     """Augmented views to draw F_M from (the table's ``view_vectors``); 0: ``vector`` only."""
 
     def take(self, offsets: np.ndarray, choices: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The rows at ``offsets``, in that order, as numpy columns (vectors float32 [n, d]).
+        """The rows at ``offsets``, in that order, as numpy columns (vectors float32 [n, d],
+        other fixed-size lists such as ``patch_tokens`` [n, size] in their dtype).
         With ``choices`` (``data.view_choices``, one per offset) ``vector`` holds, per row, the
         centre vector (0) or view k of ``view_vectors`` (k)."""
         views = self.views and choices is not None
@@ -53,6 +54,8 @@ class RowSource:
             column = table.column(name).combine_chunks()
             if name == "vector":
                 out[name] = _vectors(column)
+            elif hasattr(column.type, "list_size"):  # patch tokens: [n, patches · width]
+                out[name] = _fixed_rows(column)
             else:
                 out[name] = np.asarray(column.to_pylist(), dtype=object)
         if views:
@@ -69,6 +72,11 @@ class RowSource:
 def _vectors(column: Any) -> np.ndarray:
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.astype(np.float32).reshape(-1, column.type.list_size)
+
+
+def _fixed_rows(column: Any) -> np.ndarray:
+    """A fixed-size-list column as [n, size] in its own dtype (float16 tokens stay float16)."""
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
 
 
 def _take(source: RowSource, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +60,25 @@ def make_optimizer(
     return torch.optim.AdamW(weight_decay_groups(trainable, weight_decay), lr=lr, betas=BETAS)
 
 
+class StepBatch(Protocol):
+    """A micro-batch whose ``args()`` are the loss module's forward arguments."""
+
+    def args(self) -> tuple[torch.Tensor, ...]: ...
+
+
 def optimizer_step(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[Batch],
+    micro_batches: Sequence[StepBatch],
     autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
 ) -> float:
     """Accumulate the gradients of ``micro_batches`` (each loss / accum_iter) and step once.
 
     ``module`` is a ``LossModule``, possibly inside DistributedDataParallel: gradients are only
-    all-reduced on the last micro-batch (``no_sync`` before). Returns the mean loss."""
+    all-reduced on the last micro-batch (``no_sync`` before). ``max_grad_norm`` clips the
+    summed gradients' global norm before the step (transformers' Trainer, which LLaVA trains
+    with; the ImageBind-LLM release does not clip). Returns the mean loss."""
     accum = len(micro_batches)
     total = 0.0
     device_type = next(module.parameters()).device.type
@@ -83,12 +92,15 @@ def optimizer_step(
                 dtype=autocast_dtype or torch.float32,
                 enabled=autocast_dtype is not None,
             ):
-                loss = module(batch.f_m, batch.tokens, batch.labels)
+                loss = module(*batch.args())
             (loss / accum).backward()
         value = float(loss.detach())
         if not math.isfinite(value):  # the release stops on a non-finite loss too
             raise FloatingPointError(f"loss is {value}, stopping training")
         total += value
+    if max_grad_norm is not None:
+        params = [p for p in module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / accum

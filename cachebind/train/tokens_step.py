@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from cachebind.bind.projector import LlavaProjector
 from cachebind.inject.placement import place_visual_tokens
 
 LLAVA_IGNORE = -100  # LLaVA's IGNORE_INDEX
@@ -25,7 +24,7 @@ TOKEN_DTYPE = torch.float16  # what the cache stores; both paths round to it
 
 
 def stage1_loss(
-    projector: LlavaProjector,
+    projector: nn.Module,
     llm: LlamaForCausalLM,
     patch_tokens: torch.Tensor,
     input_ids: torch.Tensor,
@@ -33,13 +32,19 @@ def stage1_loss(
     image_token_id: int,
 ) -> torch.Tensor:
     """Cross-entropy of ``llm`` on ``labels`` [B, S] with ``patch_tokens`` [B, P, C] projected
-    into the image-token positions of ``input_ids`` [B, S]."""
-    weight = projector.linear_1.weight
+    into the image-token positions of ``input_ids`` [B, S]. ``projector`` is LLaVA's
+    ``LlavaProjector`` or SPHINX's ``bind.mixed.MixedProjector`` (whose input is the encoders'
+    tokens side by side, [B, sum P_i·C_i])."""
+    weight = next(projector.parameters())
     tokens = patch_tokens.to(TOKEN_DTYPE).to(device=weight.device, dtype=weight.dtype)
-    embeds = llm.get_input_embeddings()(input_ids)
+    # A negative image id (LLaVA's IMAGE_TOKEN_INDEX, -200) is no row of the embedding table:
+    # those positions are overwritten by the visual tokens, so any row stands in for them.
+    embeds = llm.get_input_embeddings()(input_ids.clamp(min=0))
     embeds = place_visual_tokens(embeds, input_ids, image_token_id, projector(tokens))
     logits = llm(inputs_embeds=embeds).logits
     output, target = logits[:, :-1, :], labels[:, 1:]
+    if not bool((target != LLAVA_IGNORE).any()):  # every answer cut off: no loss, still a graph
+        return output.float().mean() * 0
     return F.cross_entropy(
         output.reshape(-1, output.shape[-1]).float(),
         target.reshape(-1),
@@ -48,7 +53,7 @@ def stage1_loss(
 
 
 def stage1_step(
-    projector: LlavaProjector,
+    projector: nn.Module,
     llm: LlamaForCausalLM,
     optimizer: torch.optim.Optimizer,
     patch_tokens: torch.Tensor,

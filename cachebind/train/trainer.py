@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cachebind.config import Settings, TrainConfig
 from cachebind.errors import CachebindError
@@ -159,24 +161,21 @@ def plot_losses(log_file: Path) -> Path | None:
     return out
 
 
-def run_training(settings: Settings, phase: Phase) -> TrainResult:
-    """Train ``phase`` on the cache table in ``settings.store``; resumable; returns the result."""
+def fit_on_ray(cfg: TrainConfig, loop: Callable[[Any], None], plan: object) -> Any:
+    """Run ``loop(plan)`` on ``cfg.num_workers`` Ray Train workers under ``cfg.run_name``
+    (resuming its latest checkpoint); returns the result of a run that ended with one."""
     from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from cachebind.train.raytrain import ContainedTorchTrainer
 
-    cfg = settings.train
-    start_or_join_ray(cfg.ray_address, log_to_driver=True)
-    world = cfg.num_workers
-    plan = make_plan(settings, phase, world)
     use_gpu = _use_gpu(cfg)
     storage = (Path(cfg.output_dir) / "ray").resolve()
     trainer = ContainedTorchTrainer(
         # Ray hands train_loop_config to the loop unchanged; its annotations only allow a dict.
-        train_loop,  # type: ignore[arg-type]
+        loop,
         train_loop_config=plan,  # type: ignore[arg-type]
         scaling_config=ScalingConfig(
-            num_workers=world,
+            num_workers=cfg.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
@@ -192,6 +191,17 @@ def run_training(settings: Settings, phase: Phase) -> TrainResult:
         raise TrainError(f"training failed: {result.error}")
     if result.checkpoint is None:
         raise TrainError("training ended without a checkpoint")
+    return result
+
+
+def run_training(settings: Settings, phase: Phase) -> TrainResult:
+    """Train ``phase`` on the cache table in ``settings.store``; resumable; returns the result."""
+    cfg = settings.train
+    start_or_join_ray(cfg.ray_address, log_to_driver=True)
+    world = cfg.num_workers
+    plan = make_plan(settings, phase, world)
+    storage = (Path(cfg.output_dir) / "ray").resolve()
+    result = fit_on_ray(cfg, train_loop, plan)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     output = run_dir / "imagebind_llm.pth"
     with result.checkpoint.as_directory() as d:
