@@ -47,7 +47,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 OTHER_CLUSTER = """
 import socket, sys, time, urllib.request
+import ray._private.services as services
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
+
+# Its dashboard with the state API alone: what Ray's look-ups ask a cluster (the other modules
+# are a process each, about 20 s of CPU that the rest of the suite needs).
+start_process = services.start_ray_process
+def state_api_only(command, process_type, *args, **kwargs):
+    if process_type == ray_constants.PROCESS_TYPE_DASHBOARD:
+        command = [*command, "--modules-to-load=StateHead"]
+    return start_process(command, process_type, *args, **kwargs)
+services.start_ray_process = state_api_only
+
 with socket.socket() as s:  # a free port: Ray's default 8265 is often another test's dashboard
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
