@@ -5,7 +5,9 @@
 # then one device `run` with carry [".whl"] and the command `bash benchmarks/gpu_suite.sh`.
 # Figures land in $OUT (*.txt, *.json); copy them into BENCHMARKS.md with the machine's name.
 # The embedding job's GPU mode (bench_embed.py) needs Ray and LanceDB, whose wheels are over
-# the carry limit: run it on a GPU box with the project installed (`scripts/setup.sh`).
+# the carry limit: run it on a GPU box with the project installed (`scripts/setup.sh`). So does
+# bench_tokens.py (it reads cached patch tokens through Lance): there,
+#     python benchmarks/bench_tokens.py --device cuda --preset huge --llm 7b --batch-size 8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
