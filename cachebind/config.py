@@ -573,7 +573,7 @@ class TokensTrainConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Global gradient-norm clip (transformers' default, under which LLaVA trains); None: off."""
-    max_length: int = Field(default=2048, ge=8)
+    max_length: int = Field(default=LLAVA_MAX_SEQ_LEN, ge=8)
     """Tokens an example keeps, its visual tokens included (``model_max_length``)."""
     mix: list[str] = Field(default_factory=list)
     """SPHINX's mixed embedding (stage 1 only): the encoders (names as ``encoder``) whose cached
