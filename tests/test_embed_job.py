@@ -268,6 +268,26 @@ def test_pixel_batches_are_read_from_arrow_without_a_python_round_trip(dtype: st
     np.testing.assert_array_equal(pixel_batch(sliced, np.arange(3), dtype), tensors[1:4])
 
 
+def test_an_encoder_actor_without_extra_encoders_does_not_import_transformers() -> None:
+    """transformers costs every actor seconds of CPU at start-up; only extra encoders use it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cachebind.config import EncoderConfig, Settings\n"
+        "from jobs.embed.encode import EncodeActor\n"
+        "EncodeActor(EncoderConfig(preset='tiny'), Settings().weights, 'float32', False, 1)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 LATE_COORDINATOR = """
 import logging
 from ray.data._internal.logging import configure_logging

@@ -45,6 +45,20 @@ def ray_session():
 settings = embed_settings
 
 
+@pytest.fixture(scope="module")
+def whole(
+    ray_session: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Settings, str, list[str]]:
+    """A webdataset of ``N_IMAGES`` embedded with 2 views through the driver's sink, the source
+    and its keys: the job's output several tests read (none writes to it), embedded once."""
+    root = tmp_path_factory.mktemp("views")
+    keys = syn.write_webdataset(root / "wds", N_IMAGES, per_shard=4)
+    s = settings(root / "db", "whole", views=2, sink="driver")
+    report = run_embed(str(root / "wds"), s, progress=False)
+    assert report.rows_written == N_IMAGES
+    return s, str(root / "wds"), keys
+
+
 def by_id(s: Settings) -> dict[str, list]:
     """The table's rows sorted by id (column -> values), without the volatile nothing."""
     rows = CacheTable.open(s.store).table.to_arrow()
@@ -75,13 +89,10 @@ def test_crops_follow_the_release_transform_and_are_seeded_per_id_and_view() -> 
     assert crop_box(300, 1000, view_rng(1, 0)) == (0, 300, 300, 700)  # 300 / 400 = 0.75
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path: Path) -> None:
-    keys = syn.write_webdataset(tmp_path / "wds", N_IMAGES, per_shard=4)
-    source = str(tmp_path / "wds")
-    whole = settings(tmp_path / "db", "whole", views=2, sink="driver")
-    report = run_embed(source, whole, progress=False)
-    assert report.rows_written == N_IMAGES
+def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(
+    whole: tuple[Settings, str, list[str]], tmp_path: Path
+) -> None:
+    whole, source, keys = whole
 
     table = CacheTable.open(whole.store)
     field = table.table.schema.field("view_vectors")
@@ -140,8 +151,9 @@ def test_views_job_stores_the_crops_features_and_rewrites_the_same_rows(tmp_path
 
     # A table keeps its views setting: another one is refused before any work.
     for other in (0, 3):
+        refused = settings(Path(whole.store.uri), "whole", views=other)
         with pytest.raises(TableMismatchError, match=f"embed.views = 2.*asks for {other}"):
-            run_embed(source, settings(tmp_path / "db", "whole", views=other), progress=False)
+            run_embed(source, refused, progress=False)
     assert CacheTable.open(whole.store).count() == N_IMAGES
 
 
@@ -377,9 +389,8 @@ def test_the_trainer_does_not_draw_sphinx_quarters_as_an_epochs_image(tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_session")
 def test_a_ray_train_run_on_a_table_embedded_with_views_trains_on_the_views(
-    tmp_path: Path,
+    whole: tuple[Settings, str, list[str]], tmp_path: Path
 ) -> None:
     """embed --views 2, then stage 1 on that table through Ray Train: the run draws the views
     (its parameters differ from the same run on centre vectors only; the draw's seeding is
@@ -390,9 +401,7 @@ def test_a_ray_train_run_on_a_table_embedded_with_views_trains_on_the_views(
     from cachebind.inject.generate import load_generator
     from cachebind.train.trainer import run_training
 
-    syn.write_webdataset(tmp_path / "wds", N_IMAGES, per_shard=4)
-    embedded = settings(tmp_path / "db", "images", views=2)
-    assert run_embed(str(tmp_path / "wds"), embedded, progress=False).rows_written == N_IMAGES
+    embedded = whole[0]
     llama = tiny_llama(tmp_path / "llama")
 
     def train(run_name: str, **train: Any) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from builders import embed_settings
 
 from cachebind.sources import list_partitions, read_partition
@@ -39,6 +40,14 @@ def tar_of(path: Path, members: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module's jobs: each would otherwise start (and pay for) its own."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture
@@ -86,6 +95,7 @@ def test_the_untidy_values_keep_what_can_be_kept(untidy) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_an_untidy_webdataset_embeds_every_sample(untidy, tmp_path: Path) -> None:
     s = embed_settings(tmp_path / "db", thumbnails=False)
     report = run_embed(untidy["webdataset"], s, progress=False)
@@ -141,6 +151,7 @@ def test_a_mapping_without_its_columns_is_refused_when_the_source_is_listed(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_a_row_group_cut_by_a_corrupt_page_accounts_for_every_row(tmp_path: Path) -> None:
     table = pa.table(
         {"key": [f"k{i}" for i in range(100)], "jpg": [syn.image_bytes(i) for i in range(100)]}

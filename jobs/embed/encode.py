@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,9 @@ from cachebind.config import EncoderConfig, WeightsConfig
 from cachebind.errors import InputError
 from jobs.embed.decode import PIXELS
 from jobs.embed.fragments import FragmentTarget, write_block
+
+if TYPE_CHECKING:
+    from cachebind.encode.extra import ExtraEncoder
 
 
 class EncodeActor:
@@ -45,11 +49,15 @@ class EncodeActor:
         self.tokens_layer = tokens_layer  # embed --tokens: the hidden state cached, else None
         patches, width = self.encoder.model.vision_token_shape()
         self.token_values = patches * width if tokens_layer is not None else 0
-        from cachebind.encode.extra import ExtraEncoder
-
         # embed.extra_encoders: each reads its own pixels (pixels_<name>) on this actor's device
-        device = str(self.encoder.device)
-        self.extra = {n: ExtraEncoder.load(n, d, device) for n, d in sorted((extra or {}).items())}
+        self.extra: dict[str, ExtraEncoder] = {}
+        if extra:
+            # Imported only here: the module imports transformers' CLIP and DINOv2, ~3 CPU-s
+            # that every actor of every job paid before, extra encoders or not.
+            from cachebind.encode.extra import ExtraEncoder
+
+            device = str(self.encoder.device)
+            self.extra = {n: ExtraEncoder.load(n, d, device) for n, d in sorted(extra.items())}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         dim = self.encoder.out_dim

@@ -114,6 +114,8 @@ def extra_columns(settings: Settings) -> tuple[dict[str, tuple[int, int]], dict[
     ``extra_checkpoints`` (their directories here, not compared). Each checkpoint is loaded
     once here, so that a bad one (a missing tensor, a token layer it lacks) is refused by
     name before any work rather than by every encoder actor Ray restarts."""
+    if not settings.embed.extra_encoders:
+        return {}, {}  # and transformers (seconds of imports) is not imported for nothing
     from cachebind.encode.extra import ExtraEncoder, extra_identity, extra_shape, read_config
     from cachebind.errors import WeightsError
 
