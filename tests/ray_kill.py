@@ -10,8 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import ray
-
 MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
@@ -24,28 +22,19 @@ def registered_step(snapshot: Path) -> int | None:
     return None if latest is None else int(latest["metrics"]["step"])
 
 
-def _cmdline(pid: str) -> bytes:
-    try:
-        return (Path("/proc") / pid / "cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _train_worker_pids() -> set[int]:
-    """This test's Ray training worker processes: children of its own raylet (found by the
-    session directory in the raylet's command line), titled ``ray::RayTrainWorker``."""
-    session = ray.nodes()[0]["RayletSocketName"].split("/sockets/")[0].encode()
-    pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
-    raylets = {p for p in pids if b"raylet" in _cmdline(p) and session in _cmdline(p)}
-    found = set()
-    for pid in pids:
-        try:
-            ppid = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
-        except (OSError, IndexError):
-            continue
-        if ppid in raylets and b"RayTrainWorker" in _cmdline(pid):
-            found.add(int(pid))
-    return found
+    """The processes of this cluster's live Ray Train workers (``RayTrainWorker`` actors), from
+    the GCS's actor table: it needs no dashboard, and a process is its actor's whatever started
+    it (another cluster's or an ended run's workers are not in it, or not alive)."""
+    from ray._private.state import state
+
+    return {
+        int(actor["Pid"])
+        for actor in state.actor_table(None).values()
+        if actor.get("ActorClassName") == "RayTrainWorker"
+        and actor.get("State") == "ALIVE"
+        and actor.get("Pid")
+    }
 
 
 def log_lines(path: Path) -> list[str]:
@@ -53,7 +42,7 @@ def log_lines(path: Path) -> list[str]:
 
 
 def kill_after_a_checkpoint(
-    log: Path, snapshot: Path, thread: threading.Thread, timeout_s: float = 120
+    log: Path, snapshot: Path, thread: threading.Thread, timeout_s: float = 600
 ) -> tuple[int, list[str]]:
     """SIGKILL the training worker of the run that ``thread`` drives (it logs to ``log``) as
     soon as Ray Train's controller has registered a checkpoint (in ``snapshot``); returns the
@@ -68,7 +57,9 @@ def kill_after_a_checkpoint(
         # Once this run has logged a step, its worker is up (an earlier run's are gone).
         pids = _train_worker_pids() if log.is_file() else set()
         time.sleep(0.05)
-    assert pids, "no training worker process found"
+    assert pids, "no training worker process found: " + (
+        "the run ended first" if not thread.is_alive() else f"none within {timeout_s:.0f} s"
+    )
     while registered_step(snapshot) is None and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
     for pid in pids:
