@@ -14,15 +14,13 @@ stamp=".venv/.cachebind-$(cat requirements.lock pyproject.toml scripts/setup.sh 
 if [ ! -f "$stamp" ]; then
   echo "Installing cachebind and its pinned dependencies into .venv (first run: a few minutes)..."
   .venv/bin/python -m pip install -q --upgrade pip
-  # --no-compile: byte-compiling every installed module is half the install's CPU, and most
-  # (torch's, ray's, transformers') are never imported; Python compiles the ones it imports.
-  .venv/bin/python -m pip install -q --no-compile -r requirements.lock
-  .venv/bin/python -m pip install -q --no-compile --no-deps -e .
+  .venv/bin/python -m pip install -q -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps -e .
   if [ "$want" = test ]; then
     # The reference ImageBind model files serve as a test oracle; the package's own imports are
     # broken in a current environment (docs/DEPENDENCIES.md), so it is installed without dependencies
     # and its model files are loaded directly by tests/oracle.py.
-    .venv/bin/python -m pip install -q --no-compile --no-deps -r requirements-test.lock
+    .venv/bin/python -m pip install -q --no-deps -r requirements-test.lock
   fi
   rm -f .venv/.cachebind-*
   touch "$stamp"
