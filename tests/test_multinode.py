@@ -100,18 +100,27 @@ def test_a_worker_node_lost_mid_job_costs_nothing(cluster: Cluster, tmp_path: Pa
     workers = {n.node_id: n for n in cluster.worker_nodes}
     removed: list[str] = []
 
+    job_done = threading.Event()
+
     def remove_an_encoders_node() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if manifests(s) >= 2:  # rows are being committed: the job is flowing
+        # First a worker node that holds an encoder actor (the pool's actors live as long as
+        # the job), then, as soon as rows are being committed, that node goes: the state API
+        # can take seconds to answer on a busy machine, so it is not asked at the last moment.
+        node = None
+        deadline = time.monotonic() + 600
+        while not job_done.is_set() and time.monotonic() < deadline:
+            if node is None:
                 # This cluster's own state API: without an address Ray asks the machine's
                 # latest cluster, which a parallel test may have started.
                 alive = list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
-                for actor in alive:
-                    if "MapWorker" in actor.class_name and actor.node_id in workers:
-                        cluster.remove_node(workers[actor.node_id])
-                        removed.append(actor.node_id)
-                        return
+                on_workers = [
+                    a.node_id for a in alive if "MapWorker" in a.class_name and a.node_id in workers
+                ]
+                node = on_workers[0] if on_workers else None
+            elif manifests(s) >= 2:  # rows are being committed: the job is flowing
+                cluster.remove_node(workers[node])
+                removed.append(node)
+                return
             time.sleep(0.05)
 
     failures: list[BaseException] = []
@@ -127,6 +136,7 @@ def test_a_worker_node_lost_mid_job_costs_nothing(cluster: Cluster, tmp_path: Pa
     try:
         report = run_embed(str(tmp_path / "wds"), s, progress=False, flush_rows=4)
     finally:
+        job_done.set()
         thread.join()
         cluster.add_node(num_cpus=WORKER_CPUS, **NODE)  # the module's next tests get three
         cluster.wait_for_nodes()
