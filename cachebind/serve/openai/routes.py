@@ -83,10 +83,8 @@ def check_text(limits: Limits, text: str, field: str) -> None:
         )
 
 
-async def media_inputs(
-    state: ServeState, limits: Limits, messages: list[o.Message]
-) -> list[InputItem]:
-    """The media of a conversation as query inputs, counted before any is read."""
+def counted_media(limits: Limits, messages: list[o.Message]) -> list[MediaRef]:
+    """The conversation's media references, refused before any is read when over the limit."""
     refs = message_media(messages)
     if len(refs) > limits.config.max_inputs:
         raise invalid(
@@ -94,6 +92,14 @@ async def media_inputs(
             f"the messages hold {len(refs)} media; the limit is {limits.config.max_inputs}",
             "messages",
         )
+    return refs
+
+
+async def media_inputs(
+    state: ServeState, limits: Limits, messages: list[o.Message]
+) -> list[InputItem]:
+    """The media of a conversation as query inputs, counted before any is read."""
+    refs = counted_media(limits, messages)
     config, budget = state.config.openai, state.settings.input
     return list(await asyncio.gather(*(input_of(r, config, budget) for r in refs)))
 
@@ -103,13 +109,7 @@ async def image_sources(
 ) -> list[ImageSource]:
     """llava mode: the conversation's images in order, a ``cachebind://rows/<id>`` URL
     naming a cached row (its stored patch tokens), any other read as ``media_inputs`` reads it."""
-    refs = message_media(messages)
-    if len(refs) > limits.config.max_inputs:
-        raise invalid(
-            "too_many_inputs",
-            f"the messages hold {len(refs)} media; the limit is {limits.config.max_inputs}",
-            "messages",
-        )
+    refs = counted_media(limits, messages)
     config, budget = state.config.openai, state.settings.input
 
     async def source(ref: MediaRef) -> ImageSource:
