@@ -448,6 +448,11 @@ class LLMConfig(Section):
     llava_dir: Path | None = None
     """A llava-hf LLaVA-1.5 directory (``config.json``, safetensors, ``tokenizer.model``) for
     ``mode = "llava"``."""
+    mixed_projector: Path | None = None
+    """SPHINX's mixed embedding (``mode = "llava"``): a ``mixed_projector.pth`` that ``train
+    llava-pretrain`` wrote with ``tokens_train.mix``, serving its encoders' channel-concatenated
+    tokens (ImageBind's trunk for ``imagebind``, ``embed.extra_encoders`` for the others) to the
+    LLM of ``llava_dir`` (its language model) or ``llama_dir`` (a transformers LLaMA)."""
     llava_max_seq_len: int = Field(default=LLAVA_MAX_SEQ_LEN, ge=2)
     """Positions per generation in llava mode (each image takes 576 of them at 336 px); the
     KV cache holds ``max_batch`` slots of this many, capped at the model's own limit."""

@@ -20,6 +20,7 @@ from llava_checkpoints import PATCHES, reference_llava, write_llava_hf
 from ray_kill import MANAGER_SNAPSHOT, kill_after_a_checkpoint
 from train_fixtures import token_caption_table
 
+from cachebind.bind.mixed import load_mixed_projector
 from cachebind.config import Settings
 from cachebind.errors import WeightsError
 from cachebind.inject.llava_load import load_llava
@@ -222,6 +223,11 @@ def test_sphinx_mixed_projector_trains_in_the_stage_1_loop_on_two_cached_encoder
     assert all(np.isfinite(losses(result.log_file))) and len(losses(result.log_file)) == 2
     saved = torch.load(result.output, weights_only=True)
     assert saved["channel_order"] == [("clip336", 0, 32), ("dinov2", 32, 48)]
+    # What `serve --mixed-projector` loads: the weights and each encoder's recorded layer.
+    served = load_mixed_projector(result.output)
+    assert [(s.name, s.patches, s.width, s.layer) for s in served.sources] == [
+        ("clip336", PATCHES, 32, -2), ("dinov2", 4, 16, -2)
+    ]  # fmt: skip
     assert saved["side"] == 3 and saved["state"]["visual_proj.0.weight"].shape == (48, 48)
     start = torch.load(inputs["root"] / "train" / "mixed" / "start.pth", weights_only=True)
     assert not torch.equal(saved["state"]["visual_proj.0.weight"],

@@ -15,17 +15,26 @@ CLS token, and no Q-Former tokens are cached, so neither is part of this project
 The input is the encoders' tokens one row after the other, ``[B, sum of patches_i · width_i]``
 (each encoder's ``[patches, width]`` flattened, in ``channel_order``), the way a training batch
 carries the cached columns side by side; ``split`` gives each encoder's part back.
+
+A trained projector is one file (``save_mixed_projector``): its weights, its grid, and for each
+encoder the hidden state its tokens are and the encoder's identity as the cache recorded them,
+so that whoever serves it can check that fresh tokens and cached rows are the ones it learnt on.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cachebind.errors import WeightsError
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,11 @@ class TokenSource:
     name: str
     patches: int
     width: int
+    layer: int | None = None
+    """The encoder's hidden state the tokens are, as the cache records it (None: unrecorded)."""
+    identity: str | None = None
+    """The encoder's identity as the cache records it (its weights' sha256 among others),
+    canonical JSON (None: unrecorded)."""
 
     @property
     def side(self) -> int:
@@ -105,3 +119,51 @@ class MixedProjector(nn.Module):
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
         tokens: torch.Tensor = self.visual_proj(self.mix(self.split(flat)))
         return tokens
+
+
+MIXED_FORMAT = 2
+"""Version of ``save_mixed_projector``'s file: 2 records each encoder's layer and identity."""
+
+
+def save_mixed_projector(projector: MixedProjector, path: Path, dtype: torch.dtype) -> None:
+    """``projector`` as one file (weights in ``dtype``), written beside ``path`` and renamed."""
+    state = {k: v.detach().to("cpu", dtype) for k, v in projector.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(
+        {
+            "format": MIXED_FORMAT,
+            "state": state,
+            "channel_order": projector.channel_order,
+            "sources": [asdict(s) for s in projector.sources],
+            "side": projector.side,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_mixed_projector(path: Path) -> MixedProjector:
+    """The projector ``save_mixed_projector`` wrote (float32, strict), refused by name when
+    the file is not one or records no encoder layers."""
+    try:
+        saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        # Format 1 wrote (name, patches, width) tuples.
+        sources = [
+            TokenSource(**s) if isinstance(s, dict) else TokenSource(*s) for s in saved["sources"]
+        ]
+        state, side = saved["state"], int(saved["side"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+        raise WeightsError(f"{path}: not a mixed projector file ({exc})") from exc
+    unrecorded = [s.name for s in sources if s.layer is None]
+    if unrecorded:
+        raise WeightsError(
+            f"{path}: records no token layer for {unrecorded} (written before format "
+            f"{MIXED_FORMAT}); train it again"
+        )
+    text_dim = int(state["visual_proj.0.weight"].shape[0]) if "visual_proj.0.weight" in state else 0
+    try:
+        projector = MixedProjector(sources, text_dim, side)
+        projector.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+    return projector

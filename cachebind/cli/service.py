@@ -50,14 +50,23 @@ def add_serve(sub: Subcommands, common: CommonOptions) -> None:
         "--llava-dir",
         dest="llm__llava_dir",
         metavar="DIR",
-        action=LlavaDir,
+        action=TokensMode,
         help="serve a llava-hf LLaVA-1.5 directory in tokens mode instead (sets llm.mode=llava)",
+    )
+    p.add_argument(
+        "--mixed-projector",
+        dest="llm__mixed_projector",
+        metavar="FILE",
+        action=TokensMode,
+        help="serve SPHINX's mixed embedding in tokens mode: a mixed_projector.pth from `train "
+        "llava-pretrain` with tokens_train.mix, its encoders from embed.extra_encoders (and the "
+        "served ImageBind), the LLM of --llava-dir or --llama-dir (sets llm.mode=llava)",
     )
 
 
-class LlavaDir(argparse.Action):
+class TokensMode(argparse.Action):
     """``--llava-dir DIR`` is ``llm.llava_dir = DIR`` and ``llm.mode = "llava"``: naming the
-    directory is choosing the mode."""
+    directory is choosing the mode; so is naming a mixed projector."""
 
     def __call__(
         self,

@@ -19,6 +19,10 @@ from cachebind.errors import InputError
 from cachebind.inject.placement import expand_image_placeholders
 from cachebind.inject.tokenizer import Tokenizer
 
+IMAGE_INDEX = -200
+"""LLaVA's IMAGE_TOKEN_INDEX: the id of a visual position where no ``<image>`` piece exists in
+the vocabulary (a LLaMA trained on the cache's tokens by ``train llava-pretrain``)."""
+
 IMAGE = "<image>"
 GENERATION_PROMPT = "ASSISTANT:"
 

@@ -1,12 +1,13 @@
-"""LLaVA-1.5 (tokens mode) as the scheduler serves it: the LLM behind the scheduler's model
-interface, the prompt ids with the image positions, and the prefill's input embeddings.
+"""Tokens mode as the scheduler serves it (LLaVA-1.5; SPHINX's mixed embedding in
+``inject.mixed_serve``): the LLM behind the scheduler's model interface, the prompt ids with
+the image positions, and the prefill's input embeddings.
 
 The scheduler (``inject.scheduler``) owns a model that it calls as ``model(ids, visual=None,
 attention_mask=, position_ids=, past_key_values=, logits_to_keep=)`` with its per-slot KV cache;
-``LlavaLM`` is LLaVA's ``language_model`` behind that call, so LLaVA rows decode as text like
-any row. What differs is the prefill: a row with images is prefilled from input embeddings, the
-text embeddings of its ids with its visual tokens (tower -> projector, or cached patch tokens ->
-projector) at the image-token positions (``LlavaGenerator.prompt_embeds``).
+``TokensLM`` is the LLaMA behind that call, so image rows decode as text like any row. What
+differs is the prefill: a row with images is prefilled from input embeddings, the text
+embeddings of its ids with its visual tokens (encoders -> projector, or cached patch tokens ->
+projector) at the image-token positions (``TokensGenerator.prompt_embeds``).
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cachebind.config import LLMConfig
 from cachebind.device import resolve_device, resolve_dtype
 from cachebind.errors import InputError, WeightsError
-from cachebind.inject.generate import Generator, load_generator
 from cachebind.inject.llava import LlavaTokensModel, text_config, vision_config
 from cachebind.inject.llava_load import load_llava
 from cachebind.inject.llava_prompt import llava_ids, llava_prompt
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PromptImage:
-    """One image of a prompt: decoded pixels [3, H, W], or its patch tokens read from the
-    cache [tokens, width] (the encoder step already done)."""
+    """One image of a prompt: its decoded pixels, one [3, H, W] tensor per transform the
+    model's encoders take (``TokensGenerator.pixel_specs``), or its patch tokens read from the
+    cache (the encoder step already done), in the shape ``TokensGenerator.token_shape``."""
 
-    pixels: torch.Tensor | None = None
+    pixels: tuple[torch.Tensor, ...] | None = None
     patch_tokens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -61,12 +63,12 @@ class PromptImages:
 
     @classmethod
     def of_pixels(cls, pixels: torch.Tensor) -> PromptImages:
-        """Images from decoded pixels [n, 3, H, W]."""
-        return cls(tuple(PromptImage(pixels=p) for p in pixels))
+        """Images from decoded pixels [n, 3, H, W] (a model with one encoder)."""
+        return cls(tuple(PromptImage(pixels=(p,)) for p in pixels))
 
     @classmethod
     def of_tokens(cls, tokens: torch.Tensor) -> PromptImages:
-        """Images from cached patch tokens [n, tokens, width]."""
+        """Images from cached patch tokens [n, ...token_shape]."""
         return cls(tuple(PromptImage(patch_tokens=t) for t in tokens))
 
     @property
@@ -85,13 +87,14 @@ class TokenLayout:
     width: int
 
 
-class LlavaLM(torch.nn.Module):
-    """LLaVA's LLM in the scheduler's model interface (``cfg``, ``dtype``, ``device``, call)."""
+class TokensLM(torch.nn.Module):
+    """A LLaMA in the scheduler's model interface (``cfg``, ``dtype``, ``device``, call), for
+    models whose images enter the prompt as visual tokens."""
 
-    def __init__(self, llava: LlavaTokensModel, max_seq_len: int) -> None:
+    def __init__(self, language_model: LlamaForCausalLM, max_seq_len: int) -> None:
         super().__init__()
-        self.llava = llava
-        tc = text_config(llava.config)
+        self.language_model = language_model
+        tc = language_model.config
         heads = int(tc.num_attention_heads)
         head_dim = getattr(tc, "head_dim", None)
         if head_dim is not None and int(head_dim) * heads != int(tc.hidden_size):
@@ -107,12 +110,16 @@ class LlavaLM(torch.nn.Module):
         )
 
     @property
+    def _embedding(self) -> torch.nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.llava.multi_modal_projector.linear_1.weight.dtype
+        return cast(torch.dtype, self._embedding.weight.dtype)
 
     @property
     def device(self) -> torch.device:
-        return self.llava.multi_modal_projector.linear_1.weight.device
+        return cast(torch.device, self._embedding.weight.device)
 
     def forward(
         self,
@@ -128,10 +135,10 @@ class LlavaLM(torch.nn.Module):
     ) -> CausalLMOutputWithPast:
         """Logits of ``input_ids`` or of ``inputs_embeds`` (a prefill with visual tokens)."""
         if visual is not None or terms is not None:
-            raise ValueError("LLaVA takes visual tokens in the prompt, not an adapter query")
+            raise ValueError("this model takes visual tokens in the prompt, not an adapter query")
         return cast(
             CausalLMOutputWithPast,
-            self.llava.language_model(
+            self.language_model(
                 input_ids=None if inputs_embeds is not None else input_ids,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -143,21 +150,117 @@ class LlavaLM(torch.nn.Module):
         )
 
     def visual_query(self, f_m: torch.Tensor) -> torch.Tensor:
-        raise ValueError("LLaVA takes visual tokens in the prompt, not an adapter query F~_M")
+        raise ValueError("this model takes visual tokens in the prompt, not an adapter query F~_M")
 
     def adapter_terms(self, t_i: torch.Tensor) -> torch.Tensor:
-        raise ValueError("LLaVA takes visual tokens in the prompt, not adapter terms")
+        raise ValueError("this model takes visual tokens in the prompt, not adapter terms")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Text embeddings of ``ids`` [B, S] -> [B, S, dim]."""
-        return cast(torch.Tensor, self.llava.language_model.get_input_embeddings()(ids))
+        """Text embeddings of ``ids`` [B, S] -> [B, S, dim]. A negative id (LLaVA's
+        IMAGE_TOKEN_INDEX, -200) is a visual position: any row stands in, it is overwritten."""
+        return cast(torch.Tensor, self._embedding(ids.clamp(min=0)))
 
 
-class LlavaGenerator:
-    """A loaded LLaVA-1.5 for the scheduler: model, tokenizer, prompts and image inputs."""
+class TokensGenerator:
+    """A loaded tokens-mode model for the scheduler: an LLM, its tokenizer and prompts, and
+    the visual path that turns an image into the tokens placed where ``<image>`` stands.
+
+    The visual path is the subclass's: ``pixel_specs`` (the image transforms its encoders
+    take), ``encode`` (pixels -> patch tokens, the cacheable step), ``visual_tokens``
+    (patch tokens -> the LLM's width) and ``token_shape`` (one image's patch tokens)."""
 
     visual_dim = None  # no F~_M: images enter as tokens (``PromptImages``)
     mode = "llava"
+    model_name = "tokens"
+    pixel_specs: tuple[ExtraPreprocess, ...]
+    token_shape: tuple[int, ...]
+
+    def __init__(
+        self,
+        language_model: LlamaForCausalLM,
+        tokenizer: Tokenizer,
+        *,
+        image_token_id: int,
+        tokens_per_image: int,
+        max_seq_len: int,
+        seed: int | None = None,
+    ) -> None:
+        if 0 <= image_token_id < tokenizer.n_words:
+            raise WeightsError(
+                f"image_token_id {image_token_id} is a piece of the tokenizer "
+                f"({tokenizer.n_words} pieces): text could forge image positions"
+            )
+        self.model = TokensLM(language_model.eval(), max_seq_len)
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.max_seq_len = max_seq_len
+        self.seed = seed
+        self._encoder_lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Patch tokens [n, ...token_shape] of n images, given as one [n, 3, H, W] stack per
+        ``pixel_specs`` entry."""
+        raise NotImplementedError
+
+    def visual_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [n, ...token_shape] -> visual tokens [n, tokens_per_image, dim]."""
+        raise NotImplementedError
+
+    def prompt_ids(self, prompt: str, *, template: bool, images: PromptImages | None) -> list[int]:
+        """The prompt's ids: in the LLaVA-1.5 template (its images first) unless ``template``
+        is off, in which case ``prompt`` holds one ``<image>`` per image where it stands."""
+        n = images.count if images is not None else 0
+        text = llava_prompt(prompt, n) if template else prompt
+        return llava_ids(self.tokenizer, text, n, self.image_token_id, self.tokens_per_image)
+
+    def check_images(self, images: PromptImages) -> None:
+        """Refuse images whose shape is not what this model's encoders take or give."""
+        for i, image in enumerate(images.images):
+            if image.pixels is not None:
+                want: object = [list(spec.shape) for spec in self.pixel_specs]
+                got: object = [list(p.shape) for p in image.pixels]
+                what = "pixels"
+            else:
+                assert image.patch_tokens is not None
+                want, got = list(self.token_shape), list(image.patch_tokens.shape)
+                what = "patch tokens"
+            if got != want:
+                detail = f"image {i}: {what} {got}; the model takes {want}"
+                raise InputError("images", "wrong_shape", detail)
+
+    def encode_images(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``encode`` on the CPU, one call at a time: the service runs it on a request's
+        thread, so that the scheduler's steps never wait for an encoder forward."""
+        with self._encoder_lock, torch.inference_mode():
+            return self.encode(pixels).cpu()
+
+    def prompt_embeds(self, ids: list[int], images: PromptImages) -> torch.Tensor:
+        """Input embeddings [S, dim] of a prompt: text embeddings, with the images' visual
+        tokens at the image-token positions (the encoders run here for pixels, once for all
+        of the prompt's decoded images; cached tokens skip them)."""
+        device = self.device
+        row = torch.tensor([ids], device=device)
+        decoded = [im.pixels for im in images.images if im.pixels is not None]
+        stacks = [torch.stack(group).to(device) for group in zip(*decoded, strict=True)]
+        encoded: Iterator[torch.Tensor] = iter(self.encode(stacks) if decoded else [])
+        patches = [
+            (next(encoded) if im.patch_tokens is None else im.patch_tokens).to(device)
+            for im in images.images
+        ]
+        visual = self.visual_tokens(torch.stack(patches))
+        embeds = place_visual_tokens(self.model.embed(row), row, self.image_token_id, visual)
+        return embeds[0]
+
+
+class LlavaGenerator(TokensGenerator):
+    """LLaVA-1.5: CLIP's tower (one transform, ``preprocessor_config.json``) -> its projector."""
+
+    model_name = "llava-1.5"
 
     def __init__(
         self,
@@ -168,22 +271,18 @@ class LlavaGenerator:
         max_seq_len: int,
         seed: int | None = None,
     ) -> None:
-        if llava.image_token_id < tokenizer.n_words:
-            raise WeightsError(
-                f"image_token_id {llava.image_token_id} is a piece of the tokenizer "
-                f"({tokenizer.n_words} pieces): text could forge image positions"
-            )
         self.llava = llava.eval()
-        self.model = LlavaLM(self.llava, max_seq_len)
-        self.tokenizer = tokenizer
+        super().__init__(
+            llava.language_model,
+            tokenizer,
+            image_token_id=llava.image_token_id,
+            tokens_per_image=llava.tokens_per_image,
+            max_seq_len=max_seq_len,
+            seed=seed,
+        )
         self.preprocess = preprocess
-        self.max_seq_len = max_seq_len
-        self.seed = seed
-        self._tower = threading.Lock()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+        self.pixel_specs = (preprocess,)
+        self.token_shape = (llava.tokens_per_image, self.layout.width)
 
     @property
     def layout(self) -> TokenLayout:
@@ -201,53 +300,12 @@ class LlavaGenerator:
         """Hidden states the tower gives (its input and each layer's output)."""
         return int(vision_config(self.llava.config).num_hidden_layers) + 1
 
-    def prompt_ids(self, prompt: str, *, template: bool, images: PromptImages | None) -> list[int]:
-        """The prompt's ids: in the LLaVA-1.5 template (its images first) unless ``template``
-        is off, in which case ``prompt`` holds one ``<image>`` per image where it stands."""
-        n = images.count if images is not None else 0
-        text = llava_prompt(prompt, n) if template else prompt
-        return llava_ids(
-            self.tokenizer, text, n, self.llava.image_token_id, self.llava.tokens_per_image
-        )
+    def encode(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        (stack,) = pixels
+        return self.llava.patch_tokens(stack.to(self.device))
 
-    def check_images(self, images: PromptImages) -> None:
-        """Refuse images whose shape is not what this model's tower takes or gives."""
-        tokens = (self.llava.tokens_per_image, self.layout.width)
-        want: tuple[int, ...]
-        for i, image in enumerate(images.images):
-            if image.pixels is not None:
-                want, got, what = self.preprocess.shape, tuple(image.pixels.shape), "pixels"
-            else:
-                assert image.patch_tokens is not None
-                want, got, what = tokens, tuple(image.patch_tokens.shape), "patch tokens"
-            if got != want:
-                detail = f"image {i}: {what} {list(got)}; the model takes {list(want)}"
-                raise InputError("images", "wrong_shape", detail)
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The frozen tower's patch tokens of decoded pixels [n, 3, H, W] -> [n, tokens,
-        width] (CPU), one call at a time: the service runs it on a request's thread, so that
-        the scheduler's steps never wait for a tower forward."""
-        with self._tower, torch.inference_mode():
-            return self.llava.patch_tokens(pixels.to(self.device)).cpu()
-
-    def prompt_embeds(self, ids: list[int], images: PromptImages) -> torch.Tensor:
-        """Input embeddings [S, dim] of a prompt: text embeddings, with the images' visual
-        tokens at the image-token positions (the tower runs here for pixels, once for all of
-        the prompt's decoded images; cached tokens skip it)."""
-        device = self.device
-        row = torch.tensor([ids], device=device)
-        decoded = [im.pixels for im in images.images if im.pixels is not None]
-        encoded: Iterator[torch.Tensor] = iter(
-            self.llava.patch_tokens(torch.stack(decoded).to(device)) if decoded else []
-        )
-        patches = [
-            next(encoded) if im.patch_tokens is None else im.patch_tokens.to(device)
-            for im in images.images
-        ]
-        visual = self.llava.visual_tokens(torch.stack([p.float() for p in patches]))
-        embeds = place_visual_tokens(self.model.embed(row), row, self.llava.image_token_id, visual)
-        return embeds[0]
+    def visual_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.llava.visual_tokens(patches.float())
 
 
 def read_preprocess(directory: Path, image_size: int) -> ExtraPreprocess:
@@ -275,11 +333,10 @@ def read_preprocess(directory: Path, image_size: int) -> ExtraPreprocess:
     return ExtraPreprocess(resize, crop, cast(Any, mean), cast(Any, std))
 
 
-def load_served_llm(llm_cfg: LLMConfig, *, seed: int | None = None) -> Generator | LlavaGenerator:
-    """The LLM that ``llm.mode`` names: LLaMA + adapter, or LLaVA-1.5."""
-    if llm_cfg.mode == "llava":
-        return load_llava_generator(llm_cfg, seed=seed)
-    return load_generator(llm_cfg, seed=seed)
+def positions(llm_cfg: LLMConfig, config: LlamaConfig) -> int:
+    """Positions per generation: ``llm.llava_max_seq_len``, capped at the model's own limit."""
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0)
+    return min(llm_cfg.llava_max_seq_len, limit) if limit else llm_cfg.llava_max_seq_len
 
 
 def load_llava_generator(llm_cfg: LLMConfig, *, seed: int | None = None) -> LlavaGenerator:
@@ -292,8 +349,7 @@ def load_llava_generator(llm_cfg: LLMConfig, *, seed: int | None = None) -> Llav
     start = time.perf_counter()
     llava = load_llava(directory, dtype=dtype, device=device)
     tokenizer = Tokenizer(directory / "tokenizer.model")
-    limit = int(getattr(text_config(llava.config), "max_position_embeddings", 0) or 0)
-    max_seq_len = min(llm_cfg.llava_max_seq_len, limit) if limit else llm_cfg.llava_max_seq_len
+    max_seq_len = positions(llm_cfg, text_config(llava.config))
     image_size = int(cast(int, vision_config(llava.config).image_size))
     preprocess = read_preprocess(directory, image_size)
     log.info("loaded LLaVA-1.5 in %.1f s (%s, %s)", time.perf_counter() - start, device, dtype)

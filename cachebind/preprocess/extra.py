@@ -52,6 +52,10 @@ class ExtraPreprocess:
         }
 
 
+IMAGEBIND_PREPROCESS = ExtraPreprocess(224, 224, CLIP_MEAN, CLIP_STD)
+"""ImageBind's vision transform (``preprocess.image.image_tensor``) in these terms: the trunk's
+pixels when it is one of several encoders of an image (SPHINX's mixed embedding)."""
+
 PREPROCESS: dict[str, ExtraPreprocess] = {
     "clip336": ExtraPreprocess(336, 336, CLIP_MEAN, CLIP_STD),
     "dinov2": ExtraPreprocess(256, 224, IMAGENET_MEAN, IMAGENET_STD),
@@ -76,6 +80,22 @@ def image_pixels(
     if modality != "image":
         raise InputError(source, "unsupported_format", f"{modality} input is not an image")
     return spec_tensor(load_image(data, source, limits=limits), spec)
+
+
+def image_pixel_sets(
+    modality: str,
+    data: bytes,
+    *,
+    limits: InputLimits,
+    specs: tuple[ExtraPreprocess, ...],
+    source: str = "<input>",
+) -> tuple[torch.Tensor, ...]:
+    """An untrusted image's bytes decoded once and prepared by each of ``specs`` (a model
+    whose encoders each take their own transform of the image)."""
+    if modality != "image":
+        raise InputError(source, "unsupported_format", f"{modality} input is not an image")
+    img = load_image(data, source, limits=limits)
+    return tuple(spec_tensor(img, spec) for spec in specs)
 
 
 def spec_tensor(img: Image.Image, spec: ExtraPreprocess) -> torch.Tensor:

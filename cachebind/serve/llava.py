@@ -1,7 +1,8 @@
-"""The images of a llava-mode (LLaVA-1.5, tokens mode) generation, in order: each image input
-decoded in the sandbox with the model's own preprocessing (``preprocessor_config.json``), each
-cached row named by id read back as its stored patch tokens (no encoder run: the point of the
-cache), once the table's recorded token layout is checked against the model's tower.
+"""The images of a llava-mode (tokens mode: LLaVA-1.5, or SPHINX's mixed embedding)
+generation, in order: each image input decoded once in the sandbox and prepared as each of the
+model's encoders takes it (LLaVA's ``preprocessor_config.json``), each cached row named by id
+read back as its stored patch tokens (no encoder run: the point of the cache), once the table's
+recorded token layout is checked against the model's encoders.
 
 Shared by ``/v1/generate`` and the OpenAI chat route. What the mode cannot take is refused
 with a 422 that says why: a non-image medium (the tower is CLIP's vision model), a raw
@@ -12,15 +13,24 @@ not averaged).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cachebind.inject.llava_serve import LlavaGenerator, PromptImage, PromptImages, TokenLayout
+from cachebind.bind.mixed import TokenSource
+from cachebind.inject.llava_serve import (
+    LlavaGenerator,
+    PromptImage,
+    PromptImages,
+    TokenLayout,
+    TokensGenerator,
+)
+from cachebind.inject.mixed_serve import MixedGenerator, recorded_differences
 from cachebind.modalities import Modality
-from cachebind.preprocess.extra import image_pixels
+from cachebind.preprocess.extra import image_pixel_sets
 from cachebind.serve.deps import Limits
 from cachebind.serve.errors import ApiError, unprocessable
 from cachebind.serve.inputs import decode_item
@@ -31,11 +41,12 @@ CACHED_ENCODER = "clip336"
 """The extra encoder whose cached tokens are LLaVA-1.5's tower's (CLIP ViT-L/14-336)."""
 
 
-def llava_of(state: ServeState) -> LlavaGenerator | None:
-    """The served LLaVA when this server runs llava mode (None: adapter mode or no LLM)."""
+def llava_of(state: ServeState) -> TokensGenerator | None:
+    """The served tokens-mode model when this server runs llava mode (None: adapter mode or
+    no LLM)."""
     runtime = state.runtime
     generator = getattr(runtime, "generator", None)
-    return generator if isinstance(generator, LlavaGenerator) else None
+    return generator if isinstance(generator, TokensGenerator) else None
 
 
 def refuse_blend(**given: object) -> None:
@@ -61,7 +72,7 @@ def check_item(item: InputItem, where: str) -> None:
         modality = item.modality.value if item.modality else None
         raise unprocessable(
             "unsupported_modality",
-            f"{where} is {modality}; llava mode (LLaVA-1.5's CLIP vision tower) takes images only",
+            f"{where} is {modality}; llava mode (image encoders' tokens) takes images only",
         )
     if item.weight != 1.0:
         raise unprocessable(
@@ -123,30 +134,62 @@ def check_recorded(recorded: dict[str, Any], layout: TokenLayout, states: int, c
 
 
 async def cached_tokens(
-    state: ServeState, llava: LlavaGenerator, rows: Sequence[CachedRow]
+    state: ServeState, generator: TokensGenerator, rows: Sequence[CachedRow]
 ) -> list[torch.Tensor]:
-    """The stored patch tokens [tokens, width] of ``rows`` in the served table version."""
+    """The stored patch tokens of ``rows`` in the served table version, in the generator's
+    ``token_shape``."""
     _, snap = state.require_snapshot()
     table = snap.table
-    encoder, column, recorded = token_column(table)
-    states = llava.tower_states
-    check_recorded(recorded, llava.layout, states, column)
     ids = [row.id for row in rows]
     try:
-        tokens = await asyncio.to_thread(table.patch_tokens, ids, encoder)
+        if isinstance(generator, MixedGenerator):
+            encoders = [check_mixed_source(table, e.source, e.states) for e in generator.encoders]
+            parts = [await asyncio.to_thread(table.patch_tokens, ids, e) for e in encoders]
+            tokens = generator.join([torch.from_numpy(p) for p in parts])
+        else:
+            assert isinstance(generator, LlavaGenerator)
+            encoder, column, recorded = token_column(table)
+            check_recorded(recorded, generator.layout, generator.tower_states, column)
+            tokens = torch.from_numpy(await asyncio.to_thread(table.patch_tokens, ids, encoder))
     except KeyError:
         found, _ = table.offsets(ids)
         missing = [row.where for row, ok in zip(rows, found, strict=True) if not ok]
         raise ApiError(
             404, "not_found", f"{', '.join(missing)}: no such row in table version {table.version}"
         ) from None
-    return [torch.from_numpy(t) for t in tokens]
+    return list(tokens)
+
+
+def check_mixed_source(table: Any, source: TokenSource, states: int) -> str | None:
+    """The table's name for ``source``'s tokens (None: ImageBind's trunk), after a 422 naming
+    both when they are not the layer, shape or encoder the mixed projector learnt on."""
+    encoder = None if source.name == "imagebind" else source.name
+    try:
+        record = table.tokens_record(encoder)
+    except ValueError as exc:
+        raise unprocessable("no_cached_tokens", f"{exc}; send the image itself") from None
+    learnt = ((source.layer or 0) % states, False, source.patches, source.width)
+    cached = ((record.layer or 0) % states, record.cls, record.patches, record.width)
+    if cached != learnt:
+        raise unprocessable(
+            "token_mismatch",
+            f"{record.column} holds hidden state {record.layer} (cls {record.cls}) as "
+            f"{record.patches} x {record.width} tokens; the mixed projector learnt on hidden "
+            f"state {source.layer} (cls False) as {source.patches} x {source.width}",
+        )
+    if recorded_differences(source.identity, json.loads(record.identity or "null") or {}):
+        raise unprocessable(
+            "token_mismatch",
+            f"{record.column} was embedded by another {source.name} than the mixed projector "
+            f"learnt on (table records {record.identity}; the projector {source.identity})",
+        )
+    return encoder
 
 
 async def prompt_images(
     state: ServeState,
     limits: Limits,
-    llava: LlavaGenerator,
+    generator: TokensGenerator,
     sources: Sequence[ImageSource],
     field: str = "inputs",
 ) -> PromptImages | None:
@@ -167,10 +210,11 @@ async def prompt_images(
         where = f"{field}[{i}]"
         check_item(item, where)
         decoded.append((*decode_item(item, where), where))
-    tokens = await cached_tokens(state, llava, rows) if rows else []
+    tokens = await cached_tokens(state, generator, rows) if rows else []
+    specs = generator.pixel_specs
     tasks = [
         asyncio.ensure_future(
-            state.media.decode(m, raw, where, decoder=image_pixels, spec=llava.preprocess)
+            state.media.decode(m, raw, where, decoder=image_pixel_sets, specs=specs)
         )
         for m, raw, where in decoded
     ]
@@ -180,10 +224,11 @@ async def prompt_images(
         for task in tasks:
             task.cancel()
         raise
-    # The tower runs here, on a worker thread: the scheduler's steps only project tokens.
+    # The encoders run here, on a worker thread: the scheduler's steps only project tokens.
     encoded: Iterator[torch.Tensor] = iter([])
     if pixels:
-        encoded = iter(await asyncio.to_thread(llava.encode_images, torch.stack(pixels)))
+        stacks = [torch.stack(group) for group in zip(*pixels, strict=True)]
+        encoded = iter(await asyncio.to_thread(generator.encode_images, stacks))
     stored = iter(tokens)
     return PromptImages(
         tuple(

@@ -195,9 +195,9 @@ class Runtime:
         generator = None
         llm = settings.llm
         if with_generator and (llm.llama_dir is not None or llm.mode == "llava"):
-            from cachebind.inject.llava_serve import load_served_llm
+            from cachebind.inject.served import load_served_llm
 
-            generator = load_served_llm(llm)
+            generator = load_served_llm(settings, encoder)
         extra_search = None
         if settings.serve.extra_indexes:
             from cachebind.serve.extra_search import load_extra_searches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,33 @@ class CacheTable:
         taken = self.dataset.take(offsets.tolist(), columns=[self.column])
         return vectors_to_numpy(taken[self.column])
 
+    def tokens_record(self, encoder: str | None = None) -> TokensRecord:
+        """What this version records of ``encoder``'s patch tokens (an extra encoder's name,
+        or None / ``"imagebind"`` for the trunk's); ValueError naming the embed flags when it
+        stores none."""
+        extra = encoder not in (None, "imagebind")
+        name = f"patch_tokens_{encoder}" if extra else "patch_tokens"
+        metadata = self.metadata
+        if extra:
+            entry = dict((metadata.get("extra_encoders") or {}).get(encoder) or {})
+            recorded, identity = entry.pop("tokens", None), entry or None
+        else:
+            recorded, identity = metadata.get("tokens"), metadata.get("encoder")
+        if not isinstance(recorded, dict) or name not in self.dataset.schema.names:
+            raise ValueError(
+                f"table version {self.version} has no {name} (embed --tokens"
+                + (f" --extra-encoder {encoder}=DIR)" if extra else ")")
+            )
+        layer = recorded.get("layer")
+        return TokensRecord(
+            column=name,
+            patches=int(recorded["patches"]),
+            width=int(recorded["width"]),
+            layer=None if layer is None else int(layer),
+            cls=bool(recorded.get("cls", False)),
+            identity=None if identity is None else json.dumps(identity, sort_keys=True),
+        )
+
     def patch_tokens(
         self, ids: Sequence[int] | Ints, encoder: str | None = None
     ) -> npt.NDArray[np.float16]:
@@ -149,26 +177,31 @@ class CacheTable:
         [len(ids), patches, width]; ``encoder`` names an extra encoder's
         (``patch_tokens_<name>``, e.g. ``clip336``: LLaVA-1.5's), else ImageBind's. KeyError for
         ids not in this version; ValueError on a table embedded without those tokens."""
-        name = "patch_tokens" if encoder is None else f"patch_tokens_{encoder}"
-        if encoder is None:
-            shape = self.metadata.get("tokens")
-        else:
-            shape = ((self.metadata.get("extra_encoders") or {}).get(encoder) or {}).get("tokens")
-        if not shape or name not in self.dataset.schema.names:
-            raise ValueError(
-                f"table version {self.version} has no {name} (embed --tokens"
-                + (f" --extra-encoder {encoder}=DIR)" if encoder else ")")
-            )
+        record = self.tokens_record(encoder)
         offsets = self.present_offsets(ids)
-        patches, width = int(shape["patches"]), int(shape["width"])
+        patches, width = record.patches, record.width
         if len(offsets) == 0:
             return np.zeros((0, patches, width), dtype=np.float16)
-        column = self.dataset.take(offsets.tolist(), columns=[name])[name]
+        column = self.dataset.take(offsets.tolist(), columns=[record.column])[record.column]
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
         # A copy: Arrow's buffers are read-only, and training hands these to torch.
         values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float16)
         return values.reshape(-1, patches, width)
+
+
+@dataclass(frozen=True)
+class TokensRecord:
+    """An encoder's cached patch tokens as a table version records them."""
+
+    column: str
+    patches: int
+    width: int
+    layer: int | None
+    """The hidden state they are (as the embedding job was told: may be negative)."""
+    cls: bool
+    identity: str | None
+    """The encoder's recorded identity (weights sha256 among others), canonical JSON."""
 
 
 def vectors_to_numpy(column: pa.ChunkedArray | pa.Array) -> Floats:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cachebind.inject.llava_prompt import IMAGE_INDEX
 from cachebind.inject.tokenizer import Tokenizer
 from cachebind.train.tokens_step import LLAVA_IGNORE
 
-IMAGE_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX
 PLAIN_SEP = "\n"  # conv_llava_plain's separator, after the caption
 
 

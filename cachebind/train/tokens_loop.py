@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachebind.bind.mixed import MixedProjector, TokenSource
+from cachebind.bind.mixed import MixedProjector, TokenSource, save_mixed_projector
 from cachebind.bind.projector import to_mm_projector
 from cachebind.train.loop import (
     advance,
@@ -117,22 +117,14 @@ def collate(plan: TokensPlan, tok, rows: dict) -> TokensBatch:
 
 def projector_export(module: TokensLoss, dtype: torch.dtype):
     """``export(directory)`` writing the projector: LLaVA's as ``mm_projector.bin``, SPHINX's
-    mixed one as ``mixed_projector.pth`` with its channel order and grid."""
+    mixed one as ``mixed_projector.pth`` (``bind.mixed.save_mixed_projector``)."""
 
     def export(directory: Path) -> None:
         projector = module.projector
-        state = {k: v.detach().to("cpu", dtype) for k, v in projector.state_dict().items()}
         if isinstance(projector, MixedProjector):
-            torch.save(
-                {
-                    "state": state,
-                    "channel_order": projector.channel_order,
-                    "sources": [(s.name, s.patches, s.width) for s in projector.sources],
-                    "side": projector.side,
-                },
-                directory / MIXED_PROJECTOR_FILE,
-            )
+            save_mixed_projector(projector, directory / MIXED_PROJECTOR_FILE, dtype)
             return
+        state = {k: v.detach().to("cpu", dtype) for k, v in projector.state_dict().items()}
         torch.save(to_mm_projector(state), directory / MM_PROJECTOR_FILE)
 
     return export

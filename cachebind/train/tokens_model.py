@@ -91,9 +91,9 @@ def load_llm(
 
         llava = load_llava(source.directory, dtype=dtype, device=device)  # its tower is dropped
         return llava.language_model, llava.multi_modal_projector
-    model = LlamaForCausalLM.from_pretrained(source.directory, torch_dtype=dtype)
-    nn.Module.to(model, device)  # in place; transformers' typing of ``to`` is narrower
-    return model, None
+    from cachebind.inject.mixed_serve import load_transformers_llama
+
+    return load_transformers_llama(Path(source.directory), dtype, device), None
 
 
 def make_projector(

@@ -8,7 +8,8 @@ Layout under ``train.output_dir``::
     <run_name>/loss.png           the curve, when matplotlib is installed
     <run_name>/mm_projector.bin   the projector, LLaVA's stage-1 layout (model.mm_projector.0/2.*)
     <run_name>/mixed_projector.pth   instead, with tokens_train.mix: SPHINX's projector
-                                  ({"state", "channel_order", "sources", "side"})
+                                  (``bind.mixed.save_mixed_projector``; what ``cachebind
+                                  serve --mixed-projector`` serves)
     <run_name>/llava-hf/          stage 2: a llava-hf directory (llava_dir's tower and files,
                                   the trained projector and LLM) that ``load_llava`` loads
     <run_name>/llava_instructions.lance   stage 2's examples resolved against the cache
@@ -51,17 +52,14 @@ def tokens_column(encoder: str) -> str:
     return "patch_tokens" if encoder == "imagebind" else f"patch_tokens_{encoder}"
 
 
-def token_shape(table, encoder: str) -> tuple[int, int]:
-    """(patches, width) the table records for ``encoder``'s tokens; refused when it has none."""
-    column = tokens_column(encoder)
-    if encoder == "imagebind":
-        shape = table.metadata.get("tokens")
-    else:
-        shape = ((table.metadata.get("extra_encoders") or {}).get(encoder) or {}).get("tokens")
-    if not shape or column not in table.dataset.schema.names:
-        hint = "--tokens" if encoder == "imagebind" else f"--tokens --extra-encoder {encoder}=DIR"
-        raise TrainError(f"table version {table.version} has no {column} (embed {hint})")
-    return int(shape["patches"]), int(shape["width"])
+def token_source(table, encoder: str) -> TokenSource:
+    """``encoder``'s tokens as the table records them: shape, hidden state and identity;
+    refused when it has none."""
+    try:
+        record = table.tokens_record(encoder)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    return TokenSource(encoder, record.patches, record.width, record.layer, record.identity)
 
 
 def write_projector_start(
@@ -105,13 +103,14 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
     cfg, tt = settings.train, settings.tokens_train
     source = llm_source(tt.llava_dir, tt.llama_dir)
     table = CacheTable.open(settings.store)
-    mix = tuple(TokenSource(n, *token_shape(table, n)) for n in tt.mix)
+    mix = tuple(token_source(table, n) for n in tt.mix)
     if mix and (stage == "finetune" or tt.init_projector is not None):
         raise TrainError(
             "tokens_train.mix trains a fresh SPHINX projector in stage 1 only "
             "(no stage 2, no init_projector)"
         )
-    patches, width = token_shape(table, mix[0].name if mix else tt.encoder)
+    first = token_source(table, mix[0].name if mix else tt.encoder)
+    patches, width = first.patches, first.width
     side = (tt.mix_side or mix[0].side) if mix else 0
     if mix:
         patches = side * side  # the visual tokens an image becomes on the common grid

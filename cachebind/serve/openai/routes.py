@@ -168,8 +168,11 @@ def generation_request(
 
 
 def llm_kind(runtime: Any) -> dict[str, str]:
-    """What the served LLM is: the adapter's release, or LLaVA-1.5."""
-    return {"model": "llava-1.5"} if runtime.llm_mode == "llava" else {"adapter": "imagebind-llm"}
+    """What the served LLM is: the adapter's release, or the tokens-mode model (LLaVA-1.5,
+    SPHINX's mixed embedding)."""
+    if runtime.llm_mode == "llava":
+        return {"model": str(getattr(runtime.generator, "model_name", "llava-1.5"))}
+    return {"adapter": "imagebind-llm"}
 
 
 @router.get("/v1/models")
