@@ -22,6 +22,7 @@ from cachebind.encode.extra import ExtraEncoder
 from cachebind.errors import WeightsError
 from cachebind.preprocess.extra import extra_tensor
 from cachebind.preprocess.image import load_image
+from cachebind.published.layout import CURRENT_FILE
 from cachebind.serve import start_server
 from cachebind.serve.extra_search import load_extra_searches
 from cachebind.serve.runtime import Runtime
@@ -62,7 +63,7 @@ def served(tmp_path_factory):
     server = start_server(svc.settings, runtime, port=0)
     headers = {"Authorization": f"Bearer {svc.user_key}"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
-        yield http, table, svc.settings
+        yield http, table, svc
     server.stop()
 
 
@@ -95,9 +96,57 @@ def test_what_an_extra_search_cannot_take_is_refused_naming_it(served):
 
 
 def test_an_extra_index_without_its_encoders_checkpoint_is_refused_naming_both(served):
-    _, _, settings = served
+    _, _, svc = served
+    settings = svc.settings
     bare = settings.model_copy(
         update={"embed": settings.embed.model_copy(update={"extra_encoders": {}})}
     )
     with pytest.raises(WeightsError, match="serve.extra_indexes.*embed.extra_encoders"):
         load_extra_searches(bare)
+
+
+NEW_IMAGES = [image_bytes(size=(40, 90 + 6 * i), seed=100 + i) for i in range(4)]
+
+
+def test_a_newly_published_extra_index_is_served_after_a_reload_and_a_broken_one_is_not(served):
+    http, _, svc = served
+    admin = {"Authorization": f"Bearer {svc.admin_key}"}
+    store, index_dir = svc.settings.store, Path(svc.settings.serve.extra_indexes["dinov2"])
+    old_version = http.post("/v1/admin/reload", headers=admin).json()["extra_versions"]["dinov2"]
+    # Four new rows (their DINOv2 vectors), and a new index version built from them all.
+    encoder = ExtraEncoder.load("dinov2", svc.settings.embed.extra_encoders["dinov2"])
+    pixels = torch.stack([extra_tensor(load_image(b), "dinov2") for b in NEW_IMAGES])
+    vectors, _ = encoder.encode(pixels)
+    base = demo_rows(ROWS, len(NEW_IMAGES), 64, seed=0)
+    columns = {name: base[name] for name in base.schema.names}
+    flat = pa.array(vectors.numpy().astype(np.float16).ravel())
+    columns["vector_dinov2"] = pa.FixedSizeListArray.from_arrays(flat, WIDTH)
+    table = connect(store).open_table(store.table)
+    table.add(pa.table(columns).select(table.schema.names).cast(table.schema))
+    grown = CacheTable.open(store, column="vector_dinov2")
+    config = IndexConfig(dir=index_dir, use_gpu="no", column="vector_dinov2")
+    indexing.build(grown, config, indexing.BuildOptions(progress=False))
+
+    before = http.post("/v1/search/dinov2", json={"input": image_input(NEW_IMAGES[2]), "k": 1})
+    assert before.json()["index_version"] == old_version  # nothing swapped until a reload
+    reload = http.post("/v1/admin/reload", headers=admin)
+    assert reload.status_code == 200, reload.text
+    new_version = reload.json()["extra_versions"]["dinov2"]
+    assert reload.json()["reloaded"] and new_version != old_version
+    after = http.post("/v1/search/dinov2", json={"input": image_input(NEW_IMAGES[2]), "k": 1})
+    assert after.json()["index_version"] == new_version
+    hit = after.json()["results"][0]
+    assert hit["key"] == f"sample-{ROWS + 2:06d}" and int(hit["id"]) in grown.ids().tolist()
+
+    # CURRENT naming a version that is not there: a 409 naming it, the served version kept.
+    current = index_dir / CURRENT_FILE
+    published = current.read_text()
+    current.write_text("v999999")
+    try:
+        broken = http.post("/v1/admin/reload", headers=admin)
+        assert broken.status_code == 409, broken.text
+        assert "v999999" in broken.text
+        kept = http.post("/v1/search/dinov2", json={"input": image_input(NEW_IMAGES[2]), "k": 1})
+        assert kept.status_code == 200 and kept.json()["index_version"] == new_version
+    finally:
+        current.write_text(published)

@@ -295,6 +295,20 @@ class Runtime:
         self.swap(snapshot)
         return True
 
+    def poll_extra_indexes(self, force: bool = False) -> bool:
+        """``poll`` each extra encoder's index (``serve.extra_indexes``); True when one was
+        swapped. Every one is polled; the first error is raised after, the others' old
+        versions kept."""
+        swapped, errors = False, []
+        for searcher in self.extra_search.values():
+            try:
+                swapped |= bool(searcher.poll(force))
+            except Exception as exc:  # another index's reload does not wait on this one
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return swapped
+
     # ------------------------------------------------------------------ generation
 
     @property

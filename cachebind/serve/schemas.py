@@ -332,6 +332,10 @@ class ReloadResponse(BaseModel):
     reloaded: bool
     version: str | None
     detail: str = ""
+    extra_versions: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Each extra encoder's index version now served (serve.extra_indexes).",
+    )
 
 
 class FieldError(BaseModel):

@@ -105,19 +105,27 @@ class ServeState:
     # ---------------------------------------------------------------- index reload
 
     async def reload(self, force: bool = False) -> bool:
-        """Load a newly published version in the background of requests, then swap."""
+        """Load newly published versions (the main index and each extra encoder's) in the
+        background of requests, then swap; True when any was swapped. Each index is polled
+        whatever another's reload does; the first error is raised after."""
         runtime = self.require_runtime()
         async with self.reload_lock:
-            try:
-                swapped = await asyncio.to_thread(runtime.poll_index, force)
-            except Exception:
-                self.metrics.index_reloads.labels(outcome="failed").inc()
-                raise
-            if swapped:
+            swapped, errors = [], []
+            for poll in (runtime.poll_index, runtime.poll_extra_indexes):
+                try:
+                    swapped.append(await asyncio.to_thread(poll, force))
+                except Exception as exc:  # the old version stays
+                    swapped.append(False)
+                    errors.append(exc)
+            for _ in range(sum(swapped)):
                 self.metrics.index_reloads.labels(outcome="ok").inc()
+            if swapped[0]:
                 snap = runtime.snapshot
                 self.metrics.set_index_version(snap.version if snap else None)
-            return swapped
+            if errors:
+                self.metrics.index_reloads.labels(outcome="failed").inc()
+                raise errors[0]
+            return any(swapped)
 
     async def poll_forever(self) -> None:
         last_error = ""

@@ -31,8 +31,8 @@ info = APIRouter()
     responses=s.COMMON_ERRORS | s.ADMIN_ERRORS,
 )
 async def admin_reload(state: State, force: bool = False) -> s.ReloadResponse:
-    """Load the published index version now (``force`` reloads even the same version),
-    and re-read the key files."""
+    """Load the published index versions now (the main index and each extra encoder's;
+    ``force`` reloads even the same version), and re-read the key files."""
     if state.keys_from_files:
         try:
             state.keys = await asyncio.to_thread(state.read_keys)
@@ -46,11 +46,14 @@ async def admin_reload(state: State, force: bool = False) -> s.ReloadResponse:
         raise ApiError(409, "encoder_mismatch", str(exc)) from exc
     except FileNotFoundError as exc:
         raise ApiError(409, "index_unavailable", str(exc)) from exc
-    snap = state.runtime.snapshot if state.runtime else None
+    runtime = state.runtime
+    snap = runtime.snapshot if runtime else None
+    extra = runtime.extra_search if runtime else {}
     return s.ReloadResponse(
         reloaded=swapped,
         version=snap.version if snap else None,
         detail="" if swapped else "already serving the published version",
+        extra_versions={name: searcher.version for name, searcher in extra.items()},
     )
 
 

@@ -49,16 +49,17 @@ async def extra_search(
             modality, raw, "input", decoder=image_pixels, spec=searcher.encoder.preprocess
         )
         query = await asyncio.to_thread(searcher.encode, pixels)
-        scores, ids = await asyncio.to_thread(searcher.search, query, body.k)
+        served = searcher.current  # one version for the whole request
+        scores, ids = await asyncio.to_thread(served.search, query, body.k)
         keep = ids >= 0  # FAISS pads a short result with -1
         scores, ids = scores[keep], ids[keep]
-        rows = await asyncio.to_thread(searcher.table.rows, ids.tolist(), COLUMNS)
+        rows = await asyncio.to_thread(served.table.rows, ids.tolist(), COLUMNS)
         meta = {r["id"]: r for r in rows.to_pylist()}
         base = str(request.base_url)
         return s.ExtraSearchResponse(
             encoder=encoder,
             column=f"vector_{encoder}",
-            index_version=searcher.version,
+            index_version=served.version,
             results=[
                 s.SearchHit(
                     id=int(i),
