@@ -56,6 +56,8 @@ class Plan:
     output_dtype: str
     log_file: str
     progress: bool
+    max_grad_norm: float | None = None
+    """The release clips no gradients."""
 
 
 def all_mean(value: float, device: torch.device) -> float:
@@ -117,17 +119,6 @@ def report_checkpoint(
         export(Path(d))
         # Ray Train persists the directory and only then counts it as a checkpoint (atomic).
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def _checkpoint(model, optimizer, trainable, plan: Plan, step: int, metrics: dict) -> None:
-    dtype = getattr(torch, plan.output_dtype)
-    report_checkpoint(
-        optimizer,
-        trainable,
-        step,
-        metrics,
-        lambda d: save_released(model, plan.phase, d / "adapter.pth", dtype),
-    )
 
 
 class Schedule(Protocol):
@@ -201,41 +192,87 @@ def advance(bar: Any, loss: float, lr: float) -> None:
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
 
-def train_loop(plan: Plan) -> None:
-    """``train_loop_per_worker``."""
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class Worker:
+    """This Ray Train worker: its rank, the world's size and its device."""
 
-    from cachebind.inject.load import load_adapter_llama
+    rank: int
+    world: int
+    device: torch.device
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    torch.manual_seed(plan.seed)
-    model, tok, _ = load_adapter_llama(
-        Path(plan.llama_dir),
-        Path(plan.start_file),
-        device=device,
-        dtype=torch.bfloat16 if cuda else torch.float32,
-    )
-    model.train()
-    trainable = set_trainability(model, plan.phase)
-    optimizer = make_optimizer(trainable, plan.lr, plan.weight_decay)
-    start = restore(optimizer, trainable)
+    @classmethod
+    def current(cls, seed: int) -> Worker:
+        """The calling worker, its torch RNG seeded (every rank alike)."""
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        torch.manual_seed(seed)
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen model's dtype: bfloat16 on GPUs (with bf16 autocast), else float32."""
+        return torch.bfloat16 if self.cuda else torch.float32
+
+
+class StepPlan(Protocol):
+    """What ``run_steps`` reads of a plan (this module's ``Plan`` and the tokens plan)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def min_lr(self) -> float: ...
+    @property
+    def warmup_epochs(self) -> float: ...
+    @property
+    def epochs(self) -> float: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
+    @property
+    def total_steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def accum_iter(self) -> int: ...
+    @property
+    def checkpoint_every(self) -> int: ...
+    @property
+    def max_grad_norm(self) -> float | None: ...
+    @property
+    def log_file(self) -> str: ...
+    @property
+    def progress(self) -> bool: ...
+
+
+def run_steps(
+    worker: Worker,
+    plan: StepPlan,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.nn.Parameter],
+    steps: Iterator[tuple[int, list[Any]]],
+    start: int,
+    desc: str,
+    export: Callable[[Path], object],
+) -> None:
+    """The optimiser steps from ``start`` (after ``restore``): each step's lr, its
+    micro-batches (``steps`` yields them, each with a ``to(device)``) through
+    ``optimizer_step``, the mean loss logged by rank 0 (``loss.jsonl``, progress bar), and
+    ``report_checkpoint`` every ``checkpoint_every`` steps and at the end."""
     log = Path(plan.log_file)
-    if rank == 0:
+    if worker.rank == 0:
         log.parent.mkdir(parents=True, exist_ok=True)
         trim_log(log, start)
-    unused = model.cfg.query_layer < model.cfg.n_layers  # gates of plain layers get no grad
-    module = ray.train.torch.prepare_model(
-        LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": unused}
-    )
-    bar = progress_bar(plan.total_steps, start, f"train {plan.phase}", rank == 0 and plan.progress)
-    global_batch = plan.batch_size * plan.accum_iter * world
+    bar = progress_bar(plan.total_steps, start, desc, worker.rank == 0 and plan.progress)
+    global_batch = plan.batch_size * plan.accum_iter * worker.world
+    autocast = torch.bfloat16 if worker.cuda else None
     started = time.perf_counter()
-    metrics: dict[str, float] = {"step": start}
-    for step, group in micro_batches(plan, tok, rank, world, start):
+    for step, group in steps:
         epoch = step / plan.steps_per_epoch
         lr = learning_rate(
             epoch,
@@ -245,20 +282,51 @@ def train_loop(plan: Plan) -> None:
             epochs=plan.epochs,
         )
         set_lr(optimizer, lr)
-        batches = [b.to(device) for b in group]
-        loss = all_mean(
-            optimizer_step(module, optimizer, batches, torch.bfloat16 if cuda else None), device
-        )
+        batches = [b.to(worker.device) for b in group]
+        loss = optimizer_step(module, optimizer, batches, autocast, plan.max_grad_norm)
+        loss = all_mean(loss, worker.device)
         done = step + 1
         metrics = {"step": done, "epoch": round(epoch, 6), "lr": lr, "loss": loss}
-        if rank == 0:
-            elapsed = time.perf_counter() - started
-            line = {**metrics, "samples": done * global_batch, "elapsed_s": round(elapsed, 3)}
+        if worker.rank == 0:
+            elapsed = round(time.perf_counter() - started, 3)
+            line = {**metrics, "samples": done * global_batch, "elapsed_s": elapsed}
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if bar is not None:
                 advance(bar, loss, lr)
         if done % plan.checkpoint_every == 0 or done == plan.total_steps:
-            _checkpoint(model, optimizer, trainable, plan, done, metrics)
+            report_checkpoint(optimizer, trainable, done, metrics, export)
     if bar is not None:
         bar.close()
+
+
+def train_loop(plan: Plan) -> None:
+    """``train_loop_per_worker``."""
+    import ray.train.torch
+
+    from cachebind.inject.load import load_adapter_llama
+
+    worker = Worker.current(plan.seed)
+    model, tok, _ = load_adapter_llama(
+        Path(plan.llama_dir), Path(plan.start_file), device=worker.device, dtype=worker.dtype
+    )
+    model.train()
+    trainable = set_trainability(model, plan.phase)
+    optimizer = make_optimizer(trainable, plan.lr, plan.weight_decay)
+    start = restore(optimizer, trainable)
+    unused = model.cfg.query_layer < model.cfg.n_layers  # gates of plain layers get no grad
+    module = ray.train.torch.prepare_model(
+        LossModule(model), parallel_strategy_kwargs={"find_unused_parameters": unused}
+    )
+    dtype = getattr(torch, plan.output_dtype)
+    run_steps(
+        worker,
+        plan,
+        module,
+        optimizer,
+        trainable,
+        micro_batches(plan, tok, worker.rank, worker.world, start),
+        start,
+        f"train {plan.phase}",
+        lambda d: save_released(model, plan.phase, d / "adapter.pth", dtype),
+    )

@@ -10,8 +10,6 @@ that step would have had: it ends with the weights of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +18,8 @@ import torch
 
 from cachebind.bind.mixed import MixedProjector, TokenSource, save_mixed_projector
 from cachebind.bind.projector import to_mm_projector
-from cachebind.train.loop import (
-    advance,
-    all_mean,
-    progress_bar,
-    report_checkpoint,
-    restore,
-    scheduled_rows,
-    trim_log,
-)
+from cachebind.train.loop import Worker, restore, run_steps, scheduled_rows
 from cachebind.train.rows import RowSource
-from cachebind.train.schedule import learning_rate, set_lr
-from cachebind.train.step import optimizer_step
 from cachebind.train.tokens_data import (
     IMAGE_INDEX,
     TokensBatch,
@@ -85,6 +73,8 @@ class TokensPlan:
     mix_columns: tuple[str, ...] = ()
     mix_side: int = 0
     progress: bool = True
+    min_lr: float = 0.0
+    """transformers' cosine schedule, which LLaVA trains with, ends at 0."""
 
 
 def build_module(plan: TokensPlan, device: torch.device, dtype: torch.dtype) -> TokensLoss:
@@ -132,53 +122,30 @@ def projector_export(module: TokensLoss, dtype: torch.dtype):
 
 def train_tokens_loop(plan: TokensPlan) -> None:
     """``train_loop_per_worker``."""
-    import ray.train
     import ray.train.torch
 
     from cachebind.inject.tokenizer import Tokenizer
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    torch.manual_seed(plan.seed)
+    worker = Worker.current(plan.seed)
     tok = Tokenizer(plan.llm.tokenizer)
-    module = build_module(plan, device, torch.bfloat16 if cuda else torch.float32)
+    module = build_module(plan, worker.device, worker.dtype)
     module.train()
     trainable = set_stage_trainability(module, plan.stage)
     optimizer = make_tokens_optimizer(trainable, plan.lr, plan.weight_decay)
     start = restore(optimizer, trainable)
-    log = Path(plan.log_file)
-    if rank == 0:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        trim_log(log, start)
     wrapped = ray.train.torch.prepare_model(module)
-    export = projector_export(module, getattr(torch, plan.output_dtype))
-    desc, shown = f"train llava-{plan.stage}", rank == 0 and plan.progress
-    bar = progress_bar(plan.total_steps, start, desc, shown)
-    global_batch = plan.batch_size * plan.accum_iter * world
-    started = time.perf_counter()
-    metrics: dict[str, float] = {"step": start}
-    for step, group in scheduled_rows(plan, rank, world, start):
-        epoch = step / plan.steps_per_epoch
-        lr = learning_rate(
-            epoch, lr=plan.lr, min_lr=0.0, warmup_epochs=plan.warmup_epochs, epochs=plan.epochs
-        )
-        set_lr(optimizer, lr)
-        batches = [collate(plan, tok, rows).to(device) for rows in group]
-        autocast = torch.bfloat16 if cuda else None
-        loss = optimizer_step(wrapped, optimizer, batches, autocast, plan.max_grad_norm)
-        loss = all_mean(loss, device)
-        done = step + 1
-        metrics = {"step": done, "epoch": round(epoch, 6), "lr": lr, "loss": loss}
-        if rank == 0:
-            elapsed = round(time.perf_counter() - started, 3)
-            line = {**metrics, "samples": done * global_batch, "elapsed_s": elapsed}
-            with log.open("a") as f:
-                f.write(json.dumps(line) + "\n")
-            if bar is not None:
-                advance(bar, loss, lr)
-        if done % plan.checkpoint_every == 0 or done == plan.total_steps:
-            report_checkpoint(optimizer, trainable, done, metrics, export)
-    if bar is not None:
-        bar.close()
+    steps = (
+        (step, [collate(plan, tok, rows) for rows in group])
+        for step, group in scheduled_rows(plan, worker.rank, worker.world, start)
+    )
+    run_steps(
+        worker,
+        plan,
+        wrapped,
+        optimizer,
+        trainable,
+        steps,
+        start,
+        f"train llava-{plan.stage}",
+        projector_export(module, getattr(torch, plan.output_dtype)),
+    )
