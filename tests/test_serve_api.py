@@ -89,6 +89,7 @@ def test_wrong_key_is_401_and_user_key_on_admin_route_is_403(served):
         "reloaded": False,
         "version": "flat-v1",
         "detail": "already serving the published version",
+        "extra_versions": {},
     }
     # An admin key opens the user routes too.
     assert httpx.get(f"{server.url}/v1/index", headers=admin).status_code == 200

@@ -70,7 +70,9 @@ def test_server_loads_from_settings_and_reloads_a_newly_published_version(publis
         )
         assert second["version"] != first["version"]
         r = http.post("/v1/admin/reload", headers=admin)
-        assert r.json() == {"reloaded": True, "version": second["version"], "detail": ""}
+        assert r.json() == {
+            "reloaded": True, "version": second["version"], "detail": "", "extra_versions": {}
+        }  # fmt: skip
         after = http.post("/v1/search", json={"inputs": [{"embedding": new_query}], "k": 1})
         assert after.json()["results"][0]["key"] == new_key
         info = http.get("/v1/index").json()
