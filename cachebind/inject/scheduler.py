@@ -55,7 +55,7 @@ from cachebind.inject.handles import (
     SchedulerObserver,
     Sink,
 )
-from cachebind.inject.llava_serve import LlavaGenerator
+from cachebind.inject.llava_serve import TokensGenerator
 from cachebind.inject.prefix import PrefixCache, common_prefix
 from cachebind.inject.sampling import sample_rows
 from cachebind.inject.slots import (
@@ -106,7 +106,7 @@ class Scheduler:
 
     def __init__(
         self,
-        generator: Generator | LlavaGenerator,
+        generator: Generator | TokensGenerator,
         *,
         max_batch: int = 8,
         max_queue: int = 64,
