@@ -195,8 +195,9 @@ def concurrently(n: int, one: Callable[[int], tuple[int, float]]) -> dict[str, A
         t.join()
     wall = time.perf_counter() - start
     cpu_after = thread_cpu_s()
-    cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()}
-    cpu["client"] = round(sum(client_cpu), 2)
+    # Four decimals: a small run's threads spend milliseconds, which two would round to 0.
+    cpu = {k: round(v - cpu_before.get(k, 0.0), 4) for k, v in cpu_after.items()}
+    cpu["client"] = round(sum(client_cpu), 4)
     tokens = sum(r[0] for r in results)
     ttft = sorted(r[1] for r in results)
     return {
@@ -449,7 +450,7 @@ def served(clients: Executor, call: Callable[[int], dict], n: int) -> dict[str, 
     part = clients.submit(call, n).result()
     after = thread_cpu_s()
     part["client_cpu_s"] = part.pop("cpu_s")
-    server = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+    server = {k: round(v - before.get(k, 0.0), 4) for k, v in after.items()}
     part["server_cpu_s"] = {k: v for k, v in sorted(server.items()) if v > 0}
     return part
 
@@ -570,9 +571,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu = many["server_cpu_s"] if "server_cpu_s" in many else many["cpu_s"]
         if args.device == "cpu" and args.threads == 1:
             work = sum(v for k, v in cpu.items() if k != "client")
-            result["summary"][name]["of_ceiling_cpu"] = round(many["tokens"] / work / cpu_n, 3)
+            # None: too little work for the thread clocks to tell (a smoke-sized run).
+            of_cpu = round(many["tokens"] / work / cpu_n, 3) if work > 0 else None
+            result["summary"][name]["of_ceiling_cpu"] = of_cpu
     one, many = result["scheduler"]["1"], result["scheduler"][str(n)]
-    if "ttft_cpu_mean_s" in many:  # in CPU seconds: what the load moves least
+    if one.get("ttft_cpu_mean_s"):  # in CPU seconds: what the load moves least
         result["summary"]["scheduler"] |= {
             "ttft_cpu_mean_n_over_1": round(many["ttft_cpu_mean_s"] / one["ttft_cpu_mean_s"], 2),
             "ttft_cpu_p90_n_over_1": round(many["ttft_cpu_p90_s"] / one["ttft_cpu_mean_s"], 2),
