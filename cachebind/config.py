@@ -586,6 +586,18 @@ class TokensTrainConfig(Section):
     ``bind.mixed.MixedProjector`` instead of LLaVA's projector; empty: LLaVA's over ``encoder``."""
     mix_side: int | None = Field(default=None, ge=1)
     """The common grid's side the mixed encoders are resampled to; unset: the first one's."""
+    lora_r: int = Field(default=0, ge=0)
+    """Stage 2 with LoRA (``finetune_lora.sh``: 128): the LLM frozen, a rank-``lora_r`` update
+    learnt in each of its linear layers but ``lm_head``, merged into the llava-hf output; 0:
+    the whole LLM trains (``finetune.sh``)."""
+    lora_alpha: float = Field(default=256.0, gt=0)
+    """The update's scale is ``lora_alpha / lora_r`` (LLaVA: 256 / 128 = 2)."""
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapters' input (LLaVA's ``lora_dropout`` default)."""
+    lora_lr: float = Field(default=2e-4, gt=0)
+    """The adapters' peak learning rate with LoRA (``--learning_rate 2e-4``)."""
+    lora_projector_lr: float = Field(default=2e-5, gt=0)
+    """The projector's with LoRA (``--mm_projector_lr 2e-5``): the same schedule, scaled."""
 
 
 MAX_INPUTS = 4096

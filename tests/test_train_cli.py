@@ -42,3 +42,8 @@ def test_llava_flags_fill_the_tokens_train_section_and_share_the_base_llm_and_in
     settings = load_config(None, **overrides_from(llava))
     tokens_defaults(settings)
     assert settings.tokens_train.llava_dir == tmp_path and settings.tokens_train.llama_dir is None
+    assert settings.tokens_train.lora_r == 0  # full stage 2 unless asked
+    lora = build_parser().parse_args(["train", "llava-finetune", "--lora-r", "128"])
+    tt = load_config(None, **overrides_from(lora)).tokens_train
+    # LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, lr 2e-4, mm_projector_lr 2e-5.
+    assert (tt.lora_r, tt.lora_alpha, tt.lora_lr, tt.lora_projector_lr) == (128, 256, 2e-4, 2e-5)

@@ -172,22 +172,30 @@ def test_a_conversation_is_labelled_on_its_answers_and_their_end_of_sequence(inp
     assert short.count(IMAGE_INDEX) == PATCHES and short[-1] == IMAGE_INDEX  # never cut inside
 
 
-@pytest.mark.slow
-def test_stage_2_trains_projector_and_llm_on_instructions_into_a_llava_hf_directory(inputs, stage1):
-    items = [
-        {"image": f"images/img-{i}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"},
-            {"from": "gpt", "value": f"It is {('red', 'green', 'blue', 'white')[i % 4]}."}]}
-        for i in range(7)
-    ] + [{"conversations": [{"from": "human", "value": "Hello?"},
-                            {"from": "gpt", "value": "Hello."}]}]  # fmt: skip
-    (inputs["root"] / "instructions.json").write_text(json.dumps(items))
-    settings = settings_for(inputs, "stage2")
+INSTRUCTIONS = [
+    {"image": f"images/img-{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"},
+        {"from": "gpt", "value": f"It is {('red', 'green', 'blue', 'white')[i % 4]}."}]}
+    for i in range(7)
+] + [{"conversations": [{"from": "human", "value": "Hello?"},
+                        {"from": "gpt", "value": "Hello."}]}]  # fmt: skip
+
+
+def stage2_settings(inputs, stage1: TrainResult, run_name: str) -> Settings:
+    (inputs["root"] / "instructions.json").write_text(json.dumps(INSTRUCTIONS))
+    settings = settings_for(inputs, run_name)
     settings.tokens_train.instructions = inputs["root"] / "instructions.json"
     settings.tokens_train.init_projector = stage1.output
     settings.tokens_train.finetune_batch = 4
     settings.tokens_train.max_length = 256  # the v1 system prompt and two turns
     settings.tokens_train.epochs = 1.0
+    return settings
+
+
+@pytest.mark.slow
+def test_stage_2_trains_projector_and_llm_on_instructions_into_a_llava_hf_directory(inputs, stage1):
+    items = INSTRUCTIONS
+    settings = stage2_settings(inputs, stage1, "stage2")
     result = run_tokens_training(settings, "finetune")
     # 8 items at global batch 4, one epoch (LLaVA's).
     assert result.steps == 2 and len(losses(result.log_file)) == result.steps
@@ -207,6 +215,43 @@ def test_stage_2_trains_projector_and_llm_on_instructions_into_a_llava_hf_direct
     settings.tokens_train.instructions = inputs["root"] / "missing.json"
     with pytest.raises(InstructionError, match="not in the cache: \\['nowhere.jpg'\\]"):
         make_tokens_plan(settings, "finetune", world=1)
+
+
+@pytest.mark.slow
+def test_stage_2_with_lora_trains_adapters_and_projector_and_merges_them_into_llava_hf(
+    inputs, stage1
+):
+    settings = stage2_settings(inputs, stage1, "stage2-lora")
+    settings.tokens_train.lora_r = 4
+    settings.tokens_train.lora_alpha = 8.0
+    settings.tokens_train.lora_lr = 5e-2  # a visible update in two steps
+    settings.tokens_train.lora_projector_lr = 5e-3
+    plan = make_tokens_plan(settings, "finetune", world=1)
+    assert (plan.lr, plan.lora_r) == (5e-2, 4) and plan.projector_lr_scale == pytest.approx(0.1)
+    result = run_tokens_training(settings, "finetune")
+    assert result.steps == 2 and result.lr == 5e-2
+
+    final = torch.load(max(result.checkpoint_dir.glob("checkpoint_*/state.pt")),
+                       weights_only=True)["trainable"]  # fmt: skip
+    # The checkpoint holds the adapters and the projector, not the frozen LLM.
+    assert all(k.startswith("projector.") or k.endswith((".lora_A", ".lora_B")) for k in final)
+    original = load_llava(inputs["llava"])
+    trained = load_llava(result.output)  # strict: the base's layout, adapters merged
+    base = original.language_model.state_dict()
+    merged = trained.language_model.state_dict()
+    a = final["llm.model.layers.0.self_attn.q_proj.lora_A"]
+    b = final["llm.model.layers.0.self_attn.q_proj.lora_B"]
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[key], base[key] + 2.0 * (b @ a), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(merged[key], base[key])
+    for unadapted in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(merged[unadapted], base[unadapted])
+    start = torch.load(stage1.output, weights_only=True)["model.mm_projector.0.weight"]
+    assert not torch.equal(trained.multi_modal_projector.linear_1.weight, start)
+
+    settings.tokens_train.instructions = None
+    with pytest.raises(TrainError, match="lora_r is stage 2's"):
+        make_tokens_plan(settings, "pretrain", world=1)
 
 
 @pytest.mark.slow

@@ -48,6 +48,9 @@ def add_train(sub: Subcommands, common: CommonOptions) -> None:
     )
     p.add_argument("--global-batch", dest="tokens_train__pretrain_batch", type=int,
                    metavar="N", help="llava-pretrain's global batch")  # fmt: skip
+    p.add_argument("--lora-r", dest="tokens_train__lora_r", type=int, metavar="R",
+                   help="llava-finetune with LoRA of rank R (LLaVA-1.5's finetune_lora.sh: 128); "
+                   "the LLM stays frozen")  # fmt: skip
 
 
 def tokens_defaults(settings: Settings) -> None:

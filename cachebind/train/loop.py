@@ -265,6 +265,9 @@ def run_steps(
     autocast = torch.bfloat16 if worker.cuda else None
     started = time.perf_counter()
     for step, group in steps:
+        # Random layers (LoRA's dropout) draw from a stream fixed by (seed, step, rank): a
+        # resumed run's steps draw what the uninterrupted run's drew.
+        torch.manual_seed(hash((plan.seed, step, worker.rank)) & 0x7FFF_FFFF)
         epoch = step / plan.steps_per_epoch
         lr = learning_rate(
             epoch,

@@ -19,6 +19,7 @@ import torch
 from cachebind.bind.mixed import MixedProjector, TokenSource, save_mixed_projector
 from cachebind.bind.projector import to_mm_projector
 from cachebind.train.loop import Worker, restore, run_steps, scheduled_rows
+from cachebind.train.lora import add_lora
 from cachebind.train.rows import RowSource
 from cachebind.train.tokens_data import (
     IMAGE_INDEX,
@@ -75,11 +76,20 @@ class TokensPlan:
     progress: bool = True
     min_lr: float = 0.0
     """transformers' cosine schedule, which LLaVA trains with, ends at 0."""
+    lora_r: int = 0
+    """Stage 2 with LoRA of this rank (0: the whole LLM trains)."""
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    projector_lr_scale: float = 1.0
+    """The projector's learning rate over ``lr`` (LoRA: mm_projector_lr / learning_rate)."""
 
 
 def build_module(plan: TokensPlan, device: torch.device, dtype: torch.dtype) -> TokensLoss:
-    """The LLM and the start projector, on ``device``."""
+    """The LLM (with LoRA adapters when the plan says so) and the start projector, on
+    ``device``."""
     llm, own = load_llm(plan.llm, dtype, device)
+    if plan.lora_r:
+        add_lora(llm.model, plan.lora_r, plan.lora_alpha, plan.lora_dropout)
     start = torch.load(plan.start_file, map_location="cpu", weights_only=True)["projector"]
     if start is None and own is not None:
         return TokensLoss(own, llm, IMAGE_INDEX)
@@ -130,8 +140,10 @@ def train_tokens_loop(plan: TokensPlan) -> None:
     tok = Tokenizer(plan.llm.tokenizer)
     module = build_module(plan, worker.device, worker.dtype)
     module.train()
-    trainable = set_stage_trainability(module, plan.stage)
-    optimizer = make_tokens_optimizer(trainable, plan.lr, plan.weight_decay)
+    trainable = set_stage_trainability(module, plan.stage, lora=plan.lora_r > 0)
+    optimizer = make_tokens_optimizer(
+        trainable, plan.lr, plan.weight_decay, projector_scale=plan.projector_lr_scale
+    )
     start = restore(optimizer, trainable)
     wrapped = ray.train.torch.prepare_model(module)
     steps = (

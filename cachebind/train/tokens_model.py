@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,6 +21,8 @@ from cachebind.bind.mixed import MixedProjector, TokenSource
 from cachebind.bind.projector import LlavaProjector
 from cachebind.errors import WeightsError
 from cachebind.train.tokens_step import stage1_loss
+
+LORA_PARAMS = (".lora_A", ".lora_B")
 
 Stage = Literal["pretrain", "finetune"]
 
@@ -120,12 +122,20 @@ class TokensLoss(nn.Module):
         return stage1_loss(self.projector, self.llm, patch_tokens, input_ids, labels, self.image_id)
 
 
-def set_stage_trainability(module: TokensLoss, stage: Stage) -> dict[str, nn.Parameter]:
-    """Freeze all, then train the projector (and in stage 2 the LLM) in float32."""
+def set_stage_trainability(
+    module: TokensLoss, stage: Stage, lora: bool = False
+) -> dict[str, nn.Parameter]:
+    """Freeze all, then train the projector (and in stage 2 the LLM, or with ``lora`` its
+    adapters alone) in float32."""
     for p in module.parameters():
         p.requires_grad_(False)
-    prefixes = ("projector.", "llm.") if stage == "finetune" else ("projector.",)
-    trainable = {n: p for n, p in module.named_parameters() if n.startswith(prefixes)}
+    named = dict(module.named_parameters())
+    if stage == "finetune" and lora:
+        chosen = [n for n in named if n.startswith("projector.") or n.endswith(LORA_PARAMS)]
+    else:
+        prefixes = ("projector.", "llm.") if stage == "finetune" else ("projector.",)
+        chosen = [n for n in named if n.startswith(prefixes)]
+    trainable = {n: named[n] for n in chosen}
     for p in trainable.values():
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -137,13 +147,23 @@ EPS = 1e-8
 
 
 def make_tokens_optimizer(
-    trainable: dict[str, nn.Parameter], lr: float, weight_decay: float
+    trainable: dict[str, nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    projector_scale: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW as transformers' Trainer builds it: no decay for biases and norm weights."""
-    decay = [p for n, p in trainable.items() if p.ndim > 1]
-    no_decay = [p for n, p in trainable.items() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW as transformers' Trainer builds it: no decay for biases and norm weights; the
+    projector's groups at ``projector_scale`` times the schedule's lr (LLaVA's
+    ``mm_projector_lr``), read by ``schedule.set_lr``."""
+    groups: list[dict[str, Any]] = []
+    for is_projector in (False, True):
+        params = [p for n, p in trainable.items() if n.startswith("projector.") == is_projector]
+        scale = projector_scale if is_projector else 1.0
+        for decayed in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decayed]
+            if chosen:
+                groups.append({
+                    "params": chosen, "weight_decay": weight_decay if decayed else 0.0,
+                    "lr_scale": scale, "lr": lr * scale,
+                })  # fmt: skip
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)

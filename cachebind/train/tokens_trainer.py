@@ -104,6 +104,9 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
     source = llm_source(tt.llava_dir, tt.llama_dir)
     table = CacheTable.open(settings.store)
     mix = tuple(token_source(table, n) for n in tt.mix)
+    if tt.lora_r and stage != "finetune":
+        raise TrainError("tokens_train.lora_r is stage 2's (llava-finetune): stage 1 trains the "
+                         "projector alone")  # fmt: skip
     if mix and (stage == "finetune" or tt.init_projector is not None):
         raise TrainError(
             "tokens_train.mix trains a fresh SPHINX projector in stage 1 only "
@@ -178,7 +181,7 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
         total_steps=total,
         epochs=scheduled / spe,
         warmup_epochs=warmup_steps / spe,
-        lr=tt.pretrain_lr if stage == "pretrain" else tt.finetune_lr,
+        lr=tt.pretrain_lr if stage == "pretrain" else tt.lora_lr if tt.lora_r else tt.finetune_lr,
         weight_decay=tt.weight_decay,
         max_grad_norm=tt.max_grad_norm,
         batch_size=cfg.batch_size,
@@ -193,6 +196,10 @@ def make_tokens_plan(settings: Settings, stage: Stage, world: int) -> TokensPlan
         mix_columns=mix_columns,
         mix_side=side,
         progress=cfg.progress,
+        lora_r=tt.lora_r,
+        lora_alpha=tt.lora_alpha,
+        lora_dropout=tt.lora_dropout,
+        projector_lr_scale=tt.lora_projector_lr / tt.lora_lr if tt.lora_r else 1.0,
     )
 
 
@@ -210,7 +217,10 @@ def run_tokens_training(settings: Settings, stage: Stage = "pretrain") -> TrainR
         tmp.replace(output)
         if stage == "finetune":
             output = write_llava_hf(
-                Path(plan.llm.directory), Path(d) / "state.pt", run_dir / "llava-hf"
+                Path(plan.llm.directory),
+                Path(d) / "state.pt",
+                run_dir / "llava-hf",
+                lora_scale=plan.lora_alpha / plan.lora_r if plan.lora_r else None,
             )
     log_file = Path(plan.log_file)
     losses = [json.loads(x)["loss"] for x in log_file.read_text().splitlines() if x]
@@ -230,24 +240,37 @@ def run_tokens_training(settings: Settings, stage: Stage = "pretrain") -> TrainR
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pth", "model.safetensors.index.json")
 
 
-def write_llava_hf(llava_dir: Path, state_file: Path, out: Path) -> Path:
+def write_llava_hf(
+    llava_dir: Path, state_file: Path, out: Path, lora_scale: float | None = None
+) -> Path:
     """A llava-hf directory: ``llava_dir``'s files and vision tower, the trained projector and
-    LLM of ``state_file`` (a checkpoint's ``state.pt``), as one ``model.safetensors``. Written
-    beside ``out`` and renamed into place, so a reader never sees half of it."""
+    LLM of ``state_file`` (a checkpoint's ``state.pt``), as one ``model.safetensors``; with
+    ``lora_scale`` the checkpoint holds LoRA adapters, merged into ``llava_dir``'s LLM
+    (``W + scale · B A``, as LLaVA's ``merge_lora_weights.py``). Written beside ``out`` and
+    renamed into place, so a reader never sees half of it."""
     from safetensors.torch import save_file
 
     from cachebind.encode.tensorfiles import read_tensors
     from cachebind.inject.llava_load import canonical_state
+    from cachebind.train.lora import merge_lora_state
 
     trained = torch.load(state_file, map_location="cpu", weights_only=True)["trainable"]
     names = {"projector.": "multi_modal_projector.", "llm.": "language_model."}
-    tensors = {
-        k: v for k, v in canonical_state(read_tensors(llava_dir), str(llava_dir)).items()
-        if k.startswith("vision_tower.")
-    }  # fmt: skip
+    published = canonical_state(read_tensors(llava_dir), str(llava_dir))
+    keep = ("vision_tower.", "language_model.") if lora_scale is not None else ("vision_tower.",)
+    tensors = {k: v for k, v in published.items() if k.startswith(keep)}
+    adapters = {}
     for name, tensor in trained.items():
         prefix = next(p for p in names if name.startswith(p))
-        tensors[names[prefix] + name[len(prefix) :]] = tensor
+        renamed = names[prefix] + name[len(prefix) :]
+        if renamed.endswith((".lora_A", ".lora_B")):  # <module>.lora_A for <module>.weight
+            adapters[renamed] = tensor
+        else:
+            tensors[renamed] = tensor
+    if adapters:
+        if lora_scale is None:
+            raise ValueError(f"{state_file} holds LoRA adapters: give their scale")
+        tensors = merge_lora_state(tensors, adapters, lora_scale)
     # A tied head shares the embedding's storage: safetensors wants each tensor its own.
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
