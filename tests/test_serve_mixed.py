@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from builders import TableFlatLoader, demo_rows, service_settings
 from extra_checkpoints import write_clip, write_dinov2
+from fixtures_media import audio_bytes
+from hostile_media import png
 from llava_checkpoints import CACHED_IMAGES, write_served_llava
 from openai_calls import LLM
 from PIL import Image
@@ -363,3 +365,25 @@ def test_the_mixed_projector_flag_of_serve_chooses_tokens_mode(tmp_path):
     assert overrides_from(args)["llm"] == {
         "mixed_projector": str(tmp_path / "m.pth"), "llama_dir": str(tmp_path), "mode": "llava"
     }  # fmt: skip
+
+
+def test_hostile_or_foreign_images_are_refused_naming_the_input_and_the_server_goes_on(mixed):
+    http = mixed["http"]
+    bomb = png(9000, 9000)  # 81 Mpixels (324 MB of RGBA) in a few hundred KB
+    cases = [
+        (IMAGE[: len(IMAGE) // 2], "truncated"),
+        (bomb, "pixel budget"),
+        (b"\x00" * 64, "not an image"),
+    ]
+    for data, what in cases:
+        r = generate(http, "What is it?", [data])
+        assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
+        assert "inputs[0]" in r.text, (what, r.text)
+    sound = http.post(
+        "/v1/generate",
+        json={"prompt": "Hi", "inputs": [{"modality": "audio", "data": base64.b64encode(
+            audio_bytes("wav")).decode()}], "max_new_tokens": 2},
+    )  # fmt: skip
+    assert sound.status_code == 422 and sound.json()["error"] == "unsupported_modality"
+    # Each encoder took its own transform of the one decode; a well-formed image still answers.
+    assert generate(http, "What is it?", [OTHER]).status_code == 200

@@ -175,6 +175,14 @@ def check_token_shape(source: TokenSource, patches: int, width: int, where: str)
         )
 
 
+def recorded_layer(source: TokenSource) -> int:
+    """The hidden state ``source``'s tokens are (``load_mixed_projector`` refuses a file that
+    records none)."""
+    if source.layer is None:
+        raise WeightsError(f"{source.name}: the mixed projector records no token layer")
+    return source.layer
+
+
 def trunk_encoder(source: TokenSource, trunk: Any) -> MixedEncoder:
     """ImageBind's vision trunk (the served ``encode.Encoder``) as a mixed source."""
     from cachebind.store.identity import differences
@@ -186,7 +194,7 @@ def trunk_encoder(source: TokenSource, trunk: Any) -> MixedEncoder:
         refuse_other_encoder(source, differences(dict(trunk.identity), recorded), "served")
     patches, width = trunk.model.vision_token_shape()
     check_token_shape(source, patches, width, "served")
-    layer = int(source.layer if source.layer is not None else -2)
+    layer = recorded_layer(source)
     states = int(trunk.model.token_state(-1)) + 1
     return MixedEncoder(
         source, IMAGEBIND_PREPROCESS, states, lambda x: trunk.encode_image_tokens(x, layer)[1]
@@ -207,7 +215,7 @@ def extra_encoder(source: TokenSource, directory: Path | None, device: str) -> M
     identity = extra_identity(source.name, Path(directory), read_config(source.name, directory))
     refuse_other_encoder(source, recorded_differences(source.identity, identity), str(directory))
     check_token_shape(source, encoder.shape.patches, encoder.shape.width, str(directory))
-    layer = int(source.layer if source.layer is not None else -2)
+    layer = recorded_layer(source)
 
     def tokens(pixels: torch.Tensor) -> torch.Tensor:
         _, patch_tokens = encoder.encode(pixels, layer)

@@ -168,8 +168,12 @@ def check_mixed_source(table: Any, source: TokenSource, states: int) -> str | No
         record = table.tokens_record(encoder)
     except ValueError as exc:
         raise unprocessable("no_cached_tokens", f"{exc}; send the image itself") from None
-    learnt = ((source.layer or 0) % states, False, source.patches, source.width)
-    cached = ((record.layer or 0) % states, record.cls, record.patches, record.width)
+
+    def state(layer: int | None) -> int | None:  # -2 and states - 2 are one hidden state
+        return None if layer is None else layer % states
+
+    learnt = (state(source.layer), False, source.patches, source.width)
+    cached = (state(record.layer), record.cls, record.patches, record.width)
     if cached != learnt:
         raise unprocessable(
             "token_mismatch",
