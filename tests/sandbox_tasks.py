@@ -20,6 +20,10 @@ def pid() -> int:
     return os.getpid()
 
 
+def parent_pid() -> int:
+    return os.getppid()
+
+
 def abort() -> None:
     os.abort()  # a native crash: SIGABRT, as a C decoder's failed assertion would
 

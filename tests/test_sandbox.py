@@ -150,7 +150,7 @@ def test_cancelling_run_async_kills_the_work_and_never_blocks_the_loop(tmp_path:
 def test_close_fails_what_waits_and_stops_the_workers() -> None:
     sandbox = Sandbox(config(workers=1, max_queue=4), preload=("sandbox_tasks",))
     sandbox.run(tasks.echo, 0, source="x")
-    processes = [w.process for w in sandbox._workers if w is not None]
+    workers = [w for w in sandbox._workers if w is not None]
     running = sandbox.submit(tasks.slow_echo, 1, 5.0, source="a")
     queued = sandbox.submit(tasks.echo, 2, source="b")
     time.sleep(0.2)
@@ -158,7 +158,9 @@ def test_close_fails_what_waits_and_stops_the_workers() -> None:
     for task in (running, queued):
         with pytest.raises((SandboxClosed, concurrent.futures.CancelledError)):
             task.future.result(5)
-    assert processes and all(p.poll() is not None for p in processes)
+    assert workers
+    for worker in workers:  # the processes themselves, not the pool's account of them
+        wait_until_dead(worker.pid, timeout=10)
     with pytest.raises(SandboxClosed):
         sandbox.submit(tasks.echo, 3, source="c")
 
@@ -205,3 +207,21 @@ def test_a_worker_killed_while_idle_is_replaced_without_failing_the_next_task() 
         wait_until_dead(first)  # dead while idle: before the next task is sent
         assert sandbox.run(tasks.echo, "fine", source="x") == "fine"
         assert sandbox.run(tasks.pid, source="x") != first
+
+
+def test_workers_are_forks_of_one_template_and_a_killed_template_is_replaced() -> None:
+    # A replaced worker costs a fork of the template (which imported the preload), not a new
+    # interpreter: the workers' parent is the template, not this process.
+    with Sandbox(config(workers=2), preload=("sandbox_tasks",)) as sandbox:
+        template = sandbox.run(tasks.parent_pid, source="x")
+        assert template != os.getpid()
+        first = sandbox.run(tasks.pid, source="x")
+        os.kill(first, signal.SIGKILL)
+        wait_until_dead(first)
+        assert sandbox.run(tasks.parent_pid, source="x") == template  # its successor: a fork
+        # The template killed from outside takes its workers with it; the pool starts another.
+        os.kill(template, signal.SIGKILL)
+        wait_until_dead(template)
+        assert sandbox.run(tasks.echo, "fine", source="x") == "fine"
+        successor = sandbox.run(tasks.parent_pid, source="x")
+        assert successor not in (template, os.getpid())

@@ -5,9 +5,11 @@ crashes, eats memory or spins costs one task its answer and nothing else.
         pixels = sandbox.run(decode_fn, data, source="upload.png")       # sync
         pixels = await sandbox.run_async(decode_fn, data, source="x")    # from an event loop
 
-Each worker is a freshly spawned interpreter (``sys.executable``, never a fork of a parent that
-holds threads, locks or CUDA state; nor ``multiprocessing``'s spawn, which would re-run the
-parent's main script in it), joined to the parent by a socket pair, with
+Each worker is a fork of a template interpreter (``zygote``): a fresh ``sys.executable`` that
+imported the preload and never runs a task (never a fork of the parent, which holds threads,
+locks or CUDA state; nor ``multiprocessing``'s spawn, which would re-run the parent's main
+script), so a replaced worker costs a fork, not an interpreter and its imports. A worker is
+joined to the parent by a socket pair, with
 - ``RLIMIT_AS`` = its idle footprint + ``memory_mb`` (an allocation past it raises
   ``MemoryError`` in the worker, or the kernel kills it),
 - ``RLIMIT_CPU`` = the CPU time it has used + ``cpu_seconds``, renewed per task (the kernel

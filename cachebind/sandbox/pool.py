@@ -21,6 +21,7 @@ from typing import Any
 
 from cachebind.config import SandboxConfig
 from cachebind.errors import CachebindError, InputError
+from cachebind.sandbox import zygote
 from cachebind.sandbox.process import WorkerProcess, death_reason, kill_all
 from cachebind.sandbox.worker import from_wire, loads, receive
 
@@ -98,12 +99,14 @@ class Sandbox:
         self._mean_s = 0.1  # running mean of task seconds, for the busy answer's retry hint
         self._closed = False
         self._workers: list[WorkerProcess | None] = [None] * config.workers
+        # The template the workers are forked from (shared with the process's other pools).
+        self._zygote = [zygote.acquire(self._preload)]
         self._started = [threading.Event() for _ in range(config.workers)]
         self._threads = [
             threading.Thread(target=self._dispatch, args=(i,), name=f"sandbox-{i}", daemon=True)
             for i in range(config.workers)
         ]
-        self._finalizer = weakref.finalize(self, kill_all, self._workers)
+        self._finalizer = weakref.finalize(self, _shut_down, self._workers, self._zygote)
         for thread in self._threads:
             thread.start()
 
@@ -221,7 +224,15 @@ class Sandbox:
         return float(max(1, math.ceil(self._in_flight * self._mean_s / self.config.workers)))
 
     def _spawn(self) -> WorkerProcess:
-        return WorkerProcess(self._memory, self.config.cpu_seconds, self._preload)
+        template = self._zygote[0]
+        try:
+            return WorkerProcess(template, self._memory, self.config.cpu_seconds)
+        except OSError:  # the template itself died (killed from outside): start another
+            with self._lock:
+                if self._zygote[0] is template:
+                    zygote.release(template)
+                    self._zygote[0] = zygote.acquire(self._preload)
+            return WorkerProcess(self._zygote[0], self._memory, self.config.cpu_seconds)
 
     def _dispatch(self, slot: int) -> None:
         with contextlib.suppress(Exception):  # a worker that cannot start is retried per task
@@ -255,7 +266,7 @@ class Sandbox:
 
     def _replace(self, slot: int, reason: str | None = None) -> WorkerProcess | None:
         """Kill the slot's worker and start its successor now, while the slot is idle anyway,
-        so that the next task does not wait for an interpreter to start. ``reason`` is counted
+        so that the next task does not wait for a fork. ``reason`` is counted
         in ``stats().restarts`` when a worker was there to replace."""
         worker, self._workers[slot] = self._workers[slot], None
         if worker is not None:
@@ -351,3 +362,9 @@ class Sandbox:
                 return InputError(source, "too_large", detail)
             return InputError(source, "undecodable", f"the decoder crashed with signal {sig.name}")
         return InputError(source, "undecodable", f"the decoder exited with status {exitcode}")
+
+
+def _shut_down(workers: list[WorkerProcess | None], template: list[zygote.Zygote]) -> None:
+    """The pool's finalizer: no worker outlives its pool, and the template is let go."""
+    kill_all(workers)
+    zygote.release(template[0])

@@ -1,52 +1,34 @@
-"""One sandbox worker process: a fresh interpreter joined by a socket pair, and how it ends."""
+"""One sandbox worker process: forked by its template, joined by a socket pair, and how it
+ends."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
-_ENTRY = "import sys; from cachebind.sandbox.worker import worker_entry; worker_entry(sys.argv[1])"
-_ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-"""A worker runs one task at a time: the pool is the parallelism, not BLAS threads."""
+from cachebind.sandbox.zygote import Zygote, read_status
+
 _START_TIMEOUT_S = 60.0
 
 
 class WorkerProcess:
-    """One worker: a fresh interpreter (``sys.executable -c``) joined by a socket pair.
+    """One worker, forked by ``zygote`` (a template interpreter that imported the preload).
 
     Not ``multiprocessing``'s spawn or forkserver: both re-run the parent's main script in the
-    child (a Ray worker's, a user's script), which a library cannot vouch for.
+    child (a Ray worker's, a user's script), which a library cannot vouch for. Not a fork of the
+    parent either, which holds threads, locks or CUDA state. The worker is the template's
+    child, so its exit status comes from the template, on the worker's status pipe.
     """
 
-    def __init__(self, memory_bytes: int | None, cpu_s: int, preload: Sequence[str]) -> None:
-        ours, theirs = socket.socketpair()
-        spec = {
-            "fd": theirs.fileno(),
-            "memory": memory_bytes,
-            "cpu": cpu_s,
-            "preload": list(preload),
-            "path": [p for p in sys.path if p],
-        }
-        env = {**os.environ, **_ONE_THREAD}
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _ENTRY, json.dumps(spec)],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # stderr stays: a dying decoder's last words
-                env=env,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()  # the worker's end: its death must show here as EOF
-        self.conn = Connection(ours.detach())
+    def __init__(self, zygote: Zygote, memory_bytes: int | None, cpu_s: int) -> None:
+        forked = zygote.fork(memory_bytes, cpu_s)
+        self.pid = forked.pid
+        self.conn = Connection(forked.conn_fd)
+        self._status_fd: int | None = forked.status_fd
+        self._ended = False
+        self._exitcode: int | None = None
         try:
             if not self.conn.poll(_START_TIMEOUT_S) or self.conn.recv_bytes() != b"ready":
                 raise OSError("no ready message")
@@ -54,26 +36,38 @@ class WorkerProcess:
             self.kill()
             raise RuntimeError(f"a sandbox worker did not start: {exc}") from exc
 
+    def _poll(self, timeout: float | None) -> bool:
+        """Whether it has ended (its status read, if the template reported one)."""
+        if not self._ended and self._status_fd is not None:
+            self._ended, self._exitcode = read_status(self._status_fd, timeout)
+            if self._ended:
+                os.close(self._status_fd)
+                self._status_fd = None
+        return self._ended
+
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self._poll(0)
 
     def exitcode(self) -> int | None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self.process.wait(5)
-        return None
+        """Its exit status (``-signal`` when a signal ended it); None if it is still running
+        after 5 s or its template died without telling."""
+        self._poll(5)
+        return self._exitcode
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
+        if not self._poll(0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._poll(5)
         self.conn.close()
+        if self._status_fd is not None:  # the template did not answer in time
+            os.close(self._status_fd)
+            self._status_fd = None
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.send_bytes(b"")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(2)
+        self._poll(2)
         self.kill()
 
 

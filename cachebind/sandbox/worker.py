@@ -1,15 +1,12 @@
 """The worker's side of the sandbox: caps, the task loop, and the wire format of answers.
 
-Runs in a fresh interpreter started by ``process.WorkerProcess`` (``python -c`` of
-``worker_entry``).
+Runs in a fork of the worker template (``zygote``), which imported the preload.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
-import json
 import math
 import os
 import pickle
@@ -17,30 +14,18 @@ import resource
 import signal
 import struct
 import sys
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 from cachebind.errors import InputError
 
 
-def worker_entry(spec: str) -> None:
-    """``python -c`` of a new worker: ``spec`` is JSON (socket fd, caps, preload, sys.path)."""
-    args = json.loads(spec)
-    sys.path[:0] = [p for p in args["path"] if p not in sys.path]
-    conn = Connection(args["fd"])
-    _worker_main(conn, args["memory"], args["cpu"], args["preload"])
-
-
-def _worker_main(
-    conn: Connection, memory_bytes: int | None, cpu_seconds: int, preload: Sequence[str]
-) -> None:
-    """A worker's life: apply the caps, then run tasks until the parent closes the socket."""
+def run_worker(conn: Connection, memory_bytes: int | None, cpu_seconds: int) -> None:
+    """A worker's life, in a fork of its template (``zygote``), whose imports it has: apply
+    the caps, then run tasks until the parent closes the socket."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    for name in preload:
-        importlib.import_module(name)
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)  # one task at a time: parallelism is the pool's

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from cachebind.train.trainer import TrainResult
+if TYPE_CHECKING:  # the trainer imports torch: `cachebind --help` should not wait for it
+    from cachebind.train.trainer import TrainResult
 
 # (flag, Settings.train field, type, help) shared by `cachebind train` and `jobs/train.py`.
 FLAGS: tuple[tuple[str, str, type, str], ...] = (
