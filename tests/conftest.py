@@ -26,6 +26,7 @@ from builders import (
     service_settings,
     tiny_runtime,
 )
+from ray_local import stop_local_ray
 
 from cachebind.serve import Runtime, ServerHandle, start_server
 
@@ -51,6 +52,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     fill the gaps, instead of one worker finishing a long file alone at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_stops_with_the_session() -> Iterator[None]:
+    """The local Ray that modules share (``ray_local.use_local_ray``) ends with the session."""
+    yield
+    stop_local_ray()
 
 
 OTHER_CLUSTER = """

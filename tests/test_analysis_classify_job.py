@@ -8,6 +8,7 @@ import lancedb
 import numpy as np
 import pytest
 from analysis_tables import analysis_settings, planted_vectors, tiny_encoder
+from ray_local import use_local_ray
 from tables import image_rows
 
 from cachebind.analysis.classify import class_embeddings, top_labels
@@ -41,11 +42,8 @@ def fragmented(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 def test_the_ray_job_finishes_a_partial_run_with_each_row_once(fragmented, ray_session):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from ray_local import use_local_ray
 from tables import append_rows, make_images_table
 
 from cachebind.analysis.layout import (
@@ -91,11 +92,8 @@ def test_the_notebook_map_is_a_dataframe_and_a_figure_coloured_by_label(tmp_path
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 def positions(store, version: int) -> pd.DataFrame:

@@ -11,7 +11,6 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 import torch
 from builders import embed_settings
 from extra_checkpoints import (
@@ -24,6 +23,7 @@ from extra_checkpoints import (
     write_dinov2,
     write_whole_clip,
 )
+from ray_local import use_local_ray
 from transformers import (
     BitImageProcessor,
     CLIPImageProcessor,
@@ -47,9 +47,7 @@ N_IMAGES = 10
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 def extra_settings(root: Path, table: str, **embed: Any) -> Settings:

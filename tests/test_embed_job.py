@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from builders import embed_settings
 from PIL import Image
+from ray_local import use_local_ray
 
 from cachebind.config import EmbedConfig, EncoderConfig, Settings
 from cachebind.encode import Encoder
@@ -35,9 +36,7 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     """One local Ray for the module (start-up costs seconds); the job reuses it."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 settings = embed_settings

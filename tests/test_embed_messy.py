@@ -20,6 +20,7 @@ from pathlib import Path
 import lancedb
 import messy_corpus as messy
 import pytest
+from ray_local import stop_local_ray
 
 from cachebind.config import EmbedConfig, EncoderConfig, SandboxConfig, Settings, StoreConfig
 from cachebind.sources import synthetic as syn
@@ -42,6 +43,7 @@ def crash_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module", autouse=True)
 def ray_session(crash_env: dict[str, str]):
     """One local Ray whose workers (and their sandbox workers) inherit ``crash_env``."""
+    stop_local_ray()  # its workers must inherit crash_env
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", crash_env["PYTHONPATH"])
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 import torch
 from builders import embed_settings
+from ray_local import use_local_ray
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cachebind.bind.projector import LlavaProjector
@@ -30,9 +30,7 @@ PATCHES, WIDTH = 256, 64  # the tiny preset's vision trunk at 224 px (16 x 16 pa
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from builders import embed_settings
+from ray_local import use_local_ray
 
 from cachebind.config import EmbedConfig, EncoderConfig, Settings, StoreConfig
 from cachebind.encode import Encoder
@@ -37,9 +37,7 @@ N_IMAGES = 12
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 settings = embed_settings

@@ -19,6 +19,7 @@ import lancedb
 import numpy as np
 import pytest
 from builders import embed_settings
+from ray_local import use_local_ray
 
 from cachebind import formats
 from cachebind.errors import InputError
@@ -125,16 +126,13 @@ def test_tar_members_get_the_same_reasons_as_folder_files(folder, tmp_path):
 
 
 def test_the_job_and_the_service_agree_file_by_file(folder, served, tmp_path):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     from jobs.embed import run_embed
 
     root, outcomes, sidecars = folder
     settings = embed_settings(tmp_path / "db")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        report = run_embed(f"folder:{root}?chunk_size=8", settings, progress=False)
-    finally:
-        ray.shutdown()
+    use_local_ray(num_cpus=2)
+    report = run_embed(f"folder:{root}?chunk_size=8", settings, progress=False)
     db = lancedb.connect(settings.store.uri)
     rows = {r["key"]: r for r in db.open_table(settings.store.table).to_arrow().to_pylist()}
     errors = db.open_table(settings.store.errors_table_name).to_arrow().to_pylist()

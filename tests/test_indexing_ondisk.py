@@ -11,7 +11,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-import ray
+from ray_local import use_local_ray
 from tables import append_rows, make_images_table
 
 import indexing
@@ -35,9 +35,7 @@ KEY = "OPQ16_32,IVF16_HNSW32,PQ16x4"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-import ray
+from ray_local import use_local_ray
 from tables import make_images_table
 
 import indexing
@@ -24,9 +24,7 @@ KEY = "IVF16,PQ16x4fs,RFlat"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 def test_shard_ranges_cover_the_table_in_order() -> None:

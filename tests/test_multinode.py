@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray_local import stop_local_ray
 from tables import make_images_table
 
 import indexing
@@ -40,6 +41,7 @@ WORKER_CPUS = 2
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    stop_local_ray()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **NODE})
     for _ in range(2):
         c.add_node(num_cpus=WORKER_CPUS, **NODE)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from builders import build_demo_cache, service_settings
 from fixtures_media import image_bytes
+from ray_local import stop_local_ray
 
 import indexing
 from cachebind.store import CacheTable, row_id
@@ -41,6 +42,7 @@ def test_ray_serve_deployment_serves_search(tmp_path):
     indexing.build(
         CacheTable.open(cache.store), svc.settings.index, indexing.BuildOptions(progress=False)
     )
+    stop_local_ray()  # Ray Serve lives and ends with a cluster of its own
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = run_on_ray(

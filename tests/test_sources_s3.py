@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from moto.server import ThreadedMotoServer
+from ray_local import stop_local_ray
 
 import indexing
 from cachebind.cli import main as cli_main
@@ -225,6 +226,7 @@ def test_s3_stamps_from_one_listing_equal_each_objects_own_info(data: Path, s3: 
 @pytest.fixture(scope="module")
 def local_ray(s3: S3Config) -> Iterator[None]:
     """Started after the AWS variables were cleared, so its workers never see any."""
+    stop_local_ray()
     ray.init(
         address="local",
         num_cpus=2,

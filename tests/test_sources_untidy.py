@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from builders import embed_settings
+from ray_local import use_local_ray
 
 from cachebind.sources import list_partitions, read_partition
 from cachebind.sources import synthetic as syn
@@ -45,9 +45,7 @@ def tar_of(path: Path, members: dict[str, bytes]) -> None:
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray for the module's jobs: each would otherwise start (and pay for) its own."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=2)
 
 
 @pytest.fixture

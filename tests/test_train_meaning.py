@@ -10,8 +10,8 @@ room under the worst measured seed."""
 from __future__ import annotations
 
 import pytest
-import ray
 from demo_cache import demo_cache
+from ray_local import use_local_ray
 
 from cachebind.config import Settings
 from cachebind.demo.train import train_on_cache
@@ -20,11 +20,8 @@ from cachebind.demo.train import train_on_cache
 @pytest.mark.slow
 def test_stage_one_from_the_cache_learns_to_name_the_colour_and_the_shape(tmp_path):
     store = demo_cache(tmp_path)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        demo = train_on_cache(Settings(store=store.model_dump()), tmp_path / "out")
-    finally:
-        ray.shutdown()
+    use_local_ray(num_cpus=4)
+    demo = train_on_cache(Settings(store=store.model_dump()), tmp_path / "out")
     u, t = demo.untrained, demo.trained
     print(f"untrained colour {u.colour:.2f} shape {u.shape:.2f}; trained colour {t.colour:.2f} "
           f"shape {t.shape:.2f}; chance {demo.chance_colour:.2f}/{demo.chance_shape:.2f}; "

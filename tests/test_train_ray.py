@@ -13,14 +13,15 @@ import threading
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from ray_kill import MANAGER_SNAPSHOT, kill_after_a_checkpoint
+from ray_local import use_local_ray
 from train_fixtures import caption_table, tiny_llama, train_settings
 
 from cachebind.config import LLMConfig
 from cachebind.inject.generate import load_generator
-from cachebind.train.trainer import TrainResult, run_training
+from cachebind.train import loop
+from cachebind.train.trainer import TrainResult, make_plan, run_training
 
 # 24 rows, global batch 4: 6 steps an epoch, 4 epochs; checkpoints every 4 steps (mid-epoch).
 COMMON = dict(batch_size=2, epochs=4.0, checkpoint_every=4)
@@ -32,9 +33,8 @@ def inputs(tmp_path_factory, another_ray_is_current):
     root = tmp_path_factory.mktemp("train")
     llama = tiny_llama(root / "llm")
     store = caption_table(root / "db", n=24)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield root, llama, store
-    ray.shutdown()
+    use_local_ray(num_cpus=4)
+    return root, llama, store
 
 
 def settings_for(inputs, **train):
@@ -145,3 +145,21 @@ def test_finetune_from_stage_one_on_instructions_trains_only_stage_two_tensors(i
     )
     config = generator.load_report.config
     assert config.lora_rank == 16 and config.w_bias and not generator.load_report.unused
+
+
+def test_epochs_read_together_are_the_rows_of_epochs_read_one_at_a_time(inputs, monkeypatch):
+    # A small table's epochs share one Ray Data read (loop.ROWS_PER_READ): the rows of every
+    # step, from a mid-epoch start as a resumed run has, are those of reading epoch by epoch.
+    settings = settings_for(inputs, num_workers=1, accum_iter=2, run_name="rows")
+    plan = make_plan(settings, "pretrain", world=1)
+
+    def read(start: int) -> list[tuple[int, list[list[float]]]]:
+        return [
+            (step, [v.tolist() for rows in group for v in rows["vector"]])
+            for step, group in loop.scheduled_rows(plan, 0, 1, start)
+        ]
+
+    together = read(5)
+    assert [step for step, _ in together] == list(range(5, STEPS))
+    monkeypatch.setattr(loop, "ROWS_PER_READ", 1)
+    assert read(5) == together

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from llava_checkpoints import PATCHES, reference_llava, write_llava_hf
 from ray_kill import MANAGER_SNAPSHOT, kill_after_a_checkpoint
+from ray_local import use_local_ray
 from train_fixtures import token_caption_table
 
 from cachebind.bind.mixed import load_mixed_projector
@@ -101,9 +101,7 @@ def test_the_plan_follows_the_recipe_and_refuses_what_it_cannot_train(inputs):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    use_local_ray(num_cpus=4)
 
 
 @pytest.fixture(scope="module")
