@@ -212,9 +212,11 @@ def test_a_worker_killed_while_idle_is_replaced_without_failing_the_next_task() 
 def test_workers_are_forks_of_one_template_and_a_killed_template_is_replaced() -> None:
     # A replaced worker costs a fork of the template (which imported the preload), not a new
     # interpreter: the workers' parent is the template, not this process.
-    with Sandbox(config(workers=2), preload=("sandbox_tasks",)) as sandbox:
+    preload = ("cachebind.preprocess", "sandbox_tasks")  # the service's, and these tests'
+    with Sandbox(config(workers=2), preload=preload) as sandbox:
         template = sandbox.run(tasks.parent_pid, source="x")
         assert template != os.getpid()
+        assert len(os.listdir(f"/proc/{template}/task")) == 1  # one thread: safe to fork
         first = sandbox.run(tasks.pid, source="x")
         os.kill(first, signal.SIGKILL)
         wait_until_dead(first)

@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 _ENTRY = "import sys; from cachebind.sandbox.zygote import zygote_entry; zygote_entry(sys.argv[1])"
 _ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-"""A worker runs one task at a time: the pool is the parallelism, not BLAS threads."""
+"""A worker runs one task at a time: the pool is the parallelism, not BLAS threads. It also
+keeps BLAS libraries from starting thread pools in the template, which must stay single-threaded
+for its forks (a fork copies only the forking thread, with whatever locks the others held)."""
 _REQUEST = struct.Struct("<qq")  # memory cap in bytes (-1: none), CPU seconds per task
 _PID = struct.Struct("<q")
 _STATUS = struct.Struct("<i")
