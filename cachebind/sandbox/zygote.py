@@ -93,9 +93,14 @@ class Zygote:
         finally:
             theirs.close()
         ours.settimeout(_START_TIMEOUT_S)
-        if ours.recv(5) != b"ready":
+        try:
+            if _recv_exactly(ours, 5) != b"ready":
+                raise OSError("the worker template did not start")
+        except OSError:  # a timeout too: the half-started template goes
             ours.close()
-            raise OSError("the worker template did not start")
+            self.process.kill()
+            self.process.wait()
+            raise
         self._sock = ours
         return ours
 
