@@ -19,9 +19,9 @@ The wire, one control socket per template:
 The template exits when its control socket closes (its parent ended, or ``close``); a worker
 dies with its template (``PR_SET_PDEATHSIG``), so nothing outlives the parent.
 
-One template per (preload, ``sys.path``, environment) is shared by the process's pools: a
-pool holds it while it runs (``acquire``/``release``), and one unused template stays warm for
-the next pool.
+One template per (interpreter, preload, ``sys.path``, environment) is shared by the process's
+pools: a pool holds it while it runs (``acquire``/``release``); a template no pool holds stays
+warm for the next pool until a template of another key is started.
 """
 
 from __future__ import annotations
